@@ -1,0 +1,51 @@
+"""ckptproto: a checkpoint protocol, an open on-disk format, and a reference saver/loader.
+
+::
+
+    import ckptproto
+
+    info = ckptproto.save({"models": {"model": model.state_dict()}, "trainer": {"global_step": 7}},
+                          "checkpoints/checkpoint_step_7")
+    state = ckptproto.load("checkpoints/checkpoint_step_7")
+    ckptproto.load_into("checkpoints/checkpoint_step_7", {"models": {"model": model}})
+"""
+
+from ckptproto.errors import (
+    CheckpointCorruptError,
+    CheckpointError,
+    CheckpointExistsError,
+    CheckpointFormatError,
+    CheckpointNotFoundError,
+    CheckpointWriteError,
+    StateMismatchError,
+    UnsupportedValueError,
+)
+from ckptproto.format.info import CheckpointInfo
+from ckptproto.format.manifest import FORMAT_VERSION, Manifest
+from ckptproto.io.reader import read_manifest
+from ckptproto.io.sync import load, load_into, read_info, save, verify
+from ckptproto.protocol import Stateful
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "FORMAT_VERSION",
+    "CheckpointCorruptError",
+    "CheckpointError",
+    "CheckpointExistsError",
+    "CheckpointFormatError",
+    "CheckpointInfo",
+    "CheckpointNotFoundError",
+    "CheckpointWriteError",
+    "Manifest",
+    "StateMismatchError",
+    "Stateful",
+    "UnsupportedValueError",
+    "__version__",
+    "load",
+    "load_into",
+    "read_info",
+    "read_manifest",
+    "save",
+    "verify",
+]

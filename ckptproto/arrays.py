@@ -1,0 +1,209 @@
+"""Tensors and arrays as bytes: the one place that knows how torch and numpy lay memory out.
+
+torch is never imported here unless the caller already imported it (a state cannot hold a torch
+tensor otherwise), or a checkpoint being loaded holds torch tensors.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import sys
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+
+from ckptproto import dtypes
+from ckptproto.dtypes import DType
+from ckptproto.errors import CheckpointError
+
+if TYPE_CHECKING:
+    import torch
+
+Kind = Literal["torch", "numpy"]
+
+
+def loaded_torch() -> Any:
+    """The torch module if the process already imported it, else None (never imports it)."""
+    return sys.modules.get("torch")
+
+
+def require_torch() -> Any:
+    """Import torch, or explain that this checkpoint needs it."""
+    try:
+        import torch
+    except ImportError as exc:  # pragma: no cover - the test environment has torch
+        raise CheckpointError(
+            "this checkpoint holds torch tensors; install torch (pip install 'ckptproto[torch]')"
+        ) from exc
+    return torch
+
+
+def is_torch_tensor(value: object) -> bool:
+    torch = loaded_torch()
+    return torch is not None and isinstance(value, torch.Tensor)
+
+
+@dataclass(frozen=True)
+class ArraySpec:
+    """What the format needs to know about one tensor or array."""
+
+    kind: Kind
+    dtype: DType
+    shape: tuple[int, ...]
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self.dtype.itemsize
+
+
+def torch_unsupported_reason(t: torch.Tensor) -> str | None:
+    """Why a torch tensor cannot be stored as plain bytes, or None if it can."""
+    torch = loaded_torch()
+    if type(t) not in (torch.Tensor, torch.nn.Parameter):
+        return (
+            f"tensor subclass {type(t).__module__}.{type(t).__qualname__} is not supported; "
+            "save its local or full tensor instead"
+        )
+    if t.layout != torch.strided:
+        return f"{t.layout} tensors are not supported; call .to_dense() first"
+    if t.is_quantized or str(t.dtype).removeprefix("torch.") in dtypes.QUANTIZED_TORCH:
+        return f"quantized dtype {t.dtype} is not supported; dequantize() it first"
+    if t.device.type == "meta":
+        return "meta tensors hold no data"
+    if dtypes.from_torch(t.dtype) is None:
+        return f"dtype {t.dtype} is not supported"
+    return None
+
+
+def numpy_unsupported_reason(a: np.ndarray[Any, Any]) -> str | None:
+    if type(a) is not np.ndarray:
+        return f"ndarray subclass {type(a).__qualname__} is not supported; pass np.asarray(value)"
+    if dtypes.from_numpy(a.dtype) is None:
+        return f"numpy dtype {a.dtype} is not supported (numeric and bool dtypes only)"
+    return None
+
+
+def spec_of(value: Any) -> ArraySpec:
+    """Spec of a tensor/array already checked with ``*_unsupported_reason``."""
+    if isinstance(value, np.ndarray):
+        d = dtypes.from_numpy(value.dtype)
+        assert d is not None
+        return ArraySpec("numpy", d, tuple(value.shape))
+    d = dtypes.from_torch(value.dtype)
+    assert d is not None
+    return ArraySpec("torch", d, tuple(value.shape))
+
+
+def try_spec(value: Any) -> ArraySpec | None:
+    """Spec of any tensor/array, or None if the format cannot hold it."""
+    if isinstance(value, np.ndarray):
+        return None if numpy_unsupported_reason(value) else spec_of(value)
+    if is_torch_tensor(value):
+        return None if torch_unsupported_reason(value) else spec_of(value)
+    return None
+
+
+def identity(value: Any) -> tuple[Any, ...]:
+    """Equal for two objects that are the same view of the same memory (tied weights)."""
+    if isinstance(value, np.ndarray):
+        ai = value.__array_interface__
+        return ("numpy", ai["data"][0], value.shape, value.strides, value.dtype.str)
+    return (
+        "torch",
+        str(value.device),
+        value.untyped_storage().data_ptr(),
+        value.storage_offset(),
+        tuple(value.shape),
+        value.stride(),
+        value.dtype,
+    )
+
+
+def _raw_view(address: int, nbytes: int) -> memoryview:
+    """A byte view of memory the caller keeps alive (the tensor it belongs to)."""
+    if nbytes == 0:
+        return memoryview(b"")
+    return memoryview((ctypes.c_char * nbytes).from_address(address)).cast("B")
+
+
+def host_bytes(value: Any) -> tuple[memoryview, Any]:
+    """A flat, C-ordered, little-endian byte view of a CPU tensor/array, plus the object that
+    owns that memory (keep it alive while the view is used). Copies only when the input is not
+    contiguous, is big-endian, or has lazy conj/neg bits."""
+    if isinstance(value, np.ndarray):
+        arr = value
+        if arr.dtype.byteorder == ">" or (arr.dtype.byteorder == "=" and sys.byteorder == "big"):
+            arr = arr.astype(arr.dtype.newbyteorder("<"))
+        arr = np.ascontiguousarray(arr)
+        return _raw_view(arr.ctypes.data, arr.nbytes), arr
+    t = value.detach()
+    if t.device.type != "cpu":
+        raise CheckpointError(f"host_bytes needs a CPU tensor, got one on {t.device}")
+    if t.is_conj():
+        t = t.resolve_conj()
+    if t.is_neg():
+        t = t.resolve_neg()
+    if not t.is_contiguous():
+        t = t.contiguous()
+    return _raw_view(t.data_ptr(), t.numel() * t.element_size()), t
+
+
+def allocate(spec: ArraySpec) -> tuple[Any, memoryview]:
+    """A new uninitialised tensor/array for ``spec`` and a writable byte view of it."""
+    if spec.kind == "numpy":
+        arr = np.empty(spec.shape, dtype=spec.dtype.numpy_dtype())
+        return arr, _raw_view(arr.ctypes.data, arr.nbytes)
+    torch = require_torch()
+    t = torch.empty(spec.shape, dtype=spec.dtype.torch_dtype())
+    return t, _raw_view(t.data_ptr(), spec.nbytes)
+
+
+def from_buffer(spec: ArraySpec, buffer: Any, offset: int) -> Any:
+    """A tensor/array backed by ``buffer[offset : offset + nbytes]`` (no copy), or None if the
+    bytes are not aligned for the dtype."""
+    if spec.nbytes == 0 or offset % min(spec.dtype.itemsize, 8):
+        return None
+    if spec.kind == "numpy":
+        return np.frombuffer(buffer, dtype=spec.dtype.numpy_dtype(), count=spec.numel, offset=offset).reshape(
+            spec.shape
+        )
+    torch = require_torch()
+    flat = torch.frombuffer(buffer, dtype=torch.uint8, count=spec.nbytes, offset=offset)
+    return flat.view(spec.dtype.torch_dtype()).reshape(spec.shape)
+
+
+def byte_grid(value: Any, spec: ArraySpec) -> np.ndarray[Any, Any]:
+    """A writable uint8 numpy view of a contiguous CPU tensor/array, shaped like the tensor
+    with the last dimension widened by the item size (so chunk slices become byte slices)."""
+    view, _owner = host_bytes(value)
+    grid = np.frombuffer(view, dtype=np.uint8)
+    if not spec.shape:
+        return grid
+    return grid.reshape(*spec.shape[:-1], spec.shape[-1] * spec.dtype.itemsize)
+
+
+def writable_bytes(value: Any) -> memoryview | None:
+    """A byte view straight into an existing CPU tensor/array that can be overwritten in place,
+    or None if it is not contiguous / not on the CPU (the caller then copies)."""
+    if isinstance(value, np.ndarray):
+        if not value.flags.c_contiguous or not value.flags.writeable or value.dtype.byteorder == ">":
+            return None
+        return _raw_view(value.ctypes.data, value.nbytes)
+    if value.device.type != "cpu" or not value.is_contiguous() or value.is_conj() or value.is_neg():
+        return None
+    return _raw_view(value.data_ptr(), value.numel() * value.element_size())
+
+
+def to_device(value: Any, map_location: Any) -> Any:
+    """Move a loaded torch tensor to ``map_location`` (numpy arrays are returned unchanged)."""
+    if map_location is None or isinstance(value, np.ndarray):
+        return value
+    return value.to(map_location)

@@ -1,0 +1,63 @@
+"""The exceptions ckptproto raises. Every one derives from :class:`CheckpointError`.
+
+Catch the base class to handle any checkpoint problem::
+
+    try:
+        state = ckptproto.load("ckpt/step_100")
+    except ckptproto.CheckpointError as exc:
+        print(f"cannot resume: {exc}")
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+
+class CheckpointError(Exception):
+    """Base class of every error ckptproto raises on purpose."""
+
+
+class UnsupportedValueError(CheckpointError, TypeError):
+    """A state holds a value the format cannot store; raised before any byte is written.
+
+    ``path`` is the dotted state path of the offending value, e.g.
+    ``optimizers.optimizer.param_groups.0.foo``.
+    """
+
+    def __init__(self, message: str, *, path: str = "") -> None:
+        super().__init__(message)
+        self.path = path
+
+
+class CheckpointFormatError(CheckpointError, ValueError):
+    """A checkpoint (or something claiming to be one) breaks the format specification."""
+
+
+class CheckpointCorruptError(CheckpointFormatError):
+    """Stored bytes do not match their checksum, or a file is truncated or damaged.
+
+    ``problems`` lists every problem found (``verify`` collects all of them before raising).
+    """
+
+    def __init__(self, message: str, *, problems: Sequence[str] = ()) -> None:
+        super().__init__(message)
+        self.problems = list(problems) if problems else [message]
+
+
+class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
+    """No committed checkpoint exists at the given path."""
+
+
+class CheckpointExistsError(CheckpointError, FileExistsError):
+    """The destination already holds a checkpoint (pass ``overwrite=True``) or another file."""
+
+
+class CheckpointWriteError(CheckpointError, OSError):
+    """Writing a checkpoint failed (disk full, permissions, ...); nothing was committed."""
+
+
+class StateMismatchError(CheckpointError, KeyError):
+    """``load_into`` found the checkpoint and the target disagree (missing keys, shapes)."""
+
+    def __str__(self) -> str:  # KeyError quotes its message; keep it readable
+        return str(self.args[0]) if self.args else ""

@@ -1,0 +1,1 @@
+"""The on-disk format: manifest, data files, names, checksums (``spec/FORMAT.md``)."""

@@ -1,0 +1,267 @@
+"""The manifest: ``manifest.json``, the one file that makes a directory a checkpoint.
+
+``Manifest.parse`` validates everything that can be checked without reading data files; the
+reader validates the rest against each data file's header before touching tensor bytes.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ckptproto import dtypes
+from ckptproto.dtypes import DType
+from ckptproto.errors import CheckpointFormatError
+from ckptproto.format import layout
+from ckptproto.format.crc import parse_checksum
+
+FORMAT_NAME = "ckptproto"
+FORMAT_VERSION = (1, 0)
+MAX_MANIFEST_BYTES = 1 << 30
+MAX_NDIM = 64
+MAX_DIM = 1 << 62
+MAX_CHUNKS_PER_TENSOR = 1 << 16
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """A box of a tensor stored in one data file under one key."""
+
+    file: str
+    key: str
+    offsets: tuple[int, ...]
+    shape: tuple[int, ...]
+
+    @property
+    def numel(self) -> int:
+        return int(np.prod(self.shape, dtype=object)) if self.shape else 1
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """One tensor of the checkpoint: its global dtype and shape, stored as one or more chunks."""
+
+    dtype: DType
+    shape: tuple[int, ...]
+    chunks: tuple[Chunk, ...]
+
+    @property
+    def numel(self) -> int:
+        return int(np.prod(self.shape, dtype=object)) if self.shape else 1
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self.dtype.itemsize
+
+    def is_whole(self) -> bool:
+        return len(self.chunks) == 1 and self.chunks[0].shape == self.shape
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    """A data file: its exact size, its checksum (``crc32:xxxxxxxx``) and the rank that wrote it."""
+
+    size: int
+    checksum: str
+    rank: int = 0
+
+    @property
+    def crc32(self) -> int:
+        crc = parse_checksum(self.checksum)
+        assert crc is not None  # validated by Manifest.parse
+        return crc
+
+
+@dataclass
+class Manifest:
+    """A parsed, validated manifest. ``state`` and ``metadata`` stay in their encoded form
+    (``ckptproto.tree``) until decoded."""
+
+    state: Any
+    tensors: list[TensorEntry]
+    files: dict[str, FileEntry]
+    metadata: Any = field(default_factory=dict)
+    created: str = ""
+    version: tuple[int, int] = FORMAT_VERSION
+    world_size: int = 1
+    writer: str = ""
+
+    def to_json(self) -> bytes:
+        doc = {
+            "format": FORMAT_NAME,
+            "format_version": f"{self.version[0]}.{self.version[1]}",
+            "created": self.created,
+            "writer": self.writer,
+            "world_size": self.world_size,
+            "metadata": self.metadata,
+            "files": {
+                name: {"size": f.size, "checksum": f.checksum, "rank": f.rank}
+                for name, f in self.files.items()
+            },
+            "tensors": [
+                {
+                    "dtype": t.dtype.name,
+                    "shape": list(t.shape),
+                    "chunks": [
+                        {"file": c.file, "key": c.key, "offsets": list(c.offsets), "shape": list(c.shape)}
+                        for c in t.chunks
+                    ],
+                }
+                for t in self.tensors
+            ],
+            "state": self.state,
+        }
+        return json.dumps(doc, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode()
+
+    @property
+    def nbytes(self) -> int:
+        return sum(f.size for f in self.files.values())
+
+    @classmethod
+    def parse(cls, data: bytes, where: str) -> Manifest:
+        """Parse and validate manifest bytes; ``where`` names the file in error messages."""
+        doc = _load_json(data, where)
+        if not isinstance(doc, dict) or doc.get("format") != FORMAT_NAME:
+            raise CheckpointFormatError(f'{where}: not a ckptproto manifest (no "format": "ckptproto")')
+        version = _parse_version(doc.get("format_version"), where)
+        files = _parse_files(doc.get("files"), where)
+        tensors_doc = doc.get("tensors")
+        if not isinstance(tensors_doc, list):
+            raise CheckpointFormatError(f'{where}: "tensors" must be a list')
+        tensors = [_parse_tensor(t, i, files, where) for i, t in enumerate(tensors_doc)]
+        if "state" not in doc:
+            raise CheckpointFormatError(f'{where}: no "state"')
+        world_size = doc.get("world_size", 1)
+        if type(world_size) is not int or world_size < 1:
+            raise CheckpointFormatError(f"{where}: bad world_size {world_size!r}")
+        created, writer = doc.get("created", ""), doc.get("writer", "")
+        if not isinstance(created, str) or not isinstance(writer, str):
+            raise CheckpointFormatError(f'{where}: "created" and "writer" must be strings')
+        metadata = doc.get("metadata", {})
+        return cls(doc["state"], tensors, files, metadata, created, version, world_size, writer)
+
+
+def _reject_constant(name: str) -> Any:
+    raise CheckpointFormatError(f"non-standard JSON constant {name}")
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in pairs:
+        if k in out:
+            raise CheckpointFormatError(f"duplicate JSON key {k!r}")
+        out[k] = v
+    return out
+
+
+def _load_json(data: bytes, where: str) -> Any:
+    try:
+        return json.loads(
+            data.decode("utf-8"), object_pairs_hook=_no_duplicates, parse_constant=_reject_constant
+        )
+    except CheckpointFormatError as exc:
+        raise CheckpointFormatError(f"{where}: {exc}") from None
+    except RecursionError:
+        raise CheckpointFormatError(f"{where}: JSON nests too deeply") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointFormatError(f"{where}: not valid UTF-8 JSON ({exc})") from None
+
+
+def _parse_version(text: object, where: str) -> tuple[int, int]:
+    parts = text.split(".") if isinstance(text, str) else []
+    if len(parts) != 2 or not all(p.isdigit() and len(p) < 6 for p in parts):
+        raise CheckpointFormatError(f"{where}: bad format_version {text!r}")
+    major, minor = int(parts[0]), int(parts[1])
+    if major != FORMAT_VERSION[0]:
+        raise CheckpointFormatError(
+            f"{where}: written in format version {major}.{minor}; this ckptproto reads "
+            f"{FORMAT_VERSION[0]}.x — use a ckptproto release that supports version {major}"
+        )
+    return major, minor
+
+
+def _parse_files(doc: object, where: str) -> dict[str, FileEntry]:
+    if not isinstance(doc, dict):
+        raise CheckpointFormatError(f'{where}: "files" must be an object')
+    files: dict[str, FileEntry] = {}
+    for name, f in doc.items():
+        if not layout.is_valid_data_file_name(name):
+            raise CheckpointFormatError(
+                f"{where}: data file name {name!r} is not a plain *.safetensors name in the checkpoint"
+            )
+        if not isinstance(f, dict):
+            raise CheckpointFormatError(f"{where}: files[{name!r}] must be an object")
+        size, checksum, rank = f.get("size"), f.get("checksum"), f.get("rank", 0)
+        if type(size) is not int or size < 8:
+            raise CheckpointFormatError(f"{where}: files[{name!r}] has a bad size {size!r}")
+        if parse_checksum(checksum) is None:
+            raise CheckpointFormatError(f"{where}: files[{name!r}] has a bad checksum {checksum!r}")
+        if type(rank) is not int or rank < 0:
+            raise CheckpointFormatError(f"{where}: files[{name!r}] has a bad rank {rank!r}")
+        assert isinstance(checksum, str)
+        files[name] = FileEntry(size, checksum, rank)
+    return files
+
+
+def _int_list(value: object, what: str) -> tuple[int, ...]:
+    if (
+        not isinstance(value, list)
+        or len(value) > MAX_NDIM
+        or not all(type(v) is int and 0 <= v <= MAX_DIM for v in value)
+    ):
+        raise CheckpointFormatError(f"{what} must be a list of at most {MAX_NDIM} integers in [0, 2**62]")
+    return tuple(value)
+
+
+def _parse_tensor(doc: object, index: int, files: dict[str, FileEntry], where: str) -> TensorEntry:
+    what = f"{where}: tensors[{index}]"
+    if not isinstance(doc, dict):
+        raise CheckpointFormatError(f"{what} must be an object")
+    try:
+        dtype = dtypes.by_name(doc.get("dtype"))
+    except CheckpointFormatError as exc:
+        raise CheckpointFormatError(f"{what}: {exc}") from None
+    shape = _int_list(doc.get("shape"), f"{what}.shape")
+    chunks_doc = doc.get("chunks")
+    if not isinstance(chunks_doc, list) or not chunks_doc or len(chunks_doc) > MAX_CHUNKS_PER_TENSOR:
+        raise CheckpointFormatError(f"{what}.chunks must be a non-empty list")
+    chunks = []
+    for j, c in enumerate(chunks_doc):
+        cw = f"{what}.chunks[{j}]"
+        if not isinstance(c, dict):
+            raise CheckpointFormatError(f"{cw} must be an object")
+        file, key = c.get("file"), c.get("key")
+        if not isinstance(file, str) or file not in files:
+            raise CheckpointFormatError(f'{cw}: file {file!r} is not listed in "files"')
+        if not isinstance(key, str):
+            raise CheckpointFormatError(f"{cw}: key must be a string")
+        offsets = _int_list(c.get("offsets"), f"{cw}.offsets")
+        cshape = _int_list(c.get("shape"), f"{cw}.shape")
+        if len(offsets) != len(shape) or len(cshape) != len(shape):
+            raise CheckpointFormatError(f"{cw}: offsets and shape need {len(shape)} dimensions")
+        if any(o + s > g for o, s, g in zip(offsets, cshape, shape, strict=True)):
+            raise CheckpointFormatError(f"{cw}: box {offsets}+{cshape} runs outside shape {shape}")
+        chunks.append(Chunk(file, key, offsets, cshape))
+    entry = TensorEntry(dtype, shape, tuple(chunks))
+    _check_tiling(entry, what)
+    return entry
+
+
+def _check_tiling(entry: TensorEntry, what: str) -> None:
+    """Chunks must cover the tensor exactly once: volumes add up and no two boxes overlap."""
+    if sum(c.numel for c in entry.chunks) != entry.numel:
+        raise CheckpointFormatError(
+            f"{what}: chunks hold {sum(c.numel for c in entry.chunks)} elements, shape needs {entry.numel}"
+        )
+    boxes = [c for c in entry.chunks if c.numel]
+    if len(boxes) < 2:
+        return
+    lo = np.array([c.offsets for c in boxes], dtype=np.int64)
+    hi = lo + np.array([c.shape for c in boxes], dtype=np.int64)
+    for i in range(len(boxes) - 1):
+        overlap = np.all((lo[i] < hi[i + 1 :]) & (lo[i + 1 :] < hi[i]), axis=1)
+        if overlap.any():
+            raise CheckpointFormatError(f"{what}: chunks {i} and {i + 1 + int(np.argmax(overlap))} overlap")

@@ -1,0 +1,122 @@
+"""Data files: safetensors files, written and validated byte range by byte range.
+
+Layout (the safetensors spec): an 8-byte little-endian header length ``n``, ``n`` bytes of
+UTF-8 JSON (padded with spaces), then the data buffer. Every tensor entry's
+``data_offsets`` are relative to the buffer and the entries tile it exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass
+from typing import Any
+
+from ckptproto.dtypes import SAFETENSORS_ITEMSIZE
+from ckptproto.errors import CheckpointCorruptError, CheckpointFormatError
+
+MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors reference limit
+HEADER_ALIGN = 8
+RAW_CODE = "U8"  # dtypes safetensors lacks are stored as raw bytes under this code
+
+
+@dataclass(frozen=True)
+class HeaderEntry:
+    """One tensor of a data file; ``begin``/``end`` are absolute file offsets."""
+
+    code: str
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+
+
+def encode_header(
+    entries: list[tuple[str, str, tuple[int, ...], int, int]], metadata: dict[str, str]
+) -> bytes:
+    """The header bytes (length prefix + JSON) for ``(key, code, shape, begin, end)`` entries
+    whose offsets are relative to the data buffer."""
+    obj: dict[str, Any] = {"__metadata__": metadata}
+    for key, code, shape, begin, end in entries:
+        obj[key] = {"dtype": code, "shape": list(shape), "data_offsets": [begin, end]}
+    text = json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    pad = -(8 + len(text)) % HEADER_ALIGN
+    text += b" " * pad
+    return struct.pack("<Q", len(text)) + text
+
+
+def header_length(prefix: bytes, file_size: int, name: str) -> int:
+    """Validate the 8-byte prefix and return the JSON header length."""
+    if len(prefix) < 8 or file_size < 8:
+        raise CheckpointCorruptError(f"{name}: truncated, too short for a safetensors header")
+    n: int = struct.unpack("<Q", prefix[:8])[0]
+    if n > MAX_HEADER_BYTES:
+        raise CheckpointFormatError(f"{name}: header claims {n} bytes, over the {MAX_HEADER_BYTES} limit")
+    if 8 + n > file_size:
+        raise CheckpointCorruptError(f"{name}: header claims {n} bytes but the file has {file_size}")
+    return n
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in pairs:
+        if k in out:
+            raise CheckpointFormatError(f"duplicate key {k!r}")
+        out[k] = v
+    return out
+
+
+def parse_header(raw: bytes, file_size: int, name: str) -> dict[str, HeaderEntry]:
+    """Validate a header (``raw`` is the JSON bytes after the length prefix) against the file
+    size: known dtypes, byte lengths matching shapes, entries tiling the buffer exactly."""
+    try:
+        obj = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
+    except CheckpointFormatError as exc:
+        raise CheckpointFormatError(f"{name}: header has a {exc}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise CheckpointCorruptError(f"{name}: header is not valid UTF-8 JSON ({exc})") from None
+    if not isinstance(obj, dict):
+        raise CheckpointFormatError(f"{name}: header is not a JSON object")
+    data_start = 8 + len(raw)
+    buffer_len = file_size - data_start
+    meta = obj.pop("__metadata__", {})
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise CheckpointFormatError(f"{name}: __metadata__ must map strings to strings")
+    entries: dict[str, HeaderEntry] = {}
+    for key, e in obj.items():
+        where = f"{name}: tensor {key!r}"
+        if not isinstance(e, dict) or set(e) != {"dtype", "shape", "data_offsets"}:
+            raise CheckpointFormatError(f"{where} needs exactly dtype, shape and data_offsets")
+        code, shape, offsets = e["dtype"], e["shape"], e["data_offsets"]
+        if code not in SAFETENSORS_ITEMSIZE:
+            raise CheckpointFormatError(f"{where} has unsupported dtype {code!r}")
+        if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+            raise CheckpointFormatError(f"{where} has a bad shape {shape!r}")
+        if (
+            not isinstance(offsets, list)
+            or len(offsets) != 2
+            or not all(type(o) is int for o in offsets)
+            or not 0 <= offsets[0] <= offsets[1] <= buffer_len
+        ):
+            raise CheckpointCorruptError(
+                f"{where}: data_offsets {offsets!r} fall outside the {buffer_len}-byte buffer"
+            )
+        numel = 1
+        for d in shape:
+            numel *= d
+        if numel * SAFETENSORS_ITEMSIZE[code] != offsets[1] - offsets[0]:
+            raise CheckpointFormatError(
+                f"{where}: shape {shape} of {code} needs {numel * SAFETENSORS_ITEMSIZE[code]} bytes, "
+                f"data_offsets give {offsets[1] - offsets[0]}"
+            )
+        entries[key] = HeaderEntry(code, tuple(shape), data_start + offsets[0], data_start + offsets[1])
+    position = data_start
+    for entry in sorted(entries.values(), key=lambda x: (x.begin, x.end)):
+        if entry.begin != position:
+            problem = "overlap" if entry.begin < position else "leave a hole"
+            raise CheckpointFormatError(f"{name}: tensor byte ranges {problem} at offset {position}")
+        position = entry.end
+    if position != file_size:
+        raise CheckpointCorruptError(
+            f"{name}: tensors end at byte {position} but the file has {file_size} bytes"
+        )
+    return entries

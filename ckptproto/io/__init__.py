@@ -1,0 +1,1 @@
+"""Reading and writing checkpoints: planning, data files, atomic commit."""

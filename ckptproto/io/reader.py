@@ -1,0 +1,394 @@
+"""Reading checkpoints: every byte range is validated against the manifest and the data file
+headers before a tensor is allocated or a byte is read into it (the safetensors discipline).
+"""
+
+from __future__ import annotations
+
+import mmap as mmap_module
+import os
+import stat
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ckptproto import arrays
+from ckptproto.arrays import ArraySpec, Kind
+from ckptproto.errors import (
+    CheckpointCorruptError,
+    CheckpointError,
+    CheckpointFormatError,
+    CheckpointNotFoundError,
+)
+from ckptproto.format import layout, safetensors
+from ckptproto.format.crc import crc32_combine
+from ckptproto.format.manifest import MAX_MANIFEST_BYTES, Chunk, Manifest, TensorEntry
+from ckptproto.io import threads
+
+_OPEN_FLAGS = os.O_RDONLY | os.O_CLOEXEC | getattr(os, "O_NOFOLLOW", 0)
+
+
+def _read_exact(fd: int, n: int, offset: int) -> bytes:
+    buf = bytearray(n)
+    got = threads.preadv_all(fd, [memoryview(buf)], offset)
+    return bytes(buf[:got])
+
+
+def read_manifest(path: str | os.PathLike[str]) -> Manifest:
+    """Read and validate the manifest of the checkpoint at ``path``::
+
+    manifest = ckptproto.read_manifest("ckpt/step_100")
+    print(manifest.files, len(manifest.tensors))
+    """
+    root = Path(path)
+    where = root / layout.MANIFEST_NAME
+    if layout.is_hidden(root.name) and root.name not in (".", ".."):
+        raise CheckpointNotFoundError(f"{root} is a hidden (temporary) directory, never a checkpoint")
+    try:
+        fd = os.open(where, _OPEN_FLAGS)
+    except FileNotFoundError:
+        hint = "no such directory" if not root.exists() else "no committed manifest"
+        raise CheckpointNotFoundError(f"{root} is not a checkpoint ({hint})") from None
+    except OSError as exc:
+        raise CheckpointNotFoundError(f"cannot open {where}: {exc}") from exc
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise CheckpointFormatError(f"{where} is not a regular file")
+        if st.st_size > MAX_MANIFEST_BYTES:
+            raise CheckpointFormatError(f"{where} is {st.st_size} bytes, over the {MAX_MANIFEST_BYTES} limit")
+        data = _read_exact(fd, st.st_size, 0)
+    finally:
+        os.close(fd)
+    return Manifest.parse(data, str(where))
+
+
+@dataclass
+class DataFile:
+    """An open, header-validated data file."""
+
+    name: str
+    path: Path
+    fd: int
+    size: int
+    header: bytes  # the length prefix and JSON, for the file checksum
+    entries: dict[str, safetensors.HeaderEntry]
+
+
+class OpenCheckpoint:
+    """A checkpoint with its manifest parsed and all data files opened and validated::
+
+    with OpenCheckpoint("ckpt/step_100") as ckpt:
+        print(ckpt.manifest.files)
+    """
+
+    def __init__(self, path: str | os.PathLike[str], manifest: Manifest | None = None) -> None:
+        self.path = Path(path)
+        self.manifest = manifest if manifest is not None else read_manifest(self.path)
+        self.files: dict[str, DataFile] = {}
+        self._dir_fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            for name, entry in self.manifest.files.items():
+                self.files[name] = self._open(name, entry.size)
+            self._check_chunks()
+        except BaseException:
+            self.close()
+            raise
+
+    def _open(self, name: str, expected_size: int) -> DataFile:
+        path = self.path / name
+        try:
+            fd = os.open(name, _OPEN_FLAGS, dir_fd=self._dir_fd)
+        except FileNotFoundError:
+            raise CheckpointCorruptError(f"{path}: data file listed in the manifest is missing") from None
+        except OSError as exc:  # ELOOP: a symlink, refused so nothing outside is read
+            raise CheckpointFormatError(f"{path}: cannot open data file safely ({exc})") from exc
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise CheckpointFormatError(f"{path} is not a regular file")
+            if st.st_size != expected_size:
+                raise CheckpointCorruptError(
+                    f"{path}: {st.st_size} bytes on disk, the manifest says {expected_size} "
+                    "(truncated or replaced)"
+                )
+            prefix = _read_exact(fd, 8, 0)
+            n = safetensors.header_length(prefix, st.st_size, str(path))
+            raw = _read_exact(fd, n, 8)
+            entries = safetensors.parse_header(raw, st.st_size, str(path))
+            return DataFile(name, path, fd, st.st_size, prefix + raw, entries)
+        except BaseException:
+            os.close(fd)
+            raise
+
+    def _check_chunks(self) -> None:
+        used: set[tuple[str, str]] = set()
+        for index, tensor in enumerate(self.manifest.tensors):
+            for chunk in tensor.chunks:
+                if (chunk.file, chunk.key) in used:
+                    raise CheckpointFormatError(
+                        f"{self.path / chunk.file}: tensor {chunk.key!r} is claimed by two chunks"
+                    )
+                used.add((chunk.file, chunk.key))
+                self.locate(tensor, chunk, index)
+
+    def locate(self, tensor: TensorEntry, chunk: Chunk, index: int) -> safetensors.HeaderEntry:
+        """The data file entry holding ``chunk``, checked against the manifest's dtype/shape."""
+        data_file = self.files[chunk.file]
+        entry = data_file.entries.get(chunk.key)
+        where = f"{data_file.path}: tensor {chunk.key!r} (tensors[{index}])"
+        if entry is None:
+            raise CheckpointFormatError(f"{where} is missing from the data file")
+        code = tensor.dtype.safetensors
+        want_code = code or safetensors.RAW_CODE
+        want_shape = chunk.shape if code else (chunk.numel * tensor.dtype.itemsize,)
+        if entry.code != want_code or entry.shape != want_shape:
+            raise CheckpointFormatError(
+                f"{where} is stored as {entry.code}{list(entry.shape)}, the manifest needs "
+                f"{want_code}{list(want_shape)} for {tensor.dtype.name}{list(chunk.shape)}"
+            )
+        return entry
+
+    def close(self) -> None:
+        for f in self.files.values():
+            os.close(f.fd)
+        self.files.clear()
+        if self._dir_fd >= 0:
+            os.close(self._dir_fd)
+            self._dir_fd = -1
+
+    def __enter__(self) -> OpenCheckpoint:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+@dataclass
+class _Read:
+    begin: int
+    dest: memoryview
+    after: Callable[[], None] | None = None
+
+
+@dataclass
+class ReadPlan:
+    """Byte ranges to read from each file into destination buffers."""
+
+    reads: dict[str, list[_Read]] = field(default_factory=dict)
+
+    def add(self, file: str, begin: int, dest: memoryview, after: Callable[[], None] | None = None) -> None:
+        self.reads.setdefault(file, []).append(_Read(begin, dest, after))
+
+
+def _read_batch(fd: int, offset: int, views: list[memoryview], with_crc: bool, name: Path) -> tuple[int, int]:
+    want = sum(len(v) for v in views)
+    got = threads.preadv_all(fd, views, offset)
+    if got != want:
+        raise CheckpointCorruptError(
+            f"{name}: file ended at byte {offset + got}, expected data up to {offset + want}"
+        )
+    crc = 0
+    if with_crc:
+        for view in views:
+            crc = zlib.crc32(view, crc)
+    return crc, want
+
+
+def execute(ckpt: OpenCheckpoint, plan: ReadPlan, *, verify: bool) -> None:
+    """Run every read; with ``verify`` also check the CRC of every data file the plan touches
+    against the manifest (CheckpointCorruptError names each damaged file)."""
+    pool = threads.pool()
+    jobs: list[tuple[DataFile, bool, list[Any]]] = []
+    for name, reads in sorted(plan.reads.items()):
+        data_file = ckpt.files[name]
+        reads.sort(key=lambda r: r.begin)
+        covered = _tiles(reads, len(data_file.header), data_file.size)
+        futures = [
+            pool.submit(_read_batch, data_file.fd, at, views, verify and covered, data_file.path)
+            for at, views in threads.batches([(r.begin, r.dest) for r in reads])
+        ]
+        jobs.append((data_file, covered, futures))
+    problems = []
+    for data_file, covered, futures in jobs:
+        results = threads.gather(futures)
+        if not verify:
+            continue
+        if covered:
+            crc = zlib.crc32(data_file.header)
+            for batch_crc, length in results:
+                crc = crc32_combine(crc, batch_crc, length)
+        else:  # some bytes were not read (a partial load): checksum the file on its own
+            crc = file_crc(data_file)
+        expected = ckpt.manifest.files[data_file.name].crc32
+        if crc != expected:
+            problems.append(
+                f"{data_file.path}: checksum {crc:08x} does not match the manifest's {expected:08x}"
+            )
+    if problems:
+        raise CheckpointCorruptError("; ".join(problems), problems=problems)
+    for reads in plan.reads.values():
+        for r in reads:
+            if r.after is not None:
+                r.after()
+
+
+def _tiles(reads: list[_Read], start: int, end: int) -> bool:
+    position = start
+    for r in reads:
+        if r.begin != position:
+            return False
+        position += len(r.dest)
+    return position == end
+
+
+def _crc_block(fd: int, offset: int, length: int, name: Path) -> int:
+    buf = bytearray(length)
+    got = threads.preadv_all(fd, [memoryview(buf)], offset)
+    if got != length:
+        raise CheckpointCorruptError(f"{name}: file ended at byte {offset + got}")
+    return zlib.crc32(buf)
+
+
+def file_crc(data_file: DataFile) -> int:
+    """CRC of a whole data file, read in blocks by the pool (a few blocks in memory at once)."""
+    start = len(data_file.header)
+    blocks = [
+        (at, min(threads.BATCH_BYTES, data_file.size - at))
+        for at in range(start, data_file.size, threads.BATCH_BYTES)
+    ]
+    pool = threads.pool()
+    futures = [pool.submit(_crc_block, data_file.fd, at, n, data_file.path) for at, n in blocks]
+    crc = zlib.crc32(data_file.header)
+    for (_, n), block_crc in zip(blocks, threads.gather(futures), strict=True):
+        crc = crc32_combine(crc, block_crc, n)
+    return crc
+
+
+def tensor_kinds(manifest: Manifest, where: str) -> dict[int, tuple[Kind, list[str]]]:
+    """For each referenced tensor index: how the state uses it (torch/numpy) and its paths."""
+    from ckptproto.tree import iter_tensor_refs
+
+    found: dict[int, tuple[Kind, list[str]]] = {}
+    for path, kind, index in iter_tensor_refs(manifest.state):
+        if type(index) is not int or not 0 <= index < len(manifest.tensors):
+            raise CheckpointFormatError(f"{where}: {path} refers to tensor {index!r}, which does not exist")
+        prior = found.get(index)
+        if prior is None:
+            found[index] = (kind, [path])
+        elif prior[0] != kind:
+            raise CheckpointFormatError(f"{where}: tensor {index} is used as both torch and numpy")
+        else:
+            prior[1].append(path)
+    return found
+
+
+def plan_into(
+    ckpt: OpenCheckpoint, plan: ReadPlan, index: int, spec: ArraySpec, value: Any, dest: memoryview | None
+) -> None:
+    """Schedule reading tensor ``index`` into ``value`` (whose bytes are ``dest`` when it is a
+    contiguous CPU buffer; otherwise chunks are assembled through a byte grid of it)."""
+    entry = ckpt.manifest.tensors[index]
+    grid: np.ndarray[Any, Any] | None = None
+    for chunk in entry.chunks:
+        header_entry = ckpt.locate(entry, chunk, index)
+        span = _contiguous_span(entry, chunk)
+        if dest is not None and span is not None:
+            plan.add(chunk.file, header_entry.begin, dest[span[0] : span[1]])
+            continue
+        if grid is None:
+            grid = arrays.byte_grid(value, spec)
+        scratch = np.empty(header_entry.end - header_entry.begin, dtype=np.uint8)
+        plan.add(
+            chunk.file, header_entry.begin, scratch.data.cast("B"), _copy_box(grid, scratch, chunk, spec)
+        )
+
+
+def _copy_box(
+    grid: np.ndarray[Any, Any], scratch: np.ndarray[Any, Any], chunk: Chunk, spec: ArraySpec
+) -> Callable[[], None]:
+    def run() -> None:
+        if not spec.shape:
+            grid[...] = scratch
+            return
+        item = spec.dtype.itemsize
+        box = tuple(slice(o, o + s) for o, s in zip(chunk.offsets[:-1], chunk.shape[:-1], strict=True))
+        last = slice(chunk.offsets[-1] * item, (chunk.offsets[-1] + chunk.shape[-1]) * item)
+        shape = (*chunk.shape[:-1], chunk.shape[-1] * item)
+        grid[(*box, last)] = scratch.reshape(shape)
+
+    return run
+
+
+def _contiguous_span(entry: TensorEntry, chunk: Chunk) -> tuple[int, int] | None:
+    """Byte range of ``chunk`` in the row-major global tensor, if it is one contiguous range."""
+    shape, offsets, cshape = entry.shape, chunk.offsets, chunk.shape
+    if chunk.numel == 0:
+        return (0, 0)
+    # Contiguous iff every dim after the first partial one is full, and dims before it are 1.
+    partial = next((d for d in range(len(shape)) if cshape[d] != shape[d]), len(shape))
+    if any(cshape[d] != 1 for d in range(partial)) or any(
+        cshape[d] != shape[d] for d in range(partial + 1, len(shape))
+    ):
+        return None
+    strides = [1] * len(shape)
+    for d in range(len(shape) - 2, -1, -1):
+        strides[d] = strides[d + 1] * shape[d + 1]
+    start = sum(o * s for o, s in zip(offsets, strides, strict=True)) * entry.dtype.itemsize
+    return start, start + chunk.numel * entry.dtype.itemsize
+
+
+def materialize(
+    ckpt: OpenCheckpoint, kinds: dict[int, tuple[Kind, list[str]]], *, use_mmap: bool, verify: bool
+) -> dict[int, Any]:
+    """Every referenced tensor, read into new memory (or mapped from the files with ``use_mmap``)."""
+    values: dict[int, Any] = {}
+    plan = ReadPlan()
+    maps: dict[str, mmap_module.mmap] = {}
+    for index, (kind, _paths) in kinds.items():
+        entry = ckpt.manifest.tensors[index]
+        spec = ArraySpec(kind, entry.dtype, entry.shape)
+        if use_mmap and entry.is_whole():
+            chunk = entry.chunks[0]
+            header_entry = ckpt.locate(entry, chunk, index)
+            if chunk.file not in maps and ckpt.files[chunk.file].size > 0:
+                maps[chunk.file] = mmap_module.mmap(
+                    ckpt.files[chunk.file].fd, 0, access=mmap_module.ACCESS_COPY
+                )
+            mapped = arrays.from_buffer(spec, maps[chunk.file], header_entry.begin)
+            if mapped is not None:
+                values[index] = mapped
+                continue
+        value, dest = _allocate(spec, ckpt, index)
+        values[index] = value
+        plan_into(ckpt, plan, index, spec, value, dest)
+    execute(ckpt, plan, verify=verify and not use_mmap)
+    if use_mmap and verify:
+        check_all_files(ckpt)
+    return values
+
+
+def check_all_files(ckpt: OpenCheckpoint) -> None:
+    """Compare every data file's CRC with the manifest; raises listing every damaged file."""
+    problems = []
+    for name, data_file in ckpt.files.items():
+        crc = file_crc(data_file)
+        expected = ckpt.manifest.files[name].crc32
+        if crc != expected:
+            problems.append(
+                f"{data_file.path}: checksum {crc:08x} does not match the manifest's {expected:08x}"
+            )
+    if problems:
+        raise CheckpointCorruptError("; ".join(problems), problems=problems)
+
+
+def _allocate(spec: ArraySpec, ckpt: OpenCheckpoint, index: int) -> tuple[Any, memoryview]:
+    try:
+        return arrays.allocate(spec)
+    except CheckpointError:
+        raise
+    except (RuntimeError, ValueError, TypeError, MemoryError) as exc:
+        raise CheckpointFormatError(f"{ckpt.path}: cannot allocate tensors[{index}] {spec}: {exc}") from exc

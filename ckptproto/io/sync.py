@@ -1,0 +1,418 @@
+"""The reference synchronous saver and loader: ``save``, ``load``, ``load_into``, ``verify``."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, MutableMapping
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ckptproto import arrays, protocol
+from ckptproto.arrays import ArraySpec
+from ckptproto.errors import (
+    CheckpointCorruptError,
+    CheckpointError,
+    CheckpointFormatError,
+    StateMismatchError,
+    UnsupportedValueError,
+)
+from ckptproto.format import layout
+from ckptproto.format.info import CheckpointInfo
+from ckptproto.format.manifest import Manifest, TensorEntry
+from ckptproto.io import commit, reader, writer
+from ckptproto.io.plan import Piece, plan_file, unique_keys
+from ckptproto.protocol import Stateful
+from ckptproto.tree import EncodedState, decode_tree, encode_state, join_path
+
+PathLike = str | os.PathLike[str]
+_PLAIN = (type(None), bool, int, float, str, bytes, list, tuple)
+WRITER = "ckptproto 0.1.0"
+
+
+def encode_metadata(metadata: Mapping[str, Any] | None, state: Mapping[str, Any]) -> Any:
+    """User metadata (plain values only), with ``step``/``epoch`` filled in from the canonical
+    ``trainer`` section when the caller did not give them."""
+    meta = dict(metadata or {})
+    step, epoch = protocol.trainer_progress(state)
+    if step is not None:
+        meta.setdefault("step", step)
+    if epoch is not None:
+        meta.setdefault("epoch", epoch)
+    try:
+        encoded = encode_state(meta)
+    except UnsupportedValueError as exc:
+        raise UnsupportedValueError(f"metadata: {exc}", path=f"metadata.{exc.path}") from None
+    if encoded.tensors:
+        raise UnsupportedValueError(
+            f"metadata.{encoded.tensors[0].path}: metadata holds plain values only, not tensors",
+            path=f"metadata.{encoded.tensors[0].path}",
+        )
+    return encoded.tree
+
+
+def build_manifest(
+    encoded: EncodedState, metadata_tree: Any, files: dict[str, Any], tensors: list[TensorEntry]
+) -> Manifest:
+    return Manifest(
+        state=encoded.tree,
+        tensors=tensors,
+        files=files,
+        metadata=metadata_tree,
+        created=datetime.now(timezone.utc).isoformat(timespec="microseconds"),
+        writer=WRITER,
+    )
+
+
+def whole_tensor_pieces(encoded: EncodedState) -> list[Piece]:
+    keys = unique_keys([t.path for t in encoded.tensors])
+    return [
+        Piece(i, key, leaf.spec, (0,) * len(leaf.spec.shape))
+        for i, (leaf, key) in enumerate(zip(encoded.tensors, keys, strict=True))
+    ]
+
+
+def write_checkpoint(
+    final: Path, encoded: EncodedState, metadata_tree: Any, sources: list[memoryview], *, overwrite: bool
+) -> CheckpointInfo:
+    """Plan, write and atomically commit a single-writer checkpoint from host byte views."""
+    pieces = whole_tensor_pieces(encoded)
+    file_plan = plan_file(layout.data_file_name(0), 0, pieces)
+    temp = commit.begin(final, overwrite=overwrite)
+    try:
+        file_entry = writer.write_file(temp, file_plan, sources)
+        chunks = file_plan.chunks()
+        tensors = [
+            TensorEntry(leaf.spec.dtype, leaf.spec.shape, (chunks[i],))
+            for i, leaf in enumerate(encoded.tensors)
+        ]
+        manifest = build_manifest(encoded, metadata_tree, {file_plan.name: file_entry}, tensors)
+        writer.write_small_file(temp, layout.MANIFEST_NAME, manifest.to_json())
+    except BaseException:
+        commit.abort(temp)
+        raise
+    commit.finish(temp, final)
+    return CheckpointInfo.from_manifest(final, manifest, _decode_metadata(manifest, final))
+
+
+def save(
+    state_or_stateful: Stateful | Mapping[str, Any],
+    path: PathLike,
+    *,
+    metadata: Mapping[str, Any] | None = None,
+    overwrite: bool = False,
+) -> CheckpointInfo:
+    """Save a state (or anything with ``state_dict()``) as a committed checkpoint directory::
+
+        info = ckptproto.save({"models": {"model": model}, "trainer": {"global_step": 10}},
+                              "checkpoints/checkpoint_step_10", metadata={"metrics": {"loss": 0.3}})
+
+    Every value is checked before any byte is written (UnsupportedValueError names the path).
+    The directory appears atomically, fully written and fsynced, or not at all.
+    """
+    state = _resolve_statefuls(protocol.state_of(state_or_stateful))
+    encoded = encode_state(state)
+    metadata_tree = encode_metadata(metadata, state)
+    sources = []
+    owners = []  # keeps contiguous/CPU copies alive until written
+    for leaf in encoded.tensors:
+        value = leaf.value
+        if not isinstance(value, np.ndarray) and value.device.type != "cpu":
+            value = value.detach().cpu()
+        view, owner = arrays.host_bytes(value)
+        sources.append(view)
+        owners.append(owner)
+    return write_checkpoint(Path(path), encoded, metadata_tree, sources, overwrite=overwrite)
+
+
+def _resolve_statefuls(state: Mapping[str, Any]) -> dict[str, Any]:
+    """Replace Stateful objects held in (nested) dicts of a state by their ``state_dict()``,
+    so ``{"models": {"model": model}, "optimizers": {"optimizer": opt}}`` saves as expected."""
+
+    def walk(value: Any) -> Any:
+        kind = type(value)
+        if kind is dict:
+            return {k: walk(v) for k, v in value.items()}
+        if kind in _PLAIN or kind is np.ndarray or arrays.is_torch_tensor(value):
+            return value
+        if isinstance(value, Stateful) and not isinstance(value, Mapping):
+            return walk(protocol.state_of(value))
+        return value
+
+    return {k: walk(v) for k, v in state.items()}
+
+
+def _decode_metadata(manifest: Manifest, path: Path) -> dict[str, Any]:
+    def no_tensors(kind: str, index: int, p: str) -> Any:
+        raise CheckpointFormatError(f"{path}: metadata.{p} refers to a tensor")
+
+    meta = decode_tree(manifest.metadata, no_tensors, where=f"{path / layout.MANIFEST_NAME} (metadata)")
+    if not isinstance(meta, dict):
+        raise CheckpointFormatError(f"{path / layout.MANIFEST_NAME}: metadata must be an object")
+    return meta
+
+
+def read_info(path: PathLike) -> CheckpointInfo:
+    """What a checkpoint says about itself (reads only the manifest)::
+
+    info = ckptproto.read_info("checkpoints/checkpoint_step_10")
+    print(info.step, info.metrics)
+    """
+    manifest = reader.read_manifest(path)
+    return CheckpointInfo.from_manifest(Path(path), manifest, _decode_metadata(manifest, Path(path)))
+
+
+def load(
+    path: PathLike, *, map_location: Any = None, mmap: bool = False, verify: bool | None = None
+) -> dict[str, Any]:
+    """Load the whole state tree::
+
+        state = ckptproto.load("checkpoints/checkpoint_step_10", map_location="cpu")
+        print(state["trainer"]["global_step"])
+
+    With ``mmap=True`` tensors are backed by the files (copy-on-write) and read lazily.
+    ``verify`` (default: on, off with ``mmap``) compares every data file's CRC while reading.
+    """
+    root = Path(path)
+    with reader.OpenCheckpoint(root) as ckpt:
+        where = str(root / layout.MANIFEST_NAME)
+        kinds = reader.tensor_kinds(ckpt.manifest, where)
+        values = reader.materialize(
+            ckpt, kinds, use_mmap=mmap, verify=(not mmap) if verify is None else verify
+        )
+    moved = {i: arrays.to_device(v, map_location) for i, v in values.items()}
+    state = decode_tree(ckpt.manifest.state, lambda kind, index, p: moved[index], where=where)
+    if not isinstance(state, dict):
+        raise CheckpointFormatError(f"{where}: the state must be an object at the top level")
+    return state
+
+
+class _Ref:
+    """Placeholder for a checkpoint tensor while matching against a target."""
+
+    __slots__ = ("index", "kind")
+
+    def __init__(self, kind: str, index: int) -> None:
+        self.kind, self.index = kind, index
+
+
+def load_into(
+    path: PathLike, target: Stateful | MutableMapping[str, Any], *, strict: bool = True, verify: bool = True
+) -> CheckpointInfo:
+    """Load a checkpoint into existing objects, reading tensor bytes straight into the target's
+    own tensors (no intermediate copy of the state)::
+
+        ckptproto.load_into("checkpoints/checkpoint_step_10", model)            # a Stateful
+        ckptproto.load_into("checkpoints/checkpoint_step_10", {"w": weight})    # a tree
+
+    ``strict``: every key and tensor of the target must be in the checkpoint with the same
+    shape and dtype (StateMismatchError lists what is missing); for a plain tree target the
+    checkpoint must not hold keys the target lacks either. A Stateful target receives the
+    full checkpoint state through its own ``load_state_dict``, which applies its own checks.
+
+    If the checkpoint turns out to be corrupt (CheckpointCorruptError), the target's tensors
+    may already hold some of its bytes: load again from a good checkpoint.
+    """
+    root = Path(path)
+    is_stateful = _is_stateful(target)
+    if not is_stateful and not isinstance(target, MutableMapping):
+        raise StateMismatchError(f"load_into needs a Stateful or a dict, got {type(target).__qualname__}")
+    with reader.OpenCheckpoint(root) as ckpt:
+        where = str(root / layout.MANIFEST_NAME)
+        kinds = reader.tensor_kinds(ckpt.manifest, where)
+        refs: dict[int, _Ref] = {}
+        skeleton = decode_tree(
+            ckpt.manifest.state, lambda kind, index, p: refs.setdefault(index, _Ref(kind, index)), where=where
+        )
+        matcher = _Matcher(ckpt.manifest, strict=strict, reject_unexpected=strict and not is_stateful)
+        matcher.match(skeleton, target, "")
+        matcher.raise_problems(root)
+        values: dict[int, Any] = {}
+        plan = reader.ReadPlan()
+        copies: list[tuple[Any, Any]] = []
+        for index, (kind, _paths) in kinds.items():
+            entry = ckpt.manifest.tensors[index]
+            spec = ArraySpec(kind, entry.dtype, entry.shape)
+            targets = matcher.destinations.get(index, [])
+            dest = arrays.writable_bytes(targets[0]) if targets else None
+            if dest is not None:
+                value = targets[0]
+            else:
+                value, dest = arrays.allocate(spec)
+            values[index] = value
+            copies.extend((t, value) for t in targets if t is not value)
+            reader.plan_into(ckpt, plan, index, spec, value, dest)
+        reader.execute(ckpt, plan, verify=verify)
+        manifest = ckpt.manifest
+    for dst, src in copies:
+        _copy_into(dst, src)
+    state = decode_tree(manifest.state, lambda kind, index, p: values[index], where=where)
+    if is_stateful:
+        _call_load_state_dict(target, state, strict)  # type: ignore[arg-type]
+    else:
+        _assign(target, state, strict)
+    return CheckpointInfo.from_manifest(root, manifest, _decode_metadata(manifest, root))
+
+
+def _copy_into(dst: Any, src: Any) -> None:
+    if isinstance(dst, np.ndarray):
+        dst[...] = src
+    else:
+        dst.copy_(src if not isinstance(src, np.ndarray) else arrays.require_torch().from_numpy(src))
+
+
+def _call_load_state_dict(target: Stateful, state: dict[str, Any], strict: bool) -> None:
+    import inspect
+
+    try:
+        accepts_strict = "strict" in inspect.signature(target.load_state_dict).parameters
+    except (TypeError, ValueError):
+        accepts_strict = False
+    if accepts_strict:
+        target.load_state_dict(state, strict=strict)  # type: ignore[call-arg]
+    else:
+        target.load_state_dict(state)
+
+
+def _assign(target: Any, loaded: Any, strict: bool) -> None:
+    """Copy non-tensor values of ``loaded`` into a plain tree target (tensors already filled);
+    Stateful objects in the tree get their part through their own ``load_state_dict``."""
+    items = loaded.items() if isinstance(loaded, Mapping) else enumerate(loaded)
+    for key, value in items:
+        if isinstance(target, Mapping):
+            if key not in target:
+                continue
+            current = target[key]
+        else:
+            if not isinstance(key, int) or key >= len(target):
+                continue
+            current = target[key]
+        if _is_stateful(current):
+            _call_load_state_dict(current, value, strict)
+        elif isinstance(current, (dict, list)) and isinstance(value, type(current)):
+            _assign(current, value, strict)
+        elif current is not value and not _is_array(current):
+            target[key] = value
+
+
+def _is_stateful(value: Any) -> bool:
+    return not isinstance(value, Mapping) and not _is_array(value) and isinstance(value, Stateful)
+
+
+def _is_array(value: Any) -> bool:
+    return isinstance(value, np.ndarray) or arrays.is_torch_tensor(value)
+
+
+class _Matcher:
+    """Walks a checkpoint skeleton beside a target tree: finds the target tensor to read each
+    checkpoint tensor into, and collects missing, unexpected and mismatched paths."""
+
+    def __init__(self, manifest: Manifest, *, strict: bool, reject_unexpected: bool) -> None:
+        self.manifest = manifest
+        self.strict = strict
+        self.reject_unexpected = reject_unexpected
+        self.destinations: dict[int, list[Any]] = {}
+        self.statefuls: dict[int, Mapping[str, Any]] = {}
+        self.missing: list[str] = []
+        self.unexpected: list[str] = []
+        self.mismatched: list[str] = []
+
+    def match(self, ckpt_node: Any, target_node: Any, path: str) -> None:
+        if isinstance(ckpt_node, _Ref):
+            if _is_array(target_node):
+                self._tensor(ckpt_node, target_node, path)
+            elif target_node is not None:
+                self.mismatched.append(
+                    f"{path}: checkpoint has a tensor, target has {type(target_node).__qualname__}"
+                )
+            return
+        if _is_array(target_node):
+            self.mismatched.append(
+                f"{path}: target has a tensor, checkpoint has {type(ckpt_node).__qualname__}"
+            )
+            return
+        if _is_stateful(target_node):
+            # A module/optimizer inside a tree target: match against its state_dict(); its own
+            # load_state_dict decides about keys only the checkpoint has.
+            target_node = self.statefuls.setdefault(id(target_node), protocol.state_of(target_node))
+            reject, self.reject_unexpected = self.reject_unexpected, False
+            try:
+                self.match(ckpt_node, target_node, path)
+            finally:
+                self.reject_unexpected = reject
+            return
+        if isinstance(ckpt_node, Mapping) and isinstance(target_node, Mapping):
+            for key in target_node:
+                if key not in ckpt_node:
+                    self.missing.append(join_path(path, key))
+            for key, value in ckpt_node.items():
+                if key in target_node:
+                    self.match(value, target_node[key], join_path(path, key))
+                elif self.reject_unexpected:
+                    self.unexpected.append(join_path(path, key))
+        elif isinstance(ckpt_node, (list, tuple)) and isinstance(target_node, (list, tuple)):
+            if len(ckpt_node) != len(target_node) and any(_is_array(t) for t in target_node):
+                self.mismatched.append(
+                    f"{path}: {len(ckpt_node)} items in the checkpoint, {len(target_node)} in the target"
+                )
+            for i, (c, t) in enumerate(zip(ckpt_node, target_node, strict=False)):
+                self.match(c, t, join_path(path, i))
+
+    def _tensor(self, ref: _Ref, target: Any, path: str) -> None:
+        entry = self.manifest.tensors[ref.index]
+        spec = arrays.try_spec(target)
+        if spec is None or spec.dtype != entry.dtype or spec.shape != entry.shape or spec.kind != ref.kind:
+            have = f"{spec.kind} {spec.dtype.name}{list(spec.shape)}" if spec else type(target).__qualname__
+            self.mismatched.append(
+                f"{path}: checkpoint has {ref.kind} {entry.dtype.name}{list(entry.shape)}, target has {have}"
+            )
+            return
+        self.destinations.setdefault(ref.index, []).append(target)
+
+    def raise_problems(self, root: Path) -> None:
+        problems = list(self.mismatched)
+        if self.strict:
+            problems += [f"{p}: missing from the checkpoint" for p in self.missing]
+        problems += [f"{p}: in the checkpoint but not in the target" for p in self.unexpected]
+        if problems:
+            shown = "\n  ".join(problems[:20])
+            more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
+            raise StateMismatchError(
+                f"{root}: checkpoint does not fit the target:\n  {shown}{more}\n"
+                "Pass strict=False to load what matches."
+            )
+
+
+def verify(path: PathLike) -> CheckpointInfo:
+    """Check a checkpoint completely: manifest, every data file header and byte range, every
+    checksum. Raises CheckpointCorruptError whose ``problems`` lists every damaged file::
+
+        ckptproto.verify("checkpoints/checkpoint_step_10")
+    """
+    root = Path(path)
+    manifest = reader.read_manifest(root)
+    info = CheckpointInfo.from_manifest(root, manifest, _decode_metadata(manifest, root))
+    problems: list[str] = []
+    for name, entry in manifest.files.items():
+        single = Manifest(manifest.state, [], {name: entry}, manifest.metadata)
+        try:
+            with reader.OpenCheckpoint(root, single) as ckpt:
+                reader.check_all_files(ckpt)
+        except CheckpointCorruptError as exc:
+            problems.extend(exc.problems)
+        except CheckpointError as exc:
+            problems.append(str(exc))
+    if not problems:
+        try:
+            with reader.OpenCheckpoint(root, manifest) as ckpt:
+                reader.tensor_kinds(manifest, str(root / layout.MANIFEST_NAME))
+                decode_tree(
+                    manifest.state, lambda kind, index, p: None, where=str(root / layout.MANIFEST_NAME)
+                )
+        except CheckpointError as exc:
+            problems.append(str(exc))
+    if problems:
+        raise CheckpointCorruptError(f"{root}: " + "; ".join(problems), problems=problems)
+    return info

@@ -1,0 +1,88 @@
+"""The small shared thread pool that moves bytes (os.pwritev/preadv and zlib.crc32 release the
+GIL, so a few threads keep the disk and both cores busy)."""
+
+from __future__ import annotations
+
+import os
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor, wait
+from typing import Any
+
+BATCH_BYTES = 16 << 20  # one pwritev/preadv call moves at most this much
+MAX_IOV = 512  # below IOV_MAX (1024 on Linux)
+
+_lock = threading.Lock()
+_pool: ThreadPoolExecutor | None = None
+
+
+def pool() -> ThreadPoolExecutor:
+    global _pool
+    with _lock:
+        if _pool is None:
+            _pool = ThreadPoolExecutor(
+                max_workers=max(2, min(8, 2 * (os.cpu_count() or 1))), thread_name_prefix="ckptproto-io"
+            )
+        return _pool
+
+
+def gather(futures: list[Future[Any]]) -> list[Any]:
+    """Results in order; waits for every future before raising the first error, so no worker
+    still touches a file descriptor the caller is about to close."""
+    wait(futures)
+    return [f.result() for f in futures]
+
+
+def batches(ranges: list[tuple[int, memoryview]]) -> list[tuple[int, list[memoryview]]]:
+    """Group ``(offset, view)`` ranges sorted by offset into runs of adjacent bytes of at most
+    BATCH_BYTES, splitting views larger than that."""
+    out: list[tuple[int, list[memoryview]]] = []
+    views: list[memoryview] = []
+    start, size, end = 0, 0, -1
+    for offset, view in ranges:
+        for pos in range(0, len(view), BATCH_BYTES):
+            piece = view[pos : pos + BATCH_BYTES]
+            at = offset + pos
+            if views and (at != end or size + len(piece) > BATCH_BYTES or len(views) >= MAX_IOV):
+                out.append((start, views))
+                views, size = [], 0
+            if not views:
+                start = at
+            views.append(piece)
+            size += len(piece)
+            end = at + len(piece)
+    if views:
+        out.append((start, views))
+    return out
+
+
+def pwritev_all(fd: int, views: list[memoryview], offset: int) -> None:
+    """Write every byte of ``views`` at ``offset`` (pwritev may write less than asked)."""
+    pending = [v for v in views if len(v)]
+    while pending:
+        n = os.pwritev(fd, pending, offset)
+        if n <= 0:
+            raise OSError(f"pwritev wrote {n} bytes")
+        offset += n
+        while pending and n >= len(pending[0]):
+            n -= len(pending[0])
+            pending.pop(0)
+        if n:
+            pending[0] = pending[0][n:]
+
+
+def preadv_all(fd: int, views: list[memoryview], offset: int) -> int:
+    """Fill ``views`` from ``offset``; returns the bytes read (less only at end of file)."""
+    pending = [v for v in views if len(v)]
+    total = 0
+    while pending:
+        n = os.preadv(fd, pending, offset)
+        if n <= 0:
+            break
+        offset += n
+        total += n
+        while pending and n >= len(pending[0]):
+            n -= len(pending[0])
+            pending.pop(0)
+        if n:
+            pending[0] = pending[0][n:]
+    return total

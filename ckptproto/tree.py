@@ -1,0 +1,261 @@
+"""State trees to JSON and back, losslessly, with tensors replaced by references.
+
+Encoding (normative text: ``spec/FORMAT.md``, "Value encoding"):
+
+* ``None``, ``bool``, ``str`` -> themselves; ``int`` -> a JSON integer when
+  ``|x| <= 2**53 - 1``, else ``{"$int": "<decimal>"}``; ``float`` -> a JSON number with a
+  fraction or exponent, or ``{"$float": "nan" | "inf" | "-inf"}``;
+  ``bytes`` -> ``{"$bytes": "<base64>"}``.
+* ``list`` -> JSON array; ``tuple`` -> ``{"$tuple": [...]}``.
+* ``dict`` whose keys are all ``str`` not starting with ``$`` -> JSON object; any other
+  ``dict`` -> ``{"$dict": [[key, value], ...]}``; ``OrderedDict`` -> ``{"$odict": [...]}``.
+* torch tensor -> ``{"$torch": i}``, numpy array -> ``{"$numpy": i}``, ``i`` indexing the
+  manifest's tensor table.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import math
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ckptproto import arrays
+from ckptproto.arrays import ArraySpec
+from ckptproto.errors import CheckpointFormatError, UnsupportedValueError
+
+MAX_DEPTH = 200
+MAX_SAFE_INT = 2**53 - 1
+TAGS = ("$torch", "$numpy", "$int", "$float", "$bytes", "$tuple", "$dict", "$odict")
+
+
+def join_path(prefix: str, key: object) -> str:
+    return f"{prefix}.{key}" if prefix else str(key)
+
+
+@dataclass
+class TensorLeaf:
+    """One distinct tensor/array of a state (tied tensors appear once)."""
+
+    value: Any
+    spec: ArraySpec
+    path: str  # the first state path it was found at
+
+
+@dataclass
+class EncodedState:
+    """A state split into a JSON-able tree and its tensors."""
+
+    tree: Any
+    tensors: list[TensorLeaf] = field(default_factory=list)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.spec.nbytes for t in self.tensors)
+
+
+def encode_state(state: Mapping[str, Any]) -> EncodedState:
+    """Check every leaf of ``state`` and encode it; raises UnsupportedValueError naming the path
+    of the first illegal value, before anything is written.
+
+    >>> encode_state({"step": 3, "betas": (0.9, 0.99)}).tree
+    {'step': 3, 'betas': {'$tuple': [0.9, 0.99]}}
+    """
+    if not isinstance(state, Mapping):
+        raise UnsupportedValueError(f"a state must be a dict (or a Stateful), got {type(state).__qualname__}")
+    encoder = _Encoder()
+    tree = encoder.encode(state if type(state) in (dict, OrderedDict) else dict(state), "", 0)
+    return EncodedState(tree, encoder.tensors)
+
+
+class _Encoder:
+    def __init__(self) -> None:
+        self.tensors: list[TensorLeaf] = []
+        self._ids: dict[tuple[Any, ...], int] = {}
+        self._active: set[int] = set()  # containers on the current path, to catch cycles
+
+    def encode(self, value: Any, path: str, depth: int) -> Any:
+        kind = type(value)
+        if value is None or kind is bool or kind is str:
+            return value
+        if kind is int:
+            return value if -MAX_SAFE_INT <= value <= MAX_SAFE_INT else {"$int": str(value)}
+        if kind is float:
+            return value if math.isfinite(value) else {"$float": repr(value)}
+        if kind is bytes:
+            return {"$bytes": base64.b64encode(value).decode("ascii")}
+        if kind is np.ndarray or arrays.is_torch_tensor(value):
+            return self._tensor(value, path)
+        if kind in (dict, OrderedDict, list, tuple):
+            if depth >= MAX_DEPTH:
+                raise UnsupportedValueError(
+                    f"state nests deeper than {MAX_DEPTH} levels at {path or '<root>'}", path=path
+                )
+            if id(value) in self._active:
+                raise UnsupportedValueError(
+                    f"state contains a reference cycle at {path or '<root>'}", path=path
+                )
+            self._active.add(id(value))
+            try:
+                return self._container(value, path, depth + 1)
+            finally:
+                self._active.discard(id(value))
+        raise UnsupportedValueError(_unsupported_message(value, path), path=path)
+
+    def _container(self, value: Any, path: str, depth: int) -> Any:
+        if isinstance(value, (list, tuple)):
+            items = [self.encode(v, join_path(path, i), depth) for i, v in enumerate(value)]
+            return items if type(value) is list else {"$tuple": items}
+        for key in value:
+            if type(key) not in (str, int):
+                raise UnsupportedValueError(
+                    f"dict key {key!r} of type {type(key).__qualname__} at {path or '<root>'}: "
+                    "keys must be str or int",
+                    path=path,
+                )
+        plain = type(value) is dict and all(type(k) is str and not k.startswith("$") for k in value)
+        if plain:
+            return {k: self.encode(v, join_path(path, k), depth) for k, v in value.items()}
+        pairs = [
+            [self.encode(k, path, depth), self.encode(v, join_path(path, k), depth)] for k, v in value.items()
+        ]
+        return {"$odict" if type(value) is OrderedDict else "$dict": pairs}
+
+    def _tensor(self, value: Any, path: str) -> dict[str, int]:
+        if isinstance(value, np.ndarray):
+            reason = arrays.numpy_unsupported_reason(value)
+        else:
+            reason = arrays.torch_unsupported_reason(value)
+        if reason is not None:
+            raise UnsupportedValueError(f"{path or '<root>'}: {reason}", path=path)
+        key = arrays.identity(value)
+        index = self._ids.get(key)
+        if index is None:
+            index = self._ids[key] = len(self.tensors)
+            self.tensors.append(TensorLeaf(value, arrays.spec_of(value), path))
+        return {"$numpy" if isinstance(value, np.ndarray) else "$torch": index}
+
+
+def _unsupported_message(value: object, path: str) -> str:
+    kind = type(value)
+    name = f"{kind.__module__}.{kind.__qualname__}"
+    hint = ""
+    if isinstance(value, np.generic):
+        hint = " (a numpy scalar: use .item() for a plain value or np.asarray() for an array)"
+    elif isinstance(value, (int, float, str, bytes, dict, list, tuple)):
+        hint = f" (a subclass of {kind.__mro__[1].__qualname__}: convert it to the plain type)"
+    return (
+        f"{path or '<root>'}: values of type {name} cannot be saved{hint}; legal leaves are "
+        "tensors, numpy arrays, None, bool, int, float, str and bytes, in dict/list/tuple"
+    )
+
+
+def decode_tree(node: Any, resolve: Callable[[str, int, str], Any], *, where: str = "manifest") -> Any:
+    """Rebuild a state tree; ``resolve(kind, index, path)`` supplies each tensor.
+    Raises CheckpointFormatError naming ``where`` and the state path of a malformed node."""
+    return _decode(node, resolve, "", 0, where)
+
+
+def _decode(node: Any, resolve: Callable[[str, int, str], Any], path: str, depth: int, where: str) -> Any:
+    if node is None or isinstance(node, (bool, str, float)):
+        return node
+    if isinstance(node, int):
+        return node
+    if depth >= MAX_DEPTH:
+        raise CheckpointFormatError(f"{where}: state nests deeper than {MAX_DEPTH} at {path}")
+    if isinstance(node, list):
+        return [_decode(v, resolve, join_path(path, i), depth + 1, where) for i, v in enumerate(node)]
+    if not isinstance(node, dict):
+        raise CheckpointFormatError(f"{where}: unexpected JSON value at {path or '<root>'}")
+    tag = next(iter(node), None)
+    if tag is None or not tag.startswith("$"):
+        if any(k.startswith("$") for k in node):
+            raise CheckpointFormatError(
+                f"{where}: object at {path or '<root>'} mixes '$' keys with plain keys"
+            )
+        return {k: _decode(v, resolve, join_path(path, k), depth + 1, where) for k, v in node.items()}
+    if len(node) != 1:
+        raise CheckpointFormatError(f"{where}: tagged value at {path or '<root>'} has extra keys")
+    return _decode_tagged(tag, node[tag], resolve, path, depth, where)
+
+
+def _decode_tagged(
+    tag: str, payload: Any, resolve: Callable[[str, int, str], Any], path: str, depth: int, where: str
+) -> Any:
+    at = path or "<root>"
+    if tag in ("$torch", "$numpy"):
+        if type(payload) is not int or payload < 0:
+            raise CheckpointFormatError(f"{where}: bad tensor reference {payload!r} at {at}")
+        return resolve(tag[1:], payload, path)
+    if tag == "$int":
+        if not isinstance(payload, str) or not payload.lstrip("-").isdigit() or len(payload) > 10_000:
+            raise CheckpointFormatError(f"{where}: bad $int {payload!r} at {at}")
+        return int(payload)
+    if tag == "$float":
+        if payload not in ("nan", "inf", "-inf"):
+            raise CheckpointFormatError(f"{where}: bad $float {payload!r} at {at}")
+        return float(payload)
+    if tag == "$bytes":
+        try:
+            return base64.b64decode(payload, validate=True)
+        except (binascii.Error, TypeError, ValueError) as exc:
+            raise CheckpointFormatError(f"{where}: bad $bytes at {at}: {exc}") from None
+    if tag == "$tuple":
+        if not isinstance(payload, list):
+            raise CheckpointFormatError(f"{where}: $tuple at {at} is not a list")
+        return tuple(_decode(v, resolve, join_path(path, i), depth + 1, where) for i, v in enumerate(payload))
+    if tag in ("$dict", "$odict"):
+        out: dict[Any, Any] = OrderedDict() if tag == "$odict" else {}
+        if not isinstance(payload, list):
+            raise CheckpointFormatError(f"{where}: {tag} at {at} is not a list of pairs")
+        for pair in payload:
+            if not isinstance(pair, list) or len(pair) != 2:
+                raise CheckpointFormatError(f"{where}: {tag} at {at} holds a non-pair")
+            key = _decode(pair[0], resolve, path, depth + 1, where)
+            if type(key) not in (str, int):
+                raise CheckpointFormatError(f"{where}: {tag} key at {at} is not str or int")
+            if key in out:
+                raise CheckpointFormatError(f"{where}: duplicate key {key!r} at {at}")
+            out[key] = _decode(pair[1], resolve, join_path(path, key), depth + 1, where)
+        return out
+    raise CheckpointFormatError(
+        f"{where}: unknown tag {tag!r} at {at}; the checkpoint may need a newer ckptproto"
+    )
+
+
+def iter_tensor_refs(node: Any, path: str = "", depth: int = 0) -> Any:
+    """Yield ``(path, kind, index)`` for every tensor reference in an encoded tree."""
+    if depth > MAX_DEPTH:
+        return
+    if isinstance(node, list):
+        for i, v in enumerate(node):
+            yield from iter_tensor_refs(v, join_path(path, i), depth + 1)
+    elif isinstance(node, dict):
+        if len(node) == 1:
+            tag, payload = next(iter(node.items()))
+            if tag in ("$torch", "$numpy"):
+                yield path, tag[1:], payload
+                return
+            if tag == "$tuple":
+                yield from iter_tensor_refs(payload, path, depth)
+                return
+            if tag in ("$dict", "$odict") and isinstance(payload, list):
+                for pair in payload:
+                    if isinstance(pair, list) and len(pair) == 2:
+                        yield from iter_tensor_refs(pair[1], join_path(path, _key_text(pair[0])), depth + 1)
+                return
+            if tag in TAGS:
+                return
+        for k, v in node.items():
+            yield from iter_tensor_refs(v, join_path(path, k), depth + 1)
+
+
+def _key_text(key: Any) -> Any:
+    if isinstance(key, dict) and "$int" in key:
+        return key["$int"]
+    return key
