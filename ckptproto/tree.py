@@ -127,18 +127,15 @@ class _Encoder:
         return {"$odict" if type(value) is OrderedDict else "$dict": pairs}
 
     def _tensor(self, value: Any, path: str) -> dict[str, int]:
-        if isinstance(value, np.ndarray):
-            reason = arrays.numpy_unsupported_reason(value)
-        else:
-            reason = arrays.torch_unsupported_reason(value)
-        if reason is not None:
-            raise UnsupportedValueError(f"{path or '<root>'}: {reason}", path=path)
+        spec = arrays.describe(value)
+        if not isinstance(spec, ArraySpec):
+            raise UnsupportedValueError(f"{path or '<root>'}: {spec}", path=path)
         key = arrays.identity(value)
         index = self._ids.get(key)
         if index is None:
             index = self._ids[key] = len(self.tensors)
-            self.tensors.append(TensorLeaf(value, arrays.spec_of(value), path))
-        return {"$numpy" if isinstance(value, np.ndarray) else "$torch": index}
+            self.tensors.append(TensorLeaf(value, spec, path))
+        return {"$torch" if spec.kind == "torch" else "$numpy": index}
 
 
 def _unsupported_message(value: object, path: str) -> str:

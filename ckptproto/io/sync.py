@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from ckptproto import arrays, protocol
+from ckptproto import _gc, arrays, protocol
 from ckptproto.arrays import ArraySpec
 from ckptproto.errors import (
     CheckpointCorruptError,
@@ -97,6 +97,7 @@ def write_checkpoint(
     return CheckpointInfo.from_manifest(final, manifest, _decode_metadata(manifest, final))
 
 
+@_gc.paused()
 def save(
     state_or_stateful: Stateful | Mapping[str, Any],
     path: PathLike,
@@ -164,6 +165,7 @@ def read_info(path: PathLike) -> CheckpointInfo:
     return CheckpointInfo.from_manifest(Path(path), manifest, _decode_metadata(manifest, Path(path)))
 
 
+@_gc.paused()
 def load(
     path: PathLike, *, map_location: Any = None, mmap: bool = False, verify: bool | None = None
 ) -> dict[str, Any]:
@@ -198,6 +200,7 @@ class _Ref:
         self.kind, self.index = kind, index
 
 
+@_gc.paused()
 def load_into(
     path: PathLike, target: Stateful | MutableMapping[str, Any], *, strict: bool = True, verify: bool = True
 ) -> CheckpointInfo:
@@ -385,6 +388,7 @@ class _Matcher:
             )
 
 
+@_gc.paused()
 def verify(path: PathLike) -> CheckpointInfo:
     """Check a checkpoint completely: manifest, every data file header and byte range, every
     checksum. Raises CheckpointCorruptError whose ``problems`` lists every damaged file::
