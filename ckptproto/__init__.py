@@ -17,6 +17,7 @@ from ckptproto.errors import (
     CheckpointFormatError,
     CheckpointNotFoundError,
     CheckpointWriteError,
+    DistributedCheckpointError,
     StateMismatchError,
     UnsupportedValueError,
 )
@@ -37,6 +38,7 @@ __all__ = [
     "CheckpointInfo",
     "CheckpointNotFoundError",
     "CheckpointWriteError",
+    "DistributedCheckpointError",
     "Manifest",
     "StateMismatchError",
     "Stateful",

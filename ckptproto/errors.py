@@ -61,3 +61,16 @@ class StateMismatchError(CheckpointError, KeyError):
 
     def __str__(self) -> str:  # KeyError quotes its message; keep it readable
         return str(self.args[0]) if self.args else ""
+
+
+class DistributedCheckpointError(CheckpointError):
+    """A distributed save or load failed on one or more ranks; every rank of the group raises
+    it. ``failed_ranks`` maps each failed rank (in the group) to what went wrong there::
+
+        except ckptproto.DistributedCheckpointError as exc:
+            print(exc.failed_ranks)   # {1: "CheckpointWriteError: writing ... failed: ..."}
+    """
+
+    def __init__(self, message: str, *, failed_ranks: dict[int, str] | None = None) -> None:
+        super().__init__(message)
+        self.failed_ranks = dict(failed_ranks or {})

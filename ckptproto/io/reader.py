@@ -312,6 +312,79 @@ def plan_into(
         )
 
 
+def plan_box_into(
+    ckpt: OpenCheckpoint,
+    plan: ReadPlan,
+    index: int,
+    offsets: tuple[int, ...],
+    spec: ArraySpec,
+    value: Any,
+    dest: memoryview,
+) -> None:
+    """Schedule reading the box of tensor ``index`` at ``offsets`` with ``spec.shape`` (a
+    DTensor's local shard) into ``value``, a contiguous CPU tensor whose bytes are ``dest``.
+    Only the rows of each chunk that overlap the box are read, straight into ``dest`` when
+    chunk and box span the same columns (the usual ``Shard(0)`` case)."""
+    entry = ckpt.manifest.tensors[index]
+    item = entry.dtype.itemsize
+    box_end = tuple(o + s for o, s in zip(offsets, spec.shape, strict=True))
+    grid: np.ndarray[Any, Any] | None = None
+    for chunk in entry.chunks:
+        lo = tuple(max(a, b) for a, b in zip(chunk.offsets, offsets, strict=True))
+        hi = tuple(min(a + s, b) for a, s, b in zip(chunk.offsets, chunk.shape, box_end, strict=True))
+        if any(h <= low for low, h in zip(lo, hi, strict=True)) or (spec.shape and not chunk.numel):
+            continue
+        header_entry = ckpt.locate(entry, chunk, index)
+        if len(spec.shape) < 2 or chunk.shape[1:] == spec.shape[1:]:
+            # 0-d/1-d, or the same columns on both sides: the overlapping rows land as one
+            # contiguous range of the local tensor.
+            row = item * (chunk.numel // chunk.shape[0]) if spec.shape else item
+            skip = lo[0] - chunk.offsets[0] if spec.shape else 0
+            at = (lo[0] - offsets[0]) * row if spec.shape else 0
+            nbytes = (hi[0] - lo[0]) * row if spec.shape else item
+            plan.add(chunk.file, header_entry.begin + skip * row, dest[at : at + nbytes])
+            continue
+        # Rows [lo0, hi0) of the chunk along dim 0 are one contiguous byte range of it; read
+        # them and copy the overlapping columns into place.
+        chunk_row = item * (chunk.numel // chunk.shape[0])
+        begin = header_entry.begin + (lo[0] - chunk.offsets[0]) * chunk_row
+        nrows = hi[0] - lo[0]
+        if grid is None:
+            grid = arrays.byte_grid(value, spec)
+        scratch = np.empty(nrows * chunk_row, dtype=np.uint8)
+        plan.add(
+            chunk.file,
+            begin,
+            scratch.data.cast("B"),
+            _copy_overlap(grid, scratch, chunk, lo, hi, offsets, item),
+        )
+
+
+def _copy_overlap(
+    grid: np.ndarray[Any, Any],
+    scratch: np.ndarray[Any, Any],
+    chunk: Chunk,
+    lo: tuple[int, ...],
+    hi: tuple[int, ...],
+    offsets: tuple[int, ...],
+    item: int,
+) -> Callable[[], None]:
+    def run() -> None:
+        rows = scratch.reshape(hi[0] - lo[0], *chunk.shape[1:-1], chunk.shape[-1] * item)
+        src = [slice(None)]
+        dst = [slice(lo[0] - offsets[0], hi[0] - offsets[0])]
+        for d in range(1, len(lo)):
+            a, b = lo[d] - chunk.offsets[d], hi[d] - chunk.offsets[d]
+            c, e = lo[d] - offsets[d], hi[d] - offsets[d]
+            if d == len(lo) - 1:
+                a, b, c, e = a * item, b * item, c * item, e * item
+            src.append(slice(a, b))
+            dst.append(slice(c, e))
+        grid[tuple(dst)] = rows[tuple(src)]
+
+    return run
+
+
 def _copy_box(
     grid: np.ndarray[Any, Any], scratch: np.ndarray[Any, Any], chunk: Chunk, spec: ArraySpec
 ) -> Callable[[], None]:
