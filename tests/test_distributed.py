@@ -16,13 +16,12 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from _dist_helpers import run_ranks
 
 import ckptproto
 from ckptproto.format import layout
 from ckptproto.io import distributed as cdist
 from ckptproto.io import writer
-
-from _dist_helpers import run_ranks
 
 pytestmark = pytest.mark.skipif(
     not torch.distributed.is_available(), reason="torch.distributed is not available"
@@ -217,3 +216,157 @@ def test_reshard_1_2_4_to_1_2_4(tmp_path: Path) -> None:
         ckptproto.verify(tmp_path / name)
     assert ckptproto.read_manifest(tmp_path / "c2").world_size == 2
     assert results[0]["ours_bytes"] <= results[0]["dcp_bytes"], results[0]
+
+
+# ----------------------------------------------------------------------------- FSDP2
+
+
+def _fsdp_model(seed: int) -> tuple[Any, Any]:
+    from torch.distributed.fsdp import fully_shard
+
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 10), torch.nn.ReLU(), torch.nn.Linear(10, 3))
+    for layer in (model[0], model[2]):
+        fully_shard(layer)
+    fully_shard(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.01)
+    return model, opt
+
+
+def _train(model: Any, opt: Any, rank: int, steps: range) -> None:
+    for step in steps:
+        g = torch.Generator().manual_seed(1000 * step + rank)
+        x, y = torch.randn(4, 6, generator=g), torch.randn(4, 3, generator=g)
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+
+
+def _full_params(model: Any) -> dict[str, torch.Tensor]:
+    return {k: v.full_tensor().clone() for k, v in model.state_dict().items()}
+
+
+def _failing_write_file(*args: Any, **kwargs: Any) -> Any:
+    _REAL_WRITE_FILE(*args, **kwargs)  # the file is really written, then the rank fails
+    raise ckptproto.CheckpointWriteError("injected failure after writing this rank's data file")
+
+
+_REAL_WRITE_FILE = writer.write_file
+
+
+def scenario_fsdp(rank: int, world: int, tmp: Path) -> dict[str, Any]:
+    model, opt = _fsdp_model(seed=0)
+    _train(model, opt, rank, range(3))
+    state = {"models": {"model": model}, "optimizers": {"optimizer": opt}, "trainer": {"global_step": 3}}
+    info = ckptproto.save(state, tmp / "a", metadata={"metrics": {"loss": 0.5}})
+    assert info.step == 3 and info.metric("loss") == 0.5
+    saved = _full_params(model)
+    _train(model, opt, rank, range(3, 6))
+    expected = _full_params(model)
+
+    # Resume into a fresh model and optimizer (its state made to exist by one step, as the
+    # optimizer's load_state_dict needs DTensor state to load DTensor state into).
+    model2, opt2 = _fsdp_model(seed=7)
+    _train(model2, opt2, rank, range(100, 101))
+    info2 = ckptproto.load_into(
+        tmp / "a",
+        {"models": {"model": model2}, "optimizers": {"optimizer": opt2}, "trainer": {"global_step": 0}},
+    )
+    assert info2.step == 3
+    for key, value in _full_params(model2).items():
+        assert_same(value, saved[key], f"resumed {key}")
+    _train(model2, opt2, rank, range(3, 6))
+    for key, value in _full_params(model2).items():
+        assert_same(value, expected[key], f"after resume: {key}")
+
+    # One rank raising mid-save (after writing its file): nothing committed, every rank raises
+    # naming rank 1, the old checkpoint survives an overwrite attempt.
+    results: dict[str, Any] = {}
+    for target, overwrite in ((tmp / "b", False), (tmp / "a", True)):
+        if rank == 1:
+            writer.write_file = _failing_write_file
+        start = time.monotonic()
+        try:
+            cdist.save(state, target, overwrite=overwrite, timeout=FAIL_TIMEOUT)
+        except ckptproto.DistributedCheckpointError as exc:
+            assert list(exc.failed_ranks) == [1], exc.failed_ranks
+            assert "rank 1" in str(exc) and "injected failure" in str(exc), str(exc)
+        else:
+            raise AssertionError("the save should have failed on every rank")
+        finally:
+            writer.write_file = _REAL_WRITE_FILE
+        results[target.name] = time.monotonic() - start
+    assert not (tmp / "b").exists()
+    if rank == 0:  # rank 0 removed the temporary directory before raising
+        assert not [p.name for p in tmp.iterdir() if layout.is_leftover(p.name)]
+    # The checkpoint at "a" is still the old one: it loads and resumes as before.
+    model3, opt3 = _fsdp_model(seed=8)
+    _train(model3, opt3, rank, range(100, 101))
+    ckptproto.load_into(
+        tmp / "a",
+        {"models": {"model": model3}, "optimizers": {"optimizer": opt3}, "trainer": {"global_step": 0}},
+    )
+    for key, value in _full_params(model3).items():
+        assert_same(value, saved[key], f"after the failed overwrite: {key}")
+    # A rank whose state differs from rank 0's is refused before anything is written.
+    odd = {"x": torch.zeros(3 if rank == 0 else 4)}
+    try:
+        ckptproto.save(odd, tmp / "c")
+    except ckptproto.DistributedCheckpointError as exc:
+        assert exc.failed_ranks == {1: "state differs from rank 0's"}, exc.failed_ranks
+    else:
+        raise AssertionError("states of different shapes should not save")
+    assert not (tmp / "c").exists()
+    return {"seconds": results, "saved": {k: v.tolist() for k, v in saved.items()}}
+
+
+def test_fsdp2_round_trip_resume_and_failed_save(tmp_path: Path) -> None:
+    results = run_ranks(scenario_fsdp, 2, tmp_path)
+    for rank, result in results.items():
+        for what, seconds in result["seconds"].items():
+            assert seconds < FAIL_TIMEOUT + 10, (rank, what, seconds)
+    # The FSDP checkpoint loads in one plain process as full tensors.
+    state = ckptproto.load(tmp_path / "a")
+    assert state["trainer"]["global_step"] == 3
+    model = state["models"]["model"]
+    for key, value in results[0]["saved"].items():
+        assert torch.equal(model[key], torch.tensor(value)), key
+    assert set(state["optimizers"]["optimizer"]["state"]) == {0, 1, 2, 3}
+    assert state["optimizers"]["optimizer"]["state"][0]["exp_avg"].shape == (10, 6)
+
+
+# ----------------------------------------------------------------------------- SIGKILL
+
+
+def _killing_write_file(*args: Any, **kwargs: Any) -> Any:
+    _REAL_WRITE_FILE(*args, **kwargs)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def scenario_kill(rank: int, world: int, tmp: Path) -> dict[str, Any]:
+    # Three equal tensors: the size-balanced assignment gives one to each rank.
+    state = {"w": list(torch.arange(36.0).reshape(3, 3, 4)), "step": 1}
+    cdist.save(state, tmp / "good", timeout=FAIL_TIMEOUT)
+    if rank == 1:
+        writer.write_file = _killing_write_file
+    start = time.monotonic()
+    try:
+        cdist.save({"w": list(torch.ones(3, 64, 64)), "step": 2}, tmp / "next", timeout=FAIL_TIMEOUT)
+    except ckptproto.DistributedCheckpointError as exc:
+        return {"teardown": False, "seconds": time.monotonic() - start, "error": str(exc),
+                "failed": sorted(exc.failed_ranks)}  # fmt: skip
+    raise AssertionError("the save should have failed")
+
+
+def test_rank_killed_mid_save(tmp_path: Path) -> None:
+    results = run_ranks(scenario_kill, 3, tmp_path, killed=frozenset({1}))
+    assert set(results) == {0, 2}
+    for rank, result in results.items():
+        assert result["seconds"] < 2 * FAIL_TIMEOUT + 10, (rank, result)
+    assert results[0]["failed"] == [1] and "rank 1 did not answer" in results[0]["error"], results[0]
+    assert "group broke" in results[2]["error"], results[2]
+    assert not (tmp_path / "next").exists()
+    assert not [p.name for p in tmp_path.iterdir() if layout.is_leftover(p.name)]
+    assert ckptproto.load(tmp_path / "good")["step"] == 1
+    ckptproto.verify(tmp_path / "good")

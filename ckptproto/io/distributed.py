@@ -59,6 +59,7 @@ from ckptproto.tree import EncodedState, decode_tree, encode_state
 LOCAL = "local"
 """``process_group=LOCAL``: this process alone, even when torch.distributed is initialised."""
 
+_NOT_COMMITTED = "; nothing was committed"
 DEFAULT_TIMEOUT = timedelta(minutes=30)  # torch.distributed's own default for gloo
 
 
@@ -113,21 +114,31 @@ class _Control:
             self.dist.all_gather_object(answers, payload, group=self.group)
         except RuntimeError as exc:  # DistBackendError too: a rank died, hangs or left
             text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            missing = sorted({int(r) for r in re.findall(r"[Rr]ank (\d+)", str(exc))} - {self.rank})
-            who = ", ".join(map(str, missing)) if missing else "another rank (rank 0, or one that left)"
+            missing = _missing_ranks(str(exc), self.rank)
+            if missing:
+                who = f"rank {', '.join(map(str, missing))} did not answer"
+            else:  # not rank 0: it only sees the group break; rank 0's error names the rank
+                who = "the group broke (a rank died, hung or failed; rank 0's error names it)"
             raise DistributedCheckpointError(
-                f"{what}: rank {who} did not answer within {self.timeout.total_seconds():g} s "
-                f"(died, hung or failed): {text}",
+                f"{what}: {who} within {self.timeout.total_seconds():g} s: {text}",
                 failed_ranks={r: "did not answer" for r in missing},
             ) from exc
         return answers
+
+
+def _missing_ranks(text: str, me: int) -> list[int]:
+    """The ranks a monitored_barrier error on rank 0 lists as not having arrived."""
+    found = re.search(r"Ranks? ([\d, ]+) failed to pass", text)
+    if found is None:
+        return []
+    return sorted({int(r) for r in re.findall(r"\d+", found.group(1))} - {me})
 
 
 def _failure(exc: BaseException) -> dict[str, Any]:
     return {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
 
 
-def _check(answers: list[dict[str, Any]], what: str, local: BaseException | None) -> None:
+def _check(answers: list[dict[str, Any]], what: str, local: BaseException | None, note: str = "") -> None:
     failed = {r: a["error"] for r, a in enumerate(answers) if not a.get("ok")}
     if not failed:
         return
@@ -137,7 +148,7 @@ def _check(answers: list[dict[str, Any]], what: str, local: BaseException | None
     lines = "; ".join(f"rank {', '.join(map(str, rs))}: {e}" for e, rs in by_error.items())
     ranks = ", ".join(map(str, sorted(failed)))
     raise DistributedCheckpointError(
-        f"{what} failed on rank {ranks}; nothing was changed on disk ({lines})", failed_ranks=failed
+        f"{what} failed on rank {ranks}{note} ({lines})", failed_ranks=failed
     ) from local
 
 
@@ -249,7 +260,7 @@ def save(
         local, mine = exc, _failure(exc)
     try:
         answers = ctl.exchange(mine, where)
-        _check(answers, where, local)
+        _check(answers, where, local, _NOT_COMMITTED)
         differ = [r for r, a in enumerate(answers) if a["digest"] != answers[0]["digest"]]
         if differ:
             raise DistributedCheckpointError(
@@ -264,7 +275,7 @@ def save(
         except Exception as exc:
             local, mine = exc, _failure(exc)
         answers = ctl.exchange(mine, where)
-        _check(answers, where, local)
+        _check(answers, where, local, _NOT_COMMITTED)
         if ctl.rank == 0:
             try:
                 manifest = _commit(final, temp, encoded, metadata_tree, answers, ctl.size)
@@ -276,7 +287,7 @@ def save(
         else:
             mine = {"ok": True}
         answers = ctl.exchange(mine, where)
-        _check(answers, where, local)
+        _check(answers, where, local, _NOT_COMMITTED)
     except BaseException:
         if temp is not None and ctl.rank == 0:
             commit.abort(temp)
