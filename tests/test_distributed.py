@@ -8,6 +8,7 @@ resume equivalence; a rank raising mid-save; a rank SIGKILLed mid-save.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -318,6 +319,20 @@ def scenario_fsdp(rank: int, world: int, tmp: Path) -> dict[str, Any]:
     else:
         raise AssertionError("states of different shapes should not save")
     assert not (tmp / "c").exists()
+    # A damaged data file fails the load on every rank, naming the rank that found it.
+    if rank == 0:
+        shutil.copytree(tmp / "a", tmp / "damaged")
+        damaged = tmp / "damaged" / layout.data_file_name(1)
+        data = bytearray(damaged.read_bytes())
+        data[-1] ^= 0xFF
+        damaged.write_bytes(bytes(data))
+    torch.distributed.barrier()
+    try:
+        ckptproto.load_into(tmp / "damaged", {"models": {"model": model3}}, strict=False)
+    except ckptproto.DistributedCheckpointError as exc:
+        assert list(exc.failed_ranks) == [1] and "checksum" in str(exc), str(exc)
+    else:
+        raise AssertionError("a damaged checkpoint should not load")
     return {"seconds": results, "saved": {k: v.tolist() for k, v in saved.items()}}
 
 
