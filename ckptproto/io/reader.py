@@ -342,7 +342,7 @@ def plan_box_into(
         if any(h <= low for low, h in zip(lo, hi, strict=True)) or (spec.shape and not chunk.numel):
             continue
         header_entry = ckpt.locate(entry, chunk, index)
-        if len(spec.shape) < 2 or chunk.shape[1:] == spec.shape[1:]:
+        if len(spec.shape) < 2 or (chunk.shape[1:] == spec.shape[1:] and chunk.offsets[1:] == offsets[1:]):
             # 0-d/1-d, or the same columns on both sides: the overlapping rows land as one
             # contiguous range of the local tensor.
             row = item * (chunk.numel // chunk.shape[0]) if spec.shape else item
