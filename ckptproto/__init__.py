@@ -17,11 +17,13 @@ from ckptproto.errors import (
     CheckpointFormatError,
     CheckpointNotFoundError,
     CheckpointWriteError,
+    SaverBusyError,
     StateMismatchError,
     UnsupportedValueError,
 )
 from ckptproto.format.info import CheckpointInfo
 from ckptproto.format.manifest import FORMAT_VERSION, Manifest
+from ckptproto.io.async_save import AsyncSaver, SaveFuture, save_async
 from ckptproto.io.reader import read_manifest
 from ckptproto.io.sync import load, load_into, read_info, save, verify
 from ckptproto.protocol import Stateful
@@ -30,6 +32,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "FORMAT_VERSION",
+    "AsyncSaver",
     "CheckpointCorruptError",
     "CheckpointError",
     "CheckpointExistsError",
@@ -38,6 +41,8 @@ __all__ = [
     "CheckpointNotFoundError",
     "CheckpointWriteError",
     "Manifest",
+    "SaveFuture",
+    "SaverBusyError",
     "StateMismatchError",
     "Stateful",
     "UnsupportedValueError",
@@ -47,5 +52,6 @@ __all__ = [
     "read_info",
     "read_manifest",
     "save",
+    "save_async",
     "verify",
 ]
