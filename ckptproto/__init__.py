@@ -18,11 +18,13 @@ from ckptproto.errors import (
     CheckpointNotFoundError,
     CheckpointWriteError,
     DistributedCheckpointError,
+    SaverBusyError,
     StateMismatchError,
     UnsupportedValueError,
 )
 from ckptproto.format.info import CheckpointInfo
 from ckptproto.format.manifest import FORMAT_VERSION, Manifest
+from ckptproto.io.async_save import AsyncSaver, SaveFuture, save_async
 from ckptproto.io.reader import read_manifest
 from ckptproto.io.sync import load, load_into, read_info, save, verify
 from ckptproto.protocol import Stateful
@@ -31,6 +33,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "FORMAT_VERSION",
+    "AsyncSaver",
     "CheckpointCorruptError",
     "CheckpointError",
     "CheckpointExistsError",
@@ -40,6 +43,8 @@ __all__ = [
     "CheckpointWriteError",
     "DistributedCheckpointError",
     "Manifest",
+    "SaveFuture",
+    "SaverBusyError",
     "StateMismatchError",
     "Stateful",
     "UnsupportedValueError",
@@ -49,5 +54,6 @@ __all__ = [
     "read_info",
     "read_manifest",
     "save",
+    "save_async",
     "verify",
 ]

@@ -74,3 +74,7 @@ class DistributedCheckpointError(CheckpointError):
     def __init__(self, message: str, *, failed_ranks: dict[int, str] | None = None) -> None:
         super().__init__(message)
         self.failed_ranks = dict(failed_ranks or {})
+
+
+class SaverBusyError(CheckpointError, RuntimeError):
+    """An ``AsyncSaver(when_full="raise")`` already has ``max_pending`` saves in flight."""
