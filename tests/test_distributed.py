@@ -263,7 +263,15 @@ def scenario_fsdp(rank: int, world: int, tmp: Path) -> dict[str, Any]:
     info = ckptproto.save(state, tmp / "a", metadata={"metrics": {"loss": 0.5}})
     assert info.step == 3 and info.metric("loss") == 0.5
     saved = _full_params(model)
-    _train(model, opt, rank, range(3, 6))
+    # The same state saved asynchronously: staged per rank, training goes on (mutating the
+    # parameters) while the background thread writes and commits with the other ranks.
+    with ckptproto.AsyncSaver(staging="background") as saver:
+        fut = saver.save(state, tmp / "async")
+        fut.wait_staged()
+        _train(model, opt, rank, range(3, 4))
+        async_info = fut.result(timeout=60)
+    assert async_info.step == 3 and async_info.path == tmp / "async"
+    _train(model, opt, rank, range(4, 6))
     expected = _full_params(model)
 
     # Resume into a fresh model and optimizer (its state made to exist by one step, as the
@@ -344,6 +352,20 @@ def test_fsdp2_round_trip_resume_and_failed_save(tmp_path: Path) -> None:
     # The FSDP checkpoint loads in one plain process as full tensors.
     state = ckptproto.load(tmp_path / "a")
     assert state["trainer"]["global_step"] == 3
+    # The async save holds the state as it was at save(), not the later training step.
+    async_state = ckptproto.load(tmp_path / "async")
+    assert ckptproto.read_manifest(tmp_path / "async").world_size == 2
+    for section in ("models", "optimizers"):
+        a, b = state[section], async_state[section]
+        assert repr(sorted(a)) == repr(sorted(b))
+    for key, value in state["models"]["model"].items():
+        assert torch.equal(async_state["models"]["model"][key], value), key
+    for index, slots in state["optimizers"]["optimizer"]["state"].items():
+        for name, value in slots.items():
+            assert torch.equal(async_state["optimizers"]["optimizer"]["state"][index][name], value), (
+                index,
+                name,
+            )
     model = state["models"]["model"]
     for key, value in results[0]["saved"].items():
         assert torch.equal(model[key], torch.tensor(value)), key

@@ -38,7 +38,7 @@ from typing import Any, Literal
 from ckptproto import _gc, protocol
 from ckptproto.errors import CheckpointError, SaverBusyError
 from ckptproto.format.info import CheckpointInfo
-from ckptproto.io import staging, sync
+from ckptproto.io import distributed, staging, sync
 from ckptproto.io.staging import Staged, StagingPool
 from ckptproto.protocol import Stateful
 from ckptproto.tree import EncodedState, encode_state
@@ -88,6 +88,7 @@ class _Job:
     overwrite: bool
     ready: staging.Ready
     staged: Staged | None = None
+    share: distributed.ShareJob | None = None  # a distributed save: this rank's part
 
 
 _savers: weakref.WeakSet[AsyncSaver] = weakref.WeakSet()
@@ -134,6 +135,10 @@ class AsyncSaver:
     ``"block"`` (default) waits until one is committed (or failed); ``"raise"`` raises
     SaverBusyError at once, with nothing started.
 
+    ``process_group``: under torch.distributed (by default the world group once initialised)
+    every rank stages and writes its own share and rank 0 commits when every rank's files are
+    durable (docs/distributed.md); constructing the saver is then a collective call.
+
     A context manager; ``close()`` (also at interpreter exit) finishes every pending save::
 
         with ckptproto.AsyncSaver(max_pending=2) as saver:
@@ -147,6 +152,7 @@ class AsyncSaver:
         *,
         when_full: WhenFull = "block",
         pool: StagingPool | None = None,
+        process_group: Any = None,
     ) -> None:
         if not isinstance(max_pending, int) or isinstance(max_pending, bool) or max_pending < 1:
             raise ValueError(f"max_pending must be an int >= 1, got {max_pending!r}")
@@ -158,6 +164,9 @@ class AsyncSaver:
         self.staging: StagingMode = staging
         self.when_full: WhenFull = when_full
         self.pool = pool if pool is not None else StagingPool()
+        # Under torch.distributed every rank stages and writes its share; the commit waits for
+        # every rank's files (docs/distributed.md). Created here: it is a collective call.
+        self._control = distributed.async_control(process_group)
         self._cond = threading.Condition()
         self._inflight: set[SaveFuture] = set()  # holding a slot (counts against max_pending)
         self._unfinished: set[SaveFuture] = set()  # not yet done (what wait() waits for)
@@ -193,6 +202,10 @@ class AsyncSaver:
         future.set_running_or_notify_cancel()  # accepted saves cannot be cancelled
         self._reserve(future)
         job = _Job(future, encoded, metadata_tree, overwrite, staging.Ready())
+        if self._control is not None:
+            # Stage only what this rank writes; the global layout travels with the job.
+            job.share = distributed.plan_share(encoded, self._control.rank, self._control.size)
+            job.encoded = EncodedState(encoded.tree, job.share.leaves)
         try:
             self._ensure_threads()
             job.ready = staging.capture_ready(encoded.tensors)
@@ -296,13 +309,23 @@ class AsyncSaver:
             try:
                 assert job.staged is not None
                 with _gc.paused():
-                    info = sync.write_checkpoint(
-                        job.future.path,
-                        job.encoded,
-                        job.metadata_tree,
-                        job.staged.views,
-                        overwrite=job.overwrite,
-                    )
+                    if job.share is not None and self._control is not None:
+                        info = distributed.run_protocol(
+                            job.future.path,
+                            job.share,
+                            job.metadata_tree,
+                            job.staged.views,
+                            self._control,
+                            overwrite=job.overwrite,
+                        )
+                    else:
+                        info = sync.write_checkpoint(
+                            job.future.path,
+                            job.encoded,
+                            job.metadata_tree,
+                            job.staged.views,
+                            overwrite=job.overwrite,
+                        )
             except BaseException as exc:
                 self._complete(job, None, exc)
             else:

@@ -33,7 +33,7 @@ import json
 import re
 import sys
 from collections.abc import Mapping, MutableMapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -53,7 +53,7 @@ from ckptproto.format.manifest import Chunk, FileEntry, Manifest, TensorEntry
 from ckptproto.io import commit, reader, sync, writer
 from ckptproto.io.plan import Piece, plan_file, unique_keys
 from ckptproto.protocol import Stateful
-from ckptproto.tree import EncodedState, decode_tree, encode_state
+from ckptproto.tree import EncodedState, TensorLeaf, decode_tree, encode_state
 
 LOCAL = "local"
 """``process_group=LOCAL``: this process alone, even when torch.distributed is initialised."""
@@ -133,6 +133,22 @@ def _missing_ranks(text: str, me: int) -> list[int]:
     return sorted({int(r) for r in re.findall(r"\d+", found.group(1))} - {me})
 
 
+def async_control(process_group: Any, timeout: timedelta | float | None = None) -> _Control | None:
+    """The exchanges of an AsyncSaver's background saves, on a gloo group of their own (the
+    training loop's collectives run on the caller's group from another thread, and two threads
+    must never interleave collectives on one group). None outside torch.distributed. Creating
+    it is collective: every rank of the group constructs its AsyncSaver at the same point."""
+    group = resolve_group(process_group)
+    if group is None:
+        return None
+    import torch.distributed as dist
+
+    own = dist.new_group(
+        sorted(dist.get_process_group_ranks(group)), backend="gloo", use_local_synchronization=True
+    )
+    return _Control(own, timeout)
+
+
 def _failure(exc: BaseException) -> dict[str, Any]:
     return {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
 
@@ -174,23 +190,26 @@ def assign_writers(encoded: EncodedState, world_size: int) -> list[int | None]:
 
 
 @dataclass
-class _Share:
-    """What one rank writes: pieces with their byte sources, and the owners of those bytes."""
+class ShareJob:
+    """One rank's part of a distributed save, planned before any byte is copied: the global
+    layout (``encoded``, tensor values dropped), and the ``pieces`` this rank writes with
+    ``leaves`` holding their values (plain tensors: what to stage or write)."""
 
+    encoded: EncodedState
+    digest: str
     pieces: list[Piece]
-    sources: list[memoryview]
-    owners: list[Any]
+    leaves: list[TensorLeaf]
+    tensor_index: list[int]  # per piece: its tensor in ``encoded``
 
 
-def _host(value: Any) -> tuple[memoryview, Any]:
-    if not isinstance(value, np.ndarray) and value.device.type != "cpu":
-        value = value.detach().cpu()
-    return arrays.host_bytes(value)
-
-
-def _my_share(encoded: EncodedState, owners: list[int | None], rank: int) -> _Share:
+def plan_share(encoded: EncodedState, rank: int, world_size: int) -> ShareJob:
+    """What ``rank`` writes of ``encoded``: its DTensor shards (unless another rank writes a
+    replica of them) and the plain tensors :func:`assign_writers` gives it."""
+    owners = assign_writers(encoded, world_size)
     keys = unique_keys([t.path for t in encoded.tensors])
-    share = _Share([], [], [])
+    pieces: list[Piece] = []
+    leaves: list[TensorLeaf] = []
+    index: list[int] = []
     for i, (leaf, key) in enumerate(zip(encoded.tensors, keys, strict=True)):
         shard = leaf.shard
         if shard is None:
@@ -211,11 +230,17 @@ def _my_share(encoded: EncodedState, owners: list[int | None], rank: int) -> _Sh
                 continue  # a replica of a shard another rank writes, or an empty uneven shard
             value, offsets = shard.local, shard.offsets
             spec = ArraySpec(leaf.spec.kind, leaf.spec.dtype, shard.shape)
-        view, owner = _host(value)
-        share.pieces.append(Piece(len(share.sources), key, spec, offsets))
-        share.sources.append(view)
-        share.owners.append((i, owner))
-    return share
+        pieces.append(Piece(len(leaves), key, spec, offsets))
+        leaves.append(TensorLeaf(value, spec, leaf.path))
+        index.append(i)
+    layout_only = EncodedState(encoded.tree, [replace(t, value=None, shard=None) for t in encoded.tensors])
+    return ShareJob(layout_only, _layout_digest(encoded), pieces, leaves, index)
+
+
+def _host(value: Any) -> tuple[memoryview, Any]:
+    if not isinstance(value, np.ndarray) and value.device.type != "cpu":
+        value = value.detach().cpu()
+    return arrays.host_bytes(value)
 
 
 @_gc.paused()
@@ -242,21 +267,50 @@ def save(
     if group is None:
         return sync.save(state_or_stateful, path, metadata=metadata, overwrite=overwrite, process_group=LOCAL)
     ctl = _Control(group, timeout)
-    final = Path(path)
-    where = f"saving {final}"
-    temp: Path | None = None
     local: BaseException | None = None
-    encoded: EncodedState | None = None
+    job: ShareJob | None = None
     metadata_tree: Any = None
+    sources: list[memoryview] = []
+    owners = []  # keeps contiguous/CPU copies alive until written
     try:
         state = sync._resolve_statefuls(protocol.state_of(state_or_stateful))
         encoded = encode_state(state)
         metadata_tree = sync.encode_metadata(metadata, state)
-        if ctl.rank == 0:
-            temp = commit.begin(final, overwrite=overwrite)
-        mine: dict[str, Any] = {"ok": True, "digest": _layout_digest(encoded), "temp": str(temp)}
+        job = plan_share(encoded, ctl.rank, ctl.size)
+        for leaf in job.leaves:
+            view, owner = _host(leaf.value)
+            sources.append(view)
+            owners.append(owner)
     except Exception as exc:
-        local, mine = exc, _failure(exc)
+        local = exc
+    return run_protocol(Path(path), job, metadata_tree, sources, ctl, overwrite=overwrite, failed=local)
+
+
+def run_protocol(
+    final: Path,
+    job: ShareJob | None,
+    metadata_tree: Any,
+    sources: list[memoryview],
+    ctl: _Control,
+    *,
+    overwrite: bool,
+    failed: BaseException | None = None,
+) -> CheckpointInfo:
+    """The collective part of a save, on every rank: ``sources[i]`` holds the bytes of
+    ``job.pieces[i]`` (live tensors, or staged copies for an async save). ``failed``: this rank
+    already failed (``job`` is then None) and reports it to the others."""
+    where = f"saving {final}"
+    temp: Path | None = None
+    local = failed
+    mine: dict[str, Any] = _failure(failed) if failed is not None else {}
+    if failed is None:
+        try:
+            if ctl.rank == 0:
+                temp = commit.begin(final, overwrite=overwrite)
+            assert job is not None
+            mine = {"ok": True, "digest": job.digest, "temp": str(temp)}
+        except Exception as exc:
+            local, mine = exc, _failure(exc)
     try:
         answers = ctl.exchange(mine, where)
         _check(answers, where, local, _NOT_COMMITTED)
@@ -267,17 +321,17 @@ def save(
                 "(paths, dtypes or global shapes) than rank 0's; every rank must save the same state",
                 failed_ranks={r: "state differs from rank 0's" for r in differ},
             )
-        assert encoded is not None
+        assert job is not None
         temp = Path(answers[0]["temp"])
         try:
-            mine = {"ok": True, **_write_share(temp, encoded, ctl)}
+            mine = {"ok": True, **_write_share(temp, job, sources, ctl.rank)}
         except Exception as exc:
             local, mine = exc, _failure(exc)
         answers = ctl.exchange(mine, where)
         _check(answers, where, local, _NOT_COMMITTED)
         if ctl.rank == 0:
             try:
-                manifest = _commit(final, temp, encoded, metadata_tree, answers, ctl.size)
+                manifest = _commit(final, temp, job.encoded, metadata_tree, answers, ctl.size)
                 mine = {"ok": True, "manifest": _summary(manifest)}
             except Exception as exc:
                 local, mine = exc, _failure(exc)
@@ -295,16 +349,15 @@ def save(
     return CheckpointInfo.from_manifest(final, manifest, sync._decode_metadata(manifest, final))
 
 
-def _write_share(temp: Path, encoded: EncodedState, ctl: _Control) -> dict[str, Any]:
-    share = _my_share(encoded, assign_writers(encoded, ctl.size), ctl.rank)
-    if not share.pieces:
+def _write_share(temp: Path, job: ShareJob, sources: list[memoryview], rank: int) -> dict[str, Any]:
+    if not job.pieces:
         return {"file": None, "chunks": []}
-    file_plan = plan_file(layout.data_file_name(ctl.rank), ctl.rank, share.pieces)
-    entry = writer.write_file(temp, file_plan, share.sources)
+    file_plan = plan_file(layout.data_file_name(rank), rank, job.pieces)
+    entry = writer.write_file(temp, file_plan, sources)
     return {
         "file": [file_plan.name, entry.size, entry.checksum],
         "chunks": [
-            [share.owners[p.source][0], p.key, list(p.offsets), list(p.spec.shape)] for p in share.pieces
+            [job.tensor_index[p.source], p.key, list(p.offsets), list(p.spec.shape)] for p in job.pieces
         ],
     }
 
