@@ -53,7 +53,8 @@ def describe(value: Any) -> tuple[ArraySpec, LocalShard] | str:
         # tensor: both would need more than "one chunk per rank".
         if type(placement) is not Shard and type(placement) is not Replicate:
             return (
-                f"DTensor placement {placement} is not supported (only Shard(dim) and Replicate); "
+                f"DTensor placement {type(placement).__name__} ({placement}) is not supported "
+                "(only Shard(dim) and Replicate); "
                 "redistribute() it to Shard/Replicate placements first"
             )
     coordinate = mesh.get_coordinate()

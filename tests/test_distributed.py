@@ -327,6 +327,26 @@ def scenario_fsdp(rank: int, world: int, tmp: Path) -> dict[str, Any]:
     else:
         raise AssertionError("states of different shapes should not save")
     assert not (tmp / "c").exists()
+    # Every rank must save to the same path (a policy layer choosing names per rank would
+    # otherwise split one checkpoint in two).
+    try:
+        ckptproto.save({"x": torch.zeros(2)}, tmp / f"per-rank-{rank}")
+    except ckptproto.DistributedCheckpointError as exc:
+        assert list(exc.failed_ranks) == [1] and "same path" in str(exc), str(exc)
+    else:
+        raise AssertionError("saves to different paths should fail")
+    # Partial placements are refused on every rank, naming the state path.
+    from torch.distributed.tensor import DTensor, Partial
+
+    partial = DTensor.from_local(torch.ones(2), model[0].weight.device_mesh, [Partial()])
+    try:
+        ckptproto.save({"grad": {"sum": partial}}, tmp / "partial")
+    except ckptproto.DistributedCheckpointError as exc:
+        assert sorted(exc.failed_ranks) == [0, 1] and "grad.sum" in str(exc) and "Partial" in str(exc), str(
+            exc
+        )
+    else:
+        raise AssertionError("a Partial DTensor should not save")
     # A damaged data file fails the load on every rank, naming the rank that found it.
     if rank == 0:
         shutil.copytree(tmp / "a", tmp / "damaged")

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import sys
 from collections.abc import Mapping, MutableMapping
@@ -308,7 +309,7 @@ def run_protocol(
             if ctl.rank == 0:
                 temp = commit.begin(final, overwrite=overwrite)
             assert job is not None
-            mine = {"ok": True, "digest": job.digest, "temp": str(temp)}
+            mine = {"ok": True, "digest": job.digest, "temp": str(temp), "path": os.path.abspath(final)}
         except Exception as exc:
             local, mine = exc, _failure(exc)
     try:
@@ -320,6 +321,14 @@ def run_protocol(
                 f"{where}: the state of rank {', '.join(map(str, differ))} holds different tensors "
                 "(paths, dtypes or global shapes) than rank 0's; every rank must save the same state",
                 failed_ranks={r: "state differs from rank 0's" for r in differ},
+            )
+        elsewhere = [r for r, a in enumerate(answers) if a["path"] != answers[0]["path"]]
+        if elsewhere:
+            raise DistributedCheckpointError(
+                f"{where}: rank {', '.join(map(str, elsewhere))} saves to "
+                f"{answers[elsewhere[0]]['path']}, rank 0 to {answers[0]['path']}; every rank "
+                "must pass the same path",
+                failed_ranks={r: f"saves to {answers[r]['path']}" for r in elsewhere},
             )
         assert job is not None
         temp = Path(answers[0]["temp"])
