@@ -25,7 +25,13 @@ def free_port() -> int:
 
 
 def _worker(
-    fn: Callable[..., Any], rank: int, world_size: int, port: int, tmp: str, args: tuple[Any, ...]
+    fn: Callable[..., Any],
+    rank: int,
+    world_size: int,
+    port: int,
+    tmp: str,
+    args: tuple[Any, ...],
+    backend: str = "gloo",
 ) -> None:
     os.environ["OMP_NUM_THREADS"] = "1"
     import torch
@@ -36,7 +42,7 @@ def _worker(
     teardown = True
     try:
         dist.init_process_group(
-            "gloo",
+            backend,
             init_method=f"tcp://127.0.0.1:{port}",
             rank=rank,
             world_size=world_size,
@@ -55,6 +61,18 @@ def _worker(
     os._exit(0)
 
 
+_PRELOAD = ["torch", "torch.distributed", "torch.distributed.tensor", "torch.distributed.fsdp", "ckptproto"]
+
+
+def _context() -> Any:
+    """A forkserver: torch is imported once, in a process that never ran a torch op (so no
+    OpenMP threads exist to be broken by fork), and every rank forks from it; starting ranks
+    as fresh interpreters (spawn) costs seconds each on a busy 2-core machine."""
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(_PRELOAD)
+    return ctx
+
+
 def run_ranks(
     fn: Callable[..., Any],
     world_size: int,
@@ -62,13 +80,14 @@ def run_ranks(
     *args: Any,
     timeout: float = 150,
     killed: frozenset[int] = frozenset(),
+    backend: str = "gloo",
 ) -> dict[int, Any]:
     """Run ``fn`` on ``world_size`` ranks; returns each surviving rank's result. Fails with every
     rank's traceback if a rank raised, hung past ``timeout`` or died (unless listed in ``killed``)."""
-    ctx = multiprocessing.get_context("spawn")
+    ctx = _context()
     port = free_port()
     procs = [
-        ctx.Process(target=_worker, args=(fn, r, world_size, port, str(tmp), args), daemon=True)
+        ctx.Process(target=_worker, args=(fn, r, world_size, port, str(tmp), args, backend), daemon=True)
         for r in range(world_size)
     ]
     for p in procs:
