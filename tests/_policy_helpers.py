@@ -9,7 +9,7 @@ import torch
 from torchdata.stateful_dataloader import StatefulDataLoader
 from torchdata.stateful_dataloader.sampler import RandomSampler
 
-from ckptproto import CallbackCollection, Callback, TrainState
+from ckptproto import Callback, CallbackCollection, TrainState
 
 
 class MyTrainer(TrainState):
@@ -80,13 +80,18 @@ class MyTrainer(TrainState):
                     cbs.post_train_step({"loss": loss.item()}, batch_idx)
                     if self.step_hook is not None:
                         self.step_hook(self)
-                    if cbs.should_stop or (self.stop_after_steps is not None and self.global_step >= self.stop_after_steps):
-                        return
-                self.current_epoch += 1
-                cbs.post_train_epoch()
-                if self.val_metrics is not None:
-                    cbs.pre_validation_epoch()
-                    cbs.post_validation_epoch(self.val_metrics(self.current_epoch))
+                    if cbs.should_stop or (
+                        self.stop_after_steps is not None and self.global_step >= self.stop_after_steps
+                    ):
+                        break
+                else:
+                    self.current_epoch += 1
+                    cbs.post_train_epoch()
+                    if self.val_metrics is not None:
+                        cbs.pre_validation_epoch()
+                        cbs.post_validation_epoch(self.val_metrics(self.current_epoch))
+                    continue
+                break
         except BaseException as exc:
             cbs.on_exception(exc)
             raise

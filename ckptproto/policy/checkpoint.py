@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 import signal
@@ -21,6 +22,7 @@ from ckptproto.policy.callbacks import Callback, TrainerLike
 from ckptproto.policy.discovery import is_finite, order, scan
 from ckptproto.policy.params import CheckpointParameters
 from ckptproto.policy.retention import Kept, applies_retention, delete_checkpoint, owned_by, select_kept
+from ckptproto.protocol import CALLBACKS, TRAINER
 
 logger = logging.getLogger("ckptproto.policy")
 
@@ -39,6 +41,33 @@ def _as_float(value: Any) -> float | None:
         out = item()
         return float(out) if isinstance(out, (int, float)) and not isinstance(out, bool) else None
     return None
+
+
+class _RestoreTarget:
+    """The trainer as ``load_into`` sees it when resuming: callback states are plain values and
+    matched by the callbacks themselves, so a callback added since the checkpoint was written
+    (state missing from it) does not make a strict resume fail."""
+
+    def __init__(self, trainer: TrainerLike, strict: bool) -> None:
+        self.trainer, self.strict = trainer, strict
+
+    def state_dict(self) -> dict[str, Any]:
+        state = dict(self.trainer.state_dict())
+        section = state.get(TRAINER)
+        if isinstance(section, Mapping):
+            state[TRAINER] = {k: v for k, v in section.items() if k != CALLBACKS}
+        return state
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], /) -> None:
+        load = self.trainer.load_state_dict
+        try:
+            takes_strict = "strict" in inspect.signature(load).parameters
+        except (TypeError, ValueError):
+            takes_strict = False
+        if takes_strict:
+            load(state_dict, strict=self.strict)  # type: ignore[call-arg]
+        else:
+            load(state_dict)
 
 
 class CheckpointCallback(Callback[TrainerLike]):
@@ -286,7 +315,9 @@ class CheckpointCallback(Callback[TrainerLike]):
 
     def load(self, path: str | Path) -> CheckpointInfo:
         """Restore the trainer (and this callback's state) from the checkpoint at ``path``."""
-        info = load_into(path, self.trainer, strict=self.config.strict_load)
+        info = load_into(
+            path, _RestoreTarget(self.trainer, self.config.strict_load), strict=self.config.strict_load
+        )
         self.resumed_from = Path(path)
         self._adopt()
         logger.info("resumed from %s (step %s, epoch %s)", path, info.step, info.epoch)
