@@ -176,10 +176,10 @@ def main() -> int:
             _echo(raw.rstrip())
         status = child.wait()
         _ls(root)
-        print(
-            "4. "
-            + ("OK: killed, resumed, and bitwise equal to the uninterrupted run" if status == 0 else "FAILED")
+        verdict = (
+            "OK: killed, resumed, and bitwise equal to the uninterrupted run" if status == 0 else "FAILED"
         )
+        print(f"4. {verdict} ({time.monotonic() - started:.1f} s)")
         return 0 if status == 0 else 1
 
 
