@@ -29,6 +29,7 @@ Non-tensor values (steps, hyperparameters) are taken from rank 0's state.
 from __future__ import annotations
 
 import hashlib
+import heapq
 import json
 import os
 import re
@@ -181,12 +182,12 @@ def assign_writers(encoded: EncodedState, world_size: int) -> list[int | None]:
     written by its own rank). Largest first onto the least loaded rank: the same answer on
     every rank, and the bytes spread evenly."""
     owners: list[int | None] = [None] * len(encoded.tensors)
-    loads = [0] * world_size
+    loads = [(0, r) for r in range(world_size)]  # a heap of (bytes so far, rank)
     plain = [i for i, leaf in enumerate(encoded.tensors) if leaf.shard is None]
     for i in sorted(plain, key=lambda i: (-encoded.tensors[i].spec.nbytes, i)):
-        rank = min(range(world_size), key=lambda r: (loads[r], r))
+        load, rank = heapq.heappop(loads)
         owners[i] = rank
-        loads[rank] += encoded.tensors[i].spec.nbytes
+        heapq.heappush(loads, (load + encoded.tensors[i].spec.nbytes, rank))
     return owners
 
 
