@@ -212,7 +212,7 @@ def _decode_tagged(
         return resolve(tag[1:], payload, path)
     if tag == "$int":
         if not isinstance(payload, str) or len(payload) > MAX_INT_CHARS or not _INT_TEXT.fullmatch(payload):
-            raise CheckpointFormatError(f"{where}: bad $int {payload[:40]!r} at {at}")
+            raise CheckpointFormatError(f"{where}: bad $int {repr(payload)[:40]} at {at}")
         return int(payload) if len(payload) < _FAST_INT_CHARS else int(decimal.Decimal(payload))
     if tag == "$float":
         if payload not in ("nan", "inf", "-inf"):

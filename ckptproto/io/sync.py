@@ -181,6 +181,7 @@ def load(
     with reader.OpenCheckpoint(root) as ckpt:
         where = str(root / layout.MANIFEST_NAME)
         kinds = reader.tensor_kinds(ckpt.manifest, where)
+        _decode_metadata(ckpt.manifest, root)  # the manifest is refused whole, not in part
         values = reader.materialize(
             ckpt, kinds, use_mmap=mmap, verify=(not mmap) if verify is None else verify
         )
@@ -412,9 +413,13 @@ def verify(path: PathLike) -> CheckpointInfo:
         try:
             with reader.OpenCheckpoint(root, manifest) as ckpt:
                 reader.tensor_kinds(manifest, str(root / layout.MANIFEST_NAME))
-                decode_tree(
+                state = decode_tree(
                     manifest.state, lambda kind, index, p: None, where=str(root / layout.MANIFEST_NAME)
                 )
+                if not isinstance(state, dict):
+                    raise CheckpointFormatError(
+                        f"{root / layout.MANIFEST_NAME}: the state must be an object at the top level"
+                    )
         except CheckpointError as exc:
             problems.append(str(exc))
     if problems:
