@@ -43,6 +43,7 @@ ROOT = Path(__file__).resolve().parent.parent
 SPEC = ROOT / "spec"
 SCHEMA = json.loads((SPEC / "manifest.schema.json").read_text())
 DATA = "data-00000-000.safetensors"
+pytestmark = pytest.mark.filterwarnings("ignore:ComplexHalf support is experimental")
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,200}\.safetensors")
 
 
@@ -545,6 +546,8 @@ def test_F17_tagged_objects(tmp_path: Path) -> None:
         {"$float": "1e5"},
         {"$bytes": "not base64!"},
         {"$bytes": "AAA"},
+        {"$bytes": "AAAA!"},
+        {"$bytes": "A-B_"},
         {"$bytes": 7},
         {"$tuple": {"a": 1}},
         {"$dict": {"a": 1}},
