@@ -225,6 +225,7 @@ def load_into(
         raise StateMismatchError(f"load_into needs a Stateful or a dict, got {type(target).__qualname__}")
     with reader.OpenCheckpoint(root) as ckpt:
         where = str(root / layout.MANIFEST_NAME)
+        metadata = _decode_metadata(ckpt.manifest, root)  # refuse a bad manifest before writing
         kinds = reader.tensor_kinds(ckpt.manifest, where)
         refs: dict[int, _Ref] = {}
         skeleton = decode_tree(
@@ -257,7 +258,7 @@ def load_into(
         _call_load_state_dict(target, state, strict)  # type: ignore[arg-type]
     else:
         _assign(target, state, strict)
-    return CheckpointInfo.from_manifest(root, manifest, _decode_metadata(manifest, root))
+    return CheckpointInfo.from_manifest(root, manifest, metadata)
 
 
 def _copy_into(dst: Any, src: Any) -> None:
