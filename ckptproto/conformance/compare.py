@@ -108,10 +108,12 @@ def compare_arrays(expected: Any, got: Any, path: str, *, rtol: float, atol: flo
     first = tuple(int(i) for i in bad[0])
     at = list(first) if array_spec(expected).shape else []
     tol = f" (rtol={rtol}, atol={atol})" if tolerant else " (bitwise)"
+    whole = e_spec.dtype.name.startswith(("int", "uint", "bool"))
+    show: Any = int if whole else float
     return Difference(
         path,
-        f"{what} with {at} = {e64[first]!r}{tol}",
-        f"{g64[first]!r}; {len(bad)} of {e64.size} elements differ",
+        f"{what} with {at} = {show(e64[first])!r}{tol}",
+        f"{show(g64[first])!r}; {len(bad)} of {e64.size} elements differ",
     )
 
 

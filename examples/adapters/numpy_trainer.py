@@ -179,11 +179,12 @@ class NumpyAdapter:
             trainer.step()
 
     def fingerprint(self, trainer: NumpyTrainer) -> dict[str, Any]:
+        # Most telling keys first: a report lists differences in this order.
         return {
-            "params": {k: v.copy() for k, v in trainer.params.items()},
-            "last_loss": trainer.last_loss,
+            "global_step": trainer.global_step,
             "lr": trainer.lr,
             "next_batch": trainer.loader.peek(),
             "dropout_rng": trainer.dropout_rng.bit_generator.state,
-            "global_step": trainer.global_step,
+            "last_loss": trainer.last_loss,
+            "params": {k: v.copy() for k, v in trainer.params.items()},
         }
