@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import warnings
 from collections import OrderedDict
 from collections.abc import Mapping
 from pathlib import Path
@@ -109,7 +110,9 @@ def check_decoded(name: str) -> list[Difference]:
     if needs_torch(name) and importlib.util.find_spec("torch") is None:
         raise NeedsTorch(f"golden checkpoint {name} holds torch tensors; install torch to decode it")
     want = expected()["checkpoints"][name]
-    state = sync.load(path(name))
+    with warnings.catch_warnings():  # torch warns that complex32 is experimental
+        warnings.simplefilter("ignore", UserWarning)
+        state = sync.load(path(name))
     got = flatten(state)
     problems = []
     for key in want["state"]:

@@ -87,6 +87,7 @@ def render_table(report: Report) -> str:
     lines.append(f"{'#':>2}  {'check':<{width}}  {'result':<6}  {'time':>6}  summary")
     for r in report.results:
         first = r.summary.splitlines()[0] if r.summary else ""
+        first = first if len(first) <= 100 or r.status != "fail" else first[:97] + "..."
         lines.append(f"{r.number:>2}  {r.name:<{width}}  {r.status.upper():<6}  {r.seconds:>5.1f}s  {first}")
     failed = [r for r in report.results if r.status == "fail"]
     for r in failed:
