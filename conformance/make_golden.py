@@ -105,7 +105,12 @@ def torch_dtypes() -> tuple[dict[str, Any], dict[str, Any]]:
     state = {
         "trainer": {"global_step": 40, "current_epoch": 1},
         "models": {"model": {"weight": weight, "tied_weight": weight, "bias": torch.tensor([0.5, -1.0])}},
-        "optimizers": {"optimizer": {"state": {0: {"step": torch.tensor(40.0)}}, "param_groups": [{"lr": 1e-3, "betas": (0.9, 0.999), "params": [0]}]}},
+        "optimizers": {
+            "optimizer": {
+                "state": {0: {"step": torch.tensor(40.0)}},
+                "param_groups": [{"lr": 1e-3, "betas": (0.9, 0.999), "params": [0]}],
+            }
+        },
         "dtypes": tensors,
         "scalar": torch.tensor(2.5, dtype=torch.float64),
         "empty": torch.zeros(0, 2, dtype=torch.bfloat16),
@@ -125,7 +130,14 @@ def write_whole(out: Path, state: dict[str, Any], metadata: dict[str, Any]) -> N
     entry = writer.write_file(temp, plan, [view for view, _owner in sources])
     chunks = plan.chunks()
     tensors = [TensorEntry(t.spec.dtype, t.spec.shape, (chunks[i],)) for i, t in enumerate(encoded.tensors)]
-    manifest = Manifest(encoded.tree, tensors, {plan.name: entry}, sync.encode_metadata(metadata, state), CREATED, writer=sync.WRITER)
+    manifest = Manifest(
+        encoded.tree,
+        tensors,
+        {plan.name: entry},
+        sync.encode_metadata(metadata, state),
+        CREATED,
+        writer=sync.WRITER,
+    )
     writer.write_small_file(temp, layout.MANIFEST_NAME, manifest.to_json())
     commit.finish(temp, out)
 
@@ -140,9 +152,15 @@ def sharded(out: Path) -> dict[str, Any]:
     # (tensor index, offsets, shape, file)
     f0, f1, f2 = layout.data_file_name(0, 0), layout.data_file_name(0, 1), layout.data_file_name(1, 0)
     boxes = [
-        (0, (0, 0), (2, 3), f0), (0, (0, 3), (2, 3), f2), (0, (2, 0), (2, 3), f1), (0, (2, 3), (2, 3), f2),
-        (1, (0,), (3,), f0), (1, (3,), (5,), f2), (1, (8,), (2,), f1),
-        (2, (0, 0), (3, 1), f0), (2, (0, 1), (3, 3), f2),
+        (0, (0, 0), (2, 3), f0),
+        (0, (0, 3), (2, 3), f2),
+        (0, (2, 0), (2, 3), f1),
+        (0, (2, 3), (2, 3), f2),
+        (1, (0,), (3,), f0),
+        (1, (3,), (5,), f2),
+        (1, (8,), (2,), f1),
+        (2, (0, 0), (3, 1), f0),
+        (2, (0, 1), (3, 3), f2),
         (3, (0,), (3,), f2),
     ]
     values = [grid, ramp, bf16, whole]
@@ -159,7 +177,9 @@ def sharded(out: Path) -> dict[str, Any]:
         part = values[index][box]
         part = part.contiguous() if isinstance(part, torch.Tensor) else np.ascontiguousarray(part)
         spec = ArraySpec(encoded.tensors[index].spec.kind, encoded.tensors[index].spec.dtype, shape)
-        per_file[name].append((index, Piece(len(per_file[name]), f"{encoded.tensors[index].path}@{n}", spec, offsets), part))
+        per_file[name].append(
+            (index, Piece(len(per_file[name]), f"{encoded.tensors[index].path}@{n}", spec, offsets), part)
+        )
     temp = commit.begin(out, overwrite=True)
     files: dict[str, FileEntry] = {}
     chunks: dict[int, list[Chunk]] = {i: [] for i in range(len(values))}
@@ -170,8 +190,18 @@ def sharded(out: Path) -> dict[str, Any]:
         placed = plan.chunks()
         for i, piece, _v in items:
             chunks[i].append(placed[piece.source])
-    tensors = [TensorEntry(t.spec.dtype, t.spec.shape, tuple(chunks[i])) for i, t in enumerate(encoded.tensors)]
-    manifest = Manifest(encoded.tree, tensors, files, sync.encode_metadata({}, state), CREATED, world_size=2, writer=sync.WRITER)
+    tensors = [
+        TensorEntry(t.spec.dtype, t.spec.shape, tuple(chunks[i])) for i, t in enumerate(encoded.tensors)
+    ]
+    manifest = Manifest(
+        encoded.tree,
+        tensors,
+        files,
+        sync.encode_metadata({}, state),
+        CREATED,
+        world_size=2,
+        writer=sync.WRITER,
+    )
     writer.write_small_file(temp, layout.MANIFEST_NAME, manifest.to_json())
     commit.finish(temp, out)
     return state
@@ -196,11 +226,23 @@ def main(out: Path) -> None:
         write_whole(out / name, state, metadata)
         step, epoch = state["trainer"]["global_step"], state["trainer"]["current_epoch"]
         decoded = sync.load(out / name)  # tensors come back contiguous, little-endian
-        expected["checkpoints"][name] = {"description": notes[name], "step": step, "epoch": epoch, "state": golden.flatten(decoded)}
+        expected["checkpoints"][name] = {
+            "description": notes[name],
+            "step": step,
+            "epoch": epoch,
+            "state": golden.flatten(decoded),
+        }
         _check_same(state, decoded, name)
     state = sharded(out / "sharded")
-    expected["checkpoints"]["sharded"] = {"description": notes["sharded"], "step": 5, "epoch": 0, "state": golden.flatten(state)}
-    (out / golden.EXPECTED_NAME).write_text(json.dumps(expected, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    expected["checkpoints"]["sharded"] = {
+        "description": notes["sharded"],
+        "step": 5,
+        "epoch": 0,
+        "state": golden.flatten(state),
+    }
+    (out / golden.EXPECTED_NAME).write_text(
+        json.dumps(expected, indent=1, ensure_ascii=False) + "\n", encoding="utf-8"
+    )
 
 
 def _check_same(original: Any, decoded: Any, name: str) -> None:

@@ -24,7 +24,9 @@ def _merge(current: Mapping[str, Any], incoming: Mapping[str, Any]) -> dict[str,
     merged = dict(current)
     for k, v in incoming.items():
         if k in current:
-            merged[k] = _merge(current[k], v) if isinstance(current[k], Mapping) and isinstance(v, Mapping) else v
+            merged[k] = (
+                _merge(current[k], v) if isinstance(current[k], Mapping) and isinstance(v, Mapping) else v
+            )
     return merged
 
 
@@ -125,7 +127,9 @@ class AliasingTrainer(NumpyTrainer):
 
 
 def _adapter(trainer: type[NumpyTrainer]) -> type[NumpyAdapter]:
-    return type(f"{trainer.__name__}Adapter", (NumpyAdapter,), {"trainer_class": trainer, "__module__": __name__})
+    return type(
+        f"{trainer.__name__}Adapter", (NumpyAdapter,), {"trainer_class": trainer, "__module__": __name__}
+    )
 
 
 ForgetsRng = _adapter(ForgetsRngTrainer)

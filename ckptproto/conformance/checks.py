@@ -23,7 +23,7 @@ from ckptproto.conformance.adapter import Capabilities, TrainerAdapter
 from ckptproto.conformance.compare import Difference, compare_trees, describe_array, is_array
 from ckptproto.errors import UnsupportedValueError
 from ckptproto.io import sync
-from ckptproto.tree import encode_state, join_path
+from ckptproto.tree import encode_state
 
 SUBPROCESS_TIMEOUT_S = 300.0
 
@@ -184,7 +184,11 @@ def legal_state(ctx: Context) -> str:
         except UnsupportedValueError as exc:
             raise CheckFailed(
                 f"state_dict() of {label} holds an illegal value at {exc.path or '<root>'}: {exc}",
-                [Difference(exc.path, "a legal leaf (tensor, ndarray, None/bool/int/float/str/bytes)", str(exc))],
+                [
+                    Difference(
+                        exc.path, "a legal leaf (tensor, ndarray, None/bool/int/float/str/bytes)", str(exc)
+                    )
+                ],
             ) from None
     return f"{len(encoded.tensors)} tensors, every leaf legal"
 
@@ -269,7 +273,9 @@ def _child(ctx: Context, *args: str) -> None:
             command, env=env, capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT_S, check=False
         )
     except subprocess.TimeoutExpired:
-        raise CheckFailed(f"subprocess {' '.join(args[:2])} did not finish in {SUBPROCESS_TIMEOUT_S:.0f}s") from None
+        raise CheckFailed(
+            f"subprocess {' '.join(args[:2])} did not finish in {SUBPROCESS_TIMEOUT_S:.0f}s"
+        ) from None
     if done.returncode != 0:
         tail = (done.stderr or done.stdout).strip().splitlines()[-8:]
         raise CheckFailed(f"subprocess '{args[0]}' failed (exit {done.returncode}):\n  " + "\n  ".join(tail))
@@ -401,14 +407,18 @@ def trainer_metadata(ctx: Context) -> str:
     def progress(when: str) -> tuple[int, int]:
         section = _state(trainer).get(protocol.TRAINER)
         if not isinstance(section, Mapping):
-            raise CheckFailed(f"state_dict() of {when} has no 'trainer' section",
-                              [Difference("trainer", "a dict with global_step and current_epoch", repr(section))])
+            raise CheckFailed(
+                f"state_dict() of {when} has no 'trainer' section",
+                [Difference("trainer", "a dict with global_step and current_epoch", repr(section))],
+            )
         values = []
         for key in (protocol.GLOBAL_STEP, protocol.CURRENT_EPOCH):
             value = section.get(key)
             if type(value) is not int or value < 0:
-                raise CheckFailed(f"{when}: trainer.{key} must be a non-negative int, got {value!r}",
-                                  [Difference(f"trainer.{key}", "a non-negative int", repr(value))])
+                raise CheckFailed(
+                    f"{when}: trainer.{key} must be a non-negative int, got {value!r}",
+                    [Difference(f"trainer.{key}", "a non-negative int", repr(value))],
+                )
             values.append(value)
         return values[0], values[1]
 
@@ -416,24 +426,32 @@ def trainer_metadata(ctx: Context) -> str:
     ctx.train(trainer, ctx.n)
     step1, epoch1 = progress(f"the trainer after {ctx.n} steps")
     if step1 != step0 + ctx.n:
-        raise CheckFailed(f"trainer.global_step went from {step0} to {step1} over {ctx.n} optimizer steps",
-                          [Difference("trainer.global_step", str(step0 + ctx.n), str(step1))])
+        raise CheckFailed(
+            f"trainer.global_step went from {step0} to {step1} over {ctx.n} optimizer steps",
+            [Difference("trainer.global_step", str(step0 + ctx.n), str(step1))],
+        )
     if epoch1 < epoch0:
-        raise CheckFailed("trainer.current_epoch went backwards",
-                          [Difference("trainer.current_epoch", f">= {epoch0}", str(epoch1))])
+        raise CheckFailed(
+            "trainer.current_epoch went backwards",
+            [Difference("trainer.current_epoch", f">= {epoch0}", str(epoch1))],
+        )
     detail = ""
     per_epoch = ctx.caps.steps_per_epoch
     if per_epoch is not None:
         ctx.train(trainer, per_epoch)
         _step2, epoch2 = progress(f"the trainer after {ctx.n + per_epoch} steps")
         if epoch2 != epoch1 + 1:
-            raise CheckFailed(f"trainer.current_epoch went from {epoch1} to {epoch2} over one epoch "
-                              f"({per_epoch} steps)", [Difference("trainer.current_epoch", str(epoch1 + 1), str(epoch2))])
+            raise CheckFailed(
+                f"trainer.current_epoch went from {epoch1} to {epoch2} over one epoch ({per_epoch} steps)",
+                [Difference("trainer.current_epoch", str(epoch1 + 1), str(epoch2))],
+            )
         detail = f", current_epoch {epoch1} -> {epoch2} over one epoch"
     info = sync.read_info(ctx.checkpoint_at_n())
     if info.step != step0 + ctx.n:
-        raise CheckFailed("the checkpoint's metadata does not record the trainer's step",
-                          [Difference("metadata.step", str(step0 + ctx.n), repr(info.step))])
+        raise CheckFailed(
+            "the checkpoint's metadata does not record the trainer's step",
+            [Difference("metadata.step", str(step0 + ctx.n), repr(info.step))],
+        )
     return f"global_step {step0} -> {step1}{detail}"
 
 
@@ -484,7 +502,9 @@ CHECKS: tuple[Check, ...] = (
     Check(6, "async_resume", "async save while training resumes like a sync one", async_resume),
     Check(7, "strict_loading", "missing or unexpected keys are refused", strict_loading),
     Check(8, "repeated_load", "loading twice == once; no aliasing of loaded buffers", repeated_load),
-    Check(9, "trainer_metadata", "trainer.global_step / current_epoch present and advancing", trainer_metadata),
+    Check(
+        9, "trainer_metadata", "trainer.global_step / current_epoch present and advancing", trainer_metadata
+    ),
     Check(10, "format_conformance", "golden checkpoints decode; outputs validate", format_conformance),
 )
 CHECK_NAMES = tuple(c.name for c in CHECKS)

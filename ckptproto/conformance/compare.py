@@ -46,7 +46,9 @@ def array_spec(value: Any) -> arrays.ArraySpec:
     """The spec of a tensor/array; UnsupportedValueError for one the format cannot hold."""
     spec = arrays.try_spec(value)
     if spec is None:
-        raise UnsupportedValueError(f"{type(value).__qualname__} {getattr(value, 'dtype', '')} cannot be stored")
+        raise UnsupportedValueError(
+            f"{type(value).__qualname__} {getattr(value, 'dtype', '')} cannot be stored"
+        )
     return spec
 
 
@@ -91,8 +93,8 @@ def compare_arrays(expected: Any, got: Any, path: str, *, rtol: float, atol: flo
     what = describe_array(expected)
     e64, g64 = _as_float64(expected), _as_float64(got)
     if e64 is None or g64 is None:
-        first = next(i for i, (a, b) in enumerate(zip(e_raw, g_raw, strict=True)) if a != b)
-        return Difference(path, f"{what} with byte {first} = {e_raw[first]:#04x}", f"{g_raw[first]:#04x}")
+        byte = next(i for i, (a, b) in enumerate(zip(e_raw, g_raw, strict=True)) if a != b)
+        return Difference(path, f"{what} with byte {byte} = {e_raw[byte]:#04x}", f"{g_raw[byte]:#04x}")
     e64, g64 = np.atleast_1d(e64), np.atleast_1d(g64)
     tolerant = bool(rtol or atol)
     both_nan = np.isnan(e64) & np.isnan(g64)

@@ -101,7 +101,10 @@ def expected() -> dict[str, Any]:
 
 
 def needs_torch(name: str) -> bool:
-    return any(d["type"] == "tensor" and d["kind"] == "torch" for d in expected()["checkpoints"][name]["state"].values())
+    return any(
+        d["type"] == "tensor" and d["kind"] == "torch"
+        for d in expected()["checkpoints"][name]["state"].values()
+    )
 
 
 def check_decoded(name: str) -> list[Difference]:
@@ -126,7 +129,11 @@ def check_decoded(name: str) -> list[Difference]:
     info = sync.read_info(path(name))
     for field in ("step", "epoch"):
         if want.get(field) != getattr(info, field):
-            problems.append(Difference(f"golden/{name}:metadata.{field}", repr(want.get(field)), repr(getattr(info, field))))
+            problems.append(
+                Difference(
+                    f"golden/{name}:metadata.{field}", repr(want.get(field)), repr(getattr(info, field))
+                )
+            )
     return problems
 
 

@@ -55,7 +55,9 @@ class ConformanceItem(pytest.Item):
         if result.status == "skip":
             pytest.skip(result.summary)
         if result.status == "fail":
-            raise ConformanceFailure(f"{result.number} {result.name} ({result.title}): " + render_result(result))
+            raise ConformanceFailure(
+                f"{result.number} {result.name} ({result.title}): " + render_result(result)
+            )
 
     def repr_failure(self, excinfo: pytest.ExceptionInfo[BaseException], style: Any = None) -> str:
         if isinstance(excinfo.value, ConformanceFailure):
@@ -69,7 +71,9 @@ class ConformanceItem(pytest.Item):
 _SESSIONS = pytest.StashKey[dict[str, Any]]()
 
 
-def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:
+def pytest_collection_modifyitems(
+    session: pytest.Session, config: pytest.Config, items: list[pytest.Item]
+) -> None:
     specs: list[str] = config.getoption("ckptproto_adapter") or []
     if not specs:
         return
@@ -79,7 +83,11 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
     for spec in specs:
         load_adapter(spec)  # fail collection at once with a clear message for a bad spec
         for name in CHECK_NAMES:
-            items.append(ConformanceItem.from_parent(session, name=f"ckptproto-conformance[{spec}]::{name}", check=name, spec=spec))
+            items.append(
+                ConformanceItem.from_parent(
+                    session, name=f"ckptproto-conformance[{spec}]::{name}", check=name, spec=spec
+                )
+            )
     deselect = config.getoption("keyword")
     if deselect:  # -k applies before this hook ran; apply it to our items too
         from _pytest.mark import deselect_by_keyword

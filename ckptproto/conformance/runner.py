@@ -1,7 +1,7 @@
 """Running the checks against an adapter::
 
-    report = run_conformance("examples.adapters.numpy_trainer:NumpyAdapter")
-    assert report.passed, render_table(report)
+report = run_conformance("examples.adapters.numpy_trainer:NumpyAdapter")
+assert report.passed, render_table(report)
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 from ckptproto import dtypes
 from ckptproto.errors import CheckpointFormatError
@@ -51,7 +51,7 @@ RULES: dict[str, str] = {
     "F-15": "a tensor's chunks cover it exactly once (no gap, no overlap)",
     "F-16": "each chunk's key is in its file's header, stored with the dtype's safetensors code and the chunk's shape (or U8 of the chunk's byte length where safetensors has no code)",
     "F-17": '"state" is present and is an object; every value in it is a legal encoding (the value encoding rules)',
-    "F-18": "integers outside +-(2**53-1) are written as {\"$int\": decimal}; non-finite floats as {\"$float\": ...}",
+    "F-18": 'integers outside +-(2**53-1) are written as {"$int": decimal}; non-finite floats as {"$float": ...}',
     "F-19": "every tensor reference in the state indexes the tensors list; $numpy references name dtypes numpy has",
     "F-20": '"metadata" holds plain encoded values only (no tensor references); "step" and "epoch" are integers when present',
 }
@@ -227,7 +227,11 @@ def _header(path: Path, name: str, size: int, out: _Collector) -> dict[str, _Ent
             return None
         n = struct.unpack("<Q", prefix)[0]
         if n > MAX_HEADER_BYTES or 8 + n > size:
-            out.add("F-9", name, f"header length {n} exceeds the file ({size} bytes) or the {MAX_HEADER_BYTES}-byte limit")
+            out.add(
+                "F-9",
+                name,
+                f"header length {n} exceeds the file ({size} bytes) or the {MAX_HEADER_BYTES}-byte limit",
+            )
             return None
         raw = f.read(n)
     try:
@@ -239,7 +243,9 @@ def _header(path: Path, name: str, size: int, out: _Collector) -> dict[str, _Ent
         out.add("F-9", name, "header is not a JSON object")
         return None
     meta = obj.pop("__metadata__", {})
-    if not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
+    if not isinstance(meta, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in meta.items()
+    ):
         out.add("F-12", name, "__metadata__ does not map strings to strings")
     buffer_len = size - 8 - n
     entries: dict[str, _Entry] = {}
@@ -266,14 +272,22 @@ def _header(path: Path, name: str, size: int, out: _Collector) -> dict[str, _Ent
             out.add("F-11", where, f"data_offsets {offsets} fall outside the {buffer_len}-byte buffer")
             continue
         if numel * dtypes.SAFETENSORS_ITEMSIZE[code] != offsets[1] - offsets[0]:
-            out.add("F-10", where, f"shape {shape} of {code} needs {numel * dtypes.SAFETENSORS_ITEMSIZE[code]} bytes, data_offsets span {offsets[1] - offsets[0]}")
+            out.add(
+                "F-10",
+                where,
+                f"shape {shape} of {code} needs {numel * dtypes.SAFETENSORS_ITEMSIZE[code]} bytes, data_offsets span {offsets[1] - offsets[0]}",
+            )
             continue
         entries[key] = _Entry(code, tuple(shape), offsets[1] - offsets[0])
         spans.append((offsets[0], offsets[1], key))
     position = 0
     for begin, end, key in sorted(spans):
         if begin != position:
-            what = "overlaps the previous tensor" if begin < position else f"leaves a gap at buffer offset {position}"
+            what = (
+                "overlaps the previous tensor"
+                if begin < position
+                else f"leaves a gap at buffer offset {position}"
+            )
             out.add("F-11", f"{name}: tensor {key!r}", what)
         position = max(position, end)
     if position != buffer_len and len(spans) == len(obj):
@@ -296,7 +310,8 @@ def _tensors(
         if not isinstance(t, dict):
             out.add("F-13", where, "not an object")
             continue
-        dtype = dtypes.BY_NAME.get(t.get("dtype")) if isinstance(t.get("dtype"), str) else None
+        dtype_name = t.get("dtype")
+        dtype = dtypes.BY_NAME.get(dtype_name) if isinstance(dtype_name, str) else None
         shape = t.get("shape")
         chunks = t.get("chunks")
         if dtype is None:
@@ -310,14 +325,20 @@ def _tensors(
         if dtype is None:
             continue
         result[-1] = dtype
-        boxes = [b for j, c in enumerate(chunks) if (b := _chunk(c, f"{where}.chunks[{j}]", dtype, shape, files, headers, out))]
+        boxes = [
+            b
+            for j, c in enumerate(chunks)
+            if (b := _chunk(c, f"{where}.chunks[{j}]", dtype, shape, files, headers, out))
+        ]
         if len(boxes) == len(chunks):
             _tiling(boxes, shape, where, out)
     return result
 
 
-def _int_list(value: Any) -> bool:
-    return isinstance(value, list) and len(value) <= MAX_NDIM and all(type(v) is int and v >= 0 for v in value)
+def _int_list(value: Any) -> TypeGuard[list[int]]:
+    return (
+        isinstance(value, list) and len(value) <= MAX_NDIM and all(type(v) is int and v >= 0 for v in value)
+    )
 
 
 def _chunk(
@@ -336,7 +357,12 @@ def _chunk(
     if not isinstance(file, str) or not isinstance(key, str):
         out.add("F-14", where, "file and key must be strings")
         return None
-    if not _int_list(offsets) or not _int_list(cshape) or len(offsets) != len(shape) or len(cshape) != len(shape):
+    if (
+        not _int_list(offsets)
+        or not _int_list(cshape)
+        or len(offsets) != len(shape)
+        or len(cshape) != len(shape)
+    ):
         out.add("F-14", where, f"offsets {offsets!r} and shape {cshape!r} need {len(shape)} ints >= 0")
         return None
     if any(o + s > g for o, s, g in zip(offsets, cshape, shape, strict=True)):
@@ -344,7 +370,7 @@ def _chunk(
         return None
     header = headers.get(file)
     if file not in files and file not in headers:
-        out.add("F-14", where, f"file {file!r} is not a good entry of \"files\"")
+        out.add("F-14", where, f'file {file!r} is not a good entry of "files"')
     elif header is not None:
         entry = header.get(key)
         numel = 1
@@ -352,14 +378,27 @@ def _chunk(
             numel *= d
         if entry is None:
             out.add("F-16", where, f"key {key!r} is not in {file}'s header")
-        elif dtype.safetensors is not None and (entry.code, entry.shape) != (dtype.safetensors, tuple(cshape)):
-            out.add("F-16", where, f"{file}:{key} is {entry.code}{list(entry.shape)}, expected {dtype.safetensors}{cshape}")
+        elif dtype.safetensors is not None and (entry.code, entry.shape) != (
+            dtype.safetensors,
+            tuple(cshape),
+        ):
+            out.add(
+                "F-16",
+                where,
+                f"{file}:{key} is {entry.code}{list(entry.shape)}, expected {dtype.safetensors}{cshape}",
+            )
         elif dtype.safetensors is None and (entry.code, entry.shape) != (RAW_CODE, (numel * dtype.itemsize,)):
-            out.add("F-16", where, f"{file}:{key} is {entry.code}{list(entry.shape)}, expected raw {RAW_CODE}[{numel * dtype.itemsize}] for {dtype.name}")
+            out.add(
+                "F-16",
+                where,
+                f"{file}:{key} is {entry.code}{list(entry.shape)}, expected raw {RAW_CODE}[{numel * dtype.itemsize}] for {dtype.name}",
+            )
     return tuple(offsets), tuple(cshape)
 
 
-def _tiling(boxes: list[tuple[tuple[int, ...], tuple[int, ...]]], shape: list[int], where: str, out: _Collector) -> None:
+def _tiling(
+    boxes: list[tuple[tuple[int, ...], tuple[int, ...]]], shape: list[int], where: str, out: _Collector
+) -> None:
     def volume(s: tuple[int, ...] | list[int]) -> int:
         n = 1
         for d in s:
@@ -409,7 +448,7 @@ def _numbers(node: Any, path: str, depth: int = 0) -> Iterator[tuple[str, str]]:
     if depth > 200:
         return
     if type(node) is int and abs(node) > MAX_SAFE_INT:
-        yield path, f"integer {node} outside +-(2**53-1) written as a JSON number, not {{\"$int\": ...}}"
+        yield path, f'integer {node} outside +-(2**53-1) written as a JSON number, not {{"$int": ...}}'
     elif isinstance(node, list):
         for i, v in enumerate(node):
             yield from _numbers(v, f"{path}.{i}" if path else str(i), depth + 1)

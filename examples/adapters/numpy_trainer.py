@@ -118,7 +118,11 @@ class NumpyTrainer:
             },
             "models": {"mlp": dict(self.params)},
             "optimizers": {
-                "adamw": {"exp_avg": dict(self.exp_avg), "exp_avg_sq": dict(self.exp_avg_sq), "step": self.global_step}
+                "adamw": {
+                    "exp_avg": dict(self.exp_avg),
+                    "exp_avg_sq": dict(self.exp_avg_sq),
+                    "step": self.global_step,
+                }
             },
             "schedulers": {"step_lr": {"last_step": self.scheduler_step}},
             "dataloaders": {"train": self.loader.state_dict()},

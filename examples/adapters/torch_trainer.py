@@ -70,7 +70,10 @@ class TorchTrainer:
     def __init__(self, seed: int) -> None:
         torch.manual_seed(seed)
         self.model = torch.nn.Sequential(
-            torch.nn.Linear(N_FEATURES, HIDDEN), torch.nn.ReLU(), torch.nn.Dropout(0.25), torch.nn.Linear(HIDDEN, 1)
+            torch.nn.Linear(N_FEATURES, HIDDEN),
+            torch.nn.ReLU(),
+            torch.nn.Dropout(0.25),
+            torch.nn.Linear(HIDDEN, 1),
         )
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=0.05, weight_decay=0.01)
         self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, step_size=3, gamma=0.7)
