@@ -102,65 +102,107 @@ def _header_gap(root: Path) -> None:
     _rewrite_file(root, name, data + b"\x00" * 8)
 
 
+def _symlink_data_file(root: Path) -> None:
+    name = "data-00000-001.safetensors"
+    (root / name).rename(root.parent / "elsewhere.safetensors")
+    (root / name).symlink_to(root.parent / "elsewhere.safetensors")
+
+
+def _pad_with_newlines(root: Path) -> None:
+    name = "data-00000-001.safetensors"
+    data = (root / name).read_bytes()
+    n = struct.unpack("<Q", data[:8])[0]
+    header = data[8 : 8 + n]
+    body = header.rstrip(b" ")
+    padded = body + b"\n" * (len(header) - len(body))
+    _rewrite_file(root, name, data[:8] + padded + data[8 + n :])
+
+
+def test_hidden_directory_is_never_a_checkpoint(tmp_path: Path) -> None:
+    root = _copy(tmp_path, "sharded")
+    hidden = root.rename(tmp_path / ".sharded-tmp")
+    assert {v.rule for v in validate(hidden)} == {"F-2"}
+
+
 CORRUPTIONS: dict[str, tuple[str, Callable[[Path], None]]] = {
     "no manifest": ("F-1", lambda r: (r / "manifest.json").unlink()),
-    "manifest not JSON": ("F-2", lambda r: (r / "manifest.json").write_bytes(b'{"format": "ckptproto",')),
-    "NaN constant": ("F-2", lambda r: (r / "manifest.json").write_text('{"format": NaN}')),
-    "wrong format name": ("F-3", lambda r: _edit_manifest(r, lambda d: d.update(format="other"))),
-    "format major 2": ("F-3", lambda r: _edit_manifest(r, lambda d: d.update(format_version="2.0"))),
-    "world_size 0": ("F-4", lambda r: _edit_manifest(r, lambda d: d.update(world_size=0))),
     "file outside the checkpoint": (
-        "F-5",
+        "F-3",
         lambda r: _edit_manifest(
-            r, lambda d: d["files"].update({"../x.safetensors": {"size": 8, "checksum": "crc32:00000000"}})
+            r,
+            lambda d: d["files"].update(
+                {"../x.safetensors": {"size": 8, "checksum": "crc32:00000000", "rank": 0}}
+            ),
         ),
     ),
-    "rank past world_size": (
-        "F-6",
-        lambda r: _edit_manifest(r, lambda d: d["files"]["data-00001-000.safetensors"].update(rank=5)),
+    "symlinked data file": ("F-4", _symlink_data_file),
+    "manifest not JSON": ("F-6", lambda r: (r / "manifest.json").write_bytes(b'{"format": "ckptproto",')),
+    "NaN constant": ("F-6", lambda r: (r / "manifest.json").write_text('{"format": NaN}')),
+    "wrong format name": ("F-6", lambda r: _edit_manifest(r, lambda d: d.update(format="other"))),
+    "no created field": ("F-7", lambda r: _edit_manifest(r, lambda d: d.pop("created"))),
+    "world_size 0": ("F-7", lambda r: _edit_manifest(r, lambda d: d.update(world_size=0))),
+    "negative rank": (
+        "F-8",
+        lambda r: _edit_manifest(r, lambda d: d["files"]["data-00001-000.safetensors"].update(rank=-1)),
     ),
-    "upper-case checksum": (
-        "F-6",
-        lambda r: _edit_manifest(
-            r, lambda d: d["files"]["data-00000-000.safetensors"].update(checksum="crc32:ABCDEF12")
-        ),
-    ),
-    "data file missing": ("F-7", lambda r: (r / "data-00000-001.safetensors").unlink()),
+    "data file missing": ("F-8", lambda r: (r / "data-00000-001.safetensors").unlink()),
     "data file truncated": (
-        "F-7",
+        "F-8",
         lambda r: (r / "data-00001-000.safetensors").write_bytes(
             (r / "data-00001-000.safetensors").read_bytes()[:-4]
         ),
     ),
-    "flipped data byte": ("F-8", _flip_data_byte),
-    "header length past the file": (
-        "F-9",
-        lambda r: _rewrite_file(r, "data-00000-001.safetensors", struct.pack("<Q", 1 << 20) + b"{}      "),
-    ),
-    "trailing bytes after the tensors": ("F-11", _header_gap),
-    "chunk key not in the header": ("F-16", _rename_header_key),
-    "chunk dropped": ("F-15", lambda r: _edit_manifest(r, lambda d: d["tensors"][0]["chunks"].pop())),
+    "unknown dtype": ("F-9", lambda r: _edit_manifest(r, lambda d: d["tensors"][0].update(dtype="float128"))),
     "chunk outside the tensor": (
-        "F-14",
+        "F-10",
         lambda r: _edit_manifest(r, lambda d: d["tensors"][1]["chunks"][0].update(offsets=[9])),
     ),
-    "unknown dtype": (
-        "F-13",
-        lambda r: _edit_manifest(r, lambda d: d["tensors"][0].update(dtype="float128")),
+    "chunk dropped": ("F-11", lambda r: _edit_manifest(r, lambda d: d["tensors"][0]["chunks"].pop())),
+    "chunk used twice": (
+        "F-12",
+        lambda r: _edit_manifest(
+            r, lambda d: d["tensors"][3]["chunks"][0].update(d["tensors"][1]["chunks"][1])
+        ),
     ),
+    "chunk key not in the header": ("F-13", _rename_header_key),
+    "reference past the tensors": (
+        "F-14",
+        lambda r: _edit_manifest(r, lambda d: d["state"].update(x={"$torch": 99})),
+    ),
+    "torch and numpy reference": (
+        "F-14",
+        lambda r: _edit_manifest(r, lambda d: d["state"].update(x={"$numpy": 0})),
+    ),
+    "tensor in the metadata": (
+        "F-15",
+        lambda r: _edit_manifest(r, lambda d: d["metadata"].update(w={"$numpy": 0})),
+    ),
+    "big int as a JSON number": ("F-16", lambda r: _edit_manifest(r, lambda d: d["state"].update(x=2**60))),
+    "small int as $int": ("F-16", lambda r: _edit_manifest(r, lambda d: d["state"].update(x={"$int": "5"}))),
     "unknown tag in the state": (
         "F-17",
         lambda r: _edit_manifest(r, lambda d: d["state"].update(x={"$set": [1]})),
     ),
-    "big int as a JSON number": ("F-18", lambda r: _edit_manifest(r, lambda d: d["state"].update(x=2**60))),
-    "reference past the tensors": (
-        "F-19",
-        lambda r: _edit_manifest(r, lambda d: d["state"].update(x={"$torch": 99})),
+    "malformed $bytes": (
+        "F-18",
+        lambda r: _edit_manifest(r, lambda d: d["state"].update(x={"$bytes": "!!"})),
     ),
-    "tensor in the metadata": (
-        "F-20",
-        lambda r: _edit_manifest(r, lambda d: d["metadata"].update(w={"$numpy": 0})),
+    "header length past the file": (
+        "F-22",
+        lambda r: _rewrite_file(r, "data-00000-001.safetensors", struct.pack("<Q", 1 << 20) + b"{}      "),
     ),
+    "trailing bytes after the tensors": ("F-22", _header_gap),
+    "header padded with newlines": ("F-23", _pad_with_newlines),
+    "flipped data byte": ("F-26", _flip_data_byte),
+    "upper-case checksum": (
+        "F-26",
+        lambda r: _edit_manifest(
+            r, lambda d: d["files"]["data-00000-000.safetensors"].update(checksum="crc32:ABCDEF12")
+        ),
+    ),
+    "malformed version": ("F-31", lambda r: _edit_manifest(r, lambda d: d.update(format_version="1"))),
+    "format major 2": ("F-32", lambda r: _edit_manifest(r, lambda d: d.update(format_version="2.0"))),
+    "65 dimensions": ("F-33", lambda r: _edit_manifest(r, lambda d: d["tensors"][3].update(shape=[1] * 65))),
 }
 
 
@@ -182,9 +224,9 @@ def test_validate_cli_names_the_rule(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert main(["validate", str(good), str(bad), "--json", str(report)]) == 1
     out = capsys.readouterr().out
     assert f"VALID   {good}" in out and f"INVALID {bad}" in out
-    assert "[F-8] data-00000-000.safetensors: CRC-32 is" in out
+    assert "[F-26] data-00000-000.safetensors: CRC-32 is" in out
     findings = json.loads(report.read_text())
-    assert findings[str(good)] == [] and findings[str(bad)][0]["rule"] == "F-8"
+    assert findings[str(good)] == [] and findings[str(bad)][0]["rule"] == "F-26"
     assert main(["validate", str(good)]) == 0
 
 
@@ -205,3 +247,19 @@ def test_reader_value_mismatch_is_reported_by_path(tmp_path: Path, monkeypatch: 
     )
     problems = golden.check_decoded("plain_and_numpy")
     assert len(problems) == 1 and problems[0].path.startswith("golden/plain_and_numpy:numpy.")
+
+
+def test_rule_ids_are_the_specs_musts() -> None:
+    """Every id validate reports is a numbered MUST of spec/FORMAT.md (once the spec is here)."""
+    spec = ROOT / "spec" / "FORMAT.md"
+    if not spec.exists():
+        pytest.skip("spec/FORMAT.md is not in this checkout")
+    import re
+
+    text = spec.read_text(encoding="utf-8")
+    items = dict(re.findall(r"\*\*\[(F-\d+)\]\*\*(.*?)(?=\n- \*\*\[F-|\n## |\Z)", text, flags=re.S))
+    for rule in RULES:
+        assert rule in items, f"{rule} is not in spec/FORMAT.md"
+        assert "MUST" in items[rule], f"{rule} is not a MUST in spec/FORMAT.md"
+    assert all(c[0] in RULES for c in CORRUPTIONS.values())
+    assert {c[0] for c in CORRUPTIONS.values()} | {"F-2"} == set(RULES), "every rule needs a corruption test"
