@@ -171,7 +171,7 @@ CORRUPTIONS: dict[str, tuple[str, Callable[[Path], None]]] = {
     ),
     "torch and numpy reference": (
         "F-14",
-        lambda r: _edit_manifest(r, lambda d: d["state"].update(x={"$numpy": 0})),
+        lambda r: _edit_manifest(r, lambda d: d["state"].update(x={"$torch": 0})),
     ),
     "tensor in the metadata": (
         "F-15",
