@@ -99,3 +99,18 @@ def test_plugin_selects_with_k_and_leaves_plain_runs_alone(tmp_path: Path) -> No
     )
     assert selected.returncode == 0, selected.stdout
     assert "2 passed, 9 deselected" in selected.stdout
+
+
+@pytest.mark.skipif(
+    os.environ.get("CKPTPROTO_TEST_WHEEL") != "1",
+    reason="builds a wheel and a venv (~1 min): set CKPTPROTO_TEST_WHEEL=1",
+)
+def test_cli_and_plugin_work_from_a_wheel_outside_the_repo() -> None:
+    import site
+
+    deps = next(p for p in site.getsitepackages() if Path(p, "numpy").exists())
+    env = dict(os.environ, DEPS_SITE=deps, PYTHON=sys.executable)
+    done = subprocess.run(
+        ["bash", str(ROOT / "conformance" / "check_wheel.sh")], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0 and "wheel OK" in done.stdout, done.stdout[-3000:] + done.stderr[-3000:]
