@@ -211,7 +211,7 @@ def pure_state_dict(ctx: Context) -> str:
     )
     ctx.train(probed, ctx.m)
     _fail_if(
-        compare_trees(expected, ctx.fingerprint(probed), where="fingerprint"),
+        ctx.compare_fingerprints(expected, ctx.fingerprint(probed)),
         f"calling state_dict() after {ctx.n} steps changed the next {ctx.m} steps",
     )
     return f"3 state_dict() calls after step {ctx.n} left the trajectory unchanged"

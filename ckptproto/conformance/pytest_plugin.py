@@ -79,9 +79,13 @@ def pytest_collection_modifyitems(
         return
     from ckptproto.conformance.adapter import load_adapter
     from ckptproto.conformance.checks import CHECK_NAMES
+    from ckptproto.errors import CheckpointError
 
     for spec in specs:
-        load_adapter(spec)  # fail collection at once with a clear message for a bad spec
+        try:
+            load_adapter(spec)  # a bad spec stops the run at once, with a clear message
+        except CheckpointError as exc:
+            raise pytest.UsageError(f"{OPTION}={spec}: {exc}") from None
         for name in CHECK_NAMES:
             items.append(
                 ConformanceItem.from_parent(
