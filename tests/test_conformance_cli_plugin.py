@@ -85,7 +85,7 @@ def test_plugin_adds_one_item_per_check_and_fails_the_broken_one(tmp_path: Path)
         "-q",
         "-rfs",
         "-k",
-        "strict or round or legal",
+        "strict_loading or round_trip or legal_state",
     )
     assert done.returncode == 1, done.stdout + done.stderr
     assert "1 failed, 2 passed, 7 deselected" in done.stdout  # 10 items, one per check
