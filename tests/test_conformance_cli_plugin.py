@@ -13,6 +13,8 @@ import pytest
 from ckptproto.cli import main
 from ckptproto.conformance import CHECK_NAMES
 
+pytest_plugins = ["pytester"]
+
 TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent
 
@@ -55,57 +57,48 @@ def test_cli_rejects_a_bad_spec(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["conformance", "examples.adapters.numpy_trainer:NumpyAdapter", "--check", "nope"]) == 2
 
 
-def _pytest(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    env = dict(
-        os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(TESTS), os.environ.get("PYTHONPATH", "")])
-    )
-    return subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pytest",
-            "-p",
-            "ckptproto.conformance.pytest_plugin",
-            "-p",
-            "no:cacheprovider",
-            *args,
-        ],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
+def _pytest(pytester: pytest.Pytester, *args: str) -> pytest.RunResult:
+    """Run pytest in this process (no interpreter start-up), loading the plugin as ``-p`` does."""
+    return pytester.runpytest_inprocess(
+        "-p", "ckptproto.conformance.pytest_plugin", "-p", "no:cacheprovider", *args
     )
 
 
-def test_plugin_adds_one_item_per_check_and_fails_the_broken_one(tmp_path: Path) -> None:
+def test_plugin_adds_one_item_per_check_and_fails_the_broken_one(pytester: pytest.Pytester) -> None:
     done = _pytest(
-        tmp_path,
+        pytester,
         "--ckptproto-adapter=_broken_trainers:NonStrict",
         "-q",
         "-rfs",
         "-k",
         "strict_loading or round_trip or legal_state",
     )
-    assert done.returncode == 1, done.stdout + done.stderr
-    assert "1 failed, 2 passed, 7 deselected" in done.stdout  # 10 items, one per check
-    assert "FAILED ::ckptproto-conformance[_broken_trainers:NonStrict]::strict_loading" in done.stdout
-    assert "accepted by load_state_dict()" in done.stdout
+    out = done.stdout.str()
+    assert done.ret == 1, out
+    assert "1 failed, 2 passed, 7 deselected" in out  # 10 items, one per check
+    assert "FAILED ::ckptproto-conformance[_broken_trainers:NonStrict]::strict_loading" in out
+    assert "accepted by load_state_dict()" in out
 
 
-def test_plugin_selects_with_k_and_leaves_plain_runs_alone(tmp_path: Path) -> None:
-    (tmp_path / "test_user.py").write_text("def test_user():\n    assert True\n")
-    plain = _pytest(tmp_path, "-q")
-    assert plain.returncode == 0 and "1 passed" in plain.stdout, plain.stdout
+def test_plugin_selects_with_k_and_leaves_plain_runs_alone(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(test_user="def test_user():\n    assert True\n")
+    plain = _pytest(pytester, "-q")
+    assert plain.ret == 0 and "1 passed" in plain.stdout.str(), plain.stdout.str()
     selected = _pytest(
-        tmp_path,
+        pytester,
         "--ckptproto-adapter=examples.adapters.numpy_trainer:NumpyAdapter",
         "-q",
         "-k",
         "round_trip or user",
     )
-    assert selected.returncode == 0, selected.stdout
-    assert "2 passed, 9 deselected" in selected.stdout
+    assert selected.ret == 0, selected.stdout.str()
+    assert "2 passed, 9 deselected" in selected.stdout.str()
+
+
+def test_plugin_rejects_a_bad_spec_as_a_usage_error(pytester: pytest.Pytester) -> None:
+    done = _pytest(pytester, "--ckptproto-adapter=no_such_module_xyz:A", "-q")
+    assert done.ret == 4
+    assert "cannot import 'no_such_module_xyz'" in done.stderr.str()
 
 
 @pytest.mark.skipif(
@@ -125,9 +118,3 @@ def test_cli_and_plugin_work_from_a_wheel_outside_the_repo() -> None:
         timeout=600,
     )
     assert done.returncode == 0 and "wheel OK" in done.stdout, done.stdout[-3000:] + done.stderr[-3000:]
-
-
-def test_plugin_rejects_a_bad_spec_as_a_usage_error(tmp_path: Path) -> None:
-    done = _pytest(tmp_path, "--ckptproto-adapter=no_such_module_xyz:A", "-q")
-    assert done.returncode == 4, done.stdout + done.stderr
-    assert "cannot import 'no_such_module_xyz'" in done.stderr
