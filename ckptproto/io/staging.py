@@ -241,6 +241,7 @@ def stage_state(pool: StagingPool, leaves: Sequence[TensorLeaf], ready: Ready) -
     """
     groups: dict[bool, list[int]] = {False: [], True: []}
     for i, leaf in enumerate(leaves):
+        _check_unchanged(leaf)
         groups[_is_cuda(leaf.value)].append(i)
     views: list[memoryview | None] = [None] * len(leaves)
     slabs: list[Slab] = []
@@ -277,6 +278,19 @@ def stage_state(pool: StagingPool, leaves: Sequence[TensorLeaf], ready: Ready) -
         raise
     staged.views = [v if v is not None else memoryview(b"") for v in views]
     return staged
+
+
+def _check_unchanged(leaf: TensorLeaf) -> None:
+    """A tensor resized (or given new data) in place after ``save`` was called, before
+    background staging copied it, would otherwise be broadcast, truncated or converted."""
+    now = arrays.try_spec(leaf.value)
+    if now != leaf.spec:
+        was = f"{leaf.spec.dtype.name}{list(leaf.spec.shape)}"
+        got = f"{now.dtype.name}{list(now.shape)}" if now is not None else "an unsupported value"
+        raise CheckpointError(
+            f"{leaf.path}: the tensor changed from {was} to {got} after save() was called; "
+            "call wait_staged() before mutating the state"
+        )
 
 
 def _copy_host(leaves: Sequence[TensorLeaf], dests: Sequence[Any]) -> None:
