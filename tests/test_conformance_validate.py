@@ -265,3 +265,24 @@ def test_rule_ids_are_the_specs_musts() -> None:
         assert "MUST" in items[rule], f"{rule} is not a MUST in spec/FORMAT.md"
     assert all(c[0] in RULES for c in CORRUPTIONS.values())
     assert {c[0] for c in CORRUPTIONS.values()} | {"F-2"} == set(RULES), "every rule needs a corruption test"
+
+
+def test_without_torch_torch_goldens_are_skipped_not_failed(monkeypatch: pytest.MonkeyPatch) -> None:
+    from ckptproto import arrays
+    from ckptproto.conformance import run_conformance
+    from ckptproto.errors import CheckpointError
+
+    def no_torch() -> None:
+        raise CheckpointError("no torch here")
+
+    monkeypatch.setattr(arrays, "require_torch", no_torch)
+    with pytest.raises(golden.NeedsTorch):
+        golden.check_decoded("torch_dtypes")
+    assert golden.check_decoded("plain_and_numpy") == []
+    report = run_conformance("examples.adapters.numpy_trainer:NumpyAdapter", only=["format_conformance"])
+    result = report.result("format_conformance")
+    assert result.status == "pass", result.summary
+    assert (
+        "1 golden checkpoints decode" in result.summary
+        and "sharded, torch_dtypes need torch" in result.summary
+    )

@@ -14,7 +14,7 @@
 
 from __future__ import annotations
 
-import importlib
+import pkgutil
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
@@ -99,18 +99,16 @@ def load_adapter(spec: str) -> TrainerAdapter:
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
         raise AdapterError(f"adapter spec {spec!r} must look like 'package.module:AdapterClass'")
+    # The spec comes from the user's command line, never from a checkpoint.
     try:
-        obj: Any = importlib.import_module(module_name)
+        obj: Any = pkgutil.resolve_name(spec)
     except ImportError as exc:
         raise AdapterError(
             f"cannot import {module_name!r} for adapter {spec!r}: {exc}; is its directory on "
             "PYTHONPATH or the package installed?"
         ) from exc
-    for part in attr.split("."):
-        try:
-            obj = getattr(obj, part)
-        except AttributeError:
-            raise AdapterError(f"{module_name!r} has no attribute {attr!r} (adapter {spec!r})") from None
+    except (AttributeError, ValueError):
+        raise AdapterError(f"{module_name!r} has no attribute {attr!r} (adapter {spec!r})") from None
     if isinstance(obj, type):
         obj = obj()
     return check_adapter(obj, spec)

@@ -17,7 +17,6 @@ same way and compares::
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import warnings
 from collections import OrderedDict
@@ -110,8 +109,13 @@ def needs_torch(name: str) -> bool:
 def check_decoded(name: str) -> list[Difference]:
     """Load golden checkpoint ``name`` with ckptproto and list every value that differs from
     ``expected.json``; raises NeedsTorch when it holds torch tensors and torch is missing."""
-    if needs_torch(name) and importlib.util.find_spec("torch") is None:
-        raise NeedsTorch(f"golden checkpoint {name} holds torch tensors; install torch to decode it")
+    if needs_torch(name):
+        try:
+            arrays.require_torch()
+        except CheckpointError:
+            raise NeedsTorch(
+                f"golden checkpoint {name} holds torch tensors; install torch to decode it"
+            ) from None
     want = expected()["checkpoints"][name]
     with warnings.catch_warnings():  # torch warns that complex32 is experimental
         warnings.simplefilter("ignore", UserWarning)
