@@ -151,3 +151,30 @@ BUGS: dict[str, tuple[str, str]] = {
     "Aliasing": ("repeated_load", "state.models.mlp"),
 }
 __all__ = ["BUGS", "key_paths"]
+
+
+# Bugs for the other checks (tested against their own check only).
+
+
+class NumpyScalarTrainer(NumpyTrainer):
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state["trainer"]["best_loss"] = np.float64(self.last_loss)  # should be float(...)
+        return state
+
+
+class DrawingStateDictTrainer(NumpyTrainer):
+    def state_dict(self) -> dict[str, Any]:
+        self.dropout_rng.random()  # e.g. a random "checkpoint id": consumes the training RNG
+        return super().state_dict()
+
+
+class MiscountingTrainer(NumpyTrainer):
+    def step(self) -> None:
+        super().step()
+        self.global_step += 1  # counts forward and backward as two steps
+
+
+NumpyScalar = _adapter(NumpyScalarTrainer)
+DrawingStateDict = _adapter(DrawingStateDictTrainer)
+Miscounting = _adapter(MiscountingTrainer)

@@ -42,3 +42,18 @@ def test_a_crashing_adapter_fails_with_the_exception_named() -> None:
     report = run_conformance(Crashes(), only=["resume_equivalence", "legal_state"])
     assert report.statuses() == {"legal_state": "pass", "resume_equivalence": "fail"}
     assert "RuntimeError: boom in fingerprint" in report.result("resume_equivalence").summary
+
+
+@pytest.mark.parametrize(
+    ("adapter", "check", "mentioned"),
+    [
+        ("NumpyScalar", "legal_state", "trainer.best_loss"),
+        ("DrawingStateDict", "pure_state_dict", "state.rng.dropout"),
+        ("Miscounting", "trainer_metadata", "trainer.global_step"),
+    ],
+)
+def test_other_bugs_fail_their_check(adapter: str, check: str, mentioned: str) -> None:
+    report = run_conformance(f"_broken_trainers:{adapter}", only=[check])
+    result = report.result(check)
+    assert result.status == "fail", render_table(report)
+    assert result.differences[0].path.startswith(mentioned), render_table(report)
