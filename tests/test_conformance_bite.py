@@ -57,3 +57,25 @@ def test_other_bugs_fail_their_check(adapter: str, check: str, mentioned: str) -
     result = report.result(check)
     assert result.status == "fail", render_table(report)
     assert result.differences[0].path.startswith(mentioned), render_table(report)
+
+
+def test_statefuls_nested_in_the_state_are_legal() -> None:
+    """PROTOCOL.md [P-2]: a state may hold Stateful objects in its dicts, as save accepts."""
+    from examples.adapters.numpy_trainer import NumpyAdapter, NumpyTrainer, check_same_keys
+
+    class Nested(NumpyTrainer):
+        def state_dict(self) -> dict[str, object]:
+            state = super().state_dict()
+            state["dataloaders"] = {"train": self.loader}  # the loader object itself
+            return state
+
+        def load_state_dict(self, state: object) -> None:
+            assert isinstance(state, dict)
+            check_same_keys(NumpyTrainer.state_dict(self), state)
+            self.apply_state(state)
+
+    class NestedAdapter(NumpyAdapter):
+        trainer_class = Nested
+
+    report = run_conformance(NestedAdapter(), only=["legal_state", "round_trip", "resume_equivalence"])
+    assert set(report.statuses().values()) == {"pass"}, render_table(report)

@@ -159,8 +159,10 @@ def skeleton(tree: Any) -> Any:
 
 
 def _state(trainer: Any) -> Mapping[str, Any]:
+    """The trainer's state as ``save`` sees it: Statefuls nested in its dicts (PROTOCOL.md
+    [P-2]) replaced by their own ``state_dict()``."""
     try:
-        return protocol.state_of(trainer)
+        return sync._resolve_statefuls(protocol.state_of(trainer))
     except UnsupportedValueError as exc:
         raise CheckFailed(str(exc)) from None
 
