@@ -288,7 +288,11 @@ def async_resume(ctx: Context) -> str:
     snapshot it was handed does not change as training goes on."""
     trainer = ctx.create(ctx.seed)
     ctx.train(trainer, ctx.n)
-    handed = _state(trainer)
+    # What state_dict() itself returned: _state() would rebuild the containers.
+    try:
+        handed = protocol.state_of(trainer)
+    except UnsupportedValueError as exc:
+        raise CheckFailed(str(exc)) from None
     before = snapshot(skeleton(handed))
     ctx.train(trainer, 1)
     _fail_if(
