@@ -18,6 +18,8 @@ COMMAND_MODULES = (
     "ckptproto.cli.verify",
     "ckptproto.cli.ls",
     "ckptproto.cli.inspect",
+    "ckptproto.cli.conformance",
+    "ckptproto.cli.validate",
 )
 
 
