@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from ckptproto.errors import CheckpointError
 
 # One module per subcommand; adding a command is one line here.
-COMMAND_MODULES = ("ckptproto.cli.verify",)
+COMMAND_MODULES = ("ckptproto.cli.verify", "ckptproto.cli.convert")
 
 
 def build_parser() -> argparse.ArgumentParser:
