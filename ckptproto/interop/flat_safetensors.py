@@ -146,5 +146,6 @@ def _tensor(spec: ArraySpec, buffer: Any, offset: int) -> Any:
     value = arrays.from_buffer(spec, buffer, offset) if spec.nbytes else None
     if value is None:  # empty, or not aligned for the dtype: copy these few bytes
         value, dest = arrays.allocate(spec)
-        dest[:] = memoryview(buffer)[offset : offset + spec.nbytes]
+        if spec.nbytes:
+            dest[:] = memoryview(buffer)[offset : offset + spec.nbytes]
     return value

@@ -1,0 +1,126 @@
+"""The ``ckptproto convert`` command, pickle refusal, refusals of bad input, progress."""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from _interop_helpers import assert_same, trained_state
+
+import ckptproto
+from ckptproto.cli import main
+from ckptproto.errors import CheckpointExistsError, PickleRefusedError, UnsupportedValueError
+from ckptproto.interop import convert
+from ckptproto.interop.progress import Progress
+
+RAN = []
+
+
+class Five:
+    """Unpickles to the int 5 via a global weights_only refuses; records that it ran."""
+
+    def __reduce__(self) -> tuple[object, tuple[str]]:
+        return (int, ("5",))
+
+
+class Evil:
+    def __reduce__(self) -> tuple[object, tuple[str]]:
+        return (RAN.append, ("code ran",))
+
+
+def test_cli_converts_torch_save_to_ckptproto_and_back(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    state = trained_state()
+    torch.save(state, tmp_path / "model.pt")
+    assert main(["convert", str(tmp_path / "model.pt"), str(tmp_path / "c"), "--to", "ckptproto"]) == 0
+    assert "torch -> ckptproto" in capsys.readouterr().out
+    assert main(["convert", str(tmp_path / "c"), str(tmp_path / "m.safetensors"), "--to", "safetensors"]) == 0
+    assert main(["convert", str(tmp_path / "m.safetensors"), str(tmp_path / "back.pt"), "--to", "torch"]) == 0
+    assert_same(state, torch.load(tmp_path / "back.pt", weights_only=True))
+
+
+def test_file_needing_full_unpickling_is_refused_without_running_it(tmp_path: Path) -> None:
+    torch.save({"w": torch.ones(2), "x": Evil()}, tmp_path / "evil.pt")
+    with pytest.raises(PickleRefusedError, match="unsafe-allow-pickle"):
+        convert(tmp_path / "evil.pt", tmp_path / "c", to="ckptproto")
+    assert RAN == [] and not (tmp_path / "c").exists()
+    assert main(["convert", str(tmp_path / "evil.pt"), str(tmp_path / "c"), "--to", "ckptproto"]) == 2
+
+
+def test_unsafe_allow_pickle_reads_a_trusted_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    torch.save({"w": torch.ones(2), "n": Five()}, tmp_path / "trusted.pt")
+    with pytest.raises(PickleRefusedError):
+        convert(tmp_path / "trusted.pt", tmp_path / "c", to="ckptproto")
+    argv = [
+        "convert",
+        str(tmp_path / "trusted.pt"),
+        str(tmp_path / "c"),
+        "--to",
+        "ckptproto",
+        "--unsafe-allow-pickle",
+    ]
+    assert main(argv) == 0
+    assert "fully unpickled" in capsys.readouterr().err
+    assert ckptproto.load(tmp_path / "c")["n"] == 5
+
+
+def test_values_the_format_cannot_hold_are_refused_with_their_path(tmp_path: Path) -> None:
+    torch.save({"sizes": {"s": torch.Size([2, 3])}}, tmp_path / "size.pt")
+    with pytest.raises(UnsupportedValueError, match=r"sizes\.s"):
+        convert(tmp_path / "size.pt", tmp_path / "c", to="ckptproto")
+    assert not (tmp_path / "c").exists()
+
+
+def test_existing_destination_needs_overwrite(tmp_path: Path) -> None:
+    ckptproto.save({"a": torch.ones(3)}, tmp_path / "c")
+    for fmt, name in [("torch", "o.pt"), ("safetensors", "o.safetensors"), ("dcp", "o_dcp")]:
+        convert(tmp_path / "c", tmp_path / name, to=fmt)  # type: ignore[arg-type]
+        with pytest.raises(CheckpointExistsError):
+            convert(tmp_path / "c", tmp_path / name, to=fmt)  # type: ignore[arg-type]
+        convert(tmp_path / "c", tmp_path / name, to=fmt, overwrite=True)  # type: ignore[arg-type]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c", "o.pt", "o.safetensors", "o_dcp"]
+
+
+def test_unknown_source_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "junk.bin").write_bytes(b"hello world, not a checkpoint")
+    assert main(["convert", str(tmp_path / "junk.bin"), str(tmp_path / "c"), "--to", "ckptproto"]) == 2
+    assert main(["convert", str(tmp_path / "missing"), str(tmp_path / "c"), "--to", "ckptproto"]) == 2
+
+
+def test_progress_draws_on_request_and_is_quiet_otherwise(tmp_path: Path) -> None:
+    ckptproto.save({"a": torch.ones(1 << 20)}, tmp_path / "c")
+    stream = io.StringIO()
+    convert(tmp_path / "c", tmp_path / "o.pt", to="torch", progress=True, progress_stream=stream)
+    assert "100%" in stream.getvalue() and stream.getvalue().endswith("\n")
+    quiet = io.StringIO()
+    convert(tmp_path / "c", tmp_path / "o2.pt", to="torch", progress_stream=quiet)  # not a TTY
+    assert quiet.getvalue() == ""
+    bar = Progress(4 << 20, "x", watch=lambda: [], stream=io.StringIO(), enabled=True)
+    assert "50%" in bar.line(2 << 20) and "2.0 MiB / 4.0 MiB" in bar.line(2 << 20)
+
+
+def test_cli_is_quiet_without_a_terminal(tmp_path: Path) -> None:
+    ckptproto.save({"a": torch.ones(1000)}, tmp_path / "c")
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "ckptproto",
+            "convert",
+            str(tmp_path / "c"),
+            str(tmp_path / "o.safetensors"),
+            "--to",
+            "safetensors",
+        ],
+        capture_output=True,
+        text=True,
+        env=os.environ.copy(),
+        check=True,
+    )
+    assert proc.stderr == "" and "ckptproto -> safetensors" in proc.stdout
