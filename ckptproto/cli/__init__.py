@@ -14,7 +14,12 @@ from collections.abc import Sequence
 from ckptproto.errors import CheckpointError
 
 # One module per subcommand; adding a command is one line here.
-COMMAND_MODULES = ("ckptproto.cli.verify", "ckptproto.cli.convert")
+COMMAND_MODULES = (
+    "ckptproto.cli.verify",
+    "ckptproto.cli.convert",
+    "ckptproto.cli.conformance",
+    "ckptproto.cli.validate",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
