@@ -7,7 +7,9 @@
 Every checkpoint Lightning saves (``ModelCheckpoint``, ``trainer.save_checkpoint``) becomes a
 ckptproto checkpoint directory at the path Lightning chose (``epoch=0-step=10.ckpt`` and
 ``last.ckpt`` are directories): committed atomically, checksummed and verified on load, and
-free of pickle. Resuming (``ckpt_path="last"``, ``"best"`` or a path) and top-k deletion work
+free of pickle, with ckptproto's canonical ``trainer`` section (``global_step``,
+``current_epoch``) added beside Lightning's own keys so ckptproto's tools see the step (it is
+removed again on load). Resuming (``ckpt_path="last"``, ``"best"`` or a path) and top-k deletion work
 as with Lightning's own format.
 
 Lightning's checkpoint dict is mostly legal ckptproto state (tensors, ints, strings, lists of
@@ -61,6 +63,7 @@ from ckptproto.io.sync import load, save
 from ckptproto.tree import join_path
 
 MARKER = "__ckptproto_type__"
+TRAINER_FLAG = "added_by_ckptproto_lightning"
 _PATHS = {
     cls.__name__: cls
     for cls in (
@@ -205,6 +208,23 @@ def decode_checkpoint(
     return decoded
 
 
+def add_trainer_section(state: dict[str, Any]) -> None:
+    """Add ckptproto's canonical ``trainer`` section (``global_step``, ``current_epoch``),
+    copied from Lightning's top-level ``global_step``/``epoch`` and flagged so that loading
+    removes it again; a checkpoint that already has a ``trainer`` key is left alone."""
+    if "trainer" in state:
+        return
+    step, epoch = state.get("global_step"), state.get("epoch")
+    if type(step) is int and type(epoch) is int:
+        state["trainer"] = {"global_step": step, "current_epoch": epoch, TRAINER_FLAG: True}
+
+
+def remove_trainer_section(state: dict[str, Any]) -> None:
+    section = state.get("trainer")
+    if isinstance(section, dict) and section.get(TRAINER_FLAG) is True:
+        del state["trainer"]
+
+
 class CkptprotoCheckpointIO(CheckpointIO):  # type: ignore[misc, unused-ignore]
     """Lightning ``CheckpointIO`` writing ckptproto checkpoint directories.
 
@@ -233,6 +253,7 @@ class CkptprotoCheckpointIO(CheckpointIO):  # type: ignore[misc, unused-ignore]
             )
         self._raise_failures()
         state = encode_checkpoint(checkpoint, allow_pickle=self.unsafe_allow_pickle)
+        add_trainer_section(state)
         metadata: dict[str, Any] = {"lightning_version": str(checkpoint.get("pytorch-lightning_version", ""))}
         for key, name in (("global_step", "step"), ("epoch", "epoch")):
             if type(checkpoint.get(key)) is int:
@@ -262,6 +283,7 @@ class CkptprotoCheckpointIO(CheckpointIO):  # type: ignore[misc, unused-ignore]
             raise CheckpointNotFoundError(f"checkpoint at {root} not found")
         device = map_location if isinstance(map_location, (str, torch.device)) else None
         state = load(root, map_location=device)
+        remove_trainer_section(state)
         return decode_checkpoint(state, allow_pickle=self.unsafe_allow_pickle, where=str(root))
 
     def remove_checkpoint(self, path: Any) -> None:
