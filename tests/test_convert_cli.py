@@ -15,7 +15,7 @@ from _interop_helpers import assert_same, trained_state
 import ckptproto
 from ckptproto.cli import main
 from ckptproto.errors import CheckpointExistsError, PickleRefusedError, UnsupportedValueError
-from ckptproto.interop import convert
+from ckptproto.interop import convert, detect_format
 from ckptproto.interop.progress import Progress
 
 RAN = []
@@ -124,3 +124,35 @@ def test_cli_is_quiet_without_a_terminal(tmp_path: Path) -> None:
         check=True,
     )
     assert proc.stderr == "" and "ckptproto -> safetensors" in proc.stdout
+
+
+def test_dcp_values_needing_full_unpickling_are_refused(tmp_path: Path) -> None:
+    import torch.distributed.checkpoint as dcp_api
+
+    dcp_api.save({"w": torch.ones(2), "n": Five()}, checkpoint_id=str(tmp_path / "d"), no_dist=True)
+    with pytest.raises(PickleRefusedError, match="'n'"):
+        convert(tmp_path / "d", tmp_path / "c", to="ckptproto")
+    assert not (tmp_path / "c").exists()
+    convert(tmp_path / "d", tmp_path / "c", to="ckptproto", allow_pickle=True)
+    assert ckptproto.load(tmp_path / "c")["n"] == 5
+
+
+def test_dcp_refuses_a_tensor_it_would_pickle_inside_a_tuple(tmp_path: Path) -> None:
+    ckptproto.save({"pair": (torch.ones(2), 1)}, tmp_path / "c")
+    with pytest.raises(UnsupportedValueError, match=r"pair\.0.*tuple"):
+        convert(tmp_path / "c", tmp_path / "d", to="dcp")
+    assert not (tmp_path / "d").exists() and [p.name for p in tmp_path.iterdir()] == ["c"]
+
+
+def test_safetensors_header_starting_with_0x80_is_not_taken_for_a_pickle(tmp_path: Path) -> None:
+    import safetensors.torch
+
+    for n in range(1, 200):  # vary the header length until its first byte is 0x80
+        tensors = {"k" * n: torch.zeros(1)}
+        raw = safetensors.torch.save(tensors)
+        if raw[0] == 0x80:
+            break
+    else:
+        pytest.skip("no header length with a 0x80 low byte in range")
+    (tmp_path / "x.safetensors").write_bytes(raw)
+    assert detect_format(tmp_path / "x.safetensors") == "safetensors"

@@ -62,10 +62,11 @@ def detect_format(path: PathLike) -> Format:
         raise CheckpointNotFoundError(f"{p} does not exist")
     with open(p, "rb") as f:
         head = f.read(9)
+    # safetensors first: its 8-byte header length may itself start with 0x80
+    if len(head) >= 9 and head[8:9] == b"{" and struct.unpack("<Q", head[:8])[0] + 8 <= p.stat().st_size:
+        return "safetensors"
     if head[:4] == torch_save.ZIP_MAGIC or head[:1] == b"\x80":
         return "torch"
-    if len(head) >= 9 and head[8:9] == b"{" and struct.unpack("<Q", head[:8])[0] < p.stat().st_size:
-        return "safetensors"
     raise CheckpointFormatError(
         f"{p}: not a torch.save file (zip or pickle) nor a safetensors file; pass source_format= (--from)"
     )

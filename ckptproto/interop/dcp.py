@@ -56,6 +56,7 @@ def write(state: dict[str, Any], final: Path, *, overwrite: bool = False) -> Pat
     torch = require_torch()
     import numpy as np
     from torch.distributed.checkpoint._nested_dict import flatten_state_dict
+    from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.filesystem import FileSystemWriter
     from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
 
@@ -121,6 +122,11 @@ def write(state: dict[str, Any], final: Path, *, overwrite: bool = False) -> Pat
             commit.fsync_dir(final.parent)
     except OSError as exc:
         raise CheckpointWriteError(f"writing DCP checkpoint {final} failed: {exc}") from exc
+    except CheckpointException as exc:  # DCP's (a BaseException), wrapping its writer's error
+        failure = _find_checkpoint_error(exc)
+        if failure is not None:
+            raise failure from None
+        raise CheckpointWriteError(f"writing DCP checkpoint {final} failed: {exc}") from None
     finally:
         shutil.rmtree(temp, ignore_errors=True)
     return final
@@ -148,6 +154,7 @@ def read(path: Path, *, allow_pickle: bool = False) -> dict[str, Any]:
     """Load a DCP directory into memory (one copy of its tensors), rebuilding the state."""
     torch = require_torch()
     from torch.distributed.checkpoint._nested_dict import unflatten_state_dict
+    from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
     from torch.distributed.checkpoint.filesystem import FileSystemReader
     from torch.distributed.checkpoint.metadata import BytesStorageMetadata, TensorStorageMetadata
@@ -186,7 +193,7 @@ def read(path: Path, *, allow_pickle: bool = False) -> dict[str, Any]:
             dcp_load(template, storage_reader=reader, planner=_WeightsOnlyPlanner(), no_dist=True)
     except CheckpointError:
         raise
-    except Exception as exc:
+    except (Exception, CheckpointException) as exc:  # CheckpointException is a BaseException
         cause = exc.__cause__ if isinstance(exc.__cause__, CheckpointError) else None
         if cause is not None:
             raise cause from None
@@ -215,7 +222,9 @@ def _find_checkpoint_error(exc: BaseException) -> CheckpointError | None:
         seen += 1
         if isinstance(item, CheckpointError):
             return item
-        if isinstance(item, BaseException):
+        if isinstance(item, (tuple, list)):  # DCP keeps (exception, traceback) pairs
+            stack.extend(item)
+        elif isinstance(item, BaseException):
             stack.extend([item.__cause__, item.__context__])
             failures = getattr(item, "failures", None)
             if isinstance(failures, dict):
