@@ -147,3 +147,21 @@ def test_lightning_module_through_the_plugin_passes_the_conformance_suite() -> N
     checks = [name for name in CHECK_NAMES if name != "resume_across_processes"]
     report = run_conformance("_lightning_adapter:LightningAdapter", only=checks)
     assert report.statuses() == dict.fromkeys(checks, "pass"), render_table(report)
+
+
+def test_existing_lightning_ckpt_converts_and_resumes_through_the_plugin(tmp_path: Path) -> None:
+    from ckptproto.interop import convert
+
+    straight = _fit(tmp_path / "straight", 2, seed=3)
+    L.seed_everything(3, verbose=False)
+    module = TinyModule()
+    native = ModelCheckpoint(dirpath=tmp_path / "native", save_last=True)
+    trainer = L.Trainer(
+        max_epochs=1, enable_progress_bar=False, enable_model_summary=False, logger=False, callbacks=[native]
+    )  # Lightning's own torch.save format
+    trainer.fit(module)
+    result = convert(tmp_path / "native" / "last.ckpt", tmp_path / "converted.ckpt", to="ckptproto")
+    assert result.source_format == "torch"
+    resumed = _fit(tmp_path / "resumed", 2, seed=42, ckpt_path=str(tmp_path / "converted.ckpt"))
+    for (name, a), (_, b) in zip(straight.state_dict().items(), resumed.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
