@@ -162,6 +162,9 @@ def test_existing_lightning_ckpt_converts_and_resumes_through_the_plugin(tmp_pat
     trainer.fit(module)
     result = convert(tmp_path / "native" / "last.ckpt", tmp_path / "converted.ckpt", to="ckptproto")
     assert result.source_format == "torch"
-    resumed = _fit(tmp_path / "resumed", 2, seed=42, ckpt_path=str(tmp_path / "converted.ckpt"))
-    for (name, a), (_, b) in zip(straight.state_dict().items(), resumed.state_dict().items(), strict=True):
-        assert torch.equal(a, b), name
+    for source in (tmp_path / "converted.ckpt", tmp_path / "native" / "last.ckpt"):  # or resume as it is
+        resumed = _fit(tmp_path / f"resumed-{source.parent.name}", 2, seed=42, ckpt_path=str(source))
+        for (name, a), (_, b) in zip(
+            straight.state_dict().items(), resumed.state_dict().items(), strict=True
+        ):
+            assert torch.equal(a, b), f"{source}: {name}"

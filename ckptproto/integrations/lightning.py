@@ -33,6 +33,7 @@ such values as pickled bytes, and unpickles them on load only when also construc
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import os
 import pathlib
@@ -112,7 +113,7 @@ def encode_checkpoint(checkpoint: dict[str, Any], *, allow_pickle: bool = False)
         if kind is dict:
             items = {k: walk(v, join_path(path, k)) for k, v in value.items()}
             return marked("dict", items) if MARKER in value else items
-        if kind is type(value) and isinstance(value, dict) and kind.__name__ == "OrderedDict":
+        if kind is collections.OrderedDict:
             return type(value)((k, walk(v, join_path(path, k))) for k, v in value.items())
         if kind is list:
             return [walk(v, join_path(path, i)) for i, v in enumerate(value)]
@@ -274,13 +275,20 @@ class CkptprotoCheckpointIO(CheckpointIO):  # type: ignore[misc, unused-ignore]
         """Load and verify (CRC) a checkpoint. ``map_location``: a device name or
         ``torch.device`` moves tensors there; anything else (None, a function, a dict) loads
         them on the CPU and Lightning copies them where its modules live. ``weights_only`` is
-        accepted and moot: nothing is unpickled unless ``unsafe_allow_pickle`` was set."""
+        accepted and moot: nothing is unpickled unless ``unsafe_allow_pickle`` was set.
+
+        A ``.ckpt`` *file* (Lightning's own torch.save format, from before switching) is read
+        with ``torch.load(weights_only=True)``, so a run can resume from it directly."""
         import torch
 
         self.wait()
         root = Path(os.fspath(path))
         if not root.exists():
             raise CheckpointNotFoundError(f"checkpoint at {root} not found")
+        if root.is_file():  # a Lightning .ckpt written by torch.save, from before the switch
+            from ckptproto.interop import torch_save
+
+            return torch_save.read(root, allow_pickle=self.unsafe_allow_pickle)
         device = map_location if isinstance(map_location, (str, torch.device)) else None
         state = load(root, map_location=device)
         remove_trainer_section(state)
