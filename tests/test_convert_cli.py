@@ -14,7 +14,12 @@ from _interop_helpers import assert_same, trained_state
 
 import ckptproto
 from ckptproto.cli import main
-from ckptproto.errors import CheckpointExistsError, PickleRefusedError, UnsupportedValueError
+from ckptproto.errors import (
+    CheckpointExistsError,
+    CheckpointFormatError,
+    PickleRefusedError,
+    UnsupportedValueError,
+)
 from ckptproto.interop import convert, detect_format
 from ckptproto.interop.progress import Progress
 
@@ -156,3 +161,22 @@ def test_safetensors_header_starting_with_0x80_is_not_taken_for_a_pickle(tmp_pat
         pytest.skip("no header length with a 0x80 low byte in range")
     (tmp_path / "x.safetensors").write_bytes(raw)
     assert detect_format(tmp_path / "x.safetensors") == "safetensors"
+
+
+def test_damaged_ckptproto_metadata_in_a_safetensors_file_is_refused(tmp_path: Path) -> None:
+    import json
+    import struct
+
+    ckptproto.save({"w": torch.ones(2)}, tmp_path / "c")
+    convert(tmp_path / "c", tmp_path / "f.safetensors", to="safetensors")
+    raw = (tmp_path / "f.safetensors").read_bytes()
+    n = struct.unpack("<Q", raw[:8])[0]
+    header = json.loads(raw[8 : 8 + n])
+    for bad in ('[["w", "float32", "x"]]', '[["nope", "float32", [2]]]', '[["w", "float99", [2]]]', "{"):
+        header["__metadata__"]["ckptproto.tensors"] = bad
+        text = json.dumps(header).encode()
+        text += b" " * (-(8 + len(text)) % 8)
+        (tmp_path / "bad.safetensors").write_bytes(struct.pack("<Q", len(text)) + text + raw[8 + n :])
+        with pytest.raises(CheckpointFormatError):
+            convert(tmp_path / "bad.safetensors", tmp_path / "out", to="ckptproto")
+        assert not (tmp_path / "out").exists()

@@ -241,7 +241,12 @@ def _rebuild(path: Path, tree_json: str, flat: dict[str, Any]) -> dict[str, Any]
         raise CheckpointFormatError(f"{where}: {exc}") from None
 
     def resolve(kind: str, index: int, state_path: str) -> Any:
-        if not isinstance(keys, list) or index >= len(keys) or keys[index] not in flat:
+        if (
+            not isinstance(keys, list)
+            or index >= len(keys)
+            or not isinstance(keys[index], str)
+            or keys[index] not in flat
+        ):
             raise CheckpointFormatError(f"{where}: tensor {index} at {state_path} is missing")
         value = flat[keys[index]]
         return value.numpy() if kind == "numpy" else value

@@ -125,6 +125,12 @@ def _read_tree(
         if index >= len(table) or not isinstance(table[index], list) or len(table[index]) != 3:
             raise CheckpointFormatError(f"{where}: bad tensor reference {index} at {state_path}")
         key, dtype_name, shape = table[index]
+        if (
+            not isinstance(key, str)
+            or not isinstance(shape, list)
+            or not all(type(d) is int and d >= 0 for d in shape)
+        ):
+            raise CheckpointFormatError(f"{where}: malformed entry {index} of {TENSORS_KEY} at {state_path}")
         entry = entries.get(key)
         if entry is None:
             raise CheckpointFormatError(f"{path}: tensor {key!r} (state path {state_path}) is missing")
