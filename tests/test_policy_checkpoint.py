@@ -353,3 +353,20 @@ def test_plain_loop_example(tmp_path: Path) -> None:
     assert first == 7
     assert example["train"](tmp_path) == example["TOTAL_STEPS"]
     assert find_checkpoints(tmp_path)[0].step == example["TOTAL_STEPS"]
+
+
+def test_sigterm_after_the_last_step_still_saves(tmp_path: Path) -> None:
+    def hook(t: Any) -> None:
+        if t.global_step == 6:  # the last step of the only epoch
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    cb = ckptproto.AsyncCheckpointCallback(
+        CheckpointParameters(root_dir=tmp_path, save_on_preemption=True, keep_top_k=-1)
+    )
+    trainer = make_trainer([cb], epochs=1, step_hook=hook)
+    trainer.fit()
+    assert cb.should_stop
+    # saved by the SIGTERM at step 6 (the epoch-end save of step 6 replaced or preceded it)
+    assert steps(tmp_path) == [6]
+    assert cb.saver.pending() == 0
+    cb.close()
