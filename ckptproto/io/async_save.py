@@ -123,6 +123,18 @@ def _install_exit_hook() -> None:
         _exit_hook_installed = True
 
 
+def _reset_after_fork() -> None:
+    # A forked child (a DataLoader worker, say) inherits the savers but not their threads;
+    # without this, a save there would wait forever on threads that do not exist. The
+    # parent's pending saves are the parent's: the child neither finishes nor waits for them.
+    for saver in list(_savers):
+        saver._forget_threads()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reset_after_fork)
+
+
 class AsyncSaver:
     """Saves checkpoints in the background, at most ``max_pending`` at a time.
 
@@ -270,6 +282,15 @@ class AsyncSaver:
                         f"{self.max_pending}); wait for one, or use when_full='block'"
                     )
                 self._cond.wait()
+
+    def _forget_threads(self) -> None:
+        self._cond = threading.Condition()
+        self._inflight = set()
+        self._unfinished = set()
+        self._stage_queue = queue.SimpleQueue()
+        self._write_queue = queue.SimpleQueue()
+        self._threads = []
+        self.pool._lock = threading.Lock()
 
     def _ensure_threads(self) -> None:
         with self._cond:
