@@ -152,8 +152,20 @@ def host_bytes(value: Any) -> tuple[memoryview, Any]:
     if t.is_neg():
         t = t.resolve_neg()
     if not t.is_contiguous():
-        t = t.contiguous()
+        t = _contiguous(t)
     return _raw_view(t.data_ptr(), t.numel() * t.element_size()), t
+
+
+def _contiguous(t: torch.Tensor) -> torch.Tensor:
+    """A C-ordered copy; torch has no copy kernel for its sub-byte dtypes (uint1..7, int1..7),
+    whose elements are one byte each in memory, so those are copied as uint8."""
+    try:
+        return t.contiguous()
+    except RuntimeError:  # NotImplementedError: "copy_kernel" not implemented for 'UInt4'
+        if t.element_size() != 1:
+            raise
+        torch = loaded_torch()
+        return t.view(torch.uint8).contiguous().view(t.dtype)
 
 
 def allocate(spec: ArraySpec) -> tuple[Any, memoryview]:
