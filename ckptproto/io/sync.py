@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections import OrderedDict
 from collections.abc import Mapping, MutableMapping
 from datetime import datetime, timezone
 from pathlib import Path
@@ -141,7 +142,9 @@ def _resolve_statefuls(state: Mapping[str, Any]) -> dict[str, Any]:
             return walk(protocol.state_of(value))
         return value
 
-    return {k: walk(v) for k, v in state.items()}
+    resolved = {k: walk(v) for k, v in state.items()}
+    # module.state_dict() is an OrderedDict: keep it one, as at any other depth of the tree.
+    return OrderedDict(resolved) if type(state) is OrderedDict else resolved
 
 
 def _decode_metadata(manifest: Manifest, path: Path) -> dict[str, Any]:
