@@ -132,8 +132,8 @@ class Manifest:
         if not isinstance(tensors_doc, list):
             raise CheckpointFormatError(f'{where}: "tensors" must be a list')
         tensors = [_parse_tensor(t, i, files, where) for i, t in enumerate(tensors_doc)]
-        if "state" not in doc:
-            raise CheckpointFormatError(f'{where}: no "state"')
+        if not isinstance(doc.get("state"), dict):
+            raise CheckpointFormatError(f'{where}: "state" must be an object')
         world_size = doc.get("world_size", 1)
         if type(world_size) is not int or world_size < 1:
             raise CheckpointFormatError(f"{where}: bad world_size {world_size!r}")
