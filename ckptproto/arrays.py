@@ -113,6 +113,9 @@ def try_spec(value: Any) -> ArraySpec | None:
 
 def identity(value: Any) -> tuple[Any, ...]:
     """Equal for two objects that are the same view of the same memory (tied weights)."""
+    if value.size == 0 if isinstance(value, np.ndarray) else value.numel() == 0:
+        # Empty tensors all share the null data pointer: only the very same object is tied.
+        return ("empty", id(value))
     if isinstance(value, np.ndarray):
         ai = value.__array_interface__
         return ("numpy", ai["data"][0], value.shape, value.strides, value.dtype.str)
