@@ -97,3 +97,9 @@ def assert_same(a: object, b: object, path: str = "<root>") -> None:
             assert_same(x, y, f"{path}.{i}")
     else:
         assert a == b, f"{path}: {b!r} != {a!r}"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "slow: a test that moves hundreds of MiB (deselect with -m 'not slow')"
+    )
