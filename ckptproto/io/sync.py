@@ -263,7 +263,14 @@ def _copy_into(dst: Any, src: Any) -> None:
     if isinstance(dst, np.ndarray):
         dst[...] = src
     else:
-        dst.copy_(src if not isinstance(src, np.ndarray) else arrays.require_torch().from_numpy(src))
+        torch = arrays.require_torch()
+        src = src if not isinstance(src, np.ndarray) else torch.from_numpy(src)
+        try:
+            dst.copy_(src)
+        except RuntimeError:  # no copy kernel for sub-byte dtypes (uint1..7): one byte each
+            if dst.element_size() != 1 or src.dtype != dst.dtype:
+                raise
+            dst.view(torch.uint8).copy_(src.view(torch.uint8))
 
 
 def _call_load_state_dict(target: Stateful, state: dict[str, Any], strict: bool) -> None:
