@@ -12,6 +12,8 @@ import pytest
 import safetensors.torch
 import torch
 from conftest import assert_same, raw_bytes
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import ckptproto
 from ckptproto import CheckpointFormatError, arrays
@@ -74,7 +76,8 @@ def _sample(dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
     raw = bytearray((i * 97 + 5) % 256 for i in range(n))
     if dtype == torch.bool:
         raw = bytearray(b & 1 for b in raw)
-    return torch.frombuffer(raw, dtype=torch.uint8).view(dtype).reshape(shape)
+    flat = torch.frombuffer(raw, dtype=torch.uint8) if raw else torch.empty(0, dtype=torch.uint8)
+    return flat.view(dtype).reshape(shape)
 
 
 CASES: dict[str, tuple[Any, list[Box]]] = {
@@ -181,3 +184,40 @@ def test_overlap_with_equal_volume_is_refused(tmp_ckpt: Path) -> None:
     (tmp_ckpt / "manifest.json").write_text(json.dumps(doc))
     with pytest.raises(CheckpointFormatError, match="overlap"):
         ckptproto.load(tmp_ckpt)
+
+
+@st.composite
+def _layouts(draw: st.DrawFn) -> tuple[Any, list[Box]]:
+    shape = tuple(draw(st.lists(st.integers(0, 5), min_size=0, max_size=3)))
+    cuts = [
+        sorted(set(draw(st.lists(st.integers(1, max(n - 1, 1)), max_size=2)))) if n > 1 else [] for n in shape
+    ]
+    ranks = draw(st.integers(1, 3))
+    dtype = draw(
+        st.sampled_from([torch.float32, torch.bfloat16, torch.uint8, torch.float8_e8m0fnu, torch.complex64])
+    )
+    value: Any = _sample(dtype, shape)
+    if draw(st.booleans()) and dtype == torch.float32:
+        value = value.numpy()
+    boxes = _grid(shape, cuts, ranks)
+    order = draw(st.permutations(range(len(boxes))))
+    return value, [boxes[i] for i in order]
+
+
+@settings(max_examples=40)
+@given(layout=_layouts())
+def test_random_chunk_layouts(layout: tuple[Any, list[Box]], tmp_path: Path) -> None:
+    import shutil
+
+    value, boxes = layout
+    path = tmp_path / "ckpt"
+    shutil.rmtree(path, ignore_errors=True)
+    _build(path, {"t": (value, boxes)})
+    assert_same({"t": value}, ckptproto.load(path))
+    if isinstance(value, np.ndarray):
+        target: Any = np.zeros_like(value)
+    else:
+        nbytes = value.numel() * value.element_size()
+        target = torch.zeros(nbytes, dtype=torch.uint8).view(value.dtype).reshape(value.shape)
+    ckptproto.load_into(path, {"t": target})
+    assert raw_bytes(target) == raw_bytes(value)
