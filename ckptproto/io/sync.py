@@ -94,7 +94,7 @@ def write_checkpoint(
     except BaseException:
         commit.abort(temp)
         raise
-    commit.finish(temp, final)
+    commit.finish(temp, final, overwrite=overwrite)
     return CheckpointInfo.from_manifest(final, manifest, _decode_metadata(manifest, final))
 
 
