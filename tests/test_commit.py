@@ -197,3 +197,26 @@ def test_save_creates_parents_and_reports_info(tmp_path: Path) -> None:
     assert info.nbytes == sum(f.stat().st_size for f in path.iterdir() if f.name != "manifest.json")
     assert ckptproto.read_info(path).metadata == {"metrics": {"loss": 0.25}, "note": "x", "step": 7}
     assert info.format_version == "1.0" and info.created is not None
+
+
+def test_racing_saver_without_overwrite_does_not_replace(
+    tmp_ckpt: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two savers target the same new path with overwrite=False: the one that commits second
+    must fail, not silently replace the first one's checkpoint."""
+    from ckptproto.io import writer
+
+    real = writer.write_small_file
+    raced = {"done": False}
+
+    def manifest_then_race(directory: Path, name: str, data: bytes) -> None:
+        real(directory, name, data)
+        if not raced["done"]:  # another saver commits while this one is about to rename
+            raced["done"] = True
+            ckptproto.save(_state(2), tmp_ckpt)
+
+    monkeypatch.setattr(writer, "write_small_file", manifest_then_race)
+    with pytest.raises(CheckpointExistsError):
+        ckptproto.save(_state(1), tmp_ckpt)
+    assert _step_of(tmp_ckpt) == 2
+    _only(tmp_ckpt.parent, "ckpt")
