@@ -17,6 +17,8 @@ settings.register_profile("default", deadline=None, max_examples=60, suppress_he
 settings.register_profile(
     "ci", deadline=None, max_examples=30, derandomize=True, suppress_health_check=_SUPPRESS
 )
+# Bug hunting: pytest --hypothesis-profile=thorough (minutes, not part of the suite budget).
+settings.register_profile("thorough", deadline=None, max_examples=600, suppress_health_check=_SUPPRESS)
 settings.load_profile(os.environ.get("CKPTPROTO_HYPOTHESIS", "default"))
 
 

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import ckptproto
@@ -552,3 +552,56 @@ def test_random_damage_raises_checkpoint_errors_only(
     finally:
         for n_, content in pristine.items():
             (path / n_).write_bytes(content)
+
+
+def _json_paths(node: Any, prefix: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    paths = [prefix]
+    if isinstance(node, dict):
+        for k, v in node.items():
+            paths += _json_paths(v, (*prefix, k))
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            paths += _json_paths(v, (*prefix, i))
+    return paths
+
+
+json_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**70), max_value=2**70)
+    | st.sampled_from([0, -1, 1, 2**62, 2**63, 10**30, 1.5, "", "$torch", "U8", "float32", "1.0", "2.0"])
+    | st.text(max_size=5),
+    lambda c: (
+        st.lists(c, max_size=3)
+        | st.dictionaries(st.sampled_from(["$torch", "$numpy", "$dict", "a", "shape", "x"]), c, max_size=2)
+    ),
+    max_leaves=5,
+)
+
+
+@settings(max_examples=min(settings().max_examples, 25))
+@given(data=st.data())
+def test_random_manifest_edits_raise_checkpoint_errors_only(data: st.DataObject, tmp_path: Path) -> None:
+    """Replace one random node of a valid manifest with a random JSON value: loading either
+    works or raises a CheckpointError, nothing else."""
+    path = tmp_path / "ckpt"
+    if not path.exists():
+        _good(path)
+    pristine = (path / "manifest.json").read_bytes()
+    doc = json.loads(pristine)
+    where = data.draw(st.sampled_from(_json_paths(doc)[1:]))
+    value = data.draw(json_values)
+    node = doc
+    for key in where[:-1]:
+        node = node[key]
+    if isinstance(node, dict) and data.draw(st.booleans()):
+        node.pop(where[-1])
+    else:
+        node[where[-1]] = value
+    (path / "manifest.json").write_text(json.dumps(doc))
+    try:
+        for call in [*_all_loaders(path), lambda: ckptproto.read_info(path)]:
+            with contextlib.suppress(CheckpointError):
+                call()
+    finally:
+        (path / "manifest.json").write_bytes(pristine)

@@ -38,7 +38,7 @@ def _build(path: Path, tensors: dict[str, tuple[Any, list[Box]]]) -> None:
         spec = arrays.spec_of(value)
         ids = []
         for j, (rank, offsets, shape) in enumerate(boxes):
-            part = value[tuple(slice(o, o + s) for o, s in zip(offsets, shape, strict=True))]
+            part = value[(*(slice(o, o + s) for o, s in zip(offsets, shape, strict=True)), ...)]
             view, owner = arrays.host_bytes(part)
             ids.append(len(sources))
             sources.append(view)
