@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import resource
 import struct
 import tracemalloc
 import zlib
@@ -373,16 +372,26 @@ def _raises(exc: type[BaseException], call: Callable[[], Any]) -> None:
         call()
 
 
+def _status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise AssertionError(field)
+
+
 def _peak_during(call: Callable[[], Any]) -> tuple[int, int]:
-    """(tracemalloc peak bytes, ru_maxrss growth in KiB) while ``call`` runs."""
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    """(tracemalloc peak bytes, resident-set peak growth in KiB) while ``call`` runs. The RSS
+    peak is the kernel's VmHWM, reset first (ru_maxrss only ever grows over the process's
+    life, so an allocation below an earlier test's peak would not show)."""
+    Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
+    before = _status_kib("VmHWM")
     tracemalloc.start()
     try:
         call()
     finally:
         _, peak = tracemalloc.get_traced_memory()
         tracemalloc.stop()
-    return peak, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+    return peak, _status_kib("VmHWM") - before
 
 
 @pytest.mark.parametrize(
