@@ -237,3 +237,19 @@ def test_load_into_peak_memory_is_small(tmp_path: Path) -> None:
     assert into["ok"] and full["ok"]
     assert into["extra"] < 0.10 * state_bytes, figures
     assert full["extra"] > 0.90 * state_bytes, figures
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_tensors(tmp_ckpt: Path) -> None:
+    w = torch.randn(4, 5, device="cuda")
+    ckptproto.save({"w": w, "bf": w.to(torch.bfloat16)}, tmp_ckpt)
+    loaded = ckptproto.load(tmp_ckpt, map_location="cuda")
+    assert loaded["w"].device.type == "cuda" and torch.equal(loaded["w"], w)
+    target = {
+        "w": torch.zeros(4, 5, device="cuda"),
+        "bf": torch.zeros(4, 5, device="cuda", dtype=torch.bfloat16),
+    }
+    ptr = target["w"].data_ptr()
+    ckptproto.load_into(tmp_ckpt, target)
+    assert target["w"].data_ptr() == ptr and torch.equal(target["w"], w)
+    assert torch.equal(target["bf"], w.to(torch.bfloat16))

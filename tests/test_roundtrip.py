@@ -46,7 +46,9 @@ def numpy_arrays(draw: st.DrawFn) -> np.ndarray[Any, Any]:
     arr = np.frombuffer(raw, dtype=dtype).copy().reshape(shape)
     if dtype.kind == "b":
         arr = np.frombuffer(bytes(b & 1 for b in raw), dtype=dtype).copy().reshape(shape)
-    variant = draw(st.sampled_from(["plain", "transposed", "strided", "bigendian", "readonly"]))
+    variant = draw(
+        st.sampled_from(["plain", "transposed", "strided", "bigendian", "readonly", "reversed", "unaligned"])
+    )
     if variant == "transposed" and arr.ndim >= 2:
         arr = arr.T
     elif variant == "strided" and arr.ndim >= 1:
@@ -55,6 +57,12 @@ def numpy_arrays(draw: st.DrawFn) -> np.ndarray[Any, Any]:
         arr = arr.byteswap().view(arr.dtype.newbyteorder(">"))
     elif variant == "readonly":
         arr.flags.writeable = False
+    elif variant == "reversed" and arr.ndim >= 1:
+        arr = arr[::-1]
+    elif variant == "unaligned":
+        buf = np.zeros(arr.nbytes + 1, dtype=np.uint8)
+        arr = np.frombuffer(buf.data, dtype=dtype, count=arr.size, offset=1).reshape(arr.shape)
+        arr[...] = np.frombuffer(raw, dtype=dtype).reshape(shape) if dtype.kind != "b" else arr
     return arr
 
 
