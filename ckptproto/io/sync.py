@@ -232,6 +232,9 @@ def load_into(
         matcher = _Matcher(ckpt.manifest, strict=strict, reject_unexpected=strict and not is_stateful)
         matcher.match(skeleton, target, "")
         matcher.raise_problems(root)
+        # A tree target only takes part of a checkpoint (strict=False): tensors it would drop
+        # are never allocated or read. A Stateful target gets everything.
+        wanted = set(refs) if is_stateful else _wanted_refs(target, skeleton)
         values: dict[int, Any] = {}
         plan = reader.ReadPlan()
         copies: list[tuple[Any, Any]] = []
@@ -239,6 +242,8 @@ def load_into(
             entry = ckpt.manifest.tensors[index]
             spec = ArraySpec(kind, entry.dtype, entry.shape)
             targets = matcher.destinations.get(index, [])
+            if not targets and index not in wanted:
+                continue
             dest = arrays.writable_bytes(targets[0]) if targets else None
             if dest is not None:
                 value = targets[0]
@@ -251,7 +256,7 @@ def load_into(
         manifest = ckpt.manifest
     for dst, src in copies:
         _copy_into(dst, src)
-    state = decode_tree(manifest.state, lambda kind, index, p: values[index], where=where)
+    state = decode_tree(manifest.state, lambda kind, index, p: values.get(index), where=where)
     if is_stateful:
         _call_load_state_dict(target, state, strict)  # type: ignore[arg-type]
     else:
@@ -305,6 +310,34 @@ def _assign(target: Any, loaded: Any, strict: bool) -> None:
             _assign(current, value, strict)
         elif current is not value and not _is_array(current):
             target[key] = value
+
+
+def _wanted_refs(target: Any, skeleton: Any) -> set[int]:
+    """The checkpoint tensors ``_assign`` would place into ``target`` (mirrors its walk)."""
+    wanted: set[int] = set()
+    items = skeleton.items() if isinstance(skeleton, Mapping) else enumerate(skeleton)
+    for key, value in items:
+        if isinstance(target, Mapping):
+            if key not in target:
+                continue
+        elif not isinstance(key, int) or key >= len(target):
+            continue
+        current = target[key]
+        if isinstance(current, (dict, list)) and isinstance(value, type(current)):
+            wanted |= _wanted_refs(current, value)
+        elif not _is_array(current):  # replaced by, or handed (Stateful), the whole value
+            wanted |= _all_refs(value)
+    return wanted
+
+
+def _all_refs(node: Any) -> set[int]:
+    if isinstance(node, _Ref):
+        return {node.index}
+    if isinstance(node, Mapping):
+        return set().union(*(_all_refs(v) for v in node.values()))
+    if isinstance(node, (list, tuple)):
+        return set().union(*(_all_refs(v) for v in node))
+    return set()
 
 
 def _is_stateful(value: Any) -> bool:
