@@ -64,51 +64,59 @@ class ArraySpec:
         return self.numel * self.dtype.itemsize
 
 
-def torch_unsupported_reason(t: torch.Tensor) -> str | None:
-    """Why a torch tensor cannot be stored as plain bytes, or None if it can."""
+_torch_dtypes: dict[Any, DType | None] = {}
+
+
+def _torch_dtype(dtype: Any) -> DType | None:
+    found = _torch_dtypes.get(dtype, _torch_dtypes)
+    if found is _torch_dtypes:
+        found = _torch_dtypes[dtype] = dtypes.from_torch(dtype)
+    return found  # type: ignore[return-value]
+
+
+def describe_torch(t: torch.Tensor) -> ArraySpec | str:
+    """The spec of a torch tensor, or why the format cannot store it as plain bytes."""
     torch = loaded_torch()
-    if type(t) not in (torch.Tensor, torch.nn.Parameter):
+    if type(t) is not torch.Tensor and type(t) is not torch.nn.Parameter:
         return (
             f"tensor subclass {type(t).__module__}.{type(t).__qualname__} is not supported; "
             "save its local or full tensor instead"
         )
-    if t.layout != torch.strided:
-        return f"{t.layout} tensors are not supported; call .to_dense() first"
-    if t.is_quantized or str(t.dtype).removeprefix("torch.") in dtypes.QUANTIZED_TORCH:
-        return f"quantized dtype {t.dtype} is not supported; dequantize() it first"
-    if t.device.type == "meta":
-        return "meta tensors hold no data"
-    if dtypes.from_torch(t.dtype) is None:
+    d = _torch_dtype(t.dtype)
+    if d is None:
+        if t.is_quantized or str(t.dtype).removeprefix("torch.") in dtypes.QUANTIZED_TORCH:
+            return f"quantized dtype {t.dtype} is not supported; dequantize() it first"
         return f"dtype {t.dtype} is not supported"
-    return None
+    if t.layout is not torch.strided:
+        return f"{t.layout} tensors are not supported; call .to_dense() first"
+    if t.is_meta:
+        return "meta tensors hold no data"
+    return ArraySpec("torch", d, tuple(t.shape))
 
 
-def numpy_unsupported_reason(a: np.ndarray[Any, Any]) -> str | None:
+def describe_numpy(a: np.ndarray[Any, Any]) -> ArraySpec | str:
+    """The spec of a numpy array, or why the format cannot store it."""
     if type(a) is not np.ndarray:
         return f"ndarray subclass {type(a).__qualname__} is not supported; pass np.asarray(value)"
-    if dtypes.from_numpy(a.dtype) is None:
+    d = dtypes.from_numpy(a.dtype)
+    if d is None:
         return f"numpy dtype {a.dtype} is not supported (numeric and bool dtypes only)"
-    return None
+    return ArraySpec("numpy", d, tuple(a.shape))
 
 
-def spec_of(value: Any) -> ArraySpec:
-    """Spec of a tensor/array already checked with ``*_unsupported_reason``."""
+def describe(value: Any) -> ArraySpec | str:
+    """The spec of a tensor or array, or a reason it cannot be stored."""
     if isinstance(value, np.ndarray):
-        d = dtypes.from_numpy(value.dtype)
-        assert d is not None
-        return ArraySpec("numpy", d, tuple(value.shape))
-    d = dtypes.from_torch(value.dtype)
-    assert d is not None
-    return ArraySpec("torch", d, tuple(value.shape))
+        return describe_numpy(value)
+    return describe_torch(value)
 
 
 def try_spec(value: Any) -> ArraySpec | None:
     """Spec of any tensor/array, or None if the format cannot hold it."""
-    if isinstance(value, np.ndarray):
-        return None if numpy_unsupported_reason(value) else spec_of(value)
-    if is_torch_tensor(value):
-        return None if torch_unsupported_reason(value) else spec_of(value)
-    return None
+    if not isinstance(value, np.ndarray) and not is_torch_tensor(value):
+        return None
+    spec = describe(value)
+    return spec if isinstance(spec, ArraySpec) else None
 
 
 def identity(value: Any) -> tuple[Any, ...]:
@@ -121,7 +129,7 @@ def identity(value: Any) -> tuple[Any, ...]:
         return ("numpy", ai["data"][0], value.shape, value.strides, value.dtype.str)
     return (
         "torch",
-        str(value.device),
+        value.device,
         value.untyped_storage().data_ptr(),
         value.storage_offset(),
         tuple(value.shape),
@@ -134,7 +142,7 @@ def _raw_view(address: int, nbytes: int) -> memoryview:
     """A byte view of memory the caller keeps alive (the tensor it belongs to)."""
     if nbytes == 0:
         return memoryview(b"")
-    return memoryview((ctypes.c_char * nbytes).from_address(address)).cast("B")
+    return memoryview((ctypes.c_ubyte * nbytes).from_address(address))
 
 
 def host_bytes(value: Any) -> tuple[memoryview, Any]:
@@ -147,16 +155,14 @@ def host_bytes(value: Any) -> tuple[memoryview, Any]:
             arr = arr.astype(arr.dtype.newbyteorder("<"))
         arr = np.ascontiguousarray(arr)
         return _raw_view(arr.ctypes.data, arr.nbytes), arr
-    t = value.detach()
-    if t.device.type != "cpu":
+    t = value
+    if t.is_cuda or t.device.type != "cpu":
         raise CheckpointError(f"host_bytes needs a CPU tensor, got one on {t.device}")
-    if t.is_conj():
-        t = t.resolve_conj()
-    if t.is_neg():
-        t = t.resolve_neg()
+    if t.is_conj() or t.is_neg():
+        t = t.detach().resolve_conj().resolve_neg()
     if not t.is_contiguous():
-        t = _contiguous(t)
-    return _raw_view(t.data_ptr(), t.numel() * t.element_size()), t
+        t = _contiguous(t.detach())
+    return _raw_view(t.data_ptr(), t.nbytes), t
 
 
 def _contiguous(t: torch.Tensor) -> torch.Tensor:

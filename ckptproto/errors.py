@@ -61,3 +61,7 @@ class StateMismatchError(CheckpointError, KeyError):
 
     def __str__(self) -> str:  # KeyError quotes its message; keep it readable
         return str(self.args[0]) if self.args else ""
+
+
+class SaverBusyError(CheckpointError, RuntimeError):
+    """An ``AsyncSaver(when_full="raise")`` already has ``max_pending`` saves in flight."""

@@ -7,6 +7,8 @@ reader validates the rest against each data file's header before touching tensor
 from __future__ import annotations
 
 import json
+import math
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,6 +26,7 @@ MAX_MANIFEST_BYTES = 1 << 30
 MAX_NDIM = 64
 MAX_DIM = 1 << 62
 MAX_CHUNKS_PER_TENSOR = 1 << 16
+_VERSION = re.compile(r"[0-9]{1,5}\.[0-9]{1,5}")  # ASCII digits only ("١.0" is not a version)
 
 
 @dataclass(frozen=True)
@@ -37,7 +40,7 @@ class Chunk:
 
     @property
     def numel(self) -> int:
-        return int(np.prod(self.shape, dtype=object)) if self.shape else 1
+        return math.prod(self.shape)
 
 
 @dataclass(frozen=True)
@@ -50,7 +53,7 @@ class TensorEntry:
 
     @property
     def numel(self) -> int:
-        return int(np.prod(self.shape, dtype=object)) if self.shape else 1
+        return math.prod(self.shape)
 
     @property
     def nbytes(self) -> int:
@@ -171,10 +174,11 @@ def _load_json(data: bytes, where: str) -> Any:
 
 
 def _parse_version(text: object, where: str) -> tuple[int, int]:
-    parts = text.split(".") if isinstance(text, str) else []
-    if len(parts) != 2 or not all(p.isdigit() and len(p) < 6 for p in parts):
-        raise CheckpointFormatError(f"{where}: bad format_version {text!r}")
-    major, minor = int(parts[0]), int(parts[1])
+    if not isinstance(text, str) or _VERSION.fullmatch(text) is None:
+        raise CheckpointFormatError(
+            f"{where}: bad format_version {text!r}; this ckptproto reads {FORMAT_VERSION[0]}.x"
+        )
+    major, minor = (int(part) for part in text.split("."))
     if major != FORMAT_VERSION[0]:
         raise CheckpointFormatError(
             f"{where}: written in format version {major}.{minor}; this ckptproto reads "

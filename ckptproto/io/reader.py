@@ -89,6 +89,7 @@ class OpenCheckpoint:
         self.path = Path(path)
         self.manifest = manifest if manifest is not None else read_manifest(self.path)
         self.files: dict[str, DataFile] = {}
+        self._located: dict[tuple[str, str], safetensors.HeaderEntry] = {}
         self._dir_fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
             for name, entry in self.manifest.files.items():
@@ -137,6 +138,9 @@ class OpenCheckpoint:
 
     def locate(self, tensor: TensorEntry, chunk: Chunk, index: int) -> safetensors.HeaderEntry:
         """The data file entry holding ``chunk``, checked against the manifest's dtype/shape."""
+        found = self._located.get((chunk.file, chunk.key))
+        if found is not None:
+            return found
         data_file = self.files[chunk.file]
         entry = data_file.entries.get(chunk.key)
         where = f"{data_file.path}: tensor {chunk.key!r} (tensors[{index}])"
@@ -150,6 +154,7 @@ class OpenCheckpoint:
                 f"{where} is stored as {entry.code}{list(entry.shape)}, the manifest needs "
                 f"{want_code}{list(want_shape)} for {tensor.dtype.name}{list(chunk.shape)}"
             )
+        self._located[(chunk.file, chunk.key)] = entry
         return entry
 
     def close(self) -> None:

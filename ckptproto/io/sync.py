@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from ckptproto import arrays, protocol
+from ckptproto import _gc, arrays, protocol
 from ckptproto.arrays import ArraySpec
 from ckptproto.errors import (
     CheckpointCorruptError,
@@ -98,6 +98,7 @@ def write_checkpoint(
     return CheckpointInfo.from_manifest(final, manifest, _decode_metadata(manifest, final))
 
 
+@_gc.paused()
 def save(
     state_or_stateful: Stateful | Mapping[str, Any],
     path: PathLike,
@@ -167,6 +168,7 @@ def read_info(path: PathLike) -> CheckpointInfo:
     return CheckpointInfo.from_manifest(Path(path), manifest, _decode_metadata(manifest, Path(path)))
 
 
+@_gc.paused()
 def load(
     path: PathLike, *, map_location: Any = None, mmap: bool = False, verify: bool | None = None
 ) -> dict[str, Any]:
@@ -182,6 +184,7 @@ def load(
     with reader.OpenCheckpoint(root) as ckpt:
         where = str(root / layout.MANIFEST_NAME)
         kinds = reader.tensor_kinds(ckpt.manifest, where)
+        _decode_metadata(ckpt.manifest, root)  # the manifest is refused whole, not in part
         values = reader.materialize(
             ckpt, kinds, use_mmap=mmap, verify=(not mmap) if verify is None else verify
         )
@@ -201,6 +204,7 @@ class _Ref:
         self.kind, self.index = kind, index
 
 
+@_gc.paused()
 def load_into(
     path: PathLike, target: Stateful | MutableMapping[str, Any], *, strict: bool = True, verify: bool = True
 ) -> CheckpointInfo:
@@ -224,6 +228,7 @@ def load_into(
         raise StateMismatchError(f"load_into needs a Stateful or a dict, got {type(target).__qualname__}")
     with reader.OpenCheckpoint(root) as ckpt:
         where = str(root / layout.MANIFEST_NAME)
+        metadata = _decode_metadata(ckpt.manifest, root)  # refuse a bad manifest before writing
         kinds = reader.tensor_kinds(ckpt.manifest, where)
         refs: dict[int, _Ref] = {}
         skeleton = decode_tree(
@@ -261,7 +266,7 @@ def load_into(
         _call_load_state_dict(target, state, strict)  # type: ignore[arg-type]
     else:
         _assign(target, state, strict)
-    return CheckpointInfo.from_manifest(root, manifest, _decode_metadata(manifest, root))
+    return CheckpointInfo.from_manifest(root, manifest, metadata)
 
 
 def _copy_into(dst: Any, src: Any) -> None:
@@ -428,6 +433,7 @@ class _Matcher:
             )
 
 
+@_gc.paused()
 def verify(path: PathLike) -> CheckpointInfo:
     """Check a checkpoint completely: manifest, every data file header and byte range, every
     checksum. Raises CheckpointCorruptError whose ``problems`` lists every damaged file::
@@ -451,9 +457,13 @@ def verify(path: PathLike) -> CheckpointInfo:
         try:
             with reader.OpenCheckpoint(root, manifest) as ckpt:
                 reader.tensor_kinds(manifest, str(root / layout.MANIFEST_NAME))
-                decode_tree(
+                state = decode_tree(
                     manifest.state, lambda kind, index, p: None, where=str(root / layout.MANIFEST_NAME)
                 )
+                if not isinstance(state, dict):
+                    raise CheckpointFormatError(
+                        f"{root / layout.MANIFEST_NAME}: the state must be an object at the top level"
+                    )
         except CheckpointError as exc:
             problems.append(str(exc))
     if problems:

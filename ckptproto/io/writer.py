@@ -16,6 +16,7 @@ from ckptproto.io.plan import FilePlan
 
 def _write_batch(fd: int, offset: int, views: list[memoryview]) -> tuple[int, int]:
     threads.pwritev_all(fd, views, offset)
+    threads.start_writeback(fd, offset, sum(len(v) for v in views))
     crc = 0
     for view in views:
         crc = zlib.crc32(view, crc)

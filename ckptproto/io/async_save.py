@@ -1,0 +1,373 @@
+"""The thread-based async saver: the training loop hands over its state and keeps training,
+while the bytes reach disk in the background.
+
+::
+
+    saver = ckptproto.AsyncSaver(max_pending=1, staging="background")
+    for step in range(steps):
+        loss = model(batch).sum(); loss.backward()
+        if fut is not None:
+            fut.wait_staged()        # the last save has copied the tensors out: safe to step
+        optimizer.step(); optimizer.zero_grad()
+        if step % 100 == 0:
+            fut = saver.save({"models": {"model": model}, "optimizers": {"optimizer": optimizer},
+                              "trainer": {"global_step": step}}, f"ckpt/step_{step}")
+    saver.close()                    # finishes every pending save
+
+The checkpoint holds the state exactly as it was when ``save`` was called, provided the caller
+does not mutate a tensor before ``wait_staged()`` returned (with ``staging="blocking"``, the
+default, ``save`` itself returns only then). Plain values (ints, lists, strings) are captured
+by ``save`` itself in either mode. See docs/async.md.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import queue
+import threading
+import weakref
+from collections.abc import Callable, Mapping
+from concurrent.futures import Future
+from concurrent.futures import wait as wait_futures
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Literal
+
+from ckptproto import _gc, protocol
+from ckptproto.errors import CheckpointError, SaverBusyError
+from ckptproto.format.info import CheckpointInfo
+from ckptproto.io import staging, sync
+from ckptproto.io.staging import Staged, StagingPool
+from ckptproto.protocol import Stateful
+from ckptproto.tree import EncodedState, encode_state
+
+logger = logging.getLogger("ckptproto")
+
+PathLike = str | os.PathLike[str]
+StagingMode = Literal["blocking", "background"]
+WhenFull = Literal["block", "raise"]
+
+
+class SaveFuture(Future[CheckpointInfo]):
+    """The handle of one async save (a ``concurrent.futures.Future`` of its CheckpointInfo)::
+
+        fut = saver.save(state, "ckpt/step_100")
+        fut.wait_staged()            # tensors copied out; the caller may mutate them now
+        info = fut.result()          # committed (atomic, durable); raises if the save failed
+
+    ``result()``/``exception()`` raise TimeoutError when ``timeout`` passes. A save cannot be
+    cancelled once accepted (``cancel()`` returns False).
+    """
+
+    def __init__(self, path: Path) -> None:
+        super().__init__()
+        self.path = path
+        self._staged = threading.Event()
+
+    def wait_staged(self, timeout: float | None = None) -> None:
+        """Return once the live state is no longer read by this save (its tensors are copied,
+        or the save failed before that: the error then comes from ``result()``)."""
+        if not self._staged.wait(timeout):
+            raise TimeoutError(f"staging the save to {self.path} did not finish within {timeout} s")
+
+    def staged(self) -> bool:
+        """True once ``wait_staged()`` would return at once."""
+        return self._staged.is_set()
+
+    def __repr__(self) -> str:
+        return f"<SaveFuture {self.path} staged={self.staged()} done={self.done()}>"
+
+
+@dataclass
+class _Job:
+    future: SaveFuture
+    encoded: EncodedState
+    metadata_tree: Any
+    overwrite: bool
+    ready: staging.Ready
+    staged: Staged | None = None
+
+
+_savers: weakref.WeakSet[AsyncSaver] = weakref.WeakSet()
+_exit_hook_lock = threading.Lock()
+_exit_hook_installed = False
+_register_thread_exit: Callable[[Callable[[], None]], None] | None = getattr(
+    threading, "_register_atexit", None
+)
+
+
+def _finish_all_at_exit() -> None:
+    """At interpreter exit, pending saves are completed (never left half-committed)."""
+    for saver in list(_savers):
+        try:
+            saver.close()
+        except Exception:  # pragma: no cover - close() logs; exit must go on
+            logger.exception("closing an AsyncSaver at exit failed")
+
+
+def _install_exit_hook() -> None:
+    # threading's own exit hooks run before the interpreter joins non-daemon threads, so the
+    # worker threads are told to finish and stop; plain atexit would run only after that join
+    # (which would then wait forever on idle workers).
+    global _exit_hook_installed
+    with _exit_hook_lock:
+        if _exit_hook_installed:
+            return
+        if _register_thread_exit is not None:
+            _register_thread_exit(_finish_all_at_exit)
+        else:  # pragma: no cover - CPython >= 3.9 has it
+            atexit.register(_finish_all_at_exit)
+        _exit_hook_installed = True
+
+
+class AsyncSaver:
+    """Saves checkpoints in the background, at most ``max_pending`` at a time.
+
+    ``staging``: ``"blocking"`` (default) copies the tensors into reusable staging buffers
+    before ``save`` returns — the caller may mutate its state at once; ``"background"`` returns
+    at once and copies on the saver's thread — the caller must call ``fut.wait_staged()``
+    before it mutates a tensor of the state (e.g. just before ``optimizer.step()``).
+
+    ``when_full``: what ``save`` does when ``max_pending`` saves are still in flight:
+    ``"block"`` (default) waits until one is committed (or failed); ``"raise"`` raises
+    SaverBusyError at once, with nothing started.
+
+    A context manager; ``close()`` (also at interpreter exit) finishes every pending save::
+
+        with ckptproto.AsyncSaver(max_pending=2) as saver:
+            fut = saver.save({"models": {"model": model}}, "ckpt/step_10")
+    """
+
+    def __init__(
+        self,
+        max_pending: int = 1,
+        staging: StagingMode = "blocking",
+        *,
+        when_full: WhenFull = "block",
+        pool: StagingPool | None = None,
+    ) -> None:
+        if not isinstance(max_pending, int) or isinstance(max_pending, bool) or max_pending < 1:
+            raise ValueError(f"max_pending must be an int >= 1, got {max_pending!r}")
+        if staging not in ("blocking", "background"):
+            raise ValueError(f"staging must be 'blocking' or 'background', got {staging!r}")
+        if when_full not in ("block", "raise"):
+            raise ValueError(f"when_full must be 'block' or 'raise', got {when_full!r}")
+        self.max_pending = max_pending
+        self.staging: StagingMode = staging
+        self.when_full: WhenFull = when_full
+        self.pool = pool if pool is not None else StagingPool()
+        self._cond = threading.Condition()
+        self._inflight: set[SaveFuture] = set()  # holding a slot (counts against max_pending)
+        self._unfinished: set[SaveFuture] = set()  # not yet done (what wait() waits for)
+        self._closed = False
+        self._stage_queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._write_queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._threads: list[threading.Thread] = []
+        _install_exit_hook()
+        _savers.add(self)
+
+    # -- the caller's side -------------------------------------------------------------------
+
+    def save(
+        self,
+        state_or_stateful: Stateful | Mapping[str, Any],
+        path: PathLike,
+        *,
+        metadata: Mapping[str, Any] | None = None,
+        overwrite: bool = False,
+    ) -> SaveFuture:
+        """Start saving ``state_or_stateful`` to ``path``; returns a SaveFuture.
+
+        The state is read and checked here, as ``ckptproto.save`` does: a value the format
+        cannot store raises UnsupportedValueError from this call, with nothing started. Every
+        later problem (the destination exists, disk full, a failed copy) is raised from
+        ``fut.result()`` and logged to the ``ckptproto`` logger; nothing partial is committed.
+        """
+        with _gc.paused():
+            state = sync._resolve_statefuls(protocol.state_of(state_or_stateful))
+            encoded = encode_state(state)
+            metadata_tree = sync.encode_metadata(metadata, state)
+        future = SaveFuture(Path(path))
+        future.set_running_or_notify_cancel()  # accepted saves cannot be cancelled
+        self._reserve(future)
+        job = _Job(future, encoded, metadata_tree, overwrite, staging.Ready())
+        try:
+            self._ensure_threads()
+            job.ready = staging.capture_ready(encoded.tensors)
+            if self.staging == "blocking":
+                self._stage(job)
+                self._write_queue.put(job)
+            else:
+                self._stage_queue.put(job)
+        except BaseException as exc:
+            self._complete(job, None, exc, log=False)
+            raise
+        return future
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait until every save accepted so far is committed or failed; False on timeout.
+        Failures are not raised here: each is on its future (and in the log)."""
+        with self._cond:
+            pending = list(self._unfinished)
+        _done, not_done = wait_futures(pending, timeout=timeout)
+        return not not_done
+
+    def pending(self) -> int:
+        """How many saves are accepted and not yet committed or failed."""
+        with self._cond:
+            return len(self._unfinished)
+
+    def close(self) -> None:
+        """Finish every pending save, then stop the saver's threads (idempotent). Later
+        ``save`` calls raise CheckpointError."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        self.wait()
+        with self._cond:
+            threads, self._threads = self._threads, []
+        if threads:
+            self._stage_queue.put(None)
+            self._write_queue.put(None)
+            for thread in threads:
+                if thread is not threading.current_thread():
+                    thread.join()
+        self.pool.clear()
+
+    def __enter__(self) -> AsyncSaver:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _reserve(self, future: SaveFuture) -> None:
+        with self._cond:
+            while True:
+                if self._closed:
+                    raise CheckpointError(f"{future.path}: this AsyncSaver is closed; create a new one")
+                if len(self._inflight) < self.max_pending:
+                    self._inflight.add(future)
+                    self._unfinished.add(future)
+                    return
+                if self.when_full == "raise":
+                    raise SaverBusyError(
+                        f"{future.path}: {len(self._inflight)} saves still in flight (max_pending="
+                        f"{self.max_pending}); wait for one, or use when_full='block'"
+                    )
+                self._cond.wait()
+
+    def _ensure_threads(self) -> None:
+        with self._cond:
+            if self._threads:
+                return
+            daemon = _register_thread_exit is None
+            workers = [threading.Thread(target=self._write_loop, name="ckptproto-async-write", daemon=daemon)]
+            if self.staging == "background":
+                workers.append(
+                    threading.Thread(target=self._stage_loop, name="ckptproto-async-stage", daemon=daemon)
+                )
+            for thread in workers:
+                thread.start()
+            self._threads = workers
+
+    # -- the saver's threads -----------------------------------------------------------------
+
+    def _stage(self, job: _Job) -> None:
+        job.staged = staging.stage_state(self.pool, job.encoded.tensors, job.ready)
+        job.staged.synchronize()
+        # Nothing reads the live tensors any more: drop them (CUDA memory can be reused).
+        job.encoded = EncodedState(job.encoded.tree, [replace(t, value=None) for t in job.encoded.tensors])
+        job.ready = staging.Ready()
+        job.future._staged.set()
+
+    def _stage_loop(self) -> None:
+        while (job := self._stage_queue.get()) is not None:
+            try:
+                self._stage(job)
+            except BaseException as exc:
+                self._complete(job, None, exc)
+                continue
+            self._write_queue.put(job)
+
+    def _write_loop(self) -> None:
+        while (job := self._write_queue.get()) is not None:
+            info: CheckpointInfo | None = None
+            error: BaseException | None = None
+            try:
+                if job.staged is None:
+                    raise CheckpointError(f"{job.future.path}: internal error: the save was not staged")
+                with _gc.paused():
+                    info = sync.write_checkpoint(
+                        job.future.path,
+                        job.encoded,
+                        job.metadata_tree,
+                        job.staged.views,
+                        overwrite=job.overwrite,
+                    )
+            except BaseException as exc:
+                error = exc
+            self._complete(job, info, error)
+
+    def _complete(
+        self, job: _Job, info: CheckpointInfo | None, exc: BaseException | None, *, log: bool = True
+    ) -> None:
+        """Settle a job's future; never raises (a dead worker thread would hang every later
+        save and close())."""
+        try:
+            staged, job.staged = job.staged, None
+            if staged is not None:
+                staged.release()
+        except BaseException as release_error:
+            if exc is None:
+                exc = release_error
+            else:
+                logger.error("releasing the staging buffers of %s failed", job.future.path, exc_info=True)
+        if exc is None and not isinstance(info, CheckpointInfo):
+            exc = CheckpointError(f"{job.future.path}: internal error: the write returned {info!r}")
+        job.future._staged.set()
+        if exc is not None and log:
+            logger.error("async save to %s failed: %s", job.future.path, exc, exc_info=exc)
+        # Free the slot before the future completes, so a callback (or a thread woken by
+        # result()) can start the next save at once.
+        with self._cond:
+            self._inflight.discard(job.future)
+            self._cond.notify_all()
+        try:
+            if exc is not None:
+                job.future.set_exception(exc)
+            else:
+                logger.debug("async save committed %s", job.future.path)
+                job.future.set_result(info)  # type: ignore[arg-type]
+        finally:
+            with self._cond:
+                self._unfinished.discard(job.future)
+
+
+_default_lock = threading.Lock()
+_default: AsyncSaver | None = None
+
+
+def default_saver() -> AsyncSaver:
+    """The process-wide saver ``save_async`` uses (max_pending=1, blocking staging)."""
+    global _default
+    with _default_lock:
+        if _default is None or _default._closed:
+            _default = AsyncSaver()
+        return _default
+
+
+def save_async(
+    state_or_stateful: Stateful | Mapping[str, Any],
+    path: PathLike,
+    *,
+    metadata: Mapping[str, Any] | None = None,
+    overwrite: bool = False,
+) -> SaveFuture:
+    """``AsyncSaver.save`` on the process-wide default saver::
+
+    fut = ckptproto.save_async({"models": {"model": model}}, "ckpt/step_10")
+    info = fut.result()
+    """
+    return default_saver().save(state_or_stateful, path, metadata=metadata, overwrite=overwrite)

@@ -1,0 +1,185 @@
+"""The staging pool: slabs reused across saves, exact bytes for every kind of tensor, and the
+CUDA path (pinned slabs, side stream, events) where a GPU is present."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from ckptproto import arrays
+from ckptproto.errors import CheckpointError
+from ckptproto.io import staging
+from ckptproto.io.staging import StagingPool, slab_capacity, stage_state
+from ckptproto.tree import encode_state
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def expected_bytes(value: object) -> bytes:
+    view, _owner = arrays.host_bytes(value)
+    return bytes(view)
+
+
+def stage(pool: StagingPool, state: dict[str, object]) -> tuple[list[object], staging.Staged]:
+    encoded = encode_state(state)
+    staged = stage_state(pool, encoded.tensors, staging.capture_ready(encoded.tensors))
+    staged.synchronize()
+    return [leaf.value for leaf in encoded.tensors], staged
+
+
+def test_slab_capacity_rounds_up_by_at_most_a_sixteenth() -> None:
+    for n in [0, 1, 63, 64, 65, 4095, 1 << 16, (1 << 16) + 1, 10**6, 123456789, 1 << 30]:
+        cap = slab_capacity(n)
+        assert cap >= max(n, 1)
+        assert cap % staging.ALIGN == 0
+        if n > 1 << 16:
+            assert cap - n <= n // 8  # (1/16 of the next power of two) <= n/8
+
+
+def test_acquire_reuses_free_slabs_and_drops_ones_too_small() -> None:
+    pool = StagingPool()
+    a = pool.acquire(1000, pinned=False)
+    pool.release(a)
+    b = pool.acquire(900, pinned=False)
+    assert b is a and pool.stats.allocated == 1
+    c = pool.acquire(900, pinned=False)  # a is in use: a second slab
+    assert c is not a and pool.stats.allocated == 2
+    pool.release(b)
+    pool.release(c)
+    big = pool.acquire(10**6, pinned=False)  # neither fits: both dropped, one new slab
+    assert pool.stats.freed == 2 and pool.stats.held_bytes == big.capacity
+    pool.release(big)
+    pool.clear()
+    assert pool.stats.held_bytes == 0 and pool.stats.in_use == 0
+
+
+def test_every_kind_of_tensor_is_staged_byte_exact() -> None:
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(6, 8, generator=g)
+    complex_t = torch.randn(5, 3, dtype=torch.complex64, generator=g)
+    state: dict[str, object] = {
+        "f32": base,
+        "transposed": base.t(),
+        "strided": base[::2, 1::3],
+        "bf16": base.to(torch.bfloat16),
+        "f16": base.half(),
+        "f64": base.double(),
+        "bool": base > 0,
+        "i8": torch.randint(-100, 100, (7,), dtype=torch.int8, generator=g),
+        "i64": torch.randint(-(2**40), 2**40, (3, 3), generator=g),
+        "conj": complex_t.conj(),
+        "neg": torch.randn(4, generator=g)._neg_view(),
+        "scalar": torch.tensor(3.5),
+        "empty": torch.empty(0, 4),
+        "param": torch.nn.Parameter(torch.randn(3, 2, generator=g)),
+        "np": np.arange(12, dtype=np.float32).reshape(3, 4),
+        "np_big_endian": np.arange(6, dtype=">i4"),
+        "np_strided": np.arange(40, dtype=np.int16).reshape(5, 8)[:, ::3],
+        "np_bool": np.array([True, False, True]),
+        "np_scalar": np.array(7, dtype=np.uint64),
+    }
+    pool = StagingPool()
+    values, staged = stage(pool, state)
+    assert len(staged.views) == len(values)
+    for value, view in zip(values, staged.views, strict=True):
+        assert bytes(view) == expected_bytes(value)
+    staged.release()
+    assert pool.stats.in_use == 0
+
+
+def test_layout_cache_is_reused_and_rebuilt_when_the_state_changes() -> None:
+    pool = StagingPool()
+    a = torch.zeros(100)
+    b = np.zeros(10, dtype=np.float64)
+    for step in range(3):
+        a.fill_(step)
+        b[:] = step
+        _values, staged = stage(pool, {"a": a, "b": b})
+        assert bytes(staged.views[0]) == a.numpy().tobytes()
+        assert bytes(staged.views[1]) == b.tobytes()
+        staged.release()
+    # Same byte size, different dtypes and shapes: the cached views must not be reused.
+    c = torch.arange(50, dtype=torch.int64)
+    _values, staged = stage(pool, {"a": c, "b": np.ones(20, dtype=np.float32)})
+    assert bytes(staged.views[0]) == c.numpy().tobytes()
+    assert bytes(staged.views[1]) == np.ones(20, dtype=np.float32).tobytes()
+    staged.release()
+    assert pool.stats.allocated == 1
+
+
+def test_a_tensor_changed_after_encoding_fails_with_its_path_and_releases_the_slab() -> None:
+    pool = StagingPool()
+    t = torch.zeros(4, 4)
+    encoded = encode_state({"model": {"w": t, "ok": torch.ones(3)}})
+    t.resize_(3)  # what a caller mutating before wait_staged() can do
+    with pytest.raises(CheckpointError, match=r"model\.w: the tensor changed"):
+        stage_state(pool, encoded.tensors, staging.Ready())
+    assert pool.stats.in_use == 0
+    t2 = torch.zeros(4, 4)
+    encoded = encode_state({"w": t2})
+    t2.data = torch.zeros(4, 4, dtype=torch.float64)
+    with pytest.raises(CheckpointError, match=r"w: the tensor changed from float32\[4, 4\] to float64"):
+        stage_state(pool, encoded.tensors, staging.Ready())
+    assert pool.stats.in_use == 0
+
+
+def test_staged_bytes_do_not_follow_later_mutation() -> None:
+    pool = StagingPool()
+    t = torch.arange(1000, dtype=torch.float32)
+    arr = np.arange(1000, dtype=np.int32)
+    _values, staged = stage(pool, {"t": t, "a": arr})
+    before = [bytes(v) for v in staged.views]
+    t.mul_(-1)
+    arr *= -1
+    assert [bytes(v) for v in staged.views] == before
+    staged.release()
+
+
+# -- CUDA (run where a GPU is lent) -------------------------------------------------------------
+
+
+@cuda
+def test_cuda_tensors_go_through_a_reused_pinned_slab() -> None:
+    pool = StagingPool()
+    t = torch.randn(1 << 16, device="cuda")
+    slabs = set()
+    for i in range(3):
+        t.add_(i)
+        expected = t.cpu().numpy().tobytes()
+        _values, staged = stage(pool, {"t": t, "cpu": torch.ones(10)})
+        assert bytes(staged.views[0]) == expected
+        slabs.update(id(s) for s in staged._slabs)
+        assert any(s.pinned and s.tensor.is_pinned() for s in staged._slabs)
+        staged.release()
+    assert len(slabs) == 2 and pool.stats.allocated == 2
+
+
+@cuda
+def test_side_stream_waits_for_work_queued_before_the_save() -> None:
+    pool = StagingPool()
+    t = torch.zeros(1 << 22, device="cuda")
+    x = torch.randn(2048, 2048, device="cuda")
+    for _ in range(20):  # keep the current stream busy so an unordered copy would see zeros
+        x = x @ x
+        x = x / x.norm()
+    t.fill_(7.0)  # queued behind the matmuls on the current stream
+    _values, staged = stage(pool, {"t": t})
+    assert np.all(np.frombuffer(staged.views[0], dtype=np.float32) == 7.0)
+    staged.release()
+
+
+@cuda
+def test_source_memory_is_not_reused_while_the_copy_is_in_flight() -> None:
+    pool = StagingPool()
+    n = 1 << 24
+    t = torch.full((n,), 3.0, device="cuda")
+    encoded = encode_state({"t": t})
+    ready = staging.capture_ready(encoded.tensors)
+    staged = stage_state(pool, encoded.tensors, ready)
+    del t, encoded  # the caller drops its last references while the copy may still run
+    junk = [torch.full((n,), -1.0, device="cuda") for _ in range(4)]  # may reuse freed blocks
+    staged.synchronize()
+    assert np.all(np.frombuffer(staged.views[0], dtype=np.float32) == 3.0)
+    staged.release()
+    del junk
