@@ -94,7 +94,9 @@ def write_checkpoint(
     except BaseException:
         commit.abort(temp)
         raise
-    commit.finish(temp, final, overwrite=overwrite)
+    if not overwrite:
+        commit.refuse_if_committed(temp, final)
+    commit.finish(temp, final)
     return CheckpointInfo.from_manifest(final, manifest, _decode_metadata(manifest, final))
 
 
