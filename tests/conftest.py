@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import pytest
@@ -26,6 +27,24 @@ settings.load_profile(os.environ.get("CKPTPROTO_HYPOTHESIS", "default"))
 def tmp_ckpt(tmp_path: Path) -> Path:
     """A path where no checkpoint exists yet, inside a per-test directory."""
     return tmp_path / "ckpt"
+
+
+def quantized(dtype_name: str) -> object:
+    """A quantized tensor, made without using up torch's warn-once deprecation warning that
+    other tests may assert on (set_warn_always makes TORCH_WARN_ONCE skip its once-flag)."""
+    import torch
+
+    previous = torch.is_warn_always_enabled()
+    torch.set_warn_always(True)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            dtype = getattr(torch, dtype_name)
+            if dtype_name in ("qint8", "quint8", "qint32"):
+                return torch.quantize_per_tensor(torch.ones(4), 0.1, 0, dtype)
+            return torch.empty(4, dtype=dtype)
+    finally:
+        torch.set_warn_always(previous)
 
 
 def raw_bytes(value: object) -> bytes:

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from conftest import quantized
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -73,7 +74,7 @@ ILLEGAL: dict[str, Callable[[], Any]] = {
     "tensor_subclass": lambda: torch.zeros(2).as_subclass(TensorSub),
     "sparse_tensor": lambda: torch.eye(3).to_sparse(),
     "sparse_csr_tensor": lambda: torch.eye(3).to_sparse_csr(),
-    "quantized_tensor": lambda: torch.quantize_per_tensor(torch.ones(2), 0.5, 0, torch.qint8),
+    "quantized_tensor": lambda: quantized("qint8"),
     "meta_tensor": lambda: torch.empty(2, device="meta"),
     "object_array": lambda: np.array([1, "a"], dtype=object),
     "str_array": lambda: np.array(["ab"]),

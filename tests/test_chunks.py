@@ -26,6 +26,12 @@ from ckptproto.io.plan import Piece, plan_file
 Box = tuple[int, tuple[int, ...], tuple[int, ...]]  # (rank, offsets, shape)
 
 
+def _spec(value: Any) -> ArraySpec:
+    spec = arrays.try_spec(value)
+    assert spec is not None
+    return spec
+
+
 def _build(path: Path, tensors: dict[str, tuple[Any, list[Box]]]) -> None:
     """Write a checkpoint by hand: each named global tensor is cut into the given boxes, each
     box stored in the data file of its rank."""
@@ -35,7 +41,7 @@ def _build(path: Path, tensors: dict[str, tuple[Any, list[Box]]]) -> None:
     pieces: dict[int, list[Piece]] = {}
     layout_of: list[tuple[str, int, list[int]]] = []  # (name, tensor index, source indices)
     for index, (name, (value, boxes)) in enumerate(tensors.items()):
-        spec = arrays.spec_of(value)
+        spec = _spec(value)
         ids = []
         for j, (rank, offsets, shape) in enumerate(boxes):
             part = value[(*(slice(o, o + s) for o, s in zip(offsets, shape, strict=True)), ...)]
@@ -54,7 +60,7 @@ def _build(path: Path, tensors: dict[str, tuple[Any, list[Box]]]) -> None:
     entries, state = [], {}
     for name, index, ids in layout_of:
         value = tensors[name][0]
-        spec = arrays.spec_of(value)
+        spec = _spec(value)
         entries.append(TensorEntry(spec.dtype, spec.shape, tuple(chunks[i] for i in ids)))
         state[name] = {f"${spec.kind}": index}
     manifest = Manifest(state=state, tensors=entries, files=files, world_size=max(pieces) + 1)

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from conftest import assert_same
+from conftest import assert_same, quantized
 from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
@@ -160,11 +160,7 @@ def test_every_torch_dtype(dtype: torch.dtype, tmp_ckpt: Path) -> None:
 
 @pytest.mark.parametrize("name", sorted(QUANTIZED))
 def test_quantized_dtypes_are_refused(name: str, tmp_ckpt: Path) -> None:
-    dtype = getattr(torch, name)
-    if name in ("qint8", "quint8", "qint32"):
-        t = torch.quantize_per_tensor(torch.ones(4), 0.1, 0, dtype)
-    else:
-        t = torch.empty(4, dtype=dtype)
+    t = quantized(name)
     with pytest.raises(ckptproto.UnsupportedValueError) as info:
         ckptproto.save({"layer": {"w": t}}, tmp_ckpt)
     assert info.value.path == "layer.w" and "layer.w" in str(info.value)
