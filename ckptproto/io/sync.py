@@ -265,9 +265,9 @@ def load_into(
         _copy_into(dst, src)
     state = decode_tree(manifest.state, lambda kind, index, p: values.get(index), where=where)
     if is_stateful:
-        _call_load_state_dict(target, state, strict)  # type: ignore[arg-type]
+        _call_load_state_dict(target, state, strict, f"{root}: <root>")  # type: ignore[arg-type]
     else:
-        _assign(target, state, strict)
+        _assign(target, state, strict, root)
     return CheckpointInfo.from_manifest(root, manifest, metadata)
 
 
@@ -285,20 +285,27 @@ def _copy_into(dst: Any, src: Any) -> None:
             dst.view(torch.uint8).copy_(src.view(torch.uint8))
 
 
-def _call_load_state_dict(target: Stateful, state: dict[str, Any], strict: bool) -> None:
+def _call_load_state_dict(target: Stateful, state: dict[str, Any], strict: bool, where: str) -> None:
     import inspect
 
     try:
         accepts_strict = "strict" in inspect.signature(target.load_state_dict).parameters
     except (TypeError, ValueError):
         accepts_strict = False
-    if accepts_strict:
-        target.load_state_dict(state, strict=strict)  # type: ignore[call-arg]
-    else:
-        target.load_state_dict(state)
+    try:
+        if accepts_strict:
+            target.load_state_dict(state, strict=strict)  # type: ignore[call-arg]
+        else:
+            target.load_state_dict(state)
+    except (RuntimeError, KeyError, ValueError, TypeError, IndexError) as exc:
+        # e.g. torch's "Unexpected key(s) in state_dict": the checkpoint does not fit.
+        raise StateMismatchError(
+            f"{where}: {type(target).__qualname__}.load_state_dict refused the checkpoint state "
+            f"(its tensors may already hold checkpoint bytes): {exc}"
+        ) from exc
 
 
-def _assign(target: Any, loaded: Any, strict: bool) -> None:
+def _assign(target: Any, loaded: Any, strict: bool, root: Path, path: str = "") -> None:
     """Copy non-tensor values of ``loaded`` into a plain tree target (tensors already filled);
     Stateful objects in the tree get their part through their own ``load_state_dict``."""
     items = loaded.items() if isinstance(loaded, Mapping) else enumerate(loaded)
@@ -312,9 +319,9 @@ def _assign(target: Any, loaded: Any, strict: bool) -> None:
                 continue
             current = target[key]
         if _is_stateful(current):
-            _call_load_state_dict(current, value, strict)
+            _call_load_state_dict(current, value, strict, f"{root}: {join_path(path, key)}")
         elif isinstance(current, (dict, list)) and isinstance(value, type(current)):
-            _assign(current, value, strict)
+            _assign(current, value, strict, root, join_path(path, key))
         elif current is not value and not _is_array(current):
             target[key] = value
 
