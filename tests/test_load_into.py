@@ -279,3 +279,16 @@ def test_partial_target_reads_only_what_it_needs(tmp_ckpt: Path) -> None:
     holder: dict[str, Any] = {"models": {"w": np.zeros(1024)}, "optimizers": {"exp_avg": None}}
     ckptproto.load_into(tmp_ckpt, holder, strict=False)
     assert holder["optimizers"]["exp_avg"].shape == (big // 8,)
+
+
+def test_stateful_refusal_is_a_state_mismatch(tmp_ckpt: Path) -> None:
+    """A Stateful target's own load_state_dict refusing the state (torch: unexpected keys)
+    surfaces as StateMismatchError naming the state path, not a bare RuntimeError."""
+    ckptproto.save({"models": {"model": _mlp(0)}}, tmp_ckpt)
+    short = torch.nn.Sequential(torch.nn.Linear(4, 8))
+    with pytest.raises(StateMismatchError, match=r"models\.model: Sequential\.load_state_dict") as info:
+        ckptproto.load_into(tmp_ckpt, {"models": {"model": short}})
+    assert "2.weight" in str(info.value) and isinstance(info.value.__cause__, RuntimeError)
+    ckptproto.save(_mlp(0), tmp_ckpt, overwrite=True)
+    with pytest.raises(StateMismatchError, match="<root>: Sequential"):
+        ckptproto.load_into(tmp_ckpt, short)
