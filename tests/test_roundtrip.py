@@ -184,6 +184,21 @@ def test_plain_value_edges(tmp_ckpt: Path) -> None:
     assert isinstance(loaded["odict"], OrderedDict) and type(loaded[7]) is dict
 
 
+def test_huge_ints_as_values_and_keys(tmp_ckpt: Path) -> None:
+    huge = 3**20000  # 9,543 digits: past Python's 4,300-digit str() limit, under the format's 10,000
+    state = {
+        "v": huge,
+        "neg": -huge,
+        "d": {huge: torch.ones(1), -huge: [huge]},
+        "o": OrderedDict([(huge, 1)]),
+    }
+    loaded = _roundtrip(state, tmp_ckpt)
+    assert_same(state, loaded)
+    with pytest.raises(ckptproto.UnsupportedValueError) as info:
+        ckptproto.save({"d": {1: {2: 10**10001}}}, tmp_ckpt, overwrite=True)
+    assert info.value.path == "d.1.2"
+
+
 def test_same_array_twice_stays_shared(tmp_ckpt: Path) -> None:
     a = np.arange(6, dtype=np.int32)
     t = torch.arange(6.0)
