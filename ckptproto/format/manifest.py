@@ -265,7 +265,17 @@ def _check_tiling(entry: TensorEntry, what: str) -> None:
         return
     lo = np.array([c.offsets for c in boxes], dtype=np.int64)
     hi = lo + np.array([c.shape for c in boxes], dtype=np.int64)
+    # Sweep along the dim with the most distinct starts, comparing each box only with those
+    # starting before it ends there: all pairs would be quadratic (65,536 chunks: minutes).
+    dim = max(range(lo.shape[1]), key=lambda d: len(np.unique(lo[:, d])))
+    order = np.argsort(lo[:, dim], kind="stable")
+    lo, hi = lo[order], hi[order]
+    ends = np.searchsorted(lo[:, dim], hi[:, dim], side="left")
     for i in range(len(boxes) - 1):
-        overlap = np.all((lo[i] < hi[i + 1 :]) & (lo[i + 1 :] < hi[i]), axis=1)
+        if ends[i] <= i + 1:
+            continue
+        window = slice(i + 1, int(ends[i]))
+        overlap = np.all((lo[i] < hi[window]) & (lo[window] < hi[i]), axis=1)
         if overlap.any():
-            raise CheckpointFormatError(f"{what}: chunks {i} and {i + 1 + int(np.argmax(overlap))} overlap")
+            j = i + 1 + int(np.argmax(overlap))
+            raise CheckpointFormatError(f"{what}: chunks {int(order[i])} and {int(order[j])} overlap")
