@@ -227,3 +227,55 @@ def test_random_chunk_layouts(layout: tuple[Any, list[Box]], tmp_path: Path) -> 
         target = torch.zeros(nbytes, dtype=torch.uint8).view(value.dtype).reshape(value.shape)
     ckptproto.load_into(path, {"t": target})
     assert raw_bytes(target) == raw_bytes(value)
+
+
+@st.composite
+def _tilings_with_overlap(
+    draw: st.DrawFn,
+) -> tuple[tuple[int, ...], list[tuple[tuple[int, ...], tuple[int, ...]]], bool]:
+    shape = tuple(draw(st.lists(st.integers(1, 6), min_size=1, max_size=3)))
+    cuts = [
+        sorted(set(draw(st.lists(st.integers(1, max(n - 1, 1)), max_size=3)))) if n > 1 else [] for n in shape
+    ]
+    boxes = [(o, s) for _, o, s in _grid(shape, cuts, 1)]
+    broken = draw(st.booleans()) and len(boxes) >= 2
+    if broken:  # move one box onto another's start: same volume, one overlap, one gap
+        i, j = draw(st.lists(st.integers(0, len(boxes) - 1), min_size=2, max_size=2, unique=True))
+        (oi, si), (oj, _) = boxes[i], boxes[j]
+        moved = tuple(min(o, n - s) for o, s, n in zip(oj, si, shape, strict=True))
+        broken = moved != oi
+        boxes[i] = (moved, si)
+    order = draw(st.permutations(range(len(boxes))))
+    return shape, [boxes[k] for k in order], broken
+
+
+@given(case=_tilings_with_overlap())
+def test_overlap_check_on_random_tilings(case: tuple[tuple[int, ...], list[Any], bool]) -> None:
+    """The manifest's tiling check accepts every grid split and refuses one moved box."""
+    import json
+
+    from ckptproto.format.manifest import Manifest
+
+    shape, boxes, broken = case
+    doc = {
+        "format": "ckptproto",
+        "format_version": "1.0",
+        "files": {"a.safetensors": {"size": 64, "checksum": "crc32:00000000"}},
+        "tensors": [
+            {
+                "dtype": "uint8",
+                "shape": list(shape),
+                "chunks": [
+                    {"file": "a.safetensors", "key": str(k), "offsets": list(o), "shape": list(s)}
+                    for k, (o, s) in enumerate(boxes)
+                ],
+            }
+        ],
+        "state": {},
+    }
+    data = json.dumps(doc).encode()
+    if broken:
+        with pytest.raises(CheckpointFormatError, match="overlap"):
+            Manifest.parse(data, "m")
+    else:
+        Manifest.parse(data, "m")
