@@ -63,5 +63,23 @@ class StateMismatchError(CheckpointError, KeyError):
         return str(self.args[0]) if self.args else ""
 
 
+class DistributedCheckpointError(CheckpointError):
+    """A distributed save or load failed on one or more ranks; every rank of the group raises
+    it. ``failed_ranks`` maps each failed rank (in the group) to what went wrong there::
+
+        except ckptproto.DistributedCheckpointError as exc:
+            print(exc.failed_ranks)   # {1: "CheckpointWriteError: writing ... failed: ..."}
+    """
+
+    def __init__(self, message: str, *, failed_ranks: dict[int, str] | None = None) -> None:
+        super().__init__(message)
+        self.failed_ranks = dict(failed_ranks or {})
+
+
 class SaverBusyError(CheckpointError, RuntimeError):
     """An ``AsyncSaver(when_full="raise")`` already has ``max_pending`` saves in flight."""
+
+
+class PickleRefusedError(CheckpointFormatError):
+    """A file (e.g. a ``torch.save`` checkpoint) can only be read by unpickling arbitrary
+    objects, which can run code; ckptproto refuses unless explicitly told the file is trusted."""

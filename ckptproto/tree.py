@@ -10,7 +10,8 @@ Encoding (normative text: ``spec/FORMAT.md``, "Value encoding"):
 * ``dict`` whose keys are all ``str`` not starting with ``$`` -> JSON object; any other
   ``dict`` -> ``{"$dict": [[key, value], ...]}``; ``OrderedDict`` -> ``{"$odict": [...]}``.
 * torch tensor -> ``{"$torch": i}``, numpy array -> ``{"$numpy": i}``, ``i`` indexing the
-  manifest's tensor table.
+  manifest's tensor table. A DTensor is a torch tensor of its global shape (the manifest
+  stores it as chunks); its ``TensorLeaf.shard`` holds this rank's local part.
 """
 
 from __future__ import annotations
@@ -27,8 +28,9 @@ from typing import Any
 
 import numpy as np
 
-from ckptproto import arrays
+from ckptproto import arrays, dtensor
 from ckptproto.arrays import ArraySpec
+from ckptproto.dtensor import LocalShard
 from ckptproto.errors import CheckpointFormatError, UnsupportedValueError
 
 MAX_DEPTH = 200
@@ -54,8 +56,9 @@ class TensorLeaf:
     """One distinct tensor/array of a state (tied tensors appear once)."""
 
     value: Any
-    spec: ArraySpec
+    spec: ArraySpec  # the global spec (for a DTensor, its global dtype and shape)
     path: str  # the first state path it was found at
+    shard: LocalShard | None = None  # a DTensor's local part; None for plain tensors/arrays
 
 
 @dataclass
@@ -138,14 +141,22 @@ class _Encoder:
         return {"$odict" if type(value) is OrderedDict else "$dict": pairs}
 
     def _tensor(self, value: Any, path: str) -> dict[str, int]:
-        spec = arrays.describe(value)
-        if not isinstance(spec, ArraySpec):
-            raise UnsupportedValueError(f"{path or '<root>'}: {spec}", path=path)
-        key = arrays.identity(value)
+        shard = None
+        if dtensor.is_dtensor(value):
+            described = dtensor.describe(value)
+            if isinstance(described, str):
+                raise UnsupportedValueError(f"{path or '<root>'}: {described}", path=path)
+            spec, shard = described
+            key = ("dtensor", *arrays.identity(shard.local), shard.offsets)
+        else:
+            plain = arrays.describe(value)
+            if not isinstance(plain, ArraySpec):
+                raise UnsupportedValueError(f"{path or '<root>'}: {plain}", path=path)
+            spec, key = plain, arrays.identity(value)
         index = self._ids.get(key)
         if index is None:
             index = self._ids[key] = len(self.tensors)
-            self.tensors.append(TensorLeaf(value, spec, path))
+            self.tensors.append(TensorLeaf(value, spec, path, shard))
         return {"$torch" if spec.kind == "torch" else "$numpy": index}
 
 

@@ -24,7 +24,7 @@ import ckptproto
 from ckptproto import CheckpointError, CheckpointExistsError, CheckpointWriteError
 from ckptproto.errors import SaverBusyError, UnsupportedValueError
 from ckptproto.format import layout
-from ckptproto.io import async_save, staging, sync
+from ckptproto.io import async_save, staging, sync, threads
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 MODES = ["blocking", "background"]
@@ -435,6 +435,29 @@ def test_bad_arguments_are_refused() -> None:
         ckptproto.AsyncSaver(staging="lazy")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="when_full"):
         ckptproto.AsyncSaver(when_full="drop")  # type: ignore[arg-type]
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_forked_child_can_save_with_an_inherited_saver(tmp_path: Path, write_gate: Gate) -> None:
+    threads.pool().submit(int).result()  # the parent's I/O pool has live worker threads
+    saver = ckptproto.AsyncSaver(max_pending=1)
+    parent = saver.save({"w": np.ones(3)}, tmp_path / "parent")  # in flight during the fork
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - runs in the child
+        code = 1
+        try:
+            write_gate.open()
+            saver.save({"w": np.zeros(3)}, tmp_path / "child").result(timeout=30)
+            saver.close()
+            code = 0
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert np.array_equal(ckptproto.load(tmp_path / "child")["w"], np.zeros(3))
+    write_gate.open()
+    assert parent.result(timeout=30).path == tmp_path / "parent"
+    saver.close()
 
 
 # -- real processes: exit, SIGKILL, disk full -------------------------------------------------

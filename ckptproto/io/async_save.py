@@ -38,7 +38,7 @@ from typing import Any, Literal
 from ckptproto import _gc, protocol
 from ckptproto.errors import CheckpointError, SaverBusyError
 from ckptproto.format.info import CheckpointInfo
-from ckptproto.io import staging, sync
+from ckptproto.io import distributed, staging, sync
 from ckptproto.io.staging import Staged, StagingPool
 from ckptproto.protocol import Stateful
 from ckptproto.tree import EncodedState, encode_state
@@ -88,6 +88,7 @@ class _Job:
     overwrite: bool
     ready: staging.Ready
     staged: Staged | None = None
+    share: distributed.ShareJob | None = None  # a distributed save: this rank's part
 
 
 _savers: weakref.WeakSet[AsyncSaver] = weakref.WeakSet()
@@ -122,6 +123,18 @@ def _install_exit_hook() -> None:
         _exit_hook_installed = True
 
 
+def _reset_after_fork() -> None:
+    # A forked child (a DataLoader worker, say) inherits the savers but not their threads;
+    # without this, a save there would wait forever on threads that do not exist. The
+    # parent's pending saves are the parent's: the child neither finishes nor waits for them.
+    for saver in list(_savers):
+        saver._forget_threads()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reset_after_fork)
+
+
 class AsyncSaver:
     """Saves checkpoints in the background, at most ``max_pending`` at a time.
 
@@ -133,6 +146,10 @@ class AsyncSaver:
     ``when_full``: what ``save`` does when ``max_pending`` saves are still in flight:
     ``"block"`` (default) waits until one is committed (or failed); ``"raise"`` raises
     SaverBusyError at once, with nothing started.
+
+    ``process_group``: under torch.distributed (by default the world group once initialised)
+    every rank stages and writes its own share and rank 0 commits when every rank's files are
+    durable (docs/distributed.md); constructing the saver is then a collective call.
 
     A context manager; ``close()`` (also at interpreter exit) finishes every pending save::
 
@@ -147,6 +164,7 @@ class AsyncSaver:
         *,
         when_full: WhenFull = "block",
         pool: StagingPool | None = None,
+        process_group: Any = None,
     ) -> None:
         if not isinstance(max_pending, int) or isinstance(max_pending, bool) or max_pending < 1:
             raise ValueError(f"max_pending must be an int >= 1, got {max_pending!r}")
@@ -158,6 +176,9 @@ class AsyncSaver:
         self.staging: StagingMode = staging
         self.when_full: WhenFull = when_full
         self.pool = pool if pool is not None else StagingPool()
+        # Under torch.distributed every rank stages and writes its share; the commit waits for
+        # every rank's files (docs/distributed.md). Created here: it is a collective call.
+        self._control = distributed.async_control(process_group)
         self._cond = threading.Condition()
         self._inflight: set[SaveFuture] = set()  # holding a slot (counts against max_pending)
         self._unfinished: set[SaveFuture] = set()  # not yet done (what wait() waits for)
@@ -193,6 +214,10 @@ class AsyncSaver:
         future.set_running_or_notify_cancel()  # accepted saves cannot be cancelled
         self._reserve(future)
         job = _Job(future, encoded, metadata_tree, overwrite, staging.Ready())
+        if self._control is not None:
+            # Stage only what this rank writes; the global layout travels with the job.
+            job.share = distributed.plan_share(encoded, self._control.rank, self._control.size)
+            job.encoded = EncodedState(encoded.tree, job.share.leaves)
         try:
             self._ensure_threads()
             job.ready = staging.capture_ready(encoded.tensors)
@@ -258,6 +283,15 @@ class AsyncSaver:
                     )
                 self._cond.wait()
 
+    def _forget_threads(self) -> None:
+        self._cond = threading.Condition()
+        self._inflight = set()
+        self._unfinished = set()
+        self._stage_queue = queue.SimpleQueue()
+        self._write_queue = queue.SimpleQueue()
+        self._threads = []
+        self.pool._lock = threading.Lock()
+
     def _ensure_threads(self) -> None:
         with self._cond:
             if self._threads:
@@ -299,13 +333,23 @@ class AsyncSaver:
                 if job.staged is None:
                     raise CheckpointError(f"{job.future.path}: internal error: the save was not staged")
                 with _gc.paused():
-                    info = sync.write_checkpoint(
-                        job.future.path,
-                        job.encoded,
-                        job.metadata_tree,
-                        job.staged.views,
-                        overwrite=job.overwrite,
-                    )
+                    if job.share is not None and self._control is not None:
+                        info = distributed.run_protocol(
+                            job.future.path,
+                            job.share,
+                            job.metadata_tree,
+                            job.staged.views,
+                            self._control,
+                            overwrite=job.overwrite,
+                        )
+                    else:
+                        info = sync.write_checkpoint(
+                            job.future.path,
+                            job.encoded,
+                            job.metadata_tree,
+                            job.staged.views,
+                            overwrite=job.overwrite,
+                        )
             except BaseException as exc:
                 error = exc
             self._complete(job, info, error)

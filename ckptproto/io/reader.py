@@ -203,9 +203,12 @@ def _read_batch(fd: int, offset: int, views: list[memoryview], with_crc: bool, n
     return crc, want
 
 
-def execute(ckpt: OpenCheckpoint, plan: ReadPlan, *, verify: bool) -> None:
+def execute(ckpt: OpenCheckpoint, plan: ReadPlan, *, verify: bool, partial: str = "read") -> set[str]:
     """Run every read; with ``verify`` also check the CRC of every data file the plan touches
-    against the manifest (CheckpointCorruptError names each damaged file)."""
+    against the manifest (CheckpointCorruptError names each damaged file). A file the plan
+    reads only in part is checksummed on its own, or with ``partial="skip"`` left unchecked
+    (a distributed load has another rank check it). Returns the names of the files checked."""
+    checked: set[str] = set()
     pool = threads.pool()
     jobs: list[tuple[DataFile, bool, list[Any]]] = []
     for name, reads in sorted(plan.reads.items()):
@@ -226,8 +229,11 @@ def execute(ckpt: OpenCheckpoint, plan: ReadPlan, *, verify: bool) -> None:
             crc = zlib.crc32(data_file.header)
             for batch_crc, length in results:
                 crc = crc32_combine(crc, batch_crc, length)
+        elif partial == "skip":
+            continue
         else:  # some bytes were not read (a partial load): checksum the file on its own
             crc = file_crc(data_file)
+        checked.add(data_file.name)
         expected = ckpt.manifest.files[data_file.name].crc32
         if crc != expected:
             problems.append(
@@ -239,6 +245,7 @@ def execute(ckpt: OpenCheckpoint, plan: ReadPlan, *, verify: bool) -> None:
         for r in reads:
             if r.after is not None:
                 r.after()
+    return checked
 
 
 def _tiles(reads: list[_Read], start: int, end: int) -> bool:
@@ -310,6 +317,79 @@ def plan_into(
         plan.add(
             chunk.file, header_entry.begin, scratch.data.cast("B"), _copy_box(grid, scratch, chunk, spec)
         )
+
+
+def plan_box_into(
+    ckpt: OpenCheckpoint,
+    plan: ReadPlan,
+    index: int,
+    offsets: tuple[int, ...],
+    spec: ArraySpec,
+    value: Any,
+    dest: memoryview,
+) -> None:
+    """Schedule reading the box of tensor ``index`` at ``offsets`` with ``spec.shape`` (a
+    DTensor's local shard) into ``value``, a contiguous CPU tensor whose bytes are ``dest``.
+    Only the rows of each chunk that overlap the box are read, straight into ``dest`` when
+    chunk and box span the same columns (the usual ``Shard(0)`` case)."""
+    entry = ckpt.manifest.tensors[index]
+    item = entry.dtype.itemsize
+    box_end = tuple(o + s for o, s in zip(offsets, spec.shape, strict=True))
+    grid: np.ndarray[Any, Any] | None = None
+    for chunk in entry.chunks:
+        lo = tuple(max(a, b) for a, b in zip(chunk.offsets, offsets, strict=True))
+        hi = tuple(min(a + s, b) for a, s, b in zip(chunk.offsets, chunk.shape, box_end, strict=True))
+        if any(h <= low for low, h in zip(lo, hi, strict=True)) or (spec.shape and not chunk.numel):
+            continue
+        header_entry = ckpt.locate(entry, chunk, index)
+        if len(spec.shape) < 2 or (chunk.shape[1:] == spec.shape[1:] and chunk.offsets[1:] == offsets[1:]):
+            # 0-d/1-d, or the same columns on both sides: the overlapping rows land as one
+            # contiguous range of the local tensor.
+            row = item * (chunk.numel // chunk.shape[0]) if spec.shape else item
+            skip = lo[0] - chunk.offsets[0] if spec.shape else 0
+            at = (lo[0] - offsets[0]) * row if spec.shape else 0
+            nbytes = (hi[0] - lo[0]) * row if spec.shape else item
+            plan.add(chunk.file, header_entry.begin + skip * row, dest[at : at + nbytes])
+            continue
+        # Rows [lo0, hi0) of the chunk along dim 0 are one contiguous byte range of it; read
+        # them and copy the overlapping columns into place.
+        chunk_row = item * (chunk.numel // chunk.shape[0])
+        begin = header_entry.begin + (lo[0] - chunk.offsets[0]) * chunk_row
+        nrows = hi[0] - lo[0]
+        if grid is None:
+            grid = arrays.byte_grid(value, spec)
+        scratch = np.empty(nrows * chunk_row, dtype=np.uint8)
+        plan.add(
+            chunk.file,
+            begin,
+            scratch.data.cast("B"),
+            _copy_overlap(grid, scratch, chunk, lo, hi, offsets, item),
+        )
+
+
+def _copy_overlap(
+    grid: np.ndarray[Any, Any],
+    scratch: np.ndarray[Any, Any],
+    chunk: Chunk,
+    lo: tuple[int, ...],
+    hi: tuple[int, ...],
+    offsets: tuple[int, ...],
+    item: int,
+) -> Callable[[], None]:
+    def run() -> None:
+        rows = scratch.reshape(hi[0] - lo[0], *chunk.shape[1:-1], chunk.shape[-1] * item)
+        src = [slice(None)]
+        dst = [slice(lo[0] - offsets[0], hi[0] - offsets[0])]
+        for d in range(1, len(lo)):
+            a, b = lo[d] - chunk.offsets[d], hi[d] - chunk.offsets[d]
+            c, e = lo[d] - offsets[d], hi[d] - offsets[d]
+            if d == len(lo) - 1:
+                a, b, c, e = a * item, b * item, c * item, e * item
+            src.append(slice(a, b))
+            dst.append(slice(c, e))
+        grid[tuple(dst)] = rows[tuple(src)]
+
+    return run
 
 
 def _copy_box(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from collections import OrderedDict
 from collections.abc import Mapping, MutableMapping
 from datetime import datetime, timezone
@@ -107,6 +108,7 @@ def save(
     *,
     metadata: Mapping[str, Any] | None = None,
     overwrite: bool = False,
+    process_group: Any = None,
 ) -> CheckpointInfo:
     """Save a state (or anything with ``state_dict()``) as a committed checkpoint directory::
 
@@ -115,9 +117,27 @@ def save(
 
     Every value is checked before any byte is written (UnsupportedValueError names the path).
     The directory appears atomically, fully written and fsynced, or not at all.
+
+    ``process_group``: under torch.distributed (by default, the world group once it is
+    initialised) every rank calls ``save`` and writes its share; see ``docs/distributed.md``.
+    ``process_group="local"`` saves from this process alone.
     """
+    group = _group(process_group)
+    if group is not None:
+        from ckptproto.io import distributed
+
+        return distributed.save(
+            state_or_stateful, path, metadata=metadata, overwrite=overwrite, process_group=group
+        )
     state = _resolve_statefuls(protocol.state_of(state_or_stateful))
     encoded = encode_state(state)
+    if any(leaf.shard is not None for leaf in encoded.tensors):
+        leaf = next(leaf for leaf in encoded.tensors if leaf.shard is not None)
+        raise UnsupportedValueError(
+            f"{leaf.path}: a DTensor is saved by all ranks of a process group; "
+            "do not pass process_group='local'",
+            path=leaf.path,
+        )
     metadata_tree = encode_metadata(metadata, state)
     sources = []
     owners = []  # keeps contiguous/CPU copies alive until written
@@ -129,6 +149,15 @@ def save(
         sources.append(view)
         owners.append(owner)
     return write_checkpoint(Path(path), encoded, metadata_tree, sources, overwrite=overwrite)
+
+
+def _group(process_group: Any) -> Any:
+    """The torch.distributed group to run on, or None for this process alone."""
+    if process_group is None and "torch.distributed" not in sys.modules:
+        return None  # nothing to import: torch.distributed was never loaded
+    from ckptproto.io import distributed
+
+    return distributed.resolve_group(process_group)
 
 
 def _resolve_statefuls(state: Mapping[str, Any]) -> dict[str, Any]:
@@ -172,7 +201,12 @@ def read_info(path: PathLike) -> CheckpointInfo:
 
 @_gc.paused()
 def load(
-    path: PathLike, *, map_location: Any = None, mmap: bool = False, verify: bool | None = None
+    path: PathLike,
+    *,
+    map_location: Any = None,
+    mmap: bool = False,
+    verify: bool | None = None,
+    process_group: Any = None,
 ) -> dict[str, Any]:
     """Load the whole state tree::
 
@@ -181,7 +215,16 @@ def load(
 
     With ``mmap=True`` tensors are backed by the files (copy-on-write) and read lazily.
     ``verify`` (default: on, off with ``mmap``) compares every data file's CRC while reading.
+    Under torch.distributed every rank loads the full state and checks that all ranks loaded
+    the same checkpoint (``process_group="local"``: this process alone).
     """
+    group = _group(process_group)
+    if group is not None:
+        from ckptproto.io import distributed
+
+        return distributed.load(
+            path, map_location=map_location, mmap=mmap, verify=verify, process_group=group
+        )
     root = Path(path)
     with reader.OpenCheckpoint(root) as ckpt:
         where = str(root / layout.MANIFEST_NAME)
@@ -208,7 +251,12 @@ class _Ref:
 
 @_gc.paused()
 def load_into(
-    path: PathLike, target: Stateful | MutableMapping[str, Any], *, strict: bool = True, verify: bool = True
+    path: PathLike,
+    target: Stateful | MutableMapping[str, Any],
+    *,
+    strict: bool = True,
+    verify: bool = True,
+    process_group: Any = None,
 ) -> CheckpointInfo:
     """Load a checkpoint into existing objects, reading tensor bytes straight into the target's
     own tensors (no intermediate copy of the state)::
@@ -223,7 +271,16 @@ def load_into(
 
     If the checkpoint turns out to be corrupt (CheckpointCorruptError), the target's tensors
     may already hold some of its bytes: load again from a good checkpoint.
+
+    Under torch.distributed (``process_group``, by default the world group once initialised)
+    DTensor targets such as FSDP2 parameters receive only their local shard; see
+    ``docs/distributed.md``.
     """
+    group = _group(process_group)
+    if group is not None:
+        from ckptproto.io import distributed
+
+        return distributed.load_into(path, target, strict=strict, verify=verify, process_group=group)
     root = Path(path)
     is_stateful = _is_stateful(target)
     if not is_stateful and not isinstance(target, MutableMapping):

@@ -27,6 +27,18 @@ def pool() -> ThreadPoolExecutor:
         return _pool
 
 
+def _forget_pool_after_fork() -> None:
+    # The child inherits the pool object but none of its threads: work submitted there would
+    # wait forever. It gets a fresh pool on first use.
+    global _lock, _pool
+    _lock = threading.Lock()
+    _pool = None
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pool_after_fork)
+
+
 def gather(futures: list[Future[Any]]) -> list[Any]:
     """Results in order; waits for every future before raising the first error, so no worker
     still touches a file descriptor the caller is about to close."""

@@ -1,0 +1,164 @@
+"""Distributed save/load: ckptproto against DCP (torch.distributed.checkpoint) on the same
+sharded state, on 2 and 4 gloo ranks (spawned processes on 127.0.0.1), in one run.
+
+The state: ``--mib`` MiB of float32 DTensors sharded on dim 0 over all ranks (the FSDP2
+layout), plus ``--replicated-mib`` MiB of plain tensors held by every rank (DDP-style,
+replicated). Each measurement is the slowest rank's time between two barriers; saves go to
+fresh directories and include fsync (DCP's FileSystemWriter fsyncs by default). Loads read
+into existing DTensors (ckptproto.load_into, dcp.load). Best of ``--repeat``.
+
+    python benchmarks/bench_distributed.py --ranks 2 4 --mib 64 --dir /tmp
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import shutil
+import socket
+import tempfile
+import time
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def _dir_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def _state(mib: float, replicated_mib: float, mesh: Any, zero: bool) -> dict[str, Any]:
+    import torch
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    g = torch.Generator().manual_seed(0)
+    n_sharded, n_rep = 16, 4
+    rows = max(1, int(mib * 2**20 / 4 / n_sharded / 1024))
+    rep_rows = max(1, int(replicated_mib * 2**20 / 4 / n_rep / 1024))
+    model = {}
+    for i in range(n_sharded):
+        full = torch.zeros(rows, 1024) if zero else torch.randn(rows, 1024, generator=g)
+        model[f"layer{i}.weight"] = distribute_tensor(full, mesh, [Shard(0)])
+    replicated = {
+        f"embed{i}": torch.zeros(rep_rows, 1024) if zero else torch.randn(rep_rows, 1024, generator=g)
+        for i in range(n_rep)
+    }
+    return {"model": model, "replicated": replicated}
+
+
+def _rank(rank: int, world: int, port: int, args: dict[str, Any], out: str) -> None:
+    os.environ["OMP_NUM_THREADS"] = "1"
+    import torch
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.device_mesh import init_device_mesh
+
+    import ckptproto
+
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world,
+        timeout=timedelta(minutes=5),
+    )
+    mesh = init_device_mesh("cpu", (world,))
+    state = _state(args["mib"], args["replicated_mib"], mesh, zero=False)
+    root = Path(args["root"])
+
+    def timed(fn: Any) -> float:
+        dist.barrier()
+        start = time.perf_counter()
+        fn()
+        dist.barrier()
+        elapsed = torch.tensor([time.perf_counter() - start], dtype=torch.float64)
+        dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
+        return float(elapsed.item())
+
+    times: dict[str, list[float]] = {"ours_save": [], "dcp_save": [], "ours_load": [], "dcp_load": []}
+    for attempt in range(args["repeat"]):
+        ours, theirs = root / f"ours-{world}-{attempt}", root / f"dcp-{world}-{attempt}"
+        order = [("ours", ours), ("dcp", theirs)] if attempt % 2 == 0 else [("dcp", theirs), ("ours", ours)]
+        for name, path in order:
+            if name == "ours":
+                times["ours_save"].append(timed(lambda p=path: ckptproto.save(state, p)))
+            else:
+                times["dcp_save"].append(timed(lambda p=path: dcp.save(state, checkpoint_id=str(p))))
+        targets = {n: _state(args["mib"], args["replicated_mib"], mesh, zero=True) for n in ("ours", "dcp")}
+        for name, path in order:
+            t = targets[name]
+            if name == "ours":
+                times["ours_load"].append(timed(lambda p=path, t=t: ckptproto.load_into(p, t)))
+            else:
+                times["dcp_load"].append(timed(lambda p=path, t=t: dcp.load(t, checkpoint_id=str(p))))
+        for name, t in targets.items():  # both loads really produced the saved values
+            for key, value in state["model"].items():
+                assert torch.equal(t["model"][key].to_local(), value.to_local()), (name, key)
+            for key, value in state["replicated"].items():
+                assert torch.equal(t["replicated"][key], value), (name, key)
+    if rank == 0:
+        result = {k: min(v) for k, v in times.items()}
+        result["ours_bytes"] = _dir_bytes(root / f"ours-{world}-0")
+        result["dcp_bytes"] = _dir_bytes(root / f"dcp-{world}-0")
+        Path(out).write_text(json.dumps(result))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def run(world: int, args: dict[str, Any]) -> dict[str, Any]:
+    ctx = multiprocessing.get_context("spawn")
+    out = Path(args["root"]) / f"result-{world}.json"
+    port = _port()
+    procs = [ctx.Process(target=_rank, args=(r, world, port, args, str(out))) for r in range(world)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join()
+    if any(p.exitcode for p in procs):
+        raise SystemExit(f"a rank failed: exit codes {[p.exitcode for p in procs]}")
+    result: dict[str, Any] = json.loads(out.read_text())
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--ranks", type=int, nargs="+", default=[2, 4])
+    parser.add_argument("--mib", type=float, default=64, help="sharded state size (MiB)")
+    parser.add_argument("--replicated-mib", type=float, default=16, help="replicated plain tensors (MiB)")
+    parser.add_argument("--repeat", type=int, default=2)
+    parser.add_argument("--dir", default=None, help="where to write (default: the system temp dir)")
+    ns = parser.parse_args()
+    root = Path(tempfile.mkdtemp(prefix="bench-distributed-", dir=ns.dir))
+    args = {"mib": ns.mib, "replicated_mib": ns.replicated_mib, "repeat": ns.repeat, "root": str(root)}
+    print(
+        f"state: {ns.mib:g} MiB sharded (16 DTensors, Shard(0)) + {ns.replicated_mib:g} MiB replicated "
+        f"(4 plain tensors on every rank); best of {ns.repeat}; in {root}"
+    )
+    header = f"{'ranks':>5} {'op':>5} {'ckptproto s':>12} {'DCP s':>8} {'DCP/ours':>9}"
+    try:
+        for world in ns.ranks:
+            r = run(world, args)
+            print(header)
+            for op in ("save", "load"):
+                ours, theirs = r[f"ours_{op}"], r[f"dcp_{op}"]
+                print(f"{world:>5} {op:>5} {ours:>12.3f} {theirs:>8.3f} {theirs / ours:>9.2f}")
+            print(
+                f"{world:>5} bytes written: ckptproto {r['ours_bytes']:,}  DCP {r['dcp_bytes']:,}  "
+                f"(DCP/ours {r['dcp_bytes'] / r['ours_bytes']:.3f})"
+            )
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
