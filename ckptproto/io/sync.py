@@ -342,7 +342,9 @@ def _copy_into(dst: Any, src: Any) -> None:
             dst.view(torch.uint8).copy_(src.view(torch.uint8))
 
 
-def _call_load_state_dict(target: Stateful, state: dict[str, Any], strict: bool, where: str) -> None:
+def _call_load_state_dict(
+    target: Stateful, state: dict[str, Any], strict: bool, where: str = "<root>"
+) -> None:
     import inspect
 
     try:
@@ -362,7 +364,7 @@ def _call_load_state_dict(target: Stateful, state: dict[str, Any], strict: bool,
         ) from exc
 
 
-def _assign(target: Any, loaded: Any, strict: bool, root: Path, path: str = "") -> None:
+def _assign(target: Any, loaded: Any, strict: bool, root: Path | None = None, path: str = "") -> None:
     """Copy non-tensor values of ``loaded`` into a plain tree target (tensors already filled);
     Stateful objects in the tree get their part through their own ``load_state_dict``."""
     items = loaded.items() if isinstance(loaded, Mapping) else enumerate(loaded)
@@ -376,7 +378,8 @@ def _assign(target: Any, loaded: Any, strict: bool, root: Path, path: str = "") 
                 continue
             current = target[key]
         if _is_stateful(current):
-            _call_load_state_dict(current, value, strict, f"{root}: {join_path(path, key)}")
+            at = join_path(path, key)
+            _call_load_state_dict(current, value, strict, f"{root}: {at}" if root else at)
         elif isinstance(current, (dict, list)) and isinstance(value, type(current)):
             _assign(current, value, strict, root, join_path(path, key))
         elif current is not value and not _is_array(current):
