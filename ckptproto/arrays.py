@@ -121,6 +121,9 @@ def try_spec(value: Any) -> ArraySpec | None:
 
 def identity(value: Any) -> tuple[Any, ...]:
     """Equal for two objects that are the same view of the same memory (tied weights)."""
+    if value.size == 0 if isinstance(value, np.ndarray) else value.numel() == 0:
+        # Empty tensors all share the null data pointer: only the very same object is tied.
+        return ("empty", id(value))
     if isinstance(value, np.ndarray):
         ai = value.__array_interface__
         return ("numpy", ai["data"][0], value.shape, value.strides, value.dtype.str)
@@ -158,8 +161,20 @@ def host_bytes(value: Any) -> tuple[memoryview, Any]:
     if t.is_conj() or t.is_neg():
         t = t.detach().resolve_conj().resolve_neg()
     if not t.is_contiguous():
-        t = t.detach().contiguous()
+        t = _contiguous(t.detach())
     return _raw_view(t.data_ptr(), t.nbytes), t
+
+
+def _contiguous(t: torch.Tensor) -> torch.Tensor:
+    """A C-ordered copy; torch has no copy kernel for its sub-byte dtypes (uint1..7, int1..7),
+    whose elements are one byte each in memory, so those are copied as uint8."""
+    try:
+        return t.contiguous()
+    except RuntimeError:  # NotImplementedError: "copy_kernel" not implemented for 'UInt4'
+        if t.element_size() != 1:
+            raise
+        torch = loaded_torch()
+        return t.view(torch.uint8).contiguous().view(t.dtype)
 
 
 def allocate(spec: ArraySpec) -> tuple[Any, memoryview]:

@@ -45,6 +45,9 @@ TAGS = ("$torch", "$numpy", "$int", "$float", "$bytes", "$tuple", "$dict", "$odi
 
 
 def join_path(prefix: str, key: object) -> str:
+    if type(key) is int and key.bit_length() > 3 * _FAST_INT_CHARS:
+        # str() refuses ints past sys.int_info.default_max_str_digits (4300 digits).
+        key = f"<int of {key.bit_length()} bits>"
     return f"{prefix}.{key}" if prefix else str(key)
 
 

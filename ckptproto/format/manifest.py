@@ -135,8 +135,8 @@ class Manifest:
         if not isinstance(tensors_doc, list):
             raise CheckpointFormatError(f'{where}: "tensors" must be a list')
         tensors = [_parse_tensor(t, i, files, where) for i, t in enumerate(tensors_doc)]
-        if "state" not in doc:
-            raise CheckpointFormatError(f'{where}: no "state"')
+        if not isinstance(doc.get("state"), dict):
+            raise CheckpointFormatError(f'{where}: "state" must be an object')
         world_size = doc.get("world_size", 1)
         if type(world_size) is not int or world_size < 1:
             raise CheckpointFormatError(f"{where}: bad world_size {world_size!r}")
@@ -265,7 +265,17 @@ def _check_tiling(entry: TensorEntry, what: str) -> None:
         return
     lo = np.array([c.offsets for c in boxes], dtype=np.int64)
     hi = lo + np.array([c.shape for c in boxes], dtype=np.int64)
+    # Sweep along the dim with the most distinct starts, comparing each box only with those
+    # starting before it ends there: all pairs would be quadratic (65,536 chunks: minutes).
+    dim = max(range(lo.shape[1]), key=lambda d: len(np.unique(lo[:, d])))
+    order = np.argsort(lo[:, dim], kind="stable")
+    lo, hi = lo[order], hi[order]
+    ends = np.searchsorted(lo[:, dim], hi[:, dim], side="left")
     for i in range(len(boxes) - 1):
-        overlap = np.all((lo[i] < hi[i + 1 :]) & (lo[i + 1 :] < hi[i]), axis=1)
+        if ends[i] <= i + 1:
+            continue
+        window = slice(i + 1, int(ends[i]))
+        overlap = np.all((lo[i] < hi[window]) & (lo[window] < hi[i]), axis=1)
         if overlap.any():
-            raise CheckpointFormatError(f"{what}: chunks {i} and {i + 1 + int(np.argmax(overlap))} overlap")
+            j = i + 1 + int(np.argmax(overlap))
+            raise CheckpointFormatError(f"{what}: chunks {int(order[i])} and {int(order[j])} overlap")

@@ -78,6 +78,18 @@ def _exchange(a: Path, b: Path) -> bool:
     raise OSError(err, os.strerror(err), str(b))
 
 
+def refuse_if_committed(temp: Path, final: Path) -> None:
+    """For a save with ``overwrite=False``, just before :func:`finish`: if another saver
+    committed a checkpoint at ``final`` while this one was writing, drop ``temp`` and raise
+    CheckpointExistsError instead of replacing it."""
+    if is_committed(final):
+        abort(temp)
+        raise CheckpointExistsError(
+            f"{final} was committed by another saver while this one was writing; "
+            "pass overwrite=True to replace it"
+        )
+
+
 def finish(temp: Path, final: Path) -> None:
     """Make the fully written ``temp`` the checkpoint at ``final`` (replacing an old one)."""
     try:

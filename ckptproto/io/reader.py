@@ -413,13 +413,9 @@ def _contiguous_span(entry: TensorEntry, chunk: Chunk) -> tuple[int, int] | None
     shape, offsets, cshape = entry.shape, chunk.offsets, chunk.shape
     if chunk.numel == 0:
         return (0, 0)
-    # Contiguous iff every dim after the first partial one is full, and dims before it are 1.
-    partial = next((d for d in range(len(shape)) if cshape[d] != shape[d]), None)
-    if partial is None:  # the whole tensor
-        return 0, chunk.numel * entry.dtype.itemsize
-    if any(cshape[d] != 1 for d in range(partial)) or any(
-        cshape[d] != shape[d] for d in range(partial + 1, len(shape))
-    ):
+    # Contiguous iff every dim after the first one longer than 1 is full (a whole tensor is).
+    first = next((d for d in range(len(shape)) if cshape[d] != 1), len(shape))
+    if any(cshape[d] != shape[d] for d in range(first + 1, len(shape))):
         return None
     strides = [1] * len(shape)
     for d in range(len(shape) - 2, -1, -1):

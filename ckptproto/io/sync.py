@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections import OrderedDict
 from collections.abc import Mapping, MutableMapping
 from datetime import datetime, timezone
 from pathlib import Path
@@ -94,6 +95,8 @@ def write_checkpoint(
     except BaseException:
         commit.abort(temp)
         raise
+    if not overwrite:
+        commit.refuse_if_committed(temp, final)
     commit.finish(temp, final)
     return CheckpointInfo.from_manifest(final, manifest, _decode_metadata(manifest, final))
 
@@ -171,7 +174,9 @@ def _resolve_statefuls(state: Mapping[str, Any]) -> dict[str, Any]:
             return walk(protocol.state_of(value))
         return value
 
-    return {k: walk(v) for k, v in state.items()}
+    resolved = {k: walk(v) for k, v in state.items()}
+    # module.state_dict() is an OrderedDict: keep it one, as at any other depth of the tree.
+    return OrderedDict(resolved) if type(state) is OrderedDict else resolved
 
 
 def _decode_metadata(manifest: Manifest, path: Path) -> dict[str, Any]:
@@ -291,6 +296,9 @@ def load_into(
         matcher = _Matcher(ckpt.manifest, strict=strict, reject_unexpected=strict and not is_stateful)
         matcher.match(skeleton, target, "")
         matcher.raise_problems(root)
+        # A tree target only takes part of a checkpoint (strict=False): tensors it would drop
+        # are never allocated or read. A Stateful target gets everything.
+        wanted = set(refs) if is_stateful else _wanted_refs(target, skeleton)
         values: dict[int, Any] = {}
         plan = reader.ReadPlan()
         copies: list[tuple[Any, Any]] = []
@@ -298,6 +306,8 @@ def load_into(
             entry = ckpt.manifest.tensors[index]
             spec = ArraySpec(kind, entry.dtype, entry.shape)
             targets = matcher.destinations.get(index, [])
+            if not targets and index not in wanted:
+                continue
             dest = arrays.writable_bytes(targets[0]) if targets else None
             if dest is not None:
                 value = targets[0]
@@ -310,11 +320,11 @@ def load_into(
         manifest = ckpt.manifest
     for dst, src in copies:
         _copy_into(dst, src)
-    state = decode_tree(manifest.state, lambda kind, index, p: values[index], where=where)
+    state = decode_tree(manifest.state, lambda kind, index, p: values.get(index), where=where)
     if is_stateful:
-        _call_load_state_dict(target, state, strict)  # type: ignore[arg-type]
+        _call_load_state_dict(target, state, strict, f"{root}: <root>")  # type: ignore[arg-type]
     else:
-        _assign(target, state, strict)
+        _assign(target, state, strict, root)
     return CheckpointInfo.from_manifest(root, manifest, metadata)
 
 
@@ -322,23 +332,39 @@ def _copy_into(dst: Any, src: Any) -> None:
     if isinstance(dst, np.ndarray):
         dst[...] = src
     else:
-        dst.copy_(src if not isinstance(src, np.ndarray) else arrays.require_torch().from_numpy(src))
+        torch = arrays.require_torch()
+        src = src if not isinstance(src, np.ndarray) else torch.from_numpy(src)
+        try:
+            dst.copy_(src)
+        except RuntimeError:  # no copy kernel for sub-byte dtypes (uint1..7): one byte each
+            if dst.element_size() != 1 or src.dtype != dst.dtype:
+                raise
+            dst.view(torch.uint8).copy_(src.view(torch.uint8))
 
 
-def _call_load_state_dict(target: Stateful, state: dict[str, Any], strict: bool) -> None:
+def _call_load_state_dict(
+    target: Stateful, state: dict[str, Any], strict: bool, where: str = "<root>"
+) -> None:
     import inspect
 
     try:
         accepts_strict = "strict" in inspect.signature(target.load_state_dict).parameters
     except (TypeError, ValueError):
         accepts_strict = False
-    if accepts_strict:
-        target.load_state_dict(state, strict=strict)  # type: ignore[call-arg]
-    else:
-        target.load_state_dict(state)
+    try:
+        if accepts_strict:
+            target.load_state_dict(state, strict=strict)  # type: ignore[call-arg]
+        else:
+            target.load_state_dict(state)
+    except (RuntimeError, KeyError, ValueError, TypeError, IndexError) as exc:
+        # e.g. torch's "Unexpected key(s) in state_dict": the checkpoint does not fit.
+        raise StateMismatchError(
+            f"{where}: {type(target).__qualname__}.load_state_dict refused the checkpoint state "
+            f"(its tensors may already hold checkpoint bytes): {exc}"
+        ) from exc
 
 
-def _assign(target: Any, loaded: Any, strict: bool) -> None:
+def _assign(target: Any, loaded: Any, strict: bool, root: Path | None = None, path: str = "") -> None:
     """Copy non-tensor values of ``loaded`` into a plain tree target (tensors already filled);
     Stateful objects in the tree get their part through their own ``load_state_dict``."""
     items = loaded.items() if isinstance(loaded, Mapping) else enumerate(loaded)
@@ -352,11 +378,40 @@ def _assign(target: Any, loaded: Any, strict: bool) -> None:
                 continue
             current = target[key]
         if _is_stateful(current):
-            _call_load_state_dict(current, value, strict)
+            at = join_path(path, key)
+            _call_load_state_dict(current, value, strict, f"{root}: {at}" if root else at)
         elif isinstance(current, (dict, list)) and isinstance(value, type(current)):
-            _assign(current, value, strict)
+            _assign(current, value, strict, root, join_path(path, key))
         elif current is not value and not _is_array(current):
             target[key] = value
+
+
+def _wanted_refs(target: Any, skeleton: Any) -> set[int]:
+    """The checkpoint tensors ``_assign`` would place into ``target`` (mirrors its walk)."""
+    wanted: set[int] = set()
+    items = skeleton.items() if isinstance(skeleton, Mapping) else enumerate(skeleton)
+    for key, value in items:
+        if isinstance(target, Mapping):
+            if key not in target:
+                continue
+        elif not isinstance(key, int) or key >= len(target):
+            continue
+        current = target[key]
+        if isinstance(current, (dict, list)) and isinstance(value, type(current)):
+            wanted |= _wanted_refs(current, value)
+        elif not _is_array(current):  # replaced by, or handed (Stateful), the whole value
+            wanted |= _all_refs(value)
+    return wanted
+
+
+def _all_refs(node: Any) -> set[int]:
+    if isinstance(node, _Ref):
+        return {node.index}
+    if isinstance(node, Mapping):
+        return set().union(*(_all_refs(v) for v in node.values()))
+    if isinstance(node, (list, tuple)):
+        return set().union(*(_all_refs(v) for v in node))
+    return set()
 
 
 def _is_stateful(value: Any) -> bool:
