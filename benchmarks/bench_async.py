@@ -282,11 +282,13 @@ def main() -> None:
     parser.add_argument("--save-every", type=int, default=10)
     parser.add_argument("--loop-repeat", type=int, default=1)
     parser.add_argument("--skip-loop", action="store_true")
+    parser.add_argument("--skip-stall", action="store_true")
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix="bench_async-", dir=args.dir))
     try:
         print(f"torch {torch.__version__}, {torch.get_num_threads()} intra-op threads")
-        part1(args, root)
+        if not args.skip_stall:
+            part1(args, root)
         if not args.skip_loop:
             part2(args, root)
     finally:
