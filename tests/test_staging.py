@@ -183,3 +183,12 @@ def test_source_memory_is_not_reused_while_the_copy_is_in_flight() -> None:
     assert np.all(np.frombuffer(staged.views[0], dtype=np.float32) == 3.0)
     staged.release()
     del junk
+
+
+def test_slabs_and_every_staged_tensor_are_aligned() -> None:
+    pool = StagingPool()
+    _values, staged = stage(pool, {"a": torch.ones(3, dtype=torch.int8), "b": torch.ones(5), "c": np.ones(7)})
+    assert staged._slabs[0].array.ctypes.data % staging.ALIGN == 0
+    for view in staged.views:
+        assert np.frombuffer(view, dtype=np.uint8).ctypes.data % staging.ALIGN == 0
+    staged.release()

@@ -183,6 +183,7 @@ class AsyncSaver:
         self._inflight: set[SaveFuture] = set()  # holding a slot (counts against max_pending)
         self._unfinished: set[SaveFuture] = set()  # not yet done (what wait() waits for)
         self._closed = False
+        self._submitting = 0  # save() calls between taking a slot and queueing their job
         self._stage_queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._write_queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._threads: list[threading.Thread] = []
@@ -219,7 +220,6 @@ class AsyncSaver:
             job.share = distributed.plan_share(encoded, self._control.rank, self._control.size)
             job.encoded = EncodedState(encoded.tree, job.share.leaves)
         try:
-            self._ensure_threads()
             job.ready = staging.capture_ready(encoded.tensors)
             if self.staging == "blocking":
                 self._stage(job)
@@ -229,6 +229,10 @@ class AsyncSaver:
         except BaseException as exc:
             self._complete(job, None, exc, log=False)
             raise
+        finally:
+            with self._cond:
+                self._submitting -= 1
+                self._cond.notify_all()
         return future
 
     def wait(self, timeout: float | None = None) -> bool:
@@ -250,15 +254,20 @@ class AsyncSaver:
         with self._cond:
             self._closed = True
             self._cond.notify_all()
-        self.wait()
-        with self._cond:
+            while self._submitting:  # a save() on another thread is queueing its job
+                self._cond.wait()
             threads, self._threads = self._threads, []
-        if threads:
+        # The stop marker goes in behind every accepted save (the staging thread passes it on
+        # to the writer), so the threads finish those saves before they stop, even if this
+        # call is interrupted (Ctrl-C during exit) and never joins them.
+        if len(threads) == 2:
             self._stage_queue.put(None)
+        elif threads:
             self._write_queue.put(None)
-            for thread in threads:
-                if thread is not threading.current_thread():
-                    thread.join()
+        for thread in threads:
+            if thread is not threading.current_thread():
+                thread.join()
+        self.wait()
         self.pool.clear()
 
     def __enter__(self) -> AsyncSaver:
@@ -273,8 +282,10 @@ class AsyncSaver:
                 if self._closed:
                     raise CheckpointError(f"{future.path}: this AsyncSaver is closed; create a new one")
                 if len(self._inflight) < self.max_pending:
+                    self._ensure_threads()
                     self._inflight.add(future)
                     self._unfinished.add(future)
+                    self._submitting += 1
                     return
                 if self.when_full == "raise":
                     raise SaverBusyError(
@@ -290,6 +301,7 @@ class AsyncSaver:
         self._stage_queue = queue.SimpleQueue()
         self._write_queue = queue.SimpleQueue()
         self._threads = []
+        self._submitting = 0
         self.pool._lock = threading.Lock()
 
     def _ensure_threads(self) -> None:
@@ -324,6 +336,7 @@ class AsyncSaver:
                 self._complete(job, None, exc)
                 continue
             self._write_queue.put(job)
+        self._write_queue.put(None)
 
     def _write_loop(self) -> None:
         while (job := self._write_queue.get()) is not None:

@@ -33,6 +33,7 @@ from ckptproto.arrays import ArraySpec
 from ckptproto.errors import CheckpointError
 from ckptproto.tree import TensorLeaf
 
+PAGE = 4096
 ALIGN = 64  # every tensor starts at a multiple of this in a slab (any dtype view is aligned)
 
 
@@ -60,8 +61,16 @@ class Slab:
             torch = arrays.require_torch()
             self.tensor = torch.empty(capacity, dtype=torch.uint8, pin_memory=True)
             self.array: np.ndarray[Any, Any] = self.tensor.numpy()
+        elif (torch := arrays.loaded_torch()) is not None:
+            # torch's CPU allocator (64-byte aligned) measured fastest as a copy_ destination
+            self.tensor = torch.empty(capacity, dtype=torch.uint8)
+            self.array = self.tensor.numpy()
         else:
-            self.array = np.empty(capacity, dtype=np.uint8)
+            # numpy's allocation is only 16-byte aligned; copies into misaligned destinations
+            # measured ~1.5x slower here, so the slab starts on a page boundary.
+            raw = np.empty(capacity + PAGE, dtype=np.uint8)
+            start = -raw.ctypes.data % PAGE
+            self.array = raw[start : start + capacity]
         # Destination views of the last layout staged here, reused when the next save has the
         # same tensors (building ~10k views costs more than copying small tensors).
         self.layout_key: tuple[Any, ...] | None = None
