@@ -177,6 +177,14 @@ def _contiguous(t: torch.Tensor) -> torch.Tensor:
         return t.view(torch.uint8).contiguous().view(t.dtype)
 
 
+def to_host_bytes(value: Any) -> tuple[memoryview, Any]:
+    """Like :func:`host_bytes`, for a tensor on any device: a device tensor is first copied to
+    the host (synchronously; the async saver stages device tensors its own way)."""
+    if not isinstance(value, np.ndarray) and value.device.type != "cpu":
+        value = value.detach().cpu()
+    return host_bytes(value)
+
+
 def allocate(spec: ArraySpec) -> tuple[Any, memoryview]:
     """A new uninitialised tensor/array for ``spec`` and a writable byte view of it."""
     if spec.kind == "numpy":

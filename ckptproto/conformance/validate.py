@@ -10,7 +10,6 @@ one breaks::
 
 from __future__ import annotations
 
-import json
 import os
 import stat
 import struct
@@ -22,7 +21,7 @@ from typing import Any, TypeGuard
 
 from ckptproto import dtypes
 from ckptproto.errors import CheckpointFormatError
-from ckptproto.format import layout
+from ckptproto.format import layout, strict_json
 from ckptproto.format.crc import parse_checksum
 from ckptproto.format.safetensors import MAX_HEADER_BYTES, RAW_CODE
 from ckptproto.tree import MAX_SAFE_INT, decode_tree, iter_tensor_refs
@@ -130,7 +129,7 @@ def _manifest(root: Path, out: _Collector) -> dict[str, Any] | None:
         return None
     data = (root / where).read_bytes()
     try:
-        doc = json.loads(data.decode("utf-8"), object_pairs_hook=_unique, parse_constant=_no_constant)
+        doc = strict_json.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError, CheckpointFormatError) as exc:
         out.add("F-6", where, f"not valid JSON: {exc}")
         return None
@@ -138,19 +137,6 @@ def _manifest(root: Path, out: _Collector) -> dict[str, Any] | None:
         out.add("F-6", where, f"top level is a {type(doc).__name__}, not an object")
         return None
     return doc
-
-
-def _unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in pairs:
-        if k in out:
-            raise CheckpointFormatError(f"duplicate key {k!r}")
-        out[k] = v
-    return out
-
-
-def _no_constant(name: str) -> Any:
-    raise CheckpointFormatError(f"non-standard constant {name}")
 
 
 def _top_level(doc: dict[str, Any], out: _Collector) -> int:
@@ -256,7 +242,7 @@ def _header(path: Path, name: str, size: int, out: _Collector) -> dict[str, _Ent
             return None
         raw = f.read(n)
     try:
-        obj = json.loads(raw.decode("utf-8"), object_pairs_hook=_unique, parse_constant=_no_constant)
+        obj = strict_json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError, CheckpointFormatError) as exc:
         out.add("F-22", name, f"header is not valid JSON: {exc}")
         return None

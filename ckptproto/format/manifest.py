@@ -17,7 +17,7 @@ import numpy as np
 from ckptproto import dtypes
 from ckptproto.dtypes import DType
 from ckptproto.errors import CheckpointFormatError
-from ckptproto.format import layout
+from ckptproto.format import layout, strict_json
 from ckptproto.format.crc import parse_checksum
 
 FORMAT_NAME = "ckptproto"
@@ -147,24 +147,9 @@ class Manifest:
         return cls(doc["state"], tensors, files, metadata, created, version, world_size, writer)
 
 
-def _reject_constant(name: str) -> Any:
-    raise CheckpointFormatError(f"non-standard JSON constant {name}")
-
-
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in pairs:
-        if k in out:
-            raise CheckpointFormatError(f"duplicate JSON key {k!r}")
-        out[k] = v
-    return out
-
-
 def _load_json(data: bytes, where: str) -> Any:
     try:
-        return json.loads(
-            data.decode("utf-8"), object_pairs_hook=_no_duplicates, parse_constant=_reject_constant
-        )
+        return strict_json.loads(data.decode("utf-8"))
     except CheckpointFormatError as exc:
         raise CheckpointFormatError(f"{where}: {exc}") from None
     except RecursionError:

@@ -14,6 +14,7 @@ from typing import Any
 
 from ckptproto.dtypes import SAFETENSORS_ITEMSIZE
 from ckptproto.errors import CheckpointCorruptError, CheckpointFormatError
+from ckptproto.format import strict_json
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors reference limit
 HEADER_ALIGN = 8
@@ -56,20 +57,11 @@ def header_length(prefix: bytes, file_size: int, name: str) -> int:
     return n
 
 
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in pairs:
-        if k in out:
-            raise CheckpointFormatError(f"duplicate key {k!r}")
-        out[k] = v
-    return out
-
-
 def parse_header(raw: bytes, file_size: int, name: str) -> dict[str, HeaderEntry]:
     """Validate a header (``raw`` is the JSON bytes after the length prefix) against the file
     size: known dtypes, byte lengths matching shapes, entries tiling the buffer exactly."""
     try:
-        obj = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
+        obj = json.loads(raw.decode("utf-8"), object_pairs_hook=strict_json.no_duplicate_keys)
     except CheckpointFormatError as exc:
         raise CheckpointFormatError(f"{name}: header has a {exc}") from None
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:

@@ -27,7 +27,7 @@ from ckptproto.errors import CheckpointError, CheckpointFormatError
 from ckptproto.format import safetensors
 from ckptproto.interop.files import atomic_file
 from ckptproto.io import writer
-from ckptproto.io.plan import FILE_METADATA, FilePlan, Piece, Placement, unique_keys
+from ckptproto.io.plan import FILE_METADATA, Piece, plan_file, unique_keys
 from ckptproto.tree import decode_tree, encode_state
 
 STATE_KEY = "ckptproto.state"
@@ -53,29 +53,10 @@ def write(state: dict[str, Any], final: Path, *, overwrite: bool = False) -> Pat
         STATE_KEY: json.dumps(encoded.tree, separators=(",", ":"), ensure_ascii=False, allow_nan=False),
         TENSORS_KEY: json.dumps(table, separators=(",", ":")),
     }
-    # Widest dtypes first so every tensor is aligned for zero-copy loading (as plan_file does).
-    ordered = sorted(pieces, key=lambda p: -min(p.spec.dtype.itemsize, 8))
-    entries, relative, position = [], [], 0
-    for piece in ordered:
-        code = piece.spec.dtype.safetensors
-        shape = piece.spec.shape if code is not None else (piece.nbytes,)
-        entries.append((piece.key, code or safetensors.RAW_CODE, shape, position, position + piece.nbytes))
-        relative.append(position)
-        position += piece.nbytes
-    header = safetensors.encode_header(entries, metadata)
-    owners = []
-    sources = []
-    for leaf in encoded.tensors:
-        value = leaf.value
-        if arrays.is_torch_tensor(value) and value.device.type != "cpu":
-            value = value.detach().cpu()
-        view, owner = arrays.host_bytes(value)
-        sources.append(view)
-        owners.append(owner)
+    hosted = [arrays.to_host_bytes(leaf.value) for leaf in encoded.tensors]  # owners kept alive
+    sources = [view for view, _owner in hosted]
     with atomic_file(final, overwrite=overwrite) as temp:
-        placements = tuple(Placement(p, len(header) + r) for p, r in zip(ordered, relative, strict=True))
-        writer.write_file(temp.parent, FilePlan(temp.name, 0, header, placements), sources)
-    del owners
+        writer.write_file(temp.parent, plan_file(temp.name, 0, pieces, metadata), sources)
     return final
 
 

@@ -40,8 +40,6 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from ckptproto import _gc, arrays, dtensor, protocol
 from ckptproto.arrays import ArraySpec
 from ckptproto.errors import (
@@ -239,12 +237,6 @@ def plan_share(encoded: EncodedState, rank: int, world_size: int) -> ShareJob:
     return ShareJob(layout_only, _layout_digest(encoded), pieces, leaves, index)
 
 
-def _host(value: Any) -> tuple[memoryview, Any]:
-    if not isinstance(value, np.ndarray) and value.device.type != "cpu":
-        value = value.detach().cpu()
-    return arrays.host_bytes(value)
-
-
 @_gc.paused()
 def save(
     state_or_stateful: Stateful | Mapping[str, Any],
@@ -280,7 +272,7 @@ def save(
         metadata_tree = sync.encode_metadata(metadata, state)
         job = plan_share(encoded, ctl.rank, ctl.size)
         for leaf in job.leaves:
-            view, owner = _host(leaf.value)
+            view, owner = arrays.to_host_bytes(leaf.value)
             sources.append(view)
             owners.append(owner)
     except Exception as exc:

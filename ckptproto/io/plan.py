@@ -59,7 +59,7 @@ class FilePlan:
         }
 
 
-def plan_file(name: str, rank: int, pieces: list[Piece]) -> FilePlan:
+def plan_file(name: str, rank: int, pieces: list[Piece], metadata: dict[str, str] | None = None) -> FilePlan:
     """Lay ``pieces`` out in one safetensors file. Wider dtypes go first so that every tensor
     starts at a multiple of its item size (the header is padded to 8 bytes), which lets
     loaders map tensors straight from the file."""
@@ -73,7 +73,7 @@ def plan_file(name: str, rank: int, pieces: list[Piece]) -> FilePlan:
         entries.append((piece.key, code or safetensors.RAW_CODE, shape, position, position + piece.nbytes))
         relative.append(position)
         position += piece.nbytes
-    header = safetensors.encode_header(entries, FILE_METADATA)
+    header = safetensors.encode_header(entries, FILE_METADATA if metadata is None else metadata)
     placements = tuple(
         Placement(piece, len(header) + rel) for piece, rel in zip(ordered, relative, strict=True)
     )

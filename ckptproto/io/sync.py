@@ -139,15 +139,8 @@ def save(
             path=leaf.path,
         )
     metadata_tree = encode_metadata(metadata, state)
-    sources = []
-    owners = []  # keeps contiguous/CPU copies alive until written
-    for leaf in encoded.tensors:
-        value = leaf.value
-        if not isinstance(value, np.ndarray) and value.device.type != "cpu":
-            value = value.detach().cpu()
-        view, owner = arrays.host_bytes(value)
-        sources.append(view)
-        owners.append(owner)
+    hosted = [arrays.to_host_bytes(leaf.value) for leaf in encoded.tensors]  # owners kept alive
+    sources = [view for view, _owner in hosted]
     return write_checkpoint(Path(path), encoded, metadata_tree, sources, overwrite=overwrite)
 
 
