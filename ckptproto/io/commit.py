@@ -3,7 +3,8 @@
 Files are written into a hidden temporary sibling directory (``layout.temp_name``), fsynced,
 the manifest last; then the directory is renamed into place and the parent fsynced. Until that
 rename nothing at the final path changes, so a crash leaves either the old state or the new
-one, plus a hidden leftover that readers ignore.
+one, plus a hidden leftover that readers ignore and :func:`remove_leftovers` (run by every
+``begin``) deletes once its writer process is gone.
 """
 
 from __future__ import annotations
@@ -39,6 +40,9 @@ def begin(final: Path, *, overwrite: bool) -> Path:
     """Check the destination and create the temporary directory to write into."""
     if layout.is_hidden(final.name) or final.name in ("", ".", ".."):
         raise CheckpointWriteError(f"{final}: a checkpoint name must not be empty or start with '.'")
+    # Leftovers of a killed earlier run go first: that may also move back a checkpoint that
+    # run was replacing, which the checks below must then see.
+    remove_leftovers(final.parent)
     if final.is_symlink() or (final.exists() and not final.is_dir()):
         raise CheckpointExistsError(f"{final} exists and is not a directory; choose another path")
     if final.is_dir():
@@ -104,6 +108,68 @@ def finish(temp: Path, final: Path) -> None:
     except OSError as exc:
         abort(temp)
         raise CheckpointWriteError(f"cannot commit checkpoint {final}: {exc}") from exc
+
+
+def _writer_alive(info: layout.Leftover) -> bool:
+    """Conservative: only a leftover written on this host by a pid that no longer exists is
+    dead; other hosts (shared filesystems) and untagged names count as alive."""
+    if info.pid is None or info.host != layout.this_host():
+        return True
+    if info.pid == os.getpid():
+        return True  # this process may have a save in flight (async, threads)
+    try:
+        os.kill(info.pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # EPERM: exists, owned by someone else
+    return True
+
+
+def remove_leftovers(parent: str | os.PathLike[str]) -> list[Path]:
+    """Remove the hidden temporary and trash directories that interrupted saves left in
+    ``parent``, and return them. Only leftovers whose writer process is gone are touched (the
+    writer's pid and host are in the name), so a save running concurrently in ``parent`` is
+    never disturbed::
+
+        removed = ckptproto.remove_leftovers("checkpoints")
+
+    A trash directory holds a checkpoint that was being replaced; if the writer died before
+    the replacement was in place (the final name holds no checkpoint), the old checkpoint is
+    moved back to its name instead of being deleted.
+    """
+    root = Path(parent)
+    removed: list[Path] = []
+    try:
+        entries = list(os.scandir(root))
+    except OSError:
+        return removed
+    for entry in entries:
+        info = layout.parse_leftover(entry.name)
+        if info is None or not entry.is_dir(follow_symlinks=False) or _writer_alive(info):
+            continue
+        path = root / entry.name
+        final = root / info.final_name
+        if (
+            info.trash
+            and is_committed(path)
+            and not final.is_symlink()
+            and not is_committed(final)
+            and not layout.is_hidden(info.final_name)
+        ):
+            try:
+                if final.is_dir():
+                    final.rmdir()  # only ever empty here; a non-empty one makes rmdir fail
+                os.rename(path, final)
+                fsync_dir(root)
+                continue
+            except OSError:
+                pass  # keep it where it is: never delete the only copy
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        if not path.exists():
+            removed.append(path)
+    return removed
 
 
 def abort(temp: Path) -> None:
