@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import zlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -15,7 +16,7 @@ import numpy as np
 
 from ckptproto import dtypes
 from ckptproto.dtypes import DType
-from ckptproto.errors import CheckpointFormatError
+from ckptproto.errors import CheckpointCorruptError, CheckpointFormatError
 from ckptproto.format import layout
 from ckptproto.format.crc import parse_checksum
 
@@ -25,6 +26,13 @@ MAX_MANIFEST_BYTES = 1 << 30
 MAX_NDIM = 64
 MAX_DIM = 1 << 62
 MAX_CHUNKS_PER_TENSOR = 1 << 16
+# The manifest's own checksum is its first member, so the bytes it covers are easy to find:
+# ``{"manifest_checksum":"crc32:xxxxxxxx",`` + the rest; the CRC is that of ``{`` + the rest
+# (the manifest as it would read without the member). Optional in format 1.0; ckptproto
+# always writes it and requires it from manifests whose ``writer`` is ckptproto.
+CHECKSUM_KEY = "manifest_checksum"
+_CHECKSUM_PREFIX = b'{"' + CHECKSUM_KEY.encode() + b'":"crc32:'
+_CHECKSUM_HEAD = len(_CHECKSUM_PREFIX) + 8 + 2  # + hex digits + '",'
 
 
 @dataclass(frozen=True)
@@ -115,7 +123,8 @@ class Manifest:
             ],
             "state": self.state,
         }
-        return json.dumps(doc, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode()
+        body = json.dumps(doc, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode()
+        return _CHECKSUM_PREFIX + b"%08x" % zlib.crc32(body) + b'",' + body[1:]
 
     @property
     def nbytes(self) -> int:
@@ -142,7 +151,30 @@ class Manifest:
         if not isinstance(created, str) or not isinstance(writer, str):
             raise CheckpointFormatError(f'{where}: "created" and "writer" must be strings')
         metadata = doc.get("metadata", {})
+        _check_own_checksum(data, doc, writer, where)
         return cls(doc["state"], tensors, files, metadata, created, version, world_size, writer)
+
+
+def _check_own_checksum(data: bytes, doc: dict[str, Any], writer: str, where: str) -> None:
+    """Catch damage that still parses and validates (a flipped digit in a value)."""
+    if CHECKSUM_KEY not in doc:
+        if writer.startswith("ckptproto"):
+            raise CheckpointCorruptError(
+                f'{where}: no "{CHECKSUM_KEY}" although written by {writer!r}: the manifest was '
+                "damaged or edited; restore it or use an earlier checkpoint"
+            )
+        return
+    stored = data[len(_CHECKSUM_PREFIX) : _CHECKSUM_HEAD - 2]
+    if (
+        not data.startswith(_CHECKSUM_PREFIX)
+        or data[_CHECKSUM_HEAD - 2 : _CHECKSUM_HEAD] != b'",'
+        or doc[CHECKSUM_KEY] != "crc32:" + stored.decode("ascii", "replace")
+        or parse_checksum(doc[CHECKSUM_KEY]) != zlib.crc32(b"{" + data[_CHECKSUM_HEAD:])
+    ):
+        raise CheckpointCorruptError(
+            f"{where}: the manifest does not match its own {CHECKSUM_KEY} (damaged or edited "
+            f'after writing; a hand-edited manifest must drop "{CHECKSUM_KEY}" and "writer")'
+        )
 
 
 def _reject_constant(name: str) -> Any:
