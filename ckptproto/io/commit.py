@@ -152,7 +152,7 @@ def remove_leftovers(parent: str | os.PathLike[str]) -> list[Path]:
         final = root / info.final_name
         if (
             info.trash
-            and is_committed(path)
+            and (path / layout.MANIFEST_NAME).is_file()
             and not final.is_symlink()
             and not is_committed(final)
             and not layout.is_hidden(info.final_name)
@@ -170,6 +170,26 @@ def remove_leftovers(parent: str | os.PathLike[str]) -> list[Path]:
         if not path.exists():
             removed.append(path)
     return removed
+
+
+def discard(path: str | os.PathLike[str]) -> None:
+    """Delete a committed checkpoint so that no crash can leave half of it looking committed::
+
+        commit.discard("checkpoints/step_100")   # retention
+
+    It is first renamed to a hidden temporary name (atomic; readers and discovery stop seeing
+    it), the rename made durable, then removed; a crash midway leaves only a leftover for
+    :func:`remove_leftovers`. (Deleting in place could remove data files before the manifest
+    and leave a "checkpoint" that fails to load.)
+    """
+    final = Path(path)
+    hidden = final.parent / layout.temp_name(final.name)
+    try:
+        os.rename(final, hidden)
+        fsync_dir(final.parent)
+    except OSError as exc:
+        raise CheckpointWriteError(f"cannot delete checkpoint {final}: {exc}") from exc
+    shutil.rmtree(hidden, ignore_errors=True)
 
 
 def abort(temp: Path) -> None:
