@@ -27,27 +27,45 @@ from ckptproto.io.async_save import AsyncSaver, SaveFuture, save_async
 from ckptproto.io.commit import remove_leftovers
 from ckptproto.io.reader import read_manifest
 from ckptproto.io.sync import load, load_into, read_info, save, verify
+from ckptproto.policy.async_checkpoint import AsyncCheckpointCallback
+from ckptproto.policy.callbacks import Callback, CallbackCollection, TrainerLike
+from ckptproto.policy.checkpoint import CheckpointCallback, ResumeWarning
+from ckptproto.policy.discovery import CheckpointRecord, find_checkpoints
+from ckptproto.policy.params import CheckpointParameters
+from ckptproto.policy.rng import RNGState
+from ckptproto.policy.trainer import TrainState
 from ckptproto.protocol import Stateful
 
 __version__ = "0.1.0"
 
 __all__ = [
     "FORMAT_VERSION",
+    "AsyncCheckpointCallback",
     "AsyncSaver",
+    "Callback",
+    "CallbackCollection",
+    "CheckpointCallback",
     "CheckpointCorruptError",
     "CheckpointError",
     "CheckpointExistsError",
     "CheckpointFormatError",
     "CheckpointInfo",
     "CheckpointNotFoundError",
+    "CheckpointParameters",
+    "CheckpointRecord",
     "CheckpointWriteError",
     "Manifest",
+    "RNGState",
+    "ResumeWarning",
     "SaveFuture",
     "SaverBusyError",
     "StateMismatchError",
     "Stateful",
+    "TrainState",
+    "TrainerLike",
     "UnsupportedValueError",
     "__version__",
+    "find_checkpoints",
     "load",
     "load_into",
     "read_info",

@@ -14,7 +14,11 @@ from collections.abc import Sequence
 from ckptproto.errors import CheckpointError
 
 # One module per subcommand; adding a command is one line here.
-COMMAND_MODULES = ("ckptproto.cli.verify",)
+COMMAND_MODULES = (
+    "ckptproto.cli.verify",
+    "ckptproto.cli.ls",
+    "ckptproto.cli.inspect",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,98 @@
+"""AsyncCheckpointCallback: CheckpointCallback whose saves are written in the background."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import warnings
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any
+
+from ckptproto.format.info import CheckpointInfo
+from ckptproto.io.async_save import AsyncSaver, SaveFuture, StagingMode
+from ckptproto.policy.checkpoint import CheckpointCallback
+from ckptproto.policy.params import CheckpointParameters
+from ckptproto.policy.retention import Kept
+
+logger = logging.getLogger("ckptproto.policy")
+
+
+class AsyncCheckpointCallback(CheckpointCallback):
+    """Same policy as CheckpointCallback; saves go through an ``AsyncSaver``::
+
+        callback = AsyncCheckpointCallback(checkpoint_config)   # training continues while it saves
+
+    * ``save`` returns once the save is accepted (``staging="background"``, the default) or
+      once the tensors are copied out (``staging="blocking"``); the loop never waits longer.
+    * ``pre_optimizer_step`` waits until the tensors of pending saves are staged, so the
+      checkpoint holds the weights of the step it is named after. States that change during
+      the forward pass (BatchNorm running statistics) need ``staging="blocking"``.
+    * Retention runs when a save commits; ``post_fit`` and ``on_exception`` finish pending
+      saves. A failed save is logged and warned about; the checkpoints before it stay.
+    """
+
+    def __init__(
+        self,
+        config: CheckpointParameters | None = None,
+        *,
+        staging: StagingMode = "background",
+        max_pending: int = 1,
+        saver: AsyncSaver | None = None,
+        **params: Any,
+    ) -> None:
+        super().__init__(config, **params)
+        self.saver = saver if saver is not None else AsyncSaver(max_pending=max_pending, staging=staging)
+        self._futures: list[tuple[SaveFuture, Kept, threading.Event]] = []
+        self.failed: list[tuple[Path, BaseException]] = []
+
+    def _pending_names(self) -> set[str]:
+        return {record.name for _fut, record, done in self._futures if not done.is_set()}
+
+    def _write(self, path: Path, metadata: dict[str, Any], overwrite: bool, record: Kept) -> None:
+        self._futures = [item for item in self._futures if not item[2].is_set()]
+        future = self.saver.save(self.trainer, path, metadata=metadata, overwrite=overwrite)
+        done = threading.Event()
+        self._futures.append((future, record, done))
+        # Runs on the saver's writer thread right after the commit (under the callback lock).
+        future.add_done_callback(lambda fut: self._done(fut, record, done))
+
+    def _done(self, future: Future[CheckpointInfo], record: Kept, done: threading.Event) -> None:
+        try:
+            exc = future.exception()
+            if exc is not None:
+                with self._lock:
+                    self.failed.append((Path(str(getattr(future, "path", "?"))), exc))
+                return
+            self._committed(record)
+        except BaseException as exc:
+            logger.error("retention after %s failed: %s", getattr(future, "path", "?"), exc, exc_info=exc)
+        finally:
+            done.set()
+
+    def pre_optimizer_step(self) -> None:
+        for future, _record, _done in self._futures:
+            future.wait_staged()
+
+    def wait(self) -> None:
+        """Block until every pending save is committed (or failed) and retention has run."""
+        for _future, _record, done in self._futures:
+            done.wait()  # set after the future completed and retention ran
+        self._futures = []
+        with self._lock:
+            failed, self.failed = self.failed, []
+        for path, exc in failed:
+            warnings.warn(f"async checkpoint {path} failed: {exc}", RuntimeWarning, stacklevel=2)
+
+    def post_fit(self) -> None:
+        self.wait()
+        super().post_fit()
+
+    def on_exception(self, exc: BaseException) -> None:
+        self.wait()
+        super().on_exception(exc)
+
+    def close(self) -> None:
+        """Finish pending saves and stop the saver's threads."""
+        self.wait()
+        self.saver.close()

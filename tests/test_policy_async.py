@@ -1,0 +1,113 @@
+"""AsyncCheckpointCallback on the real AsyncSaver: staging before the optimizer step, pending
+saves finished at fit end and on exception, retention on commit, exact resume."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from _policy_helpers import MyTrainer, make_trainer, weights
+
+import ckptproto
+from ckptproto import AsyncCheckpointCallback, Callback, CheckpointParameters, find_checkpoints
+
+
+class _Snapshots(Callback[Any]):
+    """Records the weights right after each optimizer step, and checks at every
+    ``pre_optimizer_step`` that the async callback's pending saves are staged."""
+
+    def __init__(self, async_cb: AsyncCheckpointCallback) -> None:
+        self.async_cb = async_cb
+        self.at_step: dict[int, list[torch.Tensor]] = {}
+        self.checked = 0
+
+    def post_train_step(self, result: Any, batch_idx: int) -> None:
+        self.at_step[self.trainer.global_step] = [p.detach().clone() for p in self.trainer.model.parameters()]
+
+    def pre_optimizer_step(self) -> None:
+        for future, _record, _done in self.async_cb._futures:
+            assert future.staged()
+            self.checked += 1
+
+
+@pytest.mark.parametrize("staging", ["background", "blocking"])
+def test_checkpoints_hold_the_weights_of_their_step(tmp_path: Path, staging: str) -> None:
+    cb = AsyncCheckpointCallback(
+        CheckpointParameters(root_dir=tmp_path, save_every_n_steps=2, keep_top_k=-1), staging=staging
+    )
+    snaps = _Snapshots(cb)
+    trainer = make_trainer([cb, snaps], epochs=2)
+    trainer.fit()
+    # post_fit finished every pending save: all committed without an explicit wait
+    assert cb._futures == [] and cb.saver.pending() == 0
+    assert snaps.checked > 0
+    records = find_checkpoints(tmp_path)
+    assert [r.step for r in records] == [12, 10, 8, 6, 4, 2]
+    for record in records:
+        state = ckptproto.load(record.path)
+        saved = list(state["models"]["model"].values())
+        assert all(torch.equal(a, b) for a, b in zip(saved, snaps.at_step[record.step or 0], strict=True))
+    cb.close()
+
+
+def test_retention_runs_when_saves_commit(tmp_path: Path) -> None:
+    cb = AsyncCheckpointCallback(CheckpointParameters(root_dir=tmp_path, save_every_n_steps=2, keep_top_k=2))
+    make_trainer([cb], epochs=2).fit()
+    assert [r.step for r in find_checkpoints(tmp_path)] == [12, 10]
+    assert cb.kept == ["checkpoint_step_10", "checkpoint_step_12"]
+    cb.close()
+
+
+def test_pending_saves_finish_on_exception(tmp_path: Path) -> None:
+    def boom(t: MyTrainer) -> None:
+        if t.global_step == 5:
+            raise RuntimeError("loss is nan")
+
+    cb = AsyncCheckpointCallback(CheckpointParameters(root_dir=tmp_path, save_every_n_steps=4, keep_top_k=-1))
+    trainer = make_trainer([cb], epochs=2, step_hook=boom)
+    with pytest.raises(RuntimeError, match="nan"):
+        trainer.fit()
+    assert cb.saver.pending() == 0
+    assert [r.step for r in find_checkpoints(tmp_path)] == [4]
+    ckptproto.verify(tmp_path / "checkpoint_step_4")
+    cb.close()
+
+
+def test_async_resume_equals_uninterrupted(tmp_path: Path) -> None:
+    reference = make_trainer(epochs=3)
+    reference.fit()
+    params = CheckpointParameters(root_dir=tmp_path, save_every_n_steps=4, keep_top_k=2)
+    first_cb = AsyncCheckpointCallback(params)
+    make_trainer([first_cb], epochs=3, stop_after_steps=9).fit()
+    second_cb = AsyncCheckpointCallback(params)
+    second = make_trainer([second_cb], epochs=3)
+    second.fit()
+    assert second_cb.resumed_from == tmp_path / "checkpoint_step_8"
+    assert all(torch.equal(a, b) for a, b in zip(weights(reference), weights(second), strict=True))
+    first_cb.close()
+    second_cb.close()
+
+
+class _Squatter(Callback[Any]):
+    """Puts a plain file where checkpoint_step_6 is about to be written, after its name was
+    chosen and while the trainer's state is captured: that save then fails in the writer."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def state_dict(self) -> dict[str, Any]:
+        if self.trainer.global_step == 6:
+            (self.root / "checkpoint_step_6").write_text("in the way")
+        return {}
+
+
+def test_failed_async_save_is_reported_and_keeps_older_checkpoints(tmp_path: Path) -> None:
+    cb = AsyncCheckpointCallback(CheckpointParameters(root_dir=tmp_path, save_every_n_steps=3, keep_top_k=1))
+    trainer = make_trainer([cb, _Squatter(tmp_path)], epochs=1)
+    with pytest.warns(RuntimeWarning, match="checkpoint_step_6"):
+        trainer.fit()
+    assert [r.step for r in find_checkpoints(tmp_path)] == [3]
+    assert (tmp_path / "checkpoint_step_6").read_text() == "in the way"
+    cb.close()

@@ -1,0 +1,72 @@
+"""CheckpointParameters: defaults, validation naming the field, Dream Trainer aliases."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from ckptproto import CheckpointParameters
+
+
+def test_defaults_and_seed_fields() -> None:
+    p = CheckpointParameters(
+        root_dir="/mnt/checkpoints",
+        monitor="val_accuracy",
+        mode="max",
+        keep_top_k=5,
+        save_last=True,
+        save_every_n_epochs=5,
+        save_every_n_steps=1000,
+        resume_mode="best",
+    )
+    assert (p.mode, p.keep_top_k, p.save_every_n_steps, p.resume_mode) == ("max", 5, 1000, "best")
+    assert CheckpointParameters().resume_mode == "latest"
+    assert CheckpointParameters(resume_mode=None).resume_mode is None
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"mode": "maximum"}, "mode"),
+        ({"resume_mode": "newest"}, "resume_mode"),
+        ({"keep_top_k": -2}, "keep_top_k"),
+        ({"keep_top_k": 1.5}, "keep_top_k"),
+        ({"keep_top_k": True}, "keep_top_k"),
+        ({"save_every_n_steps": 0}, "save_every_n_steps"),
+        ({"save_every_n_steps": -5}, "save_every_n_steps"),
+        ({"save_every_n_epochs": 0}, "save_every_n_epochs"),
+        ({"keep_top_k": 0, "save_last": False}, "keep_top_k"),
+        ({"root_dir": ""}, "root_dir"),
+        ({"monitor": ""}, "monitor"),
+        ({"save_last": "yes"}, "save_last"),
+    ],
+)
+def test_invalid_values_name_the_field(kwargs: dict[str, object], field: str) -> None:
+    with pytest.raises(ValueError, match=field):
+        CheckpointParameters(**kwargs)  # type: ignore[arg-type]
+
+
+def test_keep_all_and_keep_none_but_last() -> None:
+    assert CheckpointParameters(keep_top_k=-1).keep_top_k == -1
+    assert CheckpointParameters(keep_top_k=0, save_last=True).keep_top_k == 0
+
+
+def test_resume_path_forms(tmp_path: Path) -> None:
+    assert CheckpointParameters(resume_mode=tmp_path / "ckpt").resume_path == tmp_path / "ckpt"
+    assert CheckpointParameters(resume_mode="runs/checkpoint_step_10").resume_path == Path(
+        "runs/checkpoint_step_10"
+    )
+    assert CheckpointParameters(resume_mode="latest").resume_path is None
+
+
+def test_dream_trainer_aliases() -> None:
+    p = CheckpointParameters(checkpoint_every_n_steps=50, resume_mode="last")
+    assert (p.save_every_n_steps, p.resume_mode) == (50, "latest")
+    p = CheckpointParameters(monitor="acc", resume_mode="max")
+    assert (p.resume_mode, p.mode) == ("best", "max")
+    assert CheckpointParameters(checkpoint_every_n_epochs=2).save_every_n_epochs == 2
+    with pytest.raises(ValueError, match="checkpoint_every_n_steps"):
+        CheckpointParameters(save_every_n_steps=5, checkpoint_every_n_steps=5)
+    with pytest.raises(ValueError, match="save_every_n_steps"):
+        CheckpointParameters(checkpoint_every_n_steps=0)
