@@ -16,8 +16,9 @@ import os
 import shutil
 from pathlib import Path
 
-from ckptproto.errors import CheckpointExistsError, CheckpointWriteError
+from ckptproto.errors import CheckpointError, CheckpointExistsError, CheckpointWriteError
 from ckptproto.format import layout
+from ckptproto.format.manifest import MAX_MANIFEST_BYTES, Manifest
 
 _RENAME_EXCHANGE = 2
 _AT_FDCWD = -100
@@ -134,35 +135,35 @@ def remove_leftovers(parent: str | os.PathLike[str]) -> list[Path]:
 
         removed = ckptproto.remove_leftovers("checkpoints")
 
-    A trash directory holds a checkpoint that was being replaced; if the writer died before
-    the replacement was in place (the final name holds no checkpoint), the old checkpoint is
-    moved back to its name instead of being deleted.
+    A trash directory that a replacing save (``finish`` without an atomic exchange) made and
+    then died beside — its temporary directory for the same name is still there and the final
+    name holds no checkpoint — is moved back to its name instead of being deleted, provided all
+    of its files are still whole. Any other trash (a deletion cut short) is removed.
     """
     root = Path(parent)
     removed: list[Path] = []
     try:
-        entries = list(os.scandir(root))
+        entries = [e for e in os.scandir(root) if e.is_dir(follow_symlinks=False)]
     except OSError:
         return removed
-    for entry in entries:
-        info = layout.parse_leftover(entry.name)
-        if info is None or not entry.is_dir(follow_symlinks=False) or _writer_alive(info):
-            continue
+    dead = [(e, info) for e in entries if (info := layout.parse_leftover(e.name)) and not _writer_alive(info)]
+    replacing = {(info.final_name, info.pid) for _, info in dead if not info.trash}
+    for entry, info in sorted(dead, key=lambda d: not d[1].trash):  # trash first
         path = root / entry.name
         final = root / info.final_name
         if (
             info.trash
-            and (path / layout.MANIFEST_NAME).is_file()
+            and (info.final_name, info.pid) in replacing
+            and not layout.is_hidden(info.final_name)
             and not final.is_symlink()
             and not is_committed(final)
-            and not layout.is_hidden(info.final_name)
+            and _whole(path)
         ):
             try:
                 if final.is_dir():
                     final.rmdir()  # only ever empty here; a non-empty one makes rmdir fail
                 os.rename(path, final)
                 fsync_dir(root)
-                continue
             except OSError:
                 pass  # keep it where it is: never delete the only copy
             continue
@@ -170,6 +171,21 @@ def remove_leftovers(parent: str | os.PathLike[str]) -> list[Path]:
         if not path.exists():
             removed.append(path)
     return removed
+
+
+def _whole(path: Path) -> bool:
+    """The directory holds a parseable manifest and every data file it lists, at full size."""
+    manifest_path = path / layout.MANIFEST_NAME
+    try:
+        if manifest_path.is_symlink() or manifest_path.stat().st_size > MAX_MANIFEST_BYTES:
+            return False
+        manifest = Manifest.parse(manifest_path.read_bytes(), str(manifest_path))
+        return all(
+            not (path / name).is_symlink() and (path / name).stat().st_size == f.size
+            for name, f in manifest.files.items()
+        )
+    except (OSError, CheckpointError):
+        return False
 
 
 def discard(path: str | os.PathLike[str]) -> None:
