@@ -337,14 +337,31 @@ def test_temp_names_carry_pid_and_host() -> None:
 
 
 def test_cleanup_moves_back_a_checkpoint_whose_replacement_was_killed(tmp_path: Path) -> None:
-    old = ckptproto.save({"x": np.arange(3)}, tmp_path / "ckpt")
-    assert old.path.is_dir()
-    # the rename fallback was killed after moving the old checkpoint aside
-    trash = tmp_path / (f".ckpt{layout.TRASH_MARKER}0123456789ab-{_dead_pid()}-{layout.this_host()}")
+    ckptproto.save({"x": np.arange(3)}, tmp_path / "ckpt")
+    # the rename fallback was killed after moving the old checkpoint aside, beside its new one
+    pid = _dead_pid()
+    trash = tmp_path / f".ckpt{layout.TRASH_MARKER}0123456789ab-{pid}-{layout.this_host()}"
     os.rename(tmp_path / "ckpt", trash)
-    assert ckptproto.remove_leftovers(tmp_path) == []
+    new = _leftover(tmp_path, "ckpt", pid)
+    assert ckptproto.remove_leftovers(tmp_path) == [new]
     np.testing.assert_array_equal(ckptproto.load(tmp_path / "ckpt")["x"], np.arange(3))
     assert not trash.exists()
+
+
+def test_cleanup_never_restores_a_deletion_or_a_half_deleted_checkpoint(tmp_path: Path) -> None:
+    pid = _dead_pid()
+    ckptproto.save({"x": np.arange(3)}, tmp_path / "deleted")
+    ckptproto.save({"x": np.arange(3)}, tmp_path / "half")
+    # a deletion (retention) cut short: trash without a replacing temp dir is removed
+    trash = tmp_path / f".deleted{layout.TRASH_MARKER}0123456789ab-{pid}-{layout.this_host()}"
+    os.rename(tmp_path / "deleted", trash)
+    # a replacement cut short while its trash was being removed: data file already gone
+    half = tmp_path / f".half{layout.TRASH_MARKER}0123456789ab-{pid}-{layout.this_host()}"
+    os.rename(tmp_path / "half", half)
+    next(half.glob("*.safetensors")).unlink()
+    new = _leftover(tmp_path, "half", pid)
+    assert sorted(ckptproto.remove_leftovers(tmp_path)) == sorted([trash, half, new])
+    assert os.listdir(tmp_path) == []
 
 
 def test_save_cleans_a_dead_writers_leftovers(tmp_path: Path) -> None:
