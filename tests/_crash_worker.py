@@ -32,6 +32,7 @@ import ckptproto
 from ckptproto.io import commit, writer
 
 STEP_RE = re.compile(r"step_(\d+)")
+CALLBACK_RE = re.compile(r"checkpoint_step_(\d+)")
 
 
 def state_for(step: int, rng_seed: int) -> dict[str, Any]:
@@ -43,11 +44,11 @@ def state_for(step: int, rng_seed: int) -> dict[str, Any]:
     }
 
 
-def committed_steps(directory: Path) -> list[int]:
+def committed_steps(directory: Path, pattern: re.Pattern[str] = STEP_RE) -> list[int]:
     """Steps of the committed checkpoints ``step_N`` in ``directory`` (what resume sees)."""
     steps = []
     for entry in os.scandir(directory):
-        m = STEP_RE.fullmatch(entry.name)
+        m = pattern.fullmatch(entry.name)
         if m and commit.is_committed(Path(entry.path)):
             steps.append(int(m.group(1)))
     return sorted(steps)
@@ -78,6 +79,31 @@ def _report(fd: int, text: str) -> None:
     os.write(fd, text.encode())  # O_APPEND: one line per write, survives SIGKILL (page cache)
 
 
+def run_callback(directory: Path, progress: int, keep: int) -> None:
+    """A training loop with ``CheckpointCallback`` (save every step, keep the newest ``keep``,
+    resume from the latest): reports ``resume <step>`` once, then each step whose save and
+    retention returned. The model's weight holds the step it was saved at."""
+    import torch
+
+    from ckptproto import CallbackCollection, CheckpointCallback, CheckpointParameters, TrainState
+
+    torch.set_num_threads(1)
+    model = torch.nn.Linear(4, 4)
+    callback = CheckpointCallback(
+        CheckpointParameters(root_dir=directory, keep_top_k=keep, save_last=False, save_every_n_steps=1)
+    )
+    trainer = TrainState(models={"model": model}, callbacks=CallbackCollection([callback]), rng=False)
+    trainer.callbacks.bind(trainer)
+    trainer.callbacks.pre_fit()
+    _report(progress, f"resume {trainer.global_step}\n")
+    for batch in range(10_000):
+        trainer.global_step += 1
+        with torch.no_grad():
+            model.weight.fill_(float(trainer.global_step))
+        trainer.callbacks.post_train_step({"loss": 0.0}, batch)
+        _report(progress, f"{trainer.global_step}\n")
+
+
 def run_child(trial: dict[str, Any]) -> None:
     directory = Path(trial["dir"])
     directory.mkdir(parents=True, exist_ok=True)
@@ -87,6 +113,9 @@ def run_child(trial: dict[str, Any]) -> None:
     if trial.get("kill_at"):
         _install_kill_point(*trial["kill_at"])
     progress = os.open(trial["progress"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    if mode == "callback":
+        run_callback(directory, progress, keep)
+        return
     steps = committed_steps(directory)
     if mode == "overwrite":
         latest = directory / "latest"
@@ -119,6 +148,10 @@ def run_child(trial: dict[str, Any]) -> None:
 
 
 def serve() -> None:
+    if "--torch" in sys.argv:  # import once here, not in every forked child
+        import torch  # noqa: F401
+
+        import ckptproto.policy  # noqa: F401
     for line in sys.stdin:
         trial = json.loads(line)
         random.seed(trial["seed"])

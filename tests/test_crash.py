@@ -31,7 +31,7 @@ from ckptproto.format import layout
 from ckptproto.io import commit
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _crash_worker import STEP_RE, committed_steps, state_for
+from _crash_worker import CALLBACK_RE, STEP_RE, committed_steps, state_for
 
 STRESS = os.environ.get("CKPTPROTO_STRESS") == "1"
 KILLS = 3000 if STRESS else 300
@@ -73,6 +73,11 @@ KILL_POINTS = {
 }
 KILL_POINTS["async"] = KILL_POINTS["sync"]
 KILL_POINTS["retain-noexchange"] = KILL_POINTS["retain"]
+KILL_POINTS["callback"] = [
+    *KILL_POINTS["retain"],
+    ("writer.write_file", "before"),
+    ("writer.write_small_file", "after"),
+]
 
 
 def report(name: str, figures: dict[str, Any]) -> None:
@@ -88,7 +93,7 @@ class ForkServer:
     def __init__(self, tmp: Path) -> None:
         self.stderr = open(tmp / "worker.stderr", "w+")  # noqa: SIM115
         self.proc = subprocess.Popen(
-            [sys.executable, str(WORKER)],
+            [sys.executable, str(WORKER), "--torch"],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=self.stderr,
@@ -163,6 +168,18 @@ def check_checkpoint(path: Path, seed: int, stats: Counter[str]) -> int:
     return int(step)
 
 
+def check_callback_checkpoint(path: Path, stats: Counter[str]) -> int:
+    """A CheckpointCallback checkpoint: whole, and its model weight holds its step."""
+    ckptproto.verify(path)
+    state = ckptproto.load(path)
+    step = int(state["trainer"]["global_step"])
+    assert path.name == f"checkpoint_step_{step}"
+    weight = state["models"]["model"]["weight"]
+    assert bool((weight == float(step)).all()), f"{path} holds the weights of another step"
+    stats["checkpoints verified"] += 1
+    return step
+
+
 def check_lane(lane: Path, progress: Path, mode: str, seed: int, stats: Counter[str]) -> None:
     entries = sorted(os.listdir(lane)) if lane.exists() else []
     leftovers = [n for n in entries if layout.is_leftover(n)]
@@ -175,7 +192,10 @@ def check_lane(lane: Path, progress: Path, mode: str, seed: int, stats: Counter[
         else:
             # nothing non-hidden is ever half-written: it is a committed checkpoint
             assert commit.is_committed(lane / name), f"{lane / name} is visible but not committed"
-            check_checkpoint(lane / name, seed, stats)
+            if mode == "callback":
+                check_callback_checkpoint(lane / name, stats)
+            else:
+                check_checkpoint(lane / name, seed, stats)
     stats["leftovers found"] += len(leftovers)
     # the next run's cleanup removes every leftover of the killed writer
     removed = ckptproto.remove_leftovers(lane)
@@ -192,11 +212,11 @@ def check_lane(lane: Path, progress: Path, mode: str, seed: int, stats: Counter[
             assert commit.is_committed(latest), "the replaced checkpoint was lost"
             assert check_checkpoint(latest, seed, stats) >= done[-1]
         return
-    steps = committed_steps(lane)
+    steps = committed_steps(lane, CALLBACK_RE if mode == "callback" else STEP_RE)
     if done:
         # resume (newest committed step_N) picks up at least the last save that returned
         assert steps and steps[-1] >= done[-1], (steps, done[-5:])
-    if mode == "retain":
+    if mode in ("retain", "callback"):
         # a kill between commit and deletion leaves more checkpoints, never fewer
         assert len(steps) >= min(KEEP, len(set(done))), (steps, done[-5:])
         floor = steps[-KEEP] if len(steps) >= KEEP else -1
@@ -234,6 +254,7 @@ def test_sigkill_during_saves(server: ForkServer, lanes_dir: Path) -> None:
         ("overwrite", False),
         ("overwrite", True),  # no renameat2 exchange: the rename fallback with a trash dir
         ("retain", True),
+        ("callback", False),  # CheckpointCallback: save every step, keep 2, resume latest
     ]
     stats: Counter[str] = Counter()
     start = time.monotonic()
@@ -252,6 +273,9 @@ def test_sigkill_during_saves(server: ForkServer, lanes_dir: Path) -> None:
             "no_exchange": no_exchange,
             "kill_at": None,
         }
+        if mode == "callback":
+            newest_before = max(committed_steps(lane, CALLBACK_RE), default=0)
+            progress_before = progress.stat().st_size if progress.exists() else 0
         injected = rng.random() < 0.4
         if injected:
             target, when = rng.choice(KILL_POINTS[name])
@@ -267,6 +291,12 @@ def test_sigkill_during_saves(server: ForkServer, lanes_dir: Path) -> None:
             f"trial {trial} ended with status {status}, not SIGKILL"
         )
         stats["kills"] += 1
+        if mode == "callback":
+            lines = progress.read_bytes()[progress_before:].decode().split("\n") if progress.exists() else []
+            resumed = [int(x.split()[1]) for x in lines if x.startswith("resume ")]
+            if resumed:  # resume picked the newest committed checkpoint
+                assert resumed == [newest_before], (resumed, newest_before)
+                stats["resumes checked"] += 1
         check_lane(lane, progress, mode, seed, stats)
         if mode in ("sync", "async"):
             prune(lane, 3)  # the test's own housekeeping, outside any kill
