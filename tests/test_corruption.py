@@ -213,3 +213,48 @@ def test_reserialized_manifest_with_stale_checksum_is_refused(pristine: Path, tm
     (ckpt / layout.MANIFEST_NAME).write_text(json.dumps(doc, indent=1))  # same content, new bytes
     with pytest.raises(ckptproto.CheckpointCorruptError, match=CHECKSUM_KEY):
         ckptproto.verify(ckpt)
+
+
+def test_resume_skips_a_damaged_newest_checkpoint(tmp_path: Path) -> None:
+    """CheckpointCallback's resume falls back to the previous good checkpoint with a warning,
+    whatever the damage to the newest one."""
+    from ckptproto import (
+        CallbackCollection,
+        CheckpointCallback,
+        CheckpointParameters,
+        ResumeWarning,
+        TrainState,
+    )
+
+    def trainer(root: Path) -> tuple[TrainState, CheckpointCallback, torch.nn.Linear]:
+        model = torch.nn.Linear(3, 3)
+        callback = CheckpointCallback(
+            CheckpointParameters(root_dir=root, keep_top_k=-1, save_every_n_steps=1)
+        )
+        state = TrainState(models={"model": model}, callbacks=CallbackCollection([callback]), rng=False)
+        state.callbacks.bind(state)
+        return state, callback, model
+
+    rng = random.Random(11)
+    stats: Counter[str] = Counter()
+    trials = 120 if STRESS else 12
+    for i in range(trials):
+        root = tmp_path / f"run{i}"
+        state, _, model = trainer(root)
+        state.callbacks.pre_fit()
+        for step in (1, 2):
+            state.global_step = step
+            with torch.no_grad():
+                model.weight.fill_(float(step))
+            state.callbacks.post_train_step({"loss": 0.0}, step)
+        newest = root / "checkpoint_step_2"
+        region = ("header", "tensor bytes", "manifest")[i % 3]
+        path, begin, end = regions(newest)[region]
+        damage(path, begin, end, ("flip", "byte", "zero", "truncate")[(i // 3) % 4], rng)
+        resumed, callback, model = trainer(root)
+        with pytest.warns(ResumeWarning, match="checkpoint_step_2"):
+            resumed.callbacks.pre_fit()
+        assert callback.resumed_from is not None and callback.resumed_from.name == "checkpoint_step_1"
+        assert resumed.global_step == 1 and bool((model.weight == 1.0).all())
+        stats[f"fell back: {region}"] += 1
+    report("resume fallback", dict(sorted(stats.items())))
