@@ -65,3 +65,8 @@ class StateMismatchError(CheckpointError, KeyError):
 
 class SaverBusyError(CheckpointError, RuntimeError):
     """An ``AsyncSaver(when_full="raise")`` already has ``max_pending`` saves in flight."""
+
+
+class PickleRefusedError(CheckpointFormatError):
+    """A file (e.g. a ``torch.save`` checkpoint) can only be read by unpickling arbitrary
+    objects, which can run code; ckptproto refuses unless explicitly told the file is trusted."""

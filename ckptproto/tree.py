@@ -3,8 +3,8 @@
 Encoding (normative text: ``spec/FORMAT.md``, "Value encoding"):
 
 * ``None``, ``bool``, ``str`` -> themselves; ``int`` -> a JSON integer when
-  ``|x| <= 2**53 - 1``, else ``{"$int": "<decimal>"}``; ``float`` -> a JSON number with a
-  fraction or exponent, or ``{"$float": "nan" | "inf" | "-inf"}``;
+  ``|x| <= 2**53 - 1``, else ``{"$int": "<decimal>"}`` (at most 10,000 characters);
+  ``float`` -> a JSON number with a fraction or exponent, or ``{"$float": "nan" | "inf" | "-inf"}``;
   ``bytes`` -> ``{"$bytes": "<base64>"}``.
 * ``list`` -> JSON array; ``tuple`` -> ``{"$tuple": [...]}``.
 * ``dict`` whose keys are all ``str`` not starting with ``$`` -> JSON object; any other
@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import base64
 import binascii
+import decimal
 import math
+import re
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -31,6 +33,12 @@ from ckptproto.errors import CheckpointFormatError, UnsupportedValueError
 
 MAX_DEPTH = 200
 MAX_SAFE_INT = 2**53 - 1
+# "$int" payloads are at most this many characters (sign included): decimal conversion is
+# quadratic, so a reader bounds it; the writer refuses larger ints rather than write them.
+MAX_INT_CHARS = 10_000
+_INT_TEXT = re.compile(r"-?[0-9]+")
+# Python refuses int<->str conversions beyond 4300 digits (sys.int_info); decimal does not.
+_FAST_INT_CHARS = 4000
 TAGS = ("$torch", "$numpy", "$int", "$float", "$bytes", "$tuple", "$dict", "$odict")
 
 
@@ -84,7 +92,7 @@ class _Encoder:
         if value is None or kind is bool or kind is str:
             return value
         if kind is int:
-            return value if -MAX_SAFE_INT <= value <= MAX_SAFE_INT else {"$int": str(value)}
+            return value if -MAX_SAFE_INT <= value <= MAX_SAFE_INT else {"$int": _int_text(value, path)}
         if kind is float:
             return value if math.isfinite(value) else {"$float": repr(value)}
         if kind is bytes:
@@ -136,6 +144,19 @@ class _Encoder:
             index = self._ids[key] = len(self.tensors)
             self.tensors.append(TensorLeaf(value, spec, path))
         return {"$torch" if spec.kind == "torch" else "$numpy": index}
+
+
+def _int_text(value: int, path: str) -> str:
+    text = str(value) if value.bit_length() < 3 * _FAST_INT_CHARS else None
+    if text is None and value.bit_length() <= 3.33 * MAX_INT_CHARS:
+        text = str(decimal.Decimal(value))
+    if text is None or len(text) > MAX_INT_CHARS:
+        raise UnsupportedValueError(
+            f"{path or '<root>'}: int with more than {MAX_INT_CHARS} characters in decimal cannot be "
+            "saved; store it as bytes (int.to_bytes) instead",
+            path=path,
+        )
+    return text
 
 
 def _unsupported_message(value: object, path: str) -> str:
@@ -190,9 +211,9 @@ def _decode_tagged(
             raise CheckpointFormatError(f"{where}: bad tensor reference {payload!r} at {at}")
         return resolve(tag[1:], payload, path)
     if tag == "$int":
-        if not isinstance(payload, str) or not payload.lstrip("-").isdigit() or len(payload) > 10_000:
-            raise CheckpointFormatError(f"{where}: bad $int {payload!r} at {at}")
-        return int(payload)
+        if not isinstance(payload, str) or len(payload) > MAX_INT_CHARS or not _INT_TEXT.fullmatch(payload):
+            raise CheckpointFormatError(f"{where}: bad $int {repr(payload)[:40]} at {at}")
+        return int(payload) if len(payload) < _FAST_INT_CHARS else int(decimal.Decimal(payload))
     if tag == "$float":
         if payload not in ("nan", "inf", "-inf"):
             raise CheckpointFormatError(f"{where}: bad $float {payload!r} at {at}")

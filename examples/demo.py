@@ -1,70 +1,197 @@
-"""Demo: train a tiny model, checkpoint it, restore into a fresh model, check it matches."""
+"""Demo: train with the async checkpoint callback, SIGKILL the process mid-run, start it again,
+resume from the last good checkpoint, finish — and get exactly the weights of a run that was
+never interrupted.
+
+    python examples/demo.py            # the whole story (about 10-20 s on 2 cores)
+    python examples/demo.py train ROOT OUT [--slow] [--compare REF]   # one training process
+"""
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
 import tempfile
+import time
 from pathlib import Path
 
-import torch
-
-import ckptproto
-
-
-def make(seed: int) -> tuple[torch.nn.Module, torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
-    torch.manual_seed(seed)
-    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 1))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=5, gamma=0.5)
-    return model, optimizer, scheduler
+EPOCHS = 4
+STEPS_PER_EPOCH = 25  # 200 samples, batch 8
+KILL_AT_STEP = 57
 
 
-def main() -> None:
-    model, optimizer, scheduler = make(seed=0)
-    data = torch.randn(64, 16)
-    target = data.sum(dim=1, keepdim=True)
-    for _ in range(20):
-        loss = torch.nn.functional.mse_loss(model(data), target)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
-    state = {
-        "trainer": {"global_step": 20, "current_epoch": 0, "callbacks": {}},
-        "models": {"model": model},
-        "optimizers": {"optimizer": optimizer},
-        "schedulers": {"scheduler": scheduler},
-    }
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "checkpoint_step_20"
-        info = ckptproto.save(state, path, metadata={"metrics": {"loss": loss.item()}})
-        print(f"saved step {info.step} (loss {loss.item():.4f}) to {path.name}: {info.nbytes} bytes")
-        for f in sorted(path.iterdir()):
-            print(f"  {f.name:32} {f.stat().st_size:>8} bytes")
+def train(root: str, out: str, slow: bool, compare: str | None) -> bool:
+    """One training process: resumes from ROOT if it holds checkpoints, saves the final
+    weights to OUT. Prints ``step N`` after every step (the story kills it mid-run). With
+    ``compare``, checks the final weights against those saved at that path."""
+    import warnings
 
-        model2, optimizer2, scheduler2 = make(seed=1)
-        ckptproto.load_into(
-            path,
-            {
-                "trainer": {"global_step": 0, "current_epoch": 0, "callbacks": {}},
-                "models": {"model": model2},
-                "optimizers": {"optimizer": optimizer2},
-                "schedulers": {"scheduler": scheduler2},
-            },
+    warnings.filterwarnings("ignore", message=".*set_vital", category=UserWarning)  # torchdata 0.11 noise
+    import torch
+    from torchdata.stateful_dataloader import StatefulDataLoader
+    from torchdata.stateful_dataloader.sampler import RandomSampler
+
+    import ckptproto
+    from ckptproto import AsyncCheckpointCallback, CallbackCollection, CheckpointParameters, TrainState
+
+    torch.set_num_threads(1)  # bitwise-reproducible CPU kernels
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(16, 64), torch.nn.ReLU(), torch.nn.Dropout(0.1), torch.nn.Linear(64, 1)
+    )
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=EPOCHS * STEPS_PER_EPOCH)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(240, 16, generator=g)
+    y = (x[:, :4].sum(dim=1, keepdim=True) - x[:, 4:8].prod(dim=1, keepdim=True)).tanh()
+    train_idx, val_idx = list(range(200)), torch.arange(200, 240)
+    # The sampler has its own generator (saved in the loader's state), so resuming mid-epoch
+    # replays the exact remaining batches; dropout draws from torch's RNG (RNGState).
+    loader = StatefulDataLoader(
+        train_idx,
+        batch_size=8,
+        sampler=RandomSampler(train_idx, generator=torch.Generator().manual_seed(2)),
+        generator=torch.Generator().manual_seed(3),  # seeds workers; keeps the global RNG out of it
+    )
+
+    callback = AsyncCheckpointCallback(
+        CheckpointParameters(
+            root_dir=root,
+            monitor="val_loss",
+            mode="min",
+            keep_top_k=2,
+            save_last=True,
+            save_every_n_steps=10,
+            resume_mode="latest",
         )
-        same_weights = all(
-            torch.equal(a, b) for a, b in zip(model.parameters(), model2.parameters(), strict=True)
-        )
-        same_lr = scheduler.get_last_lr() == scheduler2.get_last_lr()
-        next_loss = [torch.nn.functional.mse_loss(m(data), target).item() for m in (model, model2)]
+    )
+    callbacks = CallbackCollection([callback])
+    state = TrainState(
+        models={"model": model},
+        optimizers={"optimizer": optimizer},
+        schedulers={"scheduler": scheduler},
+        dataloaders={"train": loader},
+        callbacks=callbacks,
+    )
+    callbacks.bind(state)
+    callbacks.pre_fit()
+    if callback.resumed_from is not None:
         print(
-            f"restored into a fresh model: weights equal={same_weights}, lr equal={same_lr}, "
-            f"next loss {next_loss[0]:.6f} vs {next_loss[1]:.6f}"
+            f"resumed from {callback.resumed_from.name} (step {state.global_step}, epoch {state.current_epoch})"
         )
-        ckptproto.verify(path)
-        print("verify: all checksums OK")
-        if not (same_weights and same_lr and next_loss[0] == next_loss[1]):
-            raise SystemExit("restored state differs")
+    else:
+        print("no checkpoint found: starting fresh")
+    try:
+        while state.current_epoch < EPOCHS:
+            model.train()
+            for batch_idx, idx in enumerate(loader):
+                loss = torch.nn.functional.mse_loss(model(x[idx]), y[idx])
+                optimizer.zero_grad()
+                loss.backward()
+                callbacks.pre_optimizer_step()  # a pending async save finishes staging here
+                optimizer.step()
+                scheduler.step()
+                state.global_step += 1
+                callbacks.post_train_step({"loss": loss.item()}, batch_idx)
+                print(f"step {state.global_step} loss {loss.item():.6f}", flush=True)
+                if slow:
+                    time.sleep(0.02)
+            state.current_epoch += 1
+            callbacks.post_train_epoch()
+            model.eval()
+            with torch.no_grad():
+                val_loss = torch.nn.functional.mse_loss(model(x[val_idx]), y[val_idx]).item()
+            print(f"epoch {state.current_epoch}: val_loss {val_loss:.4f}", flush=True)
+            callbacks.post_validation_epoch({"val_loss": val_loss})
+    except BaseException as exc:
+        callbacks.on_exception(exc)
+        raise
+    callbacks.post_fit()
+    callback.close()
+    ckptproto.save({"models": {"model": model}}, out, overwrite=True)
+    print(f"finished at step {state.global_step}")
+    if compare is None:
+        return True
+    reference = ckptproto.load(compare)["models"]["model"]
+    mine = model.state_dict()
+    same = reference.keys() == mine.keys() and all(torch.equal(reference[k], mine[k]) for k in mine)
+    print(f"final weights == uninterrupted run's, bitwise: {same}")
+    return same
+
+
+def _child(root: Path, out: Path, *options: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, __file__, "train", str(root), str(out), *options],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _echo(line: str) -> None:
+    if not line.startswith("step ") or int(line.split()[1]) % 10 == 0:
+        print(f"    | {line}")
+
+
+def _ls(root: Path) -> None:
+    from ckptproto.cli import main as cli
+
+    print(f"  $ ckptproto ls {root.name}")
+    sys.stdout.flush()
+    cli(["ls", str(root)])
+
+
+def main() -> int:
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        root, out, ref_out = tmp / "run", tmp / "final.ckpt", tmp / "reference.ckpt"
+        # The same training, never interrupted, runs alongside for the comparison at the end.
+        reference = _child(tmp / "reference", ref_out)
+
+        print(f"1. Train {EPOCHS} epochs with AsyncCheckpointCallback: save every 10 steps, keep the 2 best")
+        print("   by val_loss plus the last; resume_mode='latest'")
+        child = _child(root, out, "--slow")
+        assert child.stdout is not None
+        for raw in child.stdout:
+            line = raw.rstrip()
+            _echo(line)
+            if line.startswith(f"step {KILL_AT_STEP} "):
+                os.kill(child.pid, signal.SIGKILL)
+                break
+        child.wait()
+        print(f"2. SIGKILL at step {KILL_AT_STEP} (exit status {child.returncode}): no clean shutdown")
+        leftovers = sorted(p.name for p in root.iterdir() if p.name.startswith("."))
+        for name in leftovers:
+            print(f"   leftover of the save in flight (hidden, never read as a checkpoint): {name}")
+        _ls(root)
+
+        if reference.wait() != 0:
+            print("the reference run failed")
+            return 1
+        print("3. Run the same command again: it resumes from the last good checkpoint and finishes")
+        child = _child(root, out, "--compare", str(ref_out))
+        assert child.stdout is not None
+        for raw in child.stdout:
+            _echo(raw.rstrip())
+        status = child.wait()
+        _ls(root)
+        verdict = (
+            "OK: killed, resumed, and bitwise equal to the uninterrupted run" if status == 0 else "FAILED"
+        )
+        print(f"4. {verdict} ({time.monotonic() - started:.1f} s)")
+        return 0 if status == 0 else 1
 
 
 if __name__ == "__main__":
-    main()
+    if len(sys.argv) >= 4 and sys.argv[1] == "train":
+        rest = sys.argv[4:]
+        ok = train(
+            sys.argv[2],
+            sys.argv[3],
+            slow="--slow" in rest,
+            compare=rest[rest.index("--compare") + 1] if "--compare" in rest else None,
+        )
+        sys.exit(0 if ok else 1)
+    else:
+        sys.exit(main())

@@ -5,5 +5,5 @@ cd "$(dirname "$0")/.."
 if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv
 fi
-.venv/bin/python -m pip install -q --disable-pip-version-check torch==2.13.0 -e ".[torch]"
+.venv/bin/python -m pip install -q --disable-pip-version-check torch==2.13.0 -e ".[demo]"
 .venv/bin/python examples/demo.py "$@"

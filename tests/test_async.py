@@ -370,6 +370,30 @@ def test_wait_staged_times_out_while_staging_is_held(tmp_path: Path, stage_gate:
         fut.result(timeout=30)
 
 
+def test_an_internal_error_in_the_writer_does_not_stop_the_saver(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = sync.write_checkpoint
+    calls = []
+
+    def broken_once(*args: Any, **kwargs: Any) -> Any:
+        calls.append(args[0])
+        if len(calls) == 1:
+            return None  # a writer bug: no CheckpointInfo
+        if len(calls) == 2:
+            raise SystemExit(1)  # not even an Exception
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(sync, "write_checkpoint", broken_once)
+    with ckptproto.AsyncSaver(max_pending=1) as saver:
+        with pytest.raises(CheckpointError, match="internal error"):
+            saver.save({"w": torch.ones(2)}, tmp_path / "a").result(timeout=30)
+        with pytest.raises(SystemExit):
+            saver.save({"w": torch.ones(2)}, tmp_path / "b").result(timeout=30)
+        assert saver.save({"w": torch.ones(2)}, tmp_path / "c").result(timeout=30).path == tmp_path / "c"
+        assert saver.pool.stats.in_use == 0
+
+
 # -- futures, close, the default saver --------------------------------------------------------
 
 

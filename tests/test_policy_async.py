@@ -111,3 +111,42 @@ def test_failed_async_save_is_reported_and_keeps_older_checkpoints(tmp_path: Pat
     assert [r.step for r in find_checkpoints(tmp_path)] == [3]
     assert (tmp_path / "checkpoint_step_6").read_text() == "in the way"
     cb.close()
+
+
+def test_sigkill_mid_run_then_resume_matches_uninterrupted(tmp_path: Path) -> None:
+    """The demo's story as a test: a real SIGKILL while training (saves in flight), a real
+    restart, and final weights bitwise equal to an uninterrupted run."""
+    import os
+    import runpy
+    import signal
+    import subprocess
+    import sys
+
+    demo_path = Path(__file__).parent.parent / "examples" / "demo.py"
+    demo = runpy.run_path(str(demo_path))
+    threads = torch.get_num_threads()
+    try:
+        assert demo["train"](str(tmp_path / "ref_root"), str(tmp_path / "ref.ckpt"), slow=False, compare=None)
+    finally:
+        torch.set_num_threads(threads)
+
+    root, out = tmp_path / "run", tmp_path / "final.ckpt"
+    cmd = [sys.executable, str(demo_path), "train", str(root), str(out)]
+    child = subprocess.Popen([*cmd, "--slow"], stdout=subprocess.PIPE, text=True)
+    assert child.stdout is not None
+    for line in child.stdout:
+        if line.startswith("step 33 "):
+            os.kill(child.pid, signal.SIGKILL)
+            break
+    assert child.wait() == -signal.SIGKILL
+    found = find_checkpoints(root)
+    assert found and all((r.step or 0) <= 33 for r in found)
+    for record in found:
+        ckptproto.verify(record.path)  # whatever is visible is whole
+
+    done = subprocess.run(
+        [*cmd, "--compare", str(tmp_path / "ref.ckpt")], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"resumed from {found[0].name}" in done.stdout
+    assert "bitwise: True" in done.stdout

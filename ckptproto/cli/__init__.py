@@ -18,6 +18,9 @@ COMMAND_MODULES = (
     "ckptproto.cli.verify",
     "ckptproto.cli.ls",
     "ckptproto.cli.inspect",
+    "ckptproto.cli.convert",
+    "ckptproto.cli.conformance",
+    "ckptproto.cli.validate",
 )
 
 

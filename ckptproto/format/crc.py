@@ -7,9 +7,11 @@ Python's zlib module does not expose).
 
 from __future__ import annotations
 
+import re
 import threading
 
 _POLY = 0xEDB88320
+_CHECKSUM = re.compile(r"crc32:[0-9a-f]{8}")  # exactly what format_checksum writes
 _lock = threading.Lock()
 _byte_pow2_ops: list[list[int]] = []  # [k]: operator appending 2**k zero bytes to a CRC
 
@@ -61,9 +63,6 @@ def format_checksum(crc: int) -> str:
 
 def parse_checksum(text: object) -> int | None:
     """The CRC in a manifest checksum string, or None if it is not a crc32 checksum."""
-    if not isinstance(text, str) or not text.startswith("crc32:") or len(text) != 14:
+    if not isinstance(text, str) or _CHECKSUM.fullmatch(text) is None:
         return None
-    try:
-        return int(text[6:], 16)
-    except ValueError:
-        return None
+    return int(text[6:], 16)

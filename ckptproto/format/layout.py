@@ -24,18 +24,19 @@ def is_valid_data_file_name(name: object) -> bool:
     return isinstance(name, str) and _DATA_FILE_RE.fullmatch(name) is not None and ".." not in name
 
 
-_HOST_RE = re.compile(r"[^A-Za-z0-9.]")
+_HOST_RE = re.compile(r"[^A-Za-z0-9]")
+_TAG_RE = re.compile(r"[0-9a-f]{12}P([0-9]{1,10})H([A-Za-z0-9]{1,64})")
 
 
 def _owner_tag() -> str:
-    """``{random}-{pid}-{host}``: who is writing, so cleanup can tell a dead writer's leftover
-    from a live save in the same parent directory."""
-    return f"{uuid.uuid4().hex[:12]}-{os.getpid()}-{this_host()}"
+    """``{random}P{pid}H{host}`` (letters and digits only): who is writing, so cleanup can tell
+    a dead writer's leftover from a live save in the same parent directory."""
+    return f"{uuid.uuid4().hex[:12]}P{os.getpid()}H{this_host()}"
 
 
 def temp_name(final_name: str) -> str:
     """A hidden sibling name for a checkpoint being written; never mistaken for a checkpoint:
-    ``.step_10.ckptproto-tmp-3f2a9c1b7e40-4242-node7``."""
+    ``.step_10.ckptproto-tmp-3f2a9c1b7e40P4242Hnode7``."""
     return f".{final_name}{TEMP_MARKER}{_owner_tag()}"
 
 
@@ -63,7 +64,7 @@ class Leftover:
 def parse_leftover(name: str) -> Leftover | None:
     """Decode a leftover name; None if ``name`` is not one.
 
-    >>> parse_leftover(".step_10.ckptproto-tmp-3f2a9c1b7e40-4242-node7")
+    >>> parse_leftover(".step_10.ckptproto-tmp-3f2a9c1b7e40P4242Hnode7")
     Leftover(final_name='step_10', trash=False, pid=4242, host='node7')
     """
     if not is_leftover(name):
@@ -73,9 +74,9 @@ def parse_leftover(name: str) -> Leftover | None:
     )
     marker = TRASH_MARKER if trash else TEMP_MARKER
     final_name, _, tag = name[1:].rpartition(marker)
-    parts = tag.split("-", 2)
-    if len(parts) == 3 and parts[1].isdigit() and parts[2]:
-        return Leftover(final_name, trash, int(parts[1]), parts[2])
+    m = _TAG_RE.fullmatch(tag)
+    if m:
+        return Leftover(final_name, trash, int(m.group(1)), m.group(2))
     return Leftover(final_name, trash, None, None)
 
 

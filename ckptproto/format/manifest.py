@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import zlib
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,6 +34,8 @@ MAX_CHUNKS_PER_TENSOR = 1 << 16
 CHECKSUM_KEY = "manifest_checksum"
 _CHECKSUM_PREFIX = b'{"' + CHECKSUM_KEY.encode() + b'":"crc32:'
 _CHECKSUM_HEAD = len(_CHECKSUM_PREFIX) + 8 + 2  # + hex digits + '",'
+_DAMAGED_CHECKSUM = re.compile(rb'\{"[^"]{%d}":"crc32:' % len(CHECKSUM_KEY))
+_VERSION = re.compile(r"[0-9]{1,5}\.[0-9]{1,5}")  # ASCII digits only ("١.0" is not a version)
 
 
 @dataclass(frozen=True)
@@ -151,18 +154,24 @@ class Manifest:
         if not isinstance(created, str) or not isinstance(writer, str):
             raise CheckpointFormatError(f'{where}: "created" and "writer" must be strings')
         metadata = doc.get("metadata", {})
-        _check_own_checksum(data, doc, writer, where)
+        _check_own_checksum(data, doc, where)
         return cls(doc["state"], tensors, files, metadata, created, version, world_size, writer)
 
 
-def _check_own_checksum(data: bytes, doc: dict[str, Any], writer: str, where: str) -> None:
-    """Catch damage that still parses and validates (a flipped digit in a value)."""
+def _check_own_checksum(data: bytes, doc: dict[str, Any], where: str) -> None:
+    """Catch damage that still parses and validates (a flipped digit in a value).
+
+    The checksum protects the bytes as ckptproto writes them (compact, the member first). A
+    manifest without the member (another writer, format 1.0 without it) is not checked; nor is
+    one rewritten by a JSON tool (the member no longer at the start: edited on purpose). Any
+    single damaged byte of a written manifest still fails: in the member's key it leaves a
+    first member shaped like the checksum under another name, refused below.
+    """
     if CHECKSUM_KEY not in doc:
-        if writer.startswith("ckptproto"):
-            raise CheckpointCorruptError(
-                f'{where}: no "{CHECKSUM_KEY}" although written by {writer!r}: the manifest was '
-                "damaged or edited; restore it or use an earlier checkpoint"
-            )
+        if _DAMAGED_CHECKSUM.match(data):
+            raise CheckpointCorruptError(f'{where}: the "{CHECKSUM_KEY}" member is damaged')
+        return
+    if not data.startswith(_CHECKSUM_PREFIX[: len(CHECKSUM_KEY) + 5]):
         return
     stored = data[len(_CHECKSUM_PREFIX) : _CHECKSUM_HEAD - 2]
     if (
@@ -172,8 +181,8 @@ def _check_own_checksum(data: bytes, doc: dict[str, Any], writer: str, where: st
         or parse_checksum(doc[CHECKSUM_KEY]) != zlib.crc32(b"{" + data[_CHECKSUM_HEAD:])
     ):
         raise CheckpointCorruptError(
-            f"{where}: the manifest does not match its own {CHECKSUM_KEY} (damaged or edited "
-            f'after writing; a hand-edited manifest must drop "{CHECKSUM_KEY}" and "writer")'
+            f"{where}: the manifest does not match its own {CHECKSUM_KEY} (damaged, or "
+            f'edited after writing: an edited manifest must drop "{CHECKSUM_KEY}")'
         )
 
 
@@ -204,10 +213,11 @@ def _load_json(data: bytes, where: str) -> Any:
 
 
 def _parse_version(text: object, where: str) -> tuple[int, int]:
-    parts = text.split(".") if isinstance(text, str) else []
-    if len(parts) != 2 or not all(p.isdigit() and len(p) < 6 for p in parts):
-        raise CheckpointFormatError(f"{where}: bad format_version {text!r}")
-    major, minor = int(parts[0]), int(parts[1])
+    if not isinstance(text, str) or _VERSION.fullmatch(text) is None:
+        raise CheckpointFormatError(
+            f"{where}: bad format_version {text!r}; this ckptproto reads {FORMAT_VERSION[0]}.x"
+        )
+    major, minor = (int(part) for part in text.split("."))
     if major != FORMAT_VERSION[0]:
         raise CheckpointFormatError(
             f"{where}: written in format version {major}.{minor}; this ckptproto reads "

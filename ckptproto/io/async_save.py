@@ -293,8 +293,11 @@ class AsyncSaver:
 
     def _write_loop(self) -> None:
         while (job := self._write_queue.get()) is not None:
+            info: CheckpointInfo | None = None
+            error: BaseException | None = None
             try:
-                assert job.staged is not None
+                if job.staged is None:
+                    raise CheckpointError(f"{job.future.path}: internal error: the save was not staged")
                 with _gc.paused():
                     info = sync.write_checkpoint(
                         job.future.path,
@@ -304,16 +307,25 @@ class AsyncSaver:
                         overwrite=job.overwrite,
                     )
             except BaseException as exc:
-                self._complete(job, None, exc)
-            else:
-                self._complete(job, info, None)
+                error = exc
+            self._complete(job, info, error)
 
     def _complete(
         self, job: _Job, info: CheckpointInfo | None, exc: BaseException | None, *, log: bool = True
     ) -> None:
-        if job.staged is not None:
-            job.staged.release()
-            job.staged = None
+        """Settle a job's future; never raises (a dead worker thread would hang every later
+        save and close())."""
+        try:
+            staged, job.staged = job.staged, None
+            if staged is not None:
+                staged.release()
+        except BaseException as release_error:
+            if exc is None:
+                exc = release_error
+            else:
+                logger.error("releasing the staging buffers of %s failed", job.future.path, exc_info=True)
+        if exc is None and not isinstance(info, CheckpointInfo):
+            exc = CheckpointError(f"{job.future.path}: internal error: the write returned {info!r}")
         job.future._staged.set()
         if exc is not None and log:
             logger.error("async save to %s failed: %s", job.future.path, exc, exc_info=exc)
@@ -322,14 +334,15 @@ class AsyncSaver:
         with self._cond:
             self._inflight.discard(job.future)
             self._cond.notify_all()
-        if exc is not None:
-            job.future.set_exception(exc)
-        else:
-            assert info is not None
-            logger.debug("async save committed %s", info.path)
-            job.future.set_result(info)
-        with self._cond:
-            self._unfinished.discard(job.future)
+        try:
+            if exc is not None:
+                job.future.set_exception(exc)
+            else:
+                logger.debug("async save committed %s", job.future.path)
+                job.future.set_result(info)  # type: ignore[arg-type]
+        finally:
+            with self._cond:
+                self._unfinished.discard(job.future)
 
 
 _default_lock = threading.Lock()

@@ -181,6 +181,7 @@ def load(
     with reader.OpenCheckpoint(root) as ckpt:
         where = str(root / layout.MANIFEST_NAME)
         kinds = reader.tensor_kinds(ckpt.manifest, where)
+        _decode_metadata(ckpt.manifest, root)  # the manifest is refused whole, not in part
         values = reader.materialize(
             ckpt, kinds, use_mmap=mmap, verify=(not mmap) if verify is None else verify
         )
@@ -224,6 +225,7 @@ def load_into(
         raise StateMismatchError(f"load_into needs a Stateful or a dict, got {type(target).__qualname__}")
     with reader.OpenCheckpoint(root) as ckpt:
         where = str(root / layout.MANIFEST_NAME)
+        metadata = _decode_metadata(ckpt.manifest, root)  # refuse a bad manifest before writing
         kinds = reader.tensor_kinds(ckpt.manifest, where)
         refs: dict[int, _Ref] = {}
         skeleton = decode_tree(
@@ -256,7 +258,7 @@ def load_into(
         _call_load_state_dict(target, state, strict)  # type: ignore[arg-type]
     else:
         _assign(target, state, strict)
-    return CheckpointInfo.from_manifest(root, manifest, _decode_metadata(manifest, root))
+    return CheckpointInfo.from_manifest(root, manifest, metadata)
 
 
 def _copy_into(dst: Any, src: Any) -> None:
@@ -412,9 +414,13 @@ def verify(path: PathLike) -> CheckpointInfo:
         try:
             with reader.OpenCheckpoint(root, manifest) as ckpt:
                 reader.tensor_kinds(manifest, str(root / layout.MANIFEST_NAME))
-                decode_tree(
+                state = decode_tree(
                     manifest.state, lambda kind, index, p: None, where=str(root / layout.MANIFEST_NAME)
                 )
+                if not isinstance(state, dict):
+                    raise CheckpointFormatError(
+                        f"{root / layout.MANIFEST_NAME}: the state must be an object at the top level"
+                    )
         except CheckpointError as exc:
             problems.append(str(exc))
     if problems:

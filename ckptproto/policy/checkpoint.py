@@ -141,6 +141,8 @@ class CheckpointCallback(Callback[TrainerLike]):
             self.save()
 
     def post_fit(self) -> None:
+        if self._preempted:  # SIGTERM after the last step: the state is whole, save it now
+            self._preemption_save()
         self._restore_sigterm()
 
     def on_exception(self, exc: BaseException) -> None:

@@ -1,0 +1,297 @@
+"""How long an async save blocks the training thread, side by side, in one run.
+
+    python benchmarks/bench_async.py                     # ~1 GiB fp32 in 64 tensors
+    python benchmarks/bench_async.py --size-mb 256 --repeat 5 --dir /dev/shm
+
+Part 1, the stall: for the same CPU state, the time the calling thread is blocked per save
+("stall"), the time until the state may be mutated ("staged"), and the time until the
+checkpoint is durably committed ("commit"), for
+
+- ``clone()`` of every tensor (the memcpy floor for staging),
+- ckptproto ``AsyncSaver(staging="blocking")`` and ``staging="background"``,
+- ``torch.distributed.checkpoint.async_save`` (single process) with its default stager, and
+  with a reused ``DefaultStager(StagingOptions(False, False, True, False))`` (async staging),
+- synchronous ``ckptproto.save`` for reference.
+
+Each async method is warmed up by one save first (its staging buffers are allocated once),
+then timed ``--repeat`` times; medians are printed with ratios.
+
+Part 2, the loop: a training loop of small steps (an MLP with Adam) run for the same number
+of steps without checkpoints and with an async save every ``--save-every`` steps (blocking
+staging; background staging with ``wait_staged()`` just before ``optimizer.step()``);
+throughput and its loss versus no checkpointing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import statistics
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import ckptproto
+
+warnings.filterwarnings("ignore")
+
+Timing = dict[str, float]  # stall, staged, commit (seconds)
+
+
+def big_state(size_mb: int, n: int) -> dict[str, Any]:
+    per = size_mb * (1 << 20) // 4 // n
+    g = torch.Generator().manual_seed(0)
+    return {"model": {f"layer{i}.weight": torch.randn(per, generator=g) for i in range(n)}}
+
+
+def mutate(state: dict[str, Any]) -> None:
+    for t in state["model"].values():
+        t.add_(1.0)
+
+
+class Stall:
+    """One method of part 1: ``run(path)`` saves once and returns its timings."""
+
+    def __init__(self, name: str, run: Callable[[Path], Timing], close: Callable[[], None] = lambda: None):
+        self.name, self.run, self.close = name, run, close
+
+
+def clone_floor(state: dict[str, Any]) -> Stall:
+    def run(path: Path) -> Timing:
+        t0 = time.perf_counter()
+        copies = [t.clone() for t in state["model"].values()]
+        dt = time.perf_counter() - t0
+        del copies
+        return {"stall": dt, "staged": dt, "commit": float("nan")}
+
+    return Stall("clone() every tensor (floor)", run)
+
+
+def ckptproto_async(state: dict[str, Any], mode: str) -> Stall:
+    saver = ckptproto.AsyncSaver(max_pending=1, staging=mode)  # type: ignore[arg-type]
+
+    def run(path: Path) -> Timing:
+        t0 = time.perf_counter()
+        fut = saver.save(state, path)
+        t1 = time.perf_counter()
+        fut.wait_staged()
+        t2 = time.perf_counter()
+        mutate(state)  # what the loop does next; the checkpoint must not see it
+        fut.result()
+        t3 = time.perf_counter()
+        return {"stall": t1 - t0, "staged": t2 - t0, "commit": t3 - t0}
+
+    return Stall(f"ckptproto AsyncSaver {mode}", run, saver.close)
+
+
+def ckptproto_sync(state: dict[str, Any]) -> Stall:
+    def run(path: Path) -> Timing:
+        t0 = time.perf_counter()
+        ckptproto.save(state, path)
+        dt = time.perf_counter() - t0
+        return {"stall": dt, "staged": dt, "commit": dt}
+
+    return Stall("ckptproto.save (sync)", run)
+
+
+def dcp_async(state: dict[str, Any], async_staging: bool) -> Stall:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+
+    stager = DefaultStager(StagingOptions(False, False, True, False)) if async_staging else None
+
+    def run(path: Path) -> Timing:
+        t0 = time.perf_counter()
+        writer = dcp.FileSystemWriter(str(path), sync_files=True)
+        response = dcp.async_save(state, storage_writer=writer, async_stager=stager, no_dist=True)
+        t1 = time.perf_counter()
+        if hasattr(response, "staging_completion"):
+            response.staging_completion.result()
+            t2 = time.perf_counter()
+            response.upload_completion.result()
+        else:
+            t2 = t1
+            response.result()
+        t3 = time.perf_counter()
+        return {"stall": t1 - t0, "staged": t2 - t0, "commit": t3 - t0}
+
+    def close() -> None:
+        if stager is not None:
+            stager.close()
+
+    name = (
+        "DCP async_save + DefaultStager(async staging)"
+        if async_staging
+        else "DCP async_save (default stager)"
+    )
+    return Stall(name, run, close)
+
+
+def part1(args: argparse.Namespace, root: Path) -> None:
+    state = big_state(args.size_mb, args.tensors)
+    nbytes = sum(t.nbytes for t in state["model"].values())
+    print(f"part 1: stall per save, {nbytes / 2**20:.0f} MiB fp32 in {args.tensors} tensors, dir {root}")
+    methods = [
+        clone_floor(state),
+        ckptproto_async(state, "blocking"),
+        ckptproto_async(state, "background"),
+        dcp_async(state, async_staging=False),
+        dcp_async(state, async_staging=True),
+        ckptproto_sync(state),
+    ]
+    results: dict[str, list[Timing]] = {m.name: [] for m in methods}
+    first: dict[str, Timing] = {}
+    counter = 0
+
+    def once(m: Stall) -> Timing:
+        nonlocal counter
+        counter += 1
+        path = root / f"ckpt{counter}"
+        timing = m.run(path)
+        shutil.rmtree(path, ignore_errors=True)
+        return timing
+
+    for m in methods:
+        first[m.name] = once(m)  # warm-up: allocates staging buffers, imports, thread start
+    for _ in range(args.repeat):  # interleaved, so drift hits every method alike
+        for m in methods:
+            results[m.name].append(once(m))
+    for m in methods:
+        m.close()
+
+    def med(name: str, key: str) -> float:
+        return statistics.median(r[key] for r in results[name])
+
+    print(f"{'method':48} {'stall':>9} {'staged':>9} {'commit':>9} {'1st stall':>10}")
+    for m in methods:
+        print(
+            f"{m.name:48} {med(m.name, 'stall') * 1e3:8.1f}ms {med(m.name, 'staged') * 1e3:8.1f}ms "
+            f"{med(m.name, 'commit') * 1e3:8.1f}ms {first[m.name]['stall'] * 1e3:9.1f}ms"
+        )
+    floor = med(methods[0].name, "stall")
+    blocking = med(methods[1].name, "stall")
+    background = med(methods[2].name, "stall")
+    dcp_default = med(methods[3].name, "stall")
+    dcp_stager = med(methods[4].name, "stall")
+    print(f"blocking stall / clone floor:                 {blocking / floor:6.2f}x   (target <= 1.2x)")
+    print(
+        f"background stall / DCP async_save (default):  {background / dcp_default:6.3f}x   (target < 0.10x)"
+    )
+    print(f"background stall / DCP async_save (stager):   {background / dcp_stager:6.3f}x")
+    print(
+        f"background staged / clone floor:              {med(methods[2].name, 'staged') / floor:6.2f}x"
+        f"   commit: blocking {med(methods[1].name, 'commit') / med(methods[5].name, 'commit'):.2f}x,"
+        f" background {med(methods[2].name, 'commit') / med(methods[5].name, 'commit'):.2f}x of sync save"
+    )
+
+
+def part2(args: argparse.Namespace, root: Path) -> None:
+    torch.manual_seed(0)
+    width = args.width
+    layers = max(1, args.loop_mb * (1 << 20) // (width * width * 4))
+    model = torch.nn.Sequential(*[torch.nn.Linear(width, width) for _ in range(layers)])
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+    x = torch.randn(args.batch, width)
+    params = sum(p.numel() for p in model.parameters())
+
+    def step() -> None:
+        loss = model(x).square().mean()
+        loss.backward()
+
+    def loop(mode: str | None) -> tuple[float, float]:
+        saver = ckptproto.AsyncSaver(max_pending=1, staging=mode) if mode else None  # type: ignore[arg-type]
+        fut = None
+        stall = 0.0
+        done: list[Path] = []
+        t0 = time.perf_counter()
+        for i in range(args.loop_steps):
+            step()
+            if fut is not None:
+                fut.wait_staged()  # only a background save can still be copying
+            opt.step()
+            opt.zero_grad()
+            if saver is not None and (i + 1) % args.save_every == 0:
+                s0 = time.perf_counter()
+                path = root / f"loop-{mode}-{i}"
+                fut = saver.save(
+                    {
+                        "models": {"model": model},
+                        "optimizers": {"optimizer": opt},
+                        "trainer": {"global_step": i},
+                    },
+                    path,
+                )
+                stall += time.perf_counter() - s0
+                done.append(path)
+                if len(done) > 2:
+                    old = done.pop(0)
+                    shutil.rmtree(old, ignore_errors=True)  # committed: max_pending=1 and a newer one exists
+        if saver is not None:
+            saver.close()  # the last save is part of the cost
+        elapsed = time.perf_counter() - t0
+        for p in done:
+            shutil.rmtree(p, ignore_errors=True)
+        return elapsed, stall
+
+    state_mb = params * 4 * 3 / 2**20  # weights + Adam's two moments
+    print(
+        f"\npart 2: training loop, {layers}x Linear({width},{width}) + Adam (~{state_mb:.0f} MiB state), "
+        f"batch {args.batch}, {args.loop_steps} steps, a save every {args.save_every} steps"
+    )
+    for _ in range(3):
+        step()
+        opt.step()
+        opt.zero_grad()  # warm-up (Adam state created)
+    runs: dict[str, list[float]] = {"none": [], "blocking": [], "background": []}
+    stalls: dict[str, list[float]] = {"none": [], "blocking": [], "background": []}
+    for _ in range(args.loop_repeat):
+        for mode in ("none", "blocking", "background"):
+            elapsed, stall = loop(None if mode == "none" else mode)
+            runs[mode].append(elapsed)
+            stalls[mode].append(stall)
+    base = statistics.median(runs["none"])
+    saves = args.loop_steps // args.save_every
+    for mode, times in runs.items():
+        t = statistics.median(times)
+        per_step = t / args.loop_steps * 1e3
+        loss = (t / base - 1) * 100
+        stall = statistics.median(stalls[mode]) / max(saves, 1) * 1e3 if mode != "none" else 0.0
+        print(
+            f"  {mode:11} {t:7.2f} s  {per_step:7.1f} ms/step  throughput loss {loss:+6.1f}%  "
+            f"save() stall {stall:6.1f} ms/save"
+        )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--size-mb", type=int, default=1024)
+    parser.add_argument("--tensors", type=int, default=64)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--dir", default=None, help="where checkpoints go (default: a temp dir in /tmp)")
+    parser.add_argument("--loop-mb", type=int, default=64, help="model weights in the loop (MiB)")
+    parser.add_argument("--width", type=int, default=1024)
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--loop-steps", type=int, default=60)
+    parser.add_argument("--save-every", type=int, default=10)
+    parser.add_argument("--loop-repeat", type=int, default=1)
+    parser.add_argument("--skip-loop", action="store_true")
+    args = parser.parse_args()
+    root = Path(tempfile.mkdtemp(prefix="bench_async-", dir=args.dir))
+    try:
+        print(f"torch {torch.__version__}, {torch.get_num_threads()} intra-op threads")
+        part1(args, root)
+        if not args.skip_loop:
+            part2(args, root)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,139 @@
+"""Converting checkpoints between ckptproto and torch.save, flat safetensors and DCP.
+
+::
+
+    from ckptproto.interop import convert
+
+    convert("model.pt", "checkpoints/model", to="ckptproto")          # torch.save -> ckptproto
+    convert("checkpoints/model", "model.safetensors", to="safetensors")
+    convert("dcp_dir", "checkpoints/step_100", to="ckptproto")
+
+The source format is detected from what is at ``src`` (or given as ``source_format``). Tensors
+stream: the source is memory-mapped where its format allows (ckptproto, torch.save zip files,
+safetensors; DCP is read into memory once) and written straight from those buffers, so a
+conversion never holds two copies of the tensors.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, TextIO, get_args
+
+from ckptproto.errors import CheckpointFormatError, CheckpointNotFoundError
+from ckptproto.format import layout
+from ckptproto.interop import dcp, flat_safetensors, torch_save
+from ckptproto.interop.progress import Progress
+from ckptproto.io import sync
+from ckptproto.tree import encode_state
+
+Format = Literal["ckptproto", "torch", "safetensors", "dcp"]
+FORMATS: tuple[str, ...] = get_args(Format)
+PathLike = str | os.PathLike[str]
+
+
+@dataclass(frozen=True)
+class ConversionResult:
+    """What ``convert`` did: formats, destination, and the distinct tensors it wrote."""
+
+    source_format: str
+    target_format: str
+    destination: Path
+    tensors: int
+    nbytes: int
+
+
+def detect_format(path: PathLike) -> Format:
+    """Which format is at ``path``: a ckptproto directory (``manifest.json``), a DCP directory
+    (``.metadata``), a zip or pickle written by ``torch.save``, or a safetensors file."""
+    p = Path(path)
+    if p.is_dir():
+        if (p / layout.MANIFEST_NAME).is_file():
+            return "ckptproto"
+        if dcp.is_dcp_dir(p):
+            return "dcp"
+        raise CheckpointFormatError(
+            f"{p}: a directory with neither {layout.MANIFEST_NAME} (ckptproto) nor .metadata (DCP)"
+        )
+    if not p.exists():
+        raise CheckpointNotFoundError(f"{p} does not exist")
+    with open(p, "rb") as f:
+        head = f.read(9)
+    # safetensors first: its 8-byte header length may itself start with 0x80
+    if len(head) >= 9 and head[8:9] == b"{" and struct.unpack("<Q", head[:8])[0] + 8 <= p.stat().st_size:
+        return "safetensors"
+    if head[:4] == torch_save.ZIP_MAGIC or head[:1] == b"\x80":
+        return "torch"
+    raise CheckpointFormatError(
+        f"{p}: not a torch.save file (zip or pickle) nor a safetensors file; pass source_format= (--from)"
+    )
+
+
+def _read(src: Path, fmt: str, allow_pickle: bool) -> dict[str, Any]:
+    if fmt == "ckptproto":
+        return sync.load(src, mmap=True, verify=True)
+    if fmt == "torch":
+        return torch_save.read(src, allow_pickle=allow_pickle)
+    if fmt == "safetensors":
+        return flat_safetensors.read(src)
+    return dcp.read(src, allow_pickle=allow_pickle)
+
+
+def _ckptproto_write(state: dict[str, Any], dst: Path, *, overwrite: bool) -> Path:
+    sync.save(state, dst, overwrite=overwrite)
+    return dst
+
+
+_WRITERS: dict[str, Callable[..., Path]] = {
+    "ckptproto": _ckptproto_write,
+    "torch": torch_save.write,
+    "safetensors": flat_safetensors.write,
+    "dcp": dcp.write,
+}
+
+
+def convert(
+    src: PathLike,
+    dst: PathLike,
+    *,
+    to: Format,
+    source_format: Format | None = None,
+    allow_pickle: bool = False,
+    overwrite: bool = False,
+    progress: bool | None = None,
+    progress_stream: TextIO | None = None,
+) -> ConversionResult:
+    """Convert the checkpoint at ``src`` into format ``to`` at ``dst``.
+
+    ``allow_pickle=True`` lets torch.save files (and DCP values) be fully unpickled: only for
+    files you trust, since unpickling can run arbitrary code. ``progress``: draw a progress
+    line on stderr (default: only when stderr is a terminal). The destination appears
+    atomically; an existing one is replaced only with ``overwrite=True``.
+    """
+    if to not in FORMATS:
+        raise ValueError(f"to must be one of {', '.join(FORMATS)}, got {to!r}")
+    src_path, dst_path = Path(src), Path(dst).absolute()
+    fmt = source_format or detect_format(src_path)
+    if fmt not in FORMATS:
+        raise ValueError(f"source_format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    if src_path.absolute() == dst_path:
+        raise CheckpointFormatError(f"{dst_path}: source and destination are the same path")
+    state = _read(src_path, fmt, allow_pickle)
+    encoded = encode_state(state)  # checks every value before anything is written
+    nbytes, count = encoded.nbytes, len(encoded.tensors)
+    del encoded
+    prefix = f".{dst_path.name}{layout.TEMP_MARKER}"
+
+    def in_flight() -> list[Path]:
+        try:
+            return [p for p in dst_path.parent.iterdir() if p.name.startswith(prefix)]
+        except OSError:
+            return []
+
+    bar = Progress(nbytes, f"{fmt} -> {to}", watch=in_flight, stream=progress_stream, enabled=progress)
+    with bar:
+        _WRITERS[to](state, dst_path, overwrite=overwrite)
+    return ConversionResult(fmt, to, dst_path, count, nbytes)

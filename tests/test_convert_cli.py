@@ -1,0 +1,182 @@
+"""The ``ckptproto convert`` command, pickle refusal, refusals of bad input, progress."""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from _interop_helpers import assert_same, trained_state
+
+import ckptproto
+from ckptproto.cli import main
+from ckptproto.errors import (
+    CheckpointExistsError,
+    CheckpointFormatError,
+    PickleRefusedError,
+    UnsupportedValueError,
+)
+from ckptproto.interop import convert, detect_format
+from ckptproto.interop.progress import Progress
+
+RAN = []
+
+
+class Five:
+    """Unpickles to the int 5 via a global weights_only refuses; records that it ran."""
+
+    def __reduce__(self) -> tuple[object, tuple[str]]:
+        return (int, ("5",))
+
+
+class Evil:
+    def __reduce__(self) -> tuple[object, tuple[str]]:
+        return (RAN.append, ("code ran",))
+
+
+def test_cli_converts_torch_save_to_ckptproto_and_back(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    state = trained_state()
+    torch.save(state, tmp_path / "model.pt")
+    assert main(["convert", str(tmp_path / "model.pt"), str(tmp_path / "c"), "--to", "ckptproto"]) == 0
+    assert "torch -> ckptproto" in capsys.readouterr().out
+    assert main(["convert", str(tmp_path / "c"), str(tmp_path / "m.safetensors"), "--to", "safetensors"]) == 0
+    assert main(["convert", str(tmp_path / "m.safetensors"), str(tmp_path / "back.pt"), "--to", "torch"]) == 0
+    assert_same(state, torch.load(tmp_path / "back.pt", weights_only=True))
+
+
+def test_file_needing_full_unpickling_is_refused_without_running_it(tmp_path: Path) -> None:
+    torch.save({"w": torch.ones(2), "x": Evil()}, tmp_path / "evil.pt")
+    with pytest.raises(PickleRefusedError, match="unsafe-allow-pickle"):
+        convert(tmp_path / "evil.pt", tmp_path / "c", to="ckptproto")
+    assert RAN == [] and not (tmp_path / "c").exists()
+    assert main(["convert", str(tmp_path / "evil.pt"), str(tmp_path / "c"), "--to", "ckptproto"]) == 2
+
+
+def test_unsafe_allow_pickle_reads_a_trusted_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    torch.save({"w": torch.ones(2), "n": Five()}, tmp_path / "trusted.pt")
+    with pytest.raises(PickleRefusedError):
+        convert(tmp_path / "trusted.pt", tmp_path / "c", to="ckptproto")
+    argv = [
+        "convert",
+        str(tmp_path / "trusted.pt"),
+        str(tmp_path / "c"),
+        "--to",
+        "ckptproto",
+        "--unsafe-allow-pickle",
+    ]
+    assert main(argv) == 0
+    assert "fully unpickled" in capsys.readouterr().err
+    assert ckptproto.load(tmp_path / "c")["n"] == 5
+
+
+def test_values_the_format_cannot_hold_are_refused_with_their_path(tmp_path: Path) -> None:
+    torch.save({"sizes": {"s": torch.Size([2, 3])}}, tmp_path / "size.pt")
+    with pytest.raises(UnsupportedValueError, match=r"sizes\.s"):
+        convert(tmp_path / "size.pt", tmp_path / "c", to="ckptproto")
+    assert not (tmp_path / "c").exists()
+
+
+def test_existing_destination_needs_overwrite(tmp_path: Path) -> None:
+    ckptproto.save({"a": torch.ones(3)}, tmp_path / "c")
+    for fmt, name in [("torch", "o.pt"), ("safetensors", "o.safetensors"), ("dcp", "o_dcp")]:
+        convert(tmp_path / "c", tmp_path / name, to=fmt)  # type: ignore[arg-type]
+        with pytest.raises(CheckpointExistsError):
+            convert(tmp_path / "c", tmp_path / name, to=fmt)  # type: ignore[arg-type]
+        convert(tmp_path / "c", tmp_path / name, to=fmt, overwrite=True)  # type: ignore[arg-type]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c", "o.pt", "o.safetensors", "o_dcp"]
+
+
+def test_unknown_source_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "junk.bin").write_bytes(b"hello world, not a checkpoint")
+    assert main(["convert", str(tmp_path / "junk.bin"), str(tmp_path / "c"), "--to", "ckptproto"]) == 2
+    assert main(["convert", str(tmp_path / "missing"), str(tmp_path / "c"), "--to", "ckptproto"]) == 2
+
+
+def test_progress_draws_on_request_and_is_quiet_otherwise(tmp_path: Path) -> None:
+    ckptproto.save({"a": torch.ones(1 << 20)}, tmp_path / "c")
+    stream = io.StringIO()
+    convert(tmp_path / "c", tmp_path / "o.pt", to="torch", progress=True, progress_stream=stream)
+    assert "100%" in stream.getvalue() and stream.getvalue().endswith("\n")
+    quiet = io.StringIO()
+    convert(tmp_path / "c", tmp_path / "o2.pt", to="torch", progress_stream=quiet)  # not a TTY
+    assert quiet.getvalue() == ""
+    bar = Progress(4 << 20, "x", watch=lambda: [], stream=io.StringIO(), enabled=True)
+    assert "50%" in bar.line(2 << 20) and "2.0 MiB / 4.0 MiB" in bar.line(2 << 20)
+
+
+def test_cli_is_quiet_without_a_terminal(tmp_path: Path) -> None:
+    ckptproto.save({"a": torch.ones(1000)}, tmp_path / "c")
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "ckptproto",
+            "convert",
+            str(tmp_path / "c"),
+            str(tmp_path / "o.safetensors"),
+            "--to",
+            "safetensors",
+        ],
+        capture_output=True,
+        text=True,
+        env=os.environ.copy(),
+        check=True,
+    )
+    assert proc.stderr == "" and "ckptproto -> safetensors" in proc.stdout
+
+
+def test_dcp_values_needing_full_unpickling_are_refused(tmp_path: Path) -> None:
+    import torch.distributed.checkpoint as dcp_api
+
+    dcp_api.save({"w": torch.ones(2), "n": Five()}, checkpoint_id=str(tmp_path / "d"), no_dist=True)
+    with pytest.raises(PickleRefusedError, match="'n'"):
+        convert(tmp_path / "d", tmp_path / "c", to="ckptproto")
+    assert not (tmp_path / "c").exists()
+    convert(tmp_path / "d", tmp_path / "c", to="ckptproto", allow_pickle=True)
+    assert ckptproto.load(tmp_path / "c")["n"] == 5
+
+
+def test_dcp_refuses_a_tensor_it_would_pickle_inside_a_tuple(tmp_path: Path) -> None:
+    ckptproto.save({"pair": (torch.ones(2), 1)}, tmp_path / "c")
+    with pytest.raises(UnsupportedValueError, match=r"pair\.0.*tuple"):
+        convert(tmp_path / "c", tmp_path / "d", to="dcp")
+    assert not (tmp_path / "d").exists() and [p.name for p in tmp_path.iterdir()] == ["c"]
+
+
+def test_safetensors_header_starting_with_0x80_is_not_taken_for_a_pickle(tmp_path: Path) -> None:
+    import safetensors.torch
+
+    for n in range(1, 200):  # vary the header length until its first byte is 0x80
+        tensors = {"k" * n: torch.zeros(1)}
+        raw = safetensors.torch.save(tensors)
+        if raw[0] == 0x80:
+            break
+    else:
+        pytest.skip("no header length with a 0x80 low byte in range")
+    (tmp_path / "x.safetensors").write_bytes(raw)
+    assert detect_format(tmp_path / "x.safetensors") == "safetensors"
+
+
+def test_damaged_ckptproto_metadata_in_a_safetensors_file_is_refused(tmp_path: Path) -> None:
+    import json
+    import struct
+
+    ckptproto.save({"w": torch.ones(2)}, tmp_path / "c")
+    convert(tmp_path / "c", tmp_path / "f.safetensors", to="safetensors")
+    raw = (tmp_path / "f.safetensors").read_bytes()
+    n = struct.unpack("<Q", raw[:8])[0]
+    header = json.loads(raw[8 : 8 + n])
+    for bad in ('[["w", "float32", "x"]]', '[["nope", "float32", [2]]]', '[["w", "float99", [2]]]', "{"):
+        header["__metadata__"]["ckptproto.tensors"] = bad
+        text = json.dumps(header).encode()
+        text += b" " * (-(8 + len(text)) % 8)
+        (tmp_path / "bad.safetensors").write_bytes(struct.pack("<Q", len(text)) + text + raw[8 + n :])
+        with pytest.raises(CheckpointFormatError):
+            convert(tmp_path / "bad.safetensors", tmp_path / "out", to="ckptproto")
+        assert not (tmp_path / "out").exists()
