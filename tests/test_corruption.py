@@ -184,14 +184,24 @@ def test_manifest_damage_that_still_parses_is_caught(
         assert str(manifest) in str(info.value)
 
 
-def test_manifest_without_own_checksum_from_ckptproto_is_refused(pristine: Path, tmp_path: Path) -> None:
+def test_every_single_byte_change_of_the_manifest_is_caught(pristine: Path, tmp_path: Path) -> None:
+    """Exhaustive over the checksum member's bytes (and a sample of the rest): each position,
+    every bit flipped, is refused by read_manifest."""
+    path = pristine / layout.MANIFEST_NAME
+    raw = path.read_bytes()
+    positions = list(range(48)) + random.Random(5).sample(range(48, len(raw)), 40)
     ckpt = tmp_path / "ckpt"
     shutil.copytree(pristine, ckpt)
-    doc = json.loads((ckpt / layout.MANIFEST_NAME).read_text())
-    del doc[CHECKSUM_KEY]
-    (ckpt / layout.MANIFEST_NAME).write_text(json.dumps(doc))
-    with pytest.raises(ckptproto.CheckpointCorruptError, match=CHECKSUM_KEY):
-        ckptproto.load(ckpt)
+    tried = 0
+    for at in positions:
+        for bit in range(8):
+            damaged = bytearray(raw)
+            damaged[at] ^= 1 << bit
+            (ckpt / layout.MANIFEST_NAME).write_bytes(bytes(damaged))
+            with pytest.raises(ckptproto.CheckpointFormatError):
+                ckptproto.read_manifest(ckpt)
+            tried += 1
+    report("manifest single-bit flips", {"flips": tried, "detected": tried})
 
 
 def test_manifest_from_another_writer_without_checksum_loads(pristine: Path, tmp_path: Path) -> None:
@@ -201,16 +211,28 @@ def test_manifest_from_another_writer_without_checksum_loads(pristine: Path, tmp
     doc = json.loads((ckpt / layout.MANIFEST_NAME).read_text())
     del doc[CHECKSUM_KEY]
     doc["writer"] = "some-other-tool 1.0"
-    (ckpt / layout.MANIFEST_NAME).write_text(json.dumps(doc, indent=2))
+    (ckpt / layout.MANIFEST_NAME).write_text(json.dumps(doc, separators=(",", ":")))
     ckptproto.verify(ckpt)
     assert ckptproto.load(ckpt)["trainer"]["global_step"] == 1234
 
 
-def test_reserialized_manifest_with_stale_checksum_is_refused(pristine: Path, tmp_path: Path) -> None:
+def test_manifest_rewritten_by_a_json_tool_is_taken_as_edited(pristine: Path, tmp_path: Path) -> None:
+    """A manifest re-serialized by a tool (the member no longer leads the compact bytes) was
+    edited on purpose: it is not checked against the stale checksum."""
     ckpt = tmp_path / "ckpt"
     shutil.copytree(pristine, ckpt)
     doc = json.loads((ckpt / layout.MANIFEST_NAME).read_text())
-    (ckpt / layout.MANIFEST_NAME).write_text(json.dumps(doc, indent=1))  # same content, new bytes
+    doc["metadata"]["note"] = "edited"
+    (ckpt / layout.MANIFEST_NAME).write_text(json.dumps(doc, indent=1))
+    assert ckptproto.read_info(ckpt).metadata["note"] == "edited"
+
+
+def test_compact_rewrite_with_a_stale_checksum_is_refused(pristine: Path, tmp_path: Path) -> None:
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(pristine, ckpt)
+    doc = json.loads((ckpt / layout.MANIFEST_NAME).read_text())
+    doc["trainer_note"] = 1
+    (ckpt / layout.MANIFEST_NAME).write_text(json.dumps(doc, separators=(",", ":")))
     with pytest.raises(ckptproto.CheckpointCorruptError, match=CHECKSUM_KEY):
         ckptproto.verify(ckpt)
 

@@ -320,7 +320,7 @@ def test_sigkill_during_saves(server: ForkServer, lanes_dir: Path) -> None:
 
 def _leftover(parent: Path, final: str, pid: int, host: str | None = None, trash: bool = False) -> Path:
     marker = layout.TRASH_MARKER if trash else layout.TEMP_MARKER
-    path = parent / f".{final}{marker}0123456789ab-{pid}-{host or layout.this_host()}"
+    path = parent / f".{final}{marker}0123456789abP{pid}H{host or layout.this_host()}"
     path.mkdir()
     (path / "data-00000-000.safetensors").write_bytes(b"x")
     return path
@@ -340,7 +340,7 @@ def test_remove_leftovers_spares_live_writers(tmp_path: Path) -> None:
         gone_trash = _leftover(tmp_path, "step_2", dead, trash=True)
         keep_live = _leftover(tmp_path, "step_3", live.pid)
         keep_self = _leftover(tmp_path, "step_4", os.getpid())
-        keep_other_host = _leftover(tmp_path, "step_5", dead, host="another-host")
+        keep_other_host = _leftover(tmp_path, "step_5", dead, host="anotherhost")
         untagged = tmp_path / f".step_6{layout.TEMP_MARKER}0123456789ab"
         untagged.mkdir()
         removed = ckptproto.remove_leftovers(tmp_path)
@@ -362,7 +362,7 @@ def test_temp_names_carry_pid_and_host() -> None:
         layout.this_host(),
     )
     trash = layout.parse_leftover(layout.trash_name("a-b.c"))
-    assert trash is not None and trash.trash and trash.final_name == "a-b.c"
+    assert trash is not None and trash.trash and trash.final_name == "a-b.c" and trash.pid == os.getpid()
     assert layout.parse_leftover("step_7") is None
 
 
@@ -370,7 +370,7 @@ def test_cleanup_moves_back_a_checkpoint_whose_replacement_was_killed(tmp_path: 
     ckptproto.save({"x": np.arange(3)}, tmp_path / "ckpt")
     # the rename fallback was killed after moving the old checkpoint aside, beside its new one
     pid = _dead_pid()
-    trash = tmp_path / f".ckpt{layout.TRASH_MARKER}0123456789ab-{pid}-{layout.this_host()}"
+    trash = tmp_path / f".ckpt{layout.TRASH_MARKER}0123456789abP{pid}H{layout.this_host()}"
     os.rename(tmp_path / "ckpt", trash)
     new = _leftover(tmp_path, "ckpt", pid)
     assert ckptproto.remove_leftovers(tmp_path) == [new]
@@ -383,10 +383,10 @@ def test_cleanup_never_restores_a_deletion_or_a_half_deleted_checkpoint(tmp_path
     ckptproto.save({"x": np.arange(3)}, tmp_path / "deleted")
     ckptproto.save({"x": np.arange(3)}, tmp_path / "half")
     # a deletion (retention) cut short: trash without a replacing temp dir is removed
-    trash = tmp_path / f".deleted{layout.TRASH_MARKER}0123456789ab-{pid}-{layout.this_host()}"
+    trash = tmp_path / f".deleted{layout.TRASH_MARKER}0123456789abP{pid}H{layout.this_host()}"
     os.rename(tmp_path / "deleted", trash)
     # a replacement cut short while its trash was being removed: data file already gone
-    half = tmp_path / f".half{layout.TRASH_MARKER}0123456789ab-{pid}-{layout.this_host()}"
+    half = tmp_path / f".half{layout.TRASH_MARKER}0123456789abP{pid}H{layout.this_host()}"
     os.rename(tmp_path / "half", half)
     next(half.glob("*.safetensors")).unlink()
     new = _leftover(tmp_path, "half", pid)
