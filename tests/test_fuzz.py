@@ -506,3 +506,16 @@ def test_the_import_scan_sees_pickle() -> None:
     # the scan above can fail: it does find these
     found = _imports(ast.parse("import pickle\nfrom _pickle import loads\nx = torch.load(f)\n"))
     assert {"pickle", "_pickle", "call:torch.load"} <= found
+
+
+@pytest.mark.parametrize("state", [None, 3, "x", [1, 2], True])
+def test_state_that_is_not_an_object(base: tuple[dict[str, Any], bytes], tmp_path: Path, state: Any) -> None:
+    """Found by the stress fuzzing: load_into crashed (TypeError) on a non-object state."""
+    doc, data_file = base
+    write_checkpoint(tmp_path / "ckpt", json.dumps({**doc, "state": state}).encode(), data_file)
+    for call in (
+        ckptproto.load,
+        lambda p: ckptproto.load_into(p, {"a": np.zeros(5, np.int64)}, strict=False),
+    ):
+        with pytest.raises(ckptproto.CheckpointFormatError, match="object at the top level"):
+            call(tmp_path / "ckpt")
