@@ -25,6 +25,7 @@ from ckptproto.errors import (
 from ckptproto.format.info import CheckpointInfo
 from ckptproto.format.manifest import FORMAT_VERSION, Manifest
 from ckptproto.io.async_save import AsyncSaver, SaveFuture, save_async
+from ckptproto.io.commit import remove_leftovers
 from ckptproto.io.reader import read_manifest
 from ckptproto.io.sync import load, load_into, read_info, save, verify
 from ckptproto.policy.async_checkpoint import AsyncCheckpointCallback
@@ -71,6 +72,7 @@ __all__ = [
     "load_into",
     "read_info",
     "read_manifest",
+    "remove_leftovers",
     "save",
     "save_async",
     "verify",

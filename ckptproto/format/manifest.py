@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import zlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,7 +17,7 @@ import numpy as np
 
 from ckptproto import dtypes
 from ckptproto.dtypes import DType
-from ckptproto.errors import CheckpointFormatError
+from ckptproto.errors import CheckpointCorruptError, CheckpointFormatError
 from ckptproto.format import layout, strict_json
 from ckptproto.format.crc import parse_checksum
 
@@ -26,6 +27,14 @@ MAX_MANIFEST_BYTES = 1 << 30
 MAX_NDIM = 64
 MAX_DIM = 1 << 62
 MAX_CHUNKS_PER_TENSOR = 1 << 16
+# The manifest's own checksum is its first member, so the bytes it covers are easy to find:
+# ``{"manifest_checksum":"crc32:xxxxxxxx",`` + the rest; the CRC is that of ``{`` + the rest
+# (the manifest as it would read without the member). Optional in format 1.0; ckptproto
+# always writes it and requires it from manifests whose ``writer`` is ckptproto.
+CHECKSUM_KEY = "manifest_checksum"
+_CHECKSUM_PREFIX = b'{"' + CHECKSUM_KEY.encode() + b'":"crc32:'
+_CHECKSUM_HEAD = len(_CHECKSUM_PREFIX) + 8 + 2  # + hex digits + '",'
+_DAMAGED_CHECKSUM = re.compile(rb'\{"[^"]{%d}":"crc32:' % len(CHECKSUM_KEY))
 _VERSION = re.compile(r"[0-9]{1,5}\.[0-9]{1,5}")  # ASCII digits only ("١.0" is not a version)
 
 
@@ -117,7 +126,8 @@ class Manifest:
             ],
             "state": self.state,
         }
-        return json.dumps(doc, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode()
+        body = json.dumps(doc, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode()
+        return _CHECKSUM_PREFIX + b"%08x" % zlib.crc32(body) + b'",' + body[1:]
 
     @property
     def nbytes(self) -> int:
@@ -144,7 +154,36 @@ class Manifest:
         if not isinstance(created, str) or not isinstance(writer, str):
             raise CheckpointFormatError(f'{where}: "created" and "writer" must be strings')
         metadata = doc.get("metadata", {})
+        _check_own_checksum(data, doc, where)
         return cls(doc["state"], tensors, files, metadata, created, version, world_size, writer)
+
+
+def _check_own_checksum(data: bytes, doc: dict[str, Any], where: str) -> None:
+    """Catch damage that still parses and validates (a flipped digit in a value).
+
+    The checksum protects the bytes as ckptproto writes them (compact, the member first). A
+    manifest without the member (another writer, format 1.0 without it) is not checked; nor is
+    one rewritten by a JSON tool (the member no longer at the start: edited on purpose). Any
+    single damaged byte of a written manifest still fails: in the member's key it leaves a
+    first member shaped like the checksum under another name, refused below.
+    """
+    if CHECKSUM_KEY not in doc:
+        if _DAMAGED_CHECKSUM.match(data):
+            raise CheckpointCorruptError(f'{where}: the "{CHECKSUM_KEY}" member is damaged')
+        return
+    if not data.startswith(_CHECKSUM_PREFIX[: len(CHECKSUM_KEY) + 5]):
+        return
+    stored = data[len(_CHECKSUM_PREFIX) : _CHECKSUM_HEAD - 2]
+    if (
+        not data.startswith(_CHECKSUM_PREFIX)
+        or data[_CHECKSUM_HEAD - 2 : _CHECKSUM_HEAD] != b'",'
+        or doc[CHECKSUM_KEY] != "crc32:" + stored.decode("ascii", "replace")
+        or parse_checksum(doc[CHECKSUM_KEY]) != zlib.crc32(b"{" + data[_CHECKSUM_HEAD:])
+    ):
+        raise CheckpointCorruptError(
+            f"{where}: the manifest does not match its own {CHECKSUM_KEY} (damaged, or "
+            f'edited after writing: an edited manifest must drop "{CHECKSUM_KEY}")'
+        )
 
 
 def _load_json(data: bytes, where: str) -> Any:

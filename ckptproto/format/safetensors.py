@@ -79,7 +79,7 @@ def parse_header(raw: bytes, file_size: int, name: str) -> dict[str, HeaderEntry
         if not isinstance(e, dict) or set(e) != {"dtype", "shape", "data_offsets"}:
             raise CheckpointFormatError(f"{where} needs exactly dtype, shape and data_offsets")
         code, shape, offsets = e["dtype"], e["shape"], e["data_offsets"]
-        if code not in SAFETENSORS_ITEMSIZE:
+        if not isinstance(code, str) or code not in SAFETENSORS_ITEMSIZE:
             raise CheckpointFormatError(f"{where} has unsupported dtype {code!r}")
         if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
             raise CheckpointFormatError(f"{where} has a bad shape {shape!r}")

@@ -286,6 +286,8 @@ def load_into(
         skeleton = decode_tree(
             ckpt.manifest.state, lambda kind, index, p: refs.setdefault(index, _Ref(kind, index)), where=where
         )
+        if not isinstance(skeleton, dict):
+            raise CheckpointFormatError(f"{where}: the state must be an object at the top level")
         matcher = _Matcher(ckpt.manifest, strict=strict, reject_unexpected=strict and not is_stateful)
         matcher.match(skeleton, target, "")
         matcher.raise_problems(root)
