@@ -530,5 +530,7 @@ def test_state_that_is_not_an_object(base: tuple[dict[str, Any], bytes], tmp_pat
         ckptproto.load,
         lambda p: ckptproto.load_into(p, {"a": np.zeros(5, np.int64)}, strict=False),
     ):
-        with pytest.raises(ckptproto.CheckpointFormatError, match="must be an object|object at the top level"):
+        with pytest.raises(
+            ckptproto.CheckpointFormatError, match=r"must be an object|object at the top level"
+        ):
             call(tmp_path / "ckpt")

@@ -822,6 +822,27 @@ class _Spy:
         monkeypatch.setattr(commit, "finish", finish)
 
 
+def test_F36_manifest_checksum(tmp_path: Path) -> None:
+    ck = save(tmp_path)
+    manifest = ck / "manifest.json"
+    data = manifest.read_bytes()
+    assert data.startswith(b'{"manifest_checksum":"crc32:') and data[36:38] == b'",'
+    assert int(data[28:36], 16) == zlib.crc32(b"{" + data[38:])
+    ckptproto.load(ck)
+    # A change that still parses and validates: a digit of a value.
+    at = data.index(b'"format_version":"1.0"') + len(b'"format_version":"1.')
+    manifest.write_bytes(data[:at] + b"1" + data[at + 1 :])
+    with pytest.raises(ckptproto.CheckpointCorruptError, match="manifest_checksum"):
+        ckptproto.load(ck)
+    # A damaged member name is refused too, not ignored as an unknown field.
+    manifest.write_bytes(data.replace(b"manifest_checksum", b"manifest_checksun", 1))
+    with pytest.raises(ckptproto.CheckpointCorruptError):
+        ckptproto.read_manifest(ck)
+    # Without the member (another writer, a hand edit), the manifest is read unchecked.
+    manifest.write_bytes(b"{" + data[38:])
+    ckptproto.load(ck)
+
+
 def test_F27_temporary_sibling_is_hidden(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     final = tmp_path / "ck"
     seen: list[list[str]] = []
