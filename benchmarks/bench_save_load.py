@@ -128,9 +128,10 @@ def run_case(name: str, state: dict[str, torch.Tensor], root: Path, repeat: int,
     saves: dict[str, list[float]] = {m: [] for m in table}
     loads: dict[str, list[float]] = {m: [] for m in table}
     for r in range(repeat):
-        order = list(table) if r % 2 == 0 else list(reversed(table))  # interleave fairly
+        order = list(table)[r % len(table) :] + list(table)[: r % len(table)]  # rotate: fair order
         for m in order:
             path = root / f"{name}-{m}-{r}"
+            os.sync()  # start each save with no earlier writeback in flight (fairness)
             t0 = time.perf_counter()
             table[m][0](path)
             saves[m].append(time.perf_counter() - t0)
@@ -138,6 +139,8 @@ def run_case(name: str, state: dict[str, torch.Tensor], root: Path, repeat: int,
             path = root / f"{name}-{m}-{r}"
             if drop:
                 drop_caches()
+            else:
+                os.sync()
             t0 = time.perf_counter()
             tree = table[m][1](path)
             touch(tree)
