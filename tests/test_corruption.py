@@ -8,7 +8,6 @@ CI runs several hundred trials; ``CKPTPROTO_STRESS=1`` ten times more.
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
 import struct
@@ -21,22 +20,13 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from _reliability import STRESS, report
 
 import ckptproto
 from ckptproto.format import layout
 from ckptproto.format.manifest import CHECKSUM_KEY
 
-STRESS = os.environ.get("CKPTPROTO_STRESS") == "1"
 TRIALS = 6000 if STRESS else 600
-
-
-def report(name: str, figures: dict[str, Any]) -> None:
-    line = json.dumps({"test": name, "stress": STRESS, **figures})
-    print(line)
-    target = os.environ.get("CKPTPROTO_RELIABILITY_REPORT")
-    if target:
-        with open(target, "a") as f:
-            f.write(line + "\n")
 
 
 def make_state() -> dict[str, Any]:

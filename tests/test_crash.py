@@ -32,8 +32,8 @@ from ckptproto.io import commit
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _crash_worker import CALLBACK_RE, STEP_RE, committed_steps, state_for
+from _reliability import STRESS, report
 
-STRESS = os.environ.get("CKPTPROTO_STRESS") == "1"
 KILLS = 3000 if STRESS else 300
 KEEP = 2
 WORKER = Path(__file__).with_name("_crash_worker.py")
@@ -78,15 +78,6 @@ KILL_POINTS["callback"] = [
     ("writer.write_file", "before"),
     ("writer.write_small_file", "after"),
 ]
-
-
-def report(name: str, figures: dict[str, Any]) -> None:
-    line = json.dumps({"test": name, "stress": STRESS, **figures})
-    print(line)
-    target = os.environ.get("CKPTPROTO_RELIABILITY_REPORT")
-    if target:
-        with open(target, "a") as f:
-            f.write(line + "\n")
 
 
 class ForkServer:

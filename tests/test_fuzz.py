@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from _reliability import STRESS, report
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -37,7 +38,6 @@ from ckptproto.format import layout
 from ckptproto.format.crc import format_checksum
 from ckptproto.format.manifest import CHECKSUM_KEY
 
-STRESS = os.environ.get("CKPTPROTO_STRESS") == "1"
 EXAMPLES = 3000 if STRESS else 200
 MEMORY_LIMIT = 64 << 20  # traced bytes one hostile input may make ckptproto allocate
 TIME_LIMIT_S = 20  # a hang detector, not a timing assertion
@@ -50,15 +50,6 @@ FUZZ_SETTINGS = settings(
 )
 DATA = "data-00000-000.safetensors"
 COUNTS: dict[str, int] = {}
-
-
-def report(name: str, figures: dict[str, Any]) -> None:
-    line = json.dumps({"test": name, "stress": STRESS, **figures})
-    print(line)
-    target = os.environ.get("CKPTPROTO_RELIABILITY_REPORT")
-    if target:
-        with open(target, "a") as f:
-            f.write(line + "\n")
 
 
 def base_state() -> dict[str, Any]:
