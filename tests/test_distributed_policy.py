@@ -54,3 +54,39 @@ def test_checkpoint_callback_on_two_ranks(tmp_path: Path) -> None:
         manifest = ckptproto.read_manifest(tmp_path / "run" / name)
         assert manifest.world_size == 2
         ckptproto.verify(tmp_path / "run" / name)
+
+
+def scenario_rng_per_rank(rank: int, world: int, tmp: Path) -> dict[str, Any]:
+    import random
+
+    import numpy as np
+
+    from ckptproto import RNGState
+
+    def draws() -> list[float]:
+        return [random.random(), float(np.random.random()), float(torch.rand(1))]
+
+    random.seed(100 + rank)  # every rank draws its own dropout masks
+    np.random.seed(200 + rank)
+    torch.manual_seed(300 + rank)
+    draws()
+    ckptproto.save({"rng": RNGState()}, tmp / "rng")
+    expected = [draws() for _ in range(3)]
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
+    ckptproto.load_into(tmp / "rng", {"rng": RNGState()})
+    return {"expected": expected, "got": [draws() for _ in range(3)]}
+
+
+def test_rng_state_is_kept_per_rank(tmp_path: Path) -> None:
+    results = run_ranks(scenario_rng_per_rank, 2, tmp_path)
+    for r in results.values():
+        assert r["got"] == r["expected"]  # each rank continues its own random stream
+    assert results[0]["expected"] != results[1]["expected"]
+    saved = ckptproto.load(tmp_path / "rng")["rng"]
+    assert len(saved["ranks"]) == 2  # one entry per rank, written once
+    with pytest.warns(RuntimeWarning, match="RNG states of 2 ranks"):
+        from ckptproto import RNGState
+
+        RNGState().load_state_dict(saved)  # a single process takes rank 0's generators
