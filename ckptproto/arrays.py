@@ -7,8 +7,10 @@ tensor otherwise), or a checkpoint being loaded holds torch tensors.
 from __future__ import annotations
 
 import ctypes
+import math
 import sys
 from dataclasses import dataclass
+from functools import cached_property
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
@@ -52,14 +54,11 @@ class ArraySpec:
     dtype: DType
     shape: tuple[int, ...]
 
-    @property
+    @cached_property
     def numel(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
+        return math.prod(self.shape)
 
-    @property
+    @cached_property
     def nbytes(self) -> int:
         return self.numel * self.dtype.itemsize
 

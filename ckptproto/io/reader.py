@@ -411,6 +411,8 @@ def _copy_box(
 def _contiguous_span(entry: TensorEntry, chunk: Chunk) -> tuple[int, int] | None:
     """Byte range of ``chunk`` in the row-major global tensor, if it is one contiguous range."""
     shape, offsets, cshape = entry.shape, chunk.offsets, chunk.shape
+    if cshape == shape:  # the whole tensor: by far the most common case
+        return 0, entry.nbytes
     if chunk.numel == 0:
         return (0, 0)
     # Contiguous iff every dim after the first one longer than 1 is full (a whole tensor is).
