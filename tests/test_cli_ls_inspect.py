@@ -84,3 +84,25 @@ def test_inspect_missing_checkpoint_exits_2(tmp_path: Path) -> None:
         [sys.executable, "-m", "ckptproto", "inspect", str(tmp_path / "none")], capture_output=True, text=True
     )
     assert result.returncode == 2 and "not a checkpoint" in result.stderr
+
+
+def test_inspect_into_a_closed_pipe_is_not_an_error(tmp_path: Path) -> None:
+    """`ckptproto inspect PATH | head`: the reader goes away mid-output (the output is far
+    larger than a pipe buffer, so the writer really hits EPIPE)."""
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    ckptproto.save({f"layer{i}": np.zeros(3, np.float32) for i in range(4000)}, tmp_path / "big")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ckptproto", "inspect", str(tmp_path / "big")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.readline()
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) == 0, err
+    assert "Traceback" not in err
