@@ -345,8 +345,8 @@ class AsyncSaver:
             try:
                 if job.staged is None:
                     raise CheckpointError(f"{job.future.path}: internal error: the save was not staged")
-                with _gc.paused():
-                    if job.share is not None and self._control is not None:
+                if job.share is not None and self._control is not None:
+                    with _gc.paused():
                         info = distributed.run_protocol(
                             job.future.path,
                             job.share,
@@ -355,14 +355,14 @@ class AsyncSaver:
                             self._control,
                             overwrite=job.overwrite,
                         )
-                    else:
-                        info = sync.write_checkpoint(
-                            job.future.path,
-                            job.encoded,
-                            job.metadata_tree,
-                            job.staged.views,
-                            overwrite=job.overwrite,
-                        )
+                else:  # pauses the collector itself, only while building plan and manifest
+                    info = sync.write_checkpoint(
+                        job.future.path,
+                        job.encoded,
+                        job.metadata_tree,
+                        job.staged.views,
+                        overwrite=job.overwrite,
+                    )
             except BaseException as exc:
                 error = exc
             self._complete(job, info, error)

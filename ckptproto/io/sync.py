@@ -79,19 +79,25 @@ def whole_tensor_pieces(encoded: EncodedState) -> list[Piece]:
 def write_checkpoint(
     final: Path, encoded: EncodedState, metadata_tree: Any, sources: list[memoryview], *, overwrite: bool
 ) -> CheckpointInfo:
-    """Plan, write and atomically commit a single-writer checkpoint from host byte views."""
-    pieces = whole_tensor_pieces(encoded)
-    file_plan = plan_file(layout.data_file_name(0), 0, pieces)
+    """Plan, write and atomically commit a single-writer checkpoint from host byte views.
+
+    The collector is paused only while the plan and the manifest are built (the async saver
+    runs this beside training, whose allocations should not lose their collections for the
+    seconds the bytes take to reach the disk)."""
+    with _gc.paused():
+        file_plan = plan_file(layout.data_file_name(0), 0, whole_tensor_pieces(encoded))
     temp = commit.begin(final, overwrite=overwrite)
     try:
         file_entry = writer.write_file(temp, file_plan, sources)
-        chunks = file_plan.chunks()
-        tensors = [
-            TensorEntry(leaf.spec.dtype, leaf.spec.shape, (chunks[i],))
-            for i, leaf in enumerate(encoded.tensors)
-        ]
-        manifest = build_manifest(encoded, metadata_tree, {file_plan.name: file_entry}, tensors)
-        writer.write_small_file(temp, layout.MANIFEST_NAME, manifest.to_json())
+        with _gc.paused():
+            chunks = file_plan.chunks()
+            tensors = [
+                TensorEntry(leaf.spec.dtype, leaf.spec.shape, (chunks[i],))
+                for i, leaf in enumerate(encoded.tensors)
+            ]
+            manifest = build_manifest(encoded, metadata_tree, {file_plan.name: file_entry}, tensors)
+            manifest_bytes = manifest.to_json()
+        writer.write_small_file(temp, layout.MANIFEST_NAME, manifest_bytes)
     except BaseException:
         commit.abort(temp)
         raise
