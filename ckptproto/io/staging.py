@@ -351,9 +351,3 @@ def _copy_cuda(staged: Staged, leaves: Sequence[TensorLeaf], dests: Sequence[Any
             done = torch.cuda.Event()
             done.record(stream)
         staged._events.append(done)
-
-
-def pinned_memory_available() -> bool:
-    """Whether pinned staging can work here (torch with a CUDA device)."""
-    torch = arrays.loaded_torch()
-    return bool(torch is not None and torch.cuda.is_available())
