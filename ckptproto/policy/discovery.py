@@ -95,6 +95,40 @@ def scan(checkpoint_dir: PathLike, monitor: str | None = None) -> tuple[list[Che
     return records, problems
 
 
+_ZIP_MAGIC = b"PK\x03\x04"  # torch.save's zip
+_PICKLE_MAGIC = b"\x80"  # torch.save's legacy pickle (protocol 2+)
+
+
+def foreign_checkpoints(checkpoint_dir: PathLike) -> list[Path]:
+    """Entries directly under ``checkpoint_dir`` that look like checkpoints of another format,
+    which ckptproto cannot resume from without ``ckptproto convert``: DCP directories (Dream
+    Trainer's and torchtitan's too; a ``.metadata`` file), ``torch.save`` files (zip or
+    pickle) and safetensors files."""
+    root = Path(checkpoint_dir)
+    try:
+        entries = sorted(os.scandir(root), key=lambda e: e.name)
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    found = []
+    for entry in entries:
+        if layout.is_hidden(entry.name):
+            continue
+        path = root / entry.name
+        if entry.is_dir(follow_symlinks=False):
+            if (path / ".metadata").is_file() and not (path / layout.MANIFEST_NAME).exists():
+                found.append(path)
+        elif entry.is_file(follow_symlinks=False):
+            try:
+                with open(path, "rb") as f:
+                    head = f.read(9)
+            except OSError:
+                continue
+            safetensors = len(head) == 9 and head[8:9] == b"{"
+            if head.startswith(_ZIP_MAGIC) or head.startswith(_PICKLE_MAGIC) or safetensors:
+                found.append(path)
+    return found
+
+
 def order(
     records: list[CheckpointRecord], mode: Literal["latest", "best"], metric_mode: str | None = None
 ) -> list[CheckpointRecord]:

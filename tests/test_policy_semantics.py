@@ -1,0 +1,234 @@
+"""Policy semantics (issue 18): a checkpoint's score is the one measured for its own state, the
+true best is never deleted for a stale copy, the async callback decides exactly as the sync
+one whatever the I/O timing (its writes held back by a gate here), a run with ``save_last``
+always ends saved, and a monitor that is never reported is an error."""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+import ckptproto
+from ckptproto import (
+    AsyncCheckpointCallback,
+    Callback,
+    CallbackCollection,
+    CheckpointCallback,
+    CheckpointParameters,
+    TrainState,
+    find_checkpoints,
+)
+from ckptproto.errors import MonitorNotFoundError
+from ckptproto.io import async_save
+
+STEPS_PER_EPOCH = 2
+
+
+class _Gate(Callback[Any]):
+    """Holds every background write until ``post_fit`` (first in the callback list), so the
+    async callback decides while none of its saves is committed."""
+
+    def __init__(self) -> None:
+        self.open = threading.Event()
+        self.made: list[AsyncCheckpointCallback] = []  # closed at teardown
+
+    def post_fit(self) -> None:
+        self.open.set()
+
+    def on_exception(self, exc: BaseException) -> None:
+        self.open.set()
+
+
+@pytest.fixture
+def gate(monkeypatch: pytest.MonkeyPatch) -> Iterator[_Gate]:
+    gate = _Gate()
+    real = async_save.sync.write_checkpoint
+
+    def held(*args: Any, **kwargs: Any) -> Any:
+        if threading.current_thread().name == "ckptproto-async-write":
+            assert gate.open.wait(60), "the gate was never opened"
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(async_save.sync, "write_checkpoint", held)
+    yield gate
+    gate.open.set()
+    for cb in gate.made:
+        cb.close()
+
+
+def make_callback(
+    kind: str, gate: _Gate | None, **params: Any
+) -> tuple[CheckpointCallback, list[Callback[Any]]]:
+    config = CheckpointParameters(resume_mode=None, **params)
+    if kind == "sync":
+        cb: CheckpointCallback = CheckpointCallback(config)
+        return cb, [cb]
+    async_cb = AsyncCheckpointCallback(config, max_pending=64)  # every save accepted while writes wait
+    gate.made.append(async_cb)
+    return async_cb, [gate, async_cb]
+
+
+def run_loop(
+    callbacks: Sequence[Callback[Any]], vals: Sequence[float | None], *, monitor_key: str = "val_loss"
+) -> TrainState:
+    """``len(vals)`` epochs of STEPS_PER_EPOCH steps, each followed by a validation reporting
+    ``{monitor_key: val}`` (no validation for None), driven through the hooks as a loop does."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(2, 1)
+    cbs = CallbackCollection(callbacks)
+    state = TrainState(models={"model": model}, callbacks=cbs)
+    cbs.bind(state)
+    cbs.pre_fit()
+    try:
+        for val in vals:
+            cbs.pre_train_epoch()
+            for batch_idx in range(STEPS_PER_EPOCH):
+                cbs.pre_optimizer_step()
+                with torch.no_grad():
+                    model.weight.add_(1.0)  # every step is a different state
+                state.global_step += 1
+                cbs.post_train_step({"loss": float(state.global_step)}, batch_idx)
+            state.current_epoch += 1
+            cbs.post_train_epoch()
+            if val is not None:
+                cbs.pre_validation_epoch()
+                cbs.post_validation_epoch({monitor_key: val, "val_acc": 1.0})
+    except BaseException as exc:
+        cbs.on_exception(exc)
+        raise
+    cbs.post_fit()
+    return state
+
+
+def on_disk(root: Path, monitor: str = "val_loss") -> dict[str, float | None]:
+    """name -> the score its manifest claims."""
+    return {r.name: r.metric for r in find_checkpoints(root, monitor=monitor)}
+
+
+def weight_of(path: Path) -> float:
+    return float(ckptproto.load(path)["models"]["model"]["weight"][0, 0])
+
+
+KINDS = ["sync", "async"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_true_best_survives_an_epoch_interval_save(tmp_path: Path, kind: str, gate: _Gate) -> None:
+    cb, cbs = make_callback(
+        kind,
+        gate,
+        root_dir=tmp_path,
+        monitor="val_loss",
+        keep_top_k=1,
+        save_every_n_epochs=1,
+        save_last=False,
+    )
+    run_loop(cbs, [0.5, 0.9])
+    # step 2 measured 0.5; step 4 measured 0.9. Main kept step 4 labelled 0.5.
+    assert on_disk(tmp_path) == {"checkpoint_step_2": 0.5}
+    assert cb.kept == ["checkpoint_step_2"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_interval_saves_between_validations_do_not_rank(tmp_path: Path, kind: str, gate: _Gate) -> None:
+    # README's shape: a step interval with save_last
+    _cb, cbs = make_callback(
+        kind, gate, root_dir=tmp_path, monitor="val_loss", keep_top_k=1, save_every_n_steps=1, save_last=True
+    )
+    run_loop(cbs, [0.5, 0.9])
+    # step 2 (0.5) is the best; step 4 is kept as the last one and claims no score
+    assert on_disk(tmp_path) == {"checkpoint_step_2": 0.5, "checkpoint_step_4": None}
+    best = find_checkpoints(tmp_path, mode="best")[0]
+    assert best.name == "checkpoint_step_2" and weight_of(best.path) == weight_of(
+        tmp_path / "checkpoint_step_2"
+    )
+    meta = ckptproto.read_info(tmp_path / "checkpoint_step_4").metrics
+    assert "val_loss" not in meta and meta["loss"] == 4.0  # only what was measured at step 4
+
+
+# (params, validation values, what the sync callback keeps: name -> score)
+DECISIONS = [
+    ({"keep_top_k": 1, "save_last": False}, [0.5, 0.5], {"checkpoint_step_2": 0.5}),
+    (
+        {"keep_top_k": 2, "save_last": True},
+        [0.5, 0.2, 0.9],
+        {"checkpoint_step_2": 0.5, "checkpoint_step_4": 0.2, "checkpoint_step_6": 0.9},
+    ),
+    (
+        {"keep_top_k": 2, "save_last": False},
+        [0.5, 0.4, 0.3, 0.6, 0.1],
+        {"checkpoint_step_6": 0.3, "checkpoint_step_10": 0.1},
+    ),
+    (
+        {"keep_top_k": 1, "save_last": True, "save_every_n_steps": 1},
+        [0.5, 0.9, 0.4],
+        {"checkpoint_step_6": 0.4},
+    ),
+]
+
+
+@pytest.mark.parametrize(("params", "vals", "expected"), DECISIONS)
+def test_async_decides_like_sync_with_writes_held_back(
+    tmp_path: Path, gate: _Gate, params: dict[str, Any], vals: list[float], expected: dict[str, float]
+) -> None:
+    sync_cb, sync_cbs = make_callback("sync", gate, root_dir=tmp_path / "sync", monitor="val_loss", **params)
+    run_loop(sync_cbs, vals)
+    assert on_disk(tmp_path / "sync") == expected
+
+    async_cb, async_cbs = make_callback(
+        "async", gate, root_dir=tmp_path / "async", monitor="val_loss", **params
+    )
+    run_loop(async_cbs, vals)
+    assert on_disk(tmp_path / "async") == expected
+    assert async_cb.kept == sync_cb.kept
+    latest = [find_checkpoints(tmp_path / d)[0].name for d in ("sync", "async")]
+    assert latest[0] == latest[1]  # resume "latest" picks the same checkpoint
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize(
+    ("params", "vals"),
+    [
+        ({"save_every_n_steps": 1000}, [None, None]),  # the interval is longer than the run
+        ({"monitor": "val_loss"}, [math.nan, math.nan]),  # the monitor is always nan
+        ({"monitor": "val_loss", "keep_top_k": 0}, [0.3, 0.2]),  # only the last one is kept
+        ({"save_every_n_epochs": 2}, [None, None, None]),  # the run ends between two intervals
+    ],
+)
+def test_save_last_always_ends_with_the_final_state(
+    tmp_path: Path, kind: str, gate: _Gate, params: dict[str, Any], vals: list[float | None]
+) -> None:
+    cb, cbs = make_callback(kind, gate, root_dir=tmp_path, save_last=True, **params)
+    state = run_loop(cbs, vals)
+    final = tmp_path / f"checkpoint_step_{state.global_step}"
+    assert final.name in on_disk(tmp_path) and final.name in cb.kept
+    assert weight_of(final) == float(state.models["model"].weight[0, 0])
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_no_final_save_when_the_final_state_is_saved(tmp_path: Path, kind: str, gate: _Gate) -> None:
+    _cb, cbs = make_callback(kind, gate, root_dir=tmp_path, save_every_n_steps=2, keep_top_k=-1)
+    run_loop(cbs, [None, None])
+    assert sorted(on_disk(tmp_path)) == ["checkpoint_step_2", "checkpoint_step_4"]
+    assert [r.info.metadata["seq"] for r in find_checkpoints(tmp_path) if r.info] == [1, 0]  # one save each
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_monitor_never_reported_raises_naming_the_reported_keys(
+    tmp_path: Path, kind: str, gate: _Gate
+) -> None:
+    _cb, cbs = make_callback(kind, gate, root_dir=tmp_path, monitor="val_los", keep_top_k=1)
+    with pytest.raises(MonitorNotFoundError, match=r"val_los.*'loss'.*'val_acc'.*'val_loss'"):
+        run_loop(cbs, [0.5, 0.4])
+
+
+def test_a_monitor_reported_by_train_steps_is_not_missing_at_validation(tmp_path: Path, gate: _Gate) -> None:
+    _cb, cbs = make_callback("sync", gate, root_dir=tmp_path, monitor="loss", mode="max", keep_top_k=1)
+    run_loop(cbs, [0.5, 0.4])  # validations do not report "loss"; train steps do
+    assert on_disk(tmp_path, "loss") == {"checkpoint_step_4": 4.0}
