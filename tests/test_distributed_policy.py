@@ -92,3 +92,55 @@ def test_rng_state_is_kept_per_rank(tmp_path: Path) -> None:
         from ckptproto import RNGState
 
         RNGState().load_state_dict(saved)  # a single process takes rank 0's generators
+
+
+def scenario_rank_metrics_differ(rank: int, world: int, tmp: Path, port: int) -> dict[str, Any]:
+    """Each rank sees its own (unreduced) val_loss. The callbacks are built before the process
+    group exists, as frameworks do (issue 11 item 9), then the group is started."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+    from _policy_helpers import run_loop
+
+    from ckptproto import AsyncCheckpointCallback, CheckpointCallback, CheckpointParameters
+
+    dist.destroy_process_group()
+    params = {"monitor": "val_loss", "keep_top_k": 1, "save_last": False}
+    sync_cb = CheckpointCallback(CheckpointParameters(root_dir=tmp / "sync", **params))
+    async_cb = AsyncCheckpointCallback(CheckpointParameters(root_dir=tmp / "async", **params))
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world,
+        timeout=timedelta(seconds=30),
+    )
+    # rank 0 improves at epochs 1 and 2; rank 1 at epochs 1 and 3: deciding per rank, one
+    # rank would enter the collective save alone and hang
+    vals = [[0.5, 0.4, 0.6], [0.5, 0.7, 0.3]][rank]
+    out: dict[str, Any] = {}
+    for name, cb in (("sync", sync_cb), ("async", async_cb)):
+        run_loop([cb], vals)
+        dist.barrier()
+        out[name] = {"kept": cb.kept}
+        resumed = CheckpointCallback(CheckpointParameters(root_dir=tmp / name, **params))
+        run_loop([resumed], [])
+        out[name]["resumed"] = str(resumed.resumed_from)
+    async_cb.close()
+    dist.barrier()
+    return out
+
+
+def test_ranks_with_different_metrics_agree(tmp_path: Path) -> None:
+    from _dist_helpers import free_port
+
+    results = run_ranks(scenario_rank_metrics_differ, 2, tmp_path, free_port(), timeout=120)
+    for name in ("sync", "async"):
+        assert results[0][name] == results[1][name]  # every rank made the same decisions
+        assert results[0][name]["kept"] == ["checkpoint_step_4"]  # rank 0's 0.4
+        assert results[0][name]["resumed"] == str(tmp_path / name / "checkpoint_step_4")
+        (only,) = ckptproto.find_checkpoints(tmp_path / name)
+        assert only.name == "checkpoint_step_4" and only.metric == 0.4
+        manifest = ckptproto.read_manifest(only.path)
+        assert manifest.world_size == 2  # one checkpoint written by both ranks
+        ckptproto.verify(only.path)

@@ -7,27 +7,23 @@ from __future__ import annotations
 
 import math
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
+from _policy_helpers import on_disk, run_loop
 
 import ckptproto
 from ckptproto import (
     AsyncCheckpointCallback,
     Callback,
-    CallbackCollection,
     CheckpointCallback,
     CheckpointParameters,
-    TrainState,
     find_checkpoints,
 )
 from ckptproto.errors import MonitorNotFoundError
 from ckptproto.io import async_save
-
-STEPS_PER_EPOCH = 2
 
 
 class _Gate(Callback[Any]):
@@ -72,43 +68,6 @@ def make_callback(
     async_cb = AsyncCheckpointCallback(config, max_pending=64)  # every save accepted while writes wait
     gate.made.append(async_cb)
     return async_cb, [gate, async_cb]
-
-
-def run_loop(
-    callbacks: Sequence[Callback[Any]], vals: Sequence[float | None], *, monitor_key: str = "val_loss"
-) -> TrainState:
-    """``len(vals)`` epochs of STEPS_PER_EPOCH steps, each followed by a validation reporting
-    ``{monitor_key: val}`` (no validation for None), driven through the hooks as a loop does."""
-    torch.manual_seed(0)
-    model = torch.nn.Linear(2, 1)
-    cbs = CallbackCollection(callbacks)
-    state = TrainState(models={"model": model}, callbacks=cbs)
-    cbs.bind(state)
-    cbs.pre_fit()
-    try:
-        for val in vals:
-            cbs.pre_train_epoch()
-            for batch_idx in range(STEPS_PER_EPOCH):
-                cbs.pre_optimizer_step()
-                with torch.no_grad():
-                    model.weight.add_(1.0)  # every step is a different state
-                state.global_step += 1
-                cbs.post_train_step({"loss": float(state.global_step)}, batch_idx)
-            state.current_epoch += 1
-            cbs.post_train_epoch()
-            if val is not None:
-                cbs.pre_validation_epoch()
-                cbs.post_validation_epoch({monitor_key: val, "val_acc": 1.0})
-    except BaseException as exc:
-        cbs.on_exception(exc)
-        raise
-    cbs.post_fit()
-    return state
-
-
-def on_disk(root: Path, monitor: str = "val_loss") -> dict[str, float | None]:
-    """name -> the score its manifest claims."""
-    return {r.name: r.metric for r in find_checkpoints(root, monitor=monitor)}
 
 
 def weight_of(path: Path) -> float:
