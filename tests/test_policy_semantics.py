@@ -191,3 +191,13 @@ def test_a_monitor_reported_by_train_steps_is_not_missing_at_validation(tmp_path
     _cb, cbs = make_callback("sync", gate, root_dir=tmp_path, monitor="loss", mode="max", keep_top_k=1)
     run_loop(cbs, [0.5, 0.4])  # validations do not report "loss"; train steps do
     assert on_disk(tmp_path, "loss") == {"checkpoint_step_4": 4.0}
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_monitor_never_reported_without_validation_warns_at_fit_end(
+    tmp_path: Path, kind: str, gate: _Gate
+) -> None:
+    _cb, cbs = make_callback(kind, gate, root_dir=tmp_path, monitor="val_los", keep_top_k=1)
+    with pytest.warns(RuntimeWarning, match=r"val_los.*never reported.*\['loss'\]"):
+        run_loop(cbs, [None, None])  # no validation: nothing to raise at
+    assert list(on_disk(tmp_path)) == ["checkpoint_step_4"]  # save_last still saved the end

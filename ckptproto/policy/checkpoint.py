@@ -149,6 +149,14 @@ class CheckpointCallback(Callback[TrainerLike]):
             self._preemption_save()
         elif self.config.save_last and self._saved_step != int(self.trainer.global_step):
             self.save()  # save_last: a run always ends with its final state on disk
+        monitor = self.config.monitor
+        if monitor is not None and monitor not in self._metrics:  # no validation ever ran
+            warnings.warn(
+                f"CheckpointParameters(monitor={monitor!r}) was never reported during fit (metrics "
+                f"reported: {sorted(self._metrics)}); no checkpoint was ranked by it",
+                RuntimeWarning,
+                stacklevel=2,
+            )
         self._restore_sigterm()
 
     def on_exception(self, exc: BaseException) -> None:
