@@ -12,14 +12,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from _policy_helpers import on_disk, run_loop
 
 import ckptproto
 from ckptproto import (
     AsyncCheckpointCallback,
     Callback,
+    CallbackCollection,
     CheckpointCallback,
     CheckpointParameters,
+    TrainState,
     find_checkpoints,
 )
 from ckptproto.errors import MonitorNotFoundError
@@ -201,3 +204,36 @@ def test_a_monitor_never_reported_without_validation_warns_at_fit_end(
     with pytest.warns(RuntimeWarning, match=r"val_los.*never reported.*\['loss'\]"):
         run_loop(cbs, [None, None])  # no validation: nothing to raise at
     assert list(on_disk(tmp_path)) == ["checkpoint_step_4"]  # save_last still saved the end
+
+
+def test_a_plain_dataloader_is_named_at_bind(tmp_path: Path) -> None:
+    loader = torch.utils.data.DataLoader(list(range(8)), batch_size=2)
+    state = TrainState(models={"model": torch.nn.Linear(2, 1)}, dataloaders={"train": loader})
+    cb = CheckpointCallback(CheckpointParameters(root_dir=tmp_path))
+    with pytest.warns(
+        ckptproto.ResumeWarning, match=r"dataloaders\['train'\].*DataLoader.*StatefulDataLoader"
+    ):
+        CallbackCollection([cb]).bind(state)
+
+
+def test_foreign_checkpoints_refuse_a_silent_fresh_start(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    torch.save({"model": torch.nn.Linear(2, 1).state_dict()}, tmp_path / "epoch=3.ckpt")
+    dcp_dir = tmp_path / "step_100"
+    dcp_dir.mkdir()
+    (dcp_dir / ".metadata").write_bytes(b"\x80\x04pickled")
+    cb = CheckpointCallback(CheckpointParameters(root_dir=tmp_path))
+    with pytest.raises(
+        ckptproto.CheckpointFormatError, match=r"epoch=3\.ckpt, step_100.*ckptproto convert.*resume_mode=None"
+    ):
+        run_loop([cb], [None])
+    assert "ckptproto convert" in caplog.text and "WARNING" in caplog.text.upper()
+    # with a checkpoint of ours there, it resumes from that one and still names the others
+    CheckpointCallback(CheckpointParameters(root_dir=tmp_path, resume_mode=None))
+    run_loop([CheckpointCallback(CheckpointParameters(root_dir=tmp_path, resume_mode=None))], [None])
+    caplog.clear()
+    resumed = CheckpointCallback(CheckpointParameters(root_dir=tmp_path))
+    run_loop([resumed], [])
+    assert resumed.resumed_from == tmp_path / "checkpoint_step_2"
+    assert "epoch=3.ckpt" in caplog.text

@@ -123,6 +123,23 @@ class CheckpointCallback(Callback[TrainerLike]):
 
     # -- hooks -------------------------------------------------------------------------------
 
+    def bind(self, trainer: TrainerLike) -> None:
+        super().bind(trainer)
+        loaders = getattr(trainer, "dataloaders", None)
+        if not isinstance(loaders, Mapping):
+            return
+        for key, loader in loaders.items():
+            if loader is not None and not hasattr(loader, "state_dict"):
+                warnings.warn(
+                    f"dataloaders[{key!r}] ({type(loader).__module__}.{type(loader).__qualname__}) has no "
+                    "state_dict(): it is not saved, and a resumed run restarts its epoch from the first "
+                    "batch (the schedule then runs past its end, e.g. OneCycleLR). Use "
+                    "torchdata.stateful_dataloader.StatefulDataLoader, with a sampler and the loader "
+                    "given generator=torch.Generator().manual_seed(...) (docs/policy.md, RNG and data)",
+                    ResumeWarning,
+                    stacklevel=2,
+                )
+
     def pre_fit(self) -> None:
         self.should_stop = False
         self.resume()
