@@ -133,7 +133,8 @@ def order(
     records: list[CheckpointRecord], mode: Literal["latest", "best"], metric_mode: str | None = None
 ) -> list[CheckpointRecord]:
     """Newest first (by step, then creation time) for "latest"; best metric first for "best"
-    (records without a finite metric follow, newest first)."""
+    (the oldest first among equal ones; records without a finite metric follow, newest
+    first)."""
     by_time = sorted(
         records,
         key=lambda r: (r.step if r.step is not None else -1, r.created.timestamp() if r.created else 0.0),
@@ -143,7 +144,9 @@ def order(
         return by_time
     if mode != "best":
         raise ValueError(f"mode must be 'latest' or 'best', got {mode!r}")
-    ranked = [r for r in by_time if is_finite(r.metric)]
+    # among equal metrics the oldest first: it reached that value first, and retention keeps
+    # the older of two equal checkpoints too
+    ranked = [r for r in reversed(by_time) if is_finite(r.metric)]
     unranked = [r for r in by_time if not is_finite(r.metric)]
 
     def direction(r: CheckpointRecord) -> str:
