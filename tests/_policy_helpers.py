@@ -114,10 +114,15 @@ STEPS_PER_EPOCH = 2
 
 
 def run_loop(
-    callbacks: Sequence[Callback[Any]], vals: Sequence[float | None], *, monitor_key: str = "val_loss"
+    callbacks: Sequence[Callback[Any]],
+    vals: Sequence[float | None],
+    *,
+    monitor_key: str = "val_loss",
+    losses: Sequence[float] | None = None,
 ) -> TrainState:
     """``len(vals)`` epochs of STEPS_PER_EPOCH steps, each followed by a validation reporting
-    ``{monitor_key: val}`` (no validation for None), driven through the hooks as a loop does."""
+    ``{monitor_key: val}`` (no validation for None), driven through the hooks as a loop does.
+    Step ``n`` reports ``{"loss": losses[n - 1]}`` (default: ``n``)."""
     torch.manual_seed(0)
     model = torch.nn.Linear(2, 1)
     cbs = CallbackCollection(callbacks)
@@ -132,7 +137,8 @@ def run_loop(
                 with torch.no_grad():
                     model.weight.add_(1.0)  # every step is a different state
                 state.global_step += 1
-                cbs.post_train_step({"loss": float(state.global_step)}, batch_idx)
+                loss = float(state.global_step) if losses is None else losses[state.global_step - 1]
+                cbs.post_train_step({"loss": loss}, batch_idx)
             state.current_epoch += 1
             cbs.post_train_epoch()
             if val is not None:

@@ -148,6 +148,9 @@ class CheckpointCallback(Callback[TrainerLike]):
 
     def post_train_step(self, result: Mapping[str, Any], batch_idx: int) -> None:
         self._observe(result)
+        if self.config.save_on_preemption:
+            # SIGTERM may reach the ranks at different steps: all save if any rank got it
+            self._preempted = any(gather(self._preempted, "a SIGTERM"))
         if self._preempted:
             self._preemption_save()
             return
@@ -204,8 +207,14 @@ class CheckpointCallback(Callback[TrainerLike]):
         self._trigger = trigger
         missing = reported is not None and self._monitor_never_reported(reported)
         decision = False if missing else self.should_save()
-        if trigger != "step" or type(self).should_save is not CheckpointCallback.should_save:
-            # the default step decision depends only on global_step, equal on every rank
+        default = type(self).should_save is CheckpointCallback.should_save
+        if (
+            trigger != "step"
+            or not default
+            or (self.config.monitor is not None and self._step_interval_due())
+        ):
+            # the default step decision without a monitor depends only on global_step, equal
+            # on every rank; anything that can depend on a metric is rank 0's
             agreed: tuple[bool, bool, list[str] | None] = (decision, missing, reported)
             decision, missing, reported = from_rank0(agreed, "should_save")
         if missing:
@@ -225,10 +234,10 @@ class CheckpointCallback(Callback[TrainerLike]):
     def should_save(self) -> bool:
         """Whether to save now (at ``self._trigger``: "step", "epoch" or "validation")."""
         cfg = self.config
-        step, epoch = self.trainer.global_step, self.trainer.current_epoch
+        epoch = self.trainer.current_epoch
         due = False
         if self._trigger == "step":
-            due = cfg.save_every_n_steps is not None and step > 0 and step % cfg.save_every_n_steps == 0
+            due = self._step_interval_due()
         elif self._trigger == "epoch":
             every = cfg.save_every_n_epochs
             if every is None and cfg.save_every_n_steps is None and cfg.monitor is None:
@@ -240,6 +249,10 @@ class CheckpointCallback(Callback[TrainerLike]):
         if due:  # an interval save is only made if it is kept
             return cfg.save_last or cfg.keep_top_k == -1 or enters
         return self._trigger != "step" and self._fresh_metric and enters
+
+    def _step_interval_due(self) -> bool:
+        n, step = self.config.save_every_n_steps, self.trainer.global_step
+        return n is not None and step > 0 and step % n == 0
 
     def _would_enter_top_k(self, metric: float | None) -> bool:
         if not is_finite(metric):
