@@ -59,6 +59,7 @@ class Scenario:
     save_last: bool = False
     every_n_epochs: int | None = None
     every_n_steps: int | None = None
+    resume_after: int | None = None  # stop after this many epochs, then resume "latest"/"last"
     # where ckptproto differs on purpose: (a phrase of the docs table row, ours, Lightning's)
     differs: tuple[str, Any, Any] | None = None
     params: dict[str, Any] = field(default_factory=dict)
@@ -116,6 +117,49 @@ SCENARIOS = [
     ),
     Scenario("mid_epoch_validation_top2", vals=(0.5, 0.3, 0.6, 0.2, 0.4, 0.7), steps=4, val_every=2, top_k=2),
     Scenario("monitor_missing_raises", monitor="val_los", vals=(0.5, 0.3)),
+    Scenario("top3_max_many", vals=(0.1, 0.5, 0.3, 0.7, 0.2, 0.6, 0.4), epochs=7, top_k=3, mode="max"),
+    Scenario("inf_never_ranks", vals=(0.5, float("inf"), 0.4), top_k=2),
+    Scenario(
+        "mid_epoch_validation_top1_max", vals=(0.1, 0.4, 0.3, 0.2), steps=4, val_every=2, mode="max", epochs=2
+    ),
+    Scenario(
+        "no_monitor_every_2_steps_top2",
+        monitor=None,
+        val_every=0,
+        top_k=2,
+        every_n_steps=2,
+        epochs=4,
+        differs=("keeps the `keep_top_k` newest", {"kept": [6, 8], "best": None}, RAISES),
+    ),
+    Scenario(
+        "resume_top2_save_last",
+        vals=(0.5, 0.3, 0.4, 0.2, 0.6),
+        epochs=5,
+        top_k=2,
+        save_last=True,
+        resume_after=2,
+        differs=(
+            "saves the final state at `post_fit`",
+            {"kept": [4, 8, 10], "best": 8},
+            {"kept": [4, 8], "best": 8},
+        ),
+    ),
+    Scenario(
+        "resume_no_monitor_keep_all",
+        monitor=None,
+        val_every=0,
+        top_k=-1,
+        save_last=True,
+        epochs=4,
+        resume_after=2,
+    ),
+    Scenario(
+        "resume_after_a_run_without_improvement",
+        vals=(0.3, 0.5, 0.4, 0.6),
+        epochs=4,
+        save_last=True,
+        resume_after=2,
+    ),
     Scenario(
         "nan_never_ranks",
         vals=(float("nan"), 0.5, float("nan")),
@@ -188,7 +232,7 @@ class _Scripted(pl.LightningModule):  # type: ignore[misc,name-defined]
         return loss
 
     def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
-        self.log("val_loss", float(self.sc.vals[self.validations]))
+        self.log("val_loss", float(self.sc.vals[_val_index(self.sc, self.global_step)]))
 
     def on_validation_epoch_end(self) -> None:
         self.validations += 1
@@ -203,6 +247,12 @@ class _Scripted(pl.LightningModule):  # type: ignore[misc,name-defined]
         return torch.utils.data.DataLoader(torch.randn(1, 2), batch_size=1)
 
 
+def _val_index(sc: Scenario, global_step: int) -> int:
+    """Which of ``vals`` the validation after ``global_step`` steps reports (so a resumed run
+    continues the script)."""
+    return global_step // (sc.val_every or sc.steps) - 1
+
+
 def _step_of(path: Path) -> int:
     if path.name.startswith("last"):
         return int(torch.load(path, weights_only=False, map_location="cpu")["global_step"])
@@ -213,31 +263,11 @@ def _step_of(path: Path) -> int:
 
 def run_lightning(sc: Scenario, root: Path) -> Any:
     try:
-        callback = pl.callbacks.ModelCheckpoint(
-            dirpath=root,
-            filename="{step}",
-            monitor=sc.monitor,
-            mode=sc.mode,
-            save_top_k=sc.top_k,
-            save_last=sc.save_last,
-            every_n_epochs=sc.every_n_epochs,
-            every_n_train_steps=sc.every_n_steps,
-        )
-        trainer = pl.Trainer(
-            max_epochs=sc.epochs,
-            callbacks=[callback],
-            logger=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            num_sanity_val_steps=0,
-            limit_val_batches=0 if sc.val_every == 0 else 1,
-            val_check_interval=sc.val_every if sc.val_every else 1.0,
-            accelerator="cpu",
-            devices=1,
-        )
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            trainer.fit(_Scripted(sc))
+        if sc.resume_after is not None:
+            _fit_lightning(sc, root, sc.resume_after, None)
+            callback = _fit_lightning(sc, root, sc.epochs, "last")
+        else:
+            callback = _fit_lightning(sc, root, sc.epochs, None)
     except Exception as exc:  # MisconfigurationException and friends
         if "MisconfigurationException" in type(exc).__name__ or isinstance(exc, ValueError):
             return RAISES
@@ -247,12 +277,44 @@ def run_lightning(sc: Scenario, root: Path) -> Any:
     return {"kept": kept, "best": _step_of(Path(best)) if best and sc.monitor else None}
 
 
+def _fit_lightning(sc: Scenario, root: Path, epochs: int, ckpt_path: str | None) -> Any:
+    callback = pl.callbacks.ModelCheckpoint(
+        dirpath=root,
+        filename="{step}",
+        monitor=sc.monitor,
+        mode=sc.mode,
+        save_top_k=sc.top_k,
+        save_last=sc.save_last,
+        every_n_epochs=sc.every_n_epochs,
+        every_n_train_steps=sc.every_n_steps,
+    )
+    trainer = pl.Trainer(
+        max_epochs=epochs,
+        callbacks=[callback],
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0 if sc.val_every == 0 else 1,
+        val_check_interval=sc.val_every if sc.val_every else 1.0,
+        accelerator="cpu",
+        devices=1,
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(_Scripted(sc), ckpt_path=ckpt_path)
+    return callback
+
+
 # -- ckptproto -------------------------------------------------------------------------------
 
 
 class _Gate(Callback[Any]):
     def __init__(self) -> None:
         self.open = threading.Event()
+
+    def pre_fit(self) -> None:
+        self.open.clear()  # armed again for a resumed run
 
     def post_fit(self) -> None:
         self.open.set()
@@ -276,22 +338,21 @@ def gate(monkeypatch: pytest.MonkeyPatch) -> Iterator[_Gate]:
     gate.open.set()
 
 
-def _loop(sc: Scenario, callbacks: list[Callback[Any]]) -> None:
+def _loop(sc: Scenario, callbacks: list[Callback[Any]], epochs: int) -> None:
     """The plain loop of docs/policy.md: validation after every ``val_every`` steps, or after
     ``post_train_epoch`` at each epoch end."""
     model = torch.nn.Linear(2, 1)
     cbs = CallbackCollection(callbacks)
     state = TrainState(models={"model": model}, callbacks=cbs)
-    vals = iter(sc.vals)
     cbs.bind(state)
     cbs.pre_fit()
 
     def validate() -> None:
         cbs.pre_validation_epoch()
-        cbs.post_validation_epoch({"val_loss": next(vals)})
+        cbs.post_validation_epoch({"val_loss": sc.vals[_val_index(sc, state.global_step)]})
 
     try:
-        for _epoch in range(sc.epochs):
+        while state.current_epoch < epochs:
             cbs.pre_train_epoch()
             for batch_idx in range(sc.steps):
                 cbs.pre_optimizer_step()
@@ -312,6 +373,13 @@ def _loop(sc: Scenario, callbacks: list[Callback[Any]]) -> None:
 
 
 def run_ours(sc: Scenario, root: Path, kind: str, gate: _Gate) -> Any:
+    if sc.resume_after is None:
+        return _fit_ours(sc, root, kind, gate, sc.epochs, None)
+    first = _fit_ours(sc, root, kind, gate, sc.resume_after, None)
+    return first if first == RAISES else _fit_ours(sc, root, kind, gate, sc.epochs, "latest")
+
+
+def _fit_ours(sc: Scenario, root: Path, kind: str, gate: _Gate, epochs: int, resume: str | None) -> Any:
     try:
         params = CheckpointParameters(
             root_dir=root,
@@ -321,7 +389,7 @@ def run_ours(sc: Scenario, root: Path, kind: str, gate: _Gate) -> Any:
             save_last=sc.save_last,
             save_every_n_epochs=sc.every_n_epochs,
             save_every_n_steps=sc.every_n_steps,
-            resume_mode=None,
+            resume_mode=resume,
         )
     except ValueError:
         return RAISES
@@ -332,7 +400,7 @@ def run_ours(sc: Scenario, root: Path, kind: str, gate: _Gate) -> Any:
         cb = AsyncCheckpointCallback(params, max_pending=64)
         callbacks = [gate, cb]
     try:
-        _loop(sc, callbacks)
+        _loop(sc, callbacks, epochs)
     except ValueError:  # MonitorNotFoundError
         return RAISES
     finally:
