@@ -9,7 +9,7 @@ now or not, a checkpoint's score, which checkpoint to resume from) therefore goe
 
     decision = from_rank0(self.should_save(), "should_save")   # rank 0's answer, on every rank
 
-Outside ``torch.distributed`` (or with one rank) both functions cost nothing.
+Outside ``torch.distributed`` (or with one rank) these functions cost nothing.
 """
 
 from __future__ import annotations
@@ -27,12 +27,6 @@ def _control() -> Any:
         return None
     control = distributed._Control(group, None)
     return control if control.size > 1 else None
-
-
-def world() -> tuple[int, int]:
-    """``(rank, world size)`` of the default process group; ``(0, 1)`` outside one."""
-    control = _control()
-    return (0, 1) if control is None else (control.rank, control.size)
 
 
 def gather(value: T, what: str) -> list[T]:

@@ -431,6 +431,7 @@ class CheckpointCallback(Callback[TrainerLike]):
             )
             if all(outcome is None for outcome in outcomes):
                 return path
+            self.resumed_from = None  # loaded here, not on every rank: not resumed from it
             mismatched = [(r, o[1]) for r, o in enumerate(outcomes) if o is not None and o[0]]
             if mismatched:  # the checkpoint is fine; the trainer does not fit it: say so
                 if isinstance(local, StateMismatchError):
