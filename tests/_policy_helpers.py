@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +11,8 @@ import torch
 from torchdata.stateful_dataloader import StatefulDataLoader
 from torchdata.stateful_dataloader.sampler import RandomSampler
 
-from ckptproto import Callback, CallbackCollection, TrainState, find_checkpoints
+from ckptproto import AsyncCheckpointCallback, Callback, CallbackCollection, TrainState, find_checkpoints
+from ckptproto.io import async_save
 
 
 class MyTrainer(TrainState):
@@ -154,3 +156,40 @@ def run_loop(
 def on_disk(root: Path, monitor: str = "val_loss") -> dict[str, float | None]:
     """name -> the score its manifest claims."""
     return {r.name: r.metric for r in find_checkpoints(root, monitor=monitor)}
+
+
+class WriteGate(Callback[Any]):
+    """Holds every background write of the async callbacks until ``post_fit`` (put it first in
+    the callback list), so their decisions are made while none of their saves is committed.
+    Armed again at ``pre_fit`` (a resumed run)."""
+
+    def __init__(self) -> None:
+        self.open = threading.Event()
+        self.made: list[AsyncCheckpointCallback] = []  # closed by hold_async_writes at the end
+
+    def pre_fit(self) -> None:
+        self.open.clear()
+
+    def post_fit(self) -> None:
+        self.open.set()
+
+    def on_exception(self, exc: BaseException) -> None:
+        self.open.set()
+
+
+def hold_async_writes(monkeypatch: Any) -> Iterator[WriteGate]:
+    """A fixture body: the writer thread of every AsyncSaver waits at the gate before it
+    writes (the real write follows)."""
+    gate = WriteGate()
+    real = async_save.sync.write_checkpoint
+
+    def held(*args: Any, **kwargs: Any) -> Any:
+        if threading.current_thread().name == "ckptproto-async-write":
+            assert gate.open.wait(60), "the gate was never opened"
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(async_save.sync, "write_checkpoint", held)
+    yield gate
+    gate.open.set()
+    for cb in gate.made:
+        cb.close()

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import math
 import re
-import threading
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -25,6 +24,7 @@ from typing import Any
 
 import pytest
 import torch
+from _policy_helpers import WriteGate, hold_async_writes
 
 from ckptproto import (
     AsyncCheckpointCallback,
@@ -35,7 +35,6 @@ from ckptproto import (
     TrainState,
     find_checkpoints,
 )
-from ckptproto.io import async_save
 
 pl = pytest.importorskip("lightning.pytorch")
 
@@ -309,33 +308,9 @@ def _fit_lightning(sc: Scenario, root: Path, epochs: int, ckpt_path: str | None)
 # -- ckptproto -------------------------------------------------------------------------------
 
 
-class _Gate(Callback[Any]):
-    def __init__(self) -> None:
-        self.open = threading.Event()
-
-    def pre_fit(self) -> None:
-        self.open.clear()  # armed again for a resumed run
-
-    def post_fit(self) -> None:
-        self.open.set()
-
-    def on_exception(self, exc: BaseException) -> None:
-        self.open.set()
-
-
 @pytest.fixture
-def gate(monkeypatch: pytest.MonkeyPatch) -> Iterator[_Gate]:
-    gate = _Gate()
-    real = async_save.sync.write_checkpoint
-
-    def held(*args: Any, **kwargs: Any) -> Any:
-        if threading.current_thread().name == "ckptproto-async-write":
-            assert gate.open.wait(60), "the gate was never opened"
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(async_save.sync, "write_checkpoint", held)
-    yield gate
-    gate.open.set()
+def gate(monkeypatch: pytest.MonkeyPatch) -> Iterator[WriteGate]:
+    yield from hold_async_writes(monkeypatch)
 
 
 def _loop(sc: Scenario, callbacks: list[Callback[Any]], epochs: int) -> None:
@@ -372,14 +347,14 @@ def _loop(sc: Scenario, callbacks: list[Callback[Any]], epochs: int) -> None:
     cbs.post_fit()
 
 
-def run_ours(sc: Scenario, root: Path, kind: str, gate: _Gate) -> Any:
+def run_ours(sc: Scenario, root: Path, kind: str, gate: WriteGate) -> Any:
     if sc.resume_after is None:
         return _fit_ours(sc, root, kind, gate, sc.epochs, None)
     first = _fit_ours(sc, root, kind, gate, sc.resume_after, None)
     return first if first == RAISES else _fit_ours(sc, root, kind, gate, sc.epochs, "latest")
 
 
-def _fit_ours(sc: Scenario, root: Path, kind: str, gate: _Gate, epochs: int, resume: str | None) -> Any:
+def _fit_ours(sc: Scenario, root: Path, kind: str, gate: WriteGate, epochs: int, resume: str | None) -> Any:
     try:
         params = CheckpointParameters(
             root_dir=root,
@@ -413,7 +388,7 @@ def _fit_ours(sc: Scenario, root: Path, kind: str, gate: _Gate, epochs: int, res
 
 
 @pytest.mark.parametrize("sc", SCENARIOS, ids=lambda sc: sc.name)
-def test_matches_lightning_or_documents_why_not(sc: Scenario, tmp_path: Path, gate: _Gate) -> None:
+def test_matches_lightning_or_documents_why_not(sc: Scenario, tmp_path: Path, gate: WriteGate) -> None:
     lightning = run_lightning(sc, tmp_path / "lightning")
     sync = run_ours(sc, tmp_path / "sync", "sync", gate)
     asynchronous = run_ours(sc, tmp_path / "async", "async", gate)

@@ -6,14 +6,13 @@ always ends saved, and a monitor that is never reported is an error."""
 from __future__ import annotations
 
 import math
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from _policy_helpers import on_disk, run_loop
+from _policy_helpers import WriteGate, hold_async_writes, on_disk, run_loop
 
 import ckptproto
 from ckptproto import (
@@ -26,43 +25,15 @@ from ckptproto import (
     find_checkpoints,
 )
 from ckptproto.errors import MonitorNotFoundError
-from ckptproto.io import async_save
-
-
-class _Gate(Callback[Any]):
-    """Holds every background write until ``post_fit`` (first in the callback list), so the
-    async callback decides while none of its saves is committed."""
-
-    def __init__(self) -> None:
-        self.open = threading.Event()
-        self.made: list[AsyncCheckpointCallback] = []  # closed at teardown
-
-    def post_fit(self) -> None:
-        self.open.set()
-
-    def on_exception(self, exc: BaseException) -> None:
-        self.open.set()
 
 
 @pytest.fixture
-def gate(monkeypatch: pytest.MonkeyPatch) -> Iterator[_Gate]:
-    gate = _Gate()
-    real = async_save.sync.write_checkpoint
-
-    def held(*args: Any, **kwargs: Any) -> Any:
-        if threading.current_thread().name == "ckptproto-async-write":
-            assert gate.open.wait(60), "the gate was never opened"
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(async_save.sync, "write_checkpoint", held)
-    yield gate
-    gate.open.set()
-    for cb in gate.made:
-        cb.close()
+def gate(monkeypatch: pytest.MonkeyPatch) -> Iterator[WriteGate]:
+    yield from hold_async_writes(monkeypatch)
 
 
 def make_callback(
-    kind: str, gate: _Gate | None, **params: Any
+    kind: str, gate: WriteGate | None, **params: Any
 ) -> tuple[CheckpointCallback, list[Callback[Any]]]:
     config = CheckpointParameters(resume_mode=None, **params)
     if kind == "sync":
@@ -81,7 +52,7 @@ KINDS = ["sync", "async"]
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_true_best_survives_an_epoch_interval_save(tmp_path: Path, kind: str, gate: _Gate) -> None:
+def test_true_best_survives_an_epoch_interval_save(tmp_path: Path, kind: str, gate: WriteGate) -> None:
     cb, cbs = make_callback(
         kind,
         gate,
@@ -98,7 +69,7 @@ def test_true_best_survives_an_epoch_interval_save(tmp_path: Path, kind: str, ga
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_interval_saves_between_validations_do_not_rank(tmp_path: Path, kind: str, gate: _Gate) -> None:
+def test_interval_saves_between_validations_do_not_rank(tmp_path: Path, kind: str, gate: WriteGate) -> None:
     # README's shape: a step interval with save_last
     _cb, cbs = make_callback(
         kind, gate, root_dir=tmp_path, monitor="val_loss", keep_top_k=1, save_every_n_steps=1, save_last=True
@@ -137,7 +108,7 @@ DECISIONS = [
 
 @pytest.mark.parametrize(("params", "vals", "expected"), DECISIONS)
 def test_async_decides_like_sync_with_writes_held_back(
-    tmp_path: Path, gate: _Gate, params: dict[str, Any], vals: list[float], expected: dict[str, float]
+    tmp_path: Path, gate: WriteGate, params: dict[str, Any], vals: list[float], expected: dict[str, float]
 ) -> None:
     sync_cb, sync_cbs = make_callback("sync", gate, root_dir=tmp_path / "sync", monitor="val_loss", **params)
     run_loop(sync_cbs, vals)
@@ -164,7 +135,7 @@ def test_async_decides_like_sync_with_writes_held_back(
     ],
 )
 def test_save_last_always_ends_with_the_final_state(
-    tmp_path: Path, kind: str, gate: _Gate, params: dict[str, Any], vals: list[float | None]
+    tmp_path: Path, kind: str, gate: WriteGate, params: dict[str, Any], vals: list[float | None]
 ) -> None:
     cb, cbs = make_callback(kind, gate, root_dir=tmp_path, save_last=True, **params)
     state = run_loop(cbs, vals)
@@ -174,7 +145,7 @@ def test_save_last_always_ends_with_the_final_state(
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_no_final_save_when_the_final_state_is_saved(tmp_path: Path, kind: str, gate: _Gate) -> None:
+def test_no_final_save_when_the_final_state_is_saved(tmp_path: Path, kind: str, gate: WriteGate) -> None:
     _cb, cbs = make_callback(kind, gate, root_dir=tmp_path, save_every_n_steps=2, keep_top_k=-1)
     run_loop(cbs, [None, None])
     assert sorted(on_disk(tmp_path)) == ["checkpoint_step_2", "checkpoint_step_4"]
@@ -183,14 +154,16 @@ def test_no_final_save_when_the_final_state_is_saved(tmp_path: Path, kind: str, 
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_a_monitor_never_reported_raises_naming_the_reported_keys(
-    tmp_path: Path, kind: str, gate: _Gate
+    tmp_path: Path, kind: str, gate: WriteGate
 ) -> None:
     _cb, cbs = make_callback(kind, gate, root_dir=tmp_path, monitor="val_los", keep_top_k=1)
     with pytest.raises(MonitorNotFoundError, match=r"val_los.*'loss'.*'val_acc'.*'val_loss'"):
         run_loop(cbs, [0.5, 0.4])
 
 
-def test_a_monitor_reported_by_train_steps_is_not_missing_at_validation(tmp_path: Path, gate: _Gate) -> None:
+def test_a_monitor_reported_by_train_steps_is_not_missing_at_validation(
+    tmp_path: Path, gate: WriteGate
+) -> None:
     _cb, cbs = make_callback("sync", gate, root_dir=tmp_path, monitor="loss", mode="max", keep_top_k=1)
     run_loop(cbs, [0.5, 0.4])  # validations do not report "loss"; train steps do
     assert on_disk(tmp_path, "loss") == {"checkpoint_step_4": 4.0}
@@ -198,7 +171,7 @@ def test_a_monitor_reported_by_train_steps_is_not_missing_at_validation(tmp_path
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_a_monitor_never_reported_without_validation_warns_at_fit_end(
-    tmp_path: Path, kind: str, gate: _Gate
+    tmp_path: Path, kind: str, gate: WriteGate
 ) -> None:
     _cb, cbs = make_callback(kind, gate, root_dir=tmp_path, monitor="val_los", keep_top_k=1)
     with pytest.warns(RuntimeWarning, match=r"val_los.*never reported.*\['loss'\]"):
