@@ -83,3 +83,8 @@ class SaverBusyError(CheckpointError, RuntimeError):
 class PickleRefusedError(CheckpointFormatError):
     """A file (e.g. a ``torch.save`` checkpoint) can only be read by unpickling arbitrary
     objects, which can run code; ckptproto refuses unless explicitly told the file is trusted."""
+
+
+class MonitorNotFoundError(CheckpointError, ValueError):
+    """The metric a checkpoint callback monitors was never reported (e.g. a misspelled
+    ``monitor=``); the message lists the metrics that were."""

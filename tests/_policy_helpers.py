@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 from torchdata.stateful_dataloader import StatefulDataLoader
 from torchdata.stateful_dataloader.sampler import RandomSampler
 
-from ckptproto import Callback, CallbackCollection, TrainState
+from ckptproto import AsyncCheckpointCallback, Callback, CallbackCollection, TrainState, find_checkpoints
+from ckptproto.io import async_save
 
 
 class MyTrainer(TrainState):
@@ -107,3 +110,86 @@ def make_trainer(callbacks: Sequence[Callback[Any]] = (), **kwargs: Any) -> MyTr
 
 def weights(trainer: MyTrainer) -> list[torch.Tensor]:
     return [p.detach().clone() for p in trainer.model.parameters()]
+
+
+STEPS_PER_EPOCH = 2
+
+
+def run_loop(
+    callbacks: Sequence[Callback[Any]],
+    vals: Sequence[float | None],
+    *,
+    monitor_key: str = "val_loss",
+    losses: Sequence[float] | None = None,
+) -> TrainState:
+    """``len(vals)`` epochs of STEPS_PER_EPOCH steps, each followed by a validation reporting
+    ``{monitor_key: val}`` (no validation for None), driven through the hooks as a loop does.
+    Step ``n`` reports ``{"loss": losses[n - 1]}`` (default: ``n``)."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(2, 1)
+    cbs = CallbackCollection(callbacks)
+    state = TrainState(models={"model": model}, callbacks=cbs)
+    cbs.bind(state)
+    cbs.pre_fit()
+    try:
+        for val in vals:
+            cbs.pre_train_epoch()
+            for batch_idx in range(STEPS_PER_EPOCH):
+                cbs.pre_optimizer_step()
+                with torch.no_grad():
+                    model.weight.add_(1.0)  # every step is a different state
+                state.global_step += 1
+                loss = float(state.global_step) if losses is None else losses[state.global_step - 1]
+                cbs.post_train_step({"loss": loss}, batch_idx)
+            state.current_epoch += 1
+            cbs.post_train_epoch()
+            if val is not None:
+                cbs.pre_validation_epoch()
+                cbs.post_validation_epoch({monitor_key: val, "val_acc": 1.0})
+    except BaseException as exc:
+        cbs.on_exception(exc)
+        raise
+    cbs.post_fit()
+    return state
+
+
+def on_disk(root: Path, monitor: str = "val_loss") -> dict[str, float | None]:
+    """name -> the score its manifest claims."""
+    return {r.name: r.metric for r in find_checkpoints(root, monitor=monitor)}
+
+
+class WriteGate(Callback[Any]):
+    """Holds every background write of the async callbacks until ``post_fit`` (put it first in
+    the callback list), so their decisions are made while none of their saves is committed.
+    Armed again at ``pre_fit`` (a resumed run)."""
+
+    def __init__(self) -> None:
+        self.open = threading.Event()
+        self.made: list[AsyncCheckpointCallback] = []  # closed by hold_async_writes at the end
+
+    def pre_fit(self) -> None:
+        self.open.clear()
+
+    def post_fit(self) -> None:
+        self.open.set()
+
+    def on_exception(self, exc: BaseException) -> None:
+        self.open.set()
+
+
+def hold_async_writes(monkeypatch: Any) -> Iterator[WriteGate]:
+    """A fixture body: the writer thread of every AsyncSaver waits at the gate before it
+    writes (the real write follows)."""
+    gate = WriteGate()
+    real = async_save.sync.write_checkpoint
+
+    def held(*args: Any, **kwargs: Any) -> Any:
+        if threading.current_thread().name == "ckptproto-async-write":
+            assert gate.open.wait(60), "the gate was never opened"
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(async_save.sync, "write_checkpoint", held)
+    yield gate
+    gate.open.set()
+    for cb in gate.made:
+        cb.close()

@@ -40,7 +40,8 @@ def steps(root: Path) -> list[int | None]:
 def test_step_interval(tmp_path: Path) -> None:
     cb = CheckpointCallback(CheckpointParameters(root_dir=tmp_path, save_every_n_steps=5, keep_top_k=-1))
     make_trainer([cb], epochs=2).fit()
-    assert names(tmp_path) == ["checkpoint_step_10", "checkpoint_step_5"]
+    # steps 5 and 10, and the final state at step 12 (save_last)
+    assert names(tmp_path) == ["checkpoint_step_10", "checkpoint_step_12", "checkpoint_step_5"]
     state = ckptproto.load(tmp_path / "checkpoint_step_10")
     assert state["trainer"]["global_step"] == 10 and state["trainer"]["current_epoch"] == 1
 
@@ -141,9 +142,10 @@ def test_validation_metric_improvement_saves(tmp_path: Path) -> None:
         CheckpointParameters(root_dir=tmp_path, monitor="val_loss", keep_top_k=2, save_last=True)
     )
     make_trainer([cb], epochs=5, val_metrics=lambda e: {"val_loss": vals[e]}).fit()
-    # saved at epochs 1 (0.5), 2 (0.3), 4 (0.4 enters the top 2); not at 3 (nan) nor 5 (0.6)
-    assert steps(tmp_path) == [12, 24]
-    assert [r.metric for r in find_checkpoints(tmp_path, mode="best")] == [0.3, 0.4]
+    # saved at epochs 1 (0.5), 2 (0.3), 4 (0.4 enters the top 2, 0.5 leaves); not at 3 (nan);
+    # at 5 (0.6) only as the final state (save_last)
+    assert steps(tmp_path) == [12, 24, 30]
+    assert [r.metric for r in find_checkpoints(tmp_path, mode="best")] == [0.3, 0.4, 0.6]
 
 
 class _Unsaveable(Callback[Any]):
@@ -215,10 +217,10 @@ def test_resume_exactly_equals_uninterrupted(tmp_path: Path) -> None:
     reference.fit()
     params = CheckpointParameters(root_dir=tmp_path, save_every_n_steps=4)
     first = make_trainer([CheckpointCallback(params)], epochs=3, stop_after_steps=10)
-    first.fit()
+    first.fit()  # the loop ends cleanly at step 10 (mid-epoch): save_last saves that state
     second = make_trainer([CheckpointCallback(params)], epochs=3)
     second.fit()
-    assert first.seen_batches[:8] + second.seen_batches == reference.seen_batches
+    assert first.seen_batches[:10] + second.seen_batches == reference.seen_batches
     assert all(torch.equal(a, b) for a, b in zip(weights(reference), weights(second), strict=True))
     assert second.scheduler.get_last_lr() == reference.scheduler.get_last_lr()
 

@@ -70,3 +70,22 @@ def test_dream_trainer_aliases() -> None:
         CheckpointParameters(save_every_n_steps=5, checkpoint_every_n_steps=5)
     with pytest.raises(ValueError, match="save_every_n_steps"):
         CheckpointParameters(checkpoint_every_n_steps=0)
+
+
+@pytest.mark.parametrize("root", ["s3://bucket/run", "gs://b/run", "file:///tmp/run", "hf://x"])
+def test_a_url_root_dir_is_refused(root: str) -> None:
+    # main wrote these to a local folder named "s3:"
+    with pytest.raises(ValueError, match=r"root_dir=.*is a URL.*mount"):
+        CheckpointParameters(root_dir=root)
+
+
+@pytest.mark.parametrize(("resume_mode", "mode"), [("min", "max"), ("max", "min")])
+def test_resume_mode_min_max_contradicting_mode_raises(resume_mode: str, mode: str) -> None:
+    with pytest.raises(ValueError, match=rf"resume_mode='{resume_mode}'.*contradicts mode='{mode}'"):
+        CheckpointParameters(resume_mode=resume_mode, mode=mode)  # type: ignore[arg-type]
+
+
+def test_resume_mode_min_max_agreeing_with_mode() -> None:
+    assert CheckpointParameters(resume_mode="max").mode == "max"  # mode left at its default
+    assert CheckpointParameters(resume_mode="max", mode="max").mode == "max"
+    assert CheckpointParameters(resume_mode="min", mode="min").resume_mode == "best"

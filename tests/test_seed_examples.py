@@ -67,7 +67,8 @@ def test_basic_checkpointing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
     )
     run(config)
     best = ckptproto.find_checkpoints(checkpoint_dir="./checkpoints", mode="best")
-    assert [c.metric for c in best] == [0.5, 0.6, 0.7]  # 0.9 left the top 3; 0.8 never entered
+    # 0.9 left the top 3; 0.8 never entered it, and is kept as the final state (save_last)
+    assert [c.metric for c in best] == [0.5, 0.6, 0.7, 0.8]
 
 
 def test_advanced_configuration(tmp_path: Path) -> None:
@@ -122,7 +123,7 @@ def test_custom_checkpoint_logic(tmp_path: Path) -> None:
 
 def test_checkpoint_structure_and_manual_loading(tmp_path: Path) -> None:
     callback = ckptproto.CheckpointCallback(
-        CheckpointParameters(root_dir=tmp_path / "experiment", save_every_n_steps=5)
+        CheckpointParameters(root_dir=tmp_path / "experiment", save_every_n_steps=5, keep_top_k=-1)
     )
     trainer = run(DreamTrainerConfig(CallbackCollection([callback]), epochs=2))
 
@@ -320,7 +321,8 @@ def test_integration_with_other_callbacks(tmp_path: Path) -> None:
             val_metrics=lambda e: {"val_accuracy": results[e - 1][0], "val_f1": results[e - 1][1]},
         )
     )
-    assert sorted(steps(tmp_path)) == [6, 18]  # epochs 1 and 3: both metrics improved
+    # epochs 1 and 3: both metrics improved; step 24: the final state (save_last)
+    assert sorted(steps(tmp_path)) == [6, 18, 24]
 
 
 def test_debugging(tmp_path: Path) -> None:

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from ckptproto.format.info import CheckpointInfo
+from ckptproto.io import distributed
 from ckptproto.io.async_save import AsyncSaver, SaveFuture, StagingMode
 from ckptproto.policy.checkpoint import CheckpointCallback
 from ckptproto.policy.params import CheckpointParameters
@@ -23,13 +24,18 @@ class AsyncCheckpointCallback(CheckpointCallback):
 
         callback = AsyncCheckpointCallback(checkpoint_config)   # training continues while it saves
 
+    * It decides exactly what CheckpointCallback decides (when to save, which checkpoints
+      to keep), whatever the I/O timing: decisions count the saves still being written.
     * ``save`` returns once the save is accepted (``staging="background"``, the default) or
       once the tensors are copied out (``staging="blocking"``); the loop never waits longer.
     * ``pre_optimizer_step`` waits until the tensors of pending saves are staged, so the
       checkpoint holds the weights of the step it is named after. States that change during
       the forward pass (BatchNorm running statistics) need ``staging="blocking"``.
-    * Retention runs when a save commits; ``post_fit`` and ``on_exception`` finish pending
-      saves. A failed save is logged and warned about; the checkpoints before it stay.
+    * The saver is created at the first save, so a process group started after the callback
+      was built (as frameworks do) is the one the saves run on.
+    * Deletions for retention run when the displacing save commits; ``post_fit`` and
+      ``on_exception`` finish pending saves. A failed save is logged and warned about; the
+      checkpoints before it stay.
     """
 
     def __init__(
@@ -42,29 +48,57 @@ class AsyncCheckpointCallback(CheckpointCallback):
         **params: Any,
     ) -> None:
         super().__init__(config, **params)
-        self.saver = saver if saver is not None else AsyncSaver(max_pending=max_pending, staging=staging)
+        self._staging: StagingMode = staging
+        self._max_pending = max_pending
+        if saver is None:  # check the arguments now, not at the first save
+            AsyncSaver(max_pending=max_pending, staging=staging, process_group=distributed.LOCAL).close()
+        self._saver = saver
+        self._own_saver = saver is None
         self._futures: list[tuple[SaveFuture, Kept, threading.Event]] = []
         self.failed: list[tuple[Path, BaseException]] = []
 
-    def _pending_names(self) -> set[str]:
-        return {record.name for _fut, record, done in self._futures if not done.is_set()}
+    @property
+    def saver(self) -> AsyncSaver:
+        """The ``AsyncSaver`` the saves go through (the one passed in, or one made at the first
+        save, bound to the process group of that moment)."""
+        if self._saver is None:
+            self._saver = AsyncSaver(max_pending=self._max_pending, staging=self._staging)
+        return self._saver
 
-    def _write(self, path: Path, metadata: dict[str, Any], overwrite: bool, record: Kept) -> None:
+    def _bound_saver(self) -> AsyncSaver:
+        saver = self.saver
+        if self._own_saver and saver._control is None and distributed.resolve_group(None) is not None:
+            # made before torch.distributed was started (e.g. ``saver`` read early): every rank
+            # would write a whole checkpoint of world size 1 to the same path; rebind.
+            saver.close()
+            self._saver = saver = AsyncSaver(max_pending=self._max_pending, staging=self._staging)
+        return saver
+
+    def _write(
+        self, path: Path, metadata: dict[str, Any], overwrite: bool, record: Kept, evicted: list[Kept]
+    ) -> None:
         self._futures = [item for item in self._futures if not item[2].is_set()]
-        future = self.saver.save(self.trainer, path, metadata=metadata, overwrite=overwrite)
+        try:
+            future = self._bound_saver().save(self.trainer, path, metadata=metadata, overwrite=overwrite)
+        except BaseException:
+            self._failed(record, evicted)
+            raise
         done = threading.Event()
         self._futures.append((future, record, done))
-        # Runs on the saver's writer thread right after the commit (under the callback lock).
-        future.add_done_callback(lambda fut: self._done(fut, record, done))
+        # Runs on the saver's writer thread right after the commit.
+        future.add_done_callback(lambda fut: self._done(fut, record, evicted, done))
 
-    def _done(self, future: Future[CheckpointInfo], record: Kept, done: threading.Event) -> None:
+    def _done(
+        self, future: Future[CheckpointInfo], record: Kept, evicted: list[Kept], done: threading.Event
+    ) -> None:
         try:
             exc = future.exception()
             if exc is not None:
+                self._failed(record, evicted)
                 with self._lock:
                     self.failed.append((Path(str(getattr(future, "path", "?"))), exc))
                 return
-            self._committed(record)
+            self._committed(record, evicted)
         except BaseException as exc:
             logger.error("retention after %s failed: %s", getattr(future, "path", "?"), exc, exc_info=exc)
         finally:
@@ -85,8 +119,8 @@ class AsyncCheckpointCallback(CheckpointCallback):
             warnings.warn(f"async checkpoint {path} failed: {exc}", RuntimeWarning, stacklevel=2)
 
     def post_fit(self) -> None:
+        super().post_fit()  # may start the final save (save_last)
         self.wait()
-        super().post_fit()
 
     def on_exception(self, exc: BaseException) -> None:
         self.wait()
@@ -95,4 +129,5 @@ class AsyncCheckpointCallback(CheckpointCallback):
     def close(self) -> None:
         """Finish pending saves and stop the saver's threads."""
         self.wait()
-        self.saver.close()
+        if self._saver is not None:
+            self._saver.close()

@@ -95,11 +95,46 @@ def scan(checkpoint_dir: PathLike, monitor: str | None = None) -> tuple[list[Che
     return records, problems
 
 
+_ZIP_MAGIC = b"PK\x03\x04"  # torch.save's zip
+_PICKLE_MAGIC = b"\x80"  # torch.save's legacy pickle (protocol 2+)
+
+
+def foreign_checkpoints(checkpoint_dir: PathLike) -> list[Path]:
+    """Entries directly under ``checkpoint_dir`` that look like checkpoints of another format,
+    which ckptproto cannot resume from without ``ckptproto convert``: DCP directories (Dream
+    Trainer's and torchtitan's too; a ``.metadata`` file), ``torch.save`` files (zip or
+    pickle) and safetensors files."""
+    root = Path(checkpoint_dir)
+    try:
+        entries = sorted(os.scandir(root), key=lambda e: e.name)
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    found = []
+    for entry in entries:
+        if layout.is_hidden(entry.name):
+            continue
+        path = root / entry.name
+        if entry.is_dir(follow_symlinks=False):
+            if (path / ".metadata").is_file() and not (path / layout.MANIFEST_NAME).exists():
+                found.append(path)
+        elif entry.is_file(follow_symlinks=False):
+            try:
+                with open(path, "rb") as f:
+                    head = f.read(9)
+            except OSError:
+                continue
+            safetensors = len(head) == 9 and head[8:9] == b"{"
+            if head.startswith(_ZIP_MAGIC) or head.startswith(_PICKLE_MAGIC) or safetensors:
+                found.append(path)
+    return found
+
+
 def order(
     records: list[CheckpointRecord], mode: Literal["latest", "best"], metric_mode: str | None = None
 ) -> list[CheckpointRecord]:
     """Newest first (by step, then creation time) for "latest"; best metric first for "best"
-    (records without a finite metric follow, newest first)."""
+    (the oldest first among equal ones; records without a finite metric follow, newest
+    first)."""
     by_time = sorted(
         records,
         key=lambda r: (r.step if r.step is not None else -1, r.created.timestamp() if r.created else 0.0),
@@ -109,7 +144,9 @@ def order(
         return by_time
     if mode != "best":
         raise ValueError(f"mode must be 'latest' or 'best', got {mode!r}")
-    ranked = [r for r in by_time if is_finite(r.metric)]
+    # among equal metrics the oldest first: it reached that value first, and retention keeps
+    # the older of two equal checkpoints too
+    ranked = [r for r in reversed(by_time) if is_finite(r.metric)]
     unranked = [r for r in by_time if not is_finite(r.metric)]
 
     def direction(r: CheckpointRecord) -> str:

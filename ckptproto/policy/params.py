@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import InitVar, dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -10,6 +11,14 @@ from typing import Any, Literal
 PathLike = str | os.PathLike[str]
 ResumeMode = Literal["latest", "best"] | Path | str | None
 _RESUME_ALIASES = {"last": "latest", "latest": "latest", "best": "best"}
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+class _DefaultMode(str):
+    """The default ``mode`` ("min"), told apart from an explicit ``mode="min"`` by identity."""
+
+
+_DEFAULT_MODE: Literal["min", "max"] = _DefaultMode("min")  # type: ignore[assignment]
 
 
 @dataclass
@@ -39,7 +48,7 @@ class CheckpointParameters:
 
     root_dir: PathLike = "./checkpoints"
     monitor: str | None = None
-    mode: Literal["min", "max"] = "min"
+    mode: Literal["min", "max"] = _DEFAULT_MODE
     keep_top_k: int = 1
     save_last: bool = True
     save_every_n_epochs: int | None = None
@@ -65,11 +74,24 @@ class CheckpointParameters:
             self.save_every_n_epochs = checkpoint_every_n_epochs
         if not isinstance(self.root_dir, (str, os.PathLike)) or str(self.root_dir) == "":
             raise ValueError(f"root_dir must be a non-empty path, got {self.root_dir!r}")
+        if _URL.match(str(self.root_dir)):
+            raise ValueError(
+                f"root_dir={str(self.root_dir)!r} is a URL; ckptproto saves to file systems only (an "
+                "object store backend is not there yet): mount the bucket (e.g. mountpoint-s3, "
+                "gcsfuse) and pass the mounted path"
+            )
         if self.monitor is not None and (not isinstance(self.monitor, str) or not self.monitor):
             raise ValueError(f"monitor must be a metric name or None, got {self.monitor!r}")
         if isinstance(self.resume_mode, str) and self.resume_mode in ("min", "max"):
+            if self.mode is not _DEFAULT_MODE and self.mode != self.resume_mode:
+                raise ValueError(
+                    f"resume_mode={self.resume_mode!r} (best by a {self.resume_mode}imum) contradicts "
+                    f"mode={self.mode!r}; give one of them"
+                )
             self.mode = "min" if self.resume_mode == "min" else "max"
             self.resume_mode = "best"
+        if isinstance(self.mode, _DefaultMode):
+            self.mode = "min"  # a plain str from here on (it is written into manifests)
         if self.mode not in ("min", "max"):
             raise ValueError(f"mode must be 'min' or 'max', got {self.mode!r}")
         _check_int("keep_top_k", self.keep_top_k, minimum=-1)

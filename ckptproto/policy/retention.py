@@ -47,8 +47,9 @@ class Kept:
 def select_kept(
     records: Sequence[Kept], *, keep_top_k: int, mode: str, monitored: bool, save_last: bool
 ) -> set[str]:
-    """Names to keep: the ``keep_top_k`` best by metric (finite metrics only; nan/inf never
-    rank) or, without a monitor, the newest; plus the most recent one with ``save_last``.
+    """Names to keep: the ``keep_top_k`` best by metric (finite metrics only; nan/inf and
+    None never rank; among equal ones the oldest) or, without a monitor, the newest; plus the
+    most recent one with ``save_last``.
 
     >>> a, b = Kept("a", 1, 0, 0.5, 0), Kept("b", 2, 0, float("nan"), 1)
     >>> sorted(select_kept([a, b], keep_top_k=1, mode="min", monitored=True, save_last=False))
@@ -58,9 +59,10 @@ def select_kept(
         return {r.name for r in records}
     newest = sorted(records, key=lambda r: (r.step, r.seq), reverse=True)
     if monitored:
-        ranked = [r for r in newest if is_finite(r.metric)]
+        ranked = sorted((r for r in records if is_finite(r.metric)), key=lambda r: r.seq)
         sign = 1.0 if mode == "min" else -1.0
-        # stable sort over newest-first: among equal metrics the newest wins
+        # stable sort over oldest-first: among equal metrics the oldest stays, as a save
+        # only enters the top k by beating the worst kept value (Lightning does the same)
         ranked.sort(key=lambda r: sign * r.metric)  # type: ignore[operator]
         keep = {r.name for r in ranked[:keep_top_k]}
     else:
