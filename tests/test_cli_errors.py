@@ -133,7 +133,12 @@ def test_a_dcp_directory_is_named_as_such(tmp_path: Path) -> None:
     assert "is a torch.distributed.checkpoint (DCP) directory" in one_line(result)
 
 
-def test_convert_into_an_impossible_destination_is_one_line(root: Path, tmp_path: Path) -> None:
+def test_convert_from_a_typo_or_into_an_impossible_destination_is_one_line(
+    root: Path, tmp_path: Path
+) -> None:
+    result = cli("convert", root / "checkpoint_step_2", tmp_path / "out.pt", "--to", "torch")
+    assert result.returncode == 2
+    assert one_line(result).endswith(f"does not exist; did you mean {root / 'checkpoint_step_20'}?")
     (tmp_path / "afile").write_text("x")
     result = cli("convert", root / "checkpoint_step_10", tmp_path / "afile" / "out.pt", "--to", "torch")
     assert result.returncode == 2

@@ -72,9 +72,14 @@ def _subscript(path: str) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ckptproto.errors import UnsupportedValueError
+    from pathlib import Path
+
+    from ckptproto.cli.paths import missing_problem
+    from ckptproto.errors import CheckpointNotFoundError, UnsupportedValueError
     from ckptproto.interop.convert import convert
 
+    if not Path(args.src).exists():
+        raise CheckpointNotFoundError(missing_problem(Path(args.src)))
     if args.unsafe_allow_pickle:
         print("ckptproto convert: --unsafe-allow-pickle: the source will be fully unpickled", file=sys.stderr)
     try:

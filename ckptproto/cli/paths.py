@@ -27,7 +27,7 @@ def _is_checkpoint(path: Path) -> bool:
     return (path / layout.MANIFEST_NAME).is_file()
 
 
-def _missing(path: Path) -> str:
+def missing_problem(path: Path) -> str:
     """``path`` does not exist: name the closest existing sibling, if one is close."""
     parent = path.parent
     try:
@@ -83,7 +83,7 @@ def checkpoint_problem(path: str | os.PathLike[str], command: str) -> str | None
     if p.is_symlink() and not p.exists():
         return f"{p} is a broken symbolic link"
     if not p.exists():
-        return _missing(p)
+        return missing_problem(p)
     if not p.is_dir():
         return _file_problem(p, command)
     if _is_checkpoint(p):
@@ -119,7 +119,7 @@ def root_problem(path: str | os.PathLike[str]) -> str | None:
     otherwise one line saying what is there and what the user probably meant."""
     p = Path(path)
     if not p.exists():
-        return _missing(p)
+        return missing_problem(p)
     if not p.is_dir():
         parent = p.parent
         if _is_checkpoint(parent):
