@@ -204,12 +204,14 @@ class CheckpointManager:
         for handle in self._hooks:
             handle.remove()
         self._hooks = []
-        if exc is None:
-            self.callbacks.post_fit()  # a SIGTERM after the last step saves here; waits for saves
-        else:
-            self.callbacks.on_exception(exc)  # finishes pending saves; the exception propagates
-        if isinstance(self.callback, AsyncCheckpointCallback):
-            self.callback.close()
+        try:
+            if exc is None:
+                self.callbacks.post_fit()  # a SIGTERM after the last step saves here; waits for saves
+            else:
+                self.callbacks.on_exception(exc)  # finishes pending saves; the exception propagates
+        finally:
+            if isinstance(self.callback, AsyncCheckpointCallback):
+                self.callback.close()  # stops the saver's threads
 
     def _hook_optimizers(self) -> None:
         for opt in self.state.optimizers.values():
