@@ -4,6 +4,7 @@ a non-zero exit status, never a traceback. Each runs the real command in a subpr
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import subprocess
 import sys
@@ -159,29 +160,51 @@ def test_unsafe_allow_pickle_stores_what_torch_save_files_commonly_hold(tmp_path
     assert state["best"].dtype == np.float64 and state["best"] == 0.5
 
 
-class Opaque:
-    def __init__(self) -> None:
-        self.handle = 3
-
-
-def test_unsafe_allow_pickle_says_what_to_do_with_an_object_it_cannot_store(tmp_path: Path) -> None:
-    torch.save({"w": torch.ones(2), "extra": {"obj": Opaque()}}, tmp_path / "trusted.pt")
-    # run where this module is importable: unpickling the file imports test_cli_errors.Opaque
-    result = cli(
-        "convert",
-        tmp_path / "trusted.pt",
-        tmp_path / "c",
-        "--to",
-        "ckptproto",
-        "--unsafe-allow-pickle",
-        cwd=REPO / "tests",
+def test_unsafe_allow_pickle_of_user_classes_says_what_to_do(tmp_path: Path) -> None:
+    """A file holding an object of the user's own class: where the class is not importable,
+    the command says to run where it is; where it is, that the object has no plain form,
+    and the lines of Python that convert it by hand."""
+    (tmp_path / "code").mkdir()
+    (tmp_path / "code" / "usercfg.py").write_text(
+        "class Config:\n    def __init__(self):\n        self.lr = 0.1\n"
     )
+    sys.path.insert(0, str(tmp_path / "code"))
+    try:
+        import usercfg  # type: ignore[import-not-found]
+
+        torch.save({"w": torch.ones(2), "extra": {"cfg": usercfg.Config()}}, tmp_path / "cfg.pt")
+    finally:
+        sys.path.remove(str(tmp_path / "code"))
+        sys.modules.pop("usercfg", None)
+    argv = ("convert", tmp_path / "cfg.pt", tmp_path / "c", "--to", "ckptproto", "--unsafe-allow-pickle")
+    result = cli(*argv, cwd=tmp_path)
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
-    assert lines[0].endswith("the source will be fully unpickled")
-    assert len(lines) == 2 and "extra.obj" in lines[1] and "test_cli_errors.Opaque" in lines[1]
-    assert "torch.load(" in lines[1] and "weights_only=False" in lines[1] and "ckptproto.save(" in lines[1]
+    assert len(lines) == 2 and lines[0].endswith("the source will be fully unpickled")
+    assert "No module named 'usercfg'" in lines[1] and "run from where the training code" in lines[1]
+    result = cli(*argv, cwd=tmp_path / "code")
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 2 and "extra.cfg" in lines[1] and "usercfg.Config" in lines[1]
+    assert "torch.load(" in lines[1] and "weights_only=False" in lines[1]
+    assert "state['extra']['cfg']" in lines[1] and "ckptproto.save(" in lines[1]
     assert not (tmp_path / "c").exists()
+
+
+def test_an_unexpected_error_is_one_line_and_its_traceback_is_on_request(root: Path) -> None:
+    """A bug (injected here: verify raising ZeroDivisionError) is reported, not hidden."""
+    inject = (
+        "import sys, ckptproto.cli.verify as v; v.verify = lambda path: 1 / 0; "
+        "from ckptproto.cli import main; sys.exit(main(sys.argv[1:]))"
+    )
+    argv = [sys.executable, "-c", inject, "verify", str(root / "checkpoint_step_10")]
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 3 and "Traceback" not in result.stderr
+    assert one_line(result).startswith("ckptproto verify: unexpected ZeroDivisionError: division by zero")
+    shown = subprocess.run(
+        argv, capture_output=True, text=True, timeout=120, env={**os.environ, "CKPTPROTO_TRACEBACK": "1"}
+    )
+    assert shown.returncode == 1 and "Traceback" in shown.stderr and "ZeroDivisionError" in shown.stderr
 
 
 def test_to_torch_with_rng_state_loads_with_torch_defaults(tmp_path: Path) -> None:

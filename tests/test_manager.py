@@ -4,7 +4,6 @@ from a `with` block and a batch iterator (examples/plain_loop.py uses it)."""
 from __future__ import annotations
 
 import logging
-import runpy
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -118,12 +117,7 @@ def test_plain_loop_example_is_preempted_at_step_7_and_resumes_there(tmp_path: P
     assert second.stdout.strip() == "stopped at step 16"
     resumed = [line for line in second.stderr.splitlines() if "resumed from" in line]
     assert resumed == [f"ckptproto: resumed from {tmp_path / 'ck' / 'checkpoint_step_7'} (step 7, epoch 0)"]
-    # the same weights as a run that was never interrupted
-    example = runpy.run_path(str(EXAMPLE))
-    assert example["train"](tmp_path / "whole") == example["TOTAL_STEPS"]
-    split = ckptproto.load(tmp_path / "ck" / "checkpoint_step_16")["models"]["model"]
-    whole = ckptproto.load(tmp_path / "whole" / "checkpoint_step_16")["models"]["model"]
-    assert all(torch.equal(split[k], whole[k]) for k in whole)
+    # bit-exactness against an uninterrupted run: test_interrupted_run_resumes_bit_exactly...
 
 
 class Recorder(Callback[Any]):

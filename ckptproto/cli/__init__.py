@@ -30,7 +30,13 @@ COMMAND_MODULES = (
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ckptproto", description="Inspect, verify and manage checkpoints.")
+    parser = argparse.ArgumentParser(
+        prog="ckptproto",
+        description="Inspect, verify and manage checkpoints.",
+        epilog="Exit status: 0 success; 1 a check failed (a damaged or invalid checkpoint, a failed "
+        "conformance check); 2 a mistake in the command (said in one line); 3 an unexpected "
+        "error, a bug (CKPTPROTO_TRACEBACK=1 shows its traceback); 130 interrupted.",
+    )
     parser.add_argument("--version", action="version", version=f"ckptproto {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMAND_MODULES:

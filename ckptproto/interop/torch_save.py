@@ -67,6 +67,12 @@ def read(path: Path, *, allow_pickle: bool = False) -> dict[str, Any]:
         ) from None
     except (RuntimeError, EOFError, OSError, ValueError) as exc:
         raise CheckpointFormatError(f"{path}: not a readable torch.save file: {exc}") from None
+    except (ImportError, AttributeError) as exc:  # full unpickling imports the classes it names
+        raise CheckpointFormatError(
+            f"{path}: unpickling needs code that is not importable here ({type(exc).__name__}: {exc}); "
+            "run from where the training code that saved it is importable (its directory, or "
+            "PYTHONPATH=...)"
+        ) from None
     if not isinstance(state, dict):
         raise CheckpointFormatError(
             f"{path}: holds a {type(state).__qualname__}, not a dict; save a state dict (e.g. "
