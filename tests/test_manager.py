@@ -251,3 +251,13 @@ def test_optimizer_without_step_hooks_counts_every_batch(tmp_path: Path) -> None
             opt.step()
     assert ckpt.global_step == 5 and ckpt.last_saved == tmp_path / "checkpoint_step_4"
     assert ckptproto.load(tmp_path / "checkpoint_step_4")["optimizers"]["opt"] == {"steps": 4}
+
+
+def test_a_checkpoint_that_does_not_fit_fails_the_with_block_loudly(tmp_path: Path) -> None:
+    s = Setup(tmp_path, save_every_n_steps=2)
+    s.train(epochs=1)
+    wider = CheckpointManager(tmp_path, models={"model": torch.nn.Linear(4, 3)})
+    with pytest.raises(ckptproto.StateMismatchError), wider:
+        pytest.fail("the body must not run")
+    with pytest.raises(RuntimeError, match="one `with` block"), wider:
+        pass

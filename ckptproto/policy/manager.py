@@ -184,7 +184,12 @@ class CheckpointManager:
             raise RuntimeError(
                 "a CheckpointManager is used by one `with` block; make a new one to train again"
             )
-        self.callbacks.pre_fit()  # resumes
+        try:
+            self.callbacks.pre_fit()  # resumes
+        except BaseException:
+            self._closed = True  # e.g. the checkpoint does not fit the model: nothing to finish
+            self._close_saver()
+            raise
         self._active = True
         self._hook_optimizers()
         if self.resumed_from is not None:
@@ -210,8 +215,11 @@ class CheckpointManager:
             else:
                 self.callbacks.on_exception(exc)  # finishes pending saves; the exception propagates
         finally:
-            if isinstance(self.callback, AsyncCheckpointCallback):
-                self.callback.close()  # stops the saver's threads
+            self._close_saver()
+
+    def _close_saver(self) -> None:
+        if isinstance(self.callback, AsyncCheckpointCallback):
+            self.callback.close()  # stops the saver's threads
 
     def _hook_optimizers(self) -> None:
         for opt in self.state.optimizers.values():
