@@ -114,6 +114,17 @@ def test_verify_reports_each_path_good_damaged_or_not_a_checkpoint(root: Path, t
     assert cli("verify", good, damaged).returncode == 1
 
 
+def test_verify_on_a_fifo_or_a_leftover_does_not_read_it(tmp_path: Path) -> None:
+    os.mkfifo(tmp_path / "pipe")  # opening it for reading would block
+    result = cli("verify", tmp_path / "pipe")
+    assert result.returncode == 2 and "is not a regular file" in one_line(result)
+    (tmp_path / ".checkpoint_step_5.ckptproto-tmp-abc").mkdir()
+    result = cli("inspect", tmp_path / ".checkpoint_step_5.ckptproto-tmp-abc")
+    assert result.returncode == 2 and "temporary directory of an unfinished or interrupted save" in one_line(
+        result
+    )
+
+
 def test_inspect_on_a_root_or_a_torch_save_file(root: Path, tmp_path: Path) -> None:
     result = cli("inspect", root)
     assert result.returncode == 2

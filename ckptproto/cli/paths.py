@@ -60,6 +60,8 @@ def _file_problem(path: Path, command: str) -> str:
     parent = path.parent
     if _is_checkpoint(parent):
         return f"{path} is a file inside the checkpoint {parent}; did you mean {_cmd(command, parent)}?"
+    if not path.is_file():  # a FIFO or a device: never read (it could block)
+        return f"{path} is not a regular file, not a checkpoint (a directory holding {layout.MANIFEST_NAME})"
     with open(path, "rb") as f:
         head = f.read(9)
     if path.suffix == ".safetensors" or (len(head) == 9 and head[8:9] == b"{"):
