@@ -32,6 +32,7 @@ from ckptproto.policy.async_checkpoint import AsyncCheckpointCallback
 from ckptproto.policy.callbacks import Callback, CallbackCollection, TrainerLike
 from ckptproto.policy.checkpoint import CheckpointCallback, ResumeWarning
 from ckptproto.policy.discovery import CheckpointRecord, find_checkpoints
+from ckptproto.policy.manager import CheckpointManager
 from ckptproto.policy.params import CheckpointParameters
 from ckptproto.policy.rng import RNGState
 from ckptproto.policy.trainer import TrainState
@@ -51,6 +52,7 @@ __all__ = [
     "CheckpointExistsError",
     "CheckpointFormatError",
     "CheckpointInfo",
+    "CheckpointManager",
     "CheckpointNotFoundError",
     "CheckpointParameters",
     "CheckpointRecord",

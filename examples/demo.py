@@ -2,17 +2,20 @@
 resume from the last good checkpoint, finish — and get exactly the weights of a run that was
 never interrupted.
 
-    python examples/demo.py            # the whole story (about 10-20 s on 2 cores)
+    python examples/demo.py [DIR]      # the whole story (about 10-20 s on 2 cores)
     python examples/demo.py train ROOT OUT [--slow] [--compare REF]   # one training process
+
+The story's checkpoints stay in DIR (default ./demo-checkpoints, replaced by each run), so
+the command line can be tried on them next: ``ckptproto ls demo-checkpoints/run``.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -141,46 +144,70 @@ def _ls(root: Path) -> None:
     cli(["ls", str(root)])
 
 
-def main() -> int:
+def _shown(path: Path) -> str:
+    relative = os.path.relpath(path)
+    return str(path) if relative.startswith("..") else relative
+
+
+def _try_next(root: Path) -> None:
+    import ckptproto
+
+    newest = ckptproto.find_checkpoints(root)[0].path
+    venv_cli = Path(sys.executable).parent / "ckptproto"  # the venv's script: not on PATH
+    cli = _shown(venv_cli) if venv_cli.exists() else "ckptproto"
+    print(f"5. The checkpoints stay in {_shown(root)}; try the command line on them:")
+    for command in ("ls", "inspect", "verify"):
+        print(f"  {cli} {command} {_shown(root if command == 'ls' else newest)}")
+
+
+DEMO_NAMES = {"run", "reference", "final.ckpt", "reference.ckpt"}
+
+
+def main(workdir: str = "demo-checkpoints") -> int:
     started = time.monotonic()
-    with tempfile.TemporaryDirectory() as tmp_name:
-        tmp = Path(tmp_name)
-        root, out, ref_out = tmp / "run", tmp / "final.ckpt", tmp / "reference.ckpt"
-        # The same training, never interrupted, runs alongside for the comparison at the end.
-        reference = _child(tmp / "reference", ref_out)
+    tmp = Path(workdir).absolute()
+    if tmp.exists():
+        if not {p.name for p in tmp.iterdir()} <= DEMO_NAMES:
+            print(f"{tmp} holds files that are not a previous demo's; pass another directory")
+            return 2
+        shutil.rmtree(tmp)  # the previous demo's
+    tmp.mkdir(parents=True)
+    root, out, ref_out = tmp / "run", tmp / "final.ckpt", tmp / "reference.ckpt"
+    # The same training, never interrupted, runs alongside for the comparison at the end.
+    reference = _child(tmp / "reference", ref_out)
 
-        print(f"1. Train {EPOCHS} epochs with AsyncCheckpointCallback: save every 10 steps, keep the 2 best")
-        print("   by val_loss plus the last; resume_mode='latest'")
-        child = _child(root, out, "--slow")
-        assert child.stdout is not None
-        for raw in child.stdout:
-            line = raw.rstrip()
-            _echo(line)
-            if line.startswith(f"step {KILL_AT_STEP} "):
-                os.kill(child.pid, signal.SIGKILL)
-                break
-        child.wait()
-        print(f"2. SIGKILL at step {KILL_AT_STEP} (exit status {child.returncode}): no clean shutdown")
-        leftovers = sorted(p.name for p in root.iterdir() if p.name.startswith("."))
-        for name in leftovers:
-            print(f"   leftover of the save in flight (hidden, never read as a checkpoint): {name}")
-        _ls(root)
+    print(f"1. Train {EPOCHS} epochs with AsyncCheckpointCallback: save every 10 steps, keep the 2 best")
+    print("   by val_loss plus the last; resume_mode='latest'")
+    child = _child(root, out, "--slow")
+    assert child.stdout is not None
+    for raw in child.stdout:
+        line = raw.rstrip()
+        _echo(line)
+        if line.startswith(f"step {KILL_AT_STEP} "):
+            os.kill(child.pid, signal.SIGKILL)
+            break
+    child.wait()
+    print(f"2. SIGKILL at step {KILL_AT_STEP} (exit status {child.returncode}): no clean shutdown")
+    leftovers = sorted(p.name for p in root.iterdir() if p.name.startswith("."))
+    for name in leftovers:
+        print(f"   leftover of the save in flight (hidden, never read as a checkpoint): {name}")
+    _ls(root)
 
-        if reference.wait() != 0:
-            print("the reference run failed")
-            return 1
-        print("3. Run the same command again: it resumes from the last good checkpoint and finishes")
-        child = _child(root, out, "--compare", str(ref_out))
-        assert child.stdout is not None
-        for raw in child.stdout:
-            _echo(raw.rstrip())
-        status = child.wait()
-        _ls(root)
-        verdict = (
-            "OK: killed, resumed, and bitwise equal to the uninterrupted run" if status == 0 else "FAILED"
-        )
-        print(f"4. {verdict} ({time.monotonic() - started:.1f} s)")
-        return 0 if status == 0 else 1
+    if reference.wait() != 0:
+        print("the reference run failed")
+        return 1
+    print("3. Run the same command again: it resumes from the last good checkpoint and finishes")
+    child = _child(root, out, "--compare", str(ref_out))
+    assert child.stdout is not None
+    for raw in child.stdout:
+        _echo(raw.rstrip())
+    status = child.wait()
+    _ls(root)
+    verdict = "OK: killed, resumed, and bitwise equal to the uninterrupted run" if status == 0 else "FAILED"
+    print(f"4. {verdict} ({time.monotonic() - started:.1f} s)")
+    if status == 0:
+        _try_next(root)
+    return 0 if status == 0 else 1
 
 
 if __name__ == "__main__":
@@ -194,4 +221,4 @@ if __name__ == "__main__":
         )
         sys.exit(0 if ok else 1)
     else:
-        sys.exit(main())
+        sys.exit(main(*sys.argv[1:2]))

@@ -1,65 +1,59 @@
-"""A plain PyTorch loop with ckptproto's checkpoint callback: no trainer framework.
+"""A plain PyTorch loop checkpointed by ``ckptproto.CheckpointManager``: no trainer framework.
 
-Run it twice: the second run resumes where the first stopped::
+It saves every 5 steps and at each epoch end (the newest kept), resumes from the latest
+checkpoint, and on SIGTERM saves and stops. Run it twice: the first run preempts itself (it
+sends itself SIGTERM during step 7), so it saves checkpoint_step_7 and stops; the second
+logs "resumed from .../checkpoint_step_7 (step 7, epoch 0)" and finishes at step 16::
 
-    python examples/plain_loop.py /tmp/plain-ckpt 7     # stops after 7 steps
-    python examples/plain_loop.py /tmp/plain-ckpt       # resumes at step 7, finishes
+    python examples/plain_loop.py /tmp/plain-ckpt 7     # preempted during step 7: saves, stops
+    python examples/plain_loop.py /tmp/plain-ckpt       # resumes at step 7, finishes at 16
+    ckptproto ls /tmp/plain-ckpt
 """
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
 from pathlib import Path
 
 import torch
 from torchdata.stateful_dataloader import StatefulDataLoader
 
-from ckptproto import CallbackCollection, CheckpointCallback, CheckpointParameters, TrainState
+import ckptproto
 
 EPOCHS = 2
 TOTAL_STEPS = 16  # 32 samples / batch 4 * 2 epochs
 
 
 def train(root: str | Path, steps_limit: int | None = None) -> int:
+    """Train to the end, or until a SIGTERM sent during step ``steps_limit``; returns the
+    last step done."""
     torch.manual_seed(0)
     model = torch.nn.Linear(8, 1)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
     data = torch.randn(32, 9, generator=torch.Generator().manual_seed(1))
     loader = StatefulDataLoader(data, batch_size=4)
 
-    # 1. The state to checkpoint, and the callbacks.
-    state = TrainState(
-        models={"model": model}, optimizers={"optimizer": optimizer}, dataloaders={"train": loader}
+    # The checkpointing glue: a manager, a `with`, its batches, and (optionally) the metrics.
+    ckpt = ckptproto.CheckpointManager(
+        root,
+        models={"model": model},
+        optimizers={"optimizer": optimizer},
+        dataloaders={"train": loader},
+        save_every_n_steps=5,
+        save_every_n_epochs=1,
     )
-    callbacks = CallbackCollection(
-        [CheckpointCallback(CheckpointParameters(root_dir=root, save_every_n_steps=5, save_every_n_epochs=1))]
-    )
-    state.callbacks = callbacks  # callback state (kept checkpoints) is saved with the rest
-    callbacks.bind(state)
-
-    # 2. The loop, calling the hooks.
-    callbacks.pre_fit()  # resumes from the latest checkpoint, if any
-    try:
-        while state.current_epoch < EPOCHS:
-            callbacks.pre_train_epoch()
-            for batch_idx, batch in enumerate(loader):
-                loss = torch.nn.functional.mse_loss(model(batch[:, :8]), batch[:, 8:])
-                optimizer.zero_grad()
-                loss.backward()
-                callbacks.pre_optimizer_step()
-                optimizer.step()
-                state.global_step += 1
-                callbacks.post_train_step({"loss": loss.item()}, batch_idx)
-                if callbacks.should_stop or state.global_step == steps_limit:
-                    callbacks.post_fit()
-                    return state.global_step
-            state.current_epoch += 1
-            callbacks.post_train_epoch()
-    except BaseException as exc:
-        callbacks.on_exception(exc)
-        raise
-    callbacks.post_fit()
-    return state.global_step
+    with ckpt:  # resumes from the latest checkpoint, if any; finishes pending saves at the end
+        for batch in ckpt.batches(loader, epochs=EPOCHS):  # stops after a preemption save
+            loss = torch.nn.functional.mse_loss(model(batch[:, :8]), batch[:, 8:])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()  # an async save's staging completes before the weights change
+            ckpt.log(loss=loss.item())
+            if ckpt.global_step == steps_limit:  # simulate a preemption: the job gets SIGTERM
+                os.kill(os.getpid(), signal.SIGTERM)
+    return ckpt.global_step
 
 
 if __name__ == "__main__":

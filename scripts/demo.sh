@@ -1,9 +1,8 @@
 #!/usr/bin/env bash
-# Set up a venv (if needed) and run the demo.
+# Set up a venv (if needed) and run the demo; its checkpoints stay in ./demo-checkpoints.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if [ ! -x .venv/bin/python ]; then
-  python3 -m venv .venv
-fi
-.venv/bin/python -m pip install -q --disable-pip-version-check torch==2.13.0 -e ".[demo]"
+. scripts/_venv.sh
+ensure_venv demo
+echo "==> running examples/demo.py"
 .venv/bin/python examples/demo.py "$@"

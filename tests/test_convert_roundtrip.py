@@ -20,7 +20,8 @@ TARGETS = [("torch", "out.pt"), ("safetensors", "out.safetensors"), ("dcp", "out
 def test_ckptproto_to_format_and_back_is_exact(tmp_path: Path, fmt: str, name: str) -> None:
     state = rich_state()
     ckptproto.save(state, tmp_path / "src")
-    result = convert(tmp_path / "src", tmp_path / name, to=fmt)  # type: ignore[arg-type]
+    # keep_numpy: --to torch otherwise writes numpy arrays as tensors (see the test below)
+    result = convert(tmp_path / "src", tmp_path / name, to=fmt, keep_numpy=True)  # type: ignore[arg-type]
     assert result.source_format == "ckptproto" and result.target_format == fmt
     assert detect_format(tmp_path / name) == fmt
     back = convert(tmp_path / name, tmp_path / "back", to="ckptproto")
@@ -62,7 +63,7 @@ def test_plain_torch_save_file_round_trips(tmp_path: Path) -> None:
     torch.save(state, tmp_path / "user.pt")
     convert(tmp_path / "user.pt", tmp_path / "c", to="ckptproto")
     assert_same(state, ckptproto.load(tmp_path / "c"))
-    convert(tmp_path / "c", tmp_path / "again.pt", to="torch")
+    convert(tmp_path / "c", tmp_path / "again.pt", to="torch", keep_numpy=True)
     assert_same(state, torch.load(tmp_path / "again.pt", weights_only=False))
 
 

@@ -22,6 +22,13 @@ unpickling can run arbitrary code.
 DCP directories: DCP's .metadata file is a pickle that DCP unpickles to read any checkpoint,
 so reading a DCP directory is only as safe as DCP itself; convert only directories you trust.
 
+--unsafe-allow-pickle also stores what such files commonly hold in plain form (an
+argparse.Namespace as a dict, torch.Size as a tuple, enums as their values, ...); each
+change is listed on stderr.
+
+--to torch writes numpy arrays as tensors, so torch.load reads the file with its defaults
+(weights_only=True); --keep-numpy keeps them numpy arrays (an exact round trip).
+
 --to safetensors writes one flat file (tensor names are dotted state paths); the non-tensor
 state is kept, exactly, as JSON in the file's __metadata__.
 """
@@ -46,6 +53,11 @@ def register(sub: Any) -> None:
         action="store_true",
         help="UNSAFE: fully unpickle torch.save files / DCP values (runs code from the file); trusted files only",
     )
+    parser.add_argument(
+        "--keep-numpy",
+        action="store_true",
+        help="--to torch: keep numpy arrays as arrays (torch.load then needs them allowlisted)",
+    )
     bar = parser.add_mutually_exclusive_group()
     bar.add_argument(
         "--progress", dest="progress", action="store_true", default=None, help="always show progress"
@@ -54,20 +66,49 @@ def register(sub: Any) -> None:
     parser.set_defaults(run=run)
 
 
+def _subscript(path: str) -> str:
+    """``extra.obj.0`` -> ``["extra"]["obj"][0]`` (digits are list indices or int keys)."""
+    return "".join(f"[{p}]" if p.isdigit() else f"[{p!r}]" for p in path.split(".") if p)
+
+
 def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from ckptproto.cli.paths import missing_problem
+    from ckptproto.errors import CheckpointNotFoundError, UnsupportedValueError
     from ckptproto.interop.convert import convert
 
+    if not Path(args.src).exists():
+        raise CheckpointNotFoundError(missing_problem(Path(args.src)))
     if args.unsafe_allow_pickle:
         print("ckptproto convert: --unsafe-allow-pickle: the source will be fully unpickled", file=sys.stderr)
-    result = convert(
-        args.src,
-        args.dst,
-        to=args.to,
-        source_format=args.source_format,
-        allow_pickle=args.unsafe_allow_pickle,
-        overwrite=args.overwrite,
-        progress=args.progress,
-    )
+    try:
+        result = convert(
+            args.src,
+            args.dst,
+            to=args.to,
+            source_format=args.source_format,
+            allow_pickle=args.unsafe_allow_pickle,
+            overwrite=args.overwrite,
+            progress=args.progress,
+            keep_numpy=args.keep_numpy,
+        )
+    except UnsupportedValueError as exc:
+        if not args.unsafe_allow_pickle:
+            raise
+        # An object with no plain equivalent: only the user knows what it stands for.
+        print(
+            f"ckptproto convert: {exc}. Convert it in Python: state = torch.load({args.src!r}, "
+            f"weights_only=False); replace or delete state{_subscript(exc.path)}; "
+            f"ckptproto.save(state, {args.dst!r})",
+            file=sys.stderr,
+        )
+        return 2
+    shown = 10
+    for note in result.notes[:shown]:
+        print(f"ckptproto convert: note: {note}", file=sys.stderr)
+    if len(result.notes) > shown:
+        print(f"ckptproto convert: note: ... and {len(result.notes) - shown} more", file=sys.stderr)
     print(
         f"{result.source_format} -> {result.target_format}: {result.destination} "
         f"({result.tensors} tensors, {result.nbytes} bytes)"

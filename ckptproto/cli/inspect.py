@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from ckptproto.cli.ls import human_size
+from ckptproto.cli.paths import require_checkpoint
 from ckptproto.format import layout
 from ckptproto.format.manifest import Manifest
 from ckptproto.io.reader import read_manifest
@@ -70,6 +71,7 @@ def _print_tree(node: Any, indent: int, depth: int | None) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    require_checkpoint(args.path, "inspect")
     root = Path(args.path)
     manifest = read_manifest(root)
     where = str(root / layout.MANIFEST_NAME)

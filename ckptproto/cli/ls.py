@@ -6,6 +6,8 @@ import argparse
 import math
 from typing import Any
 
+from ckptproto.cli.paths import root_problem
+from ckptproto.errors import CheckpointNotFoundError
 from ckptproto.policy.discovery import CheckpointRecord, order, scan
 
 
@@ -38,7 +40,11 @@ def _metric_text(record: CheckpointRecord) -> str:
 
 def run(args: argparse.Namespace) -> int:
     """Newest first; ``best`` marks the best by the monitored metric, ``last`` the newest.
-    Exit status 1 when a directory with a manifest could not be read."""
+    Exit status 1 when a directory with a manifest could not be read; 2 (one line on stderr)
+    when ROOT is missing, a file, or a checkpoint itself."""
+    problem = root_problem(args.root)
+    if problem is not None:
+        raise CheckpointNotFoundError(problem)
     records, problems = scan(args.root, args.monitor)
     latest = order(records, "latest")
     best = [r for r in order(records, "best", args.mode) if r.metric is not None and math.isfinite(r.metric)]

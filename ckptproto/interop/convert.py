@@ -19,13 +19,14 @@ from __future__ import annotations
 import os
 import struct
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TextIO, get_args
 
 from ckptproto.errors import CheckpointFormatError, CheckpointNotFoundError
 from ckptproto.format import layout
 from ckptproto.interop import dcp, flat_safetensors, torch_save
+from ckptproto.interop.plain import plain_values
 from ckptproto.interop.progress import Progress
 from ckptproto.io import sync
 from ckptproto.tree import encode_state
@@ -37,13 +38,15 @@ PathLike = str | os.PathLike[str]
 
 @dataclass(frozen=True)
 class ConversionResult:
-    """What ``convert`` did: formats, destination, and the distinct tensors it wrote."""
+    """What ``convert`` did: formats, destination, and the distinct tensors it wrote.
+    ``notes``: each value stored in another form than it was read, by state path."""
 
     source_format: str
     target_format: str
     destination: Path
     tensors: int
     nbytes: int
+    notes: tuple[str, ...] = field(default=())
 
 
 def detect_format(path: PathLike) -> Format:
@@ -105,6 +108,7 @@ def convert(
     overwrite: bool = False,
     progress: bool | None = None,
     progress_stream: TextIO | None = None,
+    keep_numpy: bool = False,
 ) -> ConversionResult:
     """Convert the checkpoint at ``src`` into format ``to`` at ``dst``.
 
@@ -112,6 +116,12 @@ def convert(
     files you trust, since unpickling can run arbitrary code. ``progress``: draw a progress
     line on stderr (default: only when stderr is a terminal). The destination appears
     atomically; an existing one is replaced only with ``overwrite=True``.
+
+    With ``allow_pickle``, unpickled objects the format has no type for but a plain
+    equivalent (``argparse.Namespace`` -> dict, ``torch.Size`` -> tuple, ...; see
+    ``interop.plain.plain_values``) are stored as that, each listed in the result's ``notes``.
+    ``to="torch"`` writes numpy arrays as tensors, so ``torch.load`` reads the file with its
+    defaults (``weights_only=True``); ``keep_numpy=True`` keeps them numpy arrays.
     """
     if to not in FORMATS:
         raise ValueError(f"to must be one of {', '.join(FORMATS)}, got {to!r}")
@@ -122,6 +132,9 @@ def convert(
     if src_path.absolute() == dst_path:
         raise CheckpointFormatError(f"{dst_path}: source and destination are the same path")
     state = _read(src_path, fmt, allow_pickle)
+    notes: list[str] = []
+    if allow_pickle:
+        state, notes = plain_values(state)
     encoded = encode_state(state)  # checks every value before anything is written
     nbytes, count = encoded.nbytes, len(encoded.tensors)
     del encoded
@@ -134,6 +147,7 @@ def convert(
             return []
 
     bar = Progress(nbytes, f"{fmt} -> {to}", watch=in_flight, stream=progress_stream, enabled=progress)
+    options: dict[str, Any] = {"numpy_as_tensors": not keep_numpy, "notes": notes} if to == "torch" else {}
     with bar:
-        _WRITERS[to](state, dst_path, overwrite=overwrite)
-    return ConversionResult(fmt, to, dst_path, count, nbytes)
+        _WRITERS[to](state, dst_path, overwrite=overwrite, **options)
+    return ConversionResult(fmt, to, dst_path, count, nbytes, tuple(notes))

@@ -1,6 +1,6 @@
 """Callbacks: the hooks a training loop calls, and the trainer protocol they see.
 
-A plain PyTorch loop drives them in a few lines (examples/plain_loop.py)::
+A loop drives them like this (``CheckpointManager`` does it for a plain loop; examples/demo.py by hand)::
 
     callbacks = CallbackCollection([CheckpointCallback(params)])
     callbacks.bind(state)                 # state: a TrainerLike (e.g. ckptproto.TrainState)
