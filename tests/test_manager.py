@@ -47,16 +47,25 @@ class Setup:
         return torch.nn.functional.mse_loss(self.model(batch[:, :4]), batch[:, 4:])
 
     def train(self, epochs: int, stop_at: int | None = None) -> int:
-        with self.ckpt:
-            for batch in self.ckpt.batches(self.loader, epochs=epochs):
-                loss = self.loss(batch)
-                self.opt.zero_grad()
-                loss.backward()
-                self.opt.step()
-                self.ckpt.log(loss=loss.item())
-                if self.ckpt.global_step == stop_at:
-                    break
+        """Train; ``stop_at`` interrupts the run there with an exception (a crash, not the end of
+        fit: ending fit would save the final state, as ``save_last`` asks)."""
+        try:
+            with self.ckpt:
+                for batch in self.ckpt.batches(self.loader, epochs=epochs):
+                    loss = self.loss(batch)
+                    self.opt.zero_grad()
+                    loss.backward()
+                    self.opt.step()
+                    self.ckpt.log(loss=loss.item())
+                    if self.ckpt.global_step == stop_at:
+                        raise Interrupted
+        except Interrupted:
+            pass
         return self.ckpt.global_step
+
+
+class Interrupted(Exception):
+    """Stands for a crash in the middle of a run."""
 
 
 def same_state(a: Setup, b: Setup) -> None:
@@ -249,8 +258,10 @@ def test_optimizer_without_step_hooks_counts_every_batch(tmp_path: Path) -> None
     with ckpt:
         for _ in ckpt.batches(batches(), epochs=1):
             opt.step()
-    assert ckpt.global_step == 5 and ckpt.last_saved == tmp_path / "checkpoint_step_4"
-    assert ckptproto.load(tmp_path / "checkpoint_step_4")["optimizers"]["opt"] == {"steps": 4}
+    # Steps 2 and 4 by the interval, step 5 because fit ended (save_last).
+    assert ckpt.global_step == 5 and ckpt.last_saved == tmp_path / "checkpoint_step_5"
+    assert ckptproto.load(tmp_path / "checkpoint_step_5")["optimizers"]["opt"] == {"steps": 5}
+    assert ckptproto.read_info(tmp_path / "checkpoint_step_5").step == 5
 
 
 def test_a_checkpoint_that_does_not_fit_fails_the_with_block_loudly(tmp_path: Path) -> None:
