@@ -48,10 +48,17 @@ def fit(tmp: Path, name: str, world_size: int = 1, *, root: str | None = None, *
     return {r: torch.load(tmp / f"{name}-out" / f"rank{r}.pt", weights_only=False) for r in range(world_size)}
 
 
-def fit_interrupted(tmp: Path, name: str, kill_at: int, world_size: int = 1, **spec: Any) -> dict[int, Any]:
-    """Run until SIGKILL at ``kill_at``, then run the same spec again: it resumes."""
+def fit_interrupted(
+    tmp: Path, name: str, kill_at: int, world_size: int = 1, *, resumes_at: int, **spec: Any
+) -> dict[int, Any]:
+    """Run until SIGKILL at ``kill_at``, then run the same spec again: it must resume from the
+    checkpoint of step ``resumes_at`` (a fresh start would end equal too: say which it did)."""
     fit(tmp, name + "-killed", world_size, root=name, kill_at=kill_at, **spec)
-    return fit(tmp, name, world_size, **spec)
+    final = fit(tmp, name, world_size, **spec)
+    for rank in range(world_size):
+        log = (tmp / f"{name}-out.rank{rank}.log").read_text()
+        assert f"Resumed exp from step {resumes_at}" in log, log[-3000:]
+    return final
 
 
 def assert_bitwise_equal(a: Any, b: Any, path: str = "") -> None:
@@ -137,7 +144,9 @@ def test_one_rank_interrupted_run_equals_uninterrupted(
     """Train-epoch cadence saves at the start of an epoch (current_epoch already advanced):
     killed at step 8, resumed from step 6, the run ends as if never interrupted."""
     _dcp_root, theirs = baseline(tmp_path_factory, async_mode=async_mode, **TRAIN_EPOCHS)
-    mine = fit_interrupted(tmp_path, "ours", 8, storage="ckptproto", async_mode=async_mode, **TRAIN_EPOCHS)
+    mine = fit_interrupted(
+        tmp_path, "ours", 8, resumes_at=6, storage="ckptproto", async_mode=async_mode, **TRAIN_EPOCHS
+    )
     assert_bitwise_equal(theirs, mine)
     assert mine[0]["trainer"]["global_step"] == 12
 
@@ -147,8 +156,8 @@ def test_validation_cadence_replays_the_epoch_like_dream_trainer(tmp_path: Path)
     that epoch; the integration keeps that: interrupted runs of both end bitwise equal, with
     one epoch (3 steps) more than the uninterrupted run."""
     spec = {"every_val_epochs": 1}
-    theirs = fit_interrupted(tmp_path, "dcp", 8, storage="dcp", **spec)
-    mine = fit_interrupted(tmp_path, "ours", 8, storage="ckptproto", **spec)
+    theirs = fit_interrupted(tmp_path, "dcp", 8, resumes_at=6, storage="dcp", **spec)
+    mine = fit_interrupted(tmp_path, "ours", 8, resumes_at=6, storage="ckptproto", **spec)
     assert_bitwise_equal(theirs, mine)
     assert mine[0]["trainer"]["global_step"] == 12 + 3
     assert_same_checkpoints(tmp_path / "dcp", tmp_path / "ours")
@@ -161,7 +170,9 @@ def test_two_ranks_equal_dream_trainers_own(tmp_path: Path, tmp_path_factory: An
     assert_bitwise_equal(theirs, mine)
     assert not torch.equal(mine[0]["rngs"]["noise_rng"], mine[1]["rngs"]["noise_rng"])  # ranks differ
     assert_same_checkpoints(dcp_root, tmp_path / "ours")
-    resumed = fit_interrupted(tmp_path, "ours-killed", 8, 2, storage="ckptproto", async_mode=async_mode, **TRAIN_EPOCHS)
+    resumed = fit_interrupted(
+        tmp_path, "resumed", 8, 2, resumes_at=6, storage="ckptproto", async_mode=async_mode, **TRAIN_EPOCHS
+    )
     assert_bitwise_equal(theirs, resumed)
 
 
@@ -175,6 +186,7 @@ def test_switching_mid_project_resumes_from_dream_trainers_dcp_checkpoint(
     mine = fit(tmp_path, "mixed", storage="ckptproto", **TRAIN_EPOCHS)
     assert_bitwise_equal(theirs, mine)
     log = (tmp_path / "mixed-out.rank0.log").read_text()
+    assert "Resumed exp from step 6" in log
     assert "a DCP checkpoint written by Dream Trainer's own callback" in log
     assert "LegacyCheckpointWarning" in log
     kept = tmp_path / "mixed" / CKPT
@@ -195,7 +207,7 @@ def test_cli_and_seed_examples_work_on_the_checkpoints(tmp_path: Path) -> None:
         assert name in listing
         subprocess.run([*cli, "verify", str(root / name)], capture_output=True, text=True, check=True)
         shown = subprocess.run([*cli, "inspect", str(root / name)], capture_output=True, text=True, check=True)
-        assert "models.model" in shown.stdout
+        assert "global_step" in shown.stdout and "noise_rng: torch uint8" in shown.stdout
     # The seed document's "Finding Checkpoints" and "Checkpoint Inspection", with ckptproto.
     checkpoints = ckptproto.find_checkpoints(checkpoint_dir=root, mode="best")
     metrics = [c.metric for c in checkpoints]
