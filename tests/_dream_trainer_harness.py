@@ -165,7 +165,8 @@ def build_trainer(spec: dict[str, Any]) -> Any:
             pass
 
         def configure_rngs(self) -> None:
-            self.noise_rng = torch.Generator().manual_seed(100 + rank)
+            # per-rank streams unless the spec asks for one stream replicated on every rank
+            self.noise_rng = torch.Generator().manual_seed(100 + (rank if spec.get("rank_rngs", True) else 0))
 
         def configure_optimizers(self) -> dict[Any, Any]:
             self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=0.05, weight_decay=0.01)
