@@ -53,10 +53,9 @@ def cpu_device_workarounds() -> None:
     builds the backend string f"{device}:{backend},cpu:{cpu_backend}", which on CPU is
     "cpu:gloo,cpu:gloo" and torch refuses as a duplicate; on a CPU-only machine we point
     it at torch.cpu and give init_process_group plain "gloo"."""
-    import torch
-
     import dream_trainer.trainer.world.distributed_world as world_mod
     import dream_trainer.utils.common as common
+    import torch
 
     def cpu_device_info() -> tuple[str, Any]:
         return "cpu", torch.cpu
@@ -88,9 +87,6 @@ def cpu_device_workarounds() -> None:
 def build_trainer(spec: dict[str, Any]) -> Any:
     import torch
     import torch.nn as nn
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict
-
-    import ckptproto.integrations.dream_trainer as ours
     from dream_trainer import DreamTrainer, DreamTrainerConfig
     from dream_trainer.callbacks import (
         AsyncCheckpointCallback,
@@ -104,6 +100,9 @@ def build_trainer(spec: dict[str, Any]) -> Any:
         TrainingParameters,
         WandbLoggingParameters,
     )
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    import ckptproto.integrations.dream_trainer as ours
 
     rank = int(os.environ.get("RANK", "0"))
 

@@ -128,13 +128,19 @@ MODES = ["disabled", "async", "async_with_pinned_mem"]
 
 
 @pytest.mark.parametrize("async_mode", MODES)
-def test_one_rank_run_equals_dream_trainers_own(tmp_path: Path, tmp_path_factory: Any, async_mode: str) -> None:
+def test_one_rank_run_equals_dream_trainers_own(
+    tmp_path: Path, tmp_path_factory: Any, async_mode: str
+) -> None:
     dcp_root, theirs = baseline(tmp_path_factory, async_mode=async_mode, **TRAIN_EPOCHS)
     mine = fit(tmp_path, "ours", storage="ckptproto", async_mode=async_mode, **TRAIN_EPOCHS)
     assert_bitwise_equal(theirs, mine)
     assert_same_checkpoints(dcp_root, tmp_path / "ours")
     # keep_top_k=3 with resume_mode "last": the 3 newest of steps 3, 6, 9, 12
-    assert [n.split("__")[0] for n in names(tmp_path / "ours")] == ["step=000006", "step=000009", "step=000012"]
+    assert [n.split("__")[0] for n in names(tmp_path / "ours")] == [
+        "step=000006",
+        "step=000009",
+        "step=000012",
+    ]
 
 
 @pytest.mark.parametrize("async_mode", MODES)
@@ -213,7 +219,9 @@ def test_cli_and_seed_examples_work_on_the_checkpoints(tmp_path: Path) -> None:
     for name in names(tmp_path / "ours"):
         assert name in listing
         subprocess.run([*cli, "verify", str(root / name)], capture_output=True, text=True, check=True)
-        shown = subprocess.run([*cli, "inspect", str(root / name)], capture_output=True, text=True, check=True)
+        shown = subprocess.run(
+            [*cli, "inspect", str(root / name)], capture_output=True, text=True, check=True
+        )
         assert "global_step" in shown.stdout and "noise_rng: torch uint8" in shown.stdout
     # The seed document's "Finding Checkpoints" and "Checkpoint Inspection", with ckptproto.
     checkpoints = ckptproto.find_checkpoints(checkpoint_dir=root, mode="best")
@@ -231,4 +239,3 @@ def test_integration_module_needs_no_workaround() -> None:
     source = (Path(ckptproto.__file__).parent / "integrations" / "dream_trainer.py").read_text()
     for shim in ("typing.override", "typing_extensions", "registry", "get_device_info", "cpu:gloo"):
         assert shim not in source
-

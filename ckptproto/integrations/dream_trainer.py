@@ -57,14 +57,13 @@ try:
     from dream_trainer.utils import logger  # Dream Trainer's loguru logger: same log lines
 except ImportError as exc:  # pragma: no cover - the Dream Trainer test environment has it
     raise ImportError(
-        "ckptproto.integrations.dream_trainer needs Dream Trainer: "
-        "pip install 'dream-trainer[metrics,wandb]'"
+        "ckptproto.integrations.dream_trainer needs Dream Trainer: pip install 'dream-trainer[metrics,wandb]'"
     ) from exc
 
 from ckptproto.errors import CheckpointError, StateMismatchError
 from ckptproto.format import layout
 from ckptproto.io import commit
-from ckptproto.io.async_save import AsyncSaver, SaveFuture
+from ckptproto.io.async_save import AsyncSaver, SaveFuture, StagingMode
 from ckptproto.io.reader import read_manifest
 from ckptproto.io.sync import load_into, read_info, save
 from ckptproto.tree import decode_tree, join_path
@@ -258,13 +257,12 @@ class CheckpointCallback(_DreamCheckpointCallback):
     def _checkpoint_path(self, checkpoint: Checkpoint) -> Path:
         if isinstance(checkpoint, FoundCheckpoint):
             return checkpoint.path
-        return Path(self.root_dir) / checkpoint.checkpoint_id
+        return Path(self.root_dir) / str(checkpoint.checkpoint_id)
 
     def _find_checkpoints(self, mode: Any | None = None) -> list[Checkpoint]:
         mode = self.config.resume_mode if mode is None else mode
-        if isinstance(mode, int):
-            mode = "last"
-        return list(find_checkpoints(Path(self.root_dir), mode))
+        order: Literal["min", "max", "last"] = mode if mode in ("min", "max") else "last"  # int: "last"
+        return list(find_checkpoints(Path(self.root_dir), order))
 
     def _discard(self, checkpoint: Checkpoint) -> None:
         """Retention: rename out of sight first (atomic), then delete."""
@@ -295,7 +293,9 @@ class AsyncCheckpointCallback(_DreamAsyncCheckpointCallback, CheckpointCallback)
     def post_setup(self) -> None:
         super().post_setup()
         # Collective under torch.distributed: every rank builds its saver here.
-        staging = "background" if self.config.async_mode == "async_with_pinned_mem" else "blocking"
+        staging: StagingMode = (
+            "background" if self.config.async_mode == "async_with_pinned_mem" else "blocking"
+        )
         self._saver = AsyncSaver(max_pending=1, staging=staging, process_group=self.pg)
 
     def _save(self, checkpoint: Checkpoint, state_dict: dict[str, Any]) -> None:
