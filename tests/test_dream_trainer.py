@@ -189,6 +189,19 @@ def test_two_ranks_equal_dream_trainers_own(tmp_path: Path, tmp_path_factory: An
     assert_bitwise_equal(theirs, resumed)
 
 
+def test_two_ranks_per_rank_generators_resume_exactly(tmp_path: Path, tmp_path_factory: Any) -> None:
+    """A ``named_rngs`` generator seeded per rank: DCP stores one rank's copy, so Dream
+    Trainer's own resumed run continues one stream on both ranks and ends elsewhere; the
+    integration stores each rank's (``rngs_by_rank``) and ends as if never interrupted."""
+    _dcp_root, straight = baseline(tmp_path_factory, 2, **TRAIN_EPOCHS)
+    assert not torch.equal(straight[0]["rngs"]["noise_rng"], straight[1]["rngs"]["noise_rng"])
+    mine = fit_interrupted(tmp_path, "ours", 8, 2, resumes_at=6, storage="ckptproto", **TRAIN_EPOCHS)
+    assert_bitwise_equal(straight, mine)
+    theirs = fit_interrupted(tmp_path, "dcp", 8, 2, resumes_at=6, storage="dcp", **TRAIN_EPOCHS)
+    assert theirs[0]["rngs"]["noise_rng"].equal(theirs[1]["rngs"]["noise_rng"])  # one stream left
+    assert not theirs[0]["models"]["model"]["0.weight"].equal(straight[0]["models"]["model"]["0.weight"])
+
+
 def test_switching_mid_project_resumes_from_dream_trainers_dcp_checkpoint(
     tmp_path: Path, tmp_path_factory: Any
 ) -> None:

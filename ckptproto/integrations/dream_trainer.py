@@ -80,6 +80,7 @@ SAVED_BY = "ckptproto.integrations.dream_trainer"
 # Dream Trainer's directory name: step=000016__metric=7_230648 (types.CHECKPOINT_REGEX).
 _NAME = re.compile(r"step=(\d+)__metric=(-?(?:\d+(?:_\d+)?|inf|nan))")
 _DCP_METADATA = ".metadata"
+RNGS_BY_RANK = "rngs_by_rank"  # top-level section: each rank's generators, when they differ
 
 
 class LegacyCheckpointWarning(UserWarning):
@@ -207,11 +208,27 @@ class CheckpointCallback(_DreamCheckpointCallback):
             "dream_trainer": {"checkpoint_id": checkpoint.checkpoint_id, "metric": checkpoint.metric},
         }
 
+    def _per_rank_rngs(self, state_dict: dict[str, Any]) -> dict[str, Any]:
+        """Keep generators that differ between ranks (``named_rngs`` seeded per rank): every
+        rank stores the same tree, ``rngs`` being rank 0's and ``rngs_by_rank.{r}`` each rank's.
+        (DCP keeps one rank's copy and every rank resumes that one stream.)"""
+        import torch.distributed as dist
+
+        rngs = state_dict.get("rngs")
+        if not isinstance(rngs, dict) or not rngs or dist.get_world_size(self.pg) == 1:
+            return state_dict
+        gathered: list[Any] = [None] * dist.get_world_size(self.pg)
+        dist.all_gather_object(gathered, {k: v.detach().cpu() for k, v in rngs.items()}, group=self.pg)
+        if all(set(g) == set(gathered[0]) and all(g[k].equal(gathered[0][k]) for k in g) for g in gathered):
+            return state_dict
+        return {**state_dict, "rngs": gathered[0], RNGS_BY_RANK: {str(r): g for r, g in enumerate(gathered)}}
+
     def _save(self, checkpoint: Checkpoint, state_dict: dict[str, Any]) -> None:
         if self._checkpoint_exists(checkpoint):
             return
         save_path = self._checkpoint_path(checkpoint)
         logger.info(f"Saving checkpoint {checkpoint.checkpoint_id}")
+        state_dict = self._per_rank_rngs(state_dict)
         save(state_dict, save_path, metadata=self._metadata(checkpoint), process_group=self.pg)
         logger.info(f"Saved checkpoint to {save_path}")
         self._cleanup_checkpoints()
@@ -224,8 +241,9 @@ class CheckpointCallback(_DreamCheckpointCallback):
             return
         path = self._checkpoint_path(checkpoint)
         logger.info(f"Loading checkpoint {path}")
+        stored = decode_tree(read_manifest(path).state, lambda *_: None)
         if self.config.strict_load:
-            missing = _missing(state_dict, decode_tree(read_manifest(path).state, lambda *_: None))
+            missing = _missing(state_dict, stored)
             if missing:
                 shown = "\n  ".join(missing[:20])
                 raise StateMismatchError(
@@ -234,9 +252,33 @@ class CheckpointCallback(_DreamCheckpointCallback):
                 )
         # strict=False: like DCP, values only the checkpoint has are ignored; missing ones
         # were refused above when strict_load asks for it.
+        mine = self._rank_rng_target(state_dict, stored)
         load_into(path, state_dict, strict=False, process_group=self.pg)
+        if mine is not None:
+            state_dict["rngs"].update(state_dict.pop(RNGS_BY_RANK)[mine])
         logger.info(f"Resumed {self.trainer.experiment} from step {checkpoint.step}")
         self.trainer.world.barrier()
+
+    def _rank_rng_target(self, state_dict: dict[str, Any], stored: Any) -> str | None:
+        """When the checkpoint holds per-rank generators, add this rank's to the load target
+        (returns its key); the shared ``rngs`` are used when there is none for this rank."""
+        import torch
+        import torch.distributed as dist
+
+        by_rank = stored.get(RNGS_BY_RANK) if isinstance(stored, dict) else None
+        rngs = state_dict.get("rngs")
+        if not isinstance(by_rank, dict) or not isinstance(rngs, dict):
+            return None
+        rank = str(dist.get_rank(self.pg))
+        if rank not in by_rank:
+            logger.warning(
+                f"the checkpoint holds per-rank RNG states for ranks {sorted(by_rank)}, none for "
+                f"rank {rank}: this rank resumes rank 0's streams"
+            )
+            return None
+        theirs = by_rank[rank] if isinstance(by_rank[rank], dict) else {}
+        state_dict[RNGS_BY_RANK] = {rank: {k: torch.empty_like(v) for k, v in rngs.items() if k in theirs}}
+        return rank
 
     def _warn_legacy(self, checkpoint: Checkpoint) -> None:
         message = (
@@ -303,6 +345,7 @@ class AsyncCheckpointCallback(_DreamAsyncCheckpointCallback, CheckpointCallback)
         if self._checkpoint_exists(checkpoint):
             return
         assert self._saver is not None, "post_setup creates the saver"
+        state_dict = self._per_rank_rngs(state_dict)
         save_path = self._checkpoint_path(checkpoint)
         logger.info(f"Saving checkpoint {checkpoint.checkpoint_id}")
         self._save_future = self._saver.save(state_dict, save_path, metadata=self._metadata(checkpoint))
