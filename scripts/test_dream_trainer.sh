@@ -10,7 +10,7 @@ if [ ! -x "$venv/bin/python" ]; then
   python3 -m venv "$venv"
 fi
 # torch is pinned (its CPU wheel is on local disk here); dream-trainer 0.3.0 accepts it.
-"$venv/bin/python" -m pip install -q --disable-pip-version-check torch==2.13.0 -e . "pytest>=8" \
+"$venv/bin/python" -m pip install -q --disable-pip-version-check torch==2.13.0 -e . "pytest>=8" "hypothesis>=6.100" \
   "dream-trainer[metrics,wandb]==0.3.0"
 CKPTPROTO_DREAM_TRAINER=1 "$venv/bin/python" -m pytest -q -p no:cacheprovider \
   tests/test_dream_trainer.py "$@"

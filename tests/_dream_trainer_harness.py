@@ -151,7 +151,7 @@ def build_trainer(spec: dict[str, Any]) -> Any:
             self.model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Dropout(0.0), nn.Linear(16, 1))
 
         def init_weights(self) -> None:
-            g = torch.Generator().manual_seed(7)
+            g = torch.Generator().manual_seed(spec.get("seed", 7))
             for p in self.model.parameters():
                 p.copy_(torch.randn(p.shape, generator=g) * 0.3)
 
@@ -165,7 +165,10 @@ def build_trainer(spec: dict[str, Any]) -> Any:
 
         def configure_rngs(self) -> None:
             # per-rank streams unless the spec asks for one stream replicated on every rank
-            self.noise_rng = torch.Generator().manual_seed(100 + (rank if spec.get("rank_rngs", True) else 0))
+            seed = 100 + spec.get("seed", 0) + (rank if spec.get("rank_rngs", True) else 0)
+            self.noise_rng = torch.Generator().manual_seed(seed)
+            if spec.get("extra_rng"):  # a generator added since the checkpoint was written
+                self.extra_rng = torch.Generator().manual_seed(5)
 
         def configure_optimizers(self) -> dict[Any, Any]:
             self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=0.05, weight_decay=0.01)
@@ -184,6 +187,7 @@ def build_trainer(spec: dict[str, Any]) -> Any:
         def training_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
             noise = torch.randn(batch["x"].shape, generator=self.noise_rng) * 0.01
             loss = ((self.model(batch["x"] + noise) - batch["y"]) ** 2).mean()
+            self.last_loss = loss.detach()
             self.backward(loss)
             if not self.is_accumulating_gradients:
                 self.step(self.optimizer)
@@ -194,19 +198,23 @@ def build_trainer(spec: dict[str, Any]) -> Any:
             return {"val/loss": loss}
 
     params = CheckpointParameters(
+        enable=spec["storage"] is not None,
         root_dir=spec["root"],
         monitor=spec.get("monitor", "train/loss"),
         resume_mode=spec.get("resume_mode", "last"),
         keep_top_k=spec.get("keep_top_k", 3),
+        strict_load=spec.get("strict_load", False),
         checkpoint_every_n_train_epochs=spec.get("every_train_epochs"),
         checkpoint_every_n_val_epochs=spec.get("every_val_epochs"),
         async_mode=spec.get("async_mode", "disabled"),
     )
     is_async = params.async_mode != "disabled"
     if spec["storage"] == "dcp":
-        checkpoint = AsyncCheckpointCallback(params) if is_async else CheckpointCallback(params)
-    else:
-        checkpoint = ours.AsyncCheckpointCallback(params) if is_async else ours.CheckpointCallback(params)
+        callbacks = [AsyncCheckpointCallback(params) if is_async else CheckpointCallback(params)]
+    elif spec["storage"] == "ckptproto":
+        callbacks = [ours.AsyncCheckpointCallback(params) if is_async else ours.CheckpointCallback(params)]
+    else:  # no checkpoint callback: the conformance adapter saves the trainer itself
+        callbacks = []
     config = DreamTrainerConfig(
         seed=11,
         project="proj",
@@ -222,7 +230,7 @@ def build_trainer(spec: dict[str, Any]) -> Any:
             val_every_n_steps=spec.get("val_every_n_steps"),
         ),
         logging_parameters=WandbLoggingParameters(enabled=False),
-        callbacks=CallbackCollection([checkpoint, Killer(spec.get("kill_at"))]),
+        callbacks=CallbackCollection([*callbacks, Killer(spec.get("kill_at"))]),
     )
     return ToyTrainer(config)
 

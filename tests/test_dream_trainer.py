@@ -13,6 +13,7 @@ CKPTPROTO_DREAM_TRAINER=1 says this run is the one that must execute them.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -224,6 +225,17 @@ def test_switching_mid_project_resumes_from_dream_trainers_dcp_checkpoint(
     ]
 
 
+@pytest.mark.parametrize("storage", ["dcp", "ckptproto"])
+def test_strict_load_refuses_a_checkpoint_lacking_part_of_the_state(tmp_path: Path, storage: str) -> None:
+    """strict_load=True (DCP without allow_partial_load): a generator the checkpoint lacks is
+    refused, naming it; strict_load=False resumes. Same for both storages."""
+    fit(tmp_path, "killed", root="run", kill_at=8, storage=storage, **TRAIN_EPOCHS)
+    with pytest.raises(AssertionError, match=r"rngs\.extra_rng"):
+        fit(tmp_path, "strict", root="run", storage=storage, strict_load=True, extra_rng=True, **TRAIN_EPOCHS)
+    fit(tmp_path, "lenient", root="run", storage=storage, extra_rng=True, **TRAIN_EPOCHS)
+    assert "Resumed exp from step 6" in (tmp_path / "lenient-out.rank0.log").read_text()
+
+
 def test_cli_and_seed_examples_work_on_the_checkpoints(tmp_path: Path) -> None:
     fit(tmp_path, "ours", storage="ckptproto", resume_mode="min", **TRAIN_EPOCHS)
     root = tmp_path / "ours" / CKPT
@@ -252,3 +264,39 @@ def test_integration_module_needs_no_workaround() -> None:
     source = (Path(ckptproto.__file__).parent / "integrations" / "dream_trainer.py").read_text()
     for shim in ("typing.override", "typing_extensions", "registry", "get_device_info", "cpu:gloo"):
         assert shim not in source
+
+
+def test_conformance_suite_on_a_dream_trainer(tmp_path: Path) -> None:
+    """tests/_dream_trainer_adapter.py through `ckptproto conformance`, in its own process (the
+    adapter launches Dream Trainer's torch.distributed world)."""
+    report = tmp_path / "report.json"
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]),
+    }
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "ckptproto",
+            "conformance",
+            "_dream_trainer_adapter:DreamTrainerAdapter",
+            "--json",
+            str(report),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    results = {r["name"]: r for r in json.loads(report.read_text())["checks"]}
+    # strict_loading: Dream Trainer's load_state_dict logs unknown or missing keys, never
+    # refuses (declared). repeated_load: Dream Trainer's load_state_dict empties the dict it is
+    # given, which today's check misreads as aliasing (the conformance issue fixes that
+    # diagnosis); not asserted here either way.
+    expected = {name: "pass" for name in results} | {"strict_loading": "skip"}
+    del expected["repeated_load"]
+    got = {name: results[name]["status"] for name in expected}
+    assert got == expected, {n: results[n]["summary"] for n in expected if got[n] != expected[n]}
