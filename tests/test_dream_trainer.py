@@ -300,3 +300,17 @@ def test_conformance_suite_on_a_dream_trainer(tmp_path: Path) -> None:
     del expected["repeated_load"]
     got = {name: results[name]["status"] for name in expected}
     assert got == expected, {n: results[n]["summary"] for n in expected if got[n] != expected[n]}
+
+
+def test_s3_root_is_refused() -> None:
+    harness.install_workarounds()
+    from dream_trainer.configs import CheckpointParameters
+
+    from ckptproto.integrations.dream_trainer import AsyncCheckpointCallback, CheckpointCallback
+
+    config = CheckpointParameters(root_dir="s3://bucket/run", checkpoint_every_n_train_epochs=1)
+    with pytest.raises(ValueError, match="filesystem path"):
+        CheckpointCallback(config)
+    config.async_mode = "async"
+    with pytest.raises(ValueError, match="filesystem path"):
+        AsyncCheckpointCallback(config)
