@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
 from dataclasses import InitVar, dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -108,8 +107,7 @@ class CheckpointParameters:
         if checkpoint_every_n_epochs is not None:
             if self.save_every_n_epochs is not None:
                 raise ValueError(
-                    "give save_every_n_epochs or checkpoint_every_n_epochs / "
-                    "checkpoint_every_n_train_epochs (its aliases), not both"
+                    "give save_every_n_epochs or checkpoint_every_n_epochs (its alias), not both"
                 )
             self.save_every_n_epochs = checkpoint_every_n_epochs
         if not isinstance(self.root_dir, (str, os.PathLike)) or str(self.root_dir) == "":
@@ -154,28 +152,27 @@ def _dream_trainer_fields(given: dict[str, Any], resume_mode: Any, keep_top_k: A
             "pass the checkpoint's path (e.g. resume_mode=Path('checkpoints/checkpoint_step_"
             f"{resume_mode}')), or use ckptproto.integrations.dream_trainer"
         )
-    refused: dict[str, tuple[Callable[[Any], bool], str]] = {
-        "checkpoint_every_n_val_epochs": (
-            lambda v: True,
-            " saves after every N-th validation in Dream Trainer; here validation saves follow "
-            "`monitor` improvements. Use save_every_n_epochs / save_every_n_steps, or "
-            "ckptproto.integrations.dream_trainer for Dream Trainer's cadence",
-        ),
-        "enable": (lambda v: v is not True, " has no equivalent: leave the callback out"),
-        "resume_data": (
-            lambda v: v is not True,
-            " has no equivalent: ckptproto always restores dataloader state that is saved",
-        ),
-        "async_mode": (
-            lambda v: v != "disabled",
-            ": pick the class instead, ckptproto.AsyncCheckpointCallback (staging='blocking' is "
-            "Dream Trainer's 'async', staging='background' its 'async_with_pinned_mem')",
-        ),
-        "storage_options": (lambda v: True, " (S3): ckptproto writes to a filesystem path"),
-    }
-    for name, value in given.items():
-        if name in refused and refused[name][0](value):
-            raise ValueError(f"{name}={value!r}{refused[name][1]}")
+    val_epochs = given.get("checkpoint_every_n_val_epochs")
+    if val_epochs is not None:
+        raise ValueError(
+            f"checkpoint_every_n_val_epochs={val_epochs!r} saves after every N-th validation in Dream "
+            "Trainer; here validation saves follow `monitor` improvements. Use save_every_n_epochs / "
+            "save_every_n_steps, or ckptproto.integrations.dream_trainer for Dream Trainer's cadence"
+        )
+    for name in ("enable", "resume_data"):
+        if given.get(name, True) is not True:
+            what = "leave the callback out" if name == "enable" else "saved dataloader state is restored"
+            raise ValueError(f"{name}={given[name]!r} has no equivalent: {what}")
+    if given.get("async_mode", "disabled") != "disabled":
+        raise ValueError(
+            f"async_mode={given['async_mode']!r}: pick the class instead, ckptproto.AsyncCheckpointCallback "
+            "(staging='blocking' is Dream Trainer's 'async', staging='background' its "
+            "'async_with_pinned_mem')"
+        )
+    if given.get("storage_options") is not None:
+        raise ValueError(
+            f"storage_options={given['storage_options']!r} (S3): ckptproto writes to a filesystem path"
+        )
 
 
 def _check_int(name: str, value: Any, *, minimum: int) -> None:
