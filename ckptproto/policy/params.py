@@ -40,10 +40,18 @@ class CheckpointParameters:
     * ``save_on_preemption``: on SIGTERM, save once more and ask the loop to stop.
     * ``strict_load``: resuming requires every key of the trainer state in the checkpoint.
 
-    Dream Trainer's names are accepted too: ``checkpoint_every_n_steps``,
-    ``checkpoint_every_n_epochs``, ``resume_mode="last"`` (= "latest"), and
-    ``resume_mode="min"|"max"`` (= "best" with that ``mode``).
-    Bad values raise ``ValueError`` naming the field.
+    Dream Trainer's names (dream-trainer 0.3.0 ``CheckpointParameters``) are accepted where
+    they mean the same: ``checkpoint_every_n_train_epochs`` (= ``save_every_n_epochs``; also
+    ``checkpoint_every_n_epochs``/``checkpoint_every_n_steps``), ``resume_mode="last"``
+    (= "latest"), ``resume_mode="min"|"max"`` (= "best" with that ``mode``), ``enable=True``,
+    ``resume_data=True``, ``async_mode="disabled"``, ``storage_options=None`` and
+    ``model_weights_only`` (ignored, as Dream Trainer ignores it). Those whose meaning would
+    change what is saved, kept or deleted raise ``ValueError`` saying what to write instead:
+    ``keep_top_k=0`` next to Dream Trainer fields (Dream Trainer keeps all; here 0 keeps only
+    the last: write ``keep_top_k=-1``), ``checkpoint_every_n_val_epochs``, a step number as
+    ``resume_mode``, ``enable=False``, ``resume_data=False``, other ``async_mode`` values and
+    ``storage_options``. (``ckptproto.integrations.dream_trainer`` runs Dream Trainer's own
+    config unchanged.) Bad values raise ``ValueError`` naming the field.
     """
 
     root_dir: PathLike = "./checkpoints"
@@ -58,10 +66,49 @@ class CheckpointParameters:
     strict_load: bool = True
     checkpoint_every_n_steps: InitVar[int | None] = None
     checkpoint_every_n_epochs: InitVar[int | None] = None
+    # Dream Trainer 0.3.0's own field names (see the class doc and _dream_trainer_fields).
+    checkpoint_every_n_train_epochs: InitVar[int | None] = None
+    checkpoint_every_n_val_epochs: InitVar[int | None] = None
+    enable: InitVar[bool | None] = None
+    resume_data: InitVar[bool | None] = None
+    async_mode: InitVar[str | None] = None
+    storage_options: InitVar[dict[str, Any] | None] = None
+    model_weights_only: InitVar[bool | None] = None
 
     def __post_init__(
-        self, checkpoint_every_n_steps: int | None, checkpoint_every_n_epochs: int | None
+        self,
+        checkpoint_every_n_steps: int | None,
+        checkpoint_every_n_epochs: int | None,
+        checkpoint_every_n_train_epochs: int | None,
+        checkpoint_every_n_val_epochs: int | None,
+        enable: bool | None,
+        resume_data: bool | None,
+        async_mode: str | None,
+        storage_options: dict[str, Any] | None,
+        model_weights_only: bool | None,
     ) -> None:
+        dream = {
+            name: value
+            for name, value in (
+                ("checkpoint_every_n_train_epochs", checkpoint_every_n_train_epochs),
+                ("checkpoint_every_n_val_epochs", checkpoint_every_n_val_epochs),
+                ("enable", enable),
+                ("resume_data", resume_data),
+                ("async_mode", async_mode),
+                ("storage_options", storage_options),
+                ("model_weights_only", model_weights_only),
+                ("checkpoint_every_n_steps", checkpoint_every_n_steps),
+                ("checkpoint_every_n_epochs", checkpoint_every_n_epochs),
+            )
+            if value is not None
+        }
+        _dream_trainer_fields(dream, self.resume_mode, self.keep_top_k)
+        if checkpoint_every_n_train_epochs is not None:
+            if checkpoint_every_n_epochs is not None:
+                raise ValueError(
+                    "give checkpoint_every_n_train_epochs or checkpoint_every_n_epochs, not both"
+                )
+            checkpoint_every_n_epochs = checkpoint_every_n_train_epochs
         if checkpoint_every_n_steps is not None:
             if self.save_every_n_steps is not None:
                 raise ValueError("give save_every_n_steps or checkpoint_every_n_steps (its alias), not both")
@@ -110,6 +157,44 @@ class CheckpointParameters:
     def resume_path(self) -> Path | None:
         """The explicit checkpoint to resume from, when ``resume_mode`` is a path."""
         return self.resume_mode if isinstance(self.resume_mode, Path) else None
+
+
+def _dream_trainer_fields(given: dict[str, Any], resume_mode: Any, keep_top_k: Any) -> None:
+    """Refuse Dream Trainer settings whose meaning here would differ from Dream Trainer's."""
+    dream_spelling = isinstance(resume_mode, str) and resume_mode in ("last", "min", "max")
+    if keep_top_k == 0 and (given or dream_spelling):
+        raise ValueError(
+            "keep_top_k=0 with Dream Trainer settings: Dream Trainer's keep_top_k=0 keeps every "
+            "checkpoint, ckptproto's keeps none but the last. Write keep_top_k=-1 to keep all, "
+            "or use ckptproto.integrations.dream_trainer to run Dream Trainer's config unchanged"
+        )
+    if isinstance(resume_mode, int) and not isinstance(resume_mode, bool):
+        raise ValueError(
+            f"resume_mode={resume_mode}: Dream Trainer's step-number resume is not supported here; "
+            "pass the checkpoint's path (e.g. resume_mode=Path('checkpoints/checkpoint_step_"
+            f"{resume_mode}')), or use ckptproto.integrations.dream_trainer"
+        )
+    val_epochs = given.get("checkpoint_every_n_val_epochs")
+    if val_epochs is not None:
+        raise ValueError(
+            f"checkpoint_every_n_val_epochs={val_epochs!r} saves after every N-th validation in Dream "
+            "Trainer; here validation saves follow `monitor` improvements. Use save_every_n_epochs / "
+            "save_every_n_steps, or ckptproto.integrations.dream_trainer for Dream Trainer's cadence"
+        )
+    for name in ("enable", "resume_data"):
+        if given.get(name, True) is not True:
+            what = "leave the callback out" if name == "enable" else "saved dataloader state is restored"
+            raise ValueError(f"{name}={given[name]!r} has no equivalent: {what}")
+    if given.get("async_mode", "disabled") != "disabled":
+        raise ValueError(
+            f"async_mode={given['async_mode']!r}: pick the class instead, ckptproto.AsyncCheckpointCallback "
+            "(staging='blocking' is Dream Trainer's 'async', staging='background' its "
+            "'async_with_pinned_mem')"
+        )
+    if given.get("storage_options") is not None:
+        raise ValueError(
+            f"storage_options={given['storage_options']!r} (S3): ckptproto writes to a filesystem path"
+        )
 
 
 def _check_int(name: str, value: Any, *, minimum: int) -> None:
