@@ -45,10 +45,16 @@ TAGS = ("$torch", "$numpy", "$int", "$float", "$bytes", "$tuple", "$dict", "$odi
 
 
 def join_path(prefix: str, key: object) -> str:
-    if type(key) is int and key.bit_length() > 3 * _FAST_INT_CHARS:
-        # str() refuses ints past sys.int_info.default_max_str_digits (4300 digits).
-        key = f"<int of {key.bit_length()} bits>"
+    if type(key) is int:
+        key = int_text(key)
     return f"{prefix}.{key}" if prefix else str(key)
+
+
+def int_text(value: int) -> str:
+    """``str(value)``, or ``<int of N bits>`` past what ``str()`` converts (4,300 digits)."""
+    if value.bit_length() > 3 * _FAST_INT_CHARS:
+        return f"<int of {value.bit_length()} bits>"
+    return str(value)
 
 
 @dataclass
@@ -95,7 +101,9 @@ class _Encoder:
 
     def encode(self, value: Any, path: str, depth: int) -> Any:
         kind = type(value)
-        if value is None or kind is bool or kind is str:
+        if kind is str:
+            return value if value.isascii() else _utf8_text(value, path)
+        if value is None or kind is bool:
             return value
         if kind is int:
             return value if -MAX_SAFE_INT <= value <= MAX_SAFE_INT else {"$int": _int_text(value, path)}
@@ -134,7 +142,12 @@ class _Encoder:
                 )
         plain = type(value) is dict and all(type(k) is str and not k.startswith("$") for k in value)
         if plain:
-            return {k: self.encode(v, join_path(path, k), depth) for k, v in value.items()}
+            return {
+                (k if k.isascii() else _utf8_text(k, join_path(path, k))): self.encode(
+                    v, join_path(path, k), depth
+                )
+                for k, v in value.items()
+            }
         pairs = [
             [self.encode(k, path, depth), self.encode(v, join_path(path, k), depth)] for k, v in value.items()
         ]
@@ -158,6 +171,26 @@ class _Encoder:
             index = self._ids[key] = len(self.tensors)
             self.tensors.append(TensorLeaf(value, spec, path, shard))
         return {"$torch" if spec.kind == "torch" else "$numpy": index}
+
+
+def _utf8_text(text: str, path: str) -> str:
+    """``text`` if UTF-8 can encode it; a lone surrogate (``"\\ud800"``, e.g. from
+    ``os.fsdecode`` of undecodable bytes) cannot be written to a UTF-8 manifest."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        at = printable(path) or "<root>"
+        raise UnsupportedValueError(
+            f"{at}: string holds a lone UTF-16 surrogate {text[exc.start]!r} at character "
+            f"{exc.start}, which UTF-8 cannot store; store the raw bytes (bytes) or fix the text",
+            path=path,
+        ) from None
+    return text
+
+
+def printable(text: str) -> str:
+    """``text`` with anything UTF-8 cannot encode escaped, safe to print in a message."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def _int_text(value: int, path: str) -> str:

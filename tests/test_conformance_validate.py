@@ -205,6 +205,12 @@ CORRUPTIONS: dict[str, tuple[str, Callable[[Path], None]]] = {
     "malformed version": ("F-31", lambda r: _edit_manifest(r, lambda d: d.update(format_version="1"))),
     "format major 2": ("F-32", lambda r: _edit_manifest(r, lambda d: d.update(format_version="2.0"))),
     "65 dimensions": ("F-33", lambda r: _edit_manifest(r, lambda d: d["tensors"][3].update(shape=[1] * 65))),
+    "manifest byte damaged under its checksum": (
+        "F-36",
+        lambda r: (r / "manifest.json").write_bytes(
+            (r / "manifest.json").read_bytes().replace(b'"world_size":2', b'"world_size":3')
+        ),
+    ),
 }
 
 

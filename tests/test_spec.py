@@ -163,6 +163,38 @@ def refused(ck: Path, error: type[CheckpointError], *readers: Callable[[Path], A
             read(ck)
 
 
+def verdicts(ck: Path) -> dict[str, str | None]:
+    """What each reader says of ``ck``: the exact exception class name, or None (accepted).
+    ``validate`` answers through ``reader_verdict`` (FORMAT.md §9's order)."""
+    from ckptproto.conformance.validate import reader_verdict, validate
+
+    out: dict[str, str | None] = {}
+    readers: dict[str, Callable[[Path], Any]] = {
+        "load": ckptproto.load,
+        "load_into": lambda p: ckptproto.load_into(p, {}, strict=False),
+        "verify": ckptproto.verify,
+    }
+    for name, read in readers.items():
+        try:
+            read(ck)
+            out[name] = None
+        except CheckpointError as exc:
+            out[name] = type(exc).__name__
+    out["validate"] = reader_verdict(validate(ck))
+    return out
+
+
+def agree(ck: Path, expected: type[CheckpointError] | None, *, schema: bool = False) -> None:
+    """load, load_into, verify and validate all give ``expected`` (None: all accept); with
+    ``schema`` the manifest's validity under manifest.schema.json agrees too."""
+    want = None if expected is None else expected.__name__
+    got = verdicts(ck)
+    assert got == dict.fromkeys(got, want), got
+    if schema:
+        doc = json.loads((ck / "manifest.json").read_bytes())
+        assert jsonschema.Draft202012Validator(SCHEMA).is_valid(doc) == (expected is None)
+
+
 def state_as(ck: Path, value: Any) -> Path:
     return edit(ck, lambda d: d.__setitem__("state", value))
 
@@ -174,9 +206,52 @@ def test_F1_directory_without_manifest_is_not_a_checkpoint(tmp_path: Path) -> No
     ck = save(tmp_path)
     (ck / "manifest.json").unlink()
     refused(ck, CheckpointNotFoundError, ckptproto.load, ckptproto.verify, ckptproto.read_info)
+    agree(ck, CheckpointNotFoundError)
     (tmp_path / "empty").mkdir()
     refused(tmp_path / "empty", CheckpointNotFoundError)
     refused(tmp_path / "absent", CheckpointNotFoundError)
+    # A manifest.json that is not a regular file: no manifest, so no checkpoint.
+    (ck / "manifest.json").mkdir()
+    agree(ck, CheckpointNotFoundError)
+    refused(ck, CheckpointNotFoundError, ckptproto.read_manifest, ckptproto.read_info)
+    (ck / "manifest.json").rmdir()
+    os.mkfifo(ck / "manifest.json")
+    never_blocks(ck / "manifest.json", lambda: agree(ck, CheckpointNotFoundError))
+
+
+def never_blocks(fifo: Path, check: Callable[[], None]) -> None:
+    """Run ``check`` (which must not open ``fifo`` for reading and wait); if it hangs there,
+    unblock it by writing EOF into the FIFO and fail."""
+    import threading
+
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            check()
+        except BaseException as exc:  # handed to the test thread
+            failure.append(exc)
+
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    worker.join(60)  # a guard against hanging the suite, not a timing check
+    if worker.is_alive():
+        while worker.is_alive():  # a reader blocked in open() or read(): give it an EOF
+            fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK) if _has_reader(fifo) else None
+            if fd is not None:
+                os.close(fd)
+            worker.join(1)
+        pytest.fail(f"a reader blocked on the FIFO {fifo}")
+    if failure:
+        raise failure[0]
+
+
+def _has_reader(fifo: Path) -> bool:
+    try:
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+    except OSError:  # ENXIO: nobody has it open for reading yet
+        return False
+    return True
 
 
 def test_F2_hidden_names_are_never_checkpoints(tmp_path: Path) -> None:
@@ -231,6 +306,15 @@ def test_F4_symlinks_are_refused(tmp_path: Path) -> None:
     shutil.move(ck2 / "manifest.json", tmp_path / "m.json")
     (ck2 / "manifest.json").symlink_to(tmp_path / "m.json")
     refused(ck2, CheckpointNotFoundError, ckptproto.load, ckptproto.read_info)
+    agree(ck2, CheckpointNotFoundError)
+    # Data files that are not regular files: refused, and never waited on (a FIFO).
+    ck3 = save(tmp_path, name="ck3")
+    (ck3 / DATA).unlink()
+    (ck3 / DATA).mkdir()
+    agree(ck3, CheckpointFormatError)
+    (ck3 / DATA).rmdir()
+    os.mkfifo(ck3 / DATA)
+    never_blocks(ck3 / DATA, lambda: agree(ck3, CheckpointFormatError))
 
 
 def test_F5_unlisted_files_are_ignored(tmp_path: Path) -> None:
@@ -689,10 +773,33 @@ def test_F22_data_files_are_safetensors(tmp_path: Path) -> None:
         assert type(info.value) is CheckpointFormatError, name  # not a truncation: a bad layout
     past_end = {**h2, "u": {"dtype": "F32", "shape": [2], "data_offsets": [24, 32]}}
     text = json.dumps(past_end).encode()
-    refused(variant("past_end", struct.pack("<Q", len(text)) + text + ok2[8 + n2 :]), CheckpointCorruptError)
-    refused(variant("trailing", ok2 + b"\0" * 4), CheckpointCorruptError)
-    refused(variant("short", ok2[:6]), CheckpointFormatError)
-    refused(variant("not_json", struct.pack("<Q", 4) + b"{{{{" + payload), CheckpointFormatError)
+    # Files the manifest records as they are (size and CRC agree) were written wrong:
+    # CheckpointFormatError; the same bytes under the manifest of the good file are damage.
+    written_wrong = {
+        "past_end": struct.pack("<Q", len(text)) + text + ok2[8 + n2 :],
+        "trailing": ok2 + b"\0" * 4,
+        "short": ok2[:6],
+        "not_json": struct.pack("<Q", 4) + b"{{{{" + payload,
+        "header_past_end": struct.pack("<Q", 10**6) + hdr + payload,
+        "unknown_code_unused": _data_file([*two, ("v", "F4", [1], b"\0")]),
+    }
+    text2 = ok2[8 : 8 + n2]
+    for name, old, new in (
+        ("offsets_5000_digits", b"[24, 28]", b"[24, " + b"9" * 5000 + b"]"),
+        ("header_nan", b'{"format": "pt"}', b'{"format": NaN}'),
+        ("header_1e400", b"[24, 28]", b"[24, 1e400]"),
+        ("shape_5000_digits", b'"shape": [1]', b'"shape": [' + b"9" * 5000 + b"]"),
+        ("header_lone_surrogate", b'"pt"', b'"\\ud800"'),
+    ):
+        assert old in text2
+        changed = text2.replace(old, new)
+        written_wrong[name] = struct.pack("<Q", len(changed)) + changed + buffer
+    for name, data in written_wrong.items():
+        agree(variant(name, data), CheckpointFormatError)
+        damaged = tmp_path / f"damaged_{name}"
+        shutil.copytree(ck1, damaged)
+        (damaged / DATA).write_bytes(data)
+        agree(damaged, CheckpointCorruptError)
 
 
 def test_F23_header_padded_to_8_with_spaces(tmp_path: Path) -> None:

@@ -20,6 +20,7 @@ from ckptproto.dtypes import DType
 from ckptproto.errors import CheckpointCorruptError, CheckpointFormatError
 from ckptproto.format import layout, strict_json
 from ckptproto.format.crc import parse_checksum
+from ckptproto.tree import decode_tree
 
 FORMAT_NAME = "ckptproto"
 FORMAT_VERSION = (1, 0)
@@ -35,6 +36,7 @@ CHECKSUM_KEY = "manifest_checksum"
 _CHECKSUM_PREFIX = b'{"' + CHECKSUM_KEY.encode() + b'":"crc32:'
 _CHECKSUM_HEAD = len(_CHECKSUM_PREFIX) + 8 + 2  # + hex digits + '",'
 _DAMAGED_CHECKSUM = re.compile(rb'\{"[^"]{%d}":"crc32:' % len(CHECKSUM_KEY))
+_HEX8 = re.compile(rb"[0-9a-f]{8}")
 _VERSION = re.compile(r"[0-9]{1,5}\.[0-9]{1,5}")  # ASCII digits only ("١.0" is not a version)
 
 
@@ -135,7 +137,12 @@ class Manifest:
 
     @classmethod
     def parse(cls, data: bytes, where: str) -> Manifest:
-        """Parse and validate manifest bytes; ``where`` names the file in error messages."""
+        """Parse and validate manifest bytes; ``where`` names the file in error messages.
+
+        Everything the manifest alone decides is checked here, values included (tags,
+        payloads, tensor references), so every reader refuses a bad manifest whole and
+        before it opens a data file (FORMAT.md §9, refusal order)."""
+        _check_own_checksum(data, where)  # damage first: a damaged manifest may not even parse
         doc = _load_json(data, where)
         if not isinstance(doc, dict) or doc.get("format") != FORMAT_NAME:
             raise CheckpointFormatError(f'{where}: not a ckptproto manifest (no "format": "ckptproto")')
@@ -145,6 +152,7 @@ class Manifest:
         if not isinstance(tensors_doc, list):
             raise CheckpointFormatError(f'{where}: "tensors" must be a list')
         tensors = [_parse_tensor(t, i, files, where) for i, t in enumerate(tensors_doc)]
+        _check_pairs_unique(tensors, where)
         if not isinstance(doc.get("state"), dict):
             raise CheckpointFormatError(f'{where}: "state" must be an object')
         world_size = doc.get("world_size", 1)
@@ -154,36 +162,71 @@ class Manifest:
         if not isinstance(created, str) or not isinstance(writer, str):
             raise CheckpointFormatError(f'{where}: "created" and "writer" must be strings')
         metadata = doc.get("metadata", {})
-        _check_own_checksum(data, doc, where)
+        _check_values(doc["state"], metadata, tensors, where)
         return cls(doc["state"], tensors, files, metadata, created, version, world_size, writer)
 
 
-def _check_own_checksum(data: bytes, doc: dict[str, Any], where: str) -> None:
-    """Catch damage that still parses and validates (a flipped digit in a value).
+def _check_pairs_unique(tensors: list[TensorEntry], where: str) -> None:
+    """F-12: a (file, key) pair stores one chunk of the whole manifest."""
+    used: set[tuple[str, str]] = set()
+    for index, tensor in enumerate(tensors):
+        for chunk in tensor.chunks:
+            if (chunk.file, chunk.key) in used:
+                raise CheckpointFormatError(
+                    f"{where}: tensors[{index}]: ({chunk.file}, {chunk.key!r}) is claimed by two chunks"
+                )
+            used.add((chunk.file, chunk.key))
+
+
+def _check_values(state: Any, metadata: Any, tensors: list[TensorEntry], where: str) -> None:
+    """F-14, F-15, F-17, F-18: decode both trees once, keeping nothing."""
+    kinds: dict[int, str] = {}
+
+    def resolve(kind: str, index: int, path: str) -> None:
+        at = f"state.{path}" if path else "state"
+        if index >= len(tensors):
+            raise CheckpointFormatError(f"{where}: {at} refers to tensor {index}, which does not exist")
+        if kinds.setdefault(index, kind) != kind:
+            raise CheckpointFormatError(f"{where}: tensor {index} is used as both torch and numpy ({at})")
+        if kind == "numpy" and tensors[index].dtype.numpy_name is None:
+            raise CheckpointFormatError(
+                f"{where}: {at} is a $numpy reference to a {tensors[index].dtype.name} tensor, "
+                "a dtype numpy lacks"
+            )
+
+    def no_tensors(kind: str, index: int, path: str) -> None:
+        raise CheckpointFormatError(f"{where}: metadata.{path} refers to a tensor")
+
+    if not isinstance(decode_tree(state, resolve, where=f"{where} (state)"), dict):
+        raise CheckpointFormatError(f"{where}: the state must be an object at the top level")
+    if not isinstance(decode_tree(metadata, no_tensors, where=f"{where} (metadata)"), dict):
+        raise CheckpointFormatError(f"{where}: metadata must be an object")
+
+
+def _check_own_checksum(data: bytes, where: str) -> None:
+    """Catch damage that still parses and validates (a flipped digit in a value), and damage
+    that does not parse: checked on the raw bytes, before the JSON is parsed.
 
     The checksum protects the bytes as ckptproto writes them (compact, the member first). A
     manifest without the member (another writer, format 1.0 without it) is not checked; nor is
-    one rewritten by a JSON tool (the member no longer at the start: edited on purpose). Any
-    single damaged byte of a written manifest still fails: in the member's key it leaves a
-    first member shaped like the checksum under another name, refused below.
+    one rewritten by a JSON tool (the member no longer first, or spaced). Any single damaged
+    byte of a written manifest still fails: in the member's key it leaves a first member
+    shaped like the checksum under another name, refused here too.
     """
-    if CHECKSUM_KEY not in doc:
-        if _DAMAGED_CHECKSUM.match(data):
-            raise CheckpointCorruptError(f'{where}: the "{CHECKSUM_KEY}" member is damaged')
-        return
-    if not data.startswith(_CHECKSUM_PREFIX[: len(CHECKSUM_KEY) + 5]):
+    if not data.startswith(_CHECKSUM_PREFIX[: len(CHECKSUM_KEY) + 5]) and not _DAMAGED_CHECKSUM.match(data):
         return
     stored = data[len(_CHECKSUM_PREFIX) : _CHECKSUM_HEAD - 2]
     if (
-        not data.startswith(_CHECKSUM_PREFIX)
-        or data[_CHECKSUM_HEAD - 2 : _CHECKSUM_HEAD] != b'",'
-        or doc[CHECKSUM_KEY] != "crc32:" + stored.decode("ascii", "replace")
-        or parse_checksum(doc[CHECKSUM_KEY]) != zlib.crc32(b"{" + data[_CHECKSUM_HEAD:])
+        data.startswith(_CHECKSUM_PREFIX)
+        and data[_CHECKSUM_HEAD - 2 : _CHECKSUM_HEAD] == b'",'
+        and _HEX8.fullmatch(stored) is not None
+        and int(stored, 16) == zlib.crc32(memoryview(data)[_CHECKSUM_HEAD:], zlib.crc32(b"{"))
     ):
-        raise CheckpointCorruptError(
-            f"{where}: the manifest does not match its own {CHECKSUM_KEY} (damaged, or "
-            f'edited after writing: an edited manifest must drop "{CHECKSUM_KEY}")'
-        )
+        return
+    raise CheckpointCorruptError(
+        f"{where}: the manifest does not match its own {CHECKSUM_KEY} (damaged, or "
+        f'edited after writing: an edited manifest must drop "{CHECKSUM_KEY}")'
+    )
 
 
 def _load_json(data: bytes, where: str) -> Any:

@@ -53,19 +53,22 @@ def header_length(prefix: bytes, file_size: int, name: str) -> int:
     if n > MAX_HEADER_BYTES:
         raise CheckpointFormatError(f"{name}: header claims {n} bytes, over the {MAX_HEADER_BYTES} limit")
     if 8 + n > file_size:
-        raise CheckpointCorruptError(f"{name}: header claims {n} bytes but the file has {file_size}")
+        raise CheckpointFormatError(f"{name}: header claims {n} bytes but the file has {file_size}")
     return n
 
 
 def parse_header(raw: bytes, file_size: int, name: str) -> dict[str, HeaderEntry]:
     """Validate a header (``raw`` is the JSON bytes after the length prefix) against the file
-    size: known dtypes, byte lengths matching shapes, entries tiling the buffer exactly."""
+    size: known dtypes, byte lengths matching shapes, entries tiling the buffer exactly.
+
+    Every problem is a CheckpointFormatError: whether the file was damaged after writing
+    (CheckpointCorruptError) is for its size and checksum to tell (FORMAT.md §9)."""
     try:
-        obj = json.loads(raw.decode("utf-8"), object_pairs_hook=strict_json.no_duplicate_keys)
+        obj = strict_json.loads(raw.decode("utf-8"))
     except CheckpointFormatError as exc:
-        raise CheckpointFormatError(f"{name}: header has a {exc}") from None
+        raise CheckpointFormatError(f"{name}: header has {exc}") from None
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-        raise CheckpointCorruptError(f"{name}: header is not valid UTF-8 JSON ({exc})") from None
+        raise CheckpointFormatError(f"{name}: header is not valid UTF-8 JSON ({exc})") from None
     if not isinstance(obj, dict):
         raise CheckpointFormatError(f"{name}: header is not a JSON object")
     data_start = 8 + len(raw)
@@ -80,24 +83,24 @@ def parse_header(raw: bytes, file_size: int, name: str) -> dict[str, HeaderEntry
             raise CheckpointFormatError(f"{where} needs exactly dtype, shape and data_offsets")
         code, shape, offsets = e["dtype"], e["shape"], e["data_offsets"]
         if not isinstance(code, str) or code not in SAFETENSORS_ITEMSIZE:
-            raise CheckpointFormatError(f"{where} has unsupported dtype {code!r}")
+            raise CheckpointFormatError(f"{where} has unsupported dtype {_short(code)}")
         if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
-            raise CheckpointFormatError(f"{where} has a bad shape {shape!r}")
+            raise CheckpointFormatError(f"{where} has a bad shape {_short(shape)}")
         if (
             not isinstance(offsets, list)
             or len(offsets) != 2
             or not all(type(o) is int for o in offsets)
             or not 0 <= offsets[0] <= offsets[1] <= buffer_len
         ):
-            raise CheckpointCorruptError(
-                f"{where}: data_offsets {offsets!r} fall outside the {buffer_len}-byte buffer"
+            raise CheckpointFormatError(
+                f"{where}: data_offsets {_short(offsets)} fall outside the {buffer_len}-byte buffer"
             )
         numel = 1
         for d in shape:
             numel *= d
         if numel * SAFETENSORS_ITEMSIZE[code] != offsets[1] - offsets[0]:
             raise CheckpointFormatError(
-                f"{where}: shape {shape} of {code} needs {numel * SAFETENSORS_ITEMSIZE[code]} bytes, "
+                f"{where}: shape {_short(shape)} of {code} needs {_short(numel * SAFETENSORS_ITEMSIZE[code])} bytes, "
                 f"data_offsets give {offsets[1] - offsets[0]}"
             )
         entries[key] = HeaderEntry(code, tuple(shape), data_start + offsets[0], data_start + offsets[1])
@@ -108,7 +111,20 @@ def parse_header(raw: bytes, file_size: int, name: str) -> dict[str, HeaderEntry
             raise CheckpointFormatError(f"{name}: tensor byte ranges {problem} at offset {position}")
         position = entry.end
     if position != file_size:
-        raise CheckpointCorruptError(
+        raise CheckpointFormatError(
             f"{name}: tensors end at byte {position} but the file has {file_size} bytes"
         )
     return entries
+
+
+def _short(value: object) -> str:
+    """``repr`` for a message, cut short (a hostile header's list may be huge)."""
+    if isinstance(value, list) and len(value) > 8:
+        return f"[... {len(value)} items]"
+    if type(value) is int and value.bit_length() > 64:
+        return f"<an int of {value.bit_length()} bits>"
+    try:
+        text = repr(value)
+    except ValueError:  # an int past str()'s 4,300 digits
+        return "<a value too long to show>"
+    return text if len(text) <= 80 else text[:77] + "..."

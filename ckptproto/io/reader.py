@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import mmap as mmap_module
 import os
-import stat
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -26,9 +25,8 @@ from ckptproto.errors import (
 from ckptproto.format import layout, safetensors
 from ckptproto.format.crc import crc32_combine
 from ckptproto.format.manifest import MAX_MANIFEST_BYTES, Chunk, Manifest, TensorEntry
+from ckptproto.format.regular_file import NotRegularFileError, open_regular
 from ckptproto.io import threads
-
-_OPEN_FLAGS = os.O_RDONLY | os.O_CLOEXEC | getattr(os, "O_NOFOLLOW", 0)
 
 
 def _read_exact(fd: int, n: int, offset: int) -> bytes:
@@ -45,19 +43,22 @@ def read_manifest(path: str | os.PathLike[str]) -> Manifest:
     """
     root = Path(path)
     where = root / layout.MANIFEST_NAME
-    if layout.is_hidden(root.name) and root.name not in (".", ".."):
+    # F-2 names the directory itself: a symbolic link to a hidden temporary directory is
+    # refused, a link with a hidden name to a checkpoint is read (validate agrees).
+    if layout.is_hidden(os.path.basename(os.path.realpath(root))):
         raise CheckpointNotFoundError(f"{root} is a hidden (temporary) directory, never a checkpoint")
     try:
-        fd = os.open(where, _OPEN_FLAGS)
+        fd, st = open_regular(where)
     except FileNotFoundError:
         hint = "no such directory" if not root.exists() else "no committed manifest"
         raise CheckpointNotFoundError(f"{root} is not a checkpoint ({hint})") from None
+    except NotRegularFileError as exc:  # F-1: a directory, FIFO, link... is no manifest
+        raise CheckpointNotFoundError(
+            f"{root} is not a checkpoint: {layout.MANIFEST_NAME} is a {exc.kind}, not a regular file"
+        ) from None
     except OSError as exc:
         raise CheckpointNotFoundError(f"cannot open {where}: {exc}") from exc
     try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise CheckpointFormatError(f"{where} is not a regular file")
         if st.st_size > MAX_MANIFEST_BYTES:
             raise CheckpointFormatError(f"{where} is {st.st_size} bytes, over the {MAX_MANIFEST_BYTES} limit")
         data = _read_exact(fd, st.st_size, 0)
@@ -95,22 +96,56 @@ class OpenCheckpoint:
             for name, entry in self.manifest.files.items():
                 self.files[name] = self._open(name, entry.size)
             self._check_chunks()
+        except CheckpointCorruptError:
+            self.close()
+            raise
+        except CheckpointFormatError as exc:
+            damage = self._damage()  # FORMAT.md §9: damage is reported before format problems
+            self.close()
+            if damage:
+                raise CheckpointCorruptError(
+                    "; ".join(damage) + f" (and so: {exc})", problems=damage
+                ) from exc
+            raise
         except BaseException:
             self.close()
             raise
 
+    def _damage(self) -> list[str]:
+        """Every listed data file that is missing, of another size or fails its checksum:
+        a file damaged after writing explains whatever else looks wrong with it."""
+        problems = []
+        for name, entry in self.manifest.files.items():
+            path = self.path / name
+            try:
+                fd, st = open_regular(name, dir_fd=self._dir_fd)
+            except FileNotFoundError:
+                problems.append(f"{path}: data file listed in the manifest is missing")
+                continue
+            except OSError:
+                continue  # not a regular file: a format problem, reported as such
+            try:
+                if st.st_size != entry.size:
+                    problems.append(f"{path}: {st.st_size} bytes on disk, the manifest says {entry.size}")
+                elif (crc := file_crc(DataFile(name, path, fd, st.st_size, b"", {}))) != entry.crc32:
+                    problems.append(
+                        f"{path}: checksum {crc:08x} does not match the manifest's {entry.crc32:08x}"
+                    )
+            finally:
+                os.close(fd)
+        return problems
+
     def _open(self, name: str, expected_size: int) -> DataFile:
         path = self.path / name
         try:
-            fd = os.open(name, _OPEN_FLAGS, dir_fd=self._dir_fd)
+            fd, st = open_regular(name, dir_fd=self._dir_fd)
         except FileNotFoundError:
             raise CheckpointCorruptError(f"{path}: data file listed in the manifest is missing") from None
-        except OSError as exc:  # ELOOP: a symlink, refused so nothing outside is read
+        except NotRegularFileError as exc:  # F-4: nothing outside the directory is read
+            raise CheckpointFormatError(f"{path}: data file is a {exc.kind}, not a regular file") from None
+        except OSError as exc:
             raise CheckpointFormatError(f"{path}: cannot open data file safely ({exc})") from exc
         try:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode):
-                raise CheckpointFormatError(f"{path} is not a regular file")
             if st.st_size != expected_size:
                 raise CheckpointCorruptError(
                     f"{path}: {st.st_size} bytes on disk, the manifest says {expected_size} "
