@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import collections
+import decimal
 import enum
 import itertools
 import json
@@ -258,6 +259,14 @@ def test_F2_hidden_names_are_never_checkpoints(tmp_path: Path) -> None:
     ck = save(tmp_path)
     shutil.copytree(ck, tmp_path / ".hidden")
     refused(tmp_path / ".hidden", CheckpointNotFoundError, ckptproto.load, ckptproto.read_info)
+    agree(tmp_path / ".hidden", CheckpointNotFoundError)
+    # The name is the directory's own, links resolved: every reader agrees.
+    (tmp_path / "latest").symlink_to(tmp_path / ".hidden")
+    agree(tmp_path / "latest", CheckpointNotFoundError)
+    (tmp_path / ".latest").symlink_to(ck)
+    agree(tmp_path / ".latest", None)
+    (tmp_path / "latest").unlink()
+    (tmp_path / ".latest").unlink()
     with pytest.raises(CheckpointWriteError):
         ckptproto.save({"a": 1}, tmp_path / "sub" / ".dot")
     assert not (tmp_path / "sub" / ".dot").exists()
@@ -340,11 +349,22 @@ def test_F6_manifest_is_strict_json_of_format_ckptproto(tmp_path: Path) -> None:
         good.replace(b'"format":"ckptproto"', b'"format":"other"'),
         b"[" + good + b"]",
         good[:-3],
+        good.replace(b'"state":{"a":1}', b'"state":{"a":"\\ud800"}'),
+        good.replace(b'"state":{"a":1}', b'"state":{"a":["x\\udc00y"]}'),
+        good.replace(b'"state":{"a":1}', b'"state":{"\\ud83d":1}'),
+        good.replace(b'"state":{"a":1}', b'"state":{"a":1e400}'),
+        good.replace(b'"state":{"a":1}', b'"state":{"a":' + b"1" * 10_001 + b"}"),
     ]
     for data in variants:
         assert data != good
-        (ck / "manifest.json").write_bytes(data)
+        (ck / "manifest.json").write_bytes(re.sub(rb'^\{"manifest_checksum":"crc32:[0-9a-f]{8}",', b"{", data))
         refused(ck, CheckpointFormatError, ckptproto.load, ckptproto.read_manifest, ckptproto.read_info)
+        agree(ck, CheckpointFormatError)
+    # A surrogate pair is one character, escaped or not; \\ud800 is an escaped backslash.
+    for text in (b'"\\ud83d\\ude00"', '"\U0001f600"'.encode(), b'"\\\\ud800"'):
+        (ck / "manifest.json").write_bytes(b"{" + good[38:].replace(b'"state":{"a":1}', b'"state":{"a":' + text + b"}"))
+        assert ckptproto.load(ck)["a"] == json.loads(text)
+        agree(ck, None)
 
 
 def test_F7_real_manifests_validate_against_the_schema(tmp_path: Path) -> None:
@@ -659,6 +679,26 @@ def test_F19_json_numbers(tmp_path: Path) -> None:
     out = ckptproto.load(ck)
     assert out["i"] == 123456789012345678901234567890 and type(out["i"]) is int
     assert out["f"] == 100.0 and type(out["f"]) is float
+    # Exact beyond Python's 4,300-digit int(str) limit, up to F-33's 10,000 characters, as a
+    # value and as a $dict key; readers accept (validate: only F-16, a writer's rule).
+    big = 7 * 10**4999 + 1
+    digits = str(decimal.Decimal(big))
+    state = '{"v":%s,"k":{"$dict":[[%s,1]]}}' % (digits, digits)
+    ck2 = one_tensor(tmp_path, name="big")
+    (ck2 / "manifest.json").write_text((ck2 / "manifest.json").read_text().replace('{"t": {"$torch": 0}}', state))
+    agree(ck2, None)
+    out = ckptproto.load(ck2)
+    assert out["v"] == big and out["k"] == {big: 1}
+    assert ckptproto.read_manifest(ck2).state["v"] == big
+    # Longer integers and numbers that overflow a double are refused, by every reader, and
+    # a directory of them is skipped (with a warning) by discovery, not a crash.
+    for name, value in (("wider", "9" * 10_001), ("neg", "-" + "9" * 10_000), ("inf", "1e400"), ("ninf", "-1.5e999")):
+        bad = one_tensor(tmp_path, name=name)
+        (bad / "manifest.json").write_text((bad / "manifest.json").read_text().replace('{"t": {"$torch": 0}}', '{"v": %s}' % value))
+        agree(bad, CheckpointFormatError)
+        refused(bad, CheckpointFormatError, ckptproto.read_manifest, ckptproto.read_info)
+    found = {r.path.name for r in ckptproto.find_checkpoints(tmp_path)}
+    assert found == {"ck", "big"}
 
 
 # ---------------------------------------------------------------- FORMAT §4 dtypes, data files
@@ -901,6 +941,62 @@ def test_F26_checksums(tmp_path: Path) -> None:
     assert ckptproto.load(ck2, verify=False)["w"].shape == (4, 6)  # the bytes are read, unchecked
 
 
+def test_F37_refusal_order(tmp_path: Path) -> None:
+    """Several problems at once: every reader names the class of the earliest stage (§9)."""
+    boxes = [(F0, [0, 0], [2, 6]), (F1, [2, 0], [2, 6])]
+
+    def case(name: str, *breaks: Callable[[Path], Any]) -> Path:
+        ck = _chunked(tmp_path, name, boxes)
+        for b in breaks:
+            b(ck)
+        return ck
+
+    def missing(ck: Path) -> None:
+        (ck / F1).unlink()
+
+    def flipped(ck: Path) -> None:
+        raw = bytearray((ck / F1).read_bytes())
+        raw[-1] ^= 1
+        (ck / F1).write_bytes(bytes(raw))
+
+    def bad_header(ck: Path) -> None:  # recorded in the manifest: written wrong, not damaged
+        n, header = header_of((ck / F0).read_bytes())
+        header["w0"]["dtype"] = "F99"
+        put_data(ck, F0, _rebuild(header, (ck / F0).read_bytes()[8 + n :]))
+
+    def data_dir(ck: Path) -> None:
+        (ck / F0).unlink()
+        (ck / F0).mkdir()
+
+    def bad_value(ck: Path) -> None:
+        edit(ck, lambda d: d["state"].__setitem__("x", {"$int": "12a"}))
+
+    def bad_ref(ck: Path) -> None:
+        edit(ck, lambda d: d["state"].__setitem__("x", {"$numpy": 0}))
+
+    def reused_pair(ck: Path) -> None:
+        edit(ck, lambda d: d["tensors"].append(json.loads(json.dumps(d["tensors"][0]))))
+
+    # The manifest alone decides before any data file is looked at...
+    for name, manifest_problem in (("value", bad_value), ("ref", bad_ref), ("pair", reused_pair)):
+        agree(case(f"{name}_missing", manifest_problem, missing), CheckpointFormatError)
+        agree(case(f"{name}_flipped", manifest_problem, flipped), CheckpointFormatError)
+    # ...then damage to any data file, whatever else is wrong with the files...
+    agree(case("header_and_flipped", bad_header, flipped), CheckpointCorruptError)
+    agree(case("dir_and_missing", data_dir, missing), CheckpointCorruptError)
+    agree(case("missing", missing), CheckpointCorruptError)
+    # ...then the rest.
+    agree(case("header", bad_header), CheckpointFormatError)
+    agree(case("dir", data_dir), CheckpointFormatError)
+    agree(case("fine"), None)
+
+
+def _rebuild(header: dict[str, Any], buffer: bytes) -> bytes:
+    text = json.dumps(header).encode()
+    text += b" " * (-(8 + len(text)) % 8)
+    return struct.pack("<Q", len(text)) + text + buffer
+
+
 # ---------------------------------------------------------------- FORMAT §6 atomic commit
 
 
@@ -945,9 +1041,21 @@ def test_F36_manifest_checksum(tmp_path: Path) -> None:
     manifest.write_bytes(data.replace(b"manifest_checksum", b"manifest_checksun", 1))
     with pytest.raises(ckptproto.CheckpointCorruptError):
         ckptproto.read_manifest(ck)
+    # Damage is found before parsing: also where it leaves JSON that no longer parses, or
+    # breaks the "crc32:" literal; every reader says so.
+    at_quote = data.index(b'"format":')
+    for damaged in (
+        data[:at] + b"1" + data[at + 1 :],
+        data[:at_quote] + b"'" + data[at_quote + 1 :],
+        data[:-1] + b"]",
+        data.replace(b'"crc32:', b'"crc22:', 1),
+    ):
+        manifest.write_bytes(damaged)
+        agree(ck, CheckpointCorruptError)
     # Without the member (another writer, a hand edit), the manifest is read unchecked.
     manifest.write_bytes(b"{" + data[38:])
     ckptproto.load(ck)
+    agree(ck, None)
 
 
 def test_F27_temporary_sibling_is_hidden(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -1049,9 +1157,13 @@ def test_F32_other_major_refused_naming_both_versions(tmp_path: Path) -> None:
         with pytest.raises(CheckpointFormatError, match=r"2\.0") as info:
             read(ck)
         assert "1." in str(info.value).replace("2.0", "")
-    for bad in ("0.9", "1", "1.x", "v1.0", "1.0.0", 1.0, None, "١.0"):
+    for bad in ("0.9", "1", "1.x", "v1.0", "1.0.0", 1.0, None, "١.0", "1.١", "1.100000", "01.0x", " 1.0"):
         edit(ck, lambda d, bad=bad: d.__setitem__("format_version", bad))
         refused(ck, CheckpointFormatError, ckptproto.read_manifest)
+        agree(ck, CheckpointFormatError, schema=True)
+    for good in ("1.0", "1.99999", "1.00"):
+        edit(ck, lambda d, good=good: d.__setitem__("format_version", good))
+        agree(ck, None, schema=True)
 
 
 # ---------------------------------------------------------------- FORMAT §8 limits, safety
@@ -1364,6 +1476,31 @@ def test_P7_other_refusals(tmp_path: Path) -> None:
             ckptproto.save(state, tmp_path / f"ck{i}", **kw)
     with pytest.raises(UnsupportedValueError):
         ckptproto.save([1, 2], tmp_path / "list")  # type: ignore[arg-type]
+    # Dict cycles and dicts nested past the limit fail in save's Stateful resolution too
+    # (before encoding), for the sync and the async saver alike, naming the path.
+    looped: dict[str, Any] = {"x": {}}
+    looped["x"]["back"] = looped
+    deep: dict[str, Any] = {}
+    node = deep
+    for _ in range(2000):
+        node["d"] = {}
+        node = node["d"]
+    with ckptproto.AsyncSaver() as saver:
+        for name, bad, path_prefix, what in (
+            ("loop", looped, "x.back", "cycle"),
+            ("deep", {"a": deep}, "a.d.d.d", "deeper"),
+            ("surrogate", {"a": {"s": "ok \ud800"}}, "a.s", "surrogate"),
+            ("surrogate_key", {"a": {"k\udfff": 1}}, "a.k", "surrogate"),
+            ("surrogate_dict_key", {"a": {1: "x", "\ud800": 2}}, "a", "surrogate"),
+        ):
+            for save_with in (ckptproto.save, lambda s, p: saver.save(s, p).result()):
+                with pytest.raises(UnsupportedValueError, match=what) as info:
+                    save_with(bad, tmp_path / name)
+                assert info.value.path.startswith(path_prefix), info.value.path
+                str(info.value).encode("utf-8")  # printable, even when the path is not
+        with pytest.raises(UnsupportedValueError, match="surrogate") as info:
+            ckptproto.save({"a": 1}, tmp_path / "meta", metadata={"note": "\udc80"})
+        assert info.value.path == "metadata.note"
     assert os.listdir(tmp_path) == []
 
 

@@ -193,7 +193,8 @@ def _top_level(doc: dict[str, Any], out: _Collector) -> int:
         out.add("F-6", m, f'"format" is {_show(doc.get("format"))}, not "ckptproto"')
     version = doc.get("format_version")
     parts = version.split(".") if isinstance(version, str) else []
-    if len(parts) != 2 or not all(p.isdigit() for p in parts):
+    # ASCII digits only: str.isdigit() and int() also take "١" (Arabic-Indic one).
+    if len(parts) != 2 or not all(re.fullmatch("[0-9]{1,5}", p) for p in parts):
         out.add("F-31", m, f'"format_version" {_show(version)} is not "MAJOR.MINOR"')
     elif int(parts[0]) != 1:
         out.add("F-32", m, f'"format_version" {_show(version)}: this validator checks major version 1')
