@@ -357,12 +357,16 @@ def test_F6_manifest_is_strict_json_of_format_ckptproto(tmp_path: Path) -> None:
     ]
     for data in variants:
         assert data != good
-        (ck / "manifest.json").write_bytes(re.sub(rb'^\{"manifest_checksum":"crc32:[0-9a-f]{8}",', b"{", data))
+        (ck / "manifest.json").write_bytes(
+            re.sub(rb'^\{"manifest_checksum":"crc32:[0-9a-f]{8}",', b"{", data)
+        )
         refused(ck, CheckpointFormatError, ckptproto.load, ckptproto.read_manifest, ckptproto.read_info)
         agree(ck, CheckpointFormatError)
     # A surrogate pair is one character, escaped or not; \\ud800 is an escaped backslash.
     for text in (b'"\\ud83d\\ude00"', '"\U0001f600"'.encode(), b'"\\\\ud800"'):
-        (ck / "manifest.json").write_bytes(b"{" + good[38:].replace(b'"state":{"a":1}', b'"state":{"a":' + text + b"}"))
+        (ck / "manifest.json").write_bytes(
+            b"{" + good[38:].replace(b'"state":{"a":1}', b'"state":{"a":' + text + b"}")
+        )
         assert ckptproto.load(ck)["a"] == json.loads(text)
         agree(ck, None)
 
@@ -685,16 +689,25 @@ def test_F19_json_numbers(tmp_path: Path) -> None:
     digits = str(decimal.Decimal(big))
     state = '{"v":%s,"k":{"$dict":[[%s,1]]}}' % (digits, digits)
     ck2 = one_tensor(tmp_path, name="big")
-    (ck2 / "manifest.json").write_text((ck2 / "manifest.json").read_text().replace('{"t": {"$torch": 0}}', state))
+    (ck2 / "manifest.json").write_text(
+        (ck2 / "manifest.json").read_text().replace('{"t": {"$torch": 0}}', state)
+    )
     agree(ck2, None)
     out = ckptproto.load(ck2)
     assert out["v"] == big and out["k"] == {big: 1}
     assert ckptproto.read_manifest(ck2).state["v"] == big
     # Longer integers and numbers that overflow a double are refused, by every reader, and
     # a directory of them is skipped (with a warning) by discovery, not a crash.
-    for name, value in (("wider", "9" * 10_001), ("neg", "-" + "9" * 10_000), ("inf", "1e400"), ("ninf", "-1.5e999")):
+    for name, value in (
+        ("wider", "9" * 10_001),
+        ("neg", "-" + "9" * 10_000),
+        ("inf", "1e400"),
+        ("ninf", "-1.5e999"),
+    ):
         bad = one_tensor(tmp_path, name=name)
-        (bad / "manifest.json").write_text((bad / "manifest.json").read_text().replace('{"t": {"$torch": 0}}', '{"v": %s}' % value))
+        (bad / "manifest.json").write_text(
+            (bad / "manifest.json").read_text().replace('{"t": {"$torch": 0}}', '{"v": %s}' % value)
+        )
         agree(bad, CheckpointFormatError)
         refused(bad, CheckpointFormatError, ckptproto.read_manifest, ckptproto.read_info)
     found = {r.path.name for r in ckptproto.find_checkpoints(tmp_path)}
@@ -1215,6 +1228,30 @@ def test_F33_limits(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         ck2 = one_tensor(tmp_path, name=f"l{i}")
         edit(ck2, lambda d, change=change: change(d["tensors"][0]))
         refused(ck2, CheckpointFormatError, ckptproto.read_manifest)
+    # Zero elements, but strides past 2**63 bytes: one rule for every reader (refused from
+    # the manifest), so load_into of a Stateful fails cleanly and discovery skips it.
+    # [0, 2**62, 2**62]; and [0, 2**30, 2**30, 2] of float32: 2**63 bytes, one past the limit.
+    for name, shape in (("z_over", [0, 2**62, 2**62]), ("z_edge", [0, 2**30, 2**30, 2])):
+        data = _data_file([("t", "F32", shape, b"")])
+        chunk = {"file": DATA, "key": "t", "offsets": [0] * len(shape), "shape": shape}
+        tensor = {"dtype": "float32", "shape": shape, "chunks": [chunk]}
+        ck3 = build(tmp_path / name, {DATA: data}, [tensor], {"t": {"$torch": 0}})
+        agree(ck3, CheckpointFormatError)
+        with pytest.raises(CheckpointFormatError):
+            ckptproto.load_into(ck3, torch.nn.Linear(1, 1), strict=False)
+    fits = [0, 2**30, 2**30, 1]  # 2**62 bytes of float32 if it had elements: legal
+    data = _data_file([("t", "F32", fits, b"")])
+    chunk = {"file": DATA, "key": "t", "offsets": [0] * 4, "shape": fits}
+    ck4 = build(
+        tmp_path / "z_fits",
+        {DATA: data},
+        [{"dtype": "float32", "shape": fits, "chunks": [chunk]}],
+        {"t": {"$torch": 0}},
+    )
+    agree(ck4, None)
+    assert ckptproto.load(ck4)["t"].shape == tuple(fits)
+    assert {r.path.name for r in ckptproto.find_checkpoints(tmp_path)} >= {"z_fits"}
+    assert not {"z_over", "z_edge"} & {r.path.name for r in ckptproto.find_checkpoints(tmp_path)}
 
 
 def test_F34_no_allocation_before_validation(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -388,6 +388,12 @@ def _tensors(
         if len(shape) > MAX_NDIM or any(d > MAX_DIM for d in shape):
             out.add("F-33", where, f"shape {_show(shape)} has over {MAX_NDIM} dimensions or one over 2**62")
             continue
+        extent = dtype.itemsize if dtype is not None else 1
+        for d in shape:
+            extent *= d or 1
+        if extent >= 1 << 63:
+            out.add("F-33", where, f"shape {_show(shape)} spans over 2**63-1 bytes, zero dimensions ignored")
+            continue
         if isinstance(chunks, list) and len(chunks) > MAX_CHUNKS:
             out.add("F-33", where, f"{len(chunks)} chunks, over the {MAX_CHUNKS} limit")
             continue

@@ -27,6 +27,7 @@ FORMAT_VERSION = (1, 0)
 MAX_MANIFEST_BYTES = 1 << 30
 MAX_NDIM = 64
 MAX_DIM = 1 << 62
+MAX_EXTENT = (1 << 63) - 1  # bytes a shape may span with its zero dimensions taken as 1
 MAX_CHUNKS_PER_TENSOR = 1 << 16
 # The manifest's own checksum is its first member, so the bytes it covers are easy to find:
 # ``{"manifest_checksum":"crc32:xxxxxxxx",`` + the rest; the CRC is that of ``{`` + the rest
@@ -316,9 +317,25 @@ def _parse_tensor(doc: object, index: int, files: dict[str, FileEntry], where: s
         if any(o + s > g for o, s, g in zip(offsets, cshape, shape, strict=True)):
             raise CheckpointFormatError(f"{cw}: box {offsets}+{cshape} runs outside shape {shape}")
         chunks.append(Chunk(file, key, offsets, cshape))
+    _check_extent(shape, dtype.itemsize, what)
     entry = TensorEntry(dtype, shape, tuple(chunks))
     _check_tiling(entry, what)
     return entry
+
+
+def _check_extent(shape: tuple[int, ...], itemsize: int, what: str) -> None:
+    """F-33: the bytes a shape spans, zero dimensions ignored, fit a signed 64-bit integer.
+
+    A zero-element tensor ``[0, 2**62, 2**62]`` holds no bytes, but its strides overflow:
+    torch and numpy cannot even create it empty, so every reader refuses it up front."""
+    extent = itemsize
+    for d in shape:
+        extent *= d or 1
+        if extent > MAX_EXTENT:
+            raise CheckpointFormatError(
+                f"{what}: shape {list(shape)} spans over 2**63-1 bytes (zero dimensions ignored); "
+                "no tensor library can lay it out"
+            )
 
 
 def _check_tiling(entry: TensorEntry, what: str) -> None:

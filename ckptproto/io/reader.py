@@ -482,7 +482,7 @@ def materialize(
             if mapped is not None:
                 values[index] = mapped
                 continue
-        value, dest = _allocate(spec, ckpt, index)
+        value, dest = allocate(spec, ckpt, index)
         values[index] = value
         plan_into(ckpt, plan, index, spec, value, dest)
     execute(ckpt, plan, verify=verify and not use_mmap)
@@ -505,7 +505,8 @@ def check_all_files(ckpt: OpenCheckpoint) -> None:
         raise CheckpointCorruptError("; ".join(problems), problems=problems)
 
 
-def _allocate(spec: ArraySpec, ckpt: OpenCheckpoint, index: int) -> tuple[Any, memoryview]:
+def allocate(spec: ArraySpec, ckpt: OpenCheckpoint, index: int) -> tuple[Any, memoryview]:
+    """A new tensor for ``tensors[index]``; what the library refuses is a format error."""
     try:
         return arrays.allocate(spec)
     except CheckpointError:

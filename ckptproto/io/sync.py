@@ -328,7 +328,7 @@ def load_into(
             if dest is not None:
                 value = targets[0]
             else:
-                value, dest = arrays.allocate(spec)
+                value, dest = reader.allocate(spec, ckpt, index)
             values[index] = value
             copies.extend((t, value) for t in targets if t is not value)
             reader.plan_into(ckpt, plan, index, spec, value, dest)
