@@ -687,7 +687,7 @@ def test_F19_json_numbers(tmp_path: Path) -> None:
     # value and as a $dict key; readers accept (validate: only F-16, a writer's rule).
     big = 7 * 10**4999 + 1
     digits = str(decimal.Decimal(big))
-    state = '{"v":%s,"k":{"$dict":[[%s,1]]}}' % (digits, digits)
+    state = '{"v":' + digits + ',"k":{"$dict":[[' + digits + ",1]]}}"
     ck2 = one_tensor(tmp_path, name="big")
     (ck2 / "manifest.json").write_text(
         (ck2 / "manifest.json").read_text().replace('{"t": {"$torch": 0}}', state)
@@ -706,7 +706,7 @@ def test_F19_json_numbers(tmp_path: Path) -> None:
     ):
         bad = one_tensor(tmp_path, name=name)
         (bad / "manifest.json").write_text(
-            (bad / "manifest.json").read_text().replace('{"t": {"$torch": 0}}', '{"v": %s}' % value)
+            (bad / "manifest.json").read_text().replace('{"t": {"$torch": 0}}', '{"v": ' + value + "}")
         )
         agree(bad, CheckpointFormatError)
         refused(bad, CheckpointFormatError, ckptproto.read_manifest, ckptproto.read_info)
