@@ -1254,6 +1254,63 @@ def test_F33_limits(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert not {"z_over", "z_edge"} & {r.path.name for r in ckptproto.find_checkpoints(tmp_path)}
 
 
+_UNDER_CAP = """
+import gc, resource, sys
+import ckptproto
+from ckptproto.conformance.validate import validate
+op, path, warm, budget = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+read = {"read_manifest": ckptproto.read_manifest, "load": ckptproto.load,
+        "verify": ckptproto.verify, "validate": validate}[op]
+read(warm)  # imports, the read pool's threads and their malloc arenas exist before the cap
+gc.collect()
+size = next(int(x.split()[1]) * 1024 for x in open("/proc/self/status") if x.startswith("VmSize"))
+resource.setrlimit(resource.RLIMIT_AS, (size + budget, size + budget))
+try:
+    read(path)
+    print("ok")
+except MemoryError:
+    print("MemoryError")
+"""
+
+
+def test_F33_memory_stays_within_the_documented_multiple(tmp_path: Path) -> None:
+    """F-33's bound, held under an address-space cap (RLIMIT_AS) in a child process: the
+    worst case per byte, a manifest of empty lists and a header of empty entries."""
+    import subprocess
+    import sys
+
+    mib = 2**20
+    size = 4 * mib
+    ckptproto.save({"a": 1}, tmp_path / "warm")
+    data = _data_file([])
+    lists = build(tmp_path / "lists", {DATA: data}, [], {"x": 0})
+    text = (lists / "manifest.json").read_bytes()
+    (lists / "manifest.json").write_bytes(text.replace(b'"x": 0', b'"x": [' + b"[]," * (size // 3) + b"[]]"))
+    entries = [(f"{i:x}", "U8", [0], b"") for i in range(size // 50)]
+    header = build(tmp_path / "header", {DATA: _data_file(entries)}, [], {})
+    header_size = (header / DATA).stat().st_size
+    assert header_size >= size
+
+    slack = 8 * mib
+    runs = {  # what runs under which cap, and what it must print
+        ("read_manifest", lists, 32 * size + slack): "ok",
+        ("validate", lists, 32 * size + slack): "ok",
+        ("load", lists, 32 * size + slack): "ok",  # decoded in place: one tree, not two
+        ("verify", header, 24 * header_size + slack): "ok",
+        ("read_manifest", lists, 8 * size): "MemoryError",  # the cap bites
+    }
+    children = {
+        run: subprocess.Popen(
+            [sys.executable, "-c", _UNDER_CAP, run[0], str(run[1]), str(tmp_path / "warm"), str(run[2])],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for run in runs
+    }
+    said = {run: child.communicate()[0].strip() for run, child in children.items()}
+    assert said == runs
+
+
 def test_F34_no_allocation_before_validation(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from ckptproto import arrays
 

@@ -26,7 +26,7 @@ from ckptproto.format import layout, strict_json
 from ckptproto.format.crc import parse_checksum
 from ckptproto.format.regular_file import NotRegularFileError, open_regular
 from ckptproto.format.safetensors import MAX_HEADER_BYTES, RAW_CODE
-from ckptproto.tree import MAX_SAFE_INT, decode_tree, int_text, iter_tensor_refs
+from ckptproto.tree import MAX_SAFE_INT, check_tree, int_text, iter_tensor_refs
 
 MAX_MANIFEST_BYTES = 1 << 30
 MAX_NDIM = 64
@@ -527,11 +527,11 @@ def _state(doc: dict[str, Any], tensors: list[dtypes.DType | None], out: _Collec
             out.add("F-14", at, f"$numpy reference to a {tensors[index].name} tensor, which numpy lacks")  # type: ignore[union-attr]
 
     try:
-        decoded = decode_tree(state, resolve, where=f"{m}: state")
+        is_dict = check_tree(state, resolve, where=f"{m}: state")
     except CheckpointFormatError as exc:
         out.add(_decode_rule(str(exc)), f"{m}: state", str(exc).removeprefix(f"{m}: state: "))
         return
-    if not isinstance(decoded, dict):
+    if not is_dict:
         out.add("F-15", f"{m}: state", "the top level is not an object")
     for path, value in _numbers(state, ""):
         out.add("F-16", f"{m}: state.{path}" if path else f"{m}: state", value)
@@ -587,11 +587,11 @@ def _metadata(doc: dict[str, Any], out: _Collector) -> None:
         out.add("F-15", f"{m}: metadata.{refs[0][0]}", "metadata holds a tensor reference")
         return
     try:
-        decoded = decode_tree(meta, lambda kind, index, p: None, where=f"{m}: metadata")
+        is_dict = check_tree(meta, lambda kind, index, p: None, where=f"{m}: metadata")
     except CheckpointFormatError as exc:
         out.add("F-15", f"{m}: metadata", str(exc))
         return
-    if not isinstance(decoded, dict):
+    if not is_dict:
         out.add("F-15", f"{m}: metadata", "is not an object")
         return
 

@@ -20,7 +20,7 @@ from ckptproto.dtypes import DType
 from ckptproto.errors import CheckpointCorruptError, CheckpointFormatError
 from ckptproto.format import layout, strict_json
 from ckptproto.format.crc import parse_checksum
-from ckptproto.tree import decode_tree
+from ckptproto.tree import check_tree
 
 FORMAT_NAME = "ckptproto"
 FORMAT_VERSION = (1, 0)
@@ -198,9 +198,9 @@ def _check_values(state: Any, metadata: Any, tensors: list[TensorEntry], where: 
     def no_tensors(kind: str, index: int, path: str) -> None:
         raise CheckpointFormatError(f"{where}: metadata.{path} refers to a tensor")
 
-    if not isinstance(decode_tree(state, resolve, where=f"{where} (state)"), dict):
+    if not check_tree(state, resolve, where=f"{where} (state)"):
         raise CheckpointFormatError(f"{where}: the state must be an object at the top level")
-    if not isinstance(decode_tree(metadata, no_tensors, where=f"{where} (metadata)"), dict):
+    if not check_tree(metadata, no_tensors, where=f"{where} (metadata)"):
         raise CheckpointFormatError(f"{where}: metadata must be an object")
 
 

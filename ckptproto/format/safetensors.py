@@ -21,7 +21,7 @@ HEADER_ALIGN = 8
 RAW_CODE = "U8"  # dtypes safetensors lacks are stored as raw bytes under this code
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class HeaderEntry:
     """One tensor of a data file; ``begin``/``end`` are absolute file offsets."""
 
@@ -77,7 +77,8 @@ def parse_header(raw: bytes, file_size: int, name: str) -> dict[str, HeaderEntry
     if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
         raise CheckpointFormatError(f"{name}: __metadata__ must map strings to strings")
     entries: dict[str, HeaderEntry] = {}
-    for key, e in obj.items():
+    for key in list(obj):
+        e = obj.pop(key)  # free the parsed JSON as entries are built: a header may be 100 MiB
         where = f"{name}: tensor {key!r}"
         if not isinstance(e, dict) or set(e) != {"dtype", "shape", "data_offsets"}:
             raise CheckpointFormatError(f"{where} needs exactly dtype, shape and data_offsets")

@@ -248,7 +248,8 @@ def load(
             ckpt, kinds, use_mmap=mmap, verify=(not mmap) if verify is None else verify
         )
     moved = {i: arrays.to_device(v, map_location) for i, v in values.items()}
-    state = decode_tree(ckpt.manifest.state, lambda kind, index, p: moved[index], where=where)
+    # The manifest's last use: decode its state in place (one tree in memory, not two).
+    state = decode_tree(ckpt.manifest.state, lambda kind, index, p: moved[index], where=where, in_place=True)
     if not isinstance(state, dict):
         raise CheckpointFormatError(f"{where}: the state must be an object at the top level")
     return state
