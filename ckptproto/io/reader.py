@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import mmap as mmap_module
 import os
+import platform
+import sys
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -475,9 +477,7 @@ def materialize(
             chunk = entry.chunks[0]
             header_entry = ckpt.locate(entry, chunk, index)
             if chunk.file not in maps and ckpt.files[chunk.file].size > 0:
-                maps[chunk.file] = mmap_module.mmap(
-                    ckpt.files[chunk.file].fd, 0, access=mmap_module.ACCESS_COPY
-                )
+                maps[chunk.file] = map_private(ckpt.files[chunk.file])
             mapped = arrays.from_buffer(spec, maps[chunk.file], header_entry.begin)
             if mapped is not None:
                 values[index] = mapped
@@ -489,6 +489,30 @@ def materialize(
     if use_mmap and verify:
         check_all_files(ckpt)
     return values
+
+
+# Linux's MAP_NORESERVE (0x4000 on x86-64 and arm64; Python's mmap module lacks the name):
+# a private map reserves no commit charge for pages never written, so a checkpoint larger
+# than free memory maps (under the default heuristic overcommit, not under strict mode 2).
+_MAP_NORESERVE = 0x4000 if sys.platform == "linux" and platform.machine() in ("x86_64", "aarch64") else 0
+
+
+def map_private(data_file: DataFile) -> mmap_module.mmap:
+    """A copy-on-write map of a whole data file: pages are read from the file when touched
+    and copied only where the caller writes. Until then they show the file: a file changed
+    under the map changes the tensors (ckptproto never rewrites a committed file)."""
+    try:
+        return mmap_module.mmap(
+            data_file.fd,
+            0,
+            flags=mmap_module.MAP_PRIVATE | _MAP_NORESERVE,
+            prot=mmap_module.PROT_READ | mmap_module.PROT_WRITE,
+        )
+    except OSError as exc:
+        raise CheckpointError(
+            f"{data_file.path}: cannot map {data_file.size} bytes ({exc}); load with mmap=False, "
+            "or allow overcommit (vm.overcommit_memory != 2)"
+        ) from exc
 
 
 def check_all_files(ckpt: OpenCheckpoint) -> None:

@@ -227,7 +227,10 @@ def load(
         state = ckptproto.load("checkpoints/checkpoint_step_10", map_location="cpu")
         print(state["trainer"]["global_step"])
 
-    With ``mmap=True`` tensors are backed by the files (copy-on-write) and read lazily.
+    With ``mmap=True`` tensors are backed by the files (copy-on-write) and read lazily: no
+    memory is reserved up front (a checkpoint larger than free memory maps), pages are copied
+    only where you write, and until then a tensor shows its file, so a file changed under
+    the map changes the tensors (committed checkpoints are never rewritten in place).
     ``verify`` (default: on, off with ``mmap``) compares every data file's CRC while reading.
     Under torch.distributed every rank loads the full state and checks that all ranks loaded
     the same checkpoint (``process_group="local"``: this process alone).
