@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -140,6 +141,49 @@ def test_dcp_values_needing_full_unpickling_are_refused(tmp_path: Path) -> None:
     assert not (tmp_path / "c").exists()
     convert(tmp_path / "d", tmp_path / "c", to="ckptproto", allow_pickle=True)
     assert ckptproto.load(tmp_path / "c")["n"] == 5
+
+
+class _Touch:
+    """Unpickling this runs ``pathlib.Path(target).touch()``: a hostile pickle's payload."""
+
+    def __init__(self, target: Path) -> None:
+        self.target = target
+
+    def __reduce__(self) -> Any:
+        return (Path.touch, (self.target,))
+
+
+def test_hostile_dcp_metadata_is_not_unpickled_without_the_flag(tmp_path: Path) -> None:
+    """A .metadata that runs code when unpickled: the default convert refuses it without
+    running it, from the API and the CLI; only the explicit opt-in unpickles it."""
+    import pickle
+
+    import torch.distributed.checkpoint as dcp_api
+
+    src = tmp_path / "d"
+    dcp_api.save({"w": torch.ones(2)}, checkpoint_id=str(src), no_dist=True)
+    marker = tmp_path / "pwned"
+    metadata = pickle.loads((src / ".metadata").read_bytes())
+    metadata.planner_data = {"w": ("w",), "x": _Touch(marker)}
+    (src / ".metadata").write_bytes(pickle.dumps(metadata))
+    with pytest.raises(PickleRefusedError, match="allow_pickle"):
+        convert(src, tmp_path / "c", to="ckptproto")
+    assert not marker.exists() and not (tmp_path / "c").exists()
+    proc = subprocess.run(
+        [sys.executable, "-m", "ckptproto", "convert", str(src), str(tmp_path / "c2"), "--to", "ckptproto"],
+        capture_output=True,
+        text=True,
+        env=os.environ.copy(),
+    )
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr
+    assert not marker.exists() and not (tmp_path / "c2").exists()
+    # A genuine DCP directory still converts without the flag (the restricted reader builds
+    # DCP's own metadata), and the opt-in is what lets the hostile one run.
+    dcp_api.save({"w": torch.ones(2)}, checkpoint_id=str(tmp_path / "good"), no_dist=True)
+    convert(tmp_path / "good", tmp_path / "c3", to="ckptproto")
+    assert torch.equal(ckptproto.load(tmp_path / "c3")["w"], torch.ones(2))
+    convert(src, tmp_path / "c4", to="ckptproto", allow_pickle=True)
+    assert marker.exists()
 
 
 def test_dcp_refuses_a_tensor_it_would_pickle_inside_a_tuple(tmp_path: Path) -> None:
