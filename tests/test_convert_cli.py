@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import decimal
 import io
 import os
 import subprocess
@@ -184,6 +185,60 @@ def test_hostile_dcp_metadata_is_not_unpickled_without_the_flag(tmp_path: Path) 
     assert torch.equal(ckptproto.load(tmp_path / "c3")["w"], torch.ones(2))
     convert(src, tmp_path / "c4", to="ckptproto", allow_pickle=True)
     assert marker.exists()
+
+
+def _flat_file(path: Path, state_json: str, table: Any) -> Path:
+    """A flat safetensors file of one F32[2] tensor whose ckptproto metadata is given raw."""
+    import json
+    import struct
+
+    meta = {"ckptproto.state": state_json, "ckptproto.tensors": json.dumps(table)}
+    header = json.dumps({"__metadata__": meta, "t": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}})
+    raw = header.encode() + b" " * (-(8 + len(header.encode())) % 8)
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + b"\0" * 8)
+    return path
+
+
+def test_hostile_flat_safetensors_metadata_is_a_checkpoint_error(tmp_path: Path) -> None:
+    """__metadata__ nesting 100k deep, ints past Python's 4,300 digits, strided nested
+    tensors, zero-size shapes that overflow: CheckpointErrors naming the cause, no traceback."""
+    table = [["t", "float32", [2]]]
+    big = "7" * 5000
+    exact = _flat_file(tmp_path / "big.safetensors", '{"w":{"$torch":0},"n":' + big + "}", table)
+    convert(exact, tmp_path / "big", to="ckptproto")
+    assert ckptproto.load(tmp_path / "big")["n"] == int(decimal.Decimal(big))
+    hostile = {
+        "deep": ('{"w":' + "[" * 100_000 + "]" * 100_000 + "}", table, "nests"),
+        "wide_int": ('{"w":' + "9" * 10_001 + "}", table, "10001 characters"),
+        "inf": ('{"w":1e400}', table, "overflows"),
+        "zero_huge": ('{"w":{"$torch":0}}', [["t", "float32", [0, 2**62, 2**62]]], "2\\*\\*63"),
+        "bad_ref": ('{"w":{"$torch":' + "9" * 5000 + "}}", table, "bad tensor reference"),
+    }
+    for name, (state_json, tab, match) in hostile.items():
+        src = _flat_file(tmp_path / f"{name}.safetensors", state_json, tab)
+        with pytest.raises(CheckpointFormatError, match=match):
+            convert(src, tmp_path / name, to="ckptproto")
+        assert not (tmp_path / name).exists()
+    for name in ("deep", "wide_int"):  # and the CLI says so without a traceback
+        cli = [sys.executable, "-m", "ckptproto", "convert", str(tmp_path / f"{name}.safetensors")]
+        proc = subprocess.run(
+            [*cli, str(tmp_path / name), "--to", "ckptproto"],
+            capture_output=True,
+            text=True,
+            env=os.environ.copy(),
+        )
+        assert proc.returncode != 0 and "Traceback" not in proc.stderr, (name, proc.stderr[-2000:])
+    nested = torch.nested.nested_tensor([torch.ones(2), torch.ones(3)], layout=torch.strided)
+    for save in (ckptproto.save, lambda s, p: convert_state_to_flat(s, p)):
+        with pytest.raises(UnsupportedValueError, match="nested") as info:
+            save({"n": nested}, tmp_path / "nested")
+        assert info.value.path == "n"
+
+
+def convert_state_to_flat(state: dict[str, Any], path: Path) -> None:
+    from ckptproto.interop import flat_safetensors
+
+    flat_safetensors.write(state, path.with_suffix(".safetensors"))
 
 
 def test_dcp_refuses_a_tensor_it_would_pickle_inside_a_tuple(tmp_path: Path) -> None:

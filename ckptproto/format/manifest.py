@@ -317,13 +317,13 @@ def _parse_tensor(doc: object, index: int, files: dict[str, FileEntry], where: s
         if any(o + s > g for o, s, g in zip(offsets, cshape, shape, strict=True)):
             raise CheckpointFormatError(f"{cw}: box {offsets}+{cshape} runs outside shape {shape}")
         chunks.append(Chunk(file, key, offsets, cshape))
-    _check_extent(shape, dtype.itemsize, what)
+    check_extent(shape, dtype.itemsize, what)
     entry = TensorEntry(dtype, shape, tuple(chunks))
     _check_tiling(entry, what)
     return entry
 
 
-def _check_extent(shape: tuple[int, ...], itemsize: int, what: str) -> None:
+def check_extent(shape: tuple[int, ...], itemsize: int, what: str) -> None:
     """F-33: the bytes a shape spans, zero dimensions ignored, fit a signed 64-bit integer.
 
     A zero-element tensor ``[0, 2**62, 2**62]`` holds no bytes, but its strides overflow:
