@@ -714,6 +714,43 @@ def test_F19_json_numbers(tmp_path: Path) -> None:
     assert found == {"ck", "big"}
 
 
+@pytest.mark.parametrize(
+    ("state_json", "expected"),
+    [
+        ('{"v": 9007199254740993}', {"v": 9007199254740993}),
+        ('{"v": [1, 1.0, 1e2]}', {"v": [1, 1.0, 100.0]}),
+        ('{"b": 1, "2": 2, "a": 3}', {"b": 1, "2": 2, "a": 3}),
+        ('{"__proto__": 1, "constructor": 2}', {"__proto__": 1, "constructor": 2}),
+        ('{"k": {"$dict": [[9007199254740993, 1], [{"$int": "-9007199254740994"}, 2]]}}', None),
+        ('{"v": "\\ud83d\\ude00"}', {"v": "\U0001f600"}),
+        ('{"a": 1, "a": 2}', CheckpointFormatError),
+        ('{"v": {"$bytes": "AA"}}', CheckpointFormatError),
+        ('{"v": {"$bytes": "AA=="}}', {"v": b"\0"}),
+        ('{"v": {"$bytes": "-_8="}}', CheckpointFormatError),
+        ('{"v": [1e400]}', CheckpointFormatError),
+        ('{"v": ["\\ud800"]}', CheckpointFormatError),
+        ('{"v": NaN}', CheckpointFormatError),
+    ],
+)
+def test_F19_generic_parser_pitfalls(tmp_path: Path, state_json: str, expected: Any) -> None:
+    """FORMAT.md §10's table, row by row: what a generic JSON parser gets wrong, read by
+    every reader of this implementation."""
+    ck = one_tensor(tmp_path)
+    text = (ck / "manifest.json").read_text()
+    (ck / "manifest.json").write_text(text.replace('{"t": {"$torch": 0}}', state_json))
+    if isinstance(expected, type):
+        agree(ck, expected)
+        return
+    agree(ck, None)
+    loaded = ckptproto.load(ck)
+    if expected is None:  # int $dict keys past 2**53, plain and tagged, exact
+        assert loaded["k"] == {9007199254740993: 1, -9007199254740994: 2}
+    else:
+        assert loaded == expected and list(loaded) == list(expected)
+        if isinstance(expected.get("v"), list):  # 1 an int, 1.0 and 1e2 floats
+            assert [type(x) for x in loaded["v"]] == [type(x) for x in expected["v"]]
+
+
 # ---------------------------------------------------------------- FORMAT §4 dtypes, data files
 
 
@@ -911,6 +948,16 @@ def test_F25_real_safetensors_reads_the_same_bytes(tmp_path: Path) -> None:
             numpy_side[key].tobytes() == ours_np[key].tobytes()
             and numpy_side[key].dtype == ours_np[key].dtype
         )
+    # The numpy flavour: every entry with a numpy dtype (raw U8 ones as bytes); a file with a
+    # BF16 or F8 entry is refused whole, as F-25 says.
+    raw = save(
+        tmp_path,
+        {"c32": torch.ones(2, dtype=torch.complex32), "u16": torch.ones(2, dtype=torch.uint16)},
+        name="raw",
+    )
+    assert np_load_file(str(raw / DATA))["c32"].dtype == np.uint8
+    with pytest.raises(TypeError, match="bfloat16"):
+        np_load_file(str(save(tmp_path, {"b": torch.ones(2, dtype=torch.bfloat16)}, name="bf") / DATA))
 
 
 # ---------------------------------------------------------------- FORMAT §5 checksums
