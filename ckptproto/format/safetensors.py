@@ -8,6 +8,7 @@ UTF-8 JSON (padded with spaces), then the data buffer. Every tensor entry's
 from __future__ import annotations
 
 import json
+import math
 import struct
 from dataclasses import dataclass
 from typing import Any
@@ -77,31 +78,32 @@ def parse_header(raw: bytes, file_size: int, name: str) -> dict[str, HeaderEntry
     if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
         raise CheckpointFormatError(f"{name}: __metadata__ must map strings to strings")
     entries: dict[str, HeaderEntry] = {}
+    fields = {"dtype", "shape", "data_offsets"}
     for key in list(obj):
         e = obj.pop(key)  # free the parsed JSON as entries are built: a header may be 100 MiB
-        where = f"{name}: tensor {key!r}"
-        if not isinstance(e, dict) or set(e) != {"dtype", "shape", "data_offsets"}:
-            raise CheckpointFormatError(f"{where} needs exactly dtype, shape and data_offsets")
+        if not isinstance(e, dict) or len(e) != 3 or not fields.issuperset(e):
+            raise CheckpointFormatError(f"{name}: tensor {key!r} needs exactly dtype, shape and data_offsets")
         code, shape, offsets = e["dtype"], e["shape"], e["data_offsets"]
-        if not isinstance(code, str) or code not in SAFETENSORS_ITEMSIZE:
-            raise CheckpointFormatError(f"{where} has unsupported dtype {_short(code)}")
-        if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
-            raise CheckpointFormatError(f"{where} has a bad shape {_short(shape)}")
+        itemsize = SAFETENSORS_ITEMSIZE.get(code) if isinstance(code, str) else None
+        if itemsize is None:
+            raise CheckpointFormatError(f"{name}: tensor {key!r} has unsupported dtype {_short(code)}")
+        if type(shape) is not list or not all(type(d) is int and d >= 0 for d in shape):
+            raise CheckpointFormatError(f"{name}: tensor {key!r} has a bad shape {_short(shape)}")
         if (
-            not isinstance(offsets, list)
+            type(offsets) is not list
             or len(offsets) != 2
-            or not all(type(o) is int for o in offsets)
+            or type(offsets[0]) is not int
+            or type(offsets[1]) is not int
             or not 0 <= offsets[0] <= offsets[1] <= buffer_len
         ):
             raise CheckpointFormatError(
-                f"{where}: data_offsets {_short(offsets)} fall outside the {buffer_len}-byte buffer"
+                f"{name}: tensor {key!r}: data_offsets {_short(offsets)} fall outside the "
+                f"{buffer_len}-byte buffer"
             )
-        numel = 1
-        for d in shape:
-            numel *= d
-        if numel * SAFETENSORS_ITEMSIZE[code] != offsets[1] - offsets[0]:
+        nbytes = math.prod(shape) * itemsize
+        if nbytes != offsets[1] - offsets[0]:
             raise CheckpointFormatError(
-                f"{where}: shape {_short(shape)} of {code} needs {_short(numel * SAFETENSORS_ITEMSIZE[code])} bytes, "
+                f"{name}: tensor {key!r}: shape {_short(shape)} of {code} needs {_short(nbytes)} bytes, "
                 f"data_offsets give {offsets[1] - offsets[0]}"
             )
         entries[key] = HeaderEntry(code, tuple(shape), data_start + offsets[0], data_start + offsets[1])

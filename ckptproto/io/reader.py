@@ -88,7 +88,15 @@ class OpenCheckpoint:
         print(ckpt.manifest.files)
     """
 
-    def __init__(self, path: str | os.PathLike[str], manifest: Manifest | None = None) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        manifest: Manifest | None = None,
+        *,
+        headers: dict[str, dict[str, safetensors.HeaderEntry]] | None = None,
+    ) -> None:
+        """``headers``: each data file's parsed header, kept from an earlier opening of the
+        same files (``verify`` opens them one by one first): not parsed a second time."""
         self.path = Path(path)
         self.manifest = manifest if manifest is not None else read_manifest(self.path)
         self.files: dict[str, DataFile] = {}
@@ -96,7 +104,7 @@ class OpenCheckpoint:
         self._dir_fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
             for name, entry in self.manifest.files.items():
-                self.files[name] = self._open(name, entry.size)
+                self.files[name] = self._open(name, entry.size, (headers or {}).get(name))
             self._check_chunks()
         except CheckpointCorruptError:
             self.close()
@@ -137,7 +145,9 @@ class OpenCheckpoint:
                 os.close(fd)
         return problems
 
-    def _open(self, name: str, expected_size: int) -> DataFile:
+    def _open(
+        self, name: str, expected_size: int, parsed: dict[str, safetensors.HeaderEntry] | None = None
+    ) -> DataFile:
         path = self.path / name
         try:
             fd, st = open_regular(name, dir_fd=self._dir_fd)
@@ -156,7 +166,7 @@ class OpenCheckpoint:
             prefix = _read_exact(fd, 8, 0)
             n = safetensors.header_length(prefix, st.st_size, str(path))
             raw = _read_exact(fd, n, 8)
-            entries = safetensors.parse_header(raw, st.st_size, str(path))
+            entries = parsed if parsed is not None else safetensors.parse_header(raw, st.st_size, str(path))
             return DataFile(name, path, fd, st.st_size, prefix + raw, entries)
         except BaseException:
             os.close(fd)
