@@ -525,7 +525,8 @@ class _Matcher:
 @_gc.paused()
 def verify(path: PathLike) -> CheckpointInfo:
     """Check a checkpoint completely: manifest, every data file header and byte range, every
-    checksum. Raises CheckpointCorruptError whose ``problems`` lists every damaged file::
+    checksum. Raises CheckpointCorruptError whose ``problems`` lists every damaged file (and
+    CheckpointFormatError when the files are intact but break the format; FORMAT.md §9)::
 
         ckptproto.verify("checkpoints/checkpoint_step_10")
     """
