@@ -279,3 +279,27 @@ def test_damaged_ckptproto_metadata_in_a_safetensors_file_is_refused(tmp_path: P
         with pytest.raises(CheckpointFormatError):
             convert(tmp_path / "bad.safetensors", tmp_path / "out", to="ckptproto")
         assert not (tmp_path / "out").exists()
+
+
+def test_a_fifo_source_is_refused_not_waited_on(tmp_path: Path) -> None:
+    import threading
+
+    fifo = tmp_path / "model.safetensors"
+    os.mkfifo(fifo)
+    raised: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            convert(fifo, tmp_path / "out", to="ckptproto")
+        except BaseException as exc:  # handed to the test thread
+            raised.append(exc)
+
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    worker.join(60)  # a hang guard, not a timing check
+    if worker.is_alive():  # blocked in open(): hand it an EOF, then fail
+        os.close(os.open(fifo, os.O_WRONLY))
+        worker.join()
+        pytest.fail("convert blocked on a FIFO")
+    assert len(raised) == 1 and isinstance(raised[0], CheckpointFormatError), raised
+    assert "FIFO" in str(raised[0])
