@@ -17,6 +17,7 @@ import os
 import re
 import shutil
 import struct
+import sys
 import zlib
 from collections import OrderedDict
 from collections.abc import Callable
@@ -192,8 +193,15 @@ def agree(ck: Path, expected: type[CheckpointError] | None, *, schema: bool = Fa
     got = verdicts(ck)
     assert got == dict.fromkeys(got, want), got
     if schema:
-        doc = json.loads((ck / "manifest.json").read_bytes())
-        assert jsonschema.Draft202012Validator(SCHEMA).is_valid(doc) == (expected is None)
+        from ckptproto.format import strict_json  # exact past Python's 4,300-digit int limit
+
+        doc = strict_json.loads((ck / "manifest.json").read_text())
+        limit = sys.get_int_max_str_digits()
+        sys.set_int_max_str_digits(0)  # jsonschema's messages str() every instance
+        try:
+            assert jsonschema.Draft202012Validator(SCHEMA).is_valid(doc) == (expected is None)
+        finally:
+            sys.set_int_max_str_digits(limit)
 
 
 def state_as(ck: Path, value: Any) -> Path:
@@ -712,6 +720,55 @@ def test_F19_json_numbers(tmp_path: Path) -> None:
         refused(bad, CheckpointFormatError, ckptproto.read_manifest, ckptproto.read_info)
     found = {r.path.name for r in ckptproto.find_checkpoints(tmp_path)}
     assert found == {"ck", "big"}
+
+
+@pytest.mark.parametrize(
+    ("field", "expected"),
+    [
+        ("size", CheckpointFormatError),  # F-8: a file size fits 63 bits
+        ("index", CheckpointFormatError),  # F-14: no such tensor
+        ("version", CheckpointFormatError),  # F-31: not a string
+        ("shape", CheckpointFormatError),  # F-33
+        ("world_size", None),  # any int >= 1: read exactly, nothing to refuse
+        ("rank", None),
+    ],
+)
+def test_F19_5000_digit_integers_in_every_field(tmp_path: Path, field: str, expected: Any) -> None:
+    """Past Python's 4,300-digit str() limit in each plain-integer field: every reader gives
+    the same verdict, each refusal a CheckpointFormatError with a readable message."""
+    big = 9 * 10**4999
+    ck = one_tensor(tmp_path)
+
+    def put(d: dict[str, Any]) -> None:
+        if field == "size":
+            d["files"][DATA]["size"] = big
+        elif field == "index":
+            d["state"]["t"] = {"$torch": big}
+        elif field == "version":
+            d["format_version"] = big
+        elif field == "shape":
+            d["tensors"][0]["shape"][0] = big
+        else:
+            (d if field == "world_size" else d["files"][DATA])[field] = big
+
+    doc = doc_of(ck)
+    put(doc)
+    (ck / "manifest.json").write_text(_dumps_big(doc))
+    agree(ck, expected, schema=field != "index")  # the schema cannot count tensors
+    if expected is not None:
+        with pytest.raises(expected) as info:
+            ckptproto.load(ck)
+        assert len(str(info.value)) < 2000
+
+
+def _dumps_big(doc: Any) -> str:
+    """``json.dumps`` for ints past Python's 4,300-digit str() limit."""
+    limit = sys.get_int_max_str_digits()
+    sys.set_int_max_str_digits(0)
+    try:
+        return json.dumps(doc)
+    finally:
+        sys.set_int_max_str_digits(limit)
 
 
 @pytest.mark.parametrize(

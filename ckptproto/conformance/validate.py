@@ -229,8 +229,8 @@ def _files(root: Path, doc: Any, world_size: int, out: _Collector) -> dict[str, 
             continue
         size, checksum, rank = entry.get("size"), entry.get("checksum"), entry.get("rank", 0)
         ok = True
-        if type(size) is not int or size < 8:
-            out.add("F-8", where, f"size {_show(size)} is not an integer >= 8")
+        if type(size) is not int or not 8 <= size < 1 << 63:
+            out.add("F-8", where, f"size {_show(size)} is not an integer in [8, 2**63)")
             ok = False
         crc = parse_checksum(checksum)
         if crc is None or not isinstance(checksum, str) or checksum != checksum.lower():

@@ -20,7 +20,7 @@ from ckptproto.dtypes import DType
 from ckptproto.errors import CheckpointCorruptError, CheckpointFormatError
 from ckptproto.format import layout, strict_json
 from ckptproto.format.crc import parse_checksum
-from ckptproto.tree import check_tree
+from ckptproto.tree import check_tree, int_text
 
 FORMAT_NAME = "ckptproto"
 FORMAT_VERSION = (1, 0)
@@ -158,13 +158,20 @@ class Manifest:
             raise CheckpointFormatError(f'{where}: "state" must be an object')
         world_size = doc.get("world_size", 1)
         if type(world_size) is not int or world_size < 1:
-            raise CheckpointFormatError(f"{where}: bad world_size {world_size!r}")
+            raise CheckpointFormatError(f"{where}: bad world_size {show(world_size)}")
         created, writer = doc.get("created", ""), doc.get("writer", "")
         if not isinstance(created, str) or not isinstance(writer, str):
             raise CheckpointFormatError(f'{where}: "created" and "writer" must be strings')
         metadata = doc.get("metadata", {})
         _check_values(doc["state"], metadata, tensors, where)
         return cls(doc["state"], tensors, files, metadata, created, version, world_size, writer)
+
+
+def show(value: object) -> str:
+    """A value from a checkpoint, for a message: ``repr`` cut to 80 characters, and never
+    failing (``str`` of an int past 4,300 digits raises)."""
+    text = int_text(value) if type(value) is int else repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def _check_pairs_unique(tensors: list[TensorEntry], where: str) -> None:
@@ -186,7 +193,7 @@ def _check_values(state: Any, metadata: Any, tensors: list[TensorEntry], where: 
     def resolve(kind: str, index: int, path: str) -> None:
         at = f"state.{path}" if path else "state"
         if index >= len(tensors):
-            raise CheckpointFormatError(f"{where}: {at} refers to tensor {index}, which does not exist")
+            raise CheckpointFormatError(f"{where}: {at} refers to tensor {show(index)}, which does not exist")
         if kinds.setdefault(index, kind) != kind:
             raise CheckpointFormatError(f"{where}: tensor {index} is used as both torch and numpy ({at})")
         if kind == "numpy" and tensors[index].dtype.numpy_name is None:
@@ -244,7 +251,7 @@ def _load_json(data: bytes, where: str) -> Any:
 def _parse_version(text: object, where: str) -> tuple[int, int]:
     if not isinstance(text, str) or _VERSION.fullmatch(text) is None:
         raise CheckpointFormatError(
-            f"{where}: bad format_version {text!r}; this ckptproto reads {FORMAT_VERSION[0]}.x"
+            f"{where}: bad format_version {show(text)}; this ckptproto reads {FORMAT_VERSION[0]}.x"
         )
     major, minor = (int(part) for part in text.split("."))
     if major != FORMAT_VERSION[0]:
@@ -262,17 +269,17 @@ def _parse_files(doc: object, where: str) -> dict[str, FileEntry]:
     for name, f in doc.items():
         if not layout.is_valid_data_file_name(name):
             raise CheckpointFormatError(
-                f"{where}: data file name {name!r} is not a plain *.safetensors name in the checkpoint"
+                f"{where}: data file name {show(name)} is not a plain *.safetensors name in the checkpoint"
             )
         if not isinstance(f, dict):
-            raise CheckpointFormatError(f"{where}: files[{name!r}] must be an object")
+            raise CheckpointFormatError(f"{where}: files[{show(name)}] must be an object")
         size, checksum, rank = f.get("size"), f.get("checksum"), f.get("rank", 0)
-        if type(size) is not int or size < 8:
-            raise CheckpointFormatError(f"{where}: files[{name!r}] has a bad size {size!r}")
+        if type(size) is not int or not 8 <= size <= MAX_EXTENT:
+            raise CheckpointFormatError(f"{where}: files[{name!r}] has a bad size {show(size)}")
         if parse_checksum(checksum) is None:
-            raise CheckpointFormatError(f"{where}: files[{name!r}] has a bad checksum {checksum!r}")
+            raise CheckpointFormatError(f"{where}: files[{name!r}] has a bad checksum {show(checksum)}")
         if type(rank) is not int or rank < 0:
-            raise CheckpointFormatError(f"{where}: files[{name!r}] has a bad rank {rank!r}")
+            raise CheckpointFormatError(f"{where}: files[{name!r}] has a bad rank {show(rank)}")
         assert isinstance(checksum, str)
         files[name] = FileEntry(size, checksum, rank)
     return files
@@ -307,7 +314,7 @@ def _parse_tensor(doc: object, index: int, files: dict[str, FileEntry], where: s
             raise CheckpointFormatError(f"{cw} must be an object")
         file, key = c.get("file"), c.get("key")
         if not isinstance(file, str) or file not in files:
-            raise CheckpointFormatError(f'{cw}: file {file!r} is not listed in "files"')
+            raise CheckpointFormatError(f'{cw}: file {show(file)} is not listed in "files"')
         if not isinstance(key, str):
             raise CheckpointFormatError(f"{cw}: key must be a string")
         offsets = _int_list(c.get("offsets"), f"{cw}.offsets")

@@ -26,7 +26,7 @@ from ckptproto.errors import (
 )
 from ckptproto.format import layout, safetensors
 from ckptproto.format.crc import crc32_combine
-from ckptproto.format.manifest import MAX_MANIFEST_BYTES, Chunk, Manifest, TensorEntry
+from ckptproto.format.manifest import MAX_MANIFEST_BYTES, Chunk, Manifest, TensorEntry, show
 from ckptproto.format.regular_file import NotRegularFileError, open_regular
 from ckptproto.io import threads
 
@@ -334,7 +334,9 @@ def tensor_kinds(manifest: Manifest, where: str) -> dict[int, tuple[Kind, list[s
     found: dict[int, tuple[Kind, list[str]]] = {}
     for path, kind, index in iter_tensor_refs(manifest.state):
         if type(index) is not int or not 0 <= index < len(manifest.tensors):
-            raise CheckpointFormatError(f"{where}: {path} refers to tensor {index!r}, which does not exist")
+            raise CheckpointFormatError(
+                f"{where}: {path} refers to tensor {show(index)}, which does not exist"
+            )
         prior = found.get(index)
         if prior is None:
             found[index] = (kind, [path])
