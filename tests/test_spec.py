@@ -165,6 +165,16 @@ def refused(ck: Path, error: type[CheckpointError], *readers: Callable[[Path], A
             read(ck)
 
 
+class _Sink:
+    """A Stateful that takes whatever a checkpoint holds: load_into reads every tensor."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.state = state
+
+
 def verdicts(ck: Path) -> dict[str, str | None]:
     """What each reader says of ``ck``: the exact exception class name, or None (accepted).
     ``validate`` answers through ``reader_verdict`` (FORMAT.md §9's order)."""
@@ -173,7 +183,7 @@ def verdicts(ck: Path) -> dict[str, str | None]:
     out: dict[str, str | None] = {}
     readers: dict[str, Callable[[Path], Any]] = {
         "load": ckptproto.load,
-        "load_into": lambda p: ckptproto.load_into(p, {}, strict=False),
+        "load_into": lambda p: ckptproto.load_into(p, _Sink(), strict=False),
         "verify": ckptproto.verify,
     }
     for name, read in readers.items():
@@ -1112,6 +1122,44 @@ def test_F37_refusal_order(tmp_path: Path) -> None:
     agree(case("header", bad_header), CheckpointFormatError)
     agree(case("dir", data_dir), CheckpointFormatError)
     agree(case("fine"), None, schema=True)
+
+
+def test_F37_random_damage_gets_one_verdict(tmp_path: Path) -> None:
+    """Seeded random damage to a real checkpoint (byte changes, truncations, inserted JSON
+    tokens, enlarged numbers; the manifest mostly without its checksum so the damage reaches
+    the parser): every reader gives the same verdict, always a CheckpointError.
+    CKPTPROTO_STRESS=1 runs 2,000 trials instead of 60."""
+    import random
+
+    from _reliability import STRESS
+
+    base = save(tmp_path, name="base")
+    names = sorted(os.listdir(base))
+    rnd = random.Random(37)
+    inserts = [b"0", b"9" * 5000, b"[", b"{", b'"', b",", b"-", b"e400", b"\\ud800", b" "]
+    for trial in range(2000 if STRESS else 60):
+        ck = tmp_path / f"t{trial}"
+        shutil.copytree(base, ck)
+        target = ck / rnd.choice(names)
+        data = bytearray(target.read_bytes())
+        if target.name == "manifest.json" and rnd.random() < 0.7:
+            data = bytearray(re.sub(rb'^\{"manifest_checksum":"crc32:[0-9a-f]{8}",', b"{", bytes(data)))
+        at = rnd.randrange(len(data))
+        kind = rnd.randrange(4)
+        if kind == 0:
+            data[at] = rnd.randrange(256)
+        elif kind == 1:
+            del data[at:]
+        elif kind == 2:
+            data[at:at] = rnd.choice(inserts)
+        else:
+            digits = [m.start() for m in re.finditer(rb"[0-9]", bytes(data))]
+            p = rnd.choice(digits)
+            data[p : p + 1] = rnd.choice([b"9" * 30, b"0", b"-1", b"1.5", b"9" * 20])
+        target.write_bytes(bytes(data))
+        got = verdicts(ck)  # a raw exception escapes here and fails the test
+        assert len(set(got.values())) == 1, (trial, target.name, kind, got)
+        shutil.rmtree(ck)
 
 
 def _rebuild(header: dict[str, Any], buffer: bytes) -> bytes:
