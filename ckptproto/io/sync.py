@@ -319,6 +319,7 @@ def load_into(
         # A tree target only takes part of a checkpoint (strict=False): tensors it would drop
         # are never allocated or read. A Stateful target gets everything.
         wanted = set(refs) if is_stateful else _wanted_refs(target, skeleton)
+        del skeleton  # matched: free it before the state is decoded for real (F-33 memory)
         values: dict[int, Any] = {}
         plan = reader.ReadPlan()
         copies: list[tuple[Any, Any]] = []
@@ -340,7 +341,8 @@ def load_into(
         manifest = ckpt.manifest
     for dst, src in copies:
         _copy_into(dst, src)
-    state = decode_tree(manifest.state, lambda kind, index, p: values.get(index), where=where)
+    # The manifest's last use: decode in place (one tree in memory, not two).
+    state = decode_tree(manifest.state, lambda kind, index, p: values.get(index), where=where, in_place=True)
     if is_stateful:
         _call_load_state_dict(target, state, strict, f"{root}: <root>")  # type: ignore[arg-type]
     else:
