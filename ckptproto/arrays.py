@@ -88,6 +88,10 @@ def describe_torch(t: torch.Tensor) -> ArraySpec | str:
         return f"dtype {t.dtype} is not supported"
     if t.layout is not torch.strided:
         return f"{t.layout} tensors are not supported; call .to_dense() first"
+    if t.is_nested:  # strided layout, but no single shape (t.shape raises)
+        return (
+            "nested tensors are not supported; save t.unbind() (a list of tensors) or t.to_padded_tensor(0)"
+        )
     if t.is_meta:
         return "meta tensors hold no data"
     return ArraySpec("torch", d, tuple(t.shape))

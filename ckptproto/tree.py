@@ -45,10 +45,16 @@ TAGS = ("$torch", "$numpy", "$int", "$float", "$bytes", "$tuple", "$dict", "$odi
 
 
 def join_path(prefix: str, key: object) -> str:
-    if type(key) is int and key.bit_length() > 3 * _FAST_INT_CHARS:
-        # str() refuses ints past sys.int_info.default_max_str_digits (4300 digits).
-        key = f"<int of {key.bit_length()} bits>"
+    if type(key) is int:
+        key = int_text(key)
     return f"{prefix}.{key}" if prefix else str(key)
+
+
+def int_text(value: int) -> str:
+    """``str(value)``, or ``<int of N bits>`` past what ``str()`` converts (4,300 digits)."""
+    if value.bit_length() > 3 * _FAST_INT_CHARS:
+        return f"<int of {value.bit_length()} bits>"
+    return str(value)
 
 
 @dataclass
@@ -95,7 +101,9 @@ class _Encoder:
 
     def encode(self, value: Any, path: str, depth: int) -> Any:
         kind = type(value)
-        if value is None or kind is bool or kind is str:
+        if kind is str:
+            return value if value.isascii() else _utf8_text(value, path)
+        if value is None or kind is bool:
             return value
         if kind is int:
             return value if -MAX_SAFE_INT <= value <= MAX_SAFE_INT else {"$int": _int_text(value, path)}
@@ -134,7 +142,12 @@ class _Encoder:
                 )
         plain = type(value) is dict and all(type(k) is str and not k.startswith("$") for k in value)
         if plain:
-            return {k: self.encode(v, join_path(path, k), depth) for k, v in value.items()}
+            return {
+                (k if k.isascii() else _utf8_text(k, join_path(path, k))): self.encode(
+                    v, join_path(path, k), depth
+                )
+                for k, v in value.items()
+            }
         pairs = [
             [self.encode(k, path, depth), self.encode(v, join_path(path, k), depth)] for k, v in value.items()
         ]
@@ -158,6 +171,26 @@ class _Encoder:
             index = self._ids[key] = len(self.tensors)
             self.tensors.append(TensorLeaf(value, spec, path, shard))
         return {"$torch" if spec.kind == "torch" else "$numpy": index}
+
+
+def _utf8_text(text: str, path: str) -> str:
+    """``text`` if UTF-8 can encode it; a lone surrogate (``"\\ud800"``, e.g. from
+    ``os.fsdecode`` of undecodable bytes) cannot be written to a UTF-8 manifest."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        at = printable(path) or "<root>"
+        raise UnsupportedValueError(
+            f"{at}: string holds a lone UTF-16 surrogate {text[exc.start]!r} at character "
+            f"{exc.start}, which UTF-8 cannot store; store the raw bytes (bytes) or fix the text",
+            path=path,
+        ) from None
+    return text
+
+
+def printable(text: str) -> str:
+    """``text`` with anything UTF-8 cannot encode escaped, safe to print in a message."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def _int_text(value: int, path: str) -> str:
@@ -187,77 +220,134 @@ def _unsupported_message(value: object, path: str) -> str:
     )
 
 
-def decode_tree(node: Any, resolve: Callable[[str, int, str], Any], *, where: str = "manifest") -> Any:
-    """Rebuild a state tree; ``resolve(kind, index, path)`` supplies each tensor.
-    Raises CheckpointFormatError naming ``where`` and the state path of a malformed node."""
-    return _decode(node, resolve, "", 0, where)
-
-
-def _decode(node: Any, resolve: Callable[[str, int, str], Any], path: str, depth: int, where: str) -> Any:
-    if node is None or isinstance(node, (bool, str, float)):
-        return node
-    if isinstance(node, int):
-        return node
-    if depth >= MAX_DEPTH:
-        raise CheckpointFormatError(f"{where}: state nests deeper than {MAX_DEPTH} at {path}")
-    if isinstance(node, list):
-        return [_decode(v, resolve, join_path(path, i), depth + 1, where) for i, v in enumerate(node)]
-    if not isinstance(node, dict):
-        raise CheckpointFormatError(f"{where}: unexpected JSON value at {path or '<root>'}")
-    tag = next(iter(node), None)
-    if tag is None or not tag.startswith("$"):
-        if any(k.startswith("$") for k in node):
-            raise CheckpointFormatError(
-                f"{where}: object at {path or '<root>'} mixes '$' keys with plain keys"
-            )
-        return {k: _decode(v, resolve, join_path(path, k), depth + 1, where) for k, v in node.items()}
-    if len(node) != 1:
-        raise CheckpointFormatError(f"{where}: tagged value at {path or '<root>'} has extra keys")
-    return _decode_tagged(tag, node[tag], resolve, path, depth, where)
-
-
-def _decode_tagged(
-    tag: str, payload: Any, resolve: Callable[[str, int, str], Any], path: str, depth: int, where: str
+def decode_tree(
+    node: Any, resolve: Callable[[str, int, str], Any], *, where: str = "manifest", in_place: bool = False
 ) -> Any:
-    at = path or "<root>"
-    if tag in ("$torch", "$numpy"):
-        if type(payload) is not int or payload < 0:
-            raise CheckpointFormatError(f"{where}: bad tensor reference {payload!r} at {at}")
-        return resolve(tag[1:], payload, path)
-    if tag == "$int":
-        if not isinstance(payload, str) or len(payload) > MAX_INT_CHARS or not _INT_TEXT.fullmatch(payload):
-            raise CheckpointFormatError(f"{where}: bad $int {repr(payload)[:40]} at {at}")
-        return int(payload) if len(payload) < _FAST_INT_CHARS else int(decimal.Decimal(payload))
-    if tag == "$float":
-        if payload not in ("nan", "inf", "-inf"):
-            raise CheckpointFormatError(f"{where}: bad $float {payload!r} at {at}")
-        return float(payload)
-    if tag == "$bytes":
-        try:
-            return base64.b64decode(payload, validate=True)
-        except (binascii.Error, TypeError, ValueError) as exc:
-            raise CheckpointFormatError(f"{where}: bad $bytes at {at}: {exc}") from None
-    if tag == "$tuple":
-        if not isinstance(payload, list):
-            raise CheckpointFormatError(f"{where}: $tuple at {at} is not a list")
-        return tuple(_decode(v, resolve, join_path(path, i), depth + 1, where) for i, v in enumerate(payload))
-    if tag in ("$dict", "$odict"):
-        out: dict[Any, Any] = OrderedDict() if tag == "$odict" else {}
-        if not isinstance(payload, list):
-            raise CheckpointFormatError(f"{where}: {tag} at {at} is not a list of pairs")
-        for pair in payload:
-            if not isinstance(pair, list) or len(pair) != 2:
-                raise CheckpointFormatError(f"{where}: {tag} at {at} holds a non-pair")
-            key = _decode(pair[0], resolve, path, depth + 1, where)
-            if type(key) not in (str, int):
-                raise CheckpointFormatError(f"{where}: {tag} key at {at} is not str or int")
-            if key in out:
-                raise CheckpointFormatError(f"{where}: duplicate key {key!r} at {at}")
-            out[key] = _decode(pair[1], resolve, join_path(path, key), depth + 1, where)
-        return out
-    raise CheckpointFormatError(
-        f"{where}: unknown tag {tag!r} at {at}; the checkpoint may need a newer ckptproto"
-    )
+    """Rebuild a state tree; ``resolve(kind, index, path)`` supplies each tensor.
+    Raises CheckpointFormatError naming ``where`` and the state path of a malformed node.
+
+    ``in_place=True`` reuses the parsed JSON's lists and dicts (the encoded tree is consumed):
+    memory stays that of one tree instead of two, for a reader's last use of a manifest."""
+    return _Decoder(resolve, where, build=True, in_place=in_place).decode(node, None, 0)
+
+
+def check_tree(node: Any, resolve: Callable[[str, int, str], Any], *, where: str = "manifest") -> bool:
+    """Validate an encoded tree as :func:`decode_tree` does, building nothing (memory stays
+    that of the parsed JSON); ``resolve`` sees every tensor reference. Returns whether the
+    root decodes to a dict: ``check_tree({"a": {"$tuple": []}}, refs)`` is True."""
+    _Decoder(resolve, where, build=False).decode(node, None, 0)
+    if not isinstance(node, dict) or not node:
+        return isinstance(node, dict)
+    tag = next(iter(node))
+    return not tag.startswith("$") or tag in ("$dict", "$odict")
+
+
+# A state path is built only when a message or a resolve() call needs it: ``(parent, key)``
+# links (None at the root), not a string per node (millions of them for a large state).
+_Chain = tuple[Any, Any] | None
+
+
+def _path_text(chain: _Chain) -> str:
+    keys: list[Any] = []
+    while chain is not None:
+        chain, key = chain
+        keys.append(key)
+    path = ""
+    for key in reversed(keys):
+        path = join_path(path, key)
+    return path
+
+
+def _show(value: Any) -> str:
+    text = int_text(value) if type(value) is int else repr(value)
+    return text[:40]
+
+
+class _Decoder:
+    def __init__(
+        self, resolve: Callable[[str, int, str], Any], where: str, *, build: bool, in_place: bool = False
+    ) -> None:
+        self.resolve, self.where, self.build, self.in_place = resolve, where, build, in_place
+
+    def fail(self, message: str, chain: _Chain) -> CheckpointFormatError:
+        return CheckpointFormatError(f"{self.where}: {message} at {_path_text(chain) or '<root>'}")
+
+    def decode(self, node: Any, chain: _Chain, depth: int) -> Any:
+        if node is None or isinstance(node, (bool, str, float, int)):
+            return node
+        if depth >= MAX_DEPTH:
+            raise self.fail(f"state nests deeper than {MAX_DEPTH}", chain)
+        if isinstance(node, list):
+            if not self.build or self.in_place:
+                for i, v in enumerate(node):
+                    decoded = self.decode(v, (chain, i), depth + 1)
+                    if self.in_place:
+                        node[i] = decoded  # frees the encoded child now, not after the whole tree
+                return node if self.in_place else None
+            return [self.decode(v, (chain, i), depth + 1) for i, v in enumerate(node)]
+        if not isinstance(node, dict):
+            raise self.fail("unexpected JSON value", chain)
+        tag = next(iter(node), None)
+        if tag is None or not tag.startswith("$"):
+            if any(k.startswith("$") for k in node):
+                raise self.fail("object mixes '$' keys with plain keys", chain)
+            if not self.build or self.in_place:
+                for k, v in node.items():
+                    decoded = self.decode(v, (chain, k), depth + 1)
+                    if self.in_place:
+                        node[k] = decoded  # an existing key: allowed while iterating
+                return node if self.in_place else None
+            return {k: self.decode(v, (chain, k), depth + 1) for k, v in node.items()}
+        if len(node) != 1:
+            raise self.fail("tagged value has extra keys", chain)
+        return self.tagged(tag, node[tag], chain, depth)
+
+    def tagged(self, tag: str, payload: Any, chain: _Chain, depth: int) -> Any:
+        if tag in ("$torch", "$numpy"):
+            if type(payload) is not int or payload < 0:
+                raise self.fail(f"bad tensor reference {_show(payload)}", chain)
+            return self.resolve(tag[1:], payload, _path_text(chain))
+        if tag == "$int":
+            if (
+                not isinstance(payload, str)
+                or len(payload) > MAX_INT_CHARS
+                or not _INT_TEXT.fullmatch(payload)
+            ):
+                raise self.fail(f"bad $int {_show(payload)}", chain)
+            return int(payload) if len(payload) < _FAST_INT_CHARS else int(decimal.Decimal(payload))
+        if tag == "$float":
+            if payload not in ("nan", "inf", "-inf"):
+                raise self.fail(f"bad $float {_show(payload)}", chain)
+            return float(payload)
+        if tag == "$bytes":
+            try:
+                return base64.b64decode(payload, validate=True)
+            except (binascii.Error, TypeError, ValueError) as exc:
+                raise self.fail(f"bad $bytes ({exc})", chain) from None
+        if tag == "$tuple":
+            if not isinstance(payload, list):
+                raise self.fail("$tuple is not a list", chain)
+            if not self.build:
+                for i, v in enumerate(payload):
+                    self.decode(v, (chain, i), depth + 1)
+                return None
+            return tuple(self.decode(v, (chain, i), depth + 1) for i, v in enumerate(payload))
+        if tag in ("$dict", "$odict"):
+            out: dict[Any, Any] = OrderedDict() if tag == "$odict" else {}
+            if not isinstance(payload, list):
+                raise self.fail(f"{tag} is not a list of pairs", chain)
+            for pair in payload:
+                if not isinstance(pair, list) or len(pair) != 2:
+                    raise self.fail(f"{tag} holds a non-pair", chain)
+                key = self.decode(pair[0], chain, depth + 1)
+                if type(key) not in (str, int):
+                    raise self.fail(f"{tag} key is not str or int", chain)
+                if key in out:
+                    raise self.fail(f"duplicate key {_show(key)}", chain)
+                value = self.decode(pair[1], (chain, key), depth + 1)
+                out[key] = value if self.build else None
+            return out if self.build else None
+        raise self.fail(f"unknown tag {tag!r}; the checkpoint may need a newer ckptproto", chain)
 
 
 def iter_tensor_refs(node: Any, path: str = "", depth: int = 0) -> Any:

@@ -293,7 +293,9 @@ def test_header_range_runs_past_the_file(tmp_path: Path) -> None:
         h["c"]["data_offsets"] = [56, 1059]
 
     _edit_header(path, past)
-    _expect(path, CheckpointCorruptError, match="outside")
+    # The manifest records this file as it is: written wrong, not damaged (FORMAT.md §9).
+    errors = _expect(path, CheckpointFormatError, match="outside")
+    assert all(type(e) is CheckpointFormatError for e in errors)
 
 
 def test_header_length_past_the_file(tmp_path: Path) -> None:
@@ -301,8 +303,9 @@ def test_header_length_past_the_file(tmp_path: Path) -> None:
     data = bytearray((path / DATA).read_bytes())
     data[:8] = struct.pack("<Q", len(data) + 100)
     (path / DATA).write_bytes(bytes(data))
+    _expect(path, CheckpointCorruptError)  # the manifest's checksum tells damage
     _fix_file_entry(path)
-    _expect(path, CheckpointCorruptError)
+    assert all(type(e) is CheckpointFormatError for e in _expect(path, CheckpointFormatError))
 
 
 def test_header_length_giant(tmp_path: Path) -> None:
@@ -326,8 +329,8 @@ def test_truncated_data_file(tmp_path: Path) -> None:
     data = (path / DATA).read_bytes()
     (path / DATA).write_bytes(data[:-5])
     _expect(path, CheckpointCorruptError, match="truncated|bytes")
-    _fix_file_entry(path)  # even when the manifest agrees with the short file
-    _expect(path, CheckpointCorruptError)
+    _fix_file_entry(path)  # the manifest agrees with the short file: it was written so
+    assert all(type(e) is CheckpointFormatError for e in _expect(path, CheckpointFormatError))
     (path / DATA).write_bytes(data[:4])
     _fix_file_entry(path)
     _expect(path, CheckpointFormatError)

@@ -205,6 +205,12 @@ CORRUPTIONS: dict[str, tuple[str, Callable[[Path], None]]] = {
     "malformed version": ("F-31", lambda r: _edit_manifest(r, lambda d: d.update(format_version="1"))),
     "format major 2": ("F-32", lambda r: _edit_manifest(r, lambda d: d.update(format_version="2.0"))),
     "65 dimensions": ("F-33", lambda r: _edit_manifest(r, lambda d: d["tensors"][3].update(shape=[1] * 65))),
+    "manifest byte damaged under its checksum": (
+        "F-36",
+        lambda r: (r / "manifest.json").write_bytes(
+            (r / "manifest.json").read_bytes().replace(b'"world_size":2', b'"world_size":3')
+        ),
+    ),
 }
 
 
@@ -286,3 +292,53 @@ def test_without_torch_torch_goldens_are_skipped_not_failed(monkeypatch: pytest.
         "1 golden checkpoints decode" in result.summary
         and "sharded, torch_dtypes need torch" in result.summary
     )
+
+
+def _many_chunks(root: Path, n: int, overlap: bool = False) -> Path:
+    """A uint8 [n] tensor in n one-element chunks (the F-33 maximum is 65,536)."""
+    root.mkdir()
+    header = {f"k{i}": {"dtype": "U8", "shape": [1], "data_offsets": [i, i + 1]} for i in range(n)}
+    text = json.dumps(header).encode()
+    text += b" " * (-(8 + len(text)) % 8)
+    data = struct.pack("<Q", len(text)) + text + bytes(n)
+    name = "data-00000-000.safetensors"
+    (root / name).write_bytes(data)
+    chunks = [{"file": name, "key": f"k{i}", "offsets": [i], "shape": [1]} for i in range(n)]
+    if overlap:
+        chunks[-1]["offsets"] = [n // 2]
+    doc = {
+        "format": "ckptproto",
+        "format_version": "1.0",
+        "created": "",
+        "writer": "test",
+        "world_size": 1,
+        "metadata": {},
+        "files": {name: {"size": len(data), "checksum": f"crc32:{zlib.crc32(data):08x}", "rank": 0}},
+        "tensors": [{"dtype": "uint8", "shape": [n], "chunks": chunks}],
+        "state": {"t": {"$numpy": 0}},
+    }
+    (root / "manifest.json").write_text(json.dumps(doc))
+    return root
+
+
+def test_validate_checks_65536_chunks_without_comparing_every_pair(tmp_path: Path) -> None:
+    """Hostile but legal: the most chunks F-33 allows. Comparing all pairs took hours; run
+    in a child so a regression fails the test (the timeout is a hang guard, not a timing)."""
+    import subprocess
+    import sys
+
+    good = _many_chunks(tmp_path / "good", 65_536)
+    bad = _many_chunks(tmp_path / "bad", 65_536, overlap=True)
+    code = (
+        "import sys, json\n"
+        "from ckptproto.conformance.validate import validate\n"
+        "print(json.dumps([[v.rule for v in validate(p)] for p in sys.argv[1:]]))\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code, str(good), str(bad)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=True,
+    )
+    assert json.loads(proc.stdout) == [[], ["F-11"]]

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import pytest
 import torch
 from conftest import assert_same
 
@@ -78,3 +80,58 @@ def test_mmap_with_map_location(tmp_ckpt: Path) -> None:
     ckptproto.save({"t": torch.arange(4.0)}, tmp_ckpt)
     t = ckptproto.load(tmp_ckpt, mmap=True, map_location="cpu")["t"]
     assert torch.equal(t, torch.arange(4.0))
+
+
+def _sparse_checkpoint(root: Path, nbytes: int) -> Path:
+    """A checkpoint of one uint8 array of ``nbytes`` zeros in a sparse data file (no disk)."""
+    import json
+    import os
+    import struct
+
+    root.mkdir()
+    header = json.dumps({"t": {"dtype": "U8", "shape": [nbytes], "data_offsets": [0, nbytes]}}).encode()
+    header += b" " * (-(8 + len(header)) % 8)
+    data = root / DATA
+    data.write_bytes(struct.pack("<Q", len(header)) + header)
+    os.truncate(data, 8 + len(header) + nbytes)
+    chunk = {"file": DATA, "key": "t", "offsets": [0], "shape": [nbytes]}
+    manifest = {
+        "format": "ckptproto",
+        "format_version": "1.0",
+        "files": {DATA: {"size": data.stat().st_size, "checksum": "crc32:00000000", "rank": 0}},
+        "tensors": [{"dtype": "uint8", "shape": [nbytes], "chunks": [chunk]}],
+        "state": {"t": {"$numpy": 0}},
+    }
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    return root
+
+
+def test_mmap_of_a_checkpoint_larger_than_memory(tmp_path: Path) -> None:
+    """A private map reserves no memory for pages never written (MAP_NORESERVE): a 1 TiB
+    array maps on a machine with far less memory; writes are private, reads see the file."""
+    import os
+
+    try:
+        ck = _sparse_checkpoint(tmp_path / "big", 2**40)
+    except OSError as exc:  # a file system without sparse files this large
+        pytest.skip(f"no 1 TiB sparse file here: {exc}")
+    t = ckptproto.load(ck, mmap=True)["t"]
+    assert t.shape == (2**40,) and t[0] == 0 and t[-1] == 0
+    t[7] = 9  # copy on write: this page only
+    assert t[7] == 9
+    with open(ck / DATA, "rb") as f:
+        f.seek(os.path.getsize(ck / DATA) - 2**40 + 7)
+        assert f.read(1) == b"\0"
+
+
+def test_mmap_failure_is_a_checkpoint_error(tmp_path: Path, monkeypatch: Any) -> None:
+    import mmap
+
+    ck = _sparse_checkpoint(tmp_path / "ck", 64)
+
+    def refuse(*args: Any, **kwargs: Any) -> Any:
+        raise OSError(12, "Cannot allocate memory")
+
+    monkeypatch.setattr(mmap, "mmap", refuse)
+    with pytest.raises(ckptproto.CheckpointError, match="mmap=False"):
+        ckptproto.load(ck, mmap=True)

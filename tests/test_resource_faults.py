@@ -226,8 +226,9 @@ def test_paths_that_are_files(tmp_path: Path) -> None:
     data.mkdir()
     with pytest.raises(ckptproto.CheckpointError, match=data.name):
         ckptproto.load(ckpt)
-    with pytest.raises(ckptproto.CheckpointCorruptError, match=data.name):
+    with pytest.raises(ckptproto.CheckpointFormatError, match=data.name) as info:
         ckptproto.verify(ckpt)
+    assert type(info.value) is ckptproto.CheckpointFormatError  # F-4, not damage (FORMAT.md §9)
     assert_clean(tmp_path)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import collections
+import decimal
 import enum
 import itertools
 import json
@@ -16,6 +17,7 @@ import os
 import re
 import shutil
 import struct
+import sys
 import zlib
 from collections import OrderedDict
 from collections.abc import Callable
@@ -163,6 +165,55 @@ def refused(ck: Path, error: type[CheckpointError], *readers: Callable[[Path], A
             read(ck)
 
 
+class _Sink:
+    """A Stateful that takes whatever a checkpoint holds: load_into reads every tensor."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.state = state
+
+
+def verdicts(ck: Path) -> dict[str, str | None]:
+    """What each reader says of ``ck``: the exact exception class name, or None (accepted).
+    ``validate`` answers through ``reader_verdict`` (FORMAT.md §9's order)."""
+    from ckptproto.conformance.validate import reader_verdict, validate
+
+    out: dict[str, str | None] = {}
+    readers: dict[str, Callable[[Path], Any]] = {
+        "load": ckptproto.load,
+        "load_into": lambda p: ckptproto.load_into(p, _Sink(), strict=False),
+        "verify": ckptproto.verify,
+    }
+    for name, read in readers.items():
+        try:
+            read(ck)
+            out[name] = None
+        except CheckpointError as exc:
+            out[name] = type(exc).__name__
+    out["validate"] = reader_verdict(validate(ck))
+    return out
+
+
+def agree(ck: Path, expected: type[CheckpointError] | None, *, schema: bool = False) -> None:
+    """load, load_into, verify and validate all give ``expected`` (None: all accept); with
+    ``schema`` the manifest's validity under manifest.schema.json agrees too."""
+    want = None if expected is None else expected.__name__
+    got = verdicts(ck)
+    assert got == dict.fromkeys(got, want), got
+    if schema:
+        from ckptproto.format import strict_json  # exact past Python's 4,300-digit int limit
+
+        doc = strict_json.loads((ck / "manifest.json").read_text())
+        limit = sys.get_int_max_str_digits()
+        sys.set_int_max_str_digits(0)  # jsonschema's messages str() every instance
+        try:
+            assert jsonschema.Draft202012Validator(SCHEMA).is_valid(doc) == (expected is None)
+        finally:
+            sys.set_int_max_str_digits(limit)
+
+
 def state_as(ck: Path, value: Any) -> Path:
     return edit(ck, lambda d: d.__setitem__("state", value))
 
@@ -174,15 +225,66 @@ def test_F1_directory_without_manifest_is_not_a_checkpoint(tmp_path: Path) -> No
     ck = save(tmp_path)
     (ck / "manifest.json").unlink()
     refused(ck, CheckpointNotFoundError, ckptproto.load, ckptproto.verify, ckptproto.read_info)
+    agree(ck, CheckpointNotFoundError)
     (tmp_path / "empty").mkdir()
     refused(tmp_path / "empty", CheckpointNotFoundError)
     refused(tmp_path / "absent", CheckpointNotFoundError)
+    # A manifest.json that is not a regular file: no manifest, so no checkpoint.
+    (ck / "manifest.json").mkdir()
+    agree(ck, CheckpointNotFoundError)
+    refused(ck, CheckpointNotFoundError, ckptproto.read_manifest, ckptproto.read_info)
+    (ck / "manifest.json").rmdir()
+    os.mkfifo(ck / "manifest.json")
+    never_blocks(ck / "manifest.json", lambda: agree(ck, CheckpointNotFoundError))
+
+
+def never_blocks(fifo: Path, check: Callable[[], None]) -> None:
+    """Run ``check`` (which must not open ``fifo`` for reading and wait); if it hangs there,
+    unblock it by writing EOF into the FIFO and fail."""
+    import threading
+
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            check()
+        except BaseException as exc:  # handed to the test thread
+            failure.append(exc)
+
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    worker.join(60)  # a guard against hanging the suite, not a timing check
+    if worker.is_alive():
+        while worker.is_alive():  # a reader blocked in open() or read(): give it an EOF
+            fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK) if _has_reader(fifo) else None
+            if fd is not None:
+                os.close(fd)
+            worker.join(1)
+        pytest.fail(f"a reader blocked on the FIFO {fifo}")
+    if failure:
+        raise failure[0]
+
+
+def _has_reader(fifo: Path) -> bool:
+    try:
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+    except OSError:  # ENXIO: nobody has it open for reading yet
+        return False
+    return True
 
 
 def test_F2_hidden_names_are_never_checkpoints(tmp_path: Path) -> None:
     ck = save(tmp_path)
     shutil.copytree(ck, tmp_path / ".hidden")
     refused(tmp_path / ".hidden", CheckpointNotFoundError, ckptproto.load, ckptproto.read_info)
+    agree(tmp_path / ".hidden", CheckpointNotFoundError)
+    # The name is the directory's own, links resolved: every reader agrees.
+    (tmp_path / "latest").symlink_to(tmp_path / ".hidden")
+    agree(tmp_path / "latest", CheckpointNotFoundError)
+    (tmp_path / ".latest").symlink_to(ck)
+    agree(tmp_path / ".latest", None)
+    (tmp_path / "latest").unlink()
+    (tmp_path / ".latest").unlink()
     with pytest.raises(CheckpointWriteError):
         ckptproto.save({"a": 1}, tmp_path / "sub" / ".dot")
     assert not (tmp_path / "sub" / ".dot").exists()
@@ -231,6 +333,15 @@ def test_F4_symlinks_are_refused(tmp_path: Path) -> None:
     shutil.move(ck2 / "manifest.json", tmp_path / "m.json")
     (ck2 / "manifest.json").symlink_to(tmp_path / "m.json")
     refused(ck2, CheckpointNotFoundError, ckptproto.load, ckptproto.read_info)
+    agree(ck2, CheckpointNotFoundError)
+    # Data files that are not regular files: refused, and never waited on (a FIFO).
+    ck3 = save(tmp_path, name="ck3")
+    (ck3 / DATA).unlink()
+    (ck3 / DATA).mkdir()
+    agree(ck3, CheckpointFormatError)
+    (ck3 / DATA).rmdir()
+    os.mkfifo(ck3 / DATA)
+    never_blocks(ck3 / DATA, lambda: agree(ck3, CheckpointFormatError))
 
 
 def test_F5_unlisted_files_are_ignored(tmp_path: Path) -> None:
@@ -256,11 +367,26 @@ def test_F6_manifest_is_strict_json_of_format_ckptproto(tmp_path: Path) -> None:
         good.replace(b'"format":"ckptproto"', b'"format":"other"'),
         b"[" + good + b"]",
         good[:-3],
+        good.replace(b'"state":{"a":1}', b'"state":{"a":"\\ud800"}'),
+        good.replace(b'"state":{"a":1}', b'"state":{"a":["x\\udc00y"]}'),
+        good.replace(b'"state":{"a":1}', b'"state":{"\\ud83d":1}'),
+        good.replace(b'"state":{"a":1}', b'"state":{"a":1e400}'),
+        good.replace(b'"state":{"a":1}', b'"state":{"a":' + b"1" * 10_001 + b"}"),
     ]
     for data in variants:
         assert data != good
-        (ck / "manifest.json").write_bytes(data)
+        (ck / "manifest.json").write_bytes(
+            re.sub(rb'^\{"manifest_checksum":"crc32:[0-9a-f]{8}",', b"{", data)
+        )
         refused(ck, CheckpointFormatError, ckptproto.load, ckptproto.read_manifest, ckptproto.read_info)
+        agree(ck, CheckpointFormatError)
+    # A surrogate pair is one character, escaped or not; \\ud800 is an escaped backslash.
+    for text in (b'"\\ud83d\\ude00"', '"\U0001f600"'.encode(), b'"\\\\ud800"'):
+        (ck / "manifest.json").write_bytes(
+            b"{" + good[38:].replace(b'"state":{"a":1}', b'"state":{"a":' + text + b"}")
+        )
+        assert ckptproto.load(ck)["a"] == json.loads(text)
+        agree(ck, None)
 
 
 def test_F7_real_manifests_validate_against_the_schema(tmp_path: Path) -> None:
@@ -575,6 +701,123 @@ def test_F19_json_numbers(tmp_path: Path) -> None:
     out = ckptproto.load(ck)
     assert out["i"] == 123456789012345678901234567890 and type(out["i"]) is int
     assert out["f"] == 100.0 and type(out["f"]) is float
+    # Exact beyond Python's 4,300-digit int(str) limit, up to F-33's 10,000 characters, as a
+    # value and as a $dict key; readers accept (validate: only F-16, a writer's rule).
+    big = 7 * 10**4999 + 1
+    digits = str(decimal.Decimal(big))
+    state = '{"v":' + digits + ',"k":{"$dict":[[' + digits + ",1]]}}"
+    ck2 = one_tensor(tmp_path, name="big")
+    (ck2 / "manifest.json").write_text(
+        (ck2 / "manifest.json").read_text().replace('{"t": {"$torch": 0}}', state)
+    )
+    agree(ck2, None)
+    out = ckptproto.load(ck2)
+    assert out["v"] == big and out["k"] == {big: 1}
+    assert ckptproto.read_manifest(ck2).state["v"] == big
+    # Longer integers and numbers that overflow a double are refused, by every reader, and
+    # a directory of them is skipped (with a warning) by discovery, not a crash.
+    for name, value in (
+        ("wider", "9" * 10_001),
+        ("neg", "-" + "9" * 10_000),
+        ("inf", "1e400"),
+        ("ninf", "-1.5e999"),
+    ):
+        bad = one_tensor(tmp_path, name=name)
+        (bad / "manifest.json").write_text(
+            (bad / "manifest.json").read_text().replace('{"t": {"$torch": 0}}', '{"v": ' + value + "}")
+        )
+        agree(bad, CheckpointFormatError)
+        refused(bad, CheckpointFormatError, ckptproto.read_manifest, ckptproto.read_info)
+    found = {r.path.name for r in ckptproto.find_checkpoints(tmp_path)}
+    assert found == {"ck", "big"}
+
+
+@pytest.mark.parametrize(
+    ("field", "expected"),
+    [
+        ("size", CheckpointFormatError),  # F-8: a file size fits 63 bits
+        ("index", CheckpointFormatError),  # F-14: no such tensor
+        ("version", CheckpointFormatError),  # F-31: not a string
+        ("shape", CheckpointFormatError),  # F-33
+        ("world_size", None),  # any int >= 1: read exactly, nothing to refuse
+        ("rank", None),
+    ],
+)
+def test_F19_5000_digit_integers_in_every_field(tmp_path: Path, field: str, expected: Any) -> None:
+    """Past Python's 4,300-digit str() limit in each plain-integer field: every reader gives
+    the same verdict, each refusal a CheckpointFormatError with a readable message."""
+    big = 9 * 10**4999
+    ck = one_tensor(tmp_path)
+
+    def put(d: dict[str, Any]) -> None:
+        if field == "size":
+            d["files"][DATA]["size"] = big
+        elif field == "index":
+            d["state"]["t"] = {"$torch": big}
+        elif field == "version":
+            d["format_version"] = big
+        elif field == "shape":
+            d["tensors"][0]["shape"][0] = big
+        else:
+            (d if field == "world_size" else d["files"][DATA])[field] = big
+
+    doc = doc_of(ck)
+    put(doc)
+    (ck / "manifest.json").write_text(_dumps_big(doc))
+    agree(ck, expected, schema=field != "index")  # the schema cannot count tensors
+    if expected is not None:
+        with pytest.raises(expected) as info:
+            ckptproto.load(ck)
+        assert len(str(info.value)) < 2000
+
+
+def _dumps_big(doc: Any) -> str:
+    """``json.dumps`` for ints past Python's 4,300-digit str() limit."""
+    limit = sys.get_int_max_str_digits()
+    sys.set_int_max_str_digits(0)
+    try:
+        return json.dumps(doc)
+    finally:
+        sys.set_int_max_str_digits(limit)
+
+
+@pytest.mark.parametrize(
+    ("state_json", "expected"),
+    [
+        ('{"v": 9007199254740993}', {"v": 9007199254740993}),
+        ('{"v": [1, 1.0, 1e2]}', {"v": [1, 1.0, 100.0]}),
+        ('{"b": 1, "2": 2, "a": 3}', {"b": 1, "2": 2, "a": 3}),
+        ('{"__proto__": 1, "constructor": 2}', {"__proto__": 1, "constructor": 2}),
+        ('{"k": {"$dict": [[9007199254740993, 1], [{"$int": "-9007199254740994"}, 2]]}}', None),
+        ('{"v": "\\ud83d\\ude00"}', {"v": "\U0001f600"}),
+        ('{"a": 1, "a": 2}', CheckpointFormatError),
+        ('{"v": {"$bytes": "AA"}}', CheckpointFormatError),
+        ('{"v": {"$bytes": "AA=="}}', {"v": b"\0"}),
+        ('{"v": {"$bytes": "-_8="}}', CheckpointFormatError),
+        ('{"v": [1e400]}', CheckpointFormatError),
+        ('{"v": ["\\ud800"]}', CheckpointFormatError),
+        ('{"v": NaN}', CheckpointFormatError),
+    ],
+)
+def test_F19_generic_parser_pitfalls(tmp_path: Path, state_json: str, expected: Any) -> None:
+    """FORMAT.md §10's table, row by row: what a generic JSON parser gets wrong, read by
+    every reader of this implementation."""
+    ck = one_tensor(tmp_path)
+    text = (ck / "manifest.json").read_text()
+    (ck / "manifest.json").write_text(text.replace('{"t": {"$torch": 0}}', state_json))
+    if isinstance(expected, type):
+        # The schema sees malformed base64; duplicate keys, NaN, 1e400 and lone surrogates are
+        # below it (a JSON parser's business, F-6).
+        agree(ck, expected, schema="$bytes" in state_json)
+        return
+    agree(ck, None, schema=True)
+    loaded = ckptproto.load(ck)
+    if expected is None:  # int $dict keys past 2**53, plain and tagged, exact
+        assert loaded["k"] == {9007199254740993: 1, -9007199254740994: 2}
+    else:
+        assert loaded == expected and list(loaded) == list(expected)
+        if isinstance(expected.get("v"), list):  # 1 an int, 1.0 and 1e2 floats
+            assert [type(x) for x in loaded["v"]] == [type(x) for x in expected["v"]]
 
 
 # ---------------------------------------------------------------- FORMAT §4 dtypes, data files
@@ -689,10 +932,33 @@ def test_F22_data_files_are_safetensors(tmp_path: Path) -> None:
         assert type(info.value) is CheckpointFormatError, name  # not a truncation: a bad layout
     past_end = {**h2, "u": {"dtype": "F32", "shape": [2], "data_offsets": [24, 32]}}
     text = json.dumps(past_end).encode()
-    refused(variant("past_end", struct.pack("<Q", len(text)) + text + ok2[8 + n2 :]), CheckpointCorruptError)
-    refused(variant("trailing", ok2 + b"\0" * 4), CheckpointCorruptError)
-    refused(variant("short", ok2[:6]), CheckpointFormatError)
-    refused(variant("not_json", struct.pack("<Q", 4) + b"{{{{" + payload), CheckpointFormatError)
+    # Files the manifest records as they are (size and CRC agree) were written wrong:
+    # CheckpointFormatError; the same bytes under the manifest of the good file are damage.
+    written_wrong = {
+        "past_end": struct.pack("<Q", len(text)) + text + ok2[8 + n2 :],
+        "trailing": ok2 + b"\0" * 4,
+        "short": ok2[:6],
+        "not_json": struct.pack("<Q", 4) + b"{{{{" + payload,
+        "header_past_end": struct.pack("<Q", 10**6) + hdr + payload,
+        "unknown_code_unused": _data_file([*two, ("v", "F4", [1], b"\0")]),
+    }
+    text2 = ok2[8 : 8 + n2]
+    for name, old, new in (
+        ("offsets_5000_digits", b"[24, 28]", b"[24, " + b"9" * 5000 + b"]"),
+        ("header_nan", b'{"format": "pt"}', b'{"format": NaN}'),
+        ("header_1e400", b"[24, 28]", b"[24, 1e400]"),
+        ("shape_5000_digits", b'"shape": [1]', b'"shape": [' + b"9" * 5000 + b"]"),
+        ("header_lone_surrogate", b'"pt"', b'"\\ud800"'),
+    ):
+        assert old in text2
+        changed = text2.replace(old, new)
+        written_wrong[name] = struct.pack("<Q", len(changed)) + changed + buffer
+    for name, data in written_wrong.items():
+        agree(variant(name, data), CheckpointFormatError)
+        damaged = tmp_path / f"damaged_{name}"
+        shutil.copytree(ck1, damaged)
+        (damaged / DATA).write_bytes(data)
+        agree(damaged, CheckpointCorruptError)
 
 
 def test_F23_header_padded_to_8_with_spaces(tmp_path: Path) -> None:
@@ -751,6 +1017,16 @@ def test_F25_real_safetensors_reads_the_same_bytes(tmp_path: Path) -> None:
             numpy_side[key].tobytes() == ours_np[key].tobytes()
             and numpy_side[key].dtype == ours_np[key].dtype
         )
+    # The numpy flavour: every entry with a numpy dtype (raw U8 ones as bytes); a file with a
+    # BF16 or F8 entry is refused whole, as F-25 says.
+    raw = save(
+        tmp_path,
+        {"c32": torch.ones(2, dtype=torch.complex32), "u16": torch.ones(2, dtype=torch.uint16)},
+        name="raw",
+    )
+    assert np_load_file(str(raw / DATA))["c32"].dtype == np.uint8
+    with pytest.raises(TypeError, match="bfloat16"):
+        np_load_file(str(save(tmp_path, {"b": torch.ones(2, dtype=torch.bfloat16)}, name="bf") / DATA))
 
 
 # ---------------------------------------------------------------- FORMAT §5 checksums
@@ -792,6 +1068,104 @@ def test_F26_checksums(tmp_path: Path) -> None:
         ckptproto.verify(ck2)
     assert len(info.value.problems) == 2
     assert ckptproto.load(ck2, verify=False)["w"].shape == (4, 6)  # the bytes are read, unchecked
+
+
+def test_F37_refusal_order(tmp_path: Path) -> None:
+    """Several problems at once: every reader names the class of the earliest stage (§9)."""
+    boxes = [(F0, [0, 0], [2, 6]), (F1, [2, 0], [2, 6])]
+
+    def case(name: str, *breaks: Callable[[Path], Any]) -> Path:
+        ck = _chunked(tmp_path, name, boxes)
+        for b in breaks:
+            b(ck)
+        return ck
+
+    def missing(ck: Path) -> None:
+        (ck / F1).unlink()
+
+    def flipped(ck: Path) -> None:
+        raw = bytearray((ck / F1).read_bytes())
+        raw[-1] ^= 1
+        (ck / F1).write_bytes(bytes(raw))
+
+    def bad_header(ck: Path) -> None:  # recorded in the manifest: written wrong, not damaged
+        n, header = header_of((ck / F0).read_bytes())
+        header["w0"]["dtype"] = "F99"
+        put_data(ck, F0, _rebuild(header, (ck / F0).read_bytes()[8 + n :]))
+
+    def data_dir(ck: Path) -> None:
+        (ck / F0).unlink()
+        (ck / F0).mkdir()
+
+    def bad_value(ck: Path) -> None:
+        edit(ck, lambda d: d["state"].__setitem__("x", {"$int": "12a"}))
+
+    def bad_ref(ck: Path) -> None:
+        edit(ck, lambda d: d["state"].__setitem__("x", {"$numpy": 0}))
+
+    def reused_pair(ck: Path) -> None:
+        edit(ck, lambda d: d["tensors"].append(json.loads(json.dumps(d["tensors"][0]))))
+
+    # The manifest alone decides before any data file is looked at...
+    for name, manifest_problem, schema in (
+        ("value", bad_value, True),  # the schema sees a bad $int; references and pairs it cannot
+        ("ref", bad_ref, False),
+        ("pair", reused_pair, False),
+    ):
+        agree(case(f"{name}_missing", manifest_problem, missing), CheckpointFormatError, schema=schema)
+        agree(case(f"{name}_flipped", manifest_problem, flipped), CheckpointFormatError, schema=schema)
+    # ...then damage to any data file, whatever else is wrong with the files...
+    agree(case("header_and_flipped", bad_header, flipped), CheckpointCorruptError)
+    agree(case("dir_and_missing", data_dir, missing), CheckpointCorruptError)
+    agree(case("missing", missing), CheckpointCorruptError)
+    # ...then the rest.
+    agree(case("header", bad_header), CheckpointFormatError)
+    agree(case("dir", data_dir), CheckpointFormatError)
+    agree(case("fine"), None, schema=True)
+
+
+def test_F37_random_damage_gets_one_verdict(tmp_path: Path) -> None:
+    """Seeded random damage to a real checkpoint (byte changes, truncations, inserted JSON
+    tokens, enlarged numbers; the manifest mostly without its checksum so the damage reaches
+    the parser): every reader gives the same verdict, always a CheckpointError.
+    CKPTPROTO_STRESS=1 runs 2,000 trials instead of 60."""
+    import random
+
+    from _reliability import STRESS
+
+    base = save(tmp_path, name="base")
+    names = sorted(os.listdir(base))
+    rnd = random.Random(37)
+    inserts = [b"0", b"9" * 5000, b"[", b"{", b'"', b",", b"-", b"e400", b"\\ud800", b" "]
+    for trial in range(2000 if STRESS else 60):
+        ck = tmp_path / f"t{trial}"
+        shutil.copytree(base, ck)
+        target = ck / rnd.choice(names)
+        data = bytearray(target.read_bytes())
+        if target.name == "manifest.json" and rnd.random() < 0.7:
+            data = bytearray(re.sub(rb'^\{"manifest_checksum":"crc32:[0-9a-f]{8}",', b"{", bytes(data)))
+        at = rnd.randrange(len(data))
+        kind = rnd.randrange(4)
+        if kind == 0:
+            data[at] = rnd.randrange(256)
+        elif kind == 1:
+            del data[at:]
+        elif kind == 2:
+            data[at:at] = rnd.choice(inserts)
+        else:
+            digits = [m.start() for m in re.finditer(rb"[0-9]", bytes(data))]
+            p = rnd.choice(digits)
+            data[p : p + 1] = rnd.choice([b"9" * 30, b"0", b"-1", b"1.5", b"9" * 20])
+        target.write_bytes(bytes(data))
+        got = verdicts(ck)  # a raw exception escapes here and fails the test
+        assert len(set(got.values())) == 1, (trial, target.name, kind, got)
+        shutil.rmtree(ck)
+
+
+def _rebuild(header: dict[str, Any], buffer: bytes) -> bytes:
+    text = json.dumps(header).encode()
+    text += b" " * (-(8 + len(text)) % 8)
+    return struct.pack("<Q", len(text)) + text + buffer
 
 
 # ---------------------------------------------------------------- FORMAT §6 atomic commit
@@ -838,9 +1212,21 @@ def test_F36_manifest_checksum(tmp_path: Path) -> None:
     manifest.write_bytes(data.replace(b"manifest_checksum", b"manifest_checksun", 1))
     with pytest.raises(ckptproto.CheckpointCorruptError):
         ckptproto.read_manifest(ck)
+    # Damage is found before parsing: also where it leaves JSON that no longer parses, or
+    # breaks the "crc32:" literal; every reader says so.
+    at_quote = data.index(b'"format":')
+    for damaged in (
+        data[:at] + b"1" + data[at + 1 :],
+        data[:at_quote] + b"'" + data[at_quote + 1 :],
+        data[:-1] + b"]",
+        data.replace(b'"crc32:', b'"crc22:', 1),
+    ):
+        manifest.write_bytes(damaged)
+        agree(ck, CheckpointCorruptError)
     # Without the member (another writer, a hand edit), the manifest is read unchecked.
     manifest.write_bytes(b"{" + data[38:])
     ckptproto.load(ck)
+    agree(ck, None)
 
 
 def test_F27_temporary_sibling_is_hidden(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -942,9 +1328,13 @@ def test_F32_other_major_refused_naming_both_versions(tmp_path: Path) -> None:
         with pytest.raises(CheckpointFormatError, match=r"2\.0") as info:
             read(ck)
         assert "1." in str(info.value).replace("2.0", "")
-    for bad in ("0.9", "1", "1.x", "v1.0", "1.0.0", 1.0, None, "١.0"):
+    for bad in ("0.9", "1", "1.x", "v1.0", "1.0.0", 1.0, None, "١.0", "1.١", "1.100000", "01.0x", " 1.0"):
         edit(ck, lambda d, bad=bad: d.__setitem__("format_version", bad))
         refused(ck, CheckpointFormatError, ckptproto.read_manifest)
+        agree(ck, CheckpointFormatError, schema=True)
+    for good in ("1.0", "1.99999", "1.00"):
+        edit(ck, lambda d, good=good: d.__setitem__("format_version", good))
+        agree(ck, None, schema=True)
 
 
 # ---------------------------------------------------------------- FORMAT §8 limits, safety
@@ -996,6 +1386,92 @@ def test_F33_limits(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         ck2 = one_tensor(tmp_path, name=f"l{i}")
         edit(ck2, lambda d, change=change: change(d["tensors"][0]))
         refused(ck2, CheckpointFormatError, ckptproto.read_manifest)
+    # Zero elements, but strides past 2**63 bytes: one rule for every reader (refused from
+    # the manifest), so load_into of a Stateful fails cleanly and discovery skips it.
+    # [0, 2**62, 2**62]; and [0, 2**30, 2**30, 2] of float32: 2**63 bytes, one past the limit.
+    for name, shape in (("z_over", [0, 2**62, 2**62]), ("z_edge", [0, 2**30, 2**30, 2])):
+        data = _data_file([("t", "F32", shape, b"")])
+        chunk = {"file": DATA, "key": "t", "offsets": [0] * len(shape), "shape": shape}
+        tensor = {"dtype": "float32", "shape": shape, "chunks": [chunk]}
+        ck3 = build(tmp_path / name, {DATA: data}, [tensor], {"t": {"$torch": 0}})
+        agree(ck3, CheckpointFormatError)
+        with pytest.raises(CheckpointFormatError):
+            ckptproto.load_into(ck3, torch.nn.Linear(1, 1), strict=False)
+    fits = [0, 2**30, 2**30, 1]  # 2**62 bytes of float32 if it had elements: legal
+    data = _data_file([("t", "F32", fits, b"")])
+    chunk = {"file": DATA, "key": "t", "offsets": [0] * 4, "shape": fits}
+    ck4 = build(
+        tmp_path / "z_fits",
+        {DATA: data},
+        [{"dtype": "float32", "shape": fits, "chunks": [chunk]}],
+        {"t": {"$torch": 0}},
+    )
+    agree(ck4, None)
+    assert ckptproto.load(ck4)["t"].shape == tuple(fits)
+    assert {r.path.name for r in ckptproto.find_checkpoints(tmp_path)} >= {"z_fits"}
+    assert not {"z_over", "z_edge"} & {r.path.name for r in ckptproto.find_checkpoints(tmp_path)}
+
+
+_UNDER_CAP = """
+import gc, resource, sys
+import ckptproto
+from ckptproto.conformance.validate import validate
+op, path, warm, budget = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+class Sink:  # a Stateful taking the whole state
+    def state_dict(self): return {}
+    def load_state_dict(self, state): pass
+read = {"read_manifest": ckptproto.read_manifest, "load": ckptproto.load,
+        "load_into": lambda p: ckptproto.load_into(p, Sink(), strict=False),
+        "verify": ckptproto.verify, "validate": validate}[op]
+read(warm)  # imports, the read pool's threads and their malloc arenas exist before the cap
+gc.collect()
+size = next(int(x.split()[1]) * 1024 for x in open("/proc/self/status") if x.startswith("VmSize"))
+resource.setrlimit(resource.RLIMIT_AS, (size + budget, size + budget))
+try:
+    read(path)
+    print("ok")
+except MemoryError:
+    print("MemoryError")
+"""
+
+
+def test_F33_memory_stays_within_the_documented_multiple(tmp_path: Path) -> None:
+    """F-33's bound, held under an address-space cap (RLIMIT_AS) in a child process: the
+    worst case per byte, a manifest of empty lists and a header of empty entries."""
+    import subprocess
+    import sys
+
+    mib = 2**20
+    size = 4 * mib
+    ckptproto.save({"a": 1}, tmp_path / "warm")
+    data = _data_file([])
+    lists = build(tmp_path / "lists", {DATA: data}, [], {"x": 0})
+    text = (lists / "manifest.json").read_bytes()
+    (lists / "manifest.json").write_bytes(text.replace(b'"x": 0', b'"x": [' + b"[]," * (size // 3) + b"[]]"))
+    entries = [(f"{i:x}", "U8", [0], b"") for i in range(size // 50)]
+    header = build(tmp_path / "header", {DATA: _data_file(entries)}, [], {})
+    header_size = (header / DATA).stat().st_size
+    assert header_size >= size
+
+    slack = 8 * mib
+    runs = {  # what runs under which cap, and what it must print
+        ("read_manifest", lists, 32 * size + slack): "ok",
+        ("validate", lists, 32 * size + slack): "ok",
+        ("load", lists, 32 * size + slack): "ok",  # decoded in place: one tree, not two
+        ("load_into", lists, 64 * size + slack): "ok",  # plus a skeleton, freed before decoding
+        ("verify", header, 24 * header_size + slack): "ok",
+        ("read_manifest", lists, 8 * size): "MemoryError",  # the cap bites
+    }
+    children = {
+        run: subprocess.Popen(
+            [sys.executable, "-c", _UNDER_CAP, run[0], str(run[1]), str(tmp_path / "warm"), str(run[2])],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for run in runs
+    }
+    said = {run: child.communicate()[0].strip() for run, child in children.items()}
+    assert said == runs
 
 
 def test_F34_no_allocation_before_validation(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -1257,6 +1733,31 @@ def test_P7_other_refusals(tmp_path: Path) -> None:
             ckptproto.save(state, tmp_path / f"ck{i}", **kw)
     with pytest.raises(UnsupportedValueError):
         ckptproto.save([1, 2], tmp_path / "list")  # type: ignore[arg-type]
+    # Dict cycles and dicts nested past the limit fail in save's Stateful resolution too
+    # (before encoding), for the sync and the async saver alike, naming the path.
+    looped: dict[str, Any] = {"x": {}}
+    looped["x"]["back"] = looped
+    deep: dict[str, Any] = {}
+    node = deep
+    for _ in range(2000):
+        node["d"] = {}
+        node = node["d"]
+    with ckptproto.AsyncSaver() as saver:
+        for name, bad, path_prefix, what in (
+            ("loop", looped, "x.back", "cycle"),
+            ("deep", {"a": deep}, "a.d.d.d", "deeper"),
+            ("surrogate", {"a": {"s": "ok \ud800"}}, "a.s", "surrogate"),
+            ("surrogate_key", {"a": {"k\udfff": 1}}, "a.k", "surrogate"),
+            ("surrogate_dict_key", {"a": {1: "x", "\ud800": 2}}, "a", "surrogate"),
+        ):
+            for save_with in (ckptproto.save, lambda s, p: saver.save(s, p).result()):
+                with pytest.raises(UnsupportedValueError, match=what) as info:
+                    save_with(bad, tmp_path / name)
+                assert info.value.path.startswith(path_prefix), info.value.path
+                str(info.value).encode("utf-8")  # printable, even when the path is not
+        with pytest.raises(UnsupportedValueError, match="surrogate") as info:
+            ckptproto.save({"a": 1}, tmp_path / "meta", metadata={"note": "\udc80"})
+        assert info.value.path == "metadata.note"
     assert os.listdir(tmp_path) == []
 
 

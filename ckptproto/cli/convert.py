@@ -19,8 +19,8 @@ torch.save files are read with torch.load(weights_only=True): a file that needs 
 unpickling is refused. --unsafe-allow-pickle lifts that for files you trust completely, since
 unpickling can run arbitrary code.
 
-DCP directories: DCP's .metadata file is a pickle that DCP unpickles to read any checkpoint,
-so reading a DCP directory is only as safe as DCP itself; convert only directories you trust.
+DCP directories: DCP's .metadata file is a pickle; it is read by an unpickler that builds only
+DCP's own metadata classes and refuses anything else, unless --unsafe-allow-pickle.
 
 --unsafe-allow-pickle also stores what such files commonly hold in plain form (an
 argparse.Namespace as a dict, torch.Size as a tuple, enums as their values, ...); each

@@ -11,6 +11,7 @@ one breaks::
 from __future__ import annotations
 
 import os
+import re
 import stat
 import struct
 import zlib
@@ -23,14 +24,18 @@ from ckptproto import dtypes
 from ckptproto.errors import CheckpointFormatError
 from ckptproto.format import layout, strict_json
 from ckptproto.format.crc import parse_checksum
+from ckptproto.format.regular_file import NotRegularFileError, open_regular
 from ckptproto.format.safetensors import MAX_HEADER_BYTES, RAW_CODE
-from ckptproto.tree import MAX_SAFE_INT, decode_tree, iter_tensor_refs
+from ckptproto.tree import MAX_SAFE_INT, check_tree, int_text, iter_tensor_refs
 
 MAX_MANIFEST_BYTES = 1 << 30
 MAX_NDIM = 64
 MAX_DIM = 1 << 62
 MAX_CHUNKS = 1 << 16
 _BLOCK = 1 << 20
+# F-36: a first member shaped like the checksum (any 17-character name: a damaged key).
+_CHECKSUM_LIKE = re.compile(rb'\{"manifest_checksum":"|\{"[^"]{17}":"crc32:')
+_OWN_CHECKSUM = re.compile(rb'\{"manifest_checksum":"crc32:([0-9a-f]{8})",')
 
 # Requirement id in spec/FORMAT.md -> what it requires. The ids are the spec's; the text is
 # a reminder for people reading a report.
@@ -62,18 +67,32 @@ RULES: dict[str, str] = {
     "F-26": 'checksum is "crc32:" + 8 lowercase hex digits of the CRC-32 of the whole data file',
     "F-31": 'format_version is "MAJOR.MINOR"',
     "F-32": "the major version is 1 (the version this validator checks)",
+    "F-36": "a manifest starting with its manifest_checksum member matches it",
     "F-33": "limits: manifest <= 1 GiB, nesting <= 200, <= 64 dimensions, dimensions <= 2**62, "
     "<= 65,536 chunks per tensor",
 }
 
 
+NOT_FOUND = "CheckpointNotFoundError"
+CORRUPT = "CheckpointCorruptError"
+FORMAT = "CheckpointFormatError"
+WRITER_ONLY = ""  # a rule for writers that readers do not enforce (F-7 defaults, F-16, F-23)
+
+
 @dataclass(frozen=True)
 class Violation:
-    """One broken requirement: the spec's id, where (file and JSON path / tensor key), what."""
+    """One broken requirement: the spec's id, where (file and JSON path / tensor key), what.
+
+    ``error`` is the exception a reader refuses the checkpoint with because of it
+    (``CheckpointFormatError``...; empty for rules only writers must keep) and ``stage`` when
+    a reader finds it: 0 before reading (F-1, F-2), 1 in the manifest, 2 in the data files.
+    :func:`reader_verdict` combines them as FORMAT.md §9 orders."""
 
     rule: str
     where: str
     message: str
+    error: str = FORMAT
+    stage: int = 1
 
     def __str__(self) -> str:
         return f"[{self.rule}] {self.where}: {self.message}"
@@ -87,9 +106,28 @@ class _Collector:
         self.root = root
         self.found: list[Violation] = []
 
-    def add(self, rule: str, where: str, message: str) -> None:
+    def add(self, rule: str, where: str, message: str, *, error: str | None = None) -> None:
         assert rule in RULES, rule
-        self.found.append(Violation(rule, where, message))
+        if error is None:
+            error = (
+                NOT_FOUND if rule in ("F-1", "F-2") else WRITER_ONLY if rule in ("F-16", "F-23") else FORMAT
+            )
+        data_file = not where.startswith(layout.MANIFEST_NAME) and rule in ("F-4", "F-8", "F-26")
+        stage = 0 if error == NOT_FOUND else 2 if data_file or rule in ("F-13", "F-22", "F-23") else 1
+        self.found.append(Violation(rule, where, message, error, stage))
+
+
+def reader_verdict(violations: list[Violation]) -> str | None:
+    """The exception class name a conforming reader refuses with, or None when readers
+    accept the checkpoint (no violations, or only writers' rules broken). FORMAT.md §9: the
+    earliest stage decides; within a stage damage (CheckpointCorruptError) comes first::
+
+        reader_verdict(validate("ckpt/step_100"))   # None, or e.g. "CheckpointCorruptError"
+    """
+    refusing = [v for v in violations if v.error]
+    if not refusing:
+        return None
+    return min(refusing, key=lambda v: (v.stage, v.error != CORRUPT)).error
 
 
 def validate(path: str | os.PathLike[str]) -> list[Violation]:
@@ -104,7 +142,10 @@ def validate(path: str | os.PathLike[str]) -> list[Violation]:
         return out.found
     world_size = _top_level(doc, out)
     files = _files(root, doc.get("files"), world_size, out)
-    headers = {name: _header(root / name, name, size, out) for name, size in files.items()}
+    # Every listed name (a chunk naming a listed but missing file is damage, not F-10).
+    listed: dict[str, Any] = doc["files"] if isinstance(doc.get("files"), dict) else {}
+    headers: dict[str, dict[str, _Entry] | None] = dict.fromkeys(listed)
+    headers.update({name: _header(root / name, name, size, out) for name, size in files.items()})
     tensors = _tensors(doc.get("tensors"), files, headers, out)
     _state(doc, tensors, out)
     _metadata(doc, out)
@@ -114,20 +155,27 @@ def validate(path: str | os.PathLike[str]) -> list[Violation]:
 def _manifest(root: Path, out: _Collector) -> dict[str, Any] | None:
     where = layout.MANIFEST_NAME
     try:
-        st = os.stat(root / where, follow_symlinks=False)
+        fd, st = open_regular(root / where)
+    except NotRegularFileError as exc:
+        if exc.kind == "symbolic link":
+            out.add("F-4", where, "is a symbolic link", error=NOT_FOUND)
+        else:
+            out.add("F-1", where, f"is a {exc.kind}, not a regular file")
+        return None
     except OSError as exc:
         out.add("F-1", str(root), f"no {where} ({exc.strerror})")
         return None
-    if stat.S_ISLNK(st.st_mode):
-        out.add("F-4", where, "is a symbolic link")
-        return None
-    if not stat.S_ISREG(st.st_mode):
-        out.add("F-1", where, "is not a regular file")
-        return None
-    if st.st_size > MAX_MANIFEST_BYTES:
-        out.add("F-33", where, f"{st.st_size} bytes, over the {MAX_MANIFEST_BYTES}-byte limit")
-        return None
-    data = (root / where).read_bytes()
+    with os.fdopen(fd, "rb") as f:
+        if st.st_size > MAX_MANIFEST_BYTES:
+            out.add("F-33", where, f"{st.st_size} bytes, over the {MAX_MANIFEST_BYTES}-byte limit")
+            return None
+        data = f.read()
+    if _CHECKSUM_LIKE.match(data):  # F-36, on the raw bytes: damage may not even parse
+        own = _OWN_CHECKSUM.match(data)
+        if own is None or int(own.group(1), 16) != zlib.crc32(
+            memoryview(data)[own.end() :], zlib.crc32(b"{")
+        ):
+            out.add("F-36", where, "does not match its own manifest_checksum (damaged)", error=CORRUPT)
     try:
         doc = strict_json.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError, CheckpointFormatError) as exc:
@@ -142,19 +190,21 @@ def _manifest(root: Path, out: _Collector) -> dict[str, Any] | None:
 def _top_level(doc: dict[str, Any], out: _Collector) -> int:
     m = layout.MANIFEST_NAME
     if doc.get("format") != "ckptproto":
-        out.add("F-6", m, f'"format" is {doc.get("format")!r}, not "ckptproto"')
+        out.add("F-6", m, f'"format" is {_show(doc.get("format"))}, not "ckptproto"')
     version = doc.get("format_version")
     parts = version.split(".") if isinstance(version, str) else []
-    if len(parts) != 2 or not all(p.isdigit() for p in parts):
-        out.add("F-31", m, f'"format_version" {version!r} is not "MAJOR.MINOR"')
+    # ASCII digits only: str.isdigit() and int() also take "١" (Arabic-Indic one).
+    if len(parts) != 2 or not all(re.fullmatch("[0-9]{1,5}", p) for p in parts):
+        out.add("F-31", m, f'"format_version" {_show(version)} is not "MAJOR.MINOR"')
     elif int(parts[0]) != 1:
-        out.add("F-32", m, f'"format_version" {version!r}: this validator checks major version 1')
+        out.add("F-32", m, f'"format_version" {_show(version)}: this validator checks major version 1')
     for key in ("format_version", "created", "writer", "world_size", "metadata", "files", "tensors", "state"):
         if key not in doc:
-            out.add("F-7", m, f'no "{key}" field')
+            required = key in ("format_version", "files", "tensors", "state")
+            out.add("F-7", m, f'no "{key}" field', error=None if required else WRITER_ONLY)
     world_size = doc.get("world_size", 1)
     if type(world_size) is not int or world_size < 1:
-        out.add("F-7", m, f'"world_size" {world_size!r} is not an integer >= 1')
+        out.add("F-7", m, f'"world_size" {_show(world_size)} is not an integer >= 1')
         world_size = 1
     for key in ("created", "writer"):
         if key in doc and not isinstance(doc[key], str):
@@ -179,21 +229,21 @@ def _files(root: Path, doc: Any, world_size: int, out: _Collector) -> dict[str, 
             continue
         size, checksum, rank = entry.get("size"), entry.get("checksum"), entry.get("rank", 0)
         ok = True
-        if type(size) is not int or size < 8:
-            out.add("F-8", where, f"size {size!r} is not an integer >= 8")
+        if type(size) is not int or not 8 <= size < 1 << 63:
+            out.add("F-8", where, f"size {_show(size)} is not an integer in [8, 2**63)")
             ok = False
         crc = parse_checksum(checksum)
         if crc is None or not isinstance(checksum, str) or checksum != checksum.lower():
-            out.add("F-26", where, f"checksum {checksum!r} is not 'crc32:' and 8 lowercase hex digits")
+            out.add("F-26", where, f"checksum {_show(checksum)} is not 'crc32:' and 8 lowercase hex digits")
             ok = False
         if "rank" not in entry:
-            out.add("F-7", where, 'no "rank"')
+            out.add("F-7", where, 'no "rank"', error=WRITER_ONLY)
         elif type(rank) is not int or rank < 0:
-            out.add("F-8", where, f"rank {rank!r} is not an integer >= 0")
+            out.add("F-8", where, f"rank {_show(rank)} is not an integer >= 0")
         try:
             st = os.stat(root / name, follow_symlinks=False)
         except OSError:
-            out.add("F-8", name, "listed in the manifest but missing")
+            out.add("F-8", name, "listed in the manifest but missing", error=CORRUPT)
             continue
         if not stat.S_ISREG(st.st_mode):
             out.add("F-4", name, "a symbolic link" if stat.S_ISLNK(st.st_mode) else "not a regular file")
@@ -202,11 +252,13 @@ def _files(root: Path, doc: Any, world_size: int, out: _Collector) -> dict[str, 
             continue
         assert isinstance(size, int) and crc is not None
         if st.st_size != size:
-            out.add("F-8", name, f"{st.st_size} bytes on disk, {size} in the manifest")
+            out.add("F-8", name, f"{st.st_size} bytes on disk, {_show(size)} in the manifest", error=CORRUPT)
             continue
         actual = _crc(root / name)
         if actual != crc:
-            out.add("F-26", name, f"CRC-32 is crc32:{actual:08x}, the manifest says {checksum}")
+            out.add(
+                "F-26", name, f"CRC-32 is crc32:{actual:08x}, the manifest says {checksum}", error=CORRUPT
+            )
         good[name] = size
     return good
 
@@ -270,25 +322,25 @@ def _header(path: Path, name: str, size: int, out: _Collector) -> dict[str, _Ent
             continue
         code, shape, offsets = e["dtype"], e["shape"], e["data_offsets"]
         if code not in dtypes.SAFETENSORS_ITEMSIZE:
-            out.add("F-22", where, f"unknown dtype code {code!r}")
+            out.add("F-22", where, f"unknown dtype code {_show(code)}")
             continue
         if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
-            out.add("F-22", where, f"bad shape {shape!r}")
+            out.add("F-22", where, f"bad shape {_show(shape)}")
             continue
         if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)):
-            out.add("F-22", where, f"bad data_offsets {offsets!r}")
+            out.add("F-22", where, f"bad data_offsets {_show(offsets)}")
             continue
         numel = 1
         for d in shape:
             numel *= d
         if not 0 <= offsets[0] <= offsets[1] <= buffer_len:
-            out.add("F-22", where, f"data_offsets {offsets} fall outside the {buffer_len}-byte buffer")
+            out.add("F-22", where, f"data_offsets {_show(offsets)} fall outside the {buffer_len}-byte buffer")
             continue
         if numel * dtypes.SAFETENSORS_ITEMSIZE[code] != offsets[1] - offsets[0]:
             out.add(
-                "F-10",
+                "F-22",
                 where,
-                f"shape {shape} of {code} needs {numel * dtypes.SAFETENSORS_ITEMSIZE[code]} bytes, data_offsets span {offsets[1] - offsets[0]}",
+                f"shape {_show(shape)} of {code} needs {_show(numel * dtypes.SAFETENSORS_ITEMSIZE[code])} bytes, data_offsets span {offsets[1] - offsets[0]}",
             )
             continue
         entries[key] = _Entry(code, tuple(shape), offsets[1] - offsets[0])
@@ -329,12 +381,18 @@ def _tensors(
         shape = t.get("shape")
         chunks = t.get("chunks")
         if dtype is None:
-            out.add("F-9", where, f"unknown dtype {t.get('dtype')!r}")
+            out.add("F-9", where, f"unknown dtype {_show(t.get('dtype'))}")
         if not _int_list(shape):
-            out.add("F-9", where, f"shape {shape!r} is not a list of ints >= 0")
+            out.add("F-9", where, f"shape {_show(shape)} is not a list of ints >= 0")
             continue
         if len(shape) > MAX_NDIM or any(d > MAX_DIM for d in shape):
-            out.add("F-33", where, f"shape {shape} has over {MAX_NDIM} dimensions or one over 2**62")
+            out.add("F-33", where, f"shape {_show(shape)} has over {MAX_NDIM} dimensions or one over 2**62")
+            continue
+        extent = dtype.itemsize if dtype is not None else 1
+        for d in shape:
+            extent *= d or 1
+        if extent >= 1 << 63:
+            out.add("F-33", where, f"shape {_show(shape)} spans over 2**63-1 bytes, zero dimensions ignored")
             continue
         if isinstance(chunks, list) and len(chunks) > MAX_CHUNKS:
             out.add("F-33", where, f"{len(chunks)} chunks, over the {MAX_CHUNKS} limit")
@@ -387,10 +445,16 @@ def _chunk(
         or len(offsets) != len(shape)
         or len(cshape) != len(shape)
     ):
-        out.add("F-10", where, f"offsets {offsets!r} and shape {cshape!r} need {len(shape)} ints >= 0")
+        out.add(
+            "F-10", where, f"offsets {_show(offsets)} and shape {_show(cshape)} need {len(shape)} ints >= 0"
+        )
         return None
     if any(o + s > g for o, s, g in zip(offsets, cshape, shape, strict=True)):
-        out.add("F-10", where, f"box {offsets}+{cshape} runs outside the tensor's shape {shape}")
+        out.add(
+            "F-10",
+            where,
+            f"box {_show(offsets)}+{_show(cshape)} runs outside the tensor's shape {_show(shape)}",
+        )
         return None
     header = headers.get(file)
     if file not in files and file not in headers:
@@ -409,7 +473,7 @@ def _chunk(
             out.add(
                 "F-13",
                 where,
-                f"{file}:{key} is {entry.code}{list(entry.shape)}, expected {dtype.safetensors}{cshape}",
+                f"{file}:{key} is {entry.code}{list(entry.shape)}, expected {dtype.safetensors}{_show(cshape)}",
             )
         elif dtype.safetensors is None and (entry.code, entry.shape) != (RAW_CODE, (numel * dtype.itemsize,)):
             out.add(
@@ -432,14 +496,22 @@ def _tiling(
     total = volume(shape)
     covered = sum(volume(s) for _o, s in boxes)
     nonempty = [(o, s) for o, s in boxes if volume(s)]
-    for i, (o1, s1) in enumerate(nonempty):
-        for j in range(i + 1, len(nonempty)):
-            o2, s2 = nonempty[j]
+    # Sweep along the dimension with the most distinct starts, comparing a box only with the
+    # boxes still open there: all pairs would take hours for 65,536 chunks.
+    dim = max(range(len(shape)), key=lambda d: len({o[d] for o, _s in nonempty}), default=0)
+    open_boxes: list[tuple[tuple[int, ...], tuple[int, ...]]] = []
+    for o1, s1 in sorted(nonempty, key=lambda box: box[0][dim] if shape else 0):
+        if shape:
+            open_boxes = [(o, s) for o, s in open_boxes if o[dim] + s[dim] > o1[dim]]
+        for o2, s2 in open_boxes:
             if all(a < b + t and b < a + u for a, u, b, t in zip(o1, s1, o2, s2, strict=True)):
-                out.add("F-11", where, f"chunks with boxes at {list(o1)} and {list(o2)} overlap")
+                out.add(
+                    "F-11", where, f"chunks with boxes at {_show(list(o2))} and {_show(list(o1))} overlap"
+                )
                 return
+        open_boxes.append((o1, s1))
     if covered != total:
-        out.add("F-11", where, f"chunks hold {covered} elements, the shape needs {total}")
+        out.add("F-11", where, f"chunks hold {_show(covered)} elements, the shape needs {_show(total)}")
 
 
 def _state(doc: dict[str, Any], tensors: list[dtypes.DType | None], out: _Collector) -> None:
@@ -454,18 +526,18 @@ def _state(doc: dict[str, Any], tensors: list[dtypes.DType | None], out: _Collec
     def resolve(kind: str, index: int, path: str) -> None:
         at = f"{m}: state.{path}" if path else f"{m}: state"
         if kinds.setdefault(index, kind) != kind:
-            out.add("F-14", at, f"tensor {index} is referenced both as $torch and as $numpy")
+            out.add("F-14", at, f"tensor {_show(index)} is referenced both as $torch and as $numpy")
         if index >= len(tensors):
-            out.add("F-14", at, f"${kind} reference {index} is past the {len(tensors)} tensors")
+            out.add("F-14", at, f"${kind} reference {_show(index)} is past the {len(tensors)} tensors")
         elif kind == "numpy" and tensors[index] is not None and tensors[index].numpy_name is None:  # type: ignore[union-attr]
             out.add("F-14", at, f"$numpy reference to a {tensors[index].name} tensor, which numpy lacks")  # type: ignore[union-attr]
 
     try:
-        decoded = decode_tree(state, resolve, where=f"{m}: state")
+        is_dict = check_tree(state, resolve, where=f"{m}: state")
     except CheckpointFormatError as exc:
         out.add(_decode_rule(str(exc)), f"{m}: state", str(exc).removeprefix(f"{m}: state: "))
         return
-    if not isinstance(decoded, dict):
+    if not is_dict:
         out.add("F-15", f"{m}: state", "the top level is not an object")
     for path, value in _numbers(state, ""):
         out.add("F-16", f"{m}: state.{path}" if path else f"{m}: state", value)
@@ -486,10 +558,13 @@ def _numbers(node: Any, path: str, depth: int = 0) -> Iterator[tuple[str, str]]:
     if depth > 200:
         return
     if type(node) is int and abs(node) > MAX_SAFE_INT:
-        yield path, f'integer {node} outside +-(2**53-1) written as a JSON number, not {{"$int": ...}}'
+        yield (
+            path,
+            f'integer {int_text(node)} outside +-(2**53-1) written as a JSON number, not {{"$int": ...}}',
+        )
     elif isinstance(node, dict) and len(node) == 1 and "$int" in node:
         text = node["$int"]
-        if isinstance(text, str) and text.lstrip("-").isdigit() and abs(int(text)) <= MAX_SAFE_INT:
+        if isinstance(text, str) and re.fullmatch(r"-?[0-9]{1,16}", text) and abs(int(text)) <= MAX_SAFE_INT:
             yield path, f"$int {text} is within +-(2**53-1): write it as a JSON integer"
     elif isinstance(node, dict) and len(node) == 1 and isinstance(node.get("$dict"), list):
         pairs = node["$dict"]
@@ -501,7 +576,7 @@ def _numbers(node: Any, path: str, depth: int = 0) -> Iterator[tuple[str, str]]:
             yield path, "a $dict whose keys are all plain strings: write it as a JSON object"
         for p in pairs:
             if isinstance(p, list) and len(p) == 2:
-                yield from _numbers(p[1], f"{path}.{p[0]}" if path else str(p[0]), depth + 1)
+                yield from _numbers(p[1], f"{path}.{_show(p[0])}" if path else _show(p[0]), depth + 1)
     elif isinstance(node, list):
         for i, v in enumerate(node):
             yield from _numbers(v, f"{path}.{i}" if path else str(i), depth + 1)
@@ -518,10 +593,22 @@ def _metadata(doc: dict[str, Any], out: _Collector) -> None:
         out.add("F-15", f"{m}: metadata.{refs[0][0]}", "metadata holds a tensor reference")
         return
     try:
-        decoded = decode_tree(meta, lambda kind, index, p: None, where=f"{m}: metadata")
+        is_dict = check_tree(meta, lambda kind, index, p: None, where=f"{m}: metadata")
     except CheckpointFormatError as exc:
         out.add("F-15", f"{m}: metadata", str(exc))
         return
-    if not isinstance(decoded, dict):
+    if not is_dict:
         out.add("F-15", f"{m}: metadata", "is not an object")
         return
+
+
+def _show(value: Any) -> str:
+    """A value from the checkpoint, for a message: short, and never failing (``str`` of an
+    int past 4,300 digits raises; a hostile list can be huge)."""
+    if type(value) is int:
+        return int_text(value)
+    if isinstance(value, list):
+        shown = ", ".join(_show(v) for v in value[:8])
+        return f"[{shown}{', ...' if len(value) > 8 else ''}]"
+    text = repr(value) if not isinstance(value, (dict, tuple)) else f"<{type(value).__name__}>"
+    return text if len(text) <= 80 else text[:77] + "..."

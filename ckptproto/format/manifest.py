@@ -20,12 +20,14 @@ from ckptproto.dtypes import DType
 from ckptproto.errors import CheckpointCorruptError, CheckpointFormatError
 from ckptproto.format import layout, strict_json
 from ckptproto.format.crc import parse_checksum
+from ckptproto.tree import check_tree, int_text
 
 FORMAT_NAME = "ckptproto"
 FORMAT_VERSION = (1, 0)
 MAX_MANIFEST_BYTES = 1 << 30
 MAX_NDIM = 64
 MAX_DIM = 1 << 62
+MAX_EXTENT = (1 << 63) - 1  # bytes a shape may span with its zero dimensions taken as 1
 MAX_CHUNKS_PER_TENSOR = 1 << 16
 # The manifest's own checksum is its first member, so the bytes it covers are easy to find:
 # ``{"manifest_checksum":"crc32:xxxxxxxx",`` + the rest; the CRC is that of ``{`` + the rest
@@ -35,6 +37,7 @@ CHECKSUM_KEY = "manifest_checksum"
 _CHECKSUM_PREFIX = b'{"' + CHECKSUM_KEY.encode() + b'":"crc32:'
 _CHECKSUM_HEAD = len(_CHECKSUM_PREFIX) + 8 + 2  # + hex digits + '",'
 _DAMAGED_CHECKSUM = re.compile(rb'\{"[^"]{%d}":"crc32:' % len(CHECKSUM_KEY))
+_HEX8 = re.compile(rb"[0-9a-f]{8}")
 _VERSION = re.compile(r"[0-9]{1,5}\.[0-9]{1,5}")  # ASCII digits only ("١.0" is not a version)
 
 
@@ -135,7 +138,12 @@ class Manifest:
 
     @classmethod
     def parse(cls, data: bytes, where: str) -> Manifest:
-        """Parse and validate manifest bytes; ``where`` names the file in error messages."""
+        """Parse and validate manifest bytes; ``where`` names the file in error messages.
+
+        Everything the manifest alone decides is checked here, values included (tags,
+        payloads, tensor references), so every reader refuses a bad manifest whole and
+        before it opens a data file (FORMAT.md §9, refusal order)."""
+        _check_own_checksum(data, where)  # damage first: a damaged manifest may not even parse
         doc = _load_json(data, where)
         if not isinstance(doc, dict) or doc.get("format") != FORMAT_NAME:
             raise CheckpointFormatError(f'{where}: not a ckptproto manifest (no "format": "ckptproto")')
@@ -145,45 +153,88 @@ class Manifest:
         if not isinstance(tensors_doc, list):
             raise CheckpointFormatError(f'{where}: "tensors" must be a list')
         tensors = [_parse_tensor(t, i, files, where) for i, t in enumerate(tensors_doc)]
+        _check_pairs_unique(tensors, where)
         if not isinstance(doc.get("state"), dict):
             raise CheckpointFormatError(f'{where}: "state" must be an object')
         world_size = doc.get("world_size", 1)
         if type(world_size) is not int or world_size < 1:
-            raise CheckpointFormatError(f"{where}: bad world_size {world_size!r}")
+            raise CheckpointFormatError(f"{where}: bad world_size {show(world_size)}")
         created, writer = doc.get("created", ""), doc.get("writer", "")
         if not isinstance(created, str) or not isinstance(writer, str):
             raise CheckpointFormatError(f'{where}: "created" and "writer" must be strings')
         metadata = doc.get("metadata", {})
-        _check_own_checksum(data, doc, where)
+        _check_values(doc["state"], metadata, tensors, where)
         return cls(doc["state"], tensors, files, metadata, created, version, world_size, writer)
 
 
-def _check_own_checksum(data: bytes, doc: dict[str, Any], where: str) -> None:
-    """Catch damage that still parses and validates (a flipped digit in a value).
+def show(value: object) -> str:
+    """A value from a checkpoint, for a message: ``repr`` cut to 80 characters, and never
+    failing (``str`` of an int past 4,300 digits raises)."""
+    text = int_text(value) if type(value) is int else repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _check_pairs_unique(tensors: list[TensorEntry], where: str) -> None:
+    """F-12: a (file, key) pair stores one chunk of the whole manifest."""
+    used: set[tuple[str, str]] = set()
+    for index, tensor in enumerate(tensors):
+        for chunk in tensor.chunks:
+            if (chunk.file, chunk.key) in used:
+                raise CheckpointFormatError(
+                    f"{where}: tensors[{index}]: ({chunk.file}, {chunk.key!r}) is claimed by two chunks"
+                )
+            used.add((chunk.file, chunk.key))
+
+
+def _check_values(state: Any, metadata: Any, tensors: list[TensorEntry], where: str) -> None:
+    """F-14, F-15, F-17, F-18: decode both trees once, keeping nothing."""
+    kinds: dict[int, str] = {}
+
+    def resolve(kind: str, index: int, path: str) -> None:
+        at = f"state.{path}" if path else "state"
+        if index >= len(tensors):
+            raise CheckpointFormatError(f"{where}: {at} refers to tensor {show(index)}, which does not exist")
+        if kinds.setdefault(index, kind) != kind:
+            raise CheckpointFormatError(f"{where}: tensor {index} is used as both torch and numpy ({at})")
+        if kind == "numpy" and tensors[index].dtype.numpy_name is None:
+            raise CheckpointFormatError(
+                f"{where}: {at} is a $numpy reference to a {tensors[index].dtype.name} tensor, "
+                "a dtype numpy lacks"
+            )
+
+    def no_tensors(kind: str, index: int, path: str) -> None:
+        raise CheckpointFormatError(f"{where}: metadata.{path} refers to a tensor")
+
+    if not check_tree(state, resolve, where=f"{where} (state)"):
+        raise CheckpointFormatError(f"{where}: the state must be an object at the top level")
+    if not check_tree(metadata, no_tensors, where=f"{where} (metadata)"):
+        raise CheckpointFormatError(f"{where}: metadata must be an object")
+
+
+def _check_own_checksum(data: bytes, where: str) -> None:
+    """Catch damage that still parses and validates (a flipped digit in a value), and damage
+    that does not parse: checked on the raw bytes, before the JSON is parsed.
 
     The checksum protects the bytes as ckptproto writes them (compact, the member first). A
     manifest without the member (another writer, format 1.0 without it) is not checked; nor is
-    one rewritten by a JSON tool (the member no longer at the start: edited on purpose). Any
-    single damaged byte of a written manifest still fails: in the member's key it leaves a
-    first member shaped like the checksum under another name, refused below.
+    one rewritten by a JSON tool (the member no longer first, or spaced). Any single damaged
+    byte of a written manifest still fails: in the member's key it leaves a first member
+    shaped like the checksum under another name, refused here too.
     """
-    if CHECKSUM_KEY not in doc:
-        if _DAMAGED_CHECKSUM.match(data):
-            raise CheckpointCorruptError(f'{where}: the "{CHECKSUM_KEY}" member is damaged')
-        return
-    if not data.startswith(_CHECKSUM_PREFIX[: len(CHECKSUM_KEY) + 5]):
+    if not data.startswith(_CHECKSUM_PREFIX[: len(CHECKSUM_KEY) + 5]) and not _DAMAGED_CHECKSUM.match(data):
         return
     stored = data[len(_CHECKSUM_PREFIX) : _CHECKSUM_HEAD - 2]
     if (
-        not data.startswith(_CHECKSUM_PREFIX)
-        or data[_CHECKSUM_HEAD - 2 : _CHECKSUM_HEAD] != b'",'
-        or doc[CHECKSUM_KEY] != "crc32:" + stored.decode("ascii", "replace")
-        or parse_checksum(doc[CHECKSUM_KEY]) != zlib.crc32(b"{" + data[_CHECKSUM_HEAD:])
+        data.startswith(_CHECKSUM_PREFIX)
+        and data[_CHECKSUM_HEAD - 2 : _CHECKSUM_HEAD] == b'",'
+        and _HEX8.fullmatch(stored) is not None
+        and int(stored, 16) == zlib.crc32(memoryview(data)[_CHECKSUM_HEAD:], zlib.crc32(b"{"))
     ):
-        raise CheckpointCorruptError(
-            f"{where}: the manifest does not match its own {CHECKSUM_KEY} (damaged, or "
-            f'edited after writing: an edited manifest must drop "{CHECKSUM_KEY}")'
-        )
+        return
+    raise CheckpointCorruptError(
+        f"{where}: the manifest does not match its own {CHECKSUM_KEY} (damaged, or "
+        f'edited after writing: an edited manifest must drop "{CHECKSUM_KEY}")'
+    )
 
 
 def _load_json(data: bytes, where: str) -> Any:
@@ -200,7 +251,7 @@ def _load_json(data: bytes, where: str) -> Any:
 def _parse_version(text: object, where: str) -> tuple[int, int]:
     if not isinstance(text, str) or _VERSION.fullmatch(text) is None:
         raise CheckpointFormatError(
-            f"{where}: bad format_version {text!r}; this ckptproto reads {FORMAT_VERSION[0]}.x"
+            f"{where}: bad format_version {show(text)}; this ckptproto reads {FORMAT_VERSION[0]}.x"
         )
     major, minor = (int(part) for part in text.split("."))
     if major != FORMAT_VERSION[0]:
@@ -218,17 +269,17 @@ def _parse_files(doc: object, where: str) -> dict[str, FileEntry]:
     for name, f in doc.items():
         if not layout.is_valid_data_file_name(name):
             raise CheckpointFormatError(
-                f"{where}: data file name {name!r} is not a plain *.safetensors name in the checkpoint"
+                f"{where}: data file name {show(name)} is not a plain *.safetensors name in the checkpoint"
             )
         if not isinstance(f, dict):
-            raise CheckpointFormatError(f"{where}: files[{name!r}] must be an object")
+            raise CheckpointFormatError(f"{where}: files[{show(name)}] must be an object")
         size, checksum, rank = f.get("size"), f.get("checksum"), f.get("rank", 0)
-        if type(size) is not int or size < 8:
-            raise CheckpointFormatError(f"{where}: files[{name!r}] has a bad size {size!r}")
+        if type(size) is not int or not 8 <= size <= MAX_EXTENT:
+            raise CheckpointFormatError(f"{where}: files[{name!r}] has a bad size {show(size)}")
         if parse_checksum(checksum) is None:
-            raise CheckpointFormatError(f"{where}: files[{name!r}] has a bad checksum {checksum!r}")
+            raise CheckpointFormatError(f"{where}: files[{name!r}] has a bad checksum {show(checksum)}")
         if type(rank) is not int or rank < 0:
-            raise CheckpointFormatError(f"{where}: files[{name!r}] has a bad rank {rank!r}")
+            raise CheckpointFormatError(f"{where}: files[{name!r}] has a bad rank {show(rank)}")
         assert isinstance(checksum, str)
         files[name] = FileEntry(size, checksum, rank)
     return files
@@ -263,7 +314,7 @@ def _parse_tensor(doc: object, index: int, files: dict[str, FileEntry], where: s
             raise CheckpointFormatError(f"{cw} must be an object")
         file, key = c.get("file"), c.get("key")
         if not isinstance(file, str) or file not in files:
-            raise CheckpointFormatError(f'{cw}: file {file!r} is not listed in "files"')
+            raise CheckpointFormatError(f'{cw}: file {show(file)} is not listed in "files"')
         if not isinstance(key, str):
             raise CheckpointFormatError(f"{cw}: key must be a string")
         offsets = _int_list(c.get("offsets"), f"{cw}.offsets")
@@ -273,9 +324,25 @@ def _parse_tensor(doc: object, index: int, files: dict[str, FileEntry], where: s
         if any(o + s > g for o, s, g in zip(offsets, cshape, shape, strict=True)):
             raise CheckpointFormatError(f"{cw}: box {offsets}+{cshape} runs outside shape {shape}")
         chunks.append(Chunk(file, key, offsets, cshape))
+    check_extent(shape, dtype.itemsize, what)
     entry = TensorEntry(dtype, shape, tuple(chunks))
     _check_tiling(entry, what)
     return entry
+
+
+def check_extent(shape: tuple[int, ...], itemsize: int, what: str) -> None:
+    """F-33: the bytes a shape spans, zero dimensions ignored, fit a signed 64-bit integer.
+
+    A zero-element tensor ``[0, 2**62, 2**62]`` holds no bytes, but its strides overflow:
+    torch and numpy cannot even create it empty, so every reader refuses it up front."""
+    extent = itemsize
+    for d in shape:
+        extent *= d or 1
+        if extent > MAX_EXTENT:
+            raise CheckpointFormatError(
+                f"{what}: shape {list(shape)} spans over 2**63-1 bytes (zero dimensions ignored); "
+                "no tensor library can lay it out"
+            )
 
 
 def _check_tiling(entry: TensorEntry, what: str) -> None:

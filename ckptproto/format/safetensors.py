@@ -8,6 +8,7 @@ UTF-8 JSON (padded with spaces), then the data buffer. Every tensor entry's
 from __future__ import annotations
 
 import json
+import math
 import struct
 from dataclasses import dataclass
 from typing import Any
@@ -21,7 +22,7 @@ HEADER_ALIGN = 8
 RAW_CODE = "U8"  # dtypes safetensors lacks are stored as raw bytes under this code
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class HeaderEntry:
     """One tensor of a data file; ``begin``/``end`` are absolute file offsets."""
 
@@ -53,19 +54,22 @@ def header_length(prefix: bytes, file_size: int, name: str) -> int:
     if n > MAX_HEADER_BYTES:
         raise CheckpointFormatError(f"{name}: header claims {n} bytes, over the {MAX_HEADER_BYTES} limit")
     if 8 + n > file_size:
-        raise CheckpointCorruptError(f"{name}: header claims {n} bytes but the file has {file_size}")
+        raise CheckpointFormatError(f"{name}: header claims {n} bytes but the file has {file_size}")
     return n
 
 
 def parse_header(raw: bytes, file_size: int, name: str) -> dict[str, HeaderEntry]:
     """Validate a header (``raw`` is the JSON bytes after the length prefix) against the file
-    size: known dtypes, byte lengths matching shapes, entries tiling the buffer exactly."""
+    size: known dtypes, byte lengths matching shapes, entries tiling the buffer exactly.
+
+    Every problem is a CheckpointFormatError: whether the file was damaged after writing
+    (CheckpointCorruptError) is for its size and checksum to tell (FORMAT.md §9)."""
     try:
-        obj = json.loads(raw.decode("utf-8"), object_pairs_hook=strict_json.no_duplicate_keys)
+        obj = strict_json.loads(raw.decode("utf-8"))
     except CheckpointFormatError as exc:
-        raise CheckpointFormatError(f"{name}: header has a {exc}") from None
+        raise CheckpointFormatError(f"{name}: header has {exc}") from None
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-        raise CheckpointCorruptError(f"{name}: header is not valid UTF-8 JSON ({exc})") from None
+        raise CheckpointFormatError(f"{name}: header is not valid UTF-8 JSON ({exc})") from None
     if not isinstance(obj, dict):
         raise CheckpointFormatError(f"{name}: header is not a JSON object")
     data_start = 8 + len(raw)
@@ -74,30 +78,32 @@ def parse_header(raw: bytes, file_size: int, name: str) -> dict[str, HeaderEntry
     if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
         raise CheckpointFormatError(f"{name}: __metadata__ must map strings to strings")
     entries: dict[str, HeaderEntry] = {}
-    for key, e in obj.items():
-        where = f"{name}: tensor {key!r}"
-        if not isinstance(e, dict) or set(e) != {"dtype", "shape", "data_offsets"}:
-            raise CheckpointFormatError(f"{where} needs exactly dtype, shape and data_offsets")
+    fields = {"dtype", "shape", "data_offsets"}
+    for key in list(obj):
+        e = obj.pop(key)  # free the parsed JSON as entries are built: a header may be 100 MiB
+        if not isinstance(e, dict) or len(e) != 3 or not fields.issuperset(e):
+            raise CheckpointFormatError(f"{name}: tensor {key!r} needs exactly dtype, shape and data_offsets")
         code, shape, offsets = e["dtype"], e["shape"], e["data_offsets"]
-        if not isinstance(code, str) or code not in SAFETENSORS_ITEMSIZE:
-            raise CheckpointFormatError(f"{where} has unsupported dtype {code!r}")
-        if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
-            raise CheckpointFormatError(f"{where} has a bad shape {shape!r}")
+        itemsize = SAFETENSORS_ITEMSIZE.get(code) if isinstance(code, str) else None
+        if itemsize is None:
+            raise CheckpointFormatError(f"{name}: tensor {key!r} has unsupported dtype {_short(code)}")
+        if type(shape) is not list or not all(type(d) is int and d >= 0 for d in shape):
+            raise CheckpointFormatError(f"{name}: tensor {key!r} has a bad shape {_short(shape)}")
         if (
-            not isinstance(offsets, list)
+            type(offsets) is not list
             or len(offsets) != 2
-            or not all(type(o) is int for o in offsets)
+            or type(offsets[0]) is not int
+            or type(offsets[1]) is not int
             or not 0 <= offsets[0] <= offsets[1] <= buffer_len
         ):
-            raise CheckpointCorruptError(
-                f"{where}: data_offsets {offsets!r} fall outside the {buffer_len}-byte buffer"
-            )
-        numel = 1
-        for d in shape:
-            numel *= d
-        if numel * SAFETENSORS_ITEMSIZE[code] != offsets[1] - offsets[0]:
             raise CheckpointFormatError(
-                f"{where}: shape {shape} of {code} needs {numel * SAFETENSORS_ITEMSIZE[code]} bytes, "
+                f"{name}: tensor {key!r}: data_offsets {_short(offsets)} fall outside the "
+                f"{buffer_len}-byte buffer"
+            )
+        nbytes = math.prod(shape) * itemsize
+        if nbytes != offsets[1] - offsets[0]:
+            raise CheckpointFormatError(
+                f"{name}: tensor {key!r}: shape {_short(shape)} of {code} needs {_short(nbytes)} bytes, "
                 f"data_offsets give {offsets[1] - offsets[0]}"
             )
         entries[key] = HeaderEntry(code, tuple(shape), data_start + offsets[0], data_start + offsets[1])
@@ -108,7 +114,20 @@ def parse_header(raw: bytes, file_size: int, name: str) -> dict[str, HeaderEntry
             raise CheckpointFormatError(f"{name}: tensor byte ranges {problem} at offset {position}")
         position = entry.end
     if position != file_size:
-        raise CheckpointCorruptError(
+        raise CheckpointFormatError(
             f"{name}: tensors end at byte {position} but the file has {file_size} bytes"
         )
     return entries
+
+
+def _short(value: object) -> str:
+    """``repr`` for a message, cut short (a hostile header's list may be huge)."""
+    if isinstance(value, list) and len(value) > 8:
+        return f"[... {len(value)} items]"
+    if type(value) is int and value.bit_length() > 64:
+        return f"<an int of {value.bit_length()} bits>"
+    try:
+        text = repr(value)
+    except ValueError:  # an int past str()'s 4,300 digits
+        return "<a value too long to show>"
+    return text if len(text) <= 80 else text[:77] + "..."

@@ -1,12 +1,27 @@
 """JSON parsing that refuses what two parsers could read differently: duplicate keys (one
-parser keeps the first, another the last) and the non-standard NaN/Infinity constants."""
+parser keeps the first, another the last), the non-standard NaN/Infinity constants, numbers
+that overflow a double (``1e400``: one parser gives inf, another an error), integers longer
+than the format's 10,000-character limit (beyond Python's own 4,300-digit ``int(str)``
+limit, read exactly up to it), and lone UTF-16 surrogate escapes (``"\\ud800"``: no UTF-8
+string holds one, so a writer could never have meant it)."""
 
 from __future__ import annotations
 
+import decimal
 import json
+import math
+import re
 from typing import Any
 
 from ckptproto.errors import CheckpointFormatError
+from ckptproto.tree import MAX_INT_CHARS
+
+# Python's int(str) refuses more than 4,300 digits (sys.int_info); decimal converts any size.
+_FAST_INT_CHARS = 4000
+# A surrogate escape, possibly preceded by escaped backslashes: only then can a decoded
+# string hold a lone surrogate (raw surrogates are not valid UTF-8 and fail decoding).
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -24,6 +39,63 @@ def reject_constant(name: str) -> Any:
     raise CheckpointFormatError(f"non-standard JSON constant {name}")
 
 
+def parse_int(text: str) -> int:
+    """``parse_int`` hook: exact at any length up to MAX_INT_CHARS characters, refused beyond."""
+    if len(text) < _FAST_INT_CHARS:
+        return int(text)
+    if len(text) > MAX_INT_CHARS:
+        raise CheckpointFormatError(
+            f"a JSON integer of {len(text)} characters, over the {MAX_INT_CHARS}-character limit"
+        )
+    return int(decimal.Decimal(text))
+
+
+def parse_float(text: str) -> float:
+    """``parse_float`` hook: a number that overflows a double (``1e400``) is refused, not inf."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise CheckpointFormatError(
+            f'JSON number {text[:40]} overflows a 64-bit float (write inf as {{"$float": "inf"}})'
+        )
+    return value
+
+
 def loads(text: str) -> Any:
-    """``json.loads`` with both refusals: ``loads('{"a": 1, "a": 2}')`` raises."""
-    return json.loads(text, object_pairs_hook=no_duplicate_keys, parse_constant=reject_constant)
+    """``json.loads`` with every refusal above: ``loads('{"a": 1, "a": 2}')`` raises
+    CheckpointFormatError (and RecursionError for absurd nesting, left to the caller)."""
+    doc = json.loads(
+        text,
+        object_pairs_hook=no_duplicate_keys,
+        parse_constant=reject_constant,
+        parse_int=parse_int,
+        parse_float=parse_float,
+    )
+    if _SURROGATE_ESCAPE.search(text):
+        _refuse_lone_surrogates(doc)
+    return doc
+
+
+def _refuse_lone_surrogates(doc: Any) -> None:
+    """Walk ``doc`` (iteratively: it may nest deeply) for strings that UTF-8 cannot encode."""
+    stack: list[tuple[Any, str]] = [(doc, "")]
+    while stack:
+        node, path = stack.pop()
+        if isinstance(node, str):
+            _check(node, path)
+        elif isinstance(node, list):
+            stack.extend((v, f"{path}.{i}" if path else str(i)) for i, v in enumerate(node))
+        elif isinstance(node, dict):
+            for k, v in node.items():
+                _check(k, path)
+                at = f"{path}.{k}" if path else k
+                stack.append((v, at))
+
+
+def _check(text: str, path: str) -> None:
+    found = _SURROGATE.search(text)
+    if found is not None:
+        at = path.encode("utf-8", "backslashreplace").decode("ascii", "replace") or "<root>"
+        raise CheckpointFormatError(
+            f"a lone UTF-16 surrogate \\u{ord(found.group()):04x} in a string at {at}: "
+            "not a Unicode character, no UTF-8 text holds it"
+        )

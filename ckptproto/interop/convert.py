@@ -25,6 +25,7 @@ from typing import Any, Literal, TextIO, get_args
 
 from ckptproto.errors import CheckpointFormatError, CheckpointNotFoundError
 from ckptproto.format import layout
+from ckptproto.format.regular_file import NotRegularFileError, open_regular
 from ckptproto.interop import dcp, flat_safetensors, torch_save
 from ckptproto.interop.plain import plain_values
 from ckptproto.interop.progress import Progress
@@ -63,7 +64,11 @@ def detect_format(path: PathLike) -> Format:
         )
     if not p.exists():
         raise CheckpointNotFoundError(f"{p} does not exist")
-    with open(p, "rb") as f:
+    try:
+        fd, _st = open_regular(p)  # a FIFO would block a plain open
+    except NotRegularFileError as exc:
+        raise CheckpointFormatError(f"{p} is a {exc.kind}, not a checkpoint file") from None
+    with os.fdopen(fd, "rb") as f:
         head = f.read(9)
     # safetensors first: its 8-byte header length may itself start with 0x80
     if len(head) >= 9 and head[8:9] == b"{" and struct.unpack("<Q", head[:8])[0] + 8 <= p.stat().st_size:

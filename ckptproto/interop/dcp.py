@@ -9,10 +9,11 @@ restores tuples, int dict keys, OrderedDicts, numpy arrays and tied tensors exac
 Reading a DCP directory that ckptproto did not write rebuilds the nesting the way torch's own
 ``dcp_to_torch_save`` does (DCP records no container types: an int key becomes a list index).
 
-Safety: DCP's ``.metadata`` file is a pickle, unpickled by DCP to read any checkpoint — reading
-a DCP directory is only as safe as DCP itself; convert only directories you trust. Non-tensor
-values DCP stores as pickled bytes are loaded here with ``torch.load(weights_only=True)``
-(DCP itself would unpickle them fully) unless ``allow_pickle=True``.
+Safety: DCP's ``.metadata`` file is a pickle, which DCP unpickles fully. ckptproto reads it
+with an unpickler that builds only DCP's own metadata classes, torch sizes, dtypes and layouts
+and paths, and refuses anything else (``PickleRefusedError``) unless ``allow_pickle=True``
+(``--unsafe-allow-pickle``). Non-tensor values DCP stores as pickled bytes are likewise loaded
+with ``torch.load(weights_only=True)`` (DCP itself would unpickle them fully).
 """
 
 from __future__ import annotations
@@ -150,6 +151,64 @@ def _fsync_tree(directory: Path) -> None:
     commit.fsync_dir(directory)
 
 
+# What a DCP ``.metadata`` pickle may name (torch 2.x): building these runs no code of the file.
+_METADATA_GLOBALS = {
+    "torch.distributed.checkpoint.metadata": {
+        "Metadata",
+        "TensorStorageMetadata",
+        "BytesStorageMetadata",
+        "ChunkStorageMetadata",
+        "TensorProperties",
+        "MetadataIndex",
+        "StorageMeta",
+        "_MEM_FORMAT_ENCODING",
+    },
+    "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
+    "torch.serialization": {"_get_layout"},
+    "torch": {"Size"},
+    "pathlib": {"PosixPath", "PurePosixPath", "WindowsPath", "PureWindowsPath"},
+    "collections": {"OrderedDict"},
+}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Unpickles DCP metadata and nothing else: no global outside ``_METADATA_GLOBALS``
+    (and torch's dtypes, layouts and memory formats) is ever looked up."""
+
+    def __init__(self, file: Any, where: Path) -> None:
+        super().__init__(file)
+        self.where = where
+
+    def find_class(self, module: str, name: str) -> Any:
+        torch = require_torch()
+        if name in _METADATA_GLOBALS.get(module, ()):
+            return super().find_class(module, name)
+        if module == "torch" and isinstance(
+            getattr(torch, name, None), (torch.dtype, torch.layout, torch.memory_format)
+        ):
+            return getattr(torch, name)
+        raise PickleRefusedError(
+            f"{self.where}: DCP metadata names {module}.{name}, which is not DCP metadata; "
+            "unpickling it could run arbitrary code. If you trust this checkpoint pass "
+            "allow_pickle=True (--unsafe-allow-pickle)"
+        )
+
+
+def read_metadata(path: Path) -> Any:
+    """The ``Metadata`` of the DCP directory ``path``, unpickled without running its code::
+
+    read_metadata(Path("dcp_dir")).state_dict_metadata.keys()
+    """
+    where = path / METADATA_NAME
+    try:
+        with open(where, "rb") as f:
+            return _MetadataUnpickler(f, where).load()
+    except CheckpointError:
+        raise
+    except Exception as exc:  # a damaged pickle: whatever the unpickler raises
+        raise CheckpointFormatError(f"{where}: cannot read DCP metadata: {exc}") from None
+
+
 def read(path: Path, *, allow_pickle: bool = False) -> dict[str, Any]:
     """Load a DCP directory into memory (one copy of its tensors), rebuilding the state."""
     torch = require_torch()
@@ -157,8 +216,24 @@ def read(path: Path, *, allow_pickle: bool = False) -> dict[str, Any]:
     from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
     from torch.distributed.checkpoint.filesystem import FileSystemReader
-    from torch.distributed.checkpoint.metadata import BytesStorageMetadata, TensorStorageMetadata
+    from torch.distributed.checkpoint.metadata import (
+        BytesStorageMetadata,
+        StorageMeta,
+        TensorStorageMetadata,
+    )
     from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
+
+    class _Reader(FileSystemReader):
+        """DCP's reader, its metadata unpickled by ``read_metadata`` unless allowed in full."""
+
+        def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
+            if allow_pickle:
+                return super().read_metadata(*args, **kwargs)
+            metadata = read_metadata(path)
+            if getattr(metadata, "storage_meta", None) is None:
+                metadata.storage_meta = StorageMeta()
+            metadata.storage_meta.load_id = self.load_id
+            return metadata
 
     class _WeightsOnlyPlanner(DefaultLoadPlanner):
         """DCP unpickles non-tensor values fully; load them with weights_only=True instead."""
@@ -176,9 +251,11 @@ def read(path: Path, *, allow_pickle: bool = False) -> dict[str, Any]:
 
     if not is_dcp_dir(path):
         raise CheckpointFormatError(f"{path}: not a DCP checkpoint directory (no {METADATA_NAME})")
-    reader = FileSystemReader(str(path))
+    reader = _Reader(str(path))
     try:
         metadata = reader.read_metadata()
+    except CheckpointError:
+        raise
     except Exception as exc:  # DCP raises whatever unpickling raises
         raise CheckpointFormatError(f"{path}: cannot read DCP metadata: {exc}") from None
     template: dict[str, Any] = {}

@@ -24,11 +24,13 @@ from typing import Any
 from ckptproto import arrays, dtypes
 from ckptproto.arrays import ArraySpec
 from ckptproto.errors import CheckpointError, CheckpointFormatError
-from ckptproto.format import safetensors
+from ckptproto.format import safetensors, strict_json
+from ckptproto.format.manifest import check_extent
+from ckptproto.format.regular_file import NotRegularFileError, open_regular
 from ckptproto.interop.files import atomic_file
 from ckptproto.io import writer
 from ckptproto.io.plan import FILE_METADATA, Piece, plan_file, unique_keys
-from ckptproto.tree import decode_tree, encode_state
+from ckptproto.tree import decode_tree, encode_state, int_text
 
 STATE_KEY = "ckptproto.state"
 TENSORS_KEY = "ckptproto.tensors"
@@ -64,16 +66,18 @@ def read(path: Path) -> dict[str, Any]:
     """The state in a flat safetensors file; tensors are views of a private memory map of the
     file (read lazily), copied only when their bytes are not aligned for their dtype."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        fd, st = open_regular(path)  # a FIFO would block a plain open
+    except NotRegularFileError as exc:
+        raise CheckpointFormatError(f"{path} is a {exc.kind}, not a safetensors file") from None
     except OSError as exc:
         raise CheckpointError(f"cannot open {path}: {exc}") from exc
     try:
-        size = os.fstat(fd).st_size
+        size = st.st_size
         prefix = os.pread(fd, 8, 0)
         n = safetensors.header_length(prefix, size, str(path))
         raw = os.pread(fd, n, 8)
         entries = safetensors.parse_header(raw, size, str(path))
-        meta = json.loads(raw.decode("utf-8")).get("__metadata__") or {}
+        meta = strict_json.loads(raw.decode("utf-8")).get("__metadata__") or {}
         buffer = mmap.mmap(fd, 0, access=mmap.ACCESS_COPY) if size else b""
     finally:
         os.close(fd)
@@ -94,17 +98,21 @@ def read(path: Path) -> dict[str, Any]:
 def _read_tree(
     path: Path, entries: dict[str, safetensors.HeaderEntry], meta: dict[str, str], buffer: Any, where: str
 ) -> dict[str, Any]:
-    try:
-        tree = json.loads(meta[STATE_KEY])
-        table = json.loads(meta.get(TENSORS_KEY, "[]"))
-    except json.JSONDecodeError as exc:
+    try:  # as strict as a manifest (F-6): big ints exact, no 1e400, no lone surrogates
+        tree = strict_json.loads(meta[STATE_KEY])
+        table = strict_json.loads(meta.get(TENSORS_KEY, "[]"))
+    except CheckpointFormatError as exc:
         raise CheckpointFormatError(f"{where}: {exc}") from None
+    except RecursionError:
+        raise CheckpointFormatError(f"{where}: the JSON nests too deeply") from None
+    except ValueError as exc:  # json.JSONDecodeError
+        raise CheckpointFormatError(f"{where}: not valid JSON ({exc})") from None
     if not isinstance(table, list):
         raise CheckpointFormatError(f"{where}: {TENSORS_KEY} is not a list")
 
     def resolve(kind: str, index: int, state_path: str) -> Any:
         if index >= len(table) or not isinstance(table[index], list) or len(table[index]) != 3:
-            raise CheckpointFormatError(f"{where}: bad tensor reference {index} at {state_path}")
+            raise CheckpointFormatError(f"{where}: bad tensor reference {int_text(index)} at {state_path}")
         key, dtype_name, shape = table[index]
         if (
             not isinstance(key, str)
@@ -115,10 +123,13 @@ def _read_tree(
         entry = entries.get(key)
         if entry is None:
             raise CheckpointFormatError(f"{path}: tensor {key!r} (state path {state_path}) is missing")
-        spec = ArraySpec("numpy" if kind == "numpy" else "torch", dtypes.by_name(dtype_name), tuple(shape))
+        dtype = dtypes.by_name(dtype_name)
+        check_extent(tuple(shape), dtype.itemsize, f"{where}: {TENSORS_KEY}[{index}]")
+        spec = ArraySpec("numpy" if kind == "numpy" else "torch", dtype, tuple(shape))
         if entry.end - entry.begin != spec.nbytes:
             raise CheckpointFormatError(
-                f"{path}: tensor {key!r} has {entry.end - entry.begin} bytes, {dtype_name}{shape} needs {spec.nbytes}"
+                f"{path}: tensor {key!r} has {entry.end - entry.begin} bytes, "
+                f"{dtype_name}{[int_text(d) for d in shape]} needs {int_text(spec.nbytes)}"
             )
         return cache.setdefault(index, _tensor(spec, buffer, entry.begin))
 

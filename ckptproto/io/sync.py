@@ -27,7 +27,7 @@ from ckptproto.format.manifest import Manifest, TensorEntry
 from ckptproto.io import commit, reader, writer
 from ckptproto.io.plan import Piece, plan_file, unique_keys
 from ckptproto.protocol import Stateful
-from ckptproto.tree import EncodedState, decode_tree, encode_state, join_path
+from ckptproto.tree import MAX_DEPTH, EncodedState, decode_tree, encode_state, join_path
 
 PathLike = str | os.PathLike[str]
 _PLAIN = (type(None), bool, int, float, str, bytes, list, tuple)
@@ -163,17 +163,32 @@ def _resolve_statefuls(state: Mapping[str, Any]) -> dict[str, Any]:
     """Replace Stateful objects held in (nested) dicts of a state by their ``state_dict()``,
     so ``{"models": {"model": model}, "optimizers": {"optimizer": opt}}`` saves as expected."""
 
-    def walk(value: Any) -> Any:
-        kind = type(value)
-        if kind is dict:
-            return {k: walk(v) for k, v in value.items()}
-        if kind in _PLAIN or kind is np.ndarray or arrays.is_torch_tensor(value):
-            return value
-        if isinstance(value, Stateful) and not isinstance(value, Mapping):
-            return walk(protocol.state_of(value))
-        return value
+    active: set[int] = set()  # dicts and Statefuls on the current path, to catch cycles
 
-    resolved = {k: walk(v) for k, v in state.items()}
+    def walk(value: Any, path: str, depth: int) -> Any:
+        kind = type(value)
+        if kind is not dict and (kind in _PLAIN or kind is np.ndarray or arrays.is_torch_tensor(value)):
+            return value  # leaves, lists, tuples: encode_state checks them
+        stateful = kind is not dict and isinstance(value, Stateful) and not isinstance(value, Mapping)
+        if kind is not dict and not stateful:
+            return value
+        # The encoder refuses these too, but only after this walk: it must not recurse first.
+        if depth >= MAX_DEPTH:
+            raise UnsupportedValueError(
+                f"state nests deeper than {MAX_DEPTH} levels at {path or '<root>'}", path=path
+            )
+        if id(value) in active:
+            raise UnsupportedValueError(f"state contains a reference cycle at {path or '<root>'}", path=path)
+        active.add(id(value))
+        try:
+            if stateful:
+                return walk(protocol.state_of(value), path, depth)
+            return {k: walk(v, join_path(path, k), depth + 1) for k, v in value.items()}
+        finally:
+            active.discard(id(value))
+
+    active.add(id(state))
+    resolved = {k: walk(v, join_path("", k), 1) for k, v in state.items()}
     # module.state_dict() is an OrderedDict: keep it one, as at any other depth of the tree.
     return OrderedDict(resolved) if type(state) is OrderedDict else resolved
 
@@ -212,7 +227,10 @@ def load(
         state = ckptproto.load("checkpoints/checkpoint_step_10", map_location="cpu")
         print(state["trainer"]["global_step"])
 
-    With ``mmap=True`` tensors are backed by the files (copy-on-write) and read lazily.
+    With ``mmap=True`` tensors are backed by the files (copy-on-write) and read lazily: no
+    memory is reserved up front (a checkpoint larger than free memory maps), pages are copied
+    only where you write, and until then a tensor shows its file, so a file changed under
+    the map changes the tensors (committed checkpoints are never rewritten in place).
     ``verify`` (default: on, off with ``mmap``) compares every data file's CRC while reading.
     Under torch.distributed every rank loads the full state and checks that all ranks loaded
     the same checkpoint (``process_group="local"``: this process alone).
@@ -233,7 +251,8 @@ def load(
             ckpt, kinds, use_mmap=mmap, verify=(not mmap) if verify is None else verify
         )
     moved = {i: arrays.to_device(v, map_location) for i, v in values.items()}
-    state = decode_tree(ckpt.manifest.state, lambda kind, index, p: moved[index], where=where)
+    # The manifest's last use: decode its state in place (one tree in memory, not two).
+    state = decode_tree(ckpt.manifest.state, lambda kind, index, p: moved[index], where=where, in_place=True)
     if not isinstance(state, dict):
         raise CheckpointFormatError(f"{where}: the state must be an object at the top level")
     return state
@@ -300,6 +319,7 @@ def load_into(
         # A tree target only takes part of a checkpoint (strict=False): tensors it would drop
         # are never allocated or read. A Stateful target gets everything.
         wanted = set(refs) if is_stateful else _wanted_refs(target, skeleton)
+        del skeleton  # matched: free it before the state is decoded for real (F-33 memory)
         values: dict[int, Any] = {}
         plan = reader.ReadPlan()
         copies: list[tuple[Any, Any]] = []
@@ -313,7 +333,7 @@ def load_into(
             if dest is not None:
                 value = targets[0]
             else:
-                value, dest = arrays.allocate(spec)
+                value, dest = reader.allocate(spec, ckpt, index)
             values[index] = value
             copies.extend((t, value) for t in targets if t is not value)
             reader.plan_into(ckpt, plan, index, spec, value, dest)
@@ -321,7 +341,8 @@ def load_into(
         manifest = ckpt.manifest
     for dst, src in copies:
         _copy_into(dst, src)
-    state = decode_tree(manifest.state, lambda kind, index, p: values.get(index), where=where)
+    # The manifest's last use: decode in place (one tree in memory, not two).
+    state = decode_tree(manifest.state, lambda kind, index, p: values.get(index), where=where, in_place=True)
     if is_stateful:
         _call_load_state_dict(target, state, strict, f"{root}: <root>")  # type: ignore[arg-type]
     else:
@@ -506,36 +527,38 @@ class _Matcher:
 @_gc.paused()
 def verify(path: PathLike) -> CheckpointInfo:
     """Check a checkpoint completely: manifest, every data file header and byte range, every
-    checksum. Raises CheckpointCorruptError whose ``problems`` lists every damaged file::
+    checksum. Raises CheckpointCorruptError whose ``problems`` lists every damaged file (and
+    CheckpointFormatError when the files are intact but break the format; FORMAT.md §9)::
 
         ckptproto.verify("checkpoints/checkpoint_step_10")
     """
     root = Path(path)
-    manifest = reader.read_manifest(root)
+    manifest = reader.read_manifest(root)  # the whole manifest, values included (§9 step 2)
     info = CheckpointInfo.from_manifest(root, manifest, _decode_metadata(manifest, root))
+    damaged: list[str] = []
     problems: list[str] = []
+    headers: dict[str, dict[str, Any]] = {}
     for name, entry in manifest.files.items():
         single = Manifest(manifest.state, [], {name: entry}, manifest.metadata)
         try:
             with reader.OpenCheckpoint(root, single) as ckpt:
                 reader.check_all_files(ckpt)
+                headers[name] = ckpt.files[name].entries
         except CheckpointCorruptError as exc:
-            problems.extend(exc.problems)
+            damaged.extend(exc.problems)
         except CheckpointError as exc:
             problems.append(str(exc))
-    if not problems:
+    if not damaged and not problems:
         try:
-            with reader.OpenCheckpoint(root, manifest) as ckpt:
-                reader.tensor_kinds(manifest, str(root / layout.MANIFEST_NAME))
-                state = decode_tree(
-                    manifest.state, lambda kind, index, p: None, where=str(root / layout.MANIFEST_NAME)
-                )
-                if not isinstance(state, dict):
-                    raise CheckpointFormatError(
-                        f"{root / layout.MANIFEST_NAME}: the state must be an object at the top level"
-                    )
+            with reader.OpenCheckpoint(root, manifest, headers=headers):
+                pass  # every chunk against its data file's header (F-13), parsed once
         except CheckpointError as exc:
             problems.append(str(exc))
+    # FORMAT.md §9: a damaged file is reported as damage (whatever else is wrong); a checkpoint
+    # whose files are intact but wrong was written wrong: CheckpointFormatError.
+    if damaged:
+        all_problems = damaged + problems
+        raise CheckpointCorruptError(f"{root}: " + "; ".join(all_problems), problems=all_problems)
     if problems:
-        raise CheckpointCorruptError(f"{root}: " + "; ".join(problems), problems=problems)
+        raise CheckpointFormatError(f"{root}: " + "; ".join(problems))
     return info
