@@ -119,7 +119,9 @@ def try_spec(value: Any) -> ArraySpec | None:
 
 
 def identity(value: Any) -> tuple[Any, ...]:
-    """Equal for two objects that are the same view of the same memory (tied weights)."""
+    """Equal for two objects that are the same view of the same memory (tied weights) and
+    read the same values from it: torch's lazy conjugate and negative bits are part of the
+    view (``c.conj()`` shares ``c``'s memory, offset, shape and strides, yet holds other values)."""
     if value.size == 0 if isinstance(value, np.ndarray) else value.numel() == 0:
         # Empty tensors all share the null data pointer: only the very same object is tied.
         return ("empty", id(value))
@@ -134,6 +136,8 @@ def identity(value: Any) -> tuple[Any, ...]:
         tuple(value.shape),
         value.stride(),
         value.dtype,
+        value.is_conj(),
+        value.is_neg(),
     )
 
 

@@ -1289,6 +1289,31 @@ def test_P8_tied_tensors(tmp_path: Path) -> None:
     assert torch.equal(target["enc"], w)
 
 
+def test_P8_conjugate_and_negative_views_are_not_tied(tmp_path: Path) -> None:
+    # c.conj() and f._neg_view() share c's/f's memory, offset, shape, strides and dtype but
+    # hold other values: written as one tensor they came back as c and f.
+    c = torch.tensor([1 + 2j, 3 - 4j, -5 + 0.5j])
+    f = torch.tensor([1.0, -2.0, 3.5])
+    state = {
+        "c": c,
+        "cc": c.conj(),
+        "cc2": c.conj(),
+        "f": f,
+        "nf": f._neg_view(),
+        "ncc": c.conj()._neg_view(),
+    }
+    ckptproto.save(state, tmp_path / "ck")
+    assert len(doc_of(tmp_path / "ck")["tensors"]) == 5  # c, conj(c), f, -f, -conj(c)
+    out = ckptproto.load(tmp_path / "ck")
+    for key, value in state.items():
+        assert torch.equal(out[key], value.resolve_conj().resolve_neg()), key
+    assert out["cc"] is out["cc2"] and out["cc"] is not out["c"]
+    assert torch.equal(ckptproto.load(tmp_path / "ck", mmap=True)["nf"], -f)
+    target = {k: torch.zeros_like(v.resolve_conj().resolve_neg()) for k, v in state.items()}
+    ckptproto.load_into(tmp_path / "ck", target)
+    assert torch.equal(target["cc"], c.conj()) and torch.equal(target["nf"], -f)
+
+
 def test_P9_what_is_not_kept(tmp_path: Path) -> None:
     p = torch.nn.Parameter(torch.ones(2))
     be = np.arange(3, dtype=">f8")
