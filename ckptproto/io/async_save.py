@@ -31,7 +31,7 @@ import weakref
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future
 from concurrent.futures import wait as wait_futures
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -87,6 +87,7 @@ class _Job:
     metadata_tree: Any
     overwrite: bool
     ready: staging.Ready
+    versions: list[int | None] = field(default_factory=list)  # of encoded.tensors, at save()
     staged: Staged | None = None
     share: distributed.ShareJob | None = None  # a distributed save: this rank's part
 
@@ -220,6 +221,7 @@ class AsyncSaver:
             job.share = distributed.plan_share(encoded, self._control.rank, self._control.size)
             job.encoded = EncodedState(encoded.tree, job.share.leaves)
         try:
+            job.versions = staging.capture_versions(job.encoded.tensors)
             job.ready = staging.capture_ready(encoded.tensors)
             if self.staging == "blocking":
                 self._stage(job)
@@ -323,6 +325,12 @@ class AsyncSaver:
     def _stage(self, job: _Job) -> None:
         job.staged = staging.stage_state(self.pool, job.encoded.tensors, job.ready)
         job.staged.synchronize()
+        if self.staging == "background":
+            # The caller may have mutated the state while it was copied (a missed
+            # wait_staged()): such a checkpoint would be torn, so the save fails instead.
+            staging.check_not_mutated(
+                job.encoded.tensors, job.versions, job.staged.views, where=str(job.future.path)
+            )
         # Nothing reads the live tensors any more: drop them (CUDA memory can be reused).
         job.encoded = EncodedState(job.encoded.tree, [replace(t, value=None) for t in job.encoded.tensors])
         job.ready = staging.Ready()

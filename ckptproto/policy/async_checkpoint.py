@@ -23,11 +23,14 @@ class AsyncCheckpointCallback(CheckpointCallback):
 
         callback = AsyncCheckpointCallback(checkpoint_config)   # training continues while it saves
 
-    * ``save`` returns once the save is accepted (``staging="background"``, the default) or
-      once the tensors are copied out (``staging="blocking"``); the loop never waits longer.
+    * ``save`` returns once the tensors are copied out (``staging="blocking"``, the default:
+      correct whatever hooks the loop calls) or once the save is accepted
+      (``staging="background"``); the loop never waits longer.
     * ``pre_optimizer_step`` waits until the tensors of pending saves are staged, so the
-      checkpoint holds the weights of the step it is named after. States that change during
-      the forward pass (BatchNorm running statistics) need ``staging="blocking"``.
+      checkpoint holds the weights of the step it is named after; with background staging a
+      loop that skips it gets a failed save, not a torn one, where the guard can tell
+      (docs/async.md). States that change during the forward pass (BatchNorm running
+      statistics) need ``staging="blocking"``.
     * Retention runs when a save commits; ``post_fit`` and ``on_exception`` finish pending
       saves. A failed save is logged and warned about; the checkpoints before it stay.
     """
@@ -36,7 +39,7 @@ class AsyncCheckpointCallback(CheckpointCallback):
         self,
         config: CheckpointParameters | None = None,
         *,
-        staging: StagingMode = "background",
+        staging: StagingMode = "blocking",
         max_pending: int = 1,
         saver: AsyncSaver | None = None,
         **params: Any,
