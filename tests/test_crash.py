@@ -46,8 +46,8 @@ KILL_POINTS = {
         ("writer.write_small_file", "after"),
         ("commit.fsync_dir", "before"),
         ("commit.fsync_dir", "after"),
-        ("os.rename", "before"),
-        ("os.rename", "after"),
+        ("commit._rename_noreplace", "before"),
+        ("commit._rename_noreplace", "after"),
     ],
     "overwrite": [
         ("commit._exchange", "before"),
@@ -243,7 +243,7 @@ def test_sigkill_during_saves(server: ForkServer, lanes_dir: Path) -> None:
         ("async", False),
         ("retain", False),
         ("overwrite", False),
-        ("overwrite", True),  # no renameat2 exchange: the rename fallback with a trash dir
+        ("overwrite", True),  # no renameat2 at all: the rename fallbacks (trash dir, rename(2))
         ("retain", True),
         ("callback", False),  # CheckpointCallback: save every step, keep 2, resume latest
     ]

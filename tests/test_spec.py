@@ -813,10 +813,10 @@ class _Spy:
             self.fsynced.append(os.readlink(f"/proc/self/fd/{fd}"))
             real_fsync(fd)
 
-        def finish(temp: Path, final_path: Path) -> None:
+        def finish(temp: Path, final_path: Path, **kwargs: Any) -> None:
             self.temps.append(temp)
             on_finish(temp)
-            real_finish(temp, final_path)
+            real_finish(temp, final_path, **kwargs)
 
         monkeypatch.setattr(os, "fsync", fsync)
         monkeypatch.setattr(commit, "finish", finish)
@@ -895,6 +895,26 @@ def test_F29_replacing_is_explicit_and_atomic(tmp_path: Path, monkeypatch: pytes
     (tmp_path / "file").write_text("x")
     with pytest.raises(CheckpointExistsError):
         ckptproto.save({"v": 1}, tmp_path / "file", overwrite=True)
+
+
+def test_F29_without_overwrite_the_commit_never_replaces(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Another writer commits NAME after every check of this one, just before its rename: the
+    # rename itself must refuse (no-replace), so exactly one of the two commits.
+    final = tmp_path / "ck"
+    competitor: list[Path] = []
+
+    def commit_another(temp: Path) -> None:
+        if not competitor:
+            competitor.append(temp)
+            ckptproto.save({"v": torch.full((3,), 2.0)}, final)
+
+    _Spy(monkeypatch, final, commit_another)
+    with pytest.raises(CheckpointExistsError, match="another saver"):
+        ckptproto.save({"v": torch.ones(3)}, final)
+    assert torch.equal(ckptproto.load(final)["v"], torch.full((3,), 2.0))
+    assert os.listdir(tmp_path) == ["ck"]
 
 
 def test_F30_failed_save_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

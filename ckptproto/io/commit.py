@@ -12,14 +12,17 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import errno
+import functools
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 from ckptproto.errors import CheckpointError, CheckpointExistsError, CheckpointWriteError
 from ckptproto.format import layout
 from ckptproto.format.manifest import MAX_MANIFEST_BYTES, Manifest
 
+_RENAME_NOREPLACE = 1
 _RENAME_EXCHANGE = 2
 _AT_FDCWD = -100
 
@@ -65,16 +68,22 @@ def begin(final: Path, *, overwrite: bool) -> Path:
     return temp
 
 
-def _exchange(a: Path, b: Path) -> bool:
-    """Swap two paths atomically (Linux renameat2); False where unsupported."""
+@functools.lru_cache(maxsize=1)
+def _renameat2_fn() -> Any:
+    """libc's renameat2, or None (not Linux, or a libc older than glibc 2.28)."""
     libc_name = ctypes.util.find_library("c")
     if libc_name is None:
-        return False
-    libc = ctypes.CDLL(libc_name, use_errno=True)
-    fn = getattr(libc, "renameat2", None)
+        return None
+    return getattr(ctypes.CDLL(libc_name, use_errno=True), "renameat2", None)
+
+
+def _renameat2(a: Path, b: Path, flags: int) -> bool:
+    """``renameat2(a, b, flags)``; False where the call or the flag is unsupported (the
+    kernel, or the file system: EINVAL), so the caller falls back."""
+    fn = _renameat2_fn()
     if fn is None:
         return False
-    rc = fn(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE)
+    rc = fn(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), flags)
     if rc == 0:
         return True
     err = ctypes.get_errno()
@@ -83,41 +92,83 @@ def _exchange(a: Path, b: Path) -> bool:
     raise OSError(err, os.strerror(err), str(b))
 
 
-def refuse_if_committed(temp: Path, final: Path) -> None:
-    """For a save with ``overwrite=False``, just before :func:`finish`: if another saver
-    committed a checkpoint at ``final`` while this one was writing, drop ``temp`` and raise
-    CheckpointExistsError instead of replacing it."""
-    if is_committed(final):
-        abort(temp)
-        raise CheckpointExistsError(
-            f"{final} was committed by another saver while this one was writing; "
-            "pass overwrite=True to replace it"
-        )
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically (Linux renameat2); False where unsupported."""
+    return _renameat2(a, b, _RENAME_EXCHANGE)
 
 
-def finish(temp: Path, final: Path) -> None:
-    """Make the fully written ``temp`` the checkpoint at ``final`` (replacing an old one)."""
+def _rename_noreplace(a: Path, b: Path) -> bool:
+    """Rename ``a`` to ``b`` unless ``b`` exists (EEXIST), as one atomic step (Linux
+    renameat2 RENAME_NOREPLACE); False where unsupported."""
+    return _renameat2(a, b, _RENAME_NOREPLACE)
+
+
+def _place_new(temp: Path, final: Path) -> bool:
+    """Rename ``temp`` to ``final`` only if ``final`` holds nothing; False if something is
+    there (an empty directory there is removed first, so the caller tries again).
+
+    The existence check and the rename are one atomic step: renameat2(RENAME_NOREPLACE), else
+    plain rename(2), which never replaces a non-empty directory (POSIX: ENOTEMPTY/EEXIST) and
+    a committed checkpoint always holds its manifest. Two savers racing for one new name:
+    exactly one rename succeeds."""
+    try:
+        if not _rename_noreplace(temp, final):
+            os.rename(temp, final)
+        return True
+    except OSError as exc:
+        if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+            raise
+    try:
+        final.rmdir()  # an empty directory is no checkpoint: take its place (never a full one)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+            raise
+    return False
+
+
+def _replace(temp: Path, final: Path) -> None:
+    """Swap the committed checkpoint at ``final`` for ``temp`` so that ``final`` always holds
+    a whole checkpoint; the old one is deleted after the swap is durable."""
+    if not _exchange(temp, final):
+        old = final.parent / layout.trash_name(final.name)
+        os.rename(final, old)
+        try:
+            os.rename(temp, final)
+        except OSError:
+            os.rename(old, final)  # put the old checkpoint back before giving up
+            raise
+        temp = old
+    fsync_dir(final.parent)
+    shutil.rmtree(temp, ignore_errors=True)
+
+
+def finish(temp: Path, final: Path, *, overwrite: bool = True) -> None:
+    """Make the fully written ``temp`` the checkpoint at ``final``. With ``overwrite`` a
+    committed checkpoint there is replaced atomically; without, a checkpoint committed there
+    by anyone, even while this call runs, is never replaced: ``temp`` is dropped and
+    CheckpointExistsError raised (no-replace commit, :func:`_place_new`)."""
     try:
         fsync_dir(temp)
-        if is_committed(final):
-            # Swap atomically so the final path always holds a whole checkpoint; the old one
-            # ends up at the temporary name and is deleted after the swap is durable.
-            if not _exchange(temp, final):
-                old = final.parent / layout.trash_name(final.name)
-                os.rename(final, old)
-                try:
-                    os.rename(temp, final)
-                except OSError:
-                    os.rename(old, final)  # put the old checkpoint back before giving up
-                    raise
-                temp = old
-            fsync_dir(final.parent)
-            shutil.rmtree(temp, ignore_errors=True)
-        else:
-            if final.is_dir():
-                final.rmdir()  # empty (checked in begin); rename cannot replace it portably
-            os.rename(temp, final)
-            fsync_dir(final.parent)
+        for _attempt in range(8):  # each retry means another writer changed ``final`` meanwhile
+            if is_committed(final):
+                if not overwrite:
+                    raise CheckpointExistsError(
+                        f"{final} was committed by another saver while this one was writing; "
+                        "pass overwrite=True to replace it"
+                    )
+                _replace(temp, final)
+                return
+            if _place_new(temp, final):
+                fsync_dir(final.parent)
+                return
+        raise CheckpointExistsError(
+            f"{final} is a non-empty directory that is not a checkpoint; refusing to replace it"
+        )
+    except CheckpointExistsError:
+        abort(temp)
+        raise
     except OSError as exc:
         abort(temp)
         raise CheckpointWriteError(f"cannot commit checkpoint {final}: {exc}") from exc

@@ -333,7 +333,9 @@ def run_protocol(
         _check(answers, where, local, _NOT_COMMITTED)
         if ctl.rank == 0:
             try:
-                manifest = _commit(final, temp, job.encoded, metadata_tree, answers, ctl.size)
+                manifest = _commit(
+                    final, temp, job.encoded, metadata_tree, answers, ctl.size, overwrite=overwrite
+                )
                 mine = {"ok": True, "manifest": _summary(manifest)}
             except Exception as exc:
                 local, mine = exc, _failure(exc)
@@ -371,6 +373,8 @@ def _commit(
     metadata_tree: Any,
     answers: list[dict[str, Any]],
     world_size: int,
+    *,
+    overwrite: bool,
 ) -> Manifest:
     files: dict[str, FileEntry] = {}
     chunks: list[list[Chunk]] = [[] for _ in encoded.tensors]
@@ -396,7 +400,7 @@ def _commit(
     data = manifest.to_json()
     Manifest.parse(data, str(temp / layout.MANIFEST_NAME))  # catches overlapping shards
     writer.write_small_file(temp, layout.MANIFEST_NAME, data)
-    commit.finish(temp, final)
+    commit.finish(temp, final, overwrite=overwrite)
     return manifest
 
 

@@ -101,9 +101,7 @@ def write_checkpoint(
     except BaseException:
         commit.abort(temp)
         raise
-    if not overwrite:
-        commit.refuse_if_committed(temp, final)
-    commit.finish(temp, final)
+    commit.finish(temp, final, overwrite=overwrite)
     return CheckpointInfo.from_manifest(final, manifest, _decode_metadata(manifest, final))
 
 
