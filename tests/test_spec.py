@@ -917,6 +917,30 @@ def test_F29_without_overwrite_the_commit_never_replaces(
     assert os.listdir(tmp_path) == ["ck"]
 
 
+def test_F37_readers_read_one_generation(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from ckptproto.io import commit, reader
+
+    final = tmp_path / "ck"
+    ckptproto.save({"v": torch.zeros(64), "step": 0}, final)
+    real = reader.read_manifest
+    act: list[Callable[[], Any]] = [
+        lambda: ckptproto.save({"v": torch.ones(64), "step": 1}, final, overwrite=True)
+    ]
+
+    def then_write(*args: Any, **kwargs: Any) -> Any:
+        manifest = real(*args, **kwargs)
+        if act:
+            act.pop()()  # the writer acts between the manifest and the data files
+        return manifest
+
+    monkeypatch.setattr(reader, "read_manifest", then_write)
+    state = ckptproto.load(final)  # replaced meanwhile: one generation, whole, not "corrupt"
+    assert torch.equal(state["v"], torch.full((64,), float(state["step"])))
+    act.append(lambda: commit.discard(final))
+    with pytest.raises(CheckpointNotFoundError):
+        ckptproto.verify(final)  # deleted meanwhile
+
+
 def test_F30_failed_save_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from ckptproto.io import writer
 

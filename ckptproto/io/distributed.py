@@ -449,8 +449,8 @@ def load(
     local: BaseException | None = None
     state: dict[str, Any] = {}
     try:
-        state = sync.load(path, map_location=map_location, mmap=mmap, verify=verify, process_group=LOCAL)
-        mine: dict[str, Any] = {"ok": True, "digest": _manifest_digest(reader.read_manifest(path))}
+        state, manifest = sync.load_local(path, map_location=map_location, mmap=mmap, verify=verify)
+        mine: dict[str, Any] = {"ok": True, "digest": _manifest_digest(manifest)}
     except Exception as exc:
         local, mine = exc, _failure(exc)
     _agree(ctl.exchange(mine, f"loading {path}"), f"loading {path}", local)

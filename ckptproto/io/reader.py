@@ -37,8 +37,9 @@ def _read_exact(fd: int, n: int, offset: int) -> bytes:
     return bytes(buf[:got])
 
 
-def read_manifest(path: str | os.PathLike[str]) -> Manifest:
-    """Read and validate the manifest of the checkpoint at ``path``::
+def read_manifest(path: str | os.PathLike[str], *, dir_fd: int | None = None) -> Manifest:
+    """Read and validate the manifest of the checkpoint at ``path`` (with ``dir_fd``, an open
+    descriptor of that directory, the manifest is read relative to it)::
 
     manifest = ckptproto.read_manifest("ckpt/step_100")
     print(manifest.files, len(manifest.tensors))
@@ -48,7 +49,10 @@ def read_manifest(path: str | os.PathLike[str]) -> Manifest:
     if layout.is_hidden(root.name) and root.name not in (".", ".."):
         raise CheckpointNotFoundError(f"{root} is a hidden (temporary) directory, never a checkpoint")
     try:
-        fd = os.open(where, _OPEN_FLAGS)
+        if dir_fd is None:
+            fd = os.open(where, _OPEN_FLAGS)
+        else:
+            fd = os.open(layout.MANIFEST_NAME, _OPEN_FLAGS, dir_fd=dir_fd)
     except FileNotFoundError:
         hint = "no such directory" if not root.exists() else "no committed manifest"
         raise CheckpointNotFoundError(f"{root} is not a checkpoint ({hint})") from None
@@ -78,26 +82,98 @@ class DataFile:
     entries: dict[str, safetensors.HeaderEntry]
 
 
-class OpenCheckpoint:
-    """A checkpoint with its manifest parsed and all data files opened and validated::
+_GENERATION_ATTEMPTS = 8  # re-opens after the directory was replaced while being opened
 
-    with OpenCheckpoint("ckpt/step_100") as ckpt:
-        print(ckpt.manifest.files)
+
+def _open_dir(root: Path) -> int:
+    try:
+        return os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise CheckpointNotFoundError(f"{root} is not a checkpoint (no such directory)") from None
+    except NotADirectoryError:
+        raise CheckpointNotFoundError(f"{root} is not a checkpoint (not a directory)") from None
+    except OSError as exc:
+        raise CheckpointNotFoundError(f"cannot open {root}: {exc}") from exc
+
+
+class OpenCheckpoint:
+    """One generation of a checkpoint, pinned: the directory is opened once and the manifest
+    and every data file are opened relative to that descriptor, then validated::
+
+        with OpenCheckpoint("ckpt/step_100") as ckpt:
+            print(ckpt.manifest.files)
+
+    A save with ``overwrite=True`` swaps a new directory in at the same path, and retention
+    renames a checkpoint away and deletes it; neither can mix generations here (open files
+    stay readable after they are unlinked). If the directory is replaced before every file was
+    opened (a file of the old one already deleted), it is opened again, whole; if it is gone,
+    CheckpointNotFoundError says so. ``problems``: a list to collect per-file errors into
+    (``verify``) instead of raising the first one.
     """
 
-    def __init__(self, path: str | os.PathLike[str], manifest: Manifest | None = None) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        manifest: Manifest | None = None,
+        *,
+        problems: list[str] | None = None,
+    ) -> None:
         self.path = Path(path)
-        self.manifest = manifest if manifest is not None else read_manifest(self.path)
         self.files: dict[str, DataFile] = {}
         self._located: dict[tuple[str, str], safetensors.HeaderEntry] = {}
-        self._dir_fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            for name, entry in self.manifest.files.items():
-                self.files[name] = self._open(name, entry.size)
-            self._check_chunks()
-        except BaseException:
+        self._dir_fd = -1
+        for attempt in range(_GENERATION_ATTEMPTS):
+            found: list[str] = []
+            try:
+                self._open_generation(manifest, found if problems is not None else None)
+                retry = bool(found) and self._replaced(manifest, attempt)
+            except CheckpointError:
+                try:
+                    retry = self._replaced(manifest, attempt)
+                except BaseException:
+                    self.close()
+                    raise
+                if not retry:
+                    self.close()
+                    raise
+            except BaseException:
+                self.close()
+                raise
+            if not retry:
+                if problems is not None:
+                    problems.extend(found)
+                return
             self.close()
-            raise
+
+    def _open_generation(self, manifest: Manifest | None, problems: list[str] | None) -> None:
+        self._dir_fd = _open_dir(self.path)
+        self.manifest = manifest if manifest is not None else read_manifest(self.path, dir_fd=self._dir_fd)
+        for name, entry in self.manifest.files.items():
+            try:
+                self.files[name] = self._open(name, entry.size)
+            except CheckpointError as exc:
+                if problems is None:
+                    raise
+                problems.append(str(exc))
+        if problems is None:
+            self.check_chunks()
+
+    def _replaced(self, manifest: Manifest | None, attempt: int) -> bool:
+        """After a failure to open: True if another directory now stands at the path (an
+        overwrite swapped it in: open that one); CheckpointNotFoundError if none does (deleted,
+        e.g. by retention); False if the pinned directory is still the checkpoint there."""
+        if self._dir_fd < 0:
+            return False
+        pinned = os.fstat(self._dir_fd)
+        try:
+            now = os.stat(self.path)
+        except FileNotFoundError:
+            raise CheckpointNotFoundError(
+                f"{self.path} was deleted while it was being read (retention, or another process); "
+                "it is no longer a checkpoint"
+            ) from None
+        moved = (now.st_dev, now.st_ino) != (pinned.st_dev, pinned.st_ino)
+        return moved and manifest is None and attempt + 1 < _GENERATION_ATTEMPTS
 
     def _open(self, name: str, expected_size: int) -> DataFile:
         path = self.path / name
@@ -125,7 +201,8 @@ class OpenCheckpoint:
             os.close(fd)
             raise
 
-    def _check_chunks(self) -> None:
+    def check_chunks(self) -> None:
+        """Every chunk names a distinct, existing data file entry of the right dtype/shape."""
         used: set[tuple[str, str]] = set()
         for index, tensor in enumerate(self.manifest.tensors):
             for chunk in tensor.chunks:
@@ -161,6 +238,7 @@ class OpenCheckpoint:
         for f in self.files.values():
             os.close(f.fd)
         self.files.clear()
+        self._located.clear()
         if self._dir_fd >= 0:
             os.close(self._dir_fd)
             self._dir_fd = -1
@@ -456,16 +534,24 @@ def materialize(
     return values
 
 
+def check_file(ckpt: OpenCheckpoint, name: str, data_file: DataFile) -> None:
+    """Compare one data file's CRC with the manifest (CheckpointCorruptError naming it)."""
+    crc = file_crc(data_file)
+    expected = ckpt.manifest.files[name].crc32
+    if crc != expected:
+        raise CheckpointCorruptError(
+            f"{data_file.path}: checksum {crc:08x} does not match the manifest's {expected:08x}"
+        )
+
+
 def check_all_files(ckpt: OpenCheckpoint) -> None:
     """Compare every data file's CRC with the manifest; raises listing every damaged file."""
     problems = []
     for name, data_file in ckpt.files.items():
-        crc = file_crc(data_file)
-        expected = ckpt.manifest.files[name].crc32
-        if crc != expected:
-            problems.append(
-                f"{data_file.path}: checksum {crc:08x} does not match the manifest's {expected:08x}"
-            )
+        try:
+            check_file(ckpt, name, data_file)
+        except CheckpointCorruptError as exc:
+            problems.extend(exc.problems)
     if problems:
         raise CheckpointCorruptError("; ".join(problems), problems=problems)
 

@@ -222,6 +222,13 @@ def load(
         return distributed.load(
             path, map_location=map_location, mmap=mmap, verify=verify, process_group=group
         )
+    return load_local(path, map_location=map_location, mmap=mmap, verify=verify)[0]
+
+
+def load_local(
+    path: PathLike, *, map_location: Any = None, mmap: bool = False, verify: bool | None = None
+) -> tuple[dict[str, Any], Manifest]:
+    """``load`` in this process alone; also returns the manifest of the generation it read."""
     root = Path(path)
     with reader.OpenCheckpoint(root) as ckpt:
         where = str(root / layout.MANIFEST_NAME)
@@ -234,7 +241,7 @@ def load(
     state = decode_tree(ckpt.manifest.state, lambda kind, index, p: moved[index], where=where)
     if not isinstance(state, dict):
         raise CheckpointFormatError(f"{where}: the state must be an object at the top level")
-    return state
+    return state, ckpt.manifest
 
 
 class _Ref:
@@ -509,21 +516,22 @@ def verify(path: PathLike) -> CheckpointInfo:
         ckptproto.verify("checkpoints/checkpoint_step_10")
     """
     root = Path(path)
-    manifest = reader.read_manifest(root)
-    info = CheckpointInfo.from_manifest(root, manifest, _decode_metadata(manifest, root))
     problems: list[str] = []
-    for name, entry in manifest.files.items():
-        single = Manifest(manifest.state, [], {name: entry}, manifest.metadata)
-        try:
-            with reader.OpenCheckpoint(root, single) as ckpt:
-                reader.check_all_files(ckpt)
-        except CheckpointCorruptError as exc:
-            problems.extend(exc.problems)
-        except CheckpointError as exc:
-            problems.append(str(exc))
-    if not problems:
-        try:
-            with reader.OpenCheckpoint(root, manifest) as ckpt:
+    # One generation, pinned (reader.OpenCheckpoint): a concurrent overwrite or deletion never
+    # makes a healthy checkpoint look damaged.
+    with reader.OpenCheckpoint(root, problems=problems) as ckpt:
+        manifest = ckpt.manifest
+        info = CheckpointInfo.from_manifest(root, manifest, _decode_metadata(manifest, root))
+        for name, data_file in ckpt.files.items():
+            try:
+                reader.check_file(ckpt, name, data_file)
+            except CheckpointCorruptError as exc:
+                problems.extend(exc.problems)
+            except CheckpointError as exc:
+                problems.append(str(exc))
+        if not problems:
+            try:
+                ckpt.check_chunks()
                 reader.tensor_kinds(manifest, str(root / layout.MANIFEST_NAME))
                 state = decode_tree(
                     manifest.state, lambda kind, index, p: None, where=str(root / layout.MANIFEST_NAME)
@@ -532,8 +540,8 @@ def verify(path: PathLike) -> CheckpointInfo:
                     raise CheckpointFormatError(
                         f"{root / layout.MANIFEST_NAME}: the state must be an object at the top level"
                     )
-        except CheckpointError as exc:
-            problems.append(str(exc))
+            except CheckpointError as exc:
+                problems.append(str(exc))
     if problems:
         raise CheckpointCorruptError(f"{root}: " + "; ".join(problems), problems=problems)
     return info
