@@ -12,14 +12,13 @@ import json
 import os
 import random
 import select
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 import zlib
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +31,7 @@ from ckptproto.io import commit
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _crash_worker import CALLBACK_RE, STEP_RE, committed_steps, state_for
-from _reliability import STRESS, report
+from _reliability import STRESS, report, scratch_dir
 
 KILLS = 3000 if STRESS else 300
 KEEP = 2
@@ -220,19 +219,10 @@ def prune(lane: Path, keep: int) -> None:
 
 
 @pytest.fixture
-def lanes_dir(tmp_path: Path) -> Any:
-    """Where the killed saves write: ``CKPTPROTO_CRASH_DIR`` if set, else /dev/shm (tmpfs: a
-    SIGKILL loses no page-cache data, so process-crash semantics are those of a disk, and
-    fsync costs nothing, so hundreds of kills fit in CI), else pytest's tmp_path."""
-    base = os.environ.get("CKPTPROTO_CRASH_DIR") or ("/dev/shm" if os.access("/dev/shm", os.W_OK) else "")
-    if not base:
-        yield tmp_path
-        return
-    path = Path(tempfile.mkdtemp(prefix="ckptproto-crash-", dir=base))
-    try:
+def lanes_dir(tmp_path: Path) -> Iterator[Path]:
+    """Where the killed saves write (tmpfs when there is one: _reliability.scratch_dir)."""
+    with scratch_dir(tmp_path, "ckptproto-crash-") as path:
         yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 def test_sigkill_during_saves(server: ForkServer, lanes_dir: Path) -> None:

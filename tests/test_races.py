@@ -18,7 +18,6 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -31,7 +30,7 @@ import pytest
 import ckptproto
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _reliability import STRESS, report
+from _reliability import STRESS, report, scratch_dir
 
 WORKER = Path(__file__).with_name("_race_worker.py")
 WRITER_TRIALS = 2000 if STRESS else 100
@@ -40,16 +39,8 @@ READ_SECONDS = 30.0 if STRESS else 2.0
 
 @pytest.fixture
 def race_dir(tmp_path: Path) -> Iterator[Path]:
-    """tmpfs when there is one (as tests/test_crash.py; ``CKPTPROTO_CRASH_DIR`` overrides)."""
-    base = os.environ.get("CKPTPROTO_CRASH_DIR") or ("/dev/shm" if os.access("/dev/shm", os.W_OK) else "")
-    if not base:
-        yield tmp_path
-        return
-    path = Path(tempfile.mkdtemp(prefix="ckptproto-race-", dir=base))
-    try:
+    with scratch_dir(tmp_path, "ckptproto-race-") as path:
         yield path
-    finally:
-        subprocess.run(["rm", "-rf", str(path)], check=False)
 
 
 def _start(cmd: dict[str, Any]) -> subprocess.Popen[str]:
