@@ -59,11 +59,11 @@ class Slab:
         self.tensor: Any = None  # the pinned torch tensor owning the memory, if pinned
         if pinned:
             torch = arrays.require_torch()
-            self.tensor = torch.empty(capacity, dtype=torch.uint8, pin_memory=True)
+            self.tensor = torch.empty(capacity, dtype=torch.uint8, device="cpu", pin_memory=True)
             self.array: np.ndarray[Any, Any] = self.tensor.numpy()
         elif (torch := arrays.loaded_torch()) is not None:
             # torch's CPU allocator (64-byte aligned) measured fastest as a copy_ destination
-            self.tensor = torch.empty(capacity, dtype=torch.uint8)
+            self.tensor = torch.empty(capacity, dtype=torch.uint8, device="cpu")  # any default device
             self.array = self.tensor.numpy()
         else:
             # numpy's allocation is only 16-byte aligned; copies into misaligned destinations
@@ -364,12 +364,22 @@ def _copy_host(leaves: Sequence[TensorLeaf], dests: Sequence[Any]) -> None:
                 np.copyto(dest, value, casting="equiv")
             else:
                 with torch.no_grad():
-                    dest.copy_(value)  # torch resolves conj/neg bits and strides while copying
+                    _copy_torch(dest, value)
         except Exception as exc:
             raise CheckpointError(
                 f"{leaf.path}: copying the tensor for the checkpoint failed: {exc} "
                 "(was it resized or freed while the save was being staged?)"
             ) from exc
+
+
+def _copy_torch(dest: Any, value: Any) -> None:
+    try:
+        dest.copy_(value)  # torch resolves conj/neg bits and strides while copying
+    except RuntimeError:  # NotImplementedError: no "copy_kernel" for uint1..7, int1..7, bits*
+        same_width = arrays.same_width_int(value.dtype)
+        if same_width is None or value.is_conj() or value.is_neg() or value.device.type != "cpu":
+            raise
+        dest.view(same_width).copy_(value.view(same_width))
 
 
 def _copy_cuda(staged: Staged, leaves: Sequence[TensorLeaf], dests: Sequence[Any], ready: Ready) -> None:
