@@ -7,6 +7,8 @@ one role and prints one JSON line of results. Roles:
 * ``retain_loop``: saves ``dir/step_<n>`` and discards all but the newest, until ``deadline``.
 * ``read_loop``: reads (load, load mmap, verify, load_into in turn) ``path``, or the newest
   ``dir/step_<n>``, until ``deadline``; counts whole reads, mixed generations and errors.
+* ``ns_writer``, ``ns_sweeper``: interactive (one JSON line in, one out), for the trials
+  across PID namespaces: a save paused mid-write, and ``remove_leftovers``.
 
 ``"fallback": true`` disables renameat2 (exchange and no-replace): the rename(2) fallbacks.
 """
@@ -118,12 +120,47 @@ def read_loop(cmd: dict[str, Any]) -> dict[str, Any]:
     return {"tally": dict(tally), "samples": samples}
 
 
+def ns_writer(cmd: dict[str, Any]) -> dict[str, Any]:
+    """Interactive: for each ``{"save": path, "step": n}`` line, save, pausing after the data
+    file is written (prints ``{"paused": temp}``, waits for a line), then ``{"saved": path}``."""
+    from ckptproto.io import writer
+
+    real = writer.write_small_file
+
+    def pause_before_manifest(directory: Path, name: str, data: bytes) -> None:
+        print(json.dumps({"paused": str(directory), "pid": os.getpid()}), flush=True)
+        sys.stdin.readline()
+        real(directory, name, data)
+
+    writer.write_small_file = pause_before_manifest  # type: ignore[assignment]
+    for line in sys.stdin:
+        job = json.loads(line)
+        ckptproto.save(state(job["step"]), job["save"])
+        print(json.dumps({"saved": job["save"]}), flush=True)
+    return {"done": True}
+
+
+def ns_sweeper(cmd: dict[str, Any]) -> dict[str, Any]:
+    """Interactive: for each ``{"sweep": dir}`` line, ``remove_leftovers(dir)``; prints what
+    it removed."""
+    for line in sys.stdin:
+        removed = ckptproto.remove_leftovers(json.loads(line)["sweep"])
+        print(json.dumps({"removed": [str(p) for p in removed], "pid": os.getpid()}), flush=True)
+    return {"done": True}
+
+
 def main() -> None:
     cmd = json.loads(sys.argv[1])
     if cmd.get("fallback"):
         commit._exchange = lambda a, b: False  # type: ignore[assignment]
         commit._rename_noreplace = lambda a, b: False  # type: ignore[assignment]
-    role = {"race_save": race_save, "overwrite_loop": overwrite_loop, "retain_loop": retain_loop}
+    role = {
+        "race_save": race_save,
+        "overwrite_loop": overwrite_loop,
+        "retain_loop": retain_loop,
+        "ns_writer": ns_writer,
+        "ns_sweeper": ns_sweeper,
+    }
     result = role.get(cmd["role"], read_loop)(cmd)
     print(json.dumps(result), flush=True)
 

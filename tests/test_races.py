@@ -132,3 +132,92 @@ def test_readers_against_retention(race_dir: Path) -> None:
     )
     for kind in ("load", "mmap", "verify", "load_into"):
         assert tally[f"{kind} whole"] > 0, tally
+
+
+class _Interactive:
+    """A worker process taking one JSON line and answering one, optionally in a new PID
+    namespace (``unshare --pid --fork --kill-child``: killing it kills the worker)."""
+
+    def __init__(self, role: str, new_namespace: bool) -> None:
+        argv = [sys.executable, str(WORKER), json.dumps({"role": role})]
+        if new_namespace:
+            argv = ["unshare", "--pid", "--fork", "--kill-child", *argv]
+        self.proc = subprocess.Popen(
+            argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1
+        )
+
+    def ask(self, message: dict[str, Any] | str) -> dict[str, Any]:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write((message if isinstance(message, str) else json.dumps(message)) + "\n")
+        line = self.proc.stdout.readline()
+        assert line, f"worker exited ({self.proc.poll()})"
+        answer: dict[str, Any] = json.loads(line)
+        return answer
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.wait(timeout=30)
+
+    def close(self) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.close()
+        self.proc.wait(timeout=30)
+
+
+def _unshare_works() -> bool:
+    try:
+        probe = ["unshare", "--pid", "--fork", "--kill-child", "true"]
+        return subprocess.run(probe, capture_output=True, timeout=30).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+NS_TRIALS = 60 if STRESS else 6
+
+
+def test_leftover_sweep_across_pid_namespaces(race_dir: Path) -> None:
+    """A save paused mid-write in one PID namespace, ``remove_leftovers`` run from another
+    (both ways; same host name): the live save is never touched. Every third writer is then
+    SIGKILLed instead of resumed: its leftover is removed where its pid means nothing to the
+    sweeper, and kept (conservatively) where that pid number is taken."""
+    if not _unshare_works():
+        pytest.skip("unshare --pid --fork is not permitted here (needs root or user namespaces)")
+    stats: Counter[str] = Counter()
+    sweepers = {inside: _Interactive("ns_sweeper", inside) for inside in (False, True)}
+    try:
+        for i in range(NS_TRIALS):
+            writer_inside = i % 2 == 1  # the sweeper runs in the other namespace
+            sweeper = sweepers[not writer_inside]
+            writer = _Interactive("ns_writer", writer_inside)
+            try:
+                paused = writer.ask({"save": str(race_dir / f"step_{i}"), "step": i})
+                temp = Path(paused["paused"])
+                removed = sweeper.ask({"sweep": str(race_dir)})["removed"]
+                stats["live saves swept at"] += 1
+                if str(temp) in removed or not temp.is_dir():
+                    stats["WRONG: a live save was removed"] += 1
+                    continue
+                if i % 3 == 2:
+                    writer.kill()
+                    removed = sweeper.ask({"sweep": str(race_dir)})["removed"]
+                    where = (
+                        "writer inside, sweeper outside"
+                        if writer_inside
+                        else "writer outside, sweeper inside"
+                    )
+                    stats[f"dead writer ({where}): leftover removed"] += str(temp) in removed
+                    stats[f"dead writer ({where}): leftover kept"] += str(temp) not in removed
+                    continue
+                assert writer.ask("go")["saved"] == str(race_dir / f"step_{i}")
+                assert ckptproto.verify(race_dir / f"step_{i}").step == i
+                stats["live saves committed whole after the sweep"] += 1
+            finally:
+                if writer.proc.poll() is None:
+                    writer.close()
+    finally:
+        for sweeper in sweepers.values():
+            sweeper.close()
+    report("races_leftover_sweep_pid_namespaces", dict(sorted(stats.items())))
+    assert not stats["WRONG: a live save was removed"], stats
+    assert stats["live saves committed whole after the sweep"] == NS_TRIALS - NS_TRIALS // 3, stats
+    assert stats["dead writer (writer outside, sweeper inside): leftover removed"] >= 1, stats

@@ -917,6 +917,32 @@ def test_F29_without_overwrite_the_commit_never_replaces(
     assert os.listdir(tmp_path) == ["ck"]
 
 
+def test_F30_cleanup_spares_a_locked_writer(tmp_path: Path) -> None:
+    # The name says: this host, a pid that no longer exists (what a writer in another PID
+    # namespace looks like from here); the directory's flock says the writer lives.
+    import subprocess
+    import sys
+
+    from ckptproto.format import layout
+
+    gone = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    leftover = tmp_path / f".ck{layout.TEMP_MARKER}0123456789abP{int(gone.stdout)}H{layout.this_host()}"
+    leftover.mkdir()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import fcntl, os, sys; fd = os.open(sys.argv[1], os.O_RDONLY); "
+         "fcntl.flock(fd, fcntl.LOCK_EX); print('locked', flush=True); sys.stdin.read()", str(leftover)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+        assert ckptproto.remove_leftovers(tmp_path) == [] and leftover.is_dir()
+    finally:
+        holder.communicate("")
+    assert ckptproto.remove_leftovers(tmp_path) == [leftover] and not leftover.exists()
+
+
 def test_F37_readers_read_one_generation(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from ckptproto.io import commit, reader
 
