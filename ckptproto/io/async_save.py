@@ -151,6 +151,8 @@ class AsyncSaver:
     ``process_group``: under torch.distributed (by default the world group once initialised)
     every rank stages and writes its own share and rank 0 commits when every rank's files are
     durable (docs/distributed.md); constructing the saver is then a collective call.
+    ``timeout`` (seconds or a ``datetime.timedelta``, default 30 minutes): how long each
+    background save waits for the other ranks before it fails on every rank, naming them.
 
     A context manager; ``close()`` (also at interpreter exit) finishes every pending save::
 
@@ -166,6 +168,7 @@ class AsyncSaver:
         when_full: WhenFull = "block",
         pool: StagingPool | None = None,
         process_group: Any = None,
+        timeout: sync.Timeout = None,
     ) -> None:
         if not isinstance(max_pending, int) or isinstance(max_pending, bool) or max_pending < 1:
             raise ValueError(f"max_pending must be an int >= 1, got {max_pending!r}")
@@ -179,7 +182,7 @@ class AsyncSaver:
         self.pool = pool if pool is not None else StagingPool()
         # Under torch.distributed every rank stages and writes its share; the commit waits for
         # every rank's files (docs/distributed.md). Created here: it is a collective call.
-        self._control = distributed.async_control(process_group)
+        self._control = distributed.async_control(process_group, sync.as_timeout(timeout))
         self._cond = threading.Condition()
         self._inflight: set[SaveFuture] = set()  # holding a slot (counts against max_pending)
         self._unfinished: set[SaveFuture] = set()  # not yet done (what wait() waits for)

@@ -85,9 +85,7 @@ class _Control:
         import torch.distributed as dist
 
         self.dist = dist
-        if timeout is None:
-            timeout = DEFAULT_TIMEOUT
-        self.timeout = timeout if isinstance(timeout, timedelta) else timedelta(seconds=timeout)
+        self.timeout = sync.as_timeout(timeout) or DEFAULT_TIMEOUT
         self.rank = dist.get_rank(group)
         self.size = dist.get_world_size(group)
         if self.rank < 0:

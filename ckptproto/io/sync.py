@@ -6,7 +6,7 @@ import os
 import sys
 from collections import OrderedDict
 from collections.abc import Mapping, MutableMapping
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -30,8 +30,25 @@ from ckptproto.protocol import Stateful
 from ckptproto.tree import EncodedState, decode_tree, encode_state, join_path
 
 PathLike = str | os.PathLike[str]
+Timeout = timedelta | float | None
 _PLAIN = (type(None), bool, int, float, str, bytes, list, tuple)
 WRITER = "ckptproto 0.1.0"
+
+
+def as_timeout(timeout: Timeout) -> timedelta | None:
+    """``timeout=`` of the top-level API as a timedelta (None: torch.distributed's default of
+    30 minutes); ValueError for anything but a positive number of seconds or timedelta."""
+    if timeout is None:
+        return None
+    if isinstance(timeout, timedelta):
+        seconds = timeout.total_seconds()
+    elif isinstance(timeout, (int, float)) and not isinstance(timeout, bool):
+        seconds = float(timeout)
+    else:
+        raise ValueError(f"timeout must be seconds or a datetime.timedelta, got {timeout!r}")
+    if not seconds > 0:
+        raise ValueError(f"timeout must be positive, got {timeout!r}")
+    return timedelta(seconds=seconds)
 
 
 def encode_metadata(metadata: Mapping[str, Any] | None, state: Mapping[str, Any]) -> Any:
@@ -113,6 +130,7 @@ def save(
     metadata: Mapping[str, Any] | None = None,
     overwrite: bool = False,
     process_group: Any = None,
+    timeout: Timeout = None,
 ) -> CheckpointInfo:
     """Save a state (or anything with ``state_dict()``) as a committed checkpoint directory::
 
@@ -125,13 +143,24 @@ def save(
     ``process_group``: under torch.distributed (by default, the world group once it is
     initialised) every rank calls ``save`` and writes its share; see ``docs/distributed.md``.
     ``process_group="local"`` saves from this process alone.
+
+    ``timeout`` (seconds or a ``datetime.timedelta``; default 30 minutes, torch.distributed's
+    own): under torch.distributed, how long a rank waits for the others at each step before
+    every rank raises DistributedCheckpointError naming the ranks that failed or hung. A single
+    process never waits for anyone: there it is only checked.
     """
+    limit = as_timeout(timeout)
     group = _group(process_group)
     if group is not None:
         from ckptproto.io import distributed
 
         return distributed.save(
-            state_or_stateful, path, metadata=metadata, overwrite=overwrite, process_group=group
+            state_or_stateful,
+            path,
+            metadata=metadata,
+            overwrite=overwrite,
+            process_group=group,
+            timeout=limit,
         )
     state = _resolve_statefuls(protocol.state_of(state_or_stateful))
     encoded = encode_state(state)
@@ -204,6 +233,7 @@ def load(
     mmap: bool = False,
     verify: bool | None = None,
     process_group: Any = None,
+    timeout: Timeout = None,
 ) -> dict[str, Any]:
     """Load the whole state tree::
 
@@ -213,14 +243,16 @@ def load(
     With ``mmap=True`` tensors are backed by the files (copy-on-write) and read lazily.
     ``verify`` (default: on, off with ``mmap``) compares every data file's CRC while reading.
     Under torch.distributed every rank loads the full state and checks that all ranks loaded
-    the same checkpoint (``process_group="local"``: this process alone).
+    the same checkpoint (``process_group="local"``: this process alone), waiting at most
+    ``timeout`` for the others (as for :func:`save`).
     """
+    limit = as_timeout(timeout)
     group = _group(process_group)
     if group is not None:
         from ckptproto.io import distributed
 
         return distributed.load(
-            path, map_location=map_location, mmap=mmap, verify=verify, process_group=group
+            path, map_location=map_location, mmap=mmap, verify=verify, process_group=group, timeout=limit
         )
     return load_local(path, map_location=map_location, mmap=mmap, verify=verify)[0]
 
@@ -261,6 +293,7 @@ def load_into(
     strict: bool = True,
     verify: bool = True,
     process_group: Any = None,
+    timeout: Timeout = None,
 ) -> CheckpointInfo:
     """Load a checkpoint into existing objects, reading tensor bytes straight into the target's
     own tensors (no intermediate copy of the state)::
@@ -278,13 +311,16 @@ def load_into(
 
     Under torch.distributed (``process_group``, by default the world group once initialised)
     DTensor targets such as FSDP2 parameters receive only their local shard; see
-    ``docs/distributed.md``.
+    ``docs/distributed.md``; ``timeout`` as for :func:`save`.
     """
+    limit = as_timeout(timeout)
     group = _group(process_group)
     if group is not None:
         from ckptproto.io import distributed
 
-        return distributed.load_into(path, target, strict=strict, verify=verify, process_group=group)
+        return distributed.load_into(
+            path, target, strict=strict, verify=verify, process_group=group, timeout=limit
+        )
     root = Path(path)
     is_stateful = _is_stateful(target)
     if not is_stateful and not isinstance(target, MutableMapping):
