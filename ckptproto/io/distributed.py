@@ -31,9 +31,12 @@ from __future__ import annotations
 import hashlib
 import heapq
 import json
+import logging
 import os
 import re
 import sys
+import warnings
+import zlib
 from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass, replace
 from datetime import timedelta
@@ -55,11 +58,17 @@ from ckptproto.io.plan import Piece, plan_file, unique_keys
 from ckptproto.protocol import Stateful
 from ckptproto.tree import EncodedState, TensorLeaf, decode_tree, encode_state
 
+logger = logging.getLogger("ckptproto")
+
 LOCAL = "local"
 """``process_group=LOCAL``: this process alone, even when torch.distributed is initialised."""
 
 _NOT_COMMITTED = "; nothing was committed"
 DEFAULT_TIMEOUT = timedelta(minutes=30)  # torch.distributed's own default for gloo
+# Plain (replicated) tensors up to this size are compared across ranks by their CRC-32 before
+# a save: a per-rank value saved as one replica must not pass unnoticed. Larger ones are not
+# (reading every replica on every rank would double the cost of a save).
+REPLICA_CHECK_BYTES = 64 * 1024
 
 
 def resolve_group(process_group: Any) -> Any:
@@ -198,6 +207,7 @@ class ShareJob:
     pieces: list[Piece]
     leaves: list[TensorLeaf]
     tensor_index: list[int]  # per piece: its tensor in ``encoded``
+    replicas: dict[int, int]  # CRC-32 of each small plain tensor, by index (compared across ranks)
 
 
 def plan_share(encoded: EncodedState, rank: int, world_size: int) -> ShareJob:
@@ -232,7 +242,42 @@ def plan_share(encoded: EncodedState, rank: int, world_size: int) -> ShareJob:
         leaves.append(TensorLeaf(value, spec, leaf.path))
         index.append(i)
     layout_only = EncodedState(encoded.tree, [replace(t, value=None, shard=None) for t in encoded.tensors])
-    return ShareJob(layout_only, _layout_digest(encoded), pieces, leaves, index)
+    return ShareJob(layout_only, _layout_digest(encoded), pieces, leaves, index, replica_digests(encoded))
+
+
+def replica_digests(encoded: EncodedState) -> dict[int, int]:
+    """CRC-32 of every plain tensor/array of at most REPLICA_CHECK_BYTES bytes, by index."""
+    found = {}
+    for i, leaf in enumerate(encoded.tensors):
+        if leaf.shard is None and leaf.value is not None and leaf.spec.nbytes <= REPLICA_CHECK_BYTES:
+            view, _owner = arrays.to_host_bytes(leaf.value)
+            found[i] = zlib.crc32(view)
+    return found
+
+
+def _warn_if_replicas_differ(final: Path, job: ShareJob, answers: list[dict[str, Any]], world: int) -> None:
+    """On rank 0: name the plain tensors whose value is not the same on every rank (only one
+    rank's value is written), and which rank's value the checkpoint holds."""
+    owners = assign_writers(job.encoded, world)
+    lines = []
+    for index, crc in sorted(answers[0]["replicas"].items()):
+        differ = [r for r, a in enumerate(answers) if a["replicas"].get(index) != crc]
+        if differ:
+            path = job.encoded.tensors[index].path
+            lines.append(
+                f"{path} (rank {', '.join(map(str, differ))} differ from rank 0; the checkpoint "
+                f"holds rank {owners[index]}'s)"
+            )
+    if not lines:
+        return
+    shown = "; ".join(lines[:10]) + (f"; and {len(lines) - 10} more" if len(lines) > 10 else "")
+    message = (
+        f"saving {final}: plain tensors differ between ranks: {shown}. A plain tensor is saved "
+        "once, as replicated; make a per-rank value a DTensor, gather it under per-rank keys "
+        "(as RNGState does), or save it with process_group='local' (docs/distributed.md)"
+    )
+    logger.warning("%s", message)
+    warnings.warn(message, RuntimeWarning, stacklevel=4)
 
 
 @_gc.paused()
@@ -300,7 +345,13 @@ def run_protocol(
             if ctl.rank == 0:
                 temp = commit.begin(final, overwrite=overwrite)
             assert job is not None
-            mine = {"ok": True, "digest": job.digest, "temp": str(temp), "path": os.path.abspath(final)}
+            mine = {
+                "ok": True,
+                "digest": job.digest,
+                "temp": str(temp),
+                "path": os.path.abspath(final),
+                "replicas": job.replicas,
+            }
         except Exception as exc:
             local, mine = exc, _failure(exc)
     try:
@@ -322,6 +373,8 @@ def run_protocol(
                 failed_ranks={r: f"saves to {answers[r]['path']}" for r in elsewhere},
             )
         assert job is not None
+        if ctl.rank == 0:
+            _warn_if_replicas_differ(final, job, answers, ctl.size)
         temp = Path(answers[0]["temp"])
         try:
             mine = {"ok": True, **_write_share(temp, job, sources, ctl.rank)}
