@@ -46,6 +46,7 @@ from typing import Any
 from ckptproto import _gc, arrays, dtensor, protocol
 from ckptproto.arrays import ArraySpec
 from ckptproto.errors import (
+    CheckpointCorruptError,
     CheckpointError,
     DistributedCheckpointError,
     StateMismatchError,
@@ -571,26 +572,37 @@ def load_into(
     loaded: tuple[Manifest, dict[int, Any]] | None = None
     is_stateful = sync._is_stateful(target)
     checked: set[str] = set()
+    # One generation of the checkpoint, held open from the first read to the last checksum.
+    ckpt: reader.OpenCheckpoint | None = None
     try:
-        loaded = _read_into(root, target, strict, verify, is_stateful, checked)
-        mine: dict[str, Any] = {"ok": True, "digest": _manifest_digest(loaded[0]), "checked": sorted(checked)}
-    except Exception as exc:
-        local, mine = exc, _failure(exc)
-    answers = ctl.exchange(mine, what)
-    _agree(answers, what, local)
-    assert loaded is not None
-    manifest, values = loaded
-    if verify:
-        # Files no rank read whole (and so checksummed for free) are checked now, spread
-        # over the ranks; any mismatch fails the load everywhere.
-        unchecked = sorted(set(manifest.files) - {n for a in answers for n in a["checked"]})
-        if unchecked:
-            try:
-                _verify_files(root, manifest, unchecked[ctl.rank :: ctl.size])
-                mine = {"ok": True, "digest": answers[0]["digest"]}
-            except Exception as exc:
-                local, mine = exc, _failure(exc)
-            _agree(ctl.exchange(mine, what), what, local)
+        try:
+            ckpt = reader.OpenCheckpoint(root)
+            loaded = _read_into(ckpt, target, strict, verify, is_stateful, checked)
+            mine: dict[str, Any] = {
+                "ok": True,
+                "digest": _manifest_digest(loaded[0]),
+                "checked": sorted(checked),
+            }
+        except Exception as exc:
+            local, mine = exc, _failure(exc)
+        answers = ctl.exchange(mine, what)
+        _agree(answers, what, local)
+        assert loaded is not None and ckpt is not None
+        manifest, values = loaded
+        if verify:
+            # Files no rank read whole (and so checksummed for free) are checked now, spread
+            # over the ranks; any mismatch fails the load everywhere.
+            unchecked = sorted(set(manifest.files) - {n for a in answers for n in a["checked"]})
+            if unchecked:
+                try:
+                    _verify_files(ckpt, unchecked[ctl.rank :: ctl.size])
+                    mine = {"ok": True, "digest": answers[0]["digest"]}
+                except Exception as exc:
+                    local, mine = exc, _failure(exc)
+                _agree(ctl.exchange(mine, what), what, local)
+    finally:
+        if ckpt is not None:
+            ckpt.close()
     where = str(root / layout.MANIFEST_NAME)
     state = decode_tree(manifest.state, lambda kind, index, p: values[index], where=where)
     if is_stateful:
@@ -601,61 +613,64 @@ def load_into(
 
 
 def _read_into(
-    root: Path, target: Any, strict: bool, verify: bool, is_stateful: bool, checked: set[str]
+    ckpt: reader.OpenCheckpoint, target: Any, strict: bool, verify: bool, is_stateful: bool, checked: set[str]
 ) -> tuple[Manifest, dict[int, Any]]:
+    root = ckpt.path
     if not is_stateful and not isinstance(target, MutableMapping):
         raise StateMismatchError(f"load_into needs a Stateful or a dict, got {type(target).__qualname__}")
-    with reader.OpenCheckpoint(root) as ckpt:
-        where = str(root / layout.MANIFEST_NAME)
-        kinds = reader.tensor_kinds(ckpt.manifest, where)
-        refs: dict[int, sync._Ref] = {}
-        skeleton = decode_tree(
-            ckpt.manifest.state,
-            lambda kind, index, p: refs.setdefault(index, sync._Ref(kind, index)),
-            where=where,
-        )
-        matcher = _ShardMatcher(ckpt.manifest, strict=strict, reject_unexpected=strict and not is_stateful)
-        matcher.match(skeleton, target, "")
-        matcher.raise_problems(root)
-        values: dict[int, Any] = {}
-        plan = reader.ReadPlan()
-        copies: list[tuple[Any, Any]] = []
-        for index, (kind, _paths) in kinds.items():
-            entry = ckpt.manifest.tensors[index]
-            targets = matcher.destinations.get(index, [])
-            first = targets[0] if targets else None
-            if first is not None and dtensor.is_dtensor(first):
-                described = dtensor.describe(first)
-                assert not isinstance(described, str)  # checked by the matcher
-                shard = described[1]
-                spec = ArraySpec("torch", entry.dtype, shard.shape)
-                local, dest = shard.local, arrays.writable_bytes(shard.local)
-                if dest is None:  # not a contiguous CPU tensor: read beside it, copy after
-                    local, dest = arrays.allocate(spec)
-                    copies.append((shard.local, local))
-                reader.plan_box_into(ckpt, plan, index, shard.offsets, spec, local, dest)
-                values[index] = first
-                copies.extend((t, first) for t in targets[1:])
-                continue
-            spec = ArraySpec(kind, entry.dtype, entry.shape)
-            dest = arrays.writable_bytes(first) if first is not None else None
-            if dest is not None:
-                value = first
-            else:
-                value, dest = arrays.allocate(spec)
-            values[index] = value
-            copies.extend((t, value) for t in targets if t is not value)
-            reader.plan_into(ckpt, plan, index, spec, value, dest)
-        checked |= reader.execute(ckpt, plan, verify=verify, partial="skip")
-        manifest = ckpt.manifest
+    where = str(root / layout.MANIFEST_NAME)
+    kinds = reader.tensor_kinds(ckpt.manifest, where)
+    refs: dict[int, sync._Ref] = {}
+    skeleton = decode_tree(
+        ckpt.manifest.state,
+        lambda kind, index, p: refs.setdefault(index, sync._Ref(kind, index)),
+        where=where,
+    )
+    matcher = _ShardMatcher(ckpt.manifest, strict=strict, reject_unexpected=strict and not is_stateful)
+    matcher.match(skeleton, target, "")
+    matcher.raise_problems(root)
+    values: dict[int, Any] = {}
+    plan = reader.ReadPlan()
+    copies: list[tuple[Any, Any]] = []
+    for index, (kind, _paths) in kinds.items():
+        entry = ckpt.manifest.tensors[index]
+        targets = matcher.destinations.get(index, [])
+        first = targets[0] if targets else None
+        if first is not None and dtensor.is_dtensor(first):
+            described = dtensor.describe(first)
+            assert not isinstance(described, str)  # checked by the matcher
+            shard = described[1]
+            spec = ArraySpec("torch", entry.dtype, shard.shape)
+            local, dest = shard.local, arrays.writable_bytes(shard.local)
+            if dest is None:  # not a contiguous CPU tensor: read beside it, copy after
+                local, dest = arrays.allocate(spec)
+                copies.append((shard.local, local))
+            reader.plan_box_into(ckpt, plan, index, shard.offsets, spec, local, dest)
+            values[index] = first
+            copies.extend((t, first) for t in targets[1:])
+            continue
+        spec = ArraySpec(kind, entry.dtype, entry.shape)
+        dest = arrays.writable_bytes(first) if first is not None else None
+        if dest is not None:
+            value = first
+        else:
+            value, dest = arrays.allocate(spec)
+        values[index] = value
+        copies.extend((t, value) for t in targets if t is not value)
+        reader.plan_into(ckpt, plan, index, spec, value, dest)
+    checked |= reader.execute(ckpt, plan, verify=verify, partial="skip")
+    manifest = ckpt.manifest
     for dst, src in copies:
         sync._copy_into(dst, src)
     return manifest, values
 
 
-def _verify_files(root: Path, manifest: Manifest, names: list[str]) -> None:
-    if not names:
-        return
-    subset = Manifest(manifest.state, [], {n: manifest.files[n] for n in names}, manifest.metadata)
-    with reader.OpenCheckpoint(root, subset) as ckpt:
-        reader.check_all_files(ckpt)
+def _verify_files(ckpt: reader.OpenCheckpoint, names: list[str]) -> None:
+    problems: list[str] = []
+    for name in names:
+        try:
+            reader.check_file(ckpt, name, ckpt.files[name])
+        except CheckpointCorruptError as exc:
+            problems.extend(exc.problems)
+    if problems:
+        raise CheckpointCorruptError("; ".join(problems), problems=problems)
