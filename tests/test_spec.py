@@ -860,10 +860,14 @@ def test_F28_data_then_manifest_then_rename(tmp_path: Path, monkeypatch: pytest.
         pytest.skip("needs /proc to name fsynced descriptors")
     final = tmp_path / "ck"
     contents: list[set[str]] = []
-    spy = _Spy(monkeypatch, final, lambda temp: contents.append(set(os.listdir(temp))))
+    from ckptproto.io.commit import LOCKED_MARKER
+
+    # (the writer's liveness marker, F-30, is removed by the commit itself)
+    spy = _Spy(monkeypatch, final, lambda temp: contents.append(set(os.listdir(temp)) - {LOCKED_MARKER}))
     ckptproto.save({"t": torch.ones(3), "u": np.zeros(2)}, final)
     (temp,) = spy.temps
     assert contents == [{DATA, "manifest.json"}]
+    assert sorted(os.listdir(final)) == sorted([DATA, "manifest.json"])
     assert spy.fsynced[-4:] == [
         str(temp / DATA),
         str(temp / "manifest.json"),
@@ -941,6 +945,15 @@ def test_F30_cleanup_spares_a_locked_writer(tmp_path: Path) -> None:
     finally:
         holder.communicate("")
     assert ckptproto.remove_leftovers(tmp_path) == [leftover] and not leftover.exists()
+    # A locking writer's leftover (it holds the marker) whose lock is free is its dead
+    # writer's, even when that pid number now belongs to a live process (reuse, another
+    # namespace): removed.
+    from ckptproto.io import commit
+
+    reused = tmp_path / f".ck{layout.TEMP_MARKER}0123456789abP{os.getppid()}H{layout.this_host()}"
+    reused.mkdir()
+    (reused / commit.LOCKED_MARKER).touch()
+    assert ckptproto.remove_leftovers(tmp_path) == [reused]
 
 
 def test_F37_readers_read_one_generation(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

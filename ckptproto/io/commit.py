@@ -82,6 +82,10 @@ def begin(final: Path, *, overwrite: bool) -> Path:
 # means nothing) still sees the save as alive.
 _held: dict[str, int] = {}
 _held_guard = threading.Lock()
+# Created in a temporary directory once its writer holds the lock (removed just before the
+# commit): a leftover holding it was written by a locking writer, so on this host a free lock
+# alone says that writer is gone, even if its pid number now belongs to another process.
+LOCKED_MARKER = ".ckptproto-writer-locks"
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC | getattr(os, "O_NOFOLLOW", 0)
 
 
@@ -121,6 +125,8 @@ def _hold(temp: Path) -> bool:
         return False
     with _held_guard:
         _held[str(temp)] = fd
+    with contextlib.suppress(OSError):  # without it, cleanup goes by the pid: still safe
+        os.close(os.open(temp / LOCKED_MARKER, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600))
     return True
 
 
@@ -235,6 +241,8 @@ def finish(temp: Path, final: Path, *, overwrite: bool = True) -> None:
 
 def _finish(temp: Path, final: Path, overwrite: bool) -> None:
     try:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temp / LOCKED_MARKER)  # not part of the checkpoint
         fsync_dir(temp)
         for _attempt in range(8):  # each retry means another writer changed ``final`` meanwhile
             if is_committed(final):
@@ -267,7 +275,10 @@ def _writer_alive(info: layout.Leftover, path: Path, held: list[int]) -> bool:
     fd = _try_lock(path)
     if fd is None:
         return True
-    alive = _pid_alive(info)
+    # Free lock: a locking writer on this host is gone; else (an older writer, another host
+    # whose locks this one may not see, no flock here) only the pid can tell.
+    locking_writer = fd >= 0 and info.host == layout.this_host() and (path / LOCKED_MARKER).exists()
+    alive = not locking_writer and _pid_alive(info)
     if fd >= 0:
         if alive:
             os.close(fd)
