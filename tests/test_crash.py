@@ -121,9 +121,15 @@ class ForkServer:
         ready, _, _ = select.select([self.proc.stdout], [], [], max(0.0, deadline - time.monotonic()))
         if not ready:
             self.unreached += 1
-            os.kill(pid, signal.SIGKILL)
+            with contextlib.suppress(ProcessLookupError):  # it may end on its own meanwhile
+                os.kill(pid, signal.SIGKILL)
         status: int = self._read()["status"]
         return status
+
+    def stderr_tail(self) -> str:
+        self.stderr.flush()
+        self.stderr.seek(0)
+        return self.stderr.read()[-3000:]
 
     def close(self) -> None:
         assert self.proc.stdin is not None
@@ -191,7 +197,7 @@ def check_lane(lane: Path, progress: Path, mode: str, seed: int, stats: Counter[
     removed = ckptproto.remove_leftovers(lane)
     stats["leftovers removed"] += len(removed)
     remaining = [n for n in os.listdir(lane) if layout.is_leftover(n)] if lane.exists() else []
-    assert remaining == [], f"cleanup left {remaining}"
+    assert remaining == [], f"cleanup left {remaining}: {[_why_kept(lane / n) for n in remaining]}"
     restored = [n for n in os.listdir(lane) if n not in entries] if lane.exists() else []
     stats["checkpoints restored by cleanup"] += len(restored)
     done = returned_steps(progress)
@@ -211,6 +217,20 @@ def check_lane(lane: Path, progress: Path, mode: str, seed: int, stats: Counter[
         assert len(steps) >= min(KEEP, len(set(done))), (steps, done[-5:])
         floor = steps[-KEEP] if len(steps) >= KEEP else -1
         assert all(s in steps or s < floor for s in done), (steps, done[-5:])
+
+
+def _why_kept(path: Path) -> dict[str, Any]:
+    """What cleanup saw of a leftover it kept (for the failure message)."""
+    info = layout.parse_leftover(path.name)
+    fd = commit._try_lock(path)
+    if fd is not None and fd >= 0:
+        os.close(fd)
+    return {
+        "locked by another process": fd is None,
+        "marked": (path / commit.LOCKED_MARKER).exists(),
+        "pid alive": info is not None and commit._pid_alive(info),
+        "contents": sorted(os.listdir(path)) if path.is_dir() else None,
+    }
 
 
 def prune(lane: Path, keep: int) -> None:
@@ -269,7 +289,7 @@ def test_sigkill_during_saves(server: ForkServer, lanes_dir: Path) -> None:
         else:
             status = server.trial(trial, rng.uniform(0.0, 0.06))
         assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, (
-            f"trial {trial} ended with status {status}, not SIGKILL"
+            f"trial {trial} ended with status {status}, not SIGKILL: {server.stderr_tail()}"
         )
         stats["kills"] += 1
         if mode == "callback":
