@@ -123,7 +123,9 @@ def try_spec(value: Any) -> ArraySpec | None:
 
 
 def identity(value: Any) -> tuple[Any, ...]:
-    """Equal for two objects that are the same view of the same memory (tied weights)."""
+    """Equal for two objects that are the same view of the same memory (tied weights) and
+    read the same values from it: torch's lazy conjugate and negative bits are part of the
+    view (``c.conj()`` shares ``c``'s memory, offset, shape and strides, yet holds other values)."""
     if value.size == 0 if isinstance(value, np.ndarray) else value.numel() == 0:
         # Empty tensors all share the null data pointer: only the very same object is tied.
         return ("empty", id(value))
@@ -138,6 +140,8 @@ def identity(value: Any) -> tuple[Any, ...]:
         tuple(value.shape),
         value.stride(),
         value.dtype,
+        value.is_conj(),
+        value.is_neg(),
     )
 
 
@@ -169,15 +173,16 @@ def host_bytes(value: Any) -> tuple[memoryview, Any]:
 
 
 def _contiguous(t: torch.Tensor) -> torch.Tensor:
-    """A C-ordered copy; torch has no copy kernel for its sub-byte dtypes (uint1..7, int1..7),
-    whose elements are one byte each in memory, so those are copied as uint8."""
+    """A C-ordered copy; torch has no copy kernel (nor, in deterministic mode, fill kernel)
+    for its bit and sub-byte dtypes (uint1..7, int1..7, bits*), so those are copied as the
+    integer dtype of their width."""
     try:
         return t.contiguous()
     except RuntimeError:  # NotImplementedError: "copy_kernel" not implemented for 'UInt4'
-        if t.element_size() != 1:
+        same_width = same_width_int(t.dtype)
+        if same_width is None:
             raise
-        torch = loaded_torch()
-        return t.view(torch.uint8).contiguous().view(t.dtype)
+        return t.view(same_width).contiguous().view(t.dtype)
 
 
 def to_host_bytes(value: Any) -> tuple[memoryview, Any]:
@@ -193,9 +198,31 @@ def allocate(spec: ArraySpec) -> tuple[Any, memoryview]:
     if spec.kind == "numpy":
         arr = np.empty(spec.shape, dtype=spec.dtype.numpy_dtype())
         return arr, _raw_view(arr.ctypes.data, arr.nbytes)
-    torch = require_torch()
-    t = torch.empty(spec.shape, dtype=spec.dtype.torch_dtype())
+    t = empty_cpu(spec.shape, spec.dtype.torch_dtype())
     return t, _raw_view(t.data_ptr(), spec.nbytes)
+
+
+def empty_cpu(shape: tuple[int, ...], dtype: Any) -> Any:
+    """``torch.empty`` on the CPU whatever torch's global modes: the default device
+    (``torch.set_default_device("meta")`` would hand out memory that cannot be written) and
+    ``torch.use_deterministic_algorithms(True)``, under which torch fills new memory and has no
+    fill kernel for its bit and sub-byte dtypes (uint1..7, int1..7, bits*, float4_e2m1fn_x2):
+    those are allocated as a same-width integer tensor and viewed as their dtype."""
+    torch = require_torch()
+    try:
+        return torch.empty(shape, dtype=dtype, device="cpu")
+    except RuntimeError:  # NotImplementedError: "fill_empty_deterministic_" not implemented
+        same_width = same_width_int(dtype)
+        if same_width is None:
+            raise
+        return torch.empty(shape, dtype=same_width, device="cpu").view(dtype)
+
+
+def same_width_int(dtype: Any) -> Any:
+    """The torch integer dtype as wide as ``dtype`` (None past 8 bytes): a view as it has the
+    kernels (fill, copy) torch lacks for its bit and sub-byte dtypes."""
+    torch = require_torch()
+    return {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}.get(dtype.itemsize)
 
 
 def from_buffer(spec: ArraySpec, buffer: Any, offset: int) -> Any:

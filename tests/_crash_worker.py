@@ -110,6 +110,7 @@ def run_child(trial: dict[str, Any]) -> None:
     mode, seed, keep = trial["mode"], trial["seed"], trial.get("keep", 2)
     if trial.get("no_exchange"):
         commit._exchange = lambda a, b: False  # type: ignore[assignment]  # the rename fallback
+        commit._rename_noreplace = lambda a, b: False  # type: ignore[assignment]  # plain rename(2)
     if trial.get("kill_at"):
         _install_kill_point(*trial["kill_at"])
     progress = os.open(trial["progress"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)

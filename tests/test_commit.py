@@ -220,3 +220,32 @@ def test_racing_saver_without_overwrite_does_not_replace(
         ckptproto.save(_state(1), tmp_ckpt)
     assert _step_of(tmp_ckpt) == 2
     _only(tmp_ckpt.parent, "ckpt")
+
+
+@pytest.mark.parametrize("noreplace", [True, False], ids=["renameat2", "rename-fallback"])
+def test_saver_committing_during_the_final_rename_is_never_replaced(
+    tmp_ckpt: Path, monkeypatch: pytest.MonkeyPatch, noreplace: bool
+) -> None:
+    """The race past every earlier check: another saver commits between this saver's last
+    look at the destination and its rename. The rename itself must refuse (no-replace)."""
+    from ckptproto.io import commit
+
+    if not noreplace:
+        monkeypatch.setattr(commit, "_rename_noreplace", lambda a, b: False)
+    real_is_committed = commit.is_committed
+    raced = {"done": False}
+
+    def commit_meanwhile(path: Path) -> bool:
+        seen = real_is_committed(path)
+        if path == tmp_ckpt and not raced["done"] and not seen and len(os.listdir(tmp_ckpt.parent)) == 1:
+            # the only entry is this saver's temporary directory, about to be renamed
+            raced["done"] = True
+            monkeypatch.setattr(commit, "is_committed", real_is_committed)
+            ckptproto.save(_state(2), tmp_ckpt)
+        return seen
+
+    monkeypatch.setattr(commit, "is_committed", commit_meanwhile)
+    with pytest.raises(CheckpointExistsError, match="committed by another saver"):
+        ckptproto.save(_state(1), tmp_ckpt)
+    assert raced["done"] and _step_of(tmp_ckpt) == 2
+    _only(tmp_ckpt.parent, "ckpt")

@@ -12,14 +12,13 @@ import json
 import os
 import random
 import select
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 import zlib
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +31,7 @@ from ckptproto.io import commit
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _crash_worker import CALLBACK_RE, STEP_RE, committed_steps, state_for
-from _reliability import STRESS, report
+from _reliability import STRESS, report, scratch_dir
 
 KILLS = 3000 if STRESS else 300
 KEEP = 2
@@ -46,8 +45,8 @@ KILL_POINTS = {
         ("writer.write_small_file", "after"),
         ("commit.fsync_dir", "before"),
         ("commit.fsync_dir", "after"),
-        ("os.rename", "before"),
-        ("os.rename", "after"),
+        ("commit._rename_noreplace", "before"),
+        ("commit._rename_noreplace", "after"),
     ],
     "overwrite": [
         ("commit._exchange", "before"),
@@ -122,9 +121,15 @@ class ForkServer:
         ready, _, _ = select.select([self.proc.stdout], [], [], max(0.0, deadline - time.monotonic()))
         if not ready:
             self.unreached += 1
-            os.kill(pid, signal.SIGKILL)
+            with contextlib.suppress(ProcessLookupError):  # it may end on its own meanwhile
+                os.kill(pid, signal.SIGKILL)
         status: int = self._read()["status"]
         return status
+
+    def stderr_tail(self) -> str:
+        self.stderr.flush()
+        self.stderr.seek(0)
+        return self.stderr.read()[-3000:]
 
     def close(self) -> None:
         assert self.proc.stdin is not None
@@ -192,7 +197,7 @@ def check_lane(lane: Path, progress: Path, mode: str, seed: int, stats: Counter[
     removed = ckptproto.remove_leftovers(lane)
     stats["leftovers removed"] += len(removed)
     remaining = [n for n in os.listdir(lane) if layout.is_leftover(n)] if lane.exists() else []
-    assert remaining == [], f"cleanup left {remaining}"
+    assert remaining == [], f"cleanup left {remaining}: {[_why_kept(lane / n) for n in remaining]}"
     restored = [n for n in os.listdir(lane) if n not in entries] if lane.exists() else []
     stats["checkpoints restored by cleanup"] += len(restored)
     done = returned_steps(progress)
@@ -214,25 +219,30 @@ def check_lane(lane: Path, progress: Path, mode: str, seed: int, stats: Counter[
         assert all(s in steps or s < floor for s in done), (steps, done[-5:])
 
 
+def _why_kept(path: Path) -> dict[str, Any]:
+    """What cleanup saw of a leftover it kept (for the failure message)."""
+    info = layout.parse_leftover(path.name)
+    fd = commit._try_lock(path)
+    if fd is not None and fd >= 0:
+        os.close(fd)
+    return {
+        "locked by another process": fd is None,
+        "marked": (path / commit.LOCKED_MARKER).exists(),
+        "pid alive": info is not None and commit._pid_alive(info),
+        "contents": sorted(os.listdir(path)) if path.is_dir() else None,
+    }
+
+
 def prune(lane: Path, keep: int) -> None:
     for old in committed_steps(lane)[:-keep] if lane.exists() else []:
         commit.discard(lane / f"step_{old}")
 
 
 @pytest.fixture
-def lanes_dir(tmp_path: Path) -> Any:
-    """Where the killed saves write: ``CKPTPROTO_CRASH_DIR`` if set, else /dev/shm (tmpfs: a
-    SIGKILL loses no page-cache data, so process-crash semantics are those of a disk, and
-    fsync costs nothing, so hundreds of kills fit in CI), else pytest's tmp_path."""
-    base = os.environ.get("CKPTPROTO_CRASH_DIR") or ("/dev/shm" if os.access("/dev/shm", os.W_OK) else "")
-    if not base:
-        yield tmp_path
-        return
-    path = Path(tempfile.mkdtemp(prefix="ckptproto-crash-", dir=base))
-    try:
+def lanes_dir(tmp_path: Path) -> Iterator[Path]:
+    """Where the killed saves write (tmpfs when there is one: _reliability.scratch_dir)."""
+    with scratch_dir(tmp_path, "ckptproto-crash-") as path:
         yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 def test_sigkill_during_saves(server: ForkServer, lanes_dir: Path) -> None:
@@ -243,7 +253,7 @@ def test_sigkill_during_saves(server: ForkServer, lanes_dir: Path) -> None:
         ("async", False),
         ("retain", False),
         ("overwrite", False),
-        ("overwrite", True),  # no renameat2 exchange: the rename fallback with a trash dir
+        ("overwrite", True),  # no renameat2 at all: the rename fallbacks (trash dir, rename(2))
         ("retain", True),
         ("callback", False),  # CheckpointCallback: save every step, keep 2, resume latest
     ]
@@ -279,7 +289,7 @@ def test_sigkill_during_saves(server: ForkServer, lanes_dir: Path) -> None:
         else:
             status = server.trial(trial, rng.uniform(0.0, 0.06))
         assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, (
-            f"trial {trial} ended with status {status}, not SIGKILL"
+            f"trial {trial} ended with status {status}, not SIGKILL: {server.stderr_tail()}"
         )
         stats["kills"] += 1
         if mode == "callback":

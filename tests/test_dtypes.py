@@ -4,6 +4,7 @@ storable, maps to the safetensors code safetensors itself uses, and loads in pla
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -17,7 +18,7 @@ from ckptproto import dtypes
 
 
 def _sample(dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
-    size = torch.empty((), dtype=dtype).element_size()
+    size = dtype.itemsize
     n = int(np.prod(shape)) * size
     raw = bytearray((i * 53 + 1) % 256 for i in range(n))
     if dtype == torch.bool:
@@ -90,3 +91,54 @@ def test_load_into_every_numpy_dtype(dtype: np.dtype[np.generic], tmp_ckpt: Path
         ckptproto.load_into(tmp_ckpt, {"a": target})
         assert raw_bytes(target) == raw_bytes(value)
         assert np.array_equal(target, value, equal_nan=dtype.kind in "fc")
+
+
+@pytest.fixture(params=["deterministic", "default_device_meta"])
+def torch_global_mode(request: pytest.FixtureRequest) -> Any:
+    """A torch global mode a trainer may have switched on (Lightning's deterministic=True
+    calls torch.use_deterministic_algorithms(True))."""
+    if request.param == "deterministic":
+        was = torch.are_deterministic_algorithms_enabled()
+        torch.use_deterministic_algorithms(True)
+        yield request.param
+        torch.use_deterministic_algorithms(was)
+    else:
+        torch.set_default_device("meta")
+        try:
+            yield request.param
+        finally:
+            torch.set_default_device(None)
+
+
+def _bits(t: torch.Tensor) -> bytes:
+    # raw_bytes needs .contiguous(), which deterministic mode cannot run for bits16
+    width = {2: torch.int16, 4: torch.int32, 8: torch.int64}.get(t.element_size())
+    return raw_bytes(t.view(width) if width is not None else t)
+
+
+def test_every_torch_dtype_loads_in_every_global_mode(tmp_path: Path, torch_global_mode: str) -> None:
+    # Saved outside the mode, then saved again (sync and async, non-contiguous sources) and
+    # read back every way inside it.
+    state = {str(d): _sample(d, (3, 4)) for d in STORABLE_TORCH}
+    ckptproto.save(state, tmp_path / "outside")
+    mode = torch_global_mode
+    with ckptproto.AsyncSaver() as saver:
+        saver.save({k: v.t() for k, v in state.items()}, tmp_path / "async").result(timeout=60)
+    ckptproto.save({k: v.t() for k, v in state.items()}, tmp_path / "sync")
+    for name in ("outside", "sync", "async"):
+        want = state if name == "outside" else {k: v.t() for k, v in state.items()}
+        for mmap in (False, True):
+            out = ckptproto.load(tmp_path / name, mmap=mmap)
+            for key, value in want.items():
+                assert out[key].device.type == "cpu" and _bits(out[key]) == _bits(value), (
+                    mode,
+                    name,
+                    key,
+                )
+        ckptproto.verify(tmp_path / name)
+    targets = {
+        k: torch.zeros(4, 3 * v.element_size(), dtype=torch.uint8, device="cpu").view(v.dtype).t()
+        for k, v in state.items()
+    }
+    ckptproto.load_into(tmp_path / "outside", targets)
+    assert all(_bits(targets[k]) == _bits(v) for k, v in state.items())

@@ -1187,10 +1187,10 @@ class _Spy:
             self.fsynced.append(os.readlink(f"/proc/self/fd/{fd}"))
             real_fsync(fd)
 
-        def finish(temp: Path, final_path: Path) -> None:
+        def finish(temp: Path, final_path: Path, **kwargs: Any) -> None:
             self.temps.append(temp)
             on_finish(temp)
-            real_finish(temp, final_path)
+            real_finish(temp, final_path, **kwargs)
 
         monkeypatch.setattr(os, "fsync", fsync)
         monkeypatch.setattr(commit, "finish", finish)
@@ -1246,10 +1246,14 @@ def test_F28_data_then_manifest_then_rename(tmp_path: Path, monkeypatch: pytest.
         pytest.skip("needs /proc to name fsynced descriptors")
     final = tmp_path / "ck"
     contents: list[set[str]] = []
-    spy = _Spy(monkeypatch, final, lambda temp: contents.append(set(os.listdir(temp))))
+    from ckptproto.io.commit import LOCKED_MARKER
+
+    # (the writer's liveness marker, F-30, is removed by the commit itself)
+    spy = _Spy(monkeypatch, final, lambda temp: contents.append(set(os.listdir(temp)) - {LOCKED_MARKER}))
     ckptproto.save({"t": torch.ones(3), "u": np.zeros(2)}, final)
     (temp,) = spy.temps
     assert contents == [{DATA, "manifest.json"}]
+    assert sorted(os.listdir(final)) == sorted([DATA, "manifest.json"])
     assert spy.fsynced[-4:] == [
         str(temp / DATA),
         str(temp / "manifest.json"),
@@ -1281,6 +1285,85 @@ def test_F29_replacing_is_explicit_and_atomic(tmp_path: Path, monkeypatch: pytes
     (tmp_path / "file").write_text("x")
     with pytest.raises(CheckpointExistsError):
         ckptproto.save({"v": 1}, tmp_path / "file", overwrite=True)
+
+
+def test_F29_without_overwrite_the_commit_never_replaces(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Another writer commits NAME after every check of this one, just before its rename: the
+    # rename itself must refuse (no-replace), so exactly one of the two commits.
+    final = tmp_path / "ck"
+    competitor: list[Path] = []
+
+    def commit_another(temp: Path) -> None:
+        if not competitor:
+            competitor.append(temp)
+            ckptproto.save({"v": torch.full((3,), 2.0)}, final)
+
+    _Spy(monkeypatch, final, commit_another)
+    with pytest.raises(CheckpointExistsError, match="another saver"):
+        ckptproto.save({"v": torch.ones(3)}, final)
+    assert torch.equal(ckptproto.load(final)["v"], torch.full((3,), 2.0))
+    assert os.listdir(tmp_path) == ["ck"]
+
+
+def test_F30_cleanup_spares_a_locked_writer(tmp_path: Path) -> None:
+    # The name says: this host, a pid that no longer exists (what a writer in another PID
+    # namespace looks like from here); the directory's flock says the writer lives.
+    import subprocess
+    import sys
+
+    from ckptproto.format import layout
+
+    gone = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    leftover = tmp_path / f".ck{layout.TEMP_MARKER}0123456789abP{int(gone.stdout)}H{layout.this_host()}"
+    leftover.mkdir()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import fcntl, os, sys; fd = os.open(sys.argv[1], os.O_RDONLY); "
+         "fcntl.flock(fd, fcntl.LOCK_EX); print('locked', flush=True); sys.stdin.read()", str(leftover)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+        assert ckptproto.remove_leftovers(tmp_path) == [] and leftover.is_dir()
+    finally:
+        holder.communicate("")
+    assert ckptproto.remove_leftovers(tmp_path) == [leftover] and not leftover.exists()
+    # A locking writer's leftover (it holds the marker) whose lock is free is its dead
+    # writer's, even when that pid number now belongs to a live process (reuse, another
+    # namespace): removed.
+    from ckptproto.io import commit
+
+    reused = tmp_path / f".ck{layout.TEMP_MARKER}0123456789abP{os.getppid()}H{layout.this_host()}"
+    reused.mkdir()
+    (reused / commit.LOCKED_MARKER).touch()
+    assert ckptproto.remove_leftovers(tmp_path) == [reused]
+
+
+def test_F38_readers_read_one_generation(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from ckptproto.io import commit, reader
+
+    final = tmp_path / "ck"
+    ckptproto.save({"v": torch.zeros(64), "step": 0}, final)
+    real = reader.read_manifest
+    act: list[Callable[[], Any]] = [
+        lambda: ckptproto.save({"v": torch.ones(64), "step": 1}, final, overwrite=True)
+    ]
+
+    def then_write(*args: Any, **kwargs: Any) -> Any:
+        manifest = real(*args, **kwargs)
+        if act:
+            act.pop()()  # the writer acts between the manifest and the data files
+        return manifest
+
+    monkeypatch.setattr(reader, "read_manifest", then_write)
+    state = ckptproto.load(final)  # replaced meanwhile: one generation, whole, not "corrupt"
+    assert torch.equal(state["v"], torch.full((64,), float(state["step"])))
+    act.append(lambda: commit.discard(final))
+    with pytest.raises(CheckpointNotFoundError):
+        ckptproto.verify(final)  # deleted meanwhile
 
 
 def test_F30_failed_save_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -1788,6 +1871,31 @@ def test_P8_tied_tensors(tmp_path: Path) -> None:
     target["dec"] = target["enc"]
     ckptproto.load_into(tmp_path / "ck", target, strict=False)
     assert torch.equal(target["enc"], w)
+
+
+def test_P8_conjugate_and_negative_views_are_not_tied(tmp_path: Path) -> None:
+    # c.conj() and f._neg_view() share c's/f's memory, offset, shape, strides and dtype but
+    # hold other values: written as one tensor they came back as c and f.
+    c = torch.tensor([1 + 2j, 3 - 4j, -5 + 0.5j])
+    f = torch.tensor([1.0, -2.0, 3.5])
+    state = {
+        "c": c,
+        "cc": c.conj(),
+        "cc2": c.conj(),
+        "f": f,
+        "nf": f._neg_view(),
+        "ncc": c.conj()._neg_view(),
+    }
+    ckptproto.save(state, tmp_path / "ck")
+    assert len(doc_of(tmp_path / "ck")["tensors"]) == 5  # c, conj(c), f, -f, -conj(c)
+    out = ckptproto.load(tmp_path / "ck")
+    for key, value in state.items():
+        assert torch.equal(out[key], value.resolve_conj().resolve_neg()), key
+    assert out["cc"] is out["cc2"] and out["cc"] is not out["c"]
+    assert torch.equal(ckptproto.load(tmp_path / "ck", mmap=True)["nf"], -f)
+    target = {k: torch.zeros_like(v.resolve_conj().resolve_neg()) for k, v in state.items()}
+    ckptproto.load_into(tmp_path / "ck", target)
+    assert torch.equal(target["cc"], c.conj()) and torch.equal(target["nf"], -f)
 
 
 def test_P9_what_is_not_kept(tmp_path: Path) -> None:

@@ -31,7 +31,7 @@ import weakref
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future
 from concurrent.futures import wait as wait_futures
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -87,6 +87,7 @@ class _Job:
     metadata_tree: Any
     overwrite: bool
     ready: staging.Ready
+    versions: list[int | None] = field(default_factory=list)  # of encoded.tensors, at save()
     staged: Staged | None = None
     share: distributed.ShareJob | None = None  # a distributed save: this rank's part
 
@@ -150,6 +151,8 @@ class AsyncSaver:
     ``process_group``: under torch.distributed (by default the world group once initialised)
     every rank stages and writes its own share and rank 0 commits when every rank's files are
     durable (docs/distributed.md); constructing the saver is then a collective call.
+    ``timeout`` (seconds or a ``datetime.timedelta``, default 30 minutes): how long each
+    background save waits for the other ranks before it fails on every rank, naming them.
 
     A context manager; ``close()`` (also at interpreter exit) finishes every pending save::
 
@@ -165,6 +168,7 @@ class AsyncSaver:
         when_full: WhenFull = "block",
         pool: StagingPool | None = None,
         process_group: Any = None,
+        timeout: sync.Timeout = None,
     ) -> None:
         if not isinstance(max_pending, int) or isinstance(max_pending, bool) or max_pending < 1:
             raise ValueError(f"max_pending must be an int >= 1, got {max_pending!r}")
@@ -178,7 +182,7 @@ class AsyncSaver:
         self.pool = pool if pool is not None else StagingPool()
         # Under torch.distributed every rank stages and writes its share; the commit waits for
         # every rank's files (docs/distributed.md). Created here: it is a collective call.
-        self._control = distributed.async_control(process_group)
+        self._control = distributed.async_control(process_group, sync.as_timeout(timeout))
         self._cond = threading.Condition()
         self._inflight: set[SaveFuture] = set()  # holding a slot (counts against max_pending)
         self._unfinished: set[SaveFuture] = set()  # not yet done (what wait() waits for)
@@ -220,6 +224,7 @@ class AsyncSaver:
             job.share = distributed.plan_share(encoded, self._control.rank, self._control.size)
             job.encoded = EncodedState(encoded.tree, job.share.leaves)
         try:
+            job.versions = staging.capture_versions(job.encoded.tensors)
             job.ready = staging.capture_ready(encoded.tensors)
             if self.staging == "blocking":
                 self._stage(job)
@@ -323,6 +328,12 @@ class AsyncSaver:
     def _stage(self, job: _Job) -> None:
         job.staged = staging.stage_state(self.pool, job.encoded.tensors, job.ready)
         job.staged.synchronize()
+        if self.staging == "background":
+            # The caller may have mutated the state while it was copied (a missed
+            # wait_staged()): such a checkpoint would be torn, so the save fails instead.
+            staging.check_not_mutated(
+                job.encoded.tensors, job.versions, job.staged.views, where=str(job.future.path)
+            )
         # Nothing reads the live tensors any more: drop them (CUDA memory can be reused).
         job.encoded = EncodedState(job.encoded.tree, [replace(t, value=None) for t in job.encoded.tensors])
         job.ready = staging.Ready()

@@ -1,25 +1,33 @@
 """Atomic commit of a checkpoint directory.
 
-Files are written into a hidden temporary sibling directory (``layout.temp_name``), fsynced,
-the manifest last; then the directory is renamed into place and the parent fsynced. Until that
-rename nothing at the final path changes, so a crash leaves either the old state or the new
-one, plus a hidden leftover that readers ignore and :func:`remove_leftovers` (run by every
-``begin``) deletes once its writer process is gone.
+Files are written into a hidden temporary sibling directory (``layout.temp_name``, locked by
+its writer), fsynced, the manifest last; then the directory is renamed into place (without
+``overwrite``, a no-replace rename) and the parent fsynced. Until that rename nothing at the
+final path changes, so a crash leaves either the old state or the new one, plus a hidden
+leftover that readers ignore and :func:`remove_leftovers` (run by every ``begin``) deletes
+once its writer process is gone.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import errno
+import fcntl
+import functools
 import os
 import shutil
+import threading
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from ckptproto.errors import CheckpointError, CheckpointExistsError, CheckpointWriteError
 from ckptproto.format import layout
 from ckptproto.format.manifest import MAX_MANIFEST_BYTES, Manifest
 
+_RENAME_NOREPLACE = 1
 _RENAME_EXCHANGE = 2
 _AT_FDCWD = -100
 
@@ -58,23 +66,105 @@ def begin(final: Path, *, overwrite: bool) -> Path:
             )
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
-        temp = final.parent / layout.temp_name(final.name)
-        temp.mkdir()
+        for _attempt in range(8):
+            temp = final.parent / layout.temp_name(final.name)
+            temp.mkdir()
+            if _hold(temp):
+                return temp
+        raise OSError(errno.EAGAIN, "every new temporary directory was removed at once by another process")
     except OSError as exc:
         raise CheckpointWriteError(f"cannot create a checkpoint under {final.parent}: {exc}") from exc
-    return temp
 
 
-def _exchange(a: Path, b: Path) -> bool:
-    """Swap two paths atomically (Linux renameat2); False where unsupported."""
+# The liveness of a save: its writer holds an exclusive advisory lock (flock) on its temporary
+# directory from creation to commit or abort. The kernel drops it when the process dies, so a
+# cleanup in another PID namespace (a container on the same host name, where the writer's pid
+# means nothing) still sees the save as alive.
+_held: dict[str, int] = {}
+_held_guard = threading.Lock()
+# Created in a temporary directory once its writer holds the lock (removed just before the
+# commit): a leftover holding it was written by a locking writer, so on this host a free lock
+# alone says that writer is gone, even if its pid number now belongs to another process.
+LOCKED_MARKER = ".ckptproto-writer-locks"
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC | getattr(os, "O_NOFOLLOW", 0)
+
+
+def _try_lock(path: Path) -> int | None:
+    """A descriptor of ``path`` holding its exclusive flock; None if another process holds
+    it; -1 if the lock cannot be taken here (no such directory, or no flock on this file
+    system: liveness then falls back to the pid)."""
+    try:
+        fd = os.open(path, _DIR_FLAGS)
+    except OSError:
+        return -1
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    except OSError:
+        os.close(fd)
+        return -1
+    return fd
+
+
+def _hold(temp: Path) -> bool:
+    """Lock the new ``temp`` for this save. False if a cleanup removed it in the instant before
+    the lock (it found it unlocked): the caller makes another."""
+    fd = _try_lock(temp)
+    if fd is None:
+        return False  # a cleanup holds it and is deleting it
+    if fd < 0:
+        return temp.is_dir()  # no flock here: the pid in the name is all cleanup can go by
+    try:
+        pinned, now = os.fstat(fd), os.stat(temp)
+        if (pinned.st_dev, pinned.st_ino) != (now.st_dev, now.st_ino):
+            raise FileNotFoundError(temp)
+    except FileNotFoundError:
+        os.close(fd)
+        return False
+    with _held_guard:
+        _held[str(temp)] = fd
+    with contextlib.suppress(OSError):  # without it, cleanup goes by the pid: still safe
+        os.close(os.open(temp / LOCKED_MARKER, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600))
+    return True
+
+
+def _release(temp: Path) -> None:
+    with _held_guard:
+        fd = _held.pop(str(temp), None)
+    if fd is not None:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def _locked_while(path: Path) -> Iterator[None]:
+    """Hold ``path``'s lock while a committed checkpoint goes through a hidden (leftover-looking)
+    name on its way to deletion or back, so no cleanup takes it for a dead writer's."""
+    fd = _try_lock(path)
+    try:
+        yield
+    finally:
+        if fd is not None and fd >= 0:
+            os.close(fd)
+
+
+@functools.lru_cache(maxsize=1)
+def _renameat2_fn() -> Any:
+    """libc's renameat2, or None (not Linux, or a libc older than glibc 2.28)."""
     libc_name = ctypes.util.find_library("c")
     if libc_name is None:
-        return False
-    libc = ctypes.CDLL(libc_name, use_errno=True)
-    fn = getattr(libc, "renameat2", None)
+        return None
+    return getattr(ctypes.CDLL(libc_name, use_errno=True), "renameat2", None)
+
+
+def _renameat2(a: Path, b: Path, flags: int) -> bool:
+    """``renameat2(a, b, flags)``; False where the call or the flag is unsupported (the
+    kernel, or the file system: EINVAL), so the caller falls back."""
+    fn = _renameat2_fn()
     if fn is None:
         return False
-    rc = fn(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE)
+    rc = fn(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), flags)
     if rc == 0:
         return True
     err = ctypes.get_errno()
@@ -83,49 +173,121 @@ def _exchange(a: Path, b: Path) -> bool:
     raise OSError(err, os.strerror(err), str(b))
 
 
-def refuse_if_committed(temp: Path, final: Path) -> None:
-    """For a save with ``overwrite=False``, just before :func:`finish`: if another saver
-    committed a checkpoint at ``final`` while this one was writing, drop ``temp`` and raise
-    CheckpointExistsError instead of replacing it."""
-    if is_committed(final):
-        abort(temp)
-        raise CheckpointExistsError(
-            f"{final} was committed by another saver while this one was writing; "
-            "pass overwrite=True to replace it"
-        )
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically (Linux renameat2); False where unsupported."""
+    return _renameat2(a, b, _RENAME_EXCHANGE)
 
 
-def finish(temp: Path, final: Path) -> None:
-    """Make the fully written ``temp`` the checkpoint at ``final`` (replacing an old one)."""
+def _rename_noreplace(a: Path, b: Path) -> bool:
+    """Rename ``a`` to ``b`` unless ``b`` exists (EEXIST), as one atomic step (Linux
+    renameat2 RENAME_NOREPLACE); False where unsupported."""
+    return _renameat2(a, b, _RENAME_NOREPLACE)
+
+
+def _place_new(temp: Path, final: Path) -> bool:
+    """Rename ``temp`` to ``final`` only if ``final`` holds nothing; False if something is
+    there (an empty directory there is removed first, so the caller tries again).
+
+    The existence check and the rename are one atomic step: renameat2(RENAME_NOREPLACE), else
+    plain rename(2), which never replaces a non-empty directory (POSIX: ENOTEMPTY/EEXIST) and
+    a committed checkpoint always holds its manifest. Two savers racing for one new name:
+    exactly one rename succeeds."""
     try:
-        fsync_dir(temp)
-        if is_committed(final):
-            # Swap atomically so the final path always holds a whole checkpoint; the old one
-            # ends up at the temporary name and is deleted after the swap is durable.
-            if not _exchange(temp, final):
-                old = final.parent / layout.trash_name(final.name)
-                os.rename(final, old)
-                try:
-                    os.rename(temp, final)
-                except OSError:
-                    os.rename(old, final)  # put the old checkpoint back before giving up
-                    raise
-                temp = old
-            fsync_dir(final.parent)
-            shutil.rmtree(temp, ignore_errors=True)
-        else:
-            if final.is_dir():
-                final.rmdir()  # empty (checked in begin); rename cannot replace it portably
+        if not _rename_noreplace(temp, final):
             os.rename(temp, final)
-            fsync_dir(final.parent)
+        return True
+    except OSError as exc:
+        if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+            raise
+    try:
+        final.rmdir()  # an empty directory is no checkpoint: take its place (never a full one)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+            raise
+    return False
+
+
+def _replace(temp: Path, final: Path) -> None:
+    """Swap the committed checkpoint at ``final`` for ``temp`` so that ``final`` always holds
+    a whole checkpoint; the old one is deleted after the swap is durable."""
+    if _exchange(temp, final):
+        fsync_dir(final.parent)
+        shutil.rmtree(temp, ignore_errors=True)  # the old checkpoint, under the locked name
+        return
+    with _locked_while(final):
+        old = final.parent / layout.trash_name(final.name)
+        os.rename(final, old)
+        try:
+            os.rename(temp, final)
+        except OSError:
+            os.rename(old, final)  # put the old checkpoint back before giving up
+            raise
+        fsync_dir(final.parent)
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def finish(temp: Path, final: Path, *, overwrite: bool = True) -> None:
+    """Make the fully written ``temp`` the checkpoint at ``final``. With ``overwrite`` a
+    committed checkpoint there is replaced atomically; without, a checkpoint committed there
+    by anyone, even while this call runs, is never replaced: ``temp`` is dropped and
+    CheckpointExistsError raised (no-replace commit, :func:`_place_new`)."""
+    try:
+        _finish(temp, final, overwrite)
+    finally:
+        _release(temp)
+
+
+def _finish(temp: Path, final: Path, overwrite: bool) -> None:
+    try:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temp / LOCKED_MARKER)  # not part of the checkpoint
+        fsync_dir(temp)
+        for _attempt in range(8):  # each retry means another writer changed ``final`` meanwhile
+            if is_committed(final):
+                if not overwrite:
+                    raise CheckpointExistsError(
+                        f"{final} was committed by another saver while this one was writing; "
+                        "pass overwrite=True to replace it"
+                    )
+                _replace(temp, final)
+                return
+            if _place_new(temp, final):
+                fsync_dir(final.parent)
+                return
+        raise CheckpointExistsError(
+            f"{final} is a non-empty directory that is not a checkpoint; refusing to replace it"
+        )
+    except CheckpointExistsError:
+        abort(temp)
+        raise
     except OSError as exc:
         abort(temp)
         raise CheckpointWriteError(f"cannot commit checkpoint {final}: {exc}") from exc
 
 
-def _writer_alive(info: layout.Leftover) -> bool:
-    """Conservative: only a leftover written on this host by a pid that no longer exists is
-    dead; other hosts (shared filesystems) and untagged names count as alive."""
+def _writer_alive(info: layout.Leftover, path: Path, held: list[int]) -> bool:
+    """Conservative: a leftover whose lock a process holds (its writer, in any PID namespace)
+    is alive; else only one written on this host by a pid that no longer exists is dead;
+    other hosts (shared filesystems) and untagged names count as alive. The lock of a dead
+    one is appended to ``held`` (kept until it is removed)."""
+    fd = _try_lock(path)
+    if fd is None:
+        return True
+    # Free lock: a locking writer on this host is gone; else (an older writer, another host
+    # whose locks this one may not see, no flock here) only the pid can tell.
+    locking_writer = fd >= 0 and info.host == layout.this_host() and (path / LOCKED_MARKER).exists()
+    alive = not locking_writer and _pid_alive(info)
+    if fd >= 0:
+        if alive:
+            os.close(fd)
+        else:
+            held.append(fd)
+    return alive
+
+
+def _pid_alive(info: layout.Leftover) -> bool:
     if info.pid is None or info.host != layout.this_host():
         return True
     if info.pid == os.getpid():
@@ -141,9 +303,11 @@ def _writer_alive(info: layout.Leftover) -> bool:
 
 def remove_leftovers(parent: str | os.PathLike[str]) -> list[Path]:
     """Remove the hidden temporary and trash directories that interrupted saves left in
-    ``parent``, and return them. Only leftovers whose writer process is gone are touched (the
-    writer's pid and host are in the name), so a save running concurrently in ``parent`` is
-    never disturbed::
+    ``parent``, and return them. Only leftovers whose writer process is gone are touched, so
+    a save running concurrently in ``parent`` is never disturbed: a writer holds an advisory
+    lock (flock) on its directory, which no other process, in any PID namespace, can take
+    while it lives; and where the lock is free, the writer's pid and host in the name must
+    also say it is gone (a pid number taken in this namespace keeps it, conservatively)::
 
         removed = ckptproto.remove_leftovers("checkpoints")
 
@@ -158,7 +322,21 @@ def remove_leftovers(parent: str | os.PathLike[str]) -> list[Path]:
         entries = [e for e in os.scandir(root) if e.is_dir(follow_symlinks=False)]
     except OSError:
         return removed
-    dead = [(e, info) for e in entries if (info := layout.parse_leftover(e.name)) and not _writer_alive(info)]
+    held: list[int] = []  # the locks of the leftovers judged dead, held while they are removed
+    try:
+        dead = [
+            (e, info)
+            for e in entries
+            if (info := layout.parse_leftover(e.name)) and not _writer_alive(info, root / e.name, held)
+        ]
+        return _remove_dead(root, dead)
+    finally:
+        for fd in held:
+            os.close(fd)
+
+
+def _remove_dead(root: Path, dead: list[tuple[os.DirEntry[str], layout.Leftover]]) -> list[Path]:
+    removed: list[Path] = []
     replacing = {(info.final_name, info.pid) for _, info in dead if not info.trash}
     for entry, info in sorted(dead, key=lambda d: not d[1].trash):  # trash first
         path = root / entry.name
@@ -212,14 +390,16 @@ def discard(path: str | os.PathLike[str]) -> None:
     """
     final = Path(path)
     hidden = final.parent / layout.temp_name(final.name)
-    try:
-        os.rename(final, hidden)
-        fsync_dir(final.parent)
-    except OSError as exc:
-        raise CheckpointWriteError(f"cannot delete checkpoint {final}: {exc}") from exc
-    shutil.rmtree(hidden, ignore_errors=True)
+    with _locked_while(final):
+        try:
+            os.rename(final, hidden)
+            fsync_dir(final.parent)
+        except OSError as exc:
+            raise CheckpointWriteError(f"cannot delete checkpoint {final}: {exc}") from exc
+        shutil.rmtree(hidden, ignore_errors=True)
 
 
 def abort(temp: Path) -> None:
-    """Remove a temporary directory after a failed save."""
+    """Remove a temporary directory after a failed save (its lock goes last)."""
     shutil.rmtree(temp, ignore_errors=True)
+    _release(temp)

@@ -31,9 +31,12 @@ from __future__ import annotations
 import hashlib
 import heapq
 import json
+import logging
 import os
 import re
 import sys
+import warnings
+import zlib
 from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass, replace
 from datetime import timedelta
@@ -43,6 +46,7 @@ from typing import Any
 from ckptproto import _gc, arrays, dtensor, protocol
 from ckptproto.arrays import ArraySpec
 from ckptproto.errors import (
+    CheckpointCorruptError,
     CheckpointError,
     DistributedCheckpointError,
     StateMismatchError,
@@ -55,11 +59,17 @@ from ckptproto.io.plan import Piece, plan_file, unique_keys
 from ckptproto.protocol import Stateful
 from ckptproto.tree import EncodedState, TensorLeaf, decode_tree, encode_state
 
+logger = logging.getLogger("ckptproto")
+
 LOCAL = "local"
 """``process_group=LOCAL``: this process alone, even when torch.distributed is initialised."""
 
 _NOT_COMMITTED = "; nothing was committed"
 DEFAULT_TIMEOUT = timedelta(minutes=30)  # torch.distributed's own default for gloo
+# Plain (replicated) tensors up to this size are compared across ranks by their CRC-32 before
+# a save: a per-rank value saved as one replica must not pass unnoticed. Larger ones are not
+# (reading every replica on every rank would double the cost of a save).
+REPLICA_CHECK_BYTES = 64 * 1024
 
 
 def resolve_group(process_group: Any) -> Any:
@@ -85,9 +95,7 @@ class _Control:
         import torch.distributed as dist
 
         self.dist = dist
-        if timeout is None:
-            timeout = DEFAULT_TIMEOUT
-        self.timeout = timeout if isinstance(timeout, timedelta) else timedelta(seconds=timeout)
+        self.timeout = sync.as_timeout(timeout) or DEFAULT_TIMEOUT
         self.rank = dist.get_rank(group)
         self.size = dist.get_world_size(group)
         if self.rank < 0:
@@ -200,6 +208,7 @@ class ShareJob:
     pieces: list[Piece]
     leaves: list[TensorLeaf]
     tensor_index: list[int]  # per piece: its tensor in ``encoded``
+    replicas: dict[int, int]  # CRC-32 of each small plain tensor, by index (compared across ranks)
 
 
 def plan_share(encoded: EncodedState, rank: int, world_size: int) -> ShareJob:
@@ -234,7 +243,42 @@ def plan_share(encoded: EncodedState, rank: int, world_size: int) -> ShareJob:
         leaves.append(TensorLeaf(value, spec, leaf.path))
         index.append(i)
     layout_only = EncodedState(encoded.tree, [replace(t, value=None, shard=None) for t in encoded.tensors])
-    return ShareJob(layout_only, _layout_digest(encoded), pieces, leaves, index)
+    return ShareJob(layout_only, _layout_digest(encoded), pieces, leaves, index, replica_digests(encoded))
+
+
+def replica_digests(encoded: EncodedState) -> dict[int, int]:
+    """CRC-32 of every plain tensor/array of at most REPLICA_CHECK_BYTES bytes, by index."""
+    found = {}
+    for i, leaf in enumerate(encoded.tensors):
+        if leaf.shard is None and leaf.value is not None and leaf.spec.nbytes <= REPLICA_CHECK_BYTES:
+            view, _owner = arrays.to_host_bytes(leaf.value)
+            found[i] = zlib.crc32(view)
+    return found
+
+
+def _warn_if_replicas_differ(final: Path, job: ShareJob, answers: list[dict[str, Any]], world: int) -> None:
+    """On rank 0: name the plain tensors whose value is not the same on every rank (only one
+    rank's value is written), and which rank's value the checkpoint holds."""
+    owners = assign_writers(job.encoded, world)
+    lines = []
+    for index, crc in sorted(answers[0]["replicas"].items()):
+        differ = [r for r, a in enumerate(answers) if a["replicas"].get(index) != crc]
+        if differ:
+            path = job.encoded.tensors[index].path
+            lines.append(
+                f"{path} (rank {', '.join(map(str, differ))} differ from rank 0; the checkpoint "
+                f"holds rank {owners[index]}'s)"
+            )
+    if not lines:
+        return
+    shown = "; ".join(lines[:10]) + (f"; and {len(lines) - 10} more" if len(lines) > 10 else "")
+    message = (
+        f"saving {final}: plain tensors differ between ranks: {shown}. A plain tensor is saved "
+        "once, as replicated; make a per-rank value a DTensor, gather it under per-rank keys "
+        "(as RNGState does), or save it with process_group='local' (docs/distributed.md)"
+    )
+    logger.warning("%s", message)
+    warnings.warn(message, RuntimeWarning, stacklevel=4)
 
 
 @_gc.paused()
@@ -302,7 +346,13 @@ def run_protocol(
             if ctl.rank == 0:
                 temp = commit.begin(final, overwrite=overwrite)
             assert job is not None
-            mine = {"ok": True, "digest": job.digest, "temp": str(temp), "path": os.path.abspath(final)}
+            mine = {
+                "ok": True,
+                "digest": job.digest,
+                "temp": str(temp),
+                "path": os.path.abspath(final),
+                "replicas": job.replicas,
+            }
         except Exception as exc:
             local, mine = exc, _failure(exc)
     try:
@@ -324,6 +374,8 @@ def run_protocol(
                 failed_ranks={r: f"saves to {answers[r]['path']}" for r in elsewhere},
             )
         assert job is not None
+        if ctl.rank == 0:
+            _warn_if_replicas_differ(final, job, answers, ctl.size)
         temp = Path(answers[0]["temp"])
         try:
             mine = {"ok": True, **_write_share(temp, job, sources, ctl.rank)}
@@ -333,7 +385,9 @@ def run_protocol(
         _check(answers, where, local, _NOT_COMMITTED)
         if ctl.rank == 0:
             try:
-                manifest = _commit(final, temp, job.encoded, metadata_tree, answers, ctl.size)
+                manifest = _commit(
+                    final, temp, job.encoded, metadata_tree, answers, ctl.size, overwrite=overwrite
+                )
                 mine = {"ok": True, "manifest": _summary(manifest)}
             except Exception as exc:
                 local, mine = exc, _failure(exc)
@@ -371,6 +425,8 @@ def _commit(
     metadata_tree: Any,
     answers: list[dict[str, Any]],
     world_size: int,
+    *,
+    overwrite: bool,
 ) -> Manifest:
     files: dict[str, FileEntry] = {}
     chunks: list[list[Chunk]] = [[] for _ in encoded.tensors]
@@ -396,7 +452,7 @@ def _commit(
     data = manifest.to_json()
     Manifest.parse(data, str(temp / layout.MANIFEST_NAME))  # catches overlapping shards
     writer.write_small_file(temp, layout.MANIFEST_NAME, data)
-    commit.finish(temp, final)
+    commit.finish(temp, final, overwrite=overwrite)
     return manifest
 
 
@@ -445,8 +501,8 @@ def load(
     local: BaseException | None = None
     state: dict[str, Any] = {}
     try:
-        state = sync.load(path, map_location=map_location, mmap=mmap, verify=verify, process_group=LOCAL)
-        mine: dict[str, Any] = {"ok": True, "digest": _manifest_digest(reader.read_manifest(path))}
+        state, manifest = sync.load_local(path, map_location=map_location, mmap=mmap, verify=verify)
+        mine: dict[str, Any] = {"ok": True, "digest": _manifest_digest(manifest)}
     except Exception as exc:
         local, mine = exc, _failure(exc)
     _agree(ctl.exchange(mine, f"loading {path}"), f"loading {path}", local)
@@ -516,26 +572,37 @@ def load_into(
     loaded: tuple[Manifest, dict[int, Any]] | None = None
     is_stateful = sync._is_stateful(target)
     checked: set[str] = set()
+    # One generation of the checkpoint, held open from the first read to the last checksum.
+    ckpt: reader.OpenCheckpoint | None = None
     try:
-        loaded = _read_into(root, target, strict, verify, is_stateful, checked)
-        mine: dict[str, Any] = {"ok": True, "digest": _manifest_digest(loaded[0]), "checked": sorted(checked)}
-    except Exception as exc:
-        local, mine = exc, _failure(exc)
-    answers = ctl.exchange(mine, what)
-    _agree(answers, what, local)
-    assert loaded is not None
-    manifest, values = loaded
-    if verify:
-        # Files no rank read whole (and so checksummed for free) are checked now, spread
-        # over the ranks; any mismatch fails the load everywhere.
-        unchecked = sorted(set(manifest.files) - {n for a in answers for n in a["checked"]})
-        if unchecked:
-            try:
-                _verify_files(root, manifest, unchecked[ctl.rank :: ctl.size])
-                mine = {"ok": True, "digest": answers[0]["digest"]}
-            except Exception as exc:
-                local, mine = exc, _failure(exc)
-            _agree(ctl.exchange(mine, what), what, local)
+        try:
+            ckpt = reader.OpenCheckpoint(root)
+            loaded = _read_into(ckpt, target, strict, verify, is_stateful, checked)
+            mine: dict[str, Any] = {
+                "ok": True,
+                "digest": _manifest_digest(loaded[0]),
+                "checked": sorted(checked),
+            }
+        except Exception as exc:
+            local, mine = exc, _failure(exc)
+        answers = ctl.exchange(mine, what)
+        _agree(answers, what, local)
+        assert loaded is not None and ckpt is not None
+        manifest, values = loaded
+        if verify:
+            # Files no rank read whole (and so checksummed for free) are checked now, spread
+            # over the ranks; any mismatch fails the load everywhere.
+            unchecked = sorted(set(manifest.files) - {n for a in answers for n in a["checked"]})
+            if unchecked:
+                try:
+                    _verify_files(ckpt, unchecked[ctl.rank :: ctl.size])
+                    mine = {"ok": True, "digest": answers[0]["digest"]}
+                except Exception as exc:
+                    local, mine = exc, _failure(exc)
+                _agree(ctl.exchange(mine, what), what, local)
+    finally:
+        if ckpt is not None:
+            ckpt.close()
     where = str(root / layout.MANIFEST_NAME)
     state = decode_tree(manifest.state, lambda kind, index, p: values[index], where=where)
     if is_stateful:
@@ -546,61 +613,64 @@ def load_into(
 
 
 def _read_into(
-    root: Path, target: Any, strict: bool, verify: bool, is_stateful: bool, checked: set[str]
+    ckpt: reader.OpenCheckpoint, target: Any, strict: bool, verify: bool, is_stateful: bool, checked: set[str]
 ) -> tuple[Manifest, dict[int, Any]]:
+    root = ckpt.path
     if not is_stateful and not isinstance(target, MutableMapping):
         raise StateMismatchError(f"load_into needs a Stateful or a dict, got {type(target).__qualname__}")
-    with reader.OpenCheckpoint(root) as ckpt:
-        where = str(root / layout.MANIFEST_NAME)
-        kinds = reader.tensor_kinds(ckpt.manifest, where)
-        refs: dict[int, sync._Ref] = {}
-        skeleton = decode_tree(
-            ckpt.manifest.state,
-            lambda kind, index, p: refs.setdefault(index, sync._Ref(kind, index)),
-            where=where,
-        )
-        matcher = _ShardMatcher(ckpt.manifest, strict=strict, reject_unexpected=strict and not is_stateful)
-        matcher.match(skeleton, target, "")
-        matcher.raise_problems(root)
-        values: dict[int, Any] = {}
-        plan = reader.ReadPlan()
-        copies: list[tuple[Any, Any]] = []
-        for index, (kind, _paths) in kinds.items():
-            entry = ckpt.manifest.tensors[index]
-            targets = matcher.destinations.get(index, [])
-            first = targets[0] if targets else None
-            if first is not None and dtensor.is_dtensor(first):
-                described = dtensor.describe(first)
-                assert not isinstance(described, str)  # checked by the matcher
-                shard = described[1]
-                spec = ArraySpec("torch", entry.dtype, shard.shape)
-                local, dest = shard.local, arrays.writable_bytes(shard.local)
-                if dest is None:  # not a contiguous CPU tensor: read beside it, copy after
-                    local, dest = arrays.allocate(spec)
-                    copies.append((shard.local, local))
-                reader.plan_box_into(ckpt, plan, index, shard.offsets, spec, local, dest)
-                values[index] = first
-                copies.extend((t, first) for t in targets[1:])
-                continue
-            spec = ArraySpec(kind, entry.dtype, entry.shape)
-            dest = arrays.writable_bytes(first) if first is not None else None
-            if dest is not None:
-                value = first
-            else:
-                value, dest = arrays.allocate(spec)
-            values[index] = value
-            copies.extend((t, value) for t in targets if t is not value)
-            reader.plan_into(ckpt, plan, index, spec, value, dest)
-        checked |= reader.execute(ckpt, plan, verify=verify, partial="skip")
-        manifest = ckpt.manifest
+    where = str(root / layout.MANIFEST_NAME)
+    kinds = reader.tensor_kinds(ckpt.manifest, where)
+    refs: dict[int, sync._Ref] = {}
+    skeleton = decode_tree(
+        ckpt.manifest.state,
+        lambda kind, index, p: refs.setdefault(index, sync._Ref(kind, index)),
+        where=where,
+    )
+    matcher = _ShardMatcher(ckpt.manifest, strict=strict, reject_unexpected=strict and not is_stateful)
+    matcher.match(skeleton, target, "")
+    matcher.raise_problems(root)
+    values: dict[int, Any] = {}
+    plan = reader.ReadPlan()
+    copies: list[tuple[Any, Any]] = []
+    for index, (kind, _paths) in kinds.items():
+        entry = ckpt.manifest.tensors[index]
+        targets = matcher.destinations.get(index, [])
+        first = targets[0] if targets else None
+        if first is not None and dtensor.is_dtensor(first):
+            described = dtensor.describe(first)
+            assert not isinstance(described, str)  # checked by the matcher
+            shard = described[1]
+            spec = ArraySpec("torch", entry.dtype, shard.shape)
+            local, dest = shard.local, arrays.writable_bytes(shard.local)
+            if dest is None:  # not a contiguous CPU tensor: read beside it, copy after
+                local, dest = arrays.allocate(spec)
+                copies.append((shard.local, local))
+            reader.plan_box_into(ckpt, plan, index, shard.offsets, spec, local, dest)
+            values[index] = first
+            copies.extend((t, first) for t in targets[1:])
+            continue
+        spec = ArraySpec(kind, entry.dtype, entry.shape)
+        dest = arrays.writable_bytes(first) if first is not None else None
+        if dest is not None:
+            value = first
+        else:
+            value, dest = arrays.allocate(spec)
+        values[index] = value
+        copies.extend((t, value) for t in targets if t is not value)
+        reader.plan_into(ckpt, plan, index, spec, value, dest)
+    checked |= reader.execute(ckpt, plan, verify=verify, partial="skip")
+    manifest = ckpt.manifest
     for dst, src in copies:
         sync._copy_into(dst, src)
     return manifest, values
 
 
-def _verify_files(root: Path, manifest: Manifest, names: list[str]) -> None:
-    if not names:
-        return
-    subset = Manifest(manifest.state, [], {n: manifest.files[n] for n in names}, manifest.metadata)
-    with reader.OpenCheckpoint(root, subset) as ckpt:
-        reader.check_all_files(ckpt)
+def _verify_files(ckpt: reader.OpenCheckpoint, names: list[str]) -> None:
+    problems: list[str] = []
+    for name in names:
+        try:
+            reader.check_file(ckpt, name, ckpt.files[name])
+        except CheckpointCorruptError as exc:
+            problems.extend(exc.problems)
+    if problems:
+        raise CheckpointCorruptError("; ".join(problems), problems=problems)

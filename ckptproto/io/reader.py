@@ -37,8 +37,9 @@ def _read_exact(fd: int, n: int, offset: int) -> bytes:
     return bytes(buf[:got])
 
 
-def read_manifest(path: str | os.PathLike[str]) -> Manifest:
-    """Read and validate the manifest of the checkpoint at ``path``::
+def read_manifest(path: str | os.PathLike[str], *, dir_fd: int | None = None) -> Manifest:
+    """Read and validate the manifest of the checkpoint at ``path`` (with ``dir_fd``, an open
+    descriptor of that directory, the manifest is read relative to it)::
 
     manifest = ckptproto.read_manifest("ckpt/step_100")
     print(manifest.files, len(manifest.tensors))
@@ -50,7 +51,10 @@ def read_manifest(path: str | os.PathLike[str]) -> Manifest:
     if layout.is_hidden(os.path.basename(os.path.realpath(root))):
         raise CheckpointNotFoundError(f"{root} is a hidden (temporary) directory, never a checkpoint")
     try:
-        fd, st = open_regular(where)
+        if dir_fd is None:
+            fd, st = open_regular(where)
+        else:
+            fd, st = open_regular(layout.MANIFEST_NAME, dir_fd=dir_fd)
     except FileNotFoundError:
         hint = "no such directory" if not root.exists() else "no committed manifest"
         raise CheckpointNotFoundError(f"{root} is not a checkpoint ({hint})") from None
@@ -81,11 +85,33 @@ class DataFile:
     entries: dict[str, safetensors.HeaderEntry]
 
 
-class OpenCheckpoint:
-    """A checkpoint with its manifest parsed and all data files opened and validated::
+_GENERATION_ATTEMPTS = 8  # re-opens after the directory was replaced while being opened
 
-    with OpenCheckpoint("ckpt/step_100") as ckpt:
-        print(ckpt.manifest.files)
+
+def _open_dir(root: Path) -> int:
+    try:
+        return os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise CheckpointNotFoundError(f"{root} is not a checkpoint (no such directory)") from None
+    except NotADirectoryError:
+        raise CheckpointNotFoundError(f"{root} is not a checkpoint (not a directory)") from None
+    except OSError as exc:
+        raise CheckpointNotFoundError(f"cannot open {root}: {exc}") from exc
+
+
+class OpenCheckpoint:
+    """One generation of a checkpoint, pinned: the directory is opened once and the manifest
+    and every data file are opened relative to that descriptor, then validated::
+
+        with OpenCheckpoint("ckpt/step_100") as ckpt:
+            print(ckpt.manifest.files)
+
+    A save with ``overwrite=True`` swaps a new directory in at the same path, and retention
+    renames a checkpoint away and deletes it; neither can mix generations here (open files
+    stay readable after they are unlinked). If the directory is replaced before every file was
+    opened (a file of the old one already deleted), it is opened again, whole; if it is gone,
+    CheckpointNotFoundError says so. ``problems``: a list to collect per-file errors into
+    (``verify``) instead of raising the first one.
     """
 
     def __init__(
@@ -93,35 +119,80 @@ class OpenCheckpoint:
         path: str | os.PathLike[str],
         manifest: Manifest | None = None,
         *,
-        headers: dict[str, dict[str, safetensors.HeaderEntry]] | None = None,
+        problems: list[CheckpointError] | None = None,
     ) -> None:
-        """``headers``: each data file's parsed header, kept from an earlier opening of the
-        same files (``verify`` opens them one by one first): not parsed a second time."""
         self.path = Path(path)
-        self.manifest = manifest if manifest is not None else read_manifest(self.path)
         self.files: dict[str, DataFile] = {}
         self._located: dict[tuple[str, str], safetensors.HeaderEntry] = {}
-        self._dir_fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        self._dir_fd = -1
+        for attempt in range(_GENERATION_ATTEMPTS):
+            found: list[CheckpointError] = []
+            try:
+                self._open_generation(manifest, found if problems is not None else None)
+                retry = bool(found) and self._replaced(manifest, attempt)
+            except CheckpointError:
+                try:
+                    retry = self._replaced(manifest, attempt)
+                except BaseException:
+                    self.close()
+                    raise
+                if not retry:
+                    self.close()
+                    raise
+            except BaseException:
+                self.close()
+                raise
+            if not retry:
+                if problems is not None:
+                    problems.extend(found)
+                return
+            self.close()
+
+    def _open_generation(
+        self,
+        manifest: Manifest | None,
+        problems: list[CheckpointError] | None,
+    ) -> None:
+        self._dir_fd = _open_dir(self.path)
+        self.manifest = manifest if manifest is not None else read_manifest(self.path, dir_fd=self._dir_fd)
         try:
             for name, entry in self.manifest.files.items():
-                self.files[name] = self._open(name, entry.size, (headers or {}).get(name))
-            self._check_chunks()
+                try:
+                    self.files[name] = self._open(name, entry.size)
+                except CheckpointError as exc:
+                    if problems is None:
+                        raise
+                    problems.append(exc)
+            if problems is None:
+                self.check_chunks()
         except CheckpointCorruptError:
-            self.close()
             raise
         except CheckpointFormatError as exc:
-            damage = self._damage()  # FORMAT.md §9: damage is reported before format problems
-            self.close()
+            damage = self.damage()  # FORMAT.md §9: damage is reported before format problems
             if damage:
                 raise CheckpointCorruptError(
                     "; ".join(damage) + f" (and so: {exc})", problems=damage
                 ) from exc
             raise
-        except BaseException:
-            self.close()
-            raise
 
-    def _damage(self) -> list[str]:
+    def _replaced(self, manifest: Manifest | None, attempt: int) -> bool:
+        """After a failure to open: True if another directory now stands at the path (an
+        overwrite swapped it in: open that one); CheckpointNotFoundError if none does (deleted,
+        e.g. by retention); False if the pinned directory is still the checkpoint there."""
+        if self._dir_fd < 0:
+            return False
+        pinned = os.fstat(self._dir_fd)
+        try:
+            now = os.stat(self.path)
+        except FileNotFoundError:
+            raise CheckpointNotFoundError(
+                f"{self.path} was deleted while it was being read (retention, or another process); "
+                "it is no longer a checkpoint"
+            ) from None
+        moved = (now.st_dev, now.st_ino) != (pinned.st_dev, pinned.st_ino)
+        return moved and manifest is None and attempt + 1 < _GENERATION_ATTEMPTS
+
+    def damage(self) -> list[str]:
         """Every listed data file that is missing, of another size or fails its checksum:
         a file damaged after writing explains whatever else looks wrong with it."""
         problems = []
@@ -145,9 +216,7 @@ class OpenCheckpoint:
                 os.close(fd)
         return problems
 
-    def _open(
-        self, name: str, expected_size: int, parsed: dict[str, safetensors.HeaderEntry] | None = None
-    ) -> DataFile:
+    def _open(self, name: str, expected_size: int) -> DataFile:
         path = self.path / name
         try:
             fd, st = open_regular(name, dir_fd=self._dir_fd)
@@ -166,13 +235,14 @@ class OpenCheckpoint:
             prefix = _read_exact(fd, 8, 0)
             n = safetensors.header_length(prefix, st.st_size, str(path))
             raw = _read_exact(fd, n, 8)
-            entries = parsed if parsed is not None else safetensors.parse_header(raw, st.st_size, str(path))
+            entries = safetensors.parse_header(raw, st.st_size, str(path))
             return DataFile(name, path, fd, st.st_size, prefix + raw, entries)
         except BaseException:
             os.close(fd)
             raise
 
-    def _check_chunks(self) -> None:
+    def check_chunks(self) -> None:
+        """Every chunk names a distinct, existing data file entry of the right dtype/shape."""
         used: set[tuple[str, str]] = set()
         for index, tensor in enumerate(self.manifest.tensors):
             for chunk in tensor.chunks:
@@ -208,6 +278,7 @@ class OpenCheckpoint:
         for f in self.files.values():
             os.close(f.fd)
         self.files.clear()
+        self._located.clear()
         if self._dir_fd >= 0:
             os.close(self._dir_fd)
             self._dir_fd = -1
@@ -527,16 +598,24 @@ def map_private(data_file: DataFile) -> mmap_module.mmap:
         ) from exc
 
 
+def check_file(ckpt: OpenCheckpoint, name: str, data_file: DataFile) -> None:
+    """Compare one data file's CRC with the manifest (CheckpointCorruptError naming it)."""
+    crc = file_crc(data_file)
+    expected = ckpt.manifest.files[name].crc32
+    if crc != expected:
+        raise CheckpointCorruptError(
+            f"{data_file.path}: checksum {crc:08x} does not match the manifest's {expected:08x}"
+        )
+
+
 def check_all_files(ckpt: OpenCheckpoint) -> None:
     """Compare every data file's CRC with the manifest; raises listing every damaged file."""
     problems = []
     for name, data_file in ckpt.files.items():
-        crc = file_crc(data_file)
-        expected = ckpt.manifest.files[name].crc32
-        if crc != expected:
-            problems.append(
-                f"{data_file.path}: checksum {crc:08x} does not match the manifest's {expected:08x}"
-            )
+        try:
+            check_file(ckpt, name, data_file)
+        except CheckpointCorruptError as exc:
+            problems.extend(exc.problems)
     if problems:
         raise CheckpointCorruptError("; ".join(problems), problems=problems)
 

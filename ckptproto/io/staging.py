@@ -59,11 +59,11 @@ class Slab:
         self.tensor: Any = None  # the pinned torch tensor owning the memory, if pinned
         if pinned:
             torch = arrays.require_torch()
-            self.tensor = torch.empty(capacity, dtype=torch.uint8, pin_memory=True)
+            self.tensor = torch.empty(capacity, dtype=torch.uint8, device="cpu", pin_memory=True)
             self.array: np.ndarray[Any, Any] = self.tensor.numpy()
         elif (torch := arrays.loaded_torch()) is not None:
             # torch's CPU allocator (64-byte aligned) measured fastest as a copy_ destination
-            self.tensor = torch.empty(capacity, dtype=torch.uint8)
+            self.tensor = torch.empty(capacity, dtype=torch.uint8, device="cpu")  # any default device
             self.array = self.tensor.numpy()
         else:
             # numpy's allocation is only 16-byte aligned; copies into misaligned destinations
@@ -302,6 +302,57 @@ def _check_unchanged(leaf: TensorLeaf) -> None:
         )
 
 
+def capture_versions(leaves: Sequence[TensorLeaf]) -> list[int | None]:
+    """torch's in-place version counter of every tensor, read on the caller's thread when it
+    asks for the save (None for numpy arrays and inference tensors, which have none)."""
+    versions: list[int | None] = []
+    for leaf in leaves:
+        version = None
+        if not isinstance(leaf.value, np.ndarray) and leaf.value is not None:
+            try:
+                version = int(leaf.value._version)
+            except RuntimeError:  # "Inference tensors do not track version counter"
+                version = None
+        versions.append(version)
+    return versions
+
+
+def check_not_mutated(
+    leaves: Sequence[TensorLeaf], versions: Sequence[int | None], views: Sequence[memoryview], *, where: str
+) -> None:
+    """Refuse a torn snapshot: raise CheckpointError naming the first tensor changed in place
+    between the save request (``versions``, from :func:`capture_versions`) and the end of its
+    staging (``views``, synchronized). Two independent tests, because neither sees everything:
+
+    * torch's version counter, bumped by every in-place op autograd knows of (``optimizer.step``
+      with or without ``foreach``, ``add_``, ``copy_``, ``zero_``), CPU and CUDA alike;
+    * for host tensors and numpy arrays, the staged bytes compared with the live ones: catches
+      writes the counter misses (fused optimizers, BatchNorm statistics updated in the forward
+      pass, ``.data``, numpy) made after the tensor was copied and before staging ended.
+    """
+    for leaf, version, view in zip(leaves, versions, views, strict=True):
+        value = leaf.value
+        if value is None:
+            continue
+        if version is not None and int(value._version) != version:
+            raise CheckpointError(
+                _torn_message(leaf, where, f"torch version counter {version} -> {value._version}")
+            )
+        if leaf.spec.nbytes and not _is_cuda(value):
+            live, _owner = arrays.host_bytes(value)
+            if not np.array_equal(np.frombuffer(live, np.uint8), np.frombuffer(view, np.uint8)):
+                raise CheckpointError(_torn_message(leaf, where, "its bytes changed while they were copied"))
+
+
+def _torn_message(leaf: TensorLeaf, where: str, how: str) -> str:
+    return (
+        f"{where}: {leaf.path}: the tensor was modified in place ({how}) while the save was "
+        "staging it in the background; the checkpoint would mix two steps, so nothing was "
+        "committed. Call fut.wait_staged() (AsyncCheckpointCallback: pre_optimizer_step()) "
+        "before changing the state, e.g. before optimizer.step(), or use staging='blocking'"
+    )
+
+
 def _copy_host(leaves: Sequence[TensorLeaf], dests: Sequence[Any]) -> None:
     torch = arrays.loaded_torch()
     for leaf, dest in zip(leaves, dests, strict=True):
@@ -313,12 +364,22 @@ def _copy_host(leaves: Sequence[TensorLeaf], dests: Sequence[Any]) -> None:
                 np.copyto(dest, value, casting="equiv")
             else:
                 with torch.no_grad():
-                    dest.copy_(value)  # torch resolves conj/neg bits and strides while copying
+                    _copy_torch(dest, value)
         except Exception as exc:
             raise CheckpointError(
                 f"{leaf.path}: copying the tensor for the checkpoint failed: {exc} "
                 "(was it resized or freed while the save was being staged?)"
             ) from exc
+
+
+def _copy_torch(dest: Any, value: Any) -> None:
+    try:
+        dest.copy_(value)  # torch resolves conj/neg bits and strides while copying
+    except RuntimeError:  # NotImplementedError: no "copy_kernel" for uint1..7, int1..7, bits*
+        same_width = arrays.same_width_int(value.dtype)
+        if same_width is None or value.is_conj() or value.is_neg() or value.device.type != "cpu":
+            raise
+        dest.view(same_width).copy_(value.view(same_width))
 
 
 def _copy_cuda(staged: Staged, leaves: Sequence[TensorLeaf], dests: Sequence[Any], ready: Ready) -> None:

@@ -6,7 +6,7 @@ import os
 import sys
 from collections import OrderedDict
 from collections.abc import Mapping, MutableMapping
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -30,8 +30,25 @@ from ckptproto.protocol import Stateful
 from ckptproto.tree import MAX_DEPTH, EncodedState, decode_tree, encode_state, join_path
 
 PathLike = str | os.PathLike[str]
+Timeout = timedelta | float | None
 _PLAIN = (type(None), bool, int, float, str, bytes, list, tuple)
 WRITER = "ckptproto 0.1.0"
+
+
+def as_timeout(timeout: Timeout) -> timedelta | None:
+    """``timeout=`` of the top-level API as a timedelta (None: torch.distributed's default of
+    30 minutes); ValueError for anything but a positive number of seconds or timedelta."""
+    if timeout is None:
+        return None
+    if isinstance(timeout, timedelta):
+        seconds = timeout.total_seconds()
+    elif isinstance(timeout, (int, float)) and not isinstance(timeout, bool):
+        seconds = float(timeout)
+    else:
+        raise ValueError(f"timeout must be seconds or a datetime.timedelta, got {timeout!r}")
+    if not seconds > 0:
+        raise ValueError(f"timeout must be positive, got {timeout!r}")
+    return timedelta(seconds=seconds)
 
 
 def encode_metadata(metadata: Mapping[str, Any] | None, state: Mapping[str, Any]) -> Any:
@@ -101,9 +118,7 @@ def write_checkpoint(
     except BaseException:
         commit.abort(temp)
         raise
-    if not overwrite:
-        commit.refuse_if_committed(temp, final)
-    commit.finish(temp, final)
+    commit.finish(temp, final, overwrite=overwrite)
     return CheckpointInfo.from_manifest(final, manifest, _decode_metadata(manifest, final))
 
 
@@ -115,6 +130,7 @@ def save(
     metadata: Mapping[str, Any] | None = None,
     overwrite: bool = False,
     process_group: Any = None,
+    timeout: Timeout = None,
 ) -> CheckpointInfo:
     """Save a state (or anything with ``state_dict()``) as a committed checkpoint directory::
 
@@ -127,13 +143,24 @@ def save(
     ``process_group``: under torch.distributed (by default, the world group once it is
     initialised) every rank calls ``save`` and writes its share; see ``docs/distributed.md``.
     ``process_group="local"`` saves from this process alone.
+
+    ``timeout`` (seconds or a ``datetime.timedelta``; default 30 minutes, torch.distributed's
+    own): under torch.distributed, how long a rank waits for the others at each step before
+    every rank raises DistributedCheckpointError naming the ranks that failed or hung. A single
+    process never waits for anyone: there it is only checked.
     """
+    limit = as_timeout(timeout)
     group = _group(process_group)
     if group is not None:
         from ckptproto.io import distributed
 
         return distributed.save(
-            state_or_stateful, path, metadata=metadata, overwrite=overwrite, process_group=group
+            state_or_stateful,
+            path,
+            metadata=metadata,
+            overwrite=overwrite,
+            process_group=group,
+            timeout=limit,
         )
     state = _resolve_statefuls(protocol.state_of(state_or_stateful))
     encoded = encode_state(state)
@@ -221,6 +248,7 @@ def load(
     mmap: bool = False,
     verify: bool | None = None,
     process_group: Any = None,
+    timeout: Timeout = None,
 ) -> dict[str, Any]:
     """Load the whole state tree::
 
@@ -233,15 +261,24 @@ def load(
     the map changes the tensors (committed checkpoints are never rewritten in place).
     ``verify`` (default: on, off with ``mmap``) compares every data file's CRC while reading.
     Under torch.distributed every rank loads the full state and checks that all ranks loaded
-    the same checkpoint (``process_group="local"``: this process alone).
+    the same checkpoint (``process_group="local"``: this process alone), waiting at most
+    ``timeout`` for the others (as for :func:`save`).
     """
+    limit = as_timeout(timeout)
     group = _group(process_group)
     if group is not None:
         from ckptproto.io import distributed
 
         return distributed.load(
-            path, map_location=map_location, mmap=mmap, verify=verify, process_group=group
+            path, map_location=map_location, mmap=mmap, verify=verify, process_group=group, timeout=limit
         )
+    return load_local(path, map_location=map_location, mmap=mmap, verify=verify)[0]
+
+
+def load_local(
+    path: PathLike, *, map_location: Any = None, mmap: bool = False, verify: bool | None = None
+) -> tuple[dict[str, Any], Manifest]:
+    """``load`` in this process alone; also returns the manifest of the generation it read."""
     root = Path(path)
     with reader.OpenCheckpoint(root) as ckpt:
         where = str(root / layout.MANIFEST_NAME)
@@ -255,7 +292,7 @@ def load(
     state = decode_tree(ckpt.manifest.state, lambda kind, index, p: moved[index], where=where, in_place=True)
     if not isinstance(state, dict):
         raise CheckpointFormatError(f"{where}: the state must be an object at the top level")
-    return state
+    return state, ckpt.manifest
 
 
 class _Ref:
@@ -275,6 +312,7 @@ def load_into(
     strict: bool = True,
     verify: bool = True,
     process_group: Any = None,
+    timeout: Timeout = None,
 ) -> CheckpointInfo:
     """Load a checkpoint into existing objects, reading tensor bytes straight into the target's
     own tensors (no intermediate copy of the state)::
@@ -292,13 +330,16 @@ def load_into(
 
     Under torch.distributed (``process_group``, by default the world group once initialised)
     DTensor targets such as FSDP2 parameters receive only their local shard; see
-    ``docs/distributed.md``.
+    ``docs/distributed.md``; ``timeout`` as for :func:`save`.
     """
+    limit = as_timeout(timeout)
     group = _group(process_group)
     if group is not None:
         from ckptproto.io import distributed
 
-        return distributed.load_into(path, target, strict=strict, verify=verify, process_group=group)
+        return distributed.load_into(
+            path, target, strict=strict, verify=verify, process_group=group, timeout=limit
+        )
     root = Path(path)
     is_stateful = _is_stateful(target)
     if not is_stateful and not isinstance(target, MutableMapping):
@@ -533,27 +574,32 @@ def verify(path: PathLike) -> CheckpointInfo:
         ckptproto.verify("checkpoints/checkpoint_step_10")
     """
     root = Path(path)
-    manifest = reader.read_manifest(root)  # the whole manifest, values included (§9 step 2)
-    info = CheckpointInfo.from_manifest(root, manifest, _decode_metadata(manifest, root))
     damaged: list[str] = []
     problems: list[str] = []
-    headers: dict[str, dict[str, Any]] = {}
-    for name, entry in manifest.files.items():
-        single = Manifest(manifest.state, [], {name: entry}, manifest.metadata)
-        try:
-            with reader.OpenCheckpoint(root, single) as ckpt:
-                reader.check_all_files(ckpt)
-                headers[name] = ckpt.files[name].entries
-        except CheckpointCorruptError as exc:
-            damaged.extend(exc.problems)
-        except CheckpointError as exc:
-            problems.append(str(exc))
-    if not damaged and not problems:
-        try:
-            with reader.OpenCheckpoint(root, manifest, headers=headers):
-                pass  # every chunk against its data file's header (F-13), parsed once
-        except CheckpointError as exc:
-            problems.append(str(exc))
+    opened: list[CheckpointError] = []
+    # One generation, pinned (reader.OpenCheckpoint): a concurrent overwrite or deletion never
+    # makes a healthy checkpoint look damaged. The manifest is validated whole, values
+    # included, when it is read (FORMAT.md §9 step 2).
+    with reader.OpenCheckpoint(root, problems=opened) as ckpt:
+        manifest = ckpt.manifest
+        info = CheckpointInfo.from_manifest(root, manifest, _decode_metadata(manifest, root))
+        for exc in opened:
+            if isinstance(exc, CheckpointCorruptError):
+                damaged.extend(exc.problems)
+            else:
+                problems.append(str(exc))
+        for name, data_file in ckpt.files.items():
+            try:
+                reader.check_file(ckpt, name, data_file)
+            except CheckpointCorruptError as exc:
+                damaged.extend(exc.problems)
+        if not damaged and not problems:
+            try:
+                ckpt.check_chunks()  # every chunk against its data file's header (F-13)
+            except CheckpointError as exc:
+                problems.append(str(exc))
+        if problems and not damaged:
+            damaged.extend(ckpt.damage())  # a file that would not open may be a damaged one
     # FORMAT.md §9: a damaged file is reported as damage (whatever else is wrong); a checkpoint
     # whose files are intact but wrong was written wrong: CheckpointFormatError.
     if damaged:

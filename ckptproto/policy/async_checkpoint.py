@@ -26,11 +26,14 @@ class AsyncCheckpointCallback(CheckpointCallback):
 
     * It decides exactly what CheckpointCallback decides (when to save, which checkpoints
       to keep), whatever the I/O timing: decisions count the saves still being written.
-    * ``save`` returns once the save is accepted (``staging="background"``, the default) or
-      once the tensors are copied out (``staging="blocking"``); the loop never waits longer.
+    * ``save`` returns once the tensors are copied out (``staging="blocking"``, the default:
+      correct whatever hooks the loop calls) or once the save is accepted
+      (``staging="background"``); the loop never waits longer.
     * ``pre_optimizer_step`` waits until the tensors of pending saves are staged, so the
-      checkpoint holds the weights of the step it is named after. States that change during
-      the forward pass (BatchNorm running statistics) need ``staging="blocking"``.
+      checkpoint holds the weights of the step it is named after; with background staging a
+      loop that skips it gets a failed save, not a torn one, where the guard can tell
+      (docs/async.md). States that change during the forward pass (BatchNorm running
+      statistics) need ``staging="blocking"``.
     * The saver is created at the first save, so a process group started after the callback
       was built (as frameworks do) is the one the saves run on.
     * Deletions for retention run when the displacing save commits; ``post_fit`` and
@@ -42,7 +45,7 @@ class AsyncCheckpointCallback(CheckpointCallback):
         self,
         config: CheckpointParameters | None = None,
         *,
-        staging: StagingMode = "background",
+        staging: StagingMode = "blocking",
         max_pending: int = 1,
         saver: AsyncSaver | None = None,
         **params: Any,
