@@ -13,12 +13,14 @@ run and after the resumed run (``create(S)``, ``train(N + M)`` versus ``create(S
   ``random.Random``), as its state,
 * every loose tensor or array held in an attribute,
 
-and compares what both trainers hold at the same attribute path::
+and compares the tensors, arrays and generator states both trainers hold at the same
+attribute path::
 
-    trainer.scaler.state_dict().scale: expected float32[] = 1024.0, got 65536.0
+    trainer.scaler._scale: expected torch float32[] = 1024.0, got 65536.0
 
-Plain values outside a ``state_dict()`` (timers, paths, counters of this process) and strings
-anywhere are not compared; ``shadow_ignore`` names paths to leave out.
+Plain values (counters of a framework's bookkeeping, timers, paths) are not compared -- what
+they decide shows in the fingerprint; nor is the trainer's own ``state_dict()`` (checks 3 and
+4 cover it). ``shadow_ignore`` names paths to leave out.
 """
 
 from __future__ import annotations
@@ -61,13 +63,20 @@ _SKIP_MODULE_PREFIXES = (
 _SKIP_ATTRS = {"_parameters", "_buffers", "_forward_hooks", "_backward_hooks", "_state_dict_hooks"}
 
 
-def _numeric(tree: Any) -> Any:
-    """``tree`` with strings dropped: paths and names differ between runs without meaning."""
+def _tensors(tree: Any) -> Any:
+    """The tensors and arrays of ``tree`` (None for a subtree without any). Plain values are
+    left out: progress counters, timers and paths of a framework's own bookkeeping differ
+    between a straight and a resumed run without changing training (Lightning's
+    ``epoch_progress.processed``); what they decide shows in the fingerprint (check 4)."""
+    if is_array(tree):
+        return tree
     if isinstance(tree, Mapping):
-        return {k: _numeric(v) for k, v in tree.items() if not isinstance(v, (str, bytes))}
+        kept = {k: _tensors(v) for k, v in tree.items()}
+        return {k: v for k, v in kept.items() if v is not None} or None
     if isinstance(tree, (list, tuple)):
-        return type(tree)(_numeric(v) for v in tree if not isinstance(v, (str, bytes)))
-    return tree
+        items = [_tensors(v) for v in tree]
+        return items if any(v is not None for v in items) else None
+    return None
 
 
 def _generator_state(obj: Any) -> Any:
@@ -107,13 +116,14 @@ def collect(root: Any, name: str = "trainer") -> dict[str, Any]:
         if type(obj).__module__.startswith(_SKIP_MODULE_PREFIXES) or depth >= MAX_DEPTH:
             continue
         state_dict = getattr(obj, "state_dict", None)
-        if callable(state_dict) and not isinstance(obj, Mapping):
+        if callable(state_dict) and not isinstance(obj, Mapping) and depth > 0:
             try:
                 state = state_dict()
             except Exception:  # not a state_dict() of the protocol's kind (needs arguments...)
                 state = None
-            if isinstance(state, Mapping):
-                found[f"{path}.state_dict()"] = snapshot(_numeric(state))
+            kept = _tensors(state) if isinstance(state, Mapping) else None
+            if kept is not None:
+                found[f"{path}.state_dict()"] = snapshot(kept)
         children: list[tuple[str, Any]] = []
         if isinstance(obj, Mapping):
             children = [
