@@ -25,6 +25,7 @@ from ckptproto.conformance.context import (
     Guarded,
     InternalError,
     TrainerRaised,
+    global_rng_states,
     skeleton,
     snapshot,
     torch_defaults,
@@ -111,7 +112,9 @@ def round_trip(ctx: Context) -> str:
 def resume_equivalence(ctx: Context) -> str:
     """4. N + M steps straight equals N steps, save, load into another seed, M steps."""
     differences = ctx.compare_fingerprints(ctx.straight(), ctx.resumed())
-    cause, fix = _resume_cause(differences)
+    cause, fix = _global_rng_cause(ctx) if differences else ("", "")
+    if differences and not cause:
+        cause, fix = _resume_cause(differences)
     _fail_if(
         differences,
         f"training {ctx.n} + {ctx.m} steps straight and resuming at step {ctx.n} "
@@ -186,23 +189,14 @@ def resume_across_processes(ctx: Context) -> str:
     differences = ctx.compare_fingerprints(ctx.resumed(), got)
     if not differences:
         return f"saved in one process, resumed in another: fingerprint {_equality(ctx)}"
-    # Name the cause: resume once more in this process with the global RNGs scrambled
-    # differently. If that changes the result too, the trainer draws from a global RNG it
-    # neither seeds in create() nor restores in load_state_dict().
-    again = ctx.create(ctx.seed + 1, salt=ctx.seed + 101)
-    ctx.load_into(ctx.checkpoint_at_n(), again)
-    ctx.train(again, ctx.m)
-    if ctx.compare_fingerprints(ctx.resumed(), ctx.fingerprint(again)):
+    cause, fix = _global_rng_cause(ctx)
+    if cause:
         _fail_if(
             differences,
             "resuming in a fresh process differs from resuming in this one, and so does resuming "
             "here with the global RNGs (torch/numpy/random) in another state",
-            cause="the resumed run depends on the global RNG state it happens to start with: "
-            "the trainer draws from torch/numpy/random global RNGs that load_state_dict() does "
-            "not restore",
-            fix="save torch.get_rng_state() (and numpy/random/CUDA states if used) in "
-            "state_dict() and set them back in load_state_dict(), or draw from a "
-            "torch.Generator kept in the state",
+            cause=cause,
+            fix=fix,
         )
     _fail_if(
         differences,
@@ -213,6 +207,44 @@ def resume_across_processes(ctx: Context) -> str:
         "everything it depends on",
     )
     return ""  # unreachable: _fail_if raised
+
+
+def _global_rng_cause(ctx: Context) -> tuple[str, str]:
+    """(cause, fix) naming a global RNG (torch/numpy/random) when one explains a resume
+    difference, else ("", "").
+
+    Resuming once more with the global RNGs scrambled differently before create(): if the
+    result changes, the trainer draws from a global RNG it neither seeds nor restores. If it
+    does not, a global RNG whose end state the trainer decides (equal in both resumes) but
+    which ends elsewhere than after the straight run is saved or restored wrongly."""
+    again = ctx.create(ctx.seed + 1, salt=ctx.seed + 101)
+    ctx.load_into(ctx.checkpoint_at_n(), again)
+    ctx.train(again, ctx.m)
+    fix = (
+        "save torch.get_rng_state() (numpy, random, CUDA states if used) in state_dict() and set "
+        "them back in load_state_dict(), or draw from a generator kept in the state"
+    )
+    if ctx.compare_fingerprints(ctx.resumed(), ctx.fingerprint(again)):
+        return (
+            "the resumed run depends on the state of the global RNGs (torch/numpy/random) it "
+            "starts with: the trainer draws from a global RNG that load_state_dict() does not "
+            "restore",
+            fix,
+        )
+    again_rngs = global_rng_states()
+    resumed, straight = ctx.global_rngs_after("resumed"), ctx.global_rngs_after("straight")
+    for name in resumed:
+        if compare_trees(resumed[name], again_rngs.get(name)):
+            continue  # the trainer does not decide this RNG's state
+        differences = compare_trees(straight.get(name), resumed[name], where=f"the global {name} RNG")
+        if differences:
+            how = differences[0].got if differences[0].expected == "the same RNG state" else "is elsewhere"
+            return (
+                f"the global {name} RNG ends in another state after the resume than after the "
+                f"straight run ({how}): it is not saved, or restored at the wrong moment",
+                fix,
+            )
+    return "", ""
 
 
 # What a child process does not inherit: launcher variables of this process (a torchrun,

@@ -107,6 +107,19 @@ def scramble_global_rngs(salt: int) -> None:
         torch.manual_seed(value)  # also seeds every CUDA device
 
 
+def global_rng_states() -> dict[str, Any]:
+    """The states of the global RNGs (``random``, numpy, torch when imported), storable."""
+    version, inner, gauss = random.getstate()
+    states: dict[str, Any] = {
+        "random": (version, tuple(inner), gauss),
+        "numpy": np.random.get_state(legacy=False),
+    }
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        states["torch"] = torch.get_rng_state()
+    return states
+
+
 # The torch switches a trainer may flip for itself; checks of ckptproto's own code run with
 # torch's defaults, whatever the trainer set (issue: check 10 under deterministic mode).
 @contextmanager
@@ -242,7 +255,7 @@ class Context:
         def run() -> Any:
             trainer = self.create(self.seed)
             self.train(trainer, self.n + self.m)
-            return trainer, self.fingerprint(trainer)
+            return trainer, self.fingerprint(trainer), global_rng_states()
 
         return self.cached("straight", run)[0]
 
@@ -278,7 +291,7 @@ class Context:
 
         def run() -> Any:
             trainer = self.resume(self.checkpoint_at_n(), self.seed + 1, self.m)
-            return trainer, self.fingerprint(trainer)
+            return trainer, self.fingerprint(trainer), global_rng_states()
 
         return self.cached("resumed", run)[0]
 
@@ -287,6 +300,12 @@ class Context:
         self.resumed_trainer()
         result: dict[str, Any] = self._cache["resumed"][1]
         return result
+
+    def global_rngs_after(self, run: str) -> dict[str, Any]:
+        """The global RNG states right after the ``"straight"`` or ``"resumed"`` run."""
+        self.straight_trainer() if run == "straight" else self.resumed_trainer()
+        states: dict[str, Any] = self._cache[run][2]
+        return states
 
     def compare_fingerprints(self, expected: Any, got: Any) -> list[Difference]:
         return compare_trees(expected, got, where="fingerprint", rtol=self.caps.rtol, atol=self.caps.atol)

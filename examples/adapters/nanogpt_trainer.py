@@ -158,6 +158,9 @@ class NanoGPTTrainer:
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         check_keys(self.state_dict(), state)
+        self.apply_state(state)
+
+    def apply_state(self, state: Mapping[str, Any]) -> None:
         self.model.load_state_dict(state["models"]["model"])
         self.ema.load_state_dict(state["models"]["ema"])
         # torch.optim keeps the given tensors: hand it a copy (the caller may load it again).

@@ -128,6 +128,9 @@ class TorchTrainer:
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         # torch's optimizer and scheduler load_state_dict accept anything; check the keys here.
         _check_keys(self.state_dict(), state)
+        self.apply_state(state)
+
+    def apply_state(self, state: Mapping[str, Any]) -> None:
         self.model.load_state_dict(state["models"]["model"])
         # Optimizer.load_state_dict keeps the given tensors (no copy on CPU): training would then
         # write into the caller's dict -- check 8 caught that. Hand it a copy.
