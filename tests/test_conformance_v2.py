@@ -158,7 +158,9 @@ def test_a_bug_at_the_epoch_boundary_only_fails_the_sweep() -> None:
     report = run_conformance("_broken_trainers:EpochBoundary", only=["resume_equivalence", "resume_sweep"])
     assert report.statuses() == {"resume_equivalence": "pass", "resume_sweep": "fail"}, render_table(report)
     result = report.result("resume_sweep")
-    assert result.summary.startswith("resuming at step 6, step 12 and training to step 13 differs"), result.summary
+    assert result.summary.startswith("resuming at step 6, step 12 and training to step 13 differs"), (
+        result.summary
+    )
     assert "epoch boundary" in result.cause
 
 
