@@ -102,9 +102,14 @@ def round_trip(ctx: Context) -> str:
     ctx.save(original, path)
     target = ctx.create(ctx.seed + 1)
     ctx.load_into(path, target)
+    differences = compare_trees(ctx.state(original), ctx.state(target), where="state")
+    at = differences[0].path if differences else ""
     _fail_if(
-        compare_trees(ctx.state(original), ctx.state(target), where="state"),
+        differences,
         f"after loading, a trainer created with seed {ctx.seed + 1} does not hold the saved state",
+        cause=f"load_state_dict() does not restore {at} (or restores it altered, e.g. off by one), or "
+        "state_dict() reports it differently than it was loaded",
+        fix=f"restore {at} exactly as saved",
     )
     return "state after load equals the saved state, bit for bit"
 
@@ -238,7 +243,11 @@ def _global_rng_cause(ctx: Context) -> tuple[str, str]:
             continue  # the trainer does not decide this RNG's state
         differences = compare_trees(straight.get(name), resumed[name], where=f"the global {name} RNG")
         if differences:
-            how = differences[0].got if differences[0].expected == "the same RNG state" else "is elsewhere"
+            how = (
+                differences[0].got
+                if differences[0].expected == "the same RNG state"
+                else "an unrelated state"
+            )
             return (
                 f"the global {name} RNG ends in another state after the resume than after the "
                 f"straight run ({how}): it is not saved, or restored at the wrong moment",
