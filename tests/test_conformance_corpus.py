@@ -13,7 +13,7 @@ import pytest
 
 pytest.importorskip("torch")
 
-from examples.adapters.corpus import BUGS, CORRECT, Entry, run_entry  # noqa: E402
+from examples.adapters.corpus import BUGS, CORRECT, Entry, run_entry
 
 FULL = bool(os.environ.get("CKPTPROTO_CORPUS"))
 needs_switch = pytest.mark.skipif(not FULL, reason="set CKPTPROTO_CORPUS=1 (minutes)")
