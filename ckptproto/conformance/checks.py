@@ -220,10 +220,12 @@ def _global_rng_cause(ctx: Context) -> tuple[str, str]:
 
     Resuming once more with the global RNGs scrambled differently before create(): if the
     result changes, the trainer draws from a global RNG it neither seeds nor restores. If it
-    does not, a global RNG whose end state the trainer decides (equal in both resumes) but
-    which ends elsewhere than after the straight run is saved or restored wrongly."""
+    does not, a global RNG that training draws from, whose end state the trainer decides
+    (equal in both resumes) but which ends elsewhere than after the straight run, is saved or
+    restored wrongly."""
     again = ctx.create(ctx.seed + 1, salt=ctx.seed + 101)
     ctx.load_into(ctx.checkpoint_at_n(), again)
+    before_training = global_rng_states()
     ctx.train(again, ctx.m)
     fix = (
         "save torch.get_rng_state() (numpy, random, CUDA states if used) in state_dict() and set "
@@ -241,6 +243,8 @@ def _global_rng_cause(ctx: Context) -> tuple[str, str]:
     for name in resumed:
         if compare_trees(resumed[name], again_rngs.get(name)):
             continue  # the trainer does not decide this RNG's state
+        if not compare_trees(before_training.get(name), again_rngs.get(name)):
+            continue  # training does not draw from it (seeded in create() and left alone)
         differences = compare_trees(straight.get(name), resumed[name], where=f"the global {name} RNG")
         if differences:
             how = (

@@ -38,12 +38,16 @@ def rng_draws(expected: Any, got: Any) -> str | None:
         if ahead == 0:
             return None
         return (
-            f"the {_LABEL[name]} state is {ahead} draws ahead: {ahead} extra draws since the expected state"
+            f"the {_LABEL[name]} state is {_n(ahead)} ahead: {_n(ahead, 'extra ')} since the expected state"
         )
     behind = _distance(name, g, e)
     if behind:
-        return f"the {_LABEL[name]} state is {behind} draws behind: {behind} missing draws"
+        return f"the {_LABEL[name]} state is {_n(behind)} behind: {_n(behind, 'missing ')}"
     return None
+
+
+def _n(count: int, kind: str = "") -> str:
+    return f"{count} {kind}draw{'' if count == 1 else 's'}"
 
 
 _LABEL = {"mt19937": "RNG (MT19937, 32-bit draws)", "pcg64": "RNG (PCG64, 64-bit draws)"}

@@ -49,6 +49,7 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 
 import ckptproto
 from ckptproto.integrations.lightning import CkptprotoCheckpointIO
+from examples.adapters.structure import check_structure
 
 N_SAMPLES, BATCH = 16, 4
 STEPS_PER_EPOCH = N_SAMPLES // BATCH
@@ -104,27 +105,6 @@ class EpochShuffleSampler(Sampler[int]):
 
     def __len__(self) -> int:
         return self.n
-
-
-def check_structure(expected: Any, got: Any, path: str) -> None:
-    """Raise KeyError where ``got`` lacks a key or list item of ``expected`` or has one more
-    (per-parameter optimizer state excepted: a fresh run has none yet)."""
-    if isinstance(expected, Mapping):
-        if not isinstance(got, Mapping):
-            raise KeyError(f"{path}: expected a dict, got {type(got).__qualname__}")
-        if not path.endswith(".state") or "optimizer_states" not in path:
-            missing, unexpected = set(expected) - set(got), set(got) - set(expected)
-            if missing or unexpected:
-                raise KeyError(
-                    f"{path or '<root>'}: missing {sorted(map(str, missing))}, unexpected {sorted(map(str, unexpected))}"
-                )
-            for key in expected:
-                check_structure(expected[key], got[key], f"{path}.{key}" if path else str(key))
-    elif isinstance(expected, list):
-        if not isinstance(got, list) or len(got) != len(expected):
-            raise KeyError(f"{path}: expected a list of {len(expected)} items")
-        for i, (e, g) in enumerate(zip(expected, got, strict=True)):
-            check_structure(e, g, f"{path}.{i}")
 
 
 class TinyModule(L.LightningModule):
@@ -258,7 +238,7 @@ class LightningRun:
         # Lightning restores a checkpoint without "loops", without a dataloader's state or
         # with an empty optimizer list, and trains on differently: refuse those here.
         if self.checks_structure:
-            check_structure(self.state_dict(), state, "")
+            check_structure(self.state_dict(), state, fresh=("optimizer_states.0.state",))
             check_checkpoint(state, self.module)
         self.count += 1
         path = self.root / f"loaded-{self.count}.ckpt"
