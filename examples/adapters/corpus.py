@@ -242,12 +242,14 @@ class Entry:
 
 HERE = __name__
 LIT = "examples.adapters.lightning_corpus"
+HF = "examples.adapters.hf_corpus"
 
 CORRECT: tuple[Entry, ...] = (
     Entry("examples.adapters.numpy_trainer:NumpyAdapter", "", True),
     Entry("examples.adapters.torch_trainer:TorchAdapter", "", True),
     Entry("examples.adapters.nanogpt_trainer:NanoGPTAdapter", "", True),
     Entry("examples.adapters.lightning_trainer:LightningAdapter", "", False),
+    Entry("examples.adapters.hf_trainer:HFAdapter", "", False),
 )
 
 BUGS: tuple[Entry, ...] = (
@@ -271,12 +273,19 @@ BUGS: tuple[Entry, ...] = (
     Entry(f"{HERE}:TorchDropoutRngNotRestored", "dropout RNG not restored", False),
     Entry(f"{HERE}:TorchStaleBatchIterator", "batch iterator kept across the load", False),
     Entry(f"{LIT}:LitRngNotSaved", "Lightning: global RNG not in the checkpoint", False),
-    Entry(f"{LIT}:LitRngRestoredTooEarly", "Lightning: RNG restored in on_load_checkpoint", False),
+    Entry(
+        f"{LIT}:LitLoaderDrawsAfterRestore",
+        "Lightning: loader without generator= draws after the RNG restore",
+        False,
+    ),
     Entry(f"{LIT}:LitSaveOnEpochLastBatch", "Lightning: checkpoint on an epoch's last batch", False),
     Entry(f"{LIT}:LitSetEpochSampler", "Lightning: sampler epoch from set_epoch", False),
     Entry(f"{LIT}:LitPlainDataLoader", "Lightning: plain DataLoader (epoch restarts)", False),
     Entry(f"{LIT}:LitEmaCallbackNoState", "Lightning: EMA callback without state_dict", False),
     Entry(f"{LIT}:LitNoKeyCheck", "Lightning: checkpoint structure not checked", False),
+    Entry(f"{HF}:HFResumesWithOtherSeed", "HF: resumed with another TrainingArguments.seed", False),
+    Entry(f"{HF}:HFNoKeyCheck", "HF: optimizer/scheduler files loaded unchecked", False),
+    Entry(f"{HF}:HFMaxStepsPerCall", "HF: max_steps set per train() call (LR schedule)", False),
 )
 
 # Cheapest first; a bug run stops at its first failure unless --all-checks.

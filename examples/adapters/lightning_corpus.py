@@ -32,11 +32,18 @@ class _NoRng(TinyModule):
         self.data.update(checkpoint["data"])  # the RNG is not restored
 
 
-class _RngInOnLoad(TinyModule):
+class _RngInOnLoadNoGenerator(TinyModule):
+    """The usual recipe -- RNG set back in on_load_checkpoint -- with a loader that has no
+    generator=: its iterator then draws its base seed from the global RNG after the restore."""
+
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_load_checkpoint(checkpoint)
-        torch.set_rng_state(checkpoint["rng"]["torch"])  # too early: data setup draws after
+        torch.set_rng_state(checkpoint["rng"]["torch"])
         self._resumed_rng = None
+
+    def train_dataloader(self) -> Any:
+        loader = super().train_dataloader()
+        return type(loader)(dataset(), batch_size=BATCH, sampler=loader.sampler)
 
 
 class _SetEpochSampler(EpochShuffleSampler):
@@ -96,7 +103,7 @@ class _NoKeyCheck(TinyModule):
 
 
 LitRngNotSaved = _run("LitRngNotSaved", module_class=_NoRng)
-LitRngRestoredTooEarly = _run("LitRngRestoredTooEarly", module_class=_RngInOnLoad)
+LitLoaderDrawsAfterRestore = _run("LitLoaderDrawsAfterRestore", module_class=_RngInOnLoadNoGenerator)
 LitSetEpochSampler = _run("LitSetEpochSampler", module_class=_UsesSetEpoch)
 LitPlainDataLoader = _run("LitPlainDataLoader", module_class=_PlainLoader)
 LitEmaCallbackNoState = _run("LitEmaCallbackNoState", extra_callbacks=(EmaCallback,))

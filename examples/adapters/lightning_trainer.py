@@ -11,8 +11,9 @@ What a Lightning user must add to pass the suite (all in :class:`TinyModule` bel
 
 * the global RNG in the checkpoint: Lightning does not save it; dropout draws from it.
   ``on_save_checkpoint`` stores ``torch.get_rng_state()`` (numpy/random/CUDA too when used),
-  and it is set back in ``on_train_start`` -- not ``on_load_checkpoint``: Lightning draws
-  from the global RNG while it sets up the data after that hook;
+  and it is set back in ``on_train_start`` (or ``on_load_checkpoint`` -- but then only with a
+  ``generator=`` for the loader: without one, Lightning's data setup after that hook draws the
+  loader's base seed from the global RNG, 2 draws the straight run made long before);
 * on the last batch of an epoch, the checkpoint written at the epoch's end, not in
   ``on_train_batch_end``: Lightning 2.6 resumes from the latter one epoch too far;
 * data order from (seed, epoch) with the epoch counted by the sampler itself and saved
@@ -155,9 +156,9 @@ class TinyModule(L.LightningModule):
         self.data["epoch"] = self.current_epoch  # right after a resume too, unlike set_epoch's
 
     def on_train_start(self) -> None:
-        # Not in on_load_checkpoint: setting up the data after it draws 2 numbers from the
-        # global RNG that a straight run drew before its first batch long ago (the suite
-        # reported "2 extra draws" per resume).
+        # Not in on_load_checkpoint: without a generator= for the loader, setting up the data
+        # after it draws 2 numbers from the global RNG that a straight run drew long before
+        # its first batch (the suite reported "2 extra draws" per resume).
         if self._resumed_rng is not None:
             torch.set_rng_state(self._resumed_rng)
             self._resumed_rng = None
