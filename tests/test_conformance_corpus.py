@@ -2,7 +2,7 @@
 are caught by a check that names their cause.
 
 The default run takes a cheap sample; ``CKPTPROTO_CORPUS=1`` runs every correct trainer
-(nanoGPT-style, Lightning: minutes) and the CI sample of bugs. The whole corpus, with its
+(nanoGPT-style, Lightning, Hugging Face: minutes) and the CI sample of bugs. The whole corpus, with its
 figures, is ``python -m examples.adapters.corpus`` (docs/conformance.md)."""
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ needs_switch = pytest.mark.skipif(not FULL, reason="set CKPTPROTO_CORPUS=1 (minu
 CHEAP: dict[str, tuple[str, str]] = {
     "NanoIterNumOffByOne": ("round_trip", "load_state_dict()"),
     "TorchSamplerEpochNotSaved": ("resume_sweep", "epoch boundary"),
-    "TorchDropoutRngNotRestored": ("resume_equivalence", "RNG"),
+    "TorchDropoutRngNotRestored": ("round_trip", "state.rng.torch"),
 }
 
 
@@ -41,7 +41,9 @@ def test_cheap_bug_is_caught_naming_its_cause(name: str) -> None:
 @needs_switch
 @pytest.mark.parametrize("entry", CORRECT, ids=lambda e: e.spec.rpartition(":")[2])
 def test_correct_trainer_passes(entry: Entry) -> None:
-    pytest.importorskip("lightning") if "lightning" in entry.spec else None
+    for module, word in (("lightning", "lightning_"), ("transformers", "hf_")):
+        if word in entry.spec:
+            pytest.importorskip(module)
     result = run_entry(entry, all_checks=True)
     assert not result["failed"] and not result["errors"], result
 

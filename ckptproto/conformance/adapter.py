@@ -37,6 +37,12 @@ class TrainerAdapter(Protocol):
     the latest loss, the learning rate, the next batch, ...), made of values ckptproto can
     store (tensors, numpy arrays, plain values in dicts/lists/tuples), and without changing
     the trainer.
+
+    Optional, additive hooks (an adapter without them stays valid):
+    ``train_micro(trainer, micro_steps)`` advances by micro-steps of gradient accumulation
+    (with the ``micro_steps`` capability), so that a save inside an accumulation window is
+    checked. Before each ``create(seed)`` the suite sets the global RNGs (``random``, numpy,
+    torch) from ``seed``; subprocesses get no launcher variables (``RANK``, ``MASTER_PORT``...).
     """
 
     def create(self, seed: int) -> Stateful: ...
