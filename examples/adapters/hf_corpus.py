@@ -12,16 +12,12 @@ from examples.adapters.hf_trainer import HFAdapter, HFRun
 
 
 class _OtherSeedRun(HFRun):
-    """Resumes with its own TrainingArguments.seed, not the run's."""
-
-    def state_dict(self) -> dict[str, Any]:
-        state = super().state_dict()
-        del state["trainer"]["seed"]
-        return state
+    """Saves the run's seed but resumes with its own TrainingArguments.seed."""
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         seed = self.seed
-        super().load_state_dict({**state, "trainer": {**state["trainer"], "seed": seed}})
+        super().load_state_dict(state)
+        self.seed = seed
 
 
 class _NoKeyCheckRun(HFRun):
