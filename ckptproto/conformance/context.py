@@ -120,28 +120,45 @@ def global_rng_states() -> dict[str, Any]:
     return states
 
 
-# The torch switches a trainer may flip for itself; checks of ckptproto's own code run with
-# torch's defaults, whatever the trainer set (issue: check 10 under deterministic mode).
+# The torch switches a trainer may flip for itself (Lightning's Trainer(deterministic=True)
+# turns on torch.use_deterministic_algorithms for the whole process): checks of ckptproto's
+# own code run with torch's defaults, and a session leaves the caller's flags as it found them.
+_TORCH_DEFAULTS: tuple[bool, bool, str, bool] = (False, False, "float32", True)
+
+
+def torch_flags() -> tuple[bool, bool, str, bool]:
+    """(deterministic, warn_only, default dtype name, grad enabled); torch's defaults when
+    torch is not imported yet."""
+    torch = sys.modules.get("torch")
+    if torch is None:
+        return _TORCH_DEFAULTS
+    return (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+        str(torch.get_default_dtype()).removeprefix("torch."),
+        torch.is_grad_enabled(),
+    )
+
+
+def set_torch_flags(flags: tuple[bool, bool, str, bool]) -> None:
+    torch = sys.modules.get("torch")
+    if torch is None:
+        return
+    deterministic, warn_only, dtype, grad = flags
+    torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
+    torch.set_default_dtype(getattr(torch, dtype))
+    torch.set_grad_enabled(grad)
+
+
 @contextmanager
 def torch_defaults() -> Iterator[None]:
     """Run the block with torch's global flags at their defaults; restore them after."""
-    torch = sys.modules.get("torch")
-    if torch is None:
-        yield
-        return
-    deterministic = torch.are_deterministic_algorithms_enabled()
-    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
-    dtype = torch.get_default_dtype()
-    grad = torch.is_grad_enabled()
+    before = torch_flags()
     try:
-        torch.use_deterministic_algorithms(False)
-        torch.set_default_dtype(torch.float32)
-        torch.set_grad_enabled(True)
+        set_torch_flags(_TORCH_DEFAULTS)
         yield
     finally:
-        torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
-        torch.set_default_dtype(dtype)
-        torch.set_grad_enabled(grad)
+        set_torch_flags(before)
 
 
 class Context:

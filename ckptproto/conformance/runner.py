@@ -15,7 +15,15 @@ from pathlib import Path
 from ckptproto.conformance.adapter import TrainerAdapter, check_adapter, load_adapter, spec_of
 from ckptproto.conformance.checks import CHECK_NAMES, CHECKS
 from ckptproto.conformance.compare import Difference
-from ckptproto.conformance.context import CheckFailed, CheckSkipped, Context, InternalError, TrainerRaised
+from ckptproto.conformance.context import (
+    CheckFailed,
+    CheckSkipped,
+    Context,
+    InternalError,
+    TrainerRaised,
+    set_torch_flags,
+    torch_flags,
+)
 from ckptproto.conformance.report import CAUSES, INTERNAL, CheckResult, Report
 from ckptproto.errors import CheckpointError
 
@@ -47,6 +55,7 @@ class Session:
         root = Path(self._tmp.name if self._tmp is not None else workdir)  # type: ignore[arg-type]
         root.mkdir(parents=True, exist_ok=True)
         self.context = Context(self.adapter, root, self.spec)
+        self._flags = torch_flags()  # put back on close: trainers may flip them for the process
 
     def run(self, name: str) -> CheckResult:
         """Run one check by name (``CHECK_NAMES``); never raises for a trainer's failure.
@@ -100,6 +109,7 @@ class Session:
         )
 
     def close(self) -> None:
+        set_torch_flags(self._flags)
         if self._tmp is not None:
             self._tmp.cleanup()
 
