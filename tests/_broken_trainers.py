@@ -140,15 +140,18 @@ NonStrict = _adapter(NonStrictTrainer)
 GlobalState = _adapter(GlobalStateTrainer)
 Aliasing = _adapter(AliasingTrainer)
 
-# adapter name -> the check that must fail, and a word its report must mention
-BUGS: dict[str, tuple[str, str]] = {
-    "ForgetsRng": ("resume_equivalence", "fingerprint.dropout_rng"),
-    "ForgetsDataPosition": ("resume_equivalence", "fingerprint.next_batch"),
-    "ForgetsScheduler": ("resume_equivalence", "fingerprint.lr"),
-    "LiveView": ("async_resume", "state.trainer.global_step"),
-    "NonStrict": ("strict_loading", "accepted by load_state_dict()"),
-    "GlobalState": ("resume_across_processes", "fingerprint.last_loss"),
-    "Aliasing": ("repeated_load", "state.models.mlp"),
+# Checks that a resume bug fails besides resume_equivalence: the shadow check sees the same
+# state, and every resume point of the sweep shows it.
+RESUME = frozenset({"shadow_state", "resume_sweep"})
+# adapter name -> the check that must fail, a word its report must mention, the other checks
+# that may fail for the same bug
+BUGS: dict[str, tuple[str, str, frozenset[str]]] = {
+    "ForgetsRng": ("resume_equivalence", "fingerprint.dropout_rng", RESUME),
+    "ForgetsDataPosition": ("resume_equivalence", "fingerprint.next_batch", RESUME),
+    "ForgetsScheduler": ("resume_equivalence", "fingerprint.lr", RESUME),
+    "LiveView": ("async_resume", "state.trainer.global_step", frozenset()),
+    "NonStrict": ("strict_loading", "trainer", frozenset()),
+    "GlobalState": ("resume_across_processes", "fingerprint.last_loss", frozenset()),
 }
 __all__ = ["BUGS", "key_paths"]
 
@@ -178,3 +181,85 @@ class MiscountingTrainer(NumpyTrainer):
 NumpyScalar = _adapter(NumpyScalarTrainer)
 DrawingStateDict = _adapter(DrawingStateDictTrainer)
 Miscounting = _adapter(MiscountingTrainer)
+
+
+# Trainers for the suite's false positives and blind spots (tests/test_conformance_v2.py).
+
+
+class LenientUnknownTrainer(NumpyTrainer):
+    """Refuses missing keys but ignores unknown ones, as torch.optim's load_state_dict does:
+    harmless, since nothing it ignores changes training."""
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        missing = sorted(key_paths(self.state_dict()) - key_paths(state))
+        if missing:
+            raise KeyError(f"missing {missing}")
+        self.apply_state(state)
+
+
+class LenientPositionTrainer(NumpyTrainer):
+    """Strict, except that a state without the data position keeps the current one."""
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        full = super().state_dict()
+        if "position" not in state.get("dataloaders", {}).get("train", {"position": 0}):
+            state = _merge(full, state)
+            state["dataloaders"]["train"]["position"] = full["dataloaders"]["train"]["position"]
+        super().load_state_dict(state)
+
+
+class EmptiesGivenDictTrainer(NumpyTrainer):
+    """Loads correctly, then clears the dict it was given (pops what it consumed)."""
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        super().load_state_dict(state)
+        if isinstance(state, dict):
+            state.clear()
+
+
+class _GlobalDropout:
+    """Dropout masks from numpy's global RNG; the reported state is a constant (the bug)."""
+
+    def __init__(self) -> None:
+        self.bit_generator = np.random.default_rng(0).bit_generator
+
+    def random(self, shape: tuple[int, ...]) -> np.ndarray[Any, Any]:
+        return np.random.random(shape)
+
+
+class UnseededGlobalRngTrainer(NumpyTrainer):
+    """Draws dropout from numpy's global RNG, which it neither seeds nor saves."""
+
+    def __init__(self, seed: int) -> None:
+        super().__init__(seed)
+        self.dropout_rng = _GlobalDropout()  # type: ignore[assignment]
+
+
+class EmaOutsideStateTrainer(NumpyTrainer):
+    """Keeps an EMA of the weights (used for evaluation) outside state_dict()."""
+
+    def __init__(self, seed: int) -> None:
+        super().__init__(seed)
+        self.ema = {k: v.copy() for k, v in self.params.items()}
+
+    def step(self) -> None:
+        super().step()
+        for k, v in self.params.items():
+            self.ema[k] = 0.9 * self.ema[k] + 0.1 * v
+
+
+class EpochBoundaryTrainer(NumpyTrainer):
+    """Resumed from a checkpoint written at an epoch's end, starts the next epoch twice."""
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        super().load_state_dict(state)
+        if self.loader.position == 0 and self.global_step > 0:
+            self.loader.epoch += 1
+
+
+LenientUnknown = _adapter(LenientUnknownTrainer)
+LenientPosition = _adapter(LenientPositionTrainer)
+EmptiesGivenDict = _adapter(EmptiesGivenDictTrainer)
+UnseededGlobalRng = _adapter(UnseededGlobalRngTrainer)
+EmaOutsideState = _adapter(EmaOutsideStateTrainer)
+EpochBoundary = _adapter(EpochBoundaryTrainer)

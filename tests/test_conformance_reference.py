@@ -17,7 +17,9 @@ from ckptproto.conformance import CHECK_NAMES, render_table, run_conformance
 def test_reference_adapter_passes_every_check(spec: str) -> None:
     report = run_conformance(spec)
     assert [r.name for r in report.results] == list(CHECK_NAMES)
-    assert report.statuses() == dict.fromkeys(CHECK_NAMES, "pass"), render_table(report)
+    # warn: a harmless leniency of torch's own optimizer/scheduler loading, reported as such
+    assert set(report.statuses().values()) <= {"pass", "warn"}, render_table(report)
+    assert report.passed
 
 
 def test_numpy_trainer_runs_without_torch() -> None:

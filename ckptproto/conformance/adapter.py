@@ -37,6 +37,12 @@ class TrainerAdapter(Protocol):
     the latest loss, the learning rate, the next batch, ...), made of values ckptproto can
     store (tensors, numpy arrays, plain values in dicts/lists/tuples), and without changing
     the trainer.
+
+    Optional, additive hooks (an adapter without them stays valid):
+    ``train_micro(trainer, micro_steps)`` advances by micro-steps of gradient accumulation
+    (with the ``micro_steps`` capability), so that a save inside an accumulation window is
+    checked. Before each ``create(seed)`` the suite sets the global RNGs (``random``, numpy,
+    torch) from ``seed``; subprocesses get no launcher variables (``RANK``, ``MASTER_PORT``...).
     """
 
     def create(self, seed: int) -> Stateful: ...
@@ -59,6 +65,16 @@ class Capabilities:
     * ``steps_per_epoch`` (None): when given, the suite checks ``current_epoch`` advances
       after that many steps.
     * ``seed`` (1234): the seed of the reference trainer; resumed ones use other seeds.
+    * ``check_budget_s`` (60.0): time budget of each of the checks that probe many cases
+      (strict_loading's keys, resume_sweep's resume points); what was not reached is reported.
+    * ``resume_points`` (()): extra steps resume_sweep resumes at (end of warmup, eval steps).
+    * ``sweep_steps`` (None): how far resume_sweep trains; default covers two epochs (with
+      ``steps_per_epoch``) or N + M + 2 steps.
+    * ``micro_steps`` (None): micro-steps per optimizer step of a trainer accumulating
+      gradients; with a ``train_micro(trainer, micro_steps)`` hook, resume_sweep also saves
+      inside an accumulation window.
+    * ``shadow_ignore`` (()): attribute paths (prefixes, e.g. ``"trainer.timer"``) the
+      shadow_state check leaves out.
     """
 
     rtol: float = 0.0
@@ -67,6 +83,11 @@ class Capabilities:
     resume_steps: tuple[int, int] = (3, 4)
     steps_per_epoch: int | None = None
     seed: int = 1234
+    check_budget_s: float = 60.0
+    resume_points: tuple[int, ...] = ()
+    sweep_steps: int | None = None
+    micro_steps: int | None = None
+    shadow_ignore: tuple[str, ...] = ()
 
     @classmethod
     def of(cls, adapter: object) -> Capabilities:
@@ -87,7 +108,31 @@ class Capabilities:
             raise AdapterError(f"{name}.steps_per_epoch must be a positive int or None")
         if type(seed) is not int or rtol < 0 or atol < 0:
             raise AdapterError(f"{name}: seed must be an int and rtol/atol non-negative")
-        return cls(rtol, atol, strict, (steps[0], steps[1]), per_epoch, seed)
+        budget = float(getattr(adapter, "check_budget_s", default.check_budget_s))
+        points = tuple(getattr(adapter, "resume_points", default.resume_points))
+        sweep = getattr(adapter, "sweep_steps", default.sweep_steps)
+        micro = getattr(adapter, "micro_steps", default.micro_steps)
+        ignore = getattr(adapter, "shadow_ignore", default.shadow_ignore)
+        if budget <= 0 or not all(type(p) is int and p >= 1 for p in points):
+            raise AdapterError(f"{name}: check_budget_s must be > 0 and resume_points positive ints")
+        for attr, value in (("sweep_steps", sweep), ("micro_steps", micro)):
+            if value is not None and (type(value) is not int or value < 1):
+                raise AdapterError(f"{name}.{attr} must be a positive int or None, got {value!r}")
+        if isinstance(ignore, str) or not all(isinstance(p, str) for p in ignore):
+            raise AdapterError(f"{name}.shadow_ignore must be a tuple of attribute paths")
+        return cls(
+            rtol,
+            atol,
+            strict,
+            (steps[0], steps[1]),
+            per_epoch,
+            seed,
+            budget,
+            points,
+            sweep,
+            micro,
+            tuple(ignore),
+        )
 
 
 def load_adapter(spec: str) -> TrainerAdapter:

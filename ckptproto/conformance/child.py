@@ -5,36 +5,55 @@
 
 ``save`` trains a fresh trainer and saves it; ``resume`` loads the checkpoint into a trainer
 from another seed, trains on and saves its fingerprint as a ckptproto checkpoint
-(``{"fingerprint": ...}``) for the parent to compare.
+(``{"fingerprint": ...}``) for the parent to compare. Trainers are created as in the parent
+(global RNGs scrambled from the seed first). Exit status 1: the trainer or adapter raised;
+``INTERNAL_EXIT``: ckptproto itself failed.
 """
 
 from __future__ import annotations
 
 import sys
+import tempfile
+import traceback
 from collections.abc import Sequence
+from pathlib import Path
 
 from ckptproto.conformance.adapter import load_adapter
+from ckptproto.conformance.context import Context, TrainerRaised
+from ckptproto.errors import CheckpointError
 from ckptproto.io import sync
 
+INTERNAL_EXIT = 3
 
-def main(argv: Sequence[str]) -> int:
+
+def _run(argv: Sequence[str]) -> int:
     if len(argv) == 5 and argv[0] == "save":
         _, spec, seed, steps, out = argv
-        adapter = load_adapter(spec)
-        trainer = adapter.create(int(seed))
-        adapter.train(trainer, int(steps))
-        sync.save(trainer, out)
+        ctx = Context(load_adapter(spec), Path(tempfile.gettempdir()), spec)
+        trainer = ctx.create(int(seed))
+        ctx.train(trainer, int(steps))
+        ctx.save(trainer, Path(out))
         return 0
     if len(argv) == 6 and argv[0] == "resume":
         _, spec, seed, checkpoint, steps, out = argv
-        adapter = load_adapter(spec)
-        trainer = adapter.create(int(seed))
-        sync.load_into(checkpoint, trainer)
-        adapter.train(trainer, int(steps))
-        sync.save({"fingerprint": dict(adapter.fingerprint(trainer))}, out)
+        ctx = Context(load_adapter(spec), Path(tempfile.gettempdir()), spec)
+        trainer = ctx.resume(Path(checkpoint), int(seed), int(steps))
+        sync.save({"fingerprint": ctx.fingerprint(trainer)}, out)
         return 0
     print(__doc__, file=sys.stderr)
     return 2
+
+
+def main(argv: Sequence[str]) -> int:
+    try:
+        return _run(argv)
+    except (TrainerRaised, CheckpointError):
+        traceback.print_exc()
+        return 1
+    except Exception:
+        traceback.print_exc()
+        print("ckptproto internal error (not the trainer's)", file=sys.stderr)
+        return INTERNAL_EXIT
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from ckptproto import arrays
+from ckptproto.conformance.rngdiff import rng_draws
 from ckptproto.errors import UnsupportedValueError
 from ckptproto.tree import join_path
 
@@ -138,8 +139,26 @@ def _walk(e: Any, g: Any, path: str, rtol: float, atol: float, out: list[Differe
         else:
             diff = compare_arrays(e, g, path, rtol=rtol, atol=atol)
             if diff is not None:
-                out.append(diff)
+                draws = rng_draws(e, g)
+                out.append(diff if draws is None else Difference(path, "the same RNG state", draws))
         return
+    if _maybe_rng(e) and _maybe_rng(g):
+        inner: list[Difference] = []
+        _walk_containers(e, g, path, rtol, atol, inner)
+        draws = rng_draws(e, g) if inner else None
+        out.extend(inner if draws is None else [Difference(path, "the same RNG state", draws)])
+        return
+    _walk_containers(e, g, path, rtol, atol, out)
+
+
+def _maybe_rng(value: Any) -> bool:
+    """A numpy bit generator state dict or a ``random.getstate()`` tuple."""
+    if isinstance(value, Mapping):
+        return "bit_generator" in value
+    return isinstance(value, tuple) and len(value) == 3 and value[0] == 3
+
+
+def _walk_containers(e: Any, g: Any, path: str, rtol: float, atol: float, out: list[Difference]) -> None:
     if isinstance(e, Mapping) and isinstance(g, Mapping):
         for key in e:
             if key not in g:

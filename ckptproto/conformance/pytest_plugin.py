@@ -10,6 +10,7 @@ beyond this module. Select checks with ``-k``::
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import pytest
@@ -30,6 +31,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 class ConformanceFailure(Exception):
     """A conformance check failed; its text is the check's report."""
+
+
+class ConformanceWarning(UserWarning):
+    """A conformance check passed with a warning (e.g. aliasing that does not change the run)."""
 
 
 class ConformanceItem(pytest.Item):
@@ -54,10 +59,13 @@ class ConformanceItem(pytest.Item):
         result = self._session().run(self.check)
         if result.status == "skip":
             pytest.skip(result.summary)
-        if result.status == "fail":
+        if result.status in ("fail", "error"):
+            kind = "" if result.status == "fail" else "ckptproto internal error (not the trainer's): "
             raise ConformanceFailure(
-                f"{result.number} {result.name} ({result.title}): " + render_result(result)
+                f"{kind}{result.number} {result.name} ({result.title}): " + render_result(result)
             )
+        for warning in result.warnings:
+            warnings.warn(ConformanceWarning(f"{result.name}: {warning}"), stacklevel=1)
 
     def repr_failure(self, excinfo: pytest.ExceptionInfo[BaseException], style: Any = None) -> str:
         if isinstance(excinfo.value, ConformanceFailure):

@@ -9,13 +9,33 @@ from __future__ import annotations
 import tempfile
 import time
 import traceback
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from ckptproto.conformance.adapter import TrainerAdapter, check_adapter, load_adapter, spec_of
-from ckptproto.conformance.checks import CHECK_NAMES, CHECKS, CheckFailed, CheckSkipped, Context
+from ckptproto.conformance.checks import CHECK_NAMES, CHECKS
 from ckptproto.conformance.compare import Difference
-from ckptproto.conformance.report import CheckResult, Report
+from ckptproto.conformance.context import (
+    CheckFailed,
+    CheckSkipped,
+    Context,
+    InternalError,
+    TrainerRaised,
+    set_torch_flags,
+    torch_flags,
+)
+from ckptproto.conformance.report import CAUSES, INTERNAL, CheckResult, Report
+from ckptproto.errors import CheckpointError
+
+Progress = Callable[[str, CheckResult | None], None]
+
+
+def _where(exc: BaseException) -> str:
+    frames = traceback.extract_tb(exc.__traceback__)
+    if not frames:
+        return ""
+    last = frames[-1]
+    return f" (at {Path(last.filename).name}:{last.lineno} in {last.name})"
 
 
 class Session:
@@ -35,32 +55,61 @@ class Session:
         root = Path(self._tmp.name if self._tmp is not None else workdir)  # type: ignore[arg-type]
         root.mkdir(parents=True, exist_ok=True)
         self.context = Context(self.adapter, root, self.spec)
+        self._flags = torch_flags()  # put back on close: trainers may flip them for the process
 
     def run(self, name: str) -> CheckResult:
-        """Run one check by name (``CHECK_NAMES``); never raises for a trainer's failure."""
+        """Run one check by name (``CHECK_NAMES``); never raises for a trainer's failure.
+
+        Status: ``pass``; ``warn`` (passed, with warnings); ``fail`` (the check found a bug,
+        or the trainer/adapter raised); ``skip``; ``error`` (ckptproto itself failed: an
+        internal error, never blamed on the trainer)."""
         check = next((c for c in CHECKS if c.name == name), None)
         if check is None:
             raise KeyError(f"no conformance check {name!r}; checks are {', '.join(CHECK_NAMES)}")
         started = time.perf_counter()
         differences: list[Difference] = []
+        ctx = self.context
+        ctx.warnings = []
+        cause, fix = CAUSES.get(name, ("", ""))
         try:
-            summary = check.run(self.context)
-            status = "pass"
+            summary = check.run(ctx)
+            status = "warn" if ctx.warnings else "pass"
         except CheckFailed as exc:
             status, summary, differences = "fail", exc.summary, exc.differences
+            cause, fix = exc.cause or cause, exc.fix or fix
         except CheckSkipped as exc:
             status, summary = "skip", str(exc)
-        except Exception as exc:  # the trainer or adapter raised: that check fails
+        except TrainerRaised as exc:  # the trainer or adapter raised: that check fails
             status = "fail"
-            where = traceback.extract_tb(exc.__traceback__)[-1]
-            summary = (
-                f"raised {type(exc).__qualname__}: {exc} "
-                f"(at {Path(where.filename).name}:{where.lineno} in {where.name})"
-            )
+            summary = f"{exc}{_where(exc.original)}"
+            cause, fix = "the trainer or the adapter raised an exception", "see the traceback location"
+        except CheckpointError as exc:  # ckptproto refused what the trainer gave it
+            status = "fail"
+            summary = f"ckptproto refused the trainer's state: {type(exc).__qualname__}: {exc}"
+        except InternalError as exc:
+            status, summary, cause, fix = "error", str(exc), INTERNAL, ""
+        except Exception as exc:  # raised inside ckptproto, not by the trainer
+            status = "error"
+            summary = f"ckptproto raised {type(exc).__qualname__}: {exc}{_where(exc)}"
+            cause, fix = INTERNAL, ""
         seconds = time.perf_counter() - started
-        return CheckResult(check.number, check.name, check.title, status, summary, differences, seconds)  # type: ignore[arg-type]
+        if status in ("pass", "skip", "warn"):
+            cause = fix = ""
+        return CheckResult(
+            check.number,
+            check.name,
+            check.title,
+            status,  # type: ignore[arg-type]
+            summary,
+            differences,
+            seconds,
+            list(ctx.warnings),
+            cause,
+            fix,
+        )
 
     def close(self) -> None:
+        set_torch_flags(self._flags)
         if self._tmp is not None:
             self._tmp.cleanup()
 
@@ -72,13 +121,27 @@ class Session:
 
 
 def run_conformance(
-    adapter: TrainerAdapter | str, *, only: Iterable[str] | None = None, workdir: str | Path | None = None
+    adapter: TrainerAdapter | str,
+    *,
+    only: Iterable[str] | None = None,
+    workdir: str | Path | None = None,
+    progress: Progress | None = None,
 ) -> Report:
-    """Run every check (or those named in ``only``, in the suite's order) and report."""
+    """Run every check (or those named in ``only``, in the suite's order) and report.
+
+    ``progress(name, None)`` is called as a check starts and ``progress(name, result)`` as
+    it ends (the CLI prints a line for each)."""
     wanted = list(CHECK_NAMES) if only is None else [n for n in CHECK_NAMES if n in set(only)]
     if only is not None:
         unknown = set(only) - set(CHECK_NAMES)
         if unknown:
             raise KeyError(f"no conformance check {sorted(unknown)}; checks are {', '.join(CHECK_NAMES)}")
     with Session(adapter, workdir) as session:
-        return Report(session.name, [session.run(name) for name in wanted])
+        results = []
+        for name in wanted:
+            if progress is not None:
+                progress(name, None)
+            results.append(session.run(name))
+            if progress is not None:
+                progress(name, results[-1])
+        return Report(session.name, results)

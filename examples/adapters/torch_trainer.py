@@ -128,6 +128,9 @@ class TorchTrainer:
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         # torch's optimizer and scheduler load_state_dict accept anything; check the keys here.
         _check_keys(self.state_dict(), state)
+        self.apply_state(state)
+
+    def apply_state(self, state: Mapping[str, Any]) -> None:
         self.model.load_state_dict(state["models"]["model"])
         # Optimizer.load_state_dict keeps the given tensors (no copy on CPU): training would then
         # write into the caller's dict -- check 8 caught that. Hand it a copy.
@@ -158,6 +161,16 @@ def _check_keys(expected: Mapping[str, Any], got: Mapping[str, Any]) -> None:
     missing, unexpected = sorted(want - have - fresh), sorted(have - want - fresh)
     if missing or unexpected:
         raise KeyError(f"state does not fit this trainer: missing {missing}, unexpected {unexpected}")
+    # ...but once trained, every parameter has its full AdamW state: a state missing one would
+    # silently restart that parameter's moments (check 7 caught it).
+    optimizer_state = got["optimizers"]["optimizer"]["state"]
+    if got["trainer"]["global_step"] > 0:
+        n_params = len(got["optimizers"]["optimizer"]["param_groups"][0]["params"])
+        per_param = {"step", "exp_avg", "exp_avg_sq"}
+        if set(optimizer_state) != set(range(n_params)) or any(
+            set(v) != per_param for v in optimizer_state.values()
+        ):
+            raise KeyError("state does not fit this trainer: incomplete optimizer state")
 
 
 class TorchAdapter:
