@@ -118,3 +118,37 @@ def test_cli_and_plugin_work_from_a_wheel_outside_the_repo() -> None:
         timeout=600,
     )
     assert done.returncode == 0 and "wheel OK" in done.stdout, done.stdout[-3000:] + done.stderr[-3000:]
+
+
+def test_plugin_only_runs_the_conformance_checks(pytester: pytest.Pytester) -> None:
+    """A user's project has failing tests of its own: --ckptproto-only never collects them."""
+    pytester.makepyfile(test_user="raise SystemExit('the project test files must not be imported')\n")
+    done = _pytest(
+        pytester,
+        "--ckptproto-adapter=examples.adapters.numpy_trainer:NumpyAdapter",
+        "--ckptproto-only",
+        "-q",
+        "-k",
+        "round_trip",
+    )
+    assert done.ret == 0, done.stdout.str()
+    assert "1 passed, 11 deselected" in done.stdout.str()
+    lonely = _pytest(pytester, "--ckptproto-only", "-q")
+    assert lonely.ret == 4 and "needs --ckptproto-adapter" in lonely.stderr.str()
+
+
+def test_cli_explains_the_adapter_when_given_a_trainer_class(tmp_path: Path) -> None:
+    (tmp_path / "my_trainer.py").write_text(
+        "class Trainer:\n    def state_dict(self):\n        return {}\n    def fit(self):\n        pass\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "ckptproto", "conformance", "my_trainer:Trainer"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])},
+        timeout=120,
+    )
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr
+    assert "looks like a trainer itself" in done.stderr and "create(seed)" in done.stderr

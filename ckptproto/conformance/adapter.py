@@ -163,8 +163,14 @@ def check_adapter(obj: object, name: str = "") -> TrainerAdapter:
     """``obj`` if it has create/train/fingerprint, else AdapterError saying what is missing."""
     missing = [m for m in ("create", "train", "fingerprint") if not callable(getattr(obj, m, None))]
     if missing:
+        looks_like_trainer = any(hasattr(obj, m) for m in ("state_dict", "fit", "model", "optimizer"))
         raise AdapterError(
             f"{name or type(obj).__qualname__} is not a TrainerAdapter: missing {', '.join(missing)}"
+            + (" (it looks like a trainer itself)" if looks_like_trainer else "")
+            + ". The suite drives your trainer through a small adapter class you write: "
+            "create(seed) builds a fresh trainer, train(trainer, steps) runs optimizer steps, "
+            "fingerprint(trainer) returns what must match after a resume; see docs/conformance.md "
+            "and examples/adapters/torch_trainer.py"
         )
     Capabilities.of(obj)
     assert isinstance(obj, TrainerAdapter)

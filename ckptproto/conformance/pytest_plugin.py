@@ -3,8 +3,10 @@ per conformance check (``ckptproto-conformance::resume_equivalence`` ...).
 
 Registered through the ``pytest11`` entry point, so it is loaded in every pytest run of an
 environment with ckptproto installed; without the option it adds nothing and imports nothing
-beyond this module. Select checks with ``-k``::
+beyond this module. Select checks with ``-k``; ``--ckptproto-only`` runs the conformance
+checks alone (the project's own test files are not even collected)::
 
+    pytest --ckptproto-adapter=mypkg.mymodule:MyAdapter --ckptproto-only
     pytest --ckptproto-adapter=mypkg.mymodule:MyAdapter -k "resume or strict"
 """
 
@@ -16,6 +18,7 @@ from typing import Any
 import pytest
 
 OPTION = "--ckptproto-adapter"
+ONLY = "--ckptproto-only"
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -27,6 +30,22 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         metavar="MODULE:ADAPTER",
         help="run the ckptproto conformance checks against this trainer adapter (repeatable)",
     )
+    group.addoption(
+        ONLY,
+        action="store_true",
+        default=False,
+        help=f"with {OPTION}: run only the conformance checks, collect no test files",
+    )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if config.getoption("ckptproto_only") and not config.getoption("ckptproto_adapter"):
+        raise pytest.UsageError(f"{ONLY} needs {OPTION}=MODULE:ADAPTER")
+
+
+def pytest_ignore_collect(collection_path: Any, config: pytest.Config) -> bool | None:
+    # --ckptproto-only: no test file is collected; the conformance items are added after
+    return True if config.getoption("ckptproto_only") else None
 
 
 class ConformanceFailure(Exception):
