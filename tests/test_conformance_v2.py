@@ -218,3 +218,30 @@ def test_progress_lines_and_json_carry_cause_and_fix(
     assert "likely cause: the LR scheduler" in captured.out
     (check,) = json.loads(out.read_text())["checks"]
     assert check["cause"].startswith("the LR scheduler") and check["fix"] and check["warnings"] == []
+
+
+class _HostileSummary(dict):  # type: ignore[type-arg]
+    """Like wandb's disabled-run summary (found on a real Dream Trainer): every attribute
+    lookup is an item lookup, so a missing attribute raises KeyError, not AttributeError."""
+
+    def __getattr__(self, key: str) -> object:
+        return self[key]
+
+
+class _RaisingList(list):  # type: ignore[type-arg]
+    def __iter__(self) -> Iterator[object]:
+        raise RuntimeError("not iterable today")
+
+
+def test_shadow_walk_survives_objects_whose_attribute_lookup_raises() -> None:
+    torch = pytest.importorskip("torch")
+    from ckptproto.conformance.shadow import collect
+
+    class Holder:
+        def __init__(self) -> None:
+            self.summary = _HostileSummary(loss=1.0)
+            self.odd = _RaisingList([1])
+            self.weights = torch.ones(3)
+
+    found = collect(Holder())
+    assert list(found) == ["trainer.weights"]

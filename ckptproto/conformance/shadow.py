@@ -92,6 +92,33 @@ def _generator_state(obj: Any) -> Any:
     return None
 
 
+def _attribute(obj: Any, name: str) -> Any:
+    """``getattr(obj, name, None)`` for any object a trainer holds: a ``__getattr__`` that
+    raises something other than AttributeError (wandb's disabled summary raises KeyError)
+    means the attribute is absent, not that the check failed."""
+    try:
+        return getattr(obj, name, None)
+    except Exception:
+        return None
+
+
+def _children(obj: Any, path: str) -> list[tuple[str, Any]]:
+    try:
+        if isinstance(obj, Mapping):
+            return [
+                (f"{path}.{k}" if isinstance(k, (str, int)) else f"{path}[{i}]", v)
+                for i, (k, v) in enumerate(obj.items())
+            ]
+        if isinstance(obj, (list, tuple)):
+            return [(f"{path}[{i}]", v) for i, v in enumerate(obj)]
+        attrs = _attribute(obj, "__dict__")
+        if isinstance(attrs, dict):
+            return [(f"{path}.{k}", v) for k, v in attrs.items() if k not in _SKIP_ATTRS]
+    except Exception:  # a container whose iteration raises holds nothing we can compare
+        pass
+    return []
+
+
 def collect(root: Any, name: str = "trainer") -> dict[str, Any]:
     """Attribute path -> snapshot of every state_dict(), generator state and loose tensor
     reachable from ``root``."""
@@ -115,7 +142,7 @@ def collect(root: Any, name: str = "trainer") -> dict[str, Any]:
             continue
         if type(obj).__module__.startswith(_SKIP_MODULE_PREFIXES) or depth >= MAX_DEPTH:
             continue
-        state_dict = getattr(obj, "state_dict", None)
+        state_dict = _attribute(obj, "state_dict")
         if callable(state_dict) and not isinstance(obj, Mapping) and depth > 0:
             try:
                 state = state_dict()
@@ -124,17 +151,7 @@ def collect(root: Any, name: str = "trainer") -> dict[str, Any]:
             kept = _tensors(state) if isinstance(state, Mapping) else None
             if kept is not None:
                 found[f"{path}.state_dict()"] = snapshot(kept)
-        children: list[tuple[str, Any]] = []
-        if isinstance(obj, Mapping):
-            children = [
-                (f"{path}.{k}" if isinstance(k, (str, int)) else f"{path}[{i}]", v)
-                for i, (k, v) in enumerate(obj.items())
-            ]
-        elif isinstance(obj, (list, tuple)):
-            children = [(f"{path}[{i}]", v) for i, v in enumerate(obj)]
-        elif isinstance(getattr(obj, "__dict__", None), dict):
-            children = [(f"{path}.{k}", v) for k, v in vars(obj).items() if k not in _SKIP_ATTRS]
-        for child_path, child in reversed(children):
+        for child_path, child in reversed(_children(obj, path)):
             stack.append((child, child_path, depth + 1))
     return found
 
