@@ -294,12 +294,12 @@ def test_conformance_suite_on_a_dream_trainer(tmp_path: Path) -> None:
     results = {r["name"]: r for r in json.loads(report.read_text())["checks"]}
     # strict_loading: Dream Trainer's load_state_dict logs unknown or missing keys, never
     # refuses (declared). repeated_load: Dream Trainer's load_state_dict empties the dict it is
-    # given, which today's check misreads as aliasing (the conformance issue fixes that
-    # diagnosis); not asserted here either way.
+    # given; harmless to a resumed run, so at most a warning that says so.
     expected = {name: "pass" for name in results} | {"strict_loading": "skip"}
     del expected["repeated_load"]
     got = {name: results[name]["status"] for name in expected}
     assert got == expected, {n: results[n]["summary"] for n in expected if got[n] != expected[n]}
+    assert results["repeated_load"]["status"] in ("pass", "warn"), results["repeated_load"]["summary"]
 
 
 def test_s3_root_is_refused() -> None:
