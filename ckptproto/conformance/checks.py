@@ -23,6 +23,7 @@ from ckptproto.conformance.adapter import Capabilities, TrainerAdapter
 from ckptproto.conformance.compare import Difference, compare_trees, describe_array, is_array
 from ckptproto.errors import UnsupportedValueError
 from ckptproto.io import sync
+from ckptproto.io.prepare import resolve_statefuls
 from ckptproto.tree import encode_state
 
 SUBPROCESS_TIMEOUT_S = 300.0
@@ -162,7 +163,7 @@ def _state(trainer: Any) -> Mapping[str, Any]:
     """The trainer's state as ``save`` sees it: Statefuls nested in its dicts (PROTOCOL.md
     [P-2]) replaced by their own ``state_dict()``."""
     try:
-        return sync._resolve_statefuls(protocol.state_of(trainer))
+        return resolve_statefuls(protocol.state_of(trainer))
     except UnsupportedValueError as exc:
         raise CheckFailed(str(exc)) from None
 
