@@ -180,8 +180,8 @@ def _check_same_save(answers: list[dict[str, Any]], where: str) -> None:
 
 
 def _write_share(temp: Path, job: ShareJob, sources: list[memoryview], rank: int) -> dict[str, Any]:
-    if not job.pieces:
-        return {"file": None, "chunks": []}
+    if not job.pieces and rank != 0:
+        return {"file": None, "chunks": []}  # rank 0 always writes one (even of no tensors)
     with _gc.paused():
         file_plan = plan_file(layout.data_file_name(rank), rank, job.pieces)
     entry = writer.write_file(temp, file_plan, sources)
