@@ -43,6 +43,7 @@ from ckptproto.io.coordinate import Timeout, background_coordinator
 from ckptproto.io.prepare import prepare
 from ckptproto.io.share import ShareJob
 from ckptproto.io.staging import Staged, StagingPool
+from ckptproto.io.storage import Storage, resolve
 from ckptproto.protocol import Stateful
 
 logger = logging.getLogger("ckptproto")
@@ -86,6 +87,8 @@ class SaveFuture(Future[CheckpointInfo]):
 class _Job:
     future: SaveFuture
     share: ShareJob  # this rank's part of the save: its pieces and their live values
+    storage: Storage
+    final: Path
     metadata_tree: Any
     overwrite: bool
     ready: staging.Ready
@@ -221,13 +224,14 @@ class AsyncSaver:
         later problem (the destination exists, disk full, a failed copy) is raised from
         ``fut.result()`` and logged to the ``ckptproto`` logger; nothing partial is committed.
         """
+        storage, final = resolve(path)  # a location no backend serves is refused here
         with _gc.paused():  # the same first stage as every save (ckptproto.io.prepare)
             prepared = prepare(state_or_stateful, metadata, self._coordinator)
-        future = SaveFuture(Path(path))
+        future = SaveFuture(final)
         future.set_running_or_notify_cancel()  # accepted saves cannot be cancelled
         self._reserve(future)
         # Stage only what this rank writes; the global layout travels in the share.
-        job = _Job(future, prepared.share, prepared.metadata_tree, overwrite, staging.Ready())
+        job = _Job(future, prepared.share, storage, final, prepared.metadata_tree, overwrite, staging.Ready())
         try:
             job.versions = staging.capture_versions(job.share.leaves)
             job.ready = staging.capture_ready(prepared.encoded.tensors)
@@ -364,12 +368,13 @@ class AsyncSaver:
                 # The one save pipeline; it pauses the collector itself, only while plans
                 # and the manifest are built.
                 info = pipeline.run(
-                    job.future.path,
+                    job.final,
                     job.share,
                     job.metadata_tree,
                     job.staged.views,
                     self._coordinator,
                     overwrite=job.overwrite,
+                    storage=job.storage,
                 )
             except BaseException as exc:
                 error = exc

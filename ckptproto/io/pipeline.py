@@ -35,12 +35,12 @@ from ckptproto.errors import DistributedCheckpointError
 from ckptproto.format import layout
 from ckptproto.format.info import CheckpointInfo
 from ckptproto.format.manifest import Chunk, FileEntry, Manifest, TensorEntry
-from ckptproto.io import commit, writer
 from ckptproto.io.coordinate import Coordinator, Timeout, coordinator, failure
 from ckptproto.io.meta import WRITER, build_manifest, decode_metadata
 from ckptproto.io.plan import plan_file
 from ckptproto.io.prepare import prepare
 from ckptproto.io.share import ShareJob, warn_if_replicas_differ
+from ckptproto.io.storage import Storage, resolve
 from ckptproto.protocol import Stateful
 from ckptproto.tree import EncodedState
 
@@ -76,6 +76,7 @@ def save(
     process never waits for anyone: there it is only checked.
     """
     coord = coordinator(process_group, timeout)
+    storage, final = resolve(path)
     job: ShareJob | None = None
     metadata_tree: Any = None
     sources: list[memoryview] = []
@@ -90,7 +91,7 @@ def save(
             owners.append(owner)
     except Exception as exc:
         failed = exc
-    return run(Path(path), job, metadata_tree, sources, coord, overwrite=overwrite, failed=failed)
+    return run(final, job, metadata_tree, sources, coord, overwrite=overwrite, failed=failed, storage=storage)
 
 
 def run(
@@ -102,18 +103,23 @@ def run(
     *,
     overwrite: bool,
     failed: BaseException | None = None,
+    storage: Storage | None = None,
 ) -> CheckpointInfo:
     """Write and commit a prepared save, on every rank of ``coord``: ``sources[i]`` holds the
     bytes of ``job.pieces[i]`` (live tensors, or staged copies for an async save). ``failed``:
-    this rank already failed (``job`` is then None) and reports it to the others."""
+    this rank already failed (``job`` is then None) and reports it to the others. Every byte
+    goes through ``storage`` (by default the backend :func:`~ckptproto.io.storage.resolve`
+    gives ``final``)."""
     where = f"saving {final}"
-    temp: Path | None = None
+    if storage is None:
+        storage, final = resolve(final)
+    temp: str | None = None
     local = failed
     mine: dict[str, Any] = failure(failed) if failed is not None else {}
     if failed is None:
         try:
             if coord.rank == 0:
-                temp = commit.begin(final, overwrite=overwrite)
+                temp = storage.begin(final, overwrite=overwrite)
             assert job is not None
             mine = {
                 "ok": True,
@@ -131,9 +137,9 @@ def run(
         assert job is not None
         if coord.rank == 0 and coord.size > 1:
             warn_if_replicas_differ(final, job, answers, coord.size)
-        temp = Path(answers[0]["temp"])
+        temp = answers[0]["temp"]
         try:
-            mine = {"ok": True, **_write_share(temp, job, sources, coord.rank)}
+            mine = {"ok": True, **_write_share(storage, temp, job, sources, coord.rank)}
         except Exception as exc:
             local, mine = exc, failure(exc)
         answers = coord.exchange(mine, where)
@@ -141,12 +147,12 @@ def run(
         if coord.rank == 0:
             try:
                 manifest = _commit(
-                    final, temp, job.encoded, metadata_tree, answers, coord.size, overwrite=overwrite
+                    storage, final, temp, job.encoded, metadata_tree, answers, coord.size, overwrite=overwrite
                 )
                 mine = {"ok": True, "manifest": _summary(manifest)}
             except Exception as exc:
                 local, mine = exc, failure(exc)
-                commit.abort(temp)
+                storage.abort(temp)
             temp = None
         else:
             mine = {"ok": True}
@@ -154,7 +160,7 @@ def run(
         coord.settle(answers, where, local, _NOT_COMMITTED)
     except BaseException:
         if temp is not None and coord.rank == 0:
-            commit.abort(temp)
+            storage.abort(temp)
         raise
     manifest = _from_summary(answers[0]["manifest"])
     return CheckpointInfo.from_manifest(final, manifest, decode_metadata(manifest, final))
@@ -179,12 +185,14 @@ def _check_same_save(answers: list[dict[str, Any]], where: str) -> None:
         )
 
 
-def _write_share(temp: Path, job: ShareJob, sources: list[memoryview], rank: int) -> dict[str, Any]:
+def _write_share(
+    storage: Storage, temp: str, job: ShareJob, sources: list[memoryview], rank: int
+) -> dict[str, Any]:
     if not job.pieces and rank != 0:
         return {"file": None, "chunks": []}  # rank 0 always writes one (even of no tensors)
     with _gc.paused():
         file_plan = plan_file(layout.data_file_name(rank), rank, job.pieces)
-    entry = writer.write_file(temp, file_plan, sources)
+    entry = storage.write_file(temp, file_plan, sources)
     with _gc.paused():
         return {
             "file": [file_plan.name, entry.size, entry.checksum],
@@ -195,8 +203,9 @@ def _write_share(temp: Path, job: ShareJob, sources: list[memoryview], rank: int
 
 
 def _commit(
+    storage: Storage,
     final: Path,
-    temp: Path,
+    temp: str,
     encoded: EncodedState,
     metadata_tree: Any,
     answers: list[dict[str, Any]],
@@ -229,9 +238,9 @@ def _commit(
         manifest = build_manifest(encoded, metadata_tree, files, tensors, world_size)
         data = manifest.to_json()
         # What every reader will check, checked before the commit (catches overlapping shards).
-        Manifest.parse(data, str(temp / layout.MANIFEST_NAME))
-    writer.write_small_file(temp, layout.MANIFEST_NAME, data)
-    commit.finish(temp, final, overwrite=overwrite)
+        Manifest.parse(data, f"{temp}/{layout.MANIFEST_NAME}")
+    storage.write_small_file(temp, layout.MANIFEST_NAME, data)
+    storage.commit(temp, final, overwrite=overwrite)
     return manifest
 
 

@@ -41,6 +41,7 @@ from ckptproto.io.match import (
     wanted_refs,
 )
 from ckptproto.io.meta import decode_metadata
+from ckptproto.io.storage import resolve
 from ckptproto.protocol import Stateful
 from ckptproto.tree import decode_tree
 
@@ -72,6 +73,7 @@ def load(
     ``timeout`` for the others (as for :func:`ckptproto.save`).
     """
     coord = coordinator(process_group, timeout)
+    resolve(path)  # reads are local-only: a URL no backend serves is refused here
     what = f"loading {path}"
     local: BaseException | None = None
     state: dict[str, Any] = {}
@@ -154,7 +156,7 @@ def load_into(
     ranks); see ``docs/distributed.md``; ``timeout`` as for :func:`ckptproto.save`.
     """
     coord = coordinator(process_group, timeout)
-    root = Path(path)
+    _storage, root = resolve(path)
     what = f"loading {root}"
     local: BaseException | None = None
     values: dict[int, Any] = {}

@@ -20,6 +20,7 @@ from ckptproto.io import reader
 from ckptproto.io.meta import decode_metadata
 from ckptproto.io.pipeline import save
 from ckptproto.io.restore import load, load_into
+from ckptproto.io.storage import resolve
 
 __all__ = ["load", "load_into", "read_info", "save", "verify"]
 
@@ -32,6 +33,7 @@ def read_info(path: PathLike) -> CheckpointInfo:
     info = ckptproto.read_info("checkpoints/checkpoint_step_10")
     print(info.step, info.metrics)
     """
+    resolve(path)  # a URL no backend serves is refused, not looked up as a local path
     manifest = reader.read_manifest(path)
     return CheckpointInfo.from_manifest(Path(path), manifest, decode_metadata(manifest, Path(path)))
 
@@ -44,7 +46,7 @@ def verify(path: PathLike) -> CheckpointInfo:
 
         ckptproto.verify("checkpoints/checkpoint_step_10")
     """
-    root = Path(path)
+    _storage, root = resolve(path)
     damaged: list[str] = []
     problems: list[str] = []
     opened: list[CheckpointError] = []
