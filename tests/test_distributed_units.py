@@ -12,7 +12,7 @@ import ckptproto
 from ckptproto.arrays import ArraySpec, allocate
 from ckptproto.format import layout
 from ckptproto.format.manifest import TensorEntry
-from ckptproto.io import commit, coordinate, meta, reader, share, writer
+from ckptproto.io import commit, coordinate, meta, reader, readplan, share, writer
 from ckptproto.io.plan import Piece, plan_file
 from ckptproto.tree import encode_state
 
@@ -90,9 +90,9 @@ def test_plan_box_into_reads_any_box(tmp_path: Path, shape: tuple[int, ...], cut
             spec = ArraySpec("numpy", ckpt.manifest.tensors[0].dtype, box_shape)
             value, dest = allocate(spec)
             value[...] = -1
-            plan = reader.ReadPlan()
-            reader.plan_box_into(ckpt, plan, 0, lo, spec, value, dest)
-            reader.execute(ckpt, plan, verify=True, partial="skip")
+            plan = readplan.ReadPlan()
+            readplan.plan_box_into(ckpt, plan, 0, lo, spec, value, dest)
+            readplan.execute(ckpt, plan, verify=True, partial="skip")
             want = full[tuple(slice(a, b) for a, b in zip(lo, hi, strict=True))]
             assert np.array_equal(value, want), (lo, hi)
             # Only rows overlapping the box are read: never more than the chunks' row slabs.
@@ -105,8 +105,8 @@ def test_plan_box_into_scalar(tmp_path: Path) -> None:
     with reader.OpenCheckpoint(tmp_path / "s") as ckpt:
         spec = ArraySpec("numpy", ckpt.manifest.tensors[0].dtype, ())
         value, dest = allocate(spec)
-        plan = reader.ReadPlan()
-        reader.plan_box_into(ckpt, plan, 0, (), spec, value, dest)
+        plan = readplan.ReadPlan()
+        readplan.plan_box_into(ckpt, plan, 0, (), spec, value, dest)
         # The read covers the whole data file, so its checksum came for free.
-        assert reader.execute(ckpt, plan, verify=True, partial="skip") == {layout.data_file_name(0)}
+        assert readplan.execute(ckpt, plan, verify=True, partial="skip") == {layout.data_file_name(0)}
         assert value == 2.5

@@ -29,7 +29,7 @@ from ckptproto.errors import (
 from ckptproto.format import layout
 from ckptproto.format.info import CheckpointInfo
 from ckptproto.format.manifest import Manifest
-from ckptproto.io import reader
+from ckptproto.io import reader, readplan
 from ckptproto.io.coordinate import Coordinator, Timeout, coordinator, failure
 from ckptproto.io.match import (
     Matcher,
@@ -93,9 +93,9 @@ def load_state(
     root = Path(path)
     with reader.OpenCheckpoint(root) as ckpt:
         where = str(root / layout.MANIFEST_NAME)
-        kinds = reader.tensor_kinds(ckpt.manifest, where)
+        kinds = readplan.tensor_kinds(ckpt.manifest, where)
         decode_metadata(ckpt.manifest, root)  # the manifest is refused whole, not in part
-        values = reader.materialize(
+        values = readplan.materialize(
             ckpt, kinds, use_mmap=mmap, verify=(not mmap) if verify is None else verify
         )
     moved = {i: arrays.to_device(v, map_location) for i, v in values.items()}
@@ -223,7 +223,7 @@ def _read_into(
     DTensor: its local shard); returns the value for each tensor index read."""
     root = ckpt.path
     where = str(root / layout.MANIFEST_NAME)
-    kinds = reader.tensor_kinds(ckpt.manifest, where)
+    kinds = readplan.tensor_kinds(ckpt.manifest, where)
     refs: dict[int, Ref] = {}
     skeleton = decode_tree(
         ckpt.manifest.state, lambda kind, index, p: refs.setdefault(index, Ref(kind, index)), where=where
@@ -238,7 +238,7 @@ def _read_into(
     wanted = set(refs) if stateful else wanted_refs(target, skeleton)
     del skeleton  # matched: free it before the state is decoded for real (F-33 memory)
     values: dict[int, Any] = {}
-    plan = reader.ReadPlan()
+    plan = readplan.ReadPlan()
     copies: list[tuple[Any, Any]] = []
     for index, (kind, _paths) in kinds.items():
         entry = ckpt.manifest.tensors[index]
@@ -253,9 +253,9 @@ def _read_into(
             spec = ArraySpec("torch", entry.dtype, shard.shape)
             local, dest = shard.local, arrays.writable_bytes(shard.local)
             if dest is None:  # not a contiguous CPU tensor: read beside it, copy after
-                local, dest = reader.allocate(spec, ckpt, index)
+                local, dest = readplan.allocate(spec, ckpt, index)
                 copies.append((shard.local, local))
-            reader.plan_box_into(ckpt, plan, index, shard.offsets, spec, local, dest)
+            readplan.plan_box_into(ckpt, plan, index, shard.offsets, spec, local, dest)
             values[index] = first
             copies.extend((t, first) for t in targets[1:])
             continue
@@ -264,13 +264,13 @@ def _read_into(
         if dest is not None:
             value = first
         else:
-            value, dest = reader.allocate(spec, ckpt, index)
+            value, dest = readplan.allocate(spec, ckpt, index)
         values[index] = value
         copies.extend((t, value) for t in targets if t is not value)
-        reader.plan_into(ckpt, plan, index, spec, value, dest)
+        readplan.plan_into(ckpt, plan, index, spec, value, dest)
     # Alone, a file read in part is checksummed here; in a group, another rank may read the
     # rest, so the files no rank read whole are checked after the ranks compared notes.
-    checked |= reader.execute(ckpt, plan, verify=verify, partial="read" if world_size == 1 else "skip")
+    checked |= readplan.execute(ckpt, plan, verify=verify, partial="read" if world_size == 1 else "skip")
     for dst, src in copies:
         copy_into(dst, src)
     return values
