@@ -136,3 +136,21 @@ def test_timeout_is_a_parameter_of_every_entry_point() -> None:
             ckptproto.save({"w": torch.ones(1)}, "never-written", timeout=bad)
         with pytest.raises(ValueError, match="timeout"):
             ckptproto.AsyncSaver(timeout=bad)
+
+
+@pytest.mark.parametrize("how", sorted(SAVES))
+def test_a_manifest_over_the_readers_limit_is_never_committed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, coordinator: str, how: str
+) -> None:
+    # Was: readers refuse a manifest over MAX_MANIFEST_BYTES, but the writer committed one.
+    # The real limit is 1 GiB; the test lowers the writer's copy of it so a 10 kB list of
+    # floats crosses it.
+    from ckptproto.io import pipeline
+
+    monkeypatch.setattr(pipeline, "MAX_MANIFEST_BYTES", 4096)
+    # Alone the CheckpointWriteError itself; in a group, DistributedCheckpointError naming it.
+    with pytest.raises(ckptproto.CheckpointError, match="over the 4096 that readers accept"):
+        SAVES[how]({"w": torch.ones(2), "losses": [0.1] * 1000}, tmp_path / "c")
+    assert list(tmp_path.iterdir()) == []
+    SAVES[how]({"w": torch.ones(2), "losses": [0.1] * 10}, tmp_path / "c")
+    assert ckptproto.load(tmp_path / "c", process_group="local")["losses"] == [0.1] * 10

@@ -31,10 +31,10 @@ from pathlib import Path
 from typing import Any
 
 from ckptproto import _gc, arrays
-from ckptproto.errors import DistributedCheckpointError
+from ckptproto.errors import CheckpointWriteError, DistributedCheckpointError
 from ckptproto.format import layout
 from ckptproto.format.info import CheckpointInfo
-from ckptproto.format.manifest import Chunk, FileEntry, Manifest, TensorEntry
+from ckptproto.format.manifest import MAX_MANIFEST_BYTES, Chunk, FileEntry, Manifest, TensorEntry
 from ckptproto.io.coordinate import Coordinator, Timeout, coordinator, failure
 from ckptproto.io.meta import WRITER, build_manifest, decode_metadata
 from ckptproto.io.plan import plan_file
@@ -237,7 +237,13 @@ def _commit(
             tensors.append(TensorEntry(leaf.spec.dtype, leaf.spec.shape, tuple(found)))
         manifest = build_manifest(encoded, metadata_tree, files, tensors, world_size)
         data = manifest.to_json()
-        # What every reader will check, checked before the commit (catches overlapping shards).
+        # What every reader will check, checked before the commit (catches overlapping shards),
+        # the size limit of reader.read_manifest included.
+        if len(data) > MAX_MANIFEST_BYTES:
+            raise CheckpointWriteError(
+                f"{final}: the manifest would be {len(data)} bytes, over the {MAX_MANIFEST_BYTES} "
+                "that readers accept; store large values as tensors, not as plain lists or strings"
+            )
         Manifest.parse(data, f"{temp}/{layout.MANIFEST_NAME}")
     storage.write_small_file(temp, layout.MANIFEST_NAME, data)
     storage.commit(temp, final, overwrite=overwrite)
