@@ -16,7 +16,7 @@ import json
 import logging
 import warnings
 import zlib
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -100,9 +100,10 @@ def plan_share(encoded: EncodedState, rank: int, world_size: int) -> ShareJob:
         pieces.append(Piece(len(leaves), key, spec, offsets))
         leaves.append(TensorLeaf(value, spec, leaf.path))
         index.append(i)
-    layout_only = EncodedState(encoded.tree, [replace(t, value=None, shard=None) for t in encoded.tensors])
-    replicas = replica_digests(encoded) if world_size > 1 else {}  # nobody to compare with alone
-    return ShareJob(layout_only, layout_digest(encoded), pieces, leaves, index, replicas)
+    layout_only = EncodedState(encoded.tree, [TensorLeaf(None, t.spec, t.path) for t in encoded.tensors])
+    if world_size == 1:  # nobody to compare layouts or replicas with
+        return ShareJob(layout_only, "", pieces, leaves, index, {})
+    return ShareJob(layout_only, layout_digest(encoded), pieces, leaves, index, replica_digests(encoded))
 
 
 def replica_digests(encoded: EncodedState) -> dict[int, int]:
