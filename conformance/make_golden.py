@@ -24,8 +24,9 @@ from ckptproto.arrays import ArraySpec
 from ckptproto.conformance import golden
 from ckptproto.format import layout
 from ckptproto.format.manifest import Chunk, FileEntry, Manifest, TensorEntry
-from ckptproto.io import commit, sync, writer
+from ckptproto.io import commit, meta, sync, writer
 from ckptproto.io.plan import Piece, plan_file
+from ckptproto.io.share import plan_share
 from ckptproto.tree import encode_state
 
 CREATED = "2026-01-01T00:00:00.000000+00:00"
@@ -123,7 +124,7 @@ def torch_dtypes() -> tuple[dict[str, Any], dict[str, Any]]:
 def write_whole(out: Path, state: dict[str, Any], metadata: dict[str, Any]) -> None:
     """One data file, whole tensors: what ckptproto.save writes, with a fixed timestamp."""
     encoded = encode_state(state)
-    pieces = sync.whole_tensor_pieces(encoded)
+    pieces = plan_share(encoded, 0, 1).pieces
     sources = [arrays.host_bytes(leaf.value) for leaf in encoded.tensors]
     plan = plan_file(layout.data_file_name(0), 0, pieces)
     temp = commit.begin(out, overwrite=True)
@@ -134,9 +135,9 @@ def write_whole(out: Path, state: dict[str, Any], metadata: dict[str, Any]) -> N
         encoded.tree,
         tensors,
         {plan.name: entry},
-        sync.encode_metadata(metadata, state),
+        meta.encode_metadata(metadata, state),
         CREATED,
-        writer=sync.WRITER,
+        writer=meta.WRITER,
     )
     writer.write_small_file(temp, layout.MANIFEST_NAME, manifest.to_json())
     commit.finish(temp, out)
@@ -197,10 +198,10 @@ def sharded(out: Path) -> dict[str, Any]:
         encoded.tree,
         tensors,
         files,
-        sync.encode_metadata({}, state),
+        meta.encode_metadata({}, state),
         CREATED,
         world_size=2,
-        writer=sync.WRITER,
+        writer=meta.WRITER,
     )
     writer.write_small_file(temp, layout.MANIFEST_NAME, manifest.to_json())
     commit.finish(temp, out)

@@ -181,14 +181,14 @@ def hold_async_writes(monkeypatch: Any) -> Iterator[WriteGate]:
     """A fixture body: the writer thread of every AsyncSaver waits at the gate before it
     writes (the real write follows)."""
     gate = WriteGate()
-    real = async_save.sync.write_checkpoint
+    real = async_save.pipeline.run
 
     def held(*args: Any, **kwargs: Any) -> Any:
         if threading.current_thread().name == "ckptproto-async-write":
             assert gate.open.wait(60), "the gate was never opened"
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(async_save.sync, "write_checkpoint", held)
+    monkeypatch.setattr(async_save.pipeline, "run", held)
     yield gate
     gate.open.set()
     for cb in gate.made:

@@ -24,7 +24,7 @@ import ckptproto
 from ckptproto import CheckpointError, CheckpointExistsError, CheckpointWriteError
 from ckptproto.errors import SaverBusyError, UnsupportedValueError
 from ckptproto.format import layout
-from ckptproto.io import async_save, staging, sync, threads
+from ckptproto.io import async_save, pipeline, staging, threads
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 MODES = ["blocking", "background"]
@@ -55,7 +55,7 @@ class Gate:
 
 @pytest.fixture
 def write_gate(monkeypatch: pytest.MonkeyPatch) -> Iterator[Gate]:
-    gate = Gate(monkeypatch, sync, "write_checkpoint")
+    gate = Gate(monkeypatch, pipeline, "run")
     yield gate
     gate.open()
 
@@ -373,7 +373,7 @@ def test_wait_staged_times_out_while_staging_is_held(tmp_path: Path, stage_gate:
 def test_an_internal_error_in_the_writer_does_not_stop_the_saver(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    real = sync.write_checkpoint
+    real = pipeline.run
     calls = []
 
     def broken_once(*args: Any, **kwargs: Any) -> Any:
@@ -384,7 +384,7 @@ def test_an_internal_error_in_the_writer_does_not_stop_the_saver(
             raise SystemExit(1)  # not even an Exception
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(sync, "write_checkpoint", broken_once)
+    monkeypatch.setattr(pipeline, "run", broken_once)
     with ckptproto.AsyncSaver(max_pending=1) as saver:
         with pytest.raises(CheckpointError, match="internal error"):
             saver.save({"w": torch.ones(2)}, tmp_path / "a").result(timeout=30)

@@ -21,7 +21,6 @@ from _dist_helpers import run_ranks
 
 import ckptproto
 from ckptproto.format import layout
-from ckptproto.io import distributed as cdist
 from ckptproto.io import writer
 
 pytestmark = pytest.mark.skipif(
@@ -297,7 +296,7 @@ def scenario_fsdp(rank: int, world: int, tmp: Path) -> dict[str, Any]:
             writer.write_file = _failing_write_file
         start = time.monotonic()
         try:
-            cdist.save(state, target, overwrite=overwrite, timeout=FAIL_TIMEOUT)
+            ckptproto.save(state, target, overwrite=overwrite, timeout=FAIL_TIMEOUT)
         except ckptproto.DistributedCheckpointError as exc:
             assert list(exc.failed_ranks) == [1], exc.failed_ranks
             assert "rank 1" in str(exc) and "injected failure" in str(exc), str(exc)
@@ -404,12 +403,12 @@ def _killing_write_file(*args: Any, **kwargs: Any) -> Any:
 def scenario_kill(rank: int, world: int, tmp: Path) -> dict[str, Any]:
     # Three equal tensors: the size-balanced assignment gives one to each rank.
     state = {"w": list(torch.arange(36.0).reshape(3, 3, 4)), "step": 1}
-    cdist.save(state, tmp / "good", timeout=FAIL_TIMEOUT)
+    ckptproto.save(state, tmp / "good", timeout=FAIL_TIMEOUT)
     if rank == 1:
         writer.write_file = _killing_write_file
     start = time.monotonic()
     try:
-        cdist.save({"w": list(torch.ones(3, 64, 64)), "step": 2}, tmp / "next", timeout=FAIL_TIMEOUT)
+        ckptproto.save({"w": list(torch.ones(3, 64, 64)), "step": 2}, tmp / "next", timeout=FAIL_TIMEOUT)
     except ckptproto.DistributedCheckpointError as exc:
         return {"teardown": False, "seconds": time.monotonic() - start, "error": str(exc),
                 "failed": sorted(exc.failed_ranks)}  # fmt: skip

@@ -13,11 +13,11 @@ import torch
 from _dist_helpers import run_ranks
 
 import ckptproto
-from ckptproto.io import distributed
+from ckptproto.io import share
 
 
 def scenario_replicas(rank: int, world: int, tmp: Path) -> dict[str, Any]:
-    big = distributed.REPLICA_CHECK_BYTES // 4 + 1  # float32 elements just past the checked size
+    big = share.REPLICA_CHECK_BYTES // 4 + 1  # float32 elements just past the checked size
     state = {
         "same": torch.arange(6.0),
         "bn": {"running_mean": torch.full((4,), float(rank))},  # differs per rank

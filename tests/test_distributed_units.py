@@ -12,8 +12,7 @@ import ckptproto
 from ckptproto.arrays import ArraySpec, allocate
 from ckptproto.format import layout
 from ckptproto.format.manifest import TensorEntry
-from ckptproto.io import commit, reader, sync, writer
-from ckptproto.io import distributed as cdist
+from ckptproto.io import commit, coordinate, meta, reader, readplan, share, writer
 from ckptproto.io.plan import Piece, plan_file
 from ckptproto.tree import encode_state
 
@@ -21,22 +20,22 @@ from ckptproto.tree import encode_state
 def test_assign_writers_balances_and_is_deterministic() -> None:
     state = {f"t{i}": np.zeros(n, dtype=np.float32) for i, n in enumerate([100, 7, 50, 50, 3, 0, 99])}
     encoded = encode_state(state)
-    owners = cdist.assign_writers(encoded, 3)
-    assert owners == cdist.assign_writers(encode_state(state), 3)
+    owners = share.assign_writers(encoded, 3)
+    assert owners == share.assign_writers(encode_state(state), 3)
     assert all(o is not None and 0 <= o < 3 for o in owners)
     loads = [0, 0, 0]
     for leaf, owner in zip(encoded.tensors, owners, strict=True):
         assert owner is not None
         loads[owner] += leaf.spec.nbytes
     assert max(loads) - min(loads) <= 100 * 4  # never worse than the largest tensor
-    assert cdist.assign_writers(encoded, 1) == [0] * len(owners)
+    assert share.assign_writers(encoded, 1) == [0] * len(owners)
 
 
 def test_resolve_group_without_torch_distributed() -> None:
-    assert cdist.resolve_group(None) is None  # not initialised in this process
-    assert cdist.resolve_group(cdist.LOCAL) is None
+    assert coordinate.resolve_group(None) is None  # not initialised in this process
+    assert coordinate.resolve_group(coordinate.LOCAL) is None
     sentinel = object()
-    assert cdist.resolve_group(sentinel) is sentinel
+    assert coordinate.resolve_group(sentinel) is sentinel
 
 
 def _chunked_checkpoint(path: Path, full: np.ndarray, cuts: list[list[int]]) -> None:
@@ -65,7 +64,7 @@ def _chunked_checkpoint(path: Path, full: np.ndarray, cuts: list[list[int]]) -> 
         files[plan.name] = writer.write_file(temp, plan, [memoryview(p).cast("B") for p in parts])
         chunks += list(plan.chunks().values())
     entry = TensorEntry(encoded.tensors[0].spec.dtype, full.shape, tuple(chunks))
-    manifest = sync.build_manifest(encoded, {}, files, [entry])
+    manifest = meta.build_manifest(encoded, {}, files, [entry])
     writer.write_small_file(temp, layout.MANIFEST_NAME, manifest.to_json())
     commit.finish(temp, path)
 
@@ -91,9 +90,9 @@ def test_plan_box_into_reads_any_box(tmp_path: Path, shape: tuple[int, ...], cut
             spec = ArraySpec("numpy", ckpt.manifest.tensors[0].dtype, box_shape)
             value, dest = allocate(spec)
             value[...] = -1
-            plan = reader.ReadPlan()
-            reader.plan_box_into(ckpt, plan, 0, lo, spec, value, dest)
-            reader.execute(ckpt, plan, verify=True, partial="skip")
+            plan = readplan.ReadPlan()
+            readplan.plan_box_into(ckpt, plan, 0, lo, spec, value, dest)
+            readplan.execute(ckpt, plan, verify=True, partial="skip")
             want = full[tuple(slice(a, b) for a, b in zip(lo, hi, strict=True))]
             assert np.array_equal(value, want), (lo, hi)
             # Only rows overlapping the box are read: never more than the chunks' row slabs.
@@ -106,8 +105,8 @@ def test_plan_box_into_scalar(tmp_path: Path) -> None:
     with reader.OpenCheckpoint(tmp_path / "s") as ckpt:
         spec = ArraySpec("numpy", ckpt.manifest.tensors[0].dtype, ())
         value, dest = allocate(spec)
-        plan = reader.ReadPlan()
-        reader.plan_box_into(ckpt, plan, 0, (), spec, value, dest)
+        plan = readplan.ReadPlan()
+        readplan.plan_box_into(ckpt, plan, 0, (), spec, value, dest)
         # The read covers the whole data file, so its checksum came for free.
-        assert reader.execute(ckpt, plan, verify=True, partial="skip") == {layout.data_file_name(0)}
+        assert readplan.execute(ckpt, plan, verify=True, partial="skip") == {layout.data_file_name(0)}
         assert value == 2.5

@@ -89,3 +89,97 @@ def test_core_imports_no_torch_at_module_level() -> None:
                 f"{path.relative_to(ROOT)}: {n}" for n in names if n.split(".")[0] in ("torch", "lightning")
             ]
     assert not offences, offences
+
+
+def _resolve(target: str) -> str | None:
+    """The module a ``ckptproto...`` import names: ``ckptproto.io.commit`` for both
+    ``import ckptproto.io.commit`` and ``from ckptproto.io import commit``; None for a name
+    that is not a module of the package."""
+    while target.count(".") >= 1:
+        parts = target.split(".")
+        if (ROOT.parent.joinpath(*parts).with_suffix(".py")).is_file():
+            return target
+        if (ROOT.parent.joinpath(*parts) / "__init__.py").is_file():
+            return target
+        target = ".".join(parts[:-1])
+    return None
+
+
+def _graph() -> dict[str, set[str]]:
+    """Module -> the package modules it imports (at any depth of its code: a lazy import
+    inside a function is an edge too)."""
+    edges: dict[str, set[str]] = {}
+    for path in ROOT.rglob("*.py"):
+        name = module_name(path)
+        found: set[str | None] = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                # ``from pkg import mod`` depends on mod (and pkg/__init__ only for its own names)
+                found |= {_resolve(f"{node.module}.{a.name}") for a in node.names}
+            elif isinstance(node, ast.Import):
+                found |= {_resolve(a.name) for a in node.names}
+        edges[name] = {t for t in found if t is not None and t != name}
+    return edges
+
+
+def _package(module: str, edges: dict[str, set[str]]) -> str:
+    return module if any(m.startswith(module + ".") for m in edges) else module.rsplit(".", 1)[0]
+
+
+def test_no_import_cycles_inside_a_package() -> None:
+    """Modules of one package never import each other in a circle (not even lazily): one of
+    them holds what both need, or they are one job split in two."""
+    edges = _graph()
+    cycles: list[str] = []
+    for start in sorted(edges):
+        package = _package(start, edges)
+        # Depth-first search for a path back to ``start`` through modules of its package.
+        stack = [(start, [start])]
+        seen: set[str] = set()
+        while stack:
+            node, trail = stack.pop()
+            for nxt in sorted(edges.get(node, ())):
+                if nxt.rsplit(".", 1)[0] != package and _package(nxt, edges) != package:
+                    continue
+                if nxt == start:
+                    cycles.append(" -> ".join([*trail, start]))
+                elif nxt not in seen:
+                    seen.add(nxt)
+                    stack.append((nxt, [*trail, nxt]))
+    assert not cycles, "\n".join(sorted(set(cycles)))
+
+
+def _private(name: str) -> bool:
+    return name.startswith("_") and not (name.startswith("__") and name.endswith("__"))
+
+
+def test_no_module_uses_another_modules_private_names() -> None:
+    """``from m import _x`` and ``m._x`` reach into another module's internals: what two
+    modules share is public in one of them. (Private *modules* such as ``ckptproto._gc`` are
+    the package's own and may be imported.)"""
+    offences = []
+    for path in ROOT.rglob("*.py"):
+        name = module_name(path)
+        tree = ast.parse(path.read_text())
+        aliases: set[str] = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("ckptproto"):
+                for a in node.names:
+                    full = f"{node.module}.{a.name}"
+                    if _resolve(full) == full:
+                        aliases.add(a.asname or a.name)  # a module, used as ``alias.attr``
+                    elif _private(a.name):
+                        offences.append(f"{name}: from {node.module} import {a.name}")
+            elif isinstance(node, ast.Import):
+                for a in node.names:
+                    if a.name.startswith("ckptproto") and a.asname:
+                        aliases.add(a.asname)
+        for node in ast.walk(tree):
+            if (
+                isinstance(node, ast.Attribute)
+                and isinstance(node.value, ast.Name)
+                and node.value.id in aliases
+                and _private(node.attr)
+            ):
+                offences.append(f"{name}: {node.value.id}.{node.attr}")
+    assert not offences, "\n".join(sorted(set(offences)))

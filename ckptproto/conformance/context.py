@@ -30,6 +30,7 @@ from ckptproto.conformance.adapter import Capabilities, TrainerAdapter
 from ckptproto.conformance.compare import Difference, compare_trees, describe_array, is_array
 from ckptproto.errors import UnsupportedValueError
 from ckptproto.io import sync
+from ckptproto.io.prepare import resolve_statefuls
 
 
 class CheckFailed(Exception):
@@ -227,7 +228,7 @@ class Context:
         [P-2]) replaced by their own ``state_dict()``."""
         raw = self.call("state_dict()", protocol.state_of, trainer)
         try:
-            resolved: dict[str, Any] = self.call("a nested state_dict()", sync._resolve_statefuls, raw)
+            resolved: dict[str, Any] = self.call("a nested state_dict()", resolve_statefuls, raw)
             return resolved
         except TrainerRaised as exc:
             if isinstance(exc.original, UnsupportedValueError):

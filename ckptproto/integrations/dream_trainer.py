@@ -365,12 +365,10 @@ class AsyncCheckpointCallback(_DreamAsyncCheckpointCallback, CheckpointCallback)
             return
         for checkpoint in self._stale_checkpoints():
             path = self._checkpoint_path(checkpoint)
-            hidden = path.parent / layout.temp_name(path.name)
             try:
-                os.rename(path, hidden)
-                commit.fsync_dir(path.parent)
-            except OSError as exc:
-                logger.warning(f"cannot delete checkpoint {path}: {exc}")
+                hidden = commit.hide(path)
+            except CheckpointError as exc:
+                logger.warning(str(exc))
                 continue
             logger.info(f"Purging checkpoint {checkpoint.checkpoint_id}")
             if self.purge_thread.is_alive():

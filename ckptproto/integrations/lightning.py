@@ -38,7 +38,6 @@ import contextlib
 import os
 import pathlib
 import pickle
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -58,7 +57,6 @@ from ckptproto.errors import (
     PickleRefusedError,
     UnsupportedValueError,
 )
-from ckptproto.format import layout
 from ckptproto.io import commit
 from ckptproto.io.sync import load, save
 from ckptproto.tree import join_path
@@ -301,10 +299,7 @@ class CkptprotoCheckpointIO(CheckpointIO):  # type: ignore[misc, unused-ignore]
         if any(f.path == target for f in self._futures if not f.done()):
             self.wait()
         if target.is_dir() and not target.is_symlink():
-            trash = target.parent / layout.trash_name(target.name)
-            os.rename(target, trash)
-            commit.fsync_dir(target.parent)
-            shutil.rmtree(trash, ignore_errors=True)
+            commit.discard(target)
         else:
             with contextlib.suppress(FileNotFoundError):
                 target.unlink()

@@ -112,15 +112,9 @@ def write(state: dict[str, Any], final: Path, *, overwrite: bool = False) -> Pat
         with _single_process():
             dcp_save(dcp_state, storage_writer=FileSystemWriter(str(temp)), no_dist=True)
         _fsync_tree(temp)
-        if final.exists():
-            old = final.parent / layout.trash_name(final.name)
-            os.rename(final, old)
-            os.rename(temp, final)
-            commit.fsync_dir(final.parent)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(temp, final)
-            commit.fsync_dir(final.parent)
+        # One atomic step: final never goes missing, and without overwrite a directory that
+        # appeared meanwhile is never replaced.
+        commit.place_dir(temp, final, overwrite=overwrite)
     except OSError as exc:
         raise CheckpointWriteError(f"writing DCP checkpoint {final} failed: {exc}") from exc
     except CheckpointException as exc:  # DCP's (a BaseException), wrapping its writer's error

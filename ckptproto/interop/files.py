@@ -9,6 +9,7 @@ from pathlib import Path
 
 from ckptproto.errors import CheckpointError, CheckpointExistsError, CheckpointWriteError
 from ckptproto.format import layout
+from ckptproto.io import commit
 
 
 def check_destination(final: Path, *, overwrite: bool) -> None:
@@ -19,14 +20,6 @@ def check_destination(final: Path, *, overwrite: bool) -> None:
         raise CheckpointExistsError(
             f"{final} already exists; pass overwrite=True (--overwrite) to replace it"
         )
-
-
-def fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 @contextlib.contextmanager
@@ -49,8 +42,7 @@ def atomic_file(final: Path, *, overwrite: bool) -> Iterator[Path]:
         finally:
             os.close(fd)
         check_destination(final, overwrite=overwrite)
-        os.replace(temp, final)
-        fsync_dir(final.parent)
+        commit.place_file(temp, final, overwrite=overwrite)  # no-replace unless overwrite
     except CheckpointError:
         raise
     except OSError as exc:

@@ -35,13 +35,16 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
-from ckptproto import _gc, protocol
+from ckptproto import _gc
 from ckptproto.errors import CheckpointError, SaverBusyError
 from ckptproto.format.info import CheckpointInfo
-from ckptproto.io import distributed, staging, sync
+from ckptproto.io import pipeline, staging
+from ckptproto.io.coordinate import Timeout, background_coordinator
+from ckptproto.io.prepare import prepare
+from ckptproto.io.share import ShareJob
 from ckptproto.io.staging import Staged, StagingPool
+from ckptproto.io.storage import Storage, resolve
 from ckptproto.protocol import Stateful
-from ckptproto.tree import EncodedState, encode_state
 
 logger = logging.getLogger("ckptproto")
 
@@ -83,13 +86,14 @@ class SaveFuture(Future[CheckpointInfo]):
 @dataclass
 class _Job:
     future: SaveFuture
-    encoded: EncodedState
+    share: ShareJob  # this rank's part of the save: its pieces and their live values
+    storage: Storage
+    final: Path
     metadata_tree: Any
     overwrite: bool
     ready: staging.Ready
-    versions: list[int | None] = field(default_factory=list)  # of encoded.tensors, at save()
+    versions: list[int | None] = field(default_factory=list)  # of share.leaves, at save()
     staged: Staged | None = None
-    share: distributed.ShareJob | None = None  # a distributed save: this rank's part
 
 
 _savers: weakref.WeakSet[AsyncSaver] = weakref.WeakSet()
@@ -168,7 +172,7 @@ class AsyncSaver:
         when_full: WhenFull = "block",
         pool: StagingPool | None = None,
         process_group: Any = None,
-        timeout: sync.Timeout = None,
+        timeout: Timeout = None,
     ) -> None:
         if not isinstance(max_pending, int) or isinstance(max_pending, bool) or max_pending < 1:
             raise ValueError(f"max_pending must be an int >= 1, got {max_pending!r}")
@@ -182,7 +186,7 @@ class AsyncSaver:
         self.pool = pool if pool is not None else StagingPool()
         # Under torch.distributed every rank stages and writes its share; the commit waits for
         # every rank's files (docs/distributed.md). Created here: it is a collective call.
-        self._control = distributed.async_control(process_group, sync.as_timeout(timeout))
+        self._coordinator = background_coordinator(process_group, timeout)
         self._cond = threading.Condition()
         self._inflight: set[SaveFuture] = set()  # holding a slot (counts against max_pending)
         self._unfinished: set[SaveFuture] = set()  # not yet done (what wait() waits for)
@@ -193,6 +197,15 @@ class AsyncSaver:
         self._threads: list[threading.Thread] = []
         _install_exit_hook()
         _savers.add(self)
+
+    @property
+    def distributed(self) -> bool:
+        """True when this saver's saves run across the ranks of a torch.distributed group
+        (it was made while one was initialised, or given one)::
+
+            if not saver.distributed and torch.distributed.is_initialized(): ...
+        """
+        return self._coordinator.distributed
 
     # -- the caller's side -------------------------------------------------------------------
 
@@ -211,21 +224,17 @@ class AsyncSaver:
         later problem (the destination exists, disk full, a failed copy) is raised from
         ``fut.result()`` and logged to the ``ckptproto`` logger; nothing partial is committed.
         """
-        with _gc.paused():
-            state = sync._resolve_statefuls(protocol.state_of(state_or_stateful))
-            encoded = encode_state(state)
-            metadata_tree = sync.encode_metadata(metadata, state)
-        future = SaveFuture(Path(path))
+        storage, final = resolve(path)  # a location no backend serves is refused here
+        with _gc.paused():  # the same first stage as every save (ckptproto.io.prepare)
+            prepared = prepare(state_or_stateful, metadata, self._coordinator)
+        future = SaveFuture(final)
         future.set_running_or_notify_cancel()  # accepted saves cannot be cancelled
         self._reserve(future)
-        job = _Job(future, encoded, metadata_tree, overwrite, staging.Ready())
-        if self._control is not None:
-            # Stage only what this rank writes; the global layout travels with the job.
-            job.share = distributed.plan_share(encoded, self._control.rank, self._control.size)
-            job.encoded = EncodedState(encoded.tree, job.share.leaves)
+        # Stage only what this rank writes; the global layout travels in the share.
+        job = _Job(future, prepared.share, storage, final, prepared.metadata_tree, overwrite, staging.Ready())
         try:
-            job.versions = staging.capture_versions(job.encoded.tensors)
-            job.ready = staging.capture_ready(encoded.tensors)
+            job.versions = staging.capture_versions(job.share.leaves)
+            job.ready = staging.capture_ready(prepared.encoded.tensors)
             if self.staging == "blocking":
                 self._stage(job)
                 self._write_queue.put(job)
@@ -326,16 +335,16 @@ class AsyncSaver:
     # -- the saver's threads -----------------------------------------------------------------
 
     def _stage(self, job: _Job) -> None:
-        job.staged = staging.stage_state(self.pool, job.encoded.tensors, job.ready)
+        job.staged = staging.stage_state(self.pool, job.share.leaves, job.ready)
         job.staged.synchronize()
         if self.staging == "background":
             # The caller may have mutated the state while it was copied (a missed
             # wait_staged()): such a checkpoint would be torn, so the save fails instead.
             staging.check_not_mutated(
-                job.encoded.tensors, job.versions, job.staged.views, where=str(job.future.path)
+                job.share.leaves, job.versions, job.staged.views, where=str(job.future.path)
             )
         # Nothing reads the live tensors any more: drop them (CUDA memory can be reused).
-        job.encoded = EncodedState(job.encoded.tree, [replace(t, value=None) for t in job.encoded.tensors])
+        job.share.leaves = [replace(t, value=None) for t in job.share.leaves]
         job.ready = staging.Ready()
         job.future._staged.set()
 
@@ -356,24 +365,17 @@ class AsyncSaver:
             try:
                 if job.staged is None:
                     raise CheckpointError(f"{job.future.path}: internal error: the save was not staged")
-                if job.share is not None and self._control is not None:
-                    with _gc.paused():
-                        info = distributed.run_protocol(
-                            job.future.path,
-                            job.share,
-                            job.metadata_tree,
-                            job.staged.views,
-                            self._control,
-                            overwrite=job.overwrite,
-                        )
-                else:  # pauses the collector itself, only while building plan and manifest
-                    info = sync.write_checkpoint(
-                        job.future.path,
-                        job.encoded,
-                        job.metadata_tree,
-                        job.staged.views,
-                        overwrite=job.overwrite,
-                    )
+                # The one save pipeline; it pauses the collector itself, only while plans
+                # and the manifest are built.
+                info = pipeline.run(
+                    job.final,
+                    job.share,
+                    job.metadata_tree,
+                    job.staged.views,
+                    self._coordinator,
+                    overwrite=job.overwrite,
+                    storage=job.storage,
+                )
             except BaseException as exc:
                 error = exc
             self._complete(job, info, error)

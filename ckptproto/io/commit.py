@@ -378,6 +378,73 @@ def _whole(path: Path) -> bool:
         return False
 
 
+def place_dir(temp: Path, final: Path, *, overwrite: bool) -> None:
+    """Rename the fully written, fsynced directory ``temp`` to ``final`` as one atomic step
+    (for directories that are not ckptproto checkpoints: a DCP export)::
+
+        commit.place_dir(Path(".out.tmp"), Path("out"), overwrite=False)
+
+    A new name takes a no-replace rename; with ``overwrite`` an existing directory is swapped
+    out atomically (renameat2 exchange where the kernel has it) and then deleted, so ``final``
+    never goes missing. Without ``overwrite`` an existing non-empty ``final`` raises
+    CheckpointExistsError, even one created while the caller was writing."""
+    for _attempt in range(8):  # each retry means another writer changed ``final`` meanwhile
+        if _place_new(temp, final):
+            fsync_dir(final.parent)
+            return
+        if not overwrite:
+            raise CheckpointExistsError(f"{final} already exists; pass overwrite=True to replace it")
+        if final.is_dir() and not final.is_symlink():
+            _replace(temp, final)
+            return
+    raise CheckpointExistsError(f"{final} keeps changing under this writer; refusing to replace it")
+
+
+def place_file(temp: Path, final: Path, *, overwrite: bool) -> None:
+    """Rename the fully written, fsynced file ``temp`` to ``final`` and make that durable::
+
+        commit.place_file(Path(".model.tmp"), Path("model.safetensors"), overwrite=False)
+
+    Without ``overwrite`` the check and the rename are one step (renameat2 RENAME_NOREPLACE,
+    else a hard link, which never replaces): a file created at ``final`` by anyone, even
+    while the caller was writing, is never replaced (CheckpointExistsError)."""
+    if overwrite:
+        os.replace(temp, final)
+    else:
+        try:
+            if not _rename_noreplace(temp, final):
+                os.link(temp, final)  # fails with EEXIST rather than replace
+                os.unlink(temp)
+        except FileExistsError:
+            raise CheckpointExistsError(
+                f"{final} was created by another writer while this one was writing; "
+                "pass overwrite=True (--overwrite) to replace it"
+            ) from None
+    fsync_dir(final.parent)
+
+
+def hide(path: str | os.PathLike[str]) -> Path:
+    """Rename a committed checkpoint out of sight (a hidden leftover name; readers and
+    discovery stop seeing it at once), durably; returns the hidden path for the caller to
+    delete now or later (``abort``). The first half of :func:`discard`::
+
+        hidden = commit.hide("checkpoints/step_100")
+    """
+    final = Path(path)
+    with _locked_while(final):
+        return _hide(final)
+
+
+def _hide(final: Path) -> Path:
+    hidden = final.parent / layout.temp_name(final.name)
+    try:
+        os.rename(final, hidden)
+        fsync_dir(final.parent)
+    except OSError as exc:
+        raise CheckpointWriteError(f"cannot delete checkpoint {final}: {exc}") from exc
+    return hidden
+
+
 def discard(path: str | os.PathLike[str]) -> None:
     """Delete a committed checkpoint so that no crash can leave half of it looking committed::
 
@@ -389,14 +456,8 @@ def discard(path: str | os.PathLike[str]) -> None:
     and leave a "checkpoint" that fails to load.)
     """
     final = Path(path)
-    hidden = final.parent / layout.temp_name(final.name)
-    with _locked_while(final):
-        try:
-            os.rename(final, hidden)
-            fsync_dir(final.parent)
-        except OSError as exc:
-            raise CheckpointWriteError(f"cannot delete checkpoint {final}: {exc}") from exc
-        shutil.rmtree(hidden, ignore_errors=True)
+    with _locked_while(final):  # held until the files are gone: no sweeper races the delete
+        shutil.rmtree(_hide(final), ignore_errors=True)
 
 
 def abort(temp: Path) -> None:

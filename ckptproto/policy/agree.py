@@ -16,16 +16,16 @@ from __future__ import annotations
 
 from typing import Any, TypeVar
 
-from ckptproto.io import distributed
+from ckptproto.io.coordinate import Group, resolve_group
 
 T = TypeVar("T")
 
 
 def _control() -> Any:
-    group = distributed.resolve_group(None)
+    group = resolve_group(None)
     if group is None:
         return None
-    control = distributed._Control(group, None)
+    control = Group(group, None)
     return control if control.size > 1 else None
 
 

@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from ckptproto.format.info import CheckpointInfo
-from ckptproto.io import distributed
 from ckptproto.io.async_save import AsyncSaver, SaveFuture, StagingMode
+from ckptproto.io.coordinate import LOCAL, resolve_group
 from ckptproto.policy.checkpoint import CheckpointCallback
 from ckptproto.policy.params import CheckpointParameters
 from ckptproto.policy.retention import Kept
@@ -54,7 +54,7 @@ class AsyncCheckpointCallback(CheckpointCallback):
         self._staging: StagingMode = staging
         self._max_pending = max_pending
         if saver is None:  # check the arguments now, not at the first save
-            AsyncSaver(max_pending=max_pending, staging=staging, process_group=distributed.LOCAL).close()
+            AsyncSaver(max_pending=max_pending, staging=staging, process_group=LOCAL).close()
         self._saver = saver
         self._own_saver = saver is None
         self._futures: list[tuple[SaveFuture, Kept, threading.Event]] = []
@@ -70,7 +70,7 @@ class AsyncCheckpointCallback(CheckpointCallback):
 
     def _bound_saver(self) -> AsyncSaver:
         saver = self.saver
-        if self._own_saver and saver._control is None and distributed.resolve_group(None) is not None:
+        if self._own_saver and not saver.distributed and resolve_group(None) is not None:
             # made before torch.distributed was started (e.g. ``saver`` read early): every rank
             # would write a whole checkpoint of world size 1 to the same path; rebind.
             saver.close()

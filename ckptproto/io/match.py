@@ -1,0 +1,222 @@
+"""Matching a checkpoint's state against a target tree for ``load_into``: one matcher for
+plain tensors, arrays, DTensors and Statefuls inside trees::
+
+    matcher = Matcher(manifest, strict=True, reject_unexpected=True)
+    matcher.match(skeleton, target, "")
+    matcher.raise_problems(root)        # StateMismatchError lists every path that does not fit
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ckptproto import arrays, dtensor, protocol
+from ckptproto.errors import StateMismatchError
+from ckptproto.format.manifest import Manifest
+from ckptproto.protocol import Stateful
+from ckptproto.tree import join_path
+
+
+class Ref:
+    """Placeholder for a checkpoint tensor while matching against a target."""
+
+    __slots__ = ("index", "kind")
+
+    def __init__(self, kind: str, index: int) -> None:
+        self.kind, self.index = kind, index
+
+
+def copy_into(dst: Any, src: Any) -> None:
+    if isinstance(dst, np.ndarray):
+        dst[...] = src
+    else:
+        torch = arrays.require_torch()
+        src = src if not isinstance(src, np.ndarray) else torch.from_numpy(src)
+        try:
+            dst.copy_(src)
+        except RuntimeError:  # no copy kernel for sub-byte dtypes (uint1..7): one byte each
+            if dst.element_size() != 1 or src.dtype != dst.dtype:
+                raise
+            dst.view(torch.uint8).copy_(src.view(torch.uint8))
+
+
+def call_load_state_dict(
+    target: Stateful, state: dict[str, Any], strict: bool, where: str = "<root>"
+) -> None:
+    try:
+        accepts_strict = "strict" in inspect.signature(target.load_state_dict).parameters
+    except (TypeError, ValueError):
+        accepts_strict = False
+    try:
+        if accepts_strict:
+            target.load_state_dict(state, strict=strict)  # type: ignore[call-arg]
+        else:
+            target.load_state_dict(state)
+    except (RuntimeError, KeyError, ValueError, TypeError, IndexError) as exc:
+        # e.g. torch's "Unexpected key(s) in state_dict": the checkpoint does not fit.
+        raise StateMismatchError(
+            f"{where}: {type(target).__qualname__}.load_state_dict refused the checkpoint state "
+            f"(its tensors may already hold checkpoint bytes): {exc}"
+        ) from exc
+
+
+def assign(target: Any, loaded: Any, strict: bool, root: Path | None = None, path: str = "") -> None:
+    """Copy non-tensor values of ``loaded`` into a plain tree target (tensors already filled);
+    Stateful objects in the tree get their part through their own ``load_state_dict``."""
+    items = loaded.items() if isinstance(loaded, Mapping) else enumerate(loaded)
+    for key, value in items:
+        if isinstance(target, Mapping):
+            if key not in target:
+                continue
+            current = target[key]
+        else:
+            if not isinstance(key, int) or key >= len(target):
+                continue
+            current = target[key]
+        if is_stateful(current):
+            at = join_path(path, key)
+            call_load_state_dict(current, value, strict, f"{root}: {at}" if root else at)
+        elif isinstance(current, (dict, list)) and isinstance(value, type(current)):
+            assign(current, value, strict, root, join_path(path, key))
+        elif current is not value and not is_array(current):
+            target[key] = value
+
+
+def wanted_refs(target: Any, skeleton: Any) -> set[int]:
+    """The checkpoint tensors ``assign`` would place into ``target`` (mirrors its walk)."""
+    wanted: set[int] = set()
+    items = skeleton.items() if isinstance(skeleton, Mapping) else enumerate(skeleton)
+    for key, value in items:
+        if isinstance(target, Mapping):
+            if key not in target:
+                continue
+        elif not isinstance(key, int) or key >= len(target):
+            continue
+        current = target[key]
+        if isinstance(current, (dict, list)) and isinstance(value, type(current)):
+            wanted |= wanted_refs(current, value)
+        elif not is_array(current):  # replaced by, or handed (Stateful), the whole value
+            wanted |= _all_refs(value)
+    return wanted
+
+
+def _all_refs(node: Any) -> set[int]:
+    if isinstance(node, Ref):
+        return {node.index}
+    if isinstance(node, Mapping):
+        return set().union(*(_all_refs(v) for v in node.values()))
+    if isinstance(node, (list, tuple)):
+        return set().union(*(_all_refs(v) for v in node))
+    return set()
+
+
+def is_stateful(value: Any) -> bool:
+    return not isinstance(value, Mapping) and not is_array(value) and isinstance(value, Stateful)
+
+
+def is_array(value: Any) -> bool:
+    return isinstance(value, np.ndarray) or arrays.is_torch_tensor(value)
+
+
+class Matcher:
+    """Walks a checkpoint skeleton beside a target tree: finds the target tensor to read each
+    checkpoint tensor into, and collects missing, unexpected and mismatched paths."""
+
+    def __init__(self, manifest: Manifest, *, strict: bool, reject_unexpected: bool) -> None:
+        self.manifest = manifest
+        self.strict = strict
+        self.reject_unexpected = reject_unexpected
+        self.destinations: dict[int, list[Any]] = {}
+        self.statefuls: dict[int, Mapping[str, Any]] = {}
+        self.missing: list[str] = []
+        self.unexpected: list[str] = []
+        self.mismatched: list[str] = []
+
+    def match(self, ckpt_node: Any, target_node: Any, path: str) -> None:
+        if isinstance(ckpt_node, Ref):
+            if is_array(target_node):
+                self._tensor(ckpt_node, target_node, path)
+            elif target_node is not None:
+                self.mismatched.append(
+                    f"{path}: checkpoint has a tensor, target has {type(target_node).__qualname__}"
+                )
+            return
+        if is_array(target_node):
+            self.mismatched.append(
+                f"{path}: target has a tensor, checkpoint has {type(ckpt_node).__qualname__}"
+            )
+            return
+        if is_stateful(target_node):
+            # A module/optimizer inside a tree target: match against its state_dict(); its own
+            # load_state_dict decides about keys only the checkpoint has.
+            target_node = self.statefuls.setdefault(id(target_node), protocol.state_of(target_node))
+            reject, self.reject_unexpected = self.reject_unexpected, False
+            try:
+                self.match(ckpt_node, target_node, path)
+            finally:
+                self.reject_unexpected = reject
+            return
+        if isinstance(ckpt_node, Mapping) and isinstance(target_node, Mapping):
+            for key in target_node:
+                if key not in ckpt_node:
+                    self.missing.append(join_path(path, key))
+            for key, value in ckpt_node.items():
+                if key in target_node:
+                    self.match(value, target_node[key], join_path(path, key))
+                elif self.reject_unexpected:
+                    self.unexpected.append(join_path(path, key))
+        elif isinstance(ckpt_node, (list, tuple)) and isinstance(target_node, (list, tuple)):
+            if len(ckpt_node) != len(target_node) and any(is_array(t) for t in target_node):
+                self.mismatched.append(
+                    f"{path}: {len(ckpt_node)} items in the checkpoint, {len(target_node)} in the target"
+                )
+            for i, (c, t) in enumerate(zip(ckpt_node, target_node, strict=False)):
+                self.match(c, t, join_path(path, i))
+
+    def _tensor(self, ref: Ref, target: Any, path: str) -> None:
+        if dtensor.is_dtensor(target):
+            self._dtensor(ref, target, path)
+            return
+        entry = self.manifest.tensors[ref.index]
+        spec = arrays.try_spec(target)
+        if spec is None or spec.dtype != entry.dtype or spec.shape != entry.shape or spec.kind != ref.kind:
+            have = f"{spec.kind} {spec.dtype.name}{list(spec.shape)}" if spec else type(target).__qualname__
+            self.mismatched.append(
+                f"{path}: checkpoint has {ref.kind} {entry.dtype.name}{list(entry.shape)}, target has {have}"
+            )
+            return
+        self.destinations.setdefault(ref.index, []).append(target)
+
+    def _dtensor(self, ref: Ref, target: Any, path: str) -> None:
+        """A DTensor target (an FSDP2 parameter) matches by its global dtype and shape."""
+        entry = self.manifest.tensors[ref.index]
+        described = dtensor.describe(target)
+        if isinstance(described, str):
+            self.mismatched.append(f"{path}: {described}")
+            return
+        spec = described[0]
+        if spec.dtype != entry.dtype or spec.shape != entry.shape or ref.kind != "torch":
+            self.mismatched.append(
+                f"{path}: checkpoint has {ref.kind} {entry.dtype.name}{list(entry.shape)}, "
+                f"target has DTensor {spec.dtype.name}{list(spec.shape)}"
+            )
+            return
+        self.destinations.setdefault(ref.index, []).append(target)
+
+    def raise_problems(self, root: Path) -> None:
+        problems = list(self.mismatched)
+        if self.strict:
+            problems += [f"{p}: missing from the checkpoint" for p in self.missing]
+        problems += [f"{p}: in the checkpoint but not in the target" for p in self.unexpected]
+        if problems:
+            shown = "\n  ".join(problems[:20])
+            more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
+            raise StateMismatchError(
+                f"{root}: checkpoint does not fit the target:\n  {shown}{more}\n"
+                "Pass strict=False to load what matches."
+            )

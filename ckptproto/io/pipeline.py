@@ -1,0 +1,268 @@
+"""The one save pipeline: prepare → plan → stage → write → commit, on a coordinator.
+
+Sync, async and distributed saves are the same run with different coordinators (``Solo``: a
+world of one; ``Group``: the ranks of a torch.distributed group) and different byte sources
+(live tensors, or the staging pool's copies)::
+
+    info = save({"models": {"model": model}}, "checkpoints/checkpoint_step_100")
+
+1. prepare (:mod:`ckptproto.io.prepare`): every rank checks and encodes its state and plans its
+   share. Rank 0 creates the hidden temporary directory (``commit.begin``). One exchange: the
+   directory name, every rank's status, and a digest of every rank's tensor layout (paths,
+   dtypes, global shapes), which must agree.
+2. write: every rank writes its own data file (``data-{rank}-000.safetensors``) into that
+   directory and fsyncs it.
+3. commit: a second exchange carries each rank's file entry and chunks to rank 0, which builds
+   the manifest, parses it back (the checks every reader applies: overlapping shards, holes),
+   writes it last and commits (atomic rename + fsync); a third tells every rank the outcome.
+
+If any rank fails, nothing is committed, rank 0 removes the temporary directory, and the error
+is raised on every rank (under torch.distributed as DistributedCheckpointError naming the
+failed ranks). Non-tensor values (steps, hyperparameters) are taken from rank 0's state.
+The collector is paused only while plans and the manifest are built, never while bytes move
+(an async save runs beside training, whose allocations must keep their collections).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from ckptproto import _gc, arrays
+from ckptproto.errors import CheckpointWriteError, DistributedCheckpointError
+from ckptproto.format import layout
+from ckptproto.format.info import CheckpointInfo
+from ckptproto.format.manifest import MAX_MANIFEST_BYTES, Chunk, FileEntry, Manifest, TensorEntry
+from ckptproto.io.coordinate import Coordinator, Timeout, coordinator, failure
+from ckptproto.io.meta import WRITER, build_manifest, decode_metadata
+from ckptproto.io.plan import plan_file
+from ckptproto.io.prepare import prepare
+from ckptproto.io.share import ShareJob, warn_if_replicas_differ
+from ckptproto.io.storage import Storage, resolve
+from ckptproto.protocol import Stateful
+from ckptproto.tree import EncodedState
+
+PathLike = str | os.PathLike[str]
+_NOT_COMMITTED = "; nothing was committed"
+
+
+@_gc.paused()
+def save(
+    state_or_stateful: Stateful | Mapping[str, Any],
+    path: PathLike,
+    *,
+    metadata: Mapping[str, Any] | None = None,
+    overwrite: bool = False,
+    process_group: Any = None,
+    timeout: Timeout = None,
+) -> CheckpointInfo:
+    """Save a state (or anything with ``state_dict()``) as a committed checkpoint directory::
+
+        info = ckptproto.save({"models": {"model": model}, "trainer": {"global_step": 10}},
+                              "checkpoints/checkpoint_step_10", metadata={"metrics": {"loss": 0.3}})
+
+    Every value is checked before any byte is written (UnsupportedValueError names the path).
+    The directory appears atomically, fully written and fsynced, or not at all.
+
+    ``process_group``: under torch.distributed (by default, the world group once it is
+    initialised) every rank calls ``save`` and writes its share; see ``docs/distributed.md``.
+    ``process_group="local"`` saves from this process alone.
+
+    ``timeout`` (seconds or a ``datetime.timedelta``; default 30 minutes, torch.distributed's
+    own): under torch.distributed, how long a rank waits for the others at each step before
+    every rank raises DistributedCheckpointError naming the ranks that failed or hung. A single
+    process never waits for anyone: there it is only checked.
+    """
+    coord = coordinator(process_group, timeout)
+    storage, final = resolve(path)
+    job: ShareJob | None = None
+    metadata_tree: Any = None
+    sources: list[memoryview] = []
+    owners = []  # keeps contiguous/CPU copies alive until written
+    failed: BaseException | None = None
+    try:
+        prepared = prepare(state_or_stateful, metadata, coord)
+        job, metadata_tree = prepared.share, prepared.metadata_tree
+        for leaf in job.leaves:
+            view, owner = arrays.to_host_bytes(leaf.value)
+            sources.append(view)
+            owners.append(owner)
+    except Exception as exc:
+        failed = exc
+    return run(final, job, metadata_tree, sources, coord, overwrite=overwrite, failed=failed, storage=storage)
+
+
+def run(
+    final: Path,
+    job: ShareJob | None,
+    metadata_tree: Any,
+    sources: list[memoryview],
+    coord: Coordinator,
+    *,
+    overwrite: bool,
+    failed: BaseException | None = None,
+    storage: Storage | None = None,
+) -> CheckpointInfo:
+    """Write and commit a prepared save, on every rank of ``coord``: ``sources[i]`` holds the
+    bytes of ``job.pieces[i]`` (live tensors, or staged copies for an async save). ``failed``:
+    this rank already failed (``job`` is then None) and reports it to the others. Every byte
+    goes through ``storage`` (by default the backend :func:`~ckptproto.io.storage.resolve`
+    gives ``final``)."""
+    where = f"saving {final}"
+    if storage is None:
+        storage, final = resolve(final)
+    temp: str | None = None
+    local = failed
+    mine: dict[str, Any] = failure(failed) if failed is not None else {}
+    if failed is None:
+        try:
+            if coord.rank == 0:
+                temp = storage.begin(final, overwrite=overwrite)
+            assert job is not None
+            mine = {
+                "ok": True,
+                "digest": job.digest,
+                "temp": str(temp),
+                "path": os.path.abspath(final),
+                "replicas": job.replicas,
+            }
+        except Exception as exc:
+            local, mine = exc, failure(exc)
+    try:
+        answers = coord.exchange(mine, where)
+        coord.settle(answers, where, local, _NOT_COMMITTED)
+        _check_same_save(answers, where)
+        assert job is not None
+        if coord.rank == 0 and coord.size > 1:
+            warn_if_replicas_differ(final, job, answers, coord.size)
+        temp = answers[0]["temp"]
+        try:
+            mine = {"ok": True, **_write_share(storage, temp, job, sources, coord.rank)}
+        except Exception as exc:
+            local, mine = exc, failure(exc)
+        answers = coord.exchange(mine, where)
+        coord.settle(answers, where, local, _NOT_COMMITTED)
+        if coord.rank == 0:
+            try:
+                manifest = _commit(
+                    storage, final, temp, job.encoded, metadata_tree, answers, coord.size, overwrite=overwrite
+                )
+                mine = {"ok": True, "manifest": _summary(manifest)}
+            except Exception as exc:
+                local, mine = exc, failure(exc)
+                storage.abort(temp)
+            temp = None
+        else:
+            mine = {"ok": True}
+        answers = coord.exchange(mine, where)
+        coord.settle(answers, where, local, _NOT_COMMITTED)
+    except BaseException:
+        if temp is not None and coord.rank == 0:
+            storage.abort(temp)
+        raise
+    manifest = _from_summary(answers[0]["manifest"])
+    return CheckpointInfo.from_manifest(final, manifest, decode_metadata(manifest, final))
+
+
+def _check_same_save(answers: list[dict[str, Any]], where: str) -> None:
+    """Every rank saves the same layout to the same path (always true in a world of one)."""
+    differ = [r for r, a in enumerate(answers) if a["digest"] != answers[0]["digest"]]
+    if differ:
+        raise DistributedCheckpointError(
+            f"{where}: the state of rank {', '.join(map(str, differ))} holds different tensors "
+            "(paths, dtypes or global shapes) than rank 0's; every rank must save the same state",
+            failed_ranks={r: "state differs from rank 0's" for r in differ},
+        )
+    elsewhere = [r for r, a in enumerate(answers) if a["path"] != answers[0]["path"]]
+    if elsewhere:
+        raise DistributedCheckpointError(
+            f"{where}: rank {', '.join(map(str, elsewhere))} saves to "
+            f"{answers[elsewhere[0]]['path']}, rank 0 to {answers[0]['path']}; every rank "
+            "must pass the same path",
+            failed_ranks={r: f"saves to {answers[r]['path']}" for r in elsewhere},
+        )
+
+
+def _write_share(
+    storage: Storage, temp: str, job: ShareJob, sources: list[memoryview], rank: int
+) -> dict[str, Any]:
+    if not job.pieces and rank != 0:
+        return {"file": None, "chunks": []}  # rank 0 always writes one (even of no tensors)
+    with _gc.paused():
+        file_plan = plan_file(layout.data_file_name(rank), rank, job.pieces)
+    entry = storage.write_file(temp, file_plan, sources)
+    with _gc.paused():
+        return {
+            "file": [file_plan.name, entry.size, entry.checksum],
+            "chunks": [
+                [job.tensor_index[p.source], p.key, list(p.offsets), list(p.spec.shape)] for p in job.pieces
+            ],
+        }
+
+
+def _commit(
+    storage: Storage,
+    final: Path,
+    temp: str,
+    encoded: EncodedState,
+    metadata_tree: Any,
+    answers: list[dict[str, Any]],
+    world_size: int,
+    *,
+    overwrite: bool,
+) -> Manifest:
+    """On rank 0: the manifest from every rank's file and chunks, parsed back, written last;
+    then the commit."""
+    with _gc.paused():
+        files: dict[str, FileEntry] = {}
+        chunks: list[list[Chunk]] = [[] for _ in encoded.tensors]
+        for rank, answer in enumerate(answers):
+            if answer["file"] is None:
+                continue
+            name, size, checksum = answer["file"]
+            files[name] = FileEntry(size, checksum, rank)
+            for index, key, offsets, shape in answer["chunks"]:
+                chunks[index].append(Chunk(name, key, tuple(offsets), tuple(shape)))
+        tensors = []
+        for leaf, found in zip(encoded.tensors, chunks, strict=True):
+            covered = sum(c.numel for c in found)
+            if covered != leaf.spec.numel or not found:
+                raise DistributedCheckpointError(
+                    f"{final}: {leaf.path}: the ranks' shards hold {covered} of its {leaf.spec.numel} "
+                    "elements; a DTensor's device mesh must lie inside the process group that saves it"
+                )
+            found.sort(key=lambda c: c.offsets)
+            tensors.append(TensorEntry(leaf.spec.dtype, leaf.spec.shape, tuple(found)))
+        manifest = build_manifest(encoded, metadata_tree, files, tensors, world_size)
+        data = manifest.to_json()
+        # What every reader will check, checked before the commit (catches overlapping shards),
+        # the size limit of reader.read_manifest included.
+        if len(data) > MAX_MANIFEST_BYTES:
+            raise CheckpointWriteError(
+                f"{final}: the manifest would be {len(data)} bytes, over the {MAX_MANIFEST_BYTES} "
+                "that readers accept; store large values as tensors, not as plain lists or strings"
+            )
+        Manifest.parse(data, f"{temp}/{layout.MANIFEST_NAME}")
+    storage.write_small_file(temp, layout.MANIFEST_NAME, data)
+    storage.commit(temp, final, overwrite=overwrite)
+    return manifest
+
+
+def _summary(manifest: Manifest) -> dict[str, Any]:
+    """What the other ranks need for their CheckpointInfo (not the whole manifest)."""
+    return {
+        "metadata": manifest.metadata,
+        "created": manifest.created,
+        "files": {n: [f.size, f.checksum, f.rank] for n, f in manifest.files.items()},
+        "world_size": manifest.world_size,
+    }
+
+
+def _from_summary(doc: dict[str, Any]) -> Manifest:
+    files = {n: FileEntry(size, checksum, rank) for n, (size, checksum, rank) in doc["files"].items()}
+    return Manifest(
+        state={}, tensors=[], files=files, metadata=doc["metadata"], created=doc["created"],
+        world_size=doc["world_size"], writer=WRITER,
+    )  # fmt: skip
