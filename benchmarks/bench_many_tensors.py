@@ -156,14 +156,18 @@ def run_count(n: int, numel: int, root: Path, repeat: int, with_dcp: bool) -> di
 
 def print_table(n: int, numel: int, repeat: int, result: dict[str, tuple[float, float]]) -> None:
     base_s, base_l = result["ckptproto"]
-    print(f"\n{n:,} tensors of {numel} float32, median of {repeat} (us per tensor; x ours >1: ckptproto faster)")
+    print(
+        f"\n{n:,} tensors of {numel} float32, median of {repeat} (us per tensor; x ours >1: ckptproto faster)"
+    )
     print(f"  {'method':<15} {'save us':>9} {'x ours':>7}   {'load us':>9} {'x ours':>7}")
     for m, (s, lo) in result.items():
         print(f"  {m:<15} {s:9.2f} {s / base_s:7.2f}   {lo:9.2f} {lo / base_l:7.2f}")
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--counts", type=int, nargs="+", default=[10_000, 100_000, 300_000])
     parser.add_argument("--numel", type=int, default=4)
     parser.add_argument("--repeat", type=int, default=3)
@@ -179,8 +183,10 @@ def main() -> None:
         if len(results) > 1:
             print("\nckptproto us/tensor as the count grows (flat = no superlinear step):")
             for n, r in results.items():
-                print(f"  {n:>9,}: save {r['ckptproto'][0]:7.2f}  load {r['ckptproto'][1]:7.2f}  "
-                      f"load_into {r['ckpt load_into'][1]:7.2f}")
+                print(
+                    f"  {n:>9,}: save {r['ckptproto'][0]:7.2f}  load {r['ckptproto'][1]:7.2f}  "
+                    f"load_into {r['ckpt load_into'][1]:7.2f}"
+                )
 
 
 if __name__ == "__main__":

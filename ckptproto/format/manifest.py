@@ -285,48 +285,77 @@ def _parse_files(doc: object, where: str) -> dict[str, FileEntry]:
     return files
 
 
-def _int_list(value: object, what: str) -> tuple[int, ...]:
-    if (
-        not isinstance(value, list)
-        or len(value) > MAX_NDIM
-        or not all(type(v) is int and 0 <= v <= MAX_DIM for v in value)
-    ):
-        raise CheckpointFormatError(f"{what} must be a list of at most {MAX_NDIM} integers in [0, 2**62]")
-    return tuple(value)
+def _int_list(value: object) -> tuple[int, ...] | None:
+    """``value`` as a tuple if it is a list of at most MAX_NDIM integers in [0, 2**62], else None."""
+    if type(value) is list and len(value) <= MAX_NDIM:
+        for v in value:  # a plain loop: all() over a generator costs more than the check
+            if type(v) is not int or not 0 <= v <= MAX_DIM:
+                return None
+        return tuple(value)
+    return None
+
+
+def _bad_int_list(what: str) -> CheckpointFormatError:
+    return CheckpointFormatError(f"{what} must be a list of at most {MAX_NDIM} integers in [0, 2**62]")
+
+
+_CHUNK_FIELDS = frozenset({"file", "key", "offsets", "shape"})
 
 
 def _parse_tensor(doc: object, index: int, files: dict[str, FileEntry], where: str) -> TensorEntry:
-    what = f"{where}: tensors[{index}]"
-    if not isinstance(doc, dict):
-        raise CheckpointFormatError(f"{what} must be an object")
-    try:
-        dtype = dtypes.by_name(doc.get("dtype"))
-    except CheckpointFormatError as exc:
-        raise CheckpointFormatError(f"{what}: {exc}") from None
-    shape = _int_list(doc.get("shape"), f"{what}.shape")
+    # Messages are formatted only on failure: this runs once per tensor (300,000 in a large state).
+    if type(doc) is not dict:
+        raise CheckpointFormatError(f"{where}: tensors[{index}] must be an object")
+    name = doc.get("dtype")
+    dtype = dtypes.BY_NAME.get(name) if type(name) is str else None
+    if dtype is None:
+        try:
+            dtypes.by_name(name)
+        except CheckpointFormatError as exc:
+            raise CheckpointFormatError(f"{where}: tensors[{index}]: {exc}") from None
+        raise AssertionError("by_name accepted a name BY_NAME lacks")  # pragma: no cover
+    shape = _int_list(doc.get("shape"))
+    if shape is None:
+        raise _bad_int_list(f"{where}: tensors[{index}].shape")
     chunks_doc = doc.get("chunks")
-    if not isinstance(chunks_doc, list) or not chunks_doc or len(chunks_doc) > MAX_CHUNKS_PER_TENSOR:
-        raise CheckpointFormatError(f"{what}.chunks must be a non-empty list")
+    if type(chunks_doc) is not list or not chunks_doc or len(chunks_doc) > MAX_CHUNKS_PER_TENSOR:
+        raise CheckpointFormatError(f"{where}: tensors[{index}].chunks must be a non-empty list")
     chunks = []
+    ndim = len(shape)
     for j, c in enumerate(chunks_doc):
-        cw = f"{what}.chunks[{j}]"
-        if not isinstance(c, dict):
-            raise CheckpointFormatError(f"{cw} must be an object")
+        if type(c) is not dict:
+            raise CheckpointFormatError(f"{where}: tensors[{index}].chunks[{j}] must be an object")
         file, key = c.get("file"), c.get("key")
-        if not isinstance(file, str) or file not in files:
-            raise CheckpointFormatError(f'{cw}: file {show(file)} is not listed in "files"')
-        if not isinstance(key, str):
-            raise CheckpointFormatError(f"{cw}: key must be a string")
-        offsets = _int_list(c.get("offsets"), f"{cw}.offsets")
-        cshape = _int_list(c.get("shape"), f"{cw}.shape")
-        if len(offsets) != len(shape) or len(cshape) != len(shape):
-            raise CheckpointFormatError(f"{cw}: offsets and shape need {len(shape)} dimensions")
-        if any(o + s > g for o, s, g in zip(offsets, cshape, shape, strict=True)):
-            raise CheckpointFormatError(f"{cw}: box {offsets}+{cshape} runs outside shape {shape}")
+        if type(file) is not str or file not in files:
+            raise CheckpointFormatError(
+                f'{where}: tensors[{index}].chunks[{j}]: file {show(file)} is not listed in "files"'
+            )
+        if type(key) is not str:
+            raise CheckpointFormatError(f"{where}: tensors[{index}].chunks[{j}]: key must be a string")
+        offsets = _int_list(c.get("offsets"))
+        if offsets is None:
+            raise _bad_int_list(f"{where}: tensors[{index}].chunks[{j}].offsets")
+        cshape = _int_list(c.get("shape"))
+        if cshape is None:
+            raise _bad_int_list(f"{where}: tensors[{index}].chunks[{j}].shape")
+        if len(offsets) != ndim or len(cshape) != ndim:
+            raise CheckpointFormatError(
+                f"{where}: tensors[{index}].chunks[{j}]: offsets and shape need {ndim} dimensions"
+            )
+        if cshape != shape or any(offsets):  # a whole-tensor box is inside by construction
+            if any(o + n > g for o, n, g in zip(offsets, cshape, shape, strict=True)):
+                raise CheckpointFormatError(
+                    f"{where}: tensors[{index}].chunks[{j}]: box {offsets}+{cshape} runs outside shape {shape}"
+                )
         chunks.append(Chunk(file, key, offsets, cshape))
-    check_extent(shape, dtype.itemsize, what)
+    extent = dtype.itemsize
+    for d in shape:
+        extent *= d or 1
+        if extent > MAX_EXTENT:
+            check_extent(shape, dtype.itemsize, f"{where}: tensors[{index}]")  # raises, with the message
     entry = TensorEntry(dtype, shape, tuple(chunks))
-    _check_tiling(entry, what)
+    if len(chunks) != 1 or chunks[0].shape != shape:
+        _check_tiling(entry, f"{where}: tensors[{index}]")
     return entry
 
 

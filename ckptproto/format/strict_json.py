@@ -11,6 +11,7 @@ import decimal
 import json
 import math
 import re
+import sys
 from typing import Any
 
 from ckptproto.errors import CheckpointFormatError
@@ -22,15 +23,18 @@ _FAST_INT_CHARS = 4000
 # string hold a lone surrogate (raw surrogates are not valid UTF-8 and fail decoding).
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 _SURROGATE = re.compile("[\ud800-\udfff]")
+_UNPARSED = object()
 
 
 def no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     """``object_pairs_hook`` that raises CheckpointFormatError on a repeated key."""
-    out: dict[str, Any] = {}
-    for k, v in pairs:
-        if k in out:
-            raise CheckpointFormatError(f"duplicate JSON key {k!r}")
-        out[k] = v
+    out = dict(pairs)  # in C; the names are compared one by one only when one repeats
+    if len(out) != len(pairs):
+        seen: set[str] = set()
+        for k, _ in pairs:
+            if k in seen:
+                raise CheckpointFormatError(f"duplicate JSON key {k!r}")
+            seen.add(k)
     return out
 
 
@@ -63,13 +67,30 @@ def parse_float(text: str) -> float:
 def loads(text: str) -> Any:
     """``json.loads`` with every refusal above: ``loads('{"a": 1, "a": 2}')`` raises
     CheckpointFormatError (and RecursionError for absurd nesting, left to the caller)."""
-    doc = json.loads(
-        text,
-        object_pairs_hook=no_duplicate_keys,
-        parse_constant=reject_constant,
-        parse_int=parse_int,
-        parse_float=parse_float,
-    )
+    doc: Any = _UNPARSED
+    limit = sys.get_int_max_str_digits()
+    if 0 < limit < MAX_INT_CHARS:
+        # Common case, integers parsed in C: int() itself refuses more than ``limit`` digits
+        # (ValueError), and then the text is parsed again with the exact, bounded hook below.
+        # A parse_int hook is a Python call per integer: most of a manifest's numbers.
+        try:
+            doc = json.loads(
+                text,
+                object_pairs_hook=no_duplicate_keys,
+                parse_constant=reject_constant,
+                parse_float=parse_float,
+            )
+        except ValueError as exc:
+            if isinstance(exc, (json.JSONDecodeError, CheckpointFormatError)):
+                raise
+    if doc is _UNPARSED:
+        doc = json.loads(
+            text,
+            object_pairs_hook=no_duplicate_keys,
+            parse_constant=reject_constant,
+            parse_int=parse_int,
+            parse_float=parse_float,
+        )
     if _SURROGATE_ESCAPE.search(text):
         _refuse_lone_surrogates(doc)
     return doc
