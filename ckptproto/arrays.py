@@ -9,8 +9,7 @@ from __future__ import annotations
 import ctypes
 import math
 import sys
-from dataclasses import dataclass
-from functools import cached_property
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
@@ -53,14 +52,14 @@ class ArraySpec:
     kind: Kind
     dtype: DType
     shape: tuple[int, ...]
+    # Computed once here: a cached_property takes a lock on first use (3.11), a per-tensor cost.
+    numel: int = field(init=False, repr=False, compare=False)
+    nbytes: int = field(init=False, repr=False, compare=False)
 
-    @cached_property
-    def numel(self) -> int:
-        return math.prod(self.shape)
-
-    @cached_property
-    def nbytes(self) -> int:
-        return self.numel * self.dtype.itemsize
+    def __post_init__(self) -> None:
+        numel = math.prod(self.shape)
+        object.__setattr__(self, "numel", numel)
+        object.__setattr__(self, "nbytes", numel * self.dtype.itemsize)
 
 
 _torch_dtypes: dict[Any, DType | None] = {}
@@ -73,10 +72,22 @@ def _torch_dtype(dtype: Any) -> DType | None:
     return found  # type: ignore[return-value]
 
 
+def _torch_constants() -> tuple[Any, Any, Any]:
+    """``(torch.Tensor, torch.nn.Parameter, torch.strided)``, looked up once per process."""
+    global _TORCH_CONSTANTS
+    if _TORCH_CONSTANTS is None:
+        torch = require_torch()
+        _TORCH_CONSTANTS = (torch.Tensor, torch.nn.Parameter, torch.strided)
+    return _TORCH_CONSTANTS
+
+
+_TORCH_CONSTANTS: tuple[Any, Any, Any] | None = None
+
+
 def describe_torch(t: torch.Tensor) -> ArraySpec | str:
     """The spec of a torch tensor, or why the format cannot store it as plain bytes."""
-    torch = loaded_torch()
-    if type(t) is not torch.Tensor and type(t) is not torch.nn.Parameter:
+    tensor_type, parameter_type, strided = _torch_constants()
+    if type(t) is not tensor_type and type(t) is not parameter_type:
         return (
             f"tensor subclass {type(t).__module__}.{type(t).__qualname__} is not supported; "
             "save its local or full tensor instead"
@@ -86,7 +97,7 @@ def describe_torch(t: torch.Tensor) -> ArraySpec | str:
         if t.is_quantized or str(t.dtype).removeprefix("torch.") in dtypes.QUANTIZED_TORCH:
             return f"quantized dtype {t.dtype} is not supported; dequantize() it first"
         return f"dtype {t.dtype} is not supported"
-    if t.layout is not torch.strided:
+    if t.layout is not strided:
         return f"{t.layout} tensors are not supported; call .to_dense() first"
     if t.is_nested:  # strided layout, but no single shape (t.shape raises)
         return (
@@ -132,12 +143,18 @@ def identity(value: Any) -> tuple[Any, ...]:
     if isinstance(value, np.ndarray):
         ai = value.__array_interface__
         return ("numpy", ai["data"][0], value.shape, value.strides, value.dtype.str)
+    return torch_identity(value, tuple(value.shape))
+
+
+def torch_identity(value: Any, shape: tuple[int, ...]) -> tuple[Any, ...]:
+    """:func:`identity` of a non-empty torch tensor whose ``shape`` the caller already has.
+    The address of the first element (``data_ptr``: the storage's address plus the offset) with
+    shape, strides and dtype fixes which bytes a view reads."""
     return (
         "torch",
         value.device,
-        value.untyped_storage().data_ptr(),
-        value.storage_offset(),
-        tuple(value.shape),
+        value.data_ptr(),
+        shape,
         value.stride(),
         value.dtype,
         value.is_conj(),

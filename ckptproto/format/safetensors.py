@@ -20,6 +20,7 @@ from ckptproto.format import strict_json
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors reference limit
 HEADER_ALIGN = 8
 RAW_CODE = "U8"  # dtypes safetensors lacks are stored as raw bytes under this code
+_text = json.encoder.encode_basestring  # what json.dumps(ensure_ascii=False) writes for a str
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,10 +38,24 @@ def encode_header(
 ) -> bytes:
     """The header bytes (length prefix + JSON) for ``(key, code, shape, begin, end)`` entries
     whose offsets are relative to the data buffer."""
-    obj: dict[str, Any] = {"__metadata__": metadata}
-    for key, code, shape, begin, end in entries:
-        obj[key] = {"dtype": code, "shape": list(shape), "data_offsets": [begin, end]}
-    text = json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    keys = {key for key, *_ in entries}
+    if len(keys) == len(entries) and "__metadata__" not in keys:
+        # Written as text directly, the bytes json.dumps gives (tests/test_many_tensors.py):
+        # no dict and two lists per tensor on the way.
+        parts = [json.dumps({"__metadata__": metadata}, separators=(",", ":"), ensure_ascii=False)[:-1]]
+        text_of = _text
+        for key, code, shape, begin, end in entries:
+            dims = ",".join(map(int.__repr__, shape))
+            parts.append(
+                f',{text_of(key)}:{{"dtype":{text_of(code)},"shape":[{dims}],"data_offsets":[{begin},{end}]}}'
+            )
+        parts.append("}")
+        text = "".join(parts).encode("utf-8")
+    else:  # a repeated key keeps its first position and last value, as a dict does
+        obj: dict[str, Any] = {"__metadata__": metadata}
+        for key, code, shape, begin, end in entries:
+            obj[key] = {"dtype": code, "shape": list(shape), "data_offsets": [begin, end]}
+        text = json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
     pad = -(8 + len(text)) % HEADER_ALIGN
     text += b" " * pad
     return struct.pack("<Q", len(text)) + text
@@ -87,7 +102,7 @@ def parse_header(raw: bytes, file_size: int, name: str) -> dict[str, HeaderEntry
         itemsize = SAFETENSORS_ITEMSIZE.get(code) if isinstance(code, str) else None
         if itemsize is None:
             raise CheckpointFormatError(f"{name}: tensor {key!r} has unsupported dtype {_short(code)}")
-        if type(shape) is not list or not all(type(d) is int and d >= 0 for d in shape):
+        if type(shape) is not list or not _dims(shape):
             raise CheckpointFormatError(f"{name}: tensor {key!r} has a bad shape {_short(shape)}")
         if (
             type(offsets) is not list
@@ -108,6 +123,14 @@ def parse_header(raw: bytes, file_size: int, name: str) -> dict[str, HeaderEntry
             )
         entries[key] = HeaderEntry(code, tuple(shape), data_start + offsets[0], data_start + offsets[1])
     position = data_start
+    for entry in entries.values():  # written in file order: then one pass tells, no sort
+        if entry.begin != position:
+            break
+        position = entry.end
+    else:
+        if position == file_size:
+            return entries
+    position = data_start
     for entry in sorted(entries.values(), key=lambda x: (x.begin, x.end)):
         if entry.begin != position:
             problem = "overlap" if entry.begin < position else "leave a hole"
@@ -118,6 +141,14 @@ def parse_header(raw: bytes, file_size: int, name: str) -> dict[str, HeaderEntry
             f"{name}: tensors end at byte {position} but the file has {file_size} bytes"
         )
     return entries
+
+
+def _dims(shape: list[Any]) -> bool:
+    """Every item a non-negative int (a plain loop: all() over a generator costs more)."""
+    for d in shape:  # noqa: SIM110 - the loop is the point
+        if type(d) is not int or d < 0:
+            return False
+    return True
 
 
 def _short(value: object) -> str:

@@ -7,7 +7,6 @@ string holds one, so a writer could never have meant it)."""
 
 from __future__ import annotations
 
-import decimal
 import json
 import math
 import re
@@ -15,10 +14,8 @@ import sys
 from typing import Any
 
 from ckptproto.errors import CheckpointFormatError
-from ckptproto.tree import MAX_INT_CHARS
+from ckptproto.tree import MAX_INT_CHARS, decimal_int
 
-# Python's int(str) refuses more than 4,300 digits (sys.int_info); decimal converts any size.
-_FAST_INT_CHARS = 4000
 # A surrogate escape, possibly preceded by escaped backslashes: only then can a decoded
 # string hold a lone surrogate (raw surrogates are not valid UTF-8 and fail decoding).
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
@@ -45,13 +42,11 @@ def reject_constant(name: str) -> Any:
 
 def parse_int(text: str) -> int:
     """``parse_int`` hook: exact at any length up to MAX_INT_CHARS characters, refused beyond."""
-    if len(text) < _FAST_INT_CHARS:
-        return int(text)
     if len(text) > MAX_INT_CHARS:
         raise CheckpointFormatError(
             f"a JSON integer of {len(text)} characters, over the {MAX_INT_CHARS}-character limit"
         )
-    return int(decimal.Decimal(text))
+    return decimal_int(text)
 
 
 def parse_float(text: str) -> float:
