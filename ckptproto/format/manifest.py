@@ -120,6 +120,14 @@ class Manifest:
         # The tensor table is written as text directly: the same bytes json.dumps gives for it
         # (tests/test_many_tensors.py compares them), without a dict and three lists per tensor.
         parts = [_dumps(head)[:-1], ',"tensors":[']
+        ints: dict[tuple[int, ...], str] = {}  # shapes and offsets repeat: each written once
+
+        def _ints(values: tuple[int, ...]) -> str:
+            text = ints.get(values)
+            if text is None:
+                text = ints[values] = ",".join(map(int.__repr__, values))
+            return text
+
         for i, t in enumerate(self.tensors):
             chunks = ",".join(
                 f'{{"file":{_text(c.file)},"key":{_text(c.key)},"offsets":[{_ints(c.offsets)}],'
@@ -173,10 +181,6 @@ def _dumps(value: Any) -> str:
 
 
 _text = json.encoder.encode_basestring  # what json.dumps(ensure_ascii=False) writes for a str
-
-
-def _ints(values: tuple[int, ...]) -> str:
-    return ",".join(map(int.__repr__, values))
 
 
 def show(value: object) -> str:
