@@ -128,12 +128,15 @@ class Manifest:
                 text = ints[values] = ",".join(map(int.__repr__, values))
             return text
 
-        for i, t in enumerate(self.tensors):
-            chunks = ",".join(
+        def _chunk(c: Chunk) -> str:
+            return (
                 f'{{"file":{_text(c.file)},"key":{_text(c.key)},"offsets":[{_ints(c.offsets)}],'
                 f'"shape":[{_ints(c.shape)}]}}'
-                for c in t.chunks
             )
+
+        for i, t in enumerate(self.tensors):
+            cs = t.chunks
+            chunks = _chunk(cs[0]) if len(cs) == 1 else ",".join(map(_chunk, cs))
             parts.append(
                 f'{"," if i else ""}{{"dtype":{_text(t.dtype.name)},"shape":[{_ints(t.shape)}],"chunks":[{chunks}]}}'
             )
