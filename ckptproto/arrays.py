@@ -219,6 +219,9 @@ def allocate(spec: ArraySpec) -> tuple[Any, memoryview]:
     return t, _raw_view(t.data_ptr(), spec.nbytes)
 
 
+_CPU: Any = None
+
+
 def empty_cpu(shape: tuple[int, ...], dtype: Any) -> Any:
     """``torch.empty`` on the CPU whatever torch's global modes: the default device
     (``torch.set_default_device("meta")`` would hand out memory that cannot be written) and
@@ -226,8 +229,11 @@ def empty_cpu(shape: tuple[int, ...], dtype: Any) -> Any:
     fill kernel for its bit and sub-byte dtypes (uint1..7, int1..7, bits*, float4_e2m1fn_x2):
     those are allocated as a same-width integer tensor and viewed as their dtype."""
     torch = require_torch()
+    global _CPU
+    if _CPU is None:
+        _CPU = torch.device("cpu")  # a device object: torch parses a "cpu" string on every call
     try:
-        return torch.empty(shape, dtype=dtype, device="cpu")
+        return torch.empty(shape, dtype=dtype, device=_CPU)
     except RuntimeError:  # NotImplementedError: "fill_empty_deterministic_" not implemented
         same_width = same_width_int(dtype)
         if same_width is None:
