@@ -209,9 +209,13 @@ def _check_values(state: Any, metadata: Any, tensors: list[TensorEntry], where: 
     """F-14, F-15, F-17, F-18: decode both trees once, keeping nothing."""
     kinds: dict[int, str] = {}
 
+    count = len(tensors)
+
     def resolve(kind: str, index: int, path: str) -> None:
+        if index < count and kinds.setdefault(index, kind) == kind and kind == "torch":
+            return  # the common case, no message built
         at = f"state.{path}" if path else "state"
-        if index >= len(tensors):
+        if index >= count:
             raise CheckpointFormatError(f"{where}: {at} refers to tensor {show(index)}, which does not exist")
         if kinds.setdefault(index, kind) != kind:
             raise CheckpointFormatError(f"{where}: tensor {index} is used as both torch and numpy ({at})")
