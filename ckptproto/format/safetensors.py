@@ -94,34 +94,34 @@ def parse_header(raw: bytes, file_size: int, name: str) -> dict[str, HeaderEntry
         raise CheckpointFormatError(f"{name}: __metadata__ must map strings to strings")
     entries: dict[str, HeaderEntry] = {}
     fields = {"dtype", "shape", "data_offsets"}
+    itemsizes = SAFETENSORS_ITEMSIZE
     for key in list(obj):
         e = obj.pop(key)  # free the parsed JSON as entries are built: a header may be 100 MiB
-        if not isinstance(e, dict) or len(e) != 3 or not fields.issuperset(e):
+        if type(e) is not dict or len(e) != 3 or not fields.issuperset(e):
             raise CheckpointFormatError(f"{name}: tensor {key!r} needs exactly dtype, shape and data_offsets")
         code, shape, offsets = e["dtype"], e["shape"], e["data_offsets"]
-        itemsize = SAFETENSORS_ITEMSIZE.get(code) if isinstance(code, str) else None
+        itemsize = itemsizes.get(code) if type(code) is str else None
         if itemsize is None:
             raise CheckpointFormatError(f"{name}: tensor {key!r} has unsupported dtype {_short(code)}")
         if type(shape) is not list or not _dims(shape):
             raise CheckpointFormatError(f"{name}: tensor {key!r} has a bad shape {_short(shape)}")
-        if (
-            type(offsets) is not list
-            or len(offsets) != 2
-            or type(offsets[0]) is not int
-            or type(offsets[1]) is not int
-            or not 0 <= offsets[0] <= offsets[1] <= buffer_len
-        ):
+        if type(offsets) is list and len(offsets) == 2:
+            begin, end = offsets
+            good = type(begin) is int and type(end) is int and 0 <= begin <= end <= buffer_len
+        else:
+            good = False
+        if not good:
             raise CheckpointFormatError(
                 f"{name}: tensor {key!r}: data_offsets {_short(offsets)} fall outside the "
                 f"{buffer_len}-byte buffer"
             )
         nbytes = math.prod(shape) * itemsize
-        if nbytes != offsets[1] - offsets[0]:
+        if nbytes != end - begin:
             raise CheckpointFormatError(
                 f"{name}: tensor {key!r}: shape {_short(shape)} of {code} needs {_short(nbytes)} bytes, "
-                f"data_offsets give {offsets[1] - offsets[0]}"
+                f"data_offsets give {end - begin}"
             )
-        entries[key] = HeaderEntry(code, tuple(shape), data_start + offsets[0], data_start + offsets[1])
+        entries[key] = HeaderEntry(code, tuple(shape), data_start + begin, data_start + end)
     position = data_start
     for entry in entries.values():  # written in file order: then one pass tells, no sort
         if entry.begin != position:
