@@ -63,7 +63,9 @@ def loads(text: str) -> Any:
     """``json.loads`` with every refusal above: ``loads('{"a": 1, "a": 2}')`` raises
     CheckpointFormatError (and RecursionError for absurd nesting, left to the caller)."""
     doc: Any = _UNPARSED
-    limit = sys.get_int_max_str_digits()
+    # No such limit before Python 3.10.7 (int() then converts any length): the hook path.
+    limit_of = getattr(sys, "get_int_max_str_digits", None)
+    limit = 0 if limit_of is None else limit_of()
     if 0 < limit < MAX_INT_CHARS:
         # Common case, integers parsed in C: int() itself refuses more than ``limit`` digits
         # (ValueError), and then the text is parsed again with the exact, bounded hook below.
