@@ -9,8 +9,7 @@ from __future__ import annotations
 import ctypes
 import math
 import sys
-from dataclasses import dataclass
-from functools import cached_property
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
@@ -53,14 +52,14 @@ class ArraySpec:
     kind: Kind
     dtype: DType
     shape: tuple[int, ...]
+    # Computed once here: a cached_property takes a lock on first use (3.11), a per-tensor cost.
+    numel: int = field(init=False, repr=False, compare=False)
+    nbytes: int = field(init=False, repr=False, compare=False)
 
-    @cached_property
-    def numel(self) -> int:
-        return math.prod(self.shape)
-
-    @cached_property
-    def nbytes(self) -> int:
-        return self.numel * self.dtype.itemsize
+    def __post_init__(self) -> None:
+        numel = math.prod(self.shape)
+        object.__setattr__(self, "numel", numel)
+        object.__setattr__(self, "nbytes", numel * self.dtype.itemsize)
 
 
 _torch_dtypes: dict[Any, DType | None] = {}
@@ -73,10 +72,22 @@ def _torch_dtype(dtype: Any) -> DType | None:
     return found  # type: ignore[return-value]
 
 
+def _torch_constants() -> tuple[Any, Any, Any]:
+    """``(torch.Tensor, torch.nn.Parameter, torch.strided)``, looked up once per process."""
+    global _TORCH_CONSTANTS
+    if _TORCH_CONSTANTS is None:
+        torch = require_torch()
+        _TORCH_CONSTANTS = (torch.Tensor, torch.nn.Parameter, torch.strided)
+    return _TORCH_CONSTANTS
+
+
+_TORCH_CONSTANTS: tuple[Any, Any, Any] | None = None
+
+
 def describe_torch(t: torch.Tensor) -> ArraySpec | str:
     """The spec of a torch tensor, or why the format cannot store it as plain bytes."""
-    torch = loaded_torch()
-    if type(t) is not torch.Tensor and type(t) is not torch.nn.Parameter:
+    tensor_type, parameter_type, strided = _torch_constants()
+    if type(t) is not tensor_type and type(t) is not parameter_type:
         return (
             f"tensor subclass {type(t).__module__}.{type(t).__qualname__} is not supported; "
             "save its local or full tensor instead"
@@ -86,7 +97,7 @@ def describe_torch(t: torch.Tensor) -> ArraySpec | str:
         if t.is_quantized or str(t.dtype).removeprefix("torch.") in dtypes.QUANTIZED_TORCH:
             return f"quantized dtype {t.dtype} is not supported; dequantize() it first"
         return f"dtype {t.dtype} is not supported"
-    if t.layout is not torch.strided:
+    if t.layout is not strided:
         return f"{t.layout} tensors are not supported; call .to_dense() first"
     if t.is_nested:  # strided layout, but no single shape (t.shape raises)
         return (
@@ -132,12 +143,18 @@ def identity(value: Any) -> tuple[Any, ...]:
     if isinstance(value, np.ndarray):
         ai = value.__array_interface__
         return ("numpy", ai["data"][0], value.shape, value.strides, value.dtype.str)
+    return torch_identity(value, tuple(value.shape))
+
+
+def torch_identity(value: Any, shape: tuple[int, ...]) -> tuple[Any, ...]:
+    """:func:`identity` of a non-empty torch tensor whose ``shape`` the caller already has.
+    The address of the first element (``data_ptr``: the storage's address plus the offset) with
+    shape, strides and dtype fixes which bytes a view reads."""
     return (
         "torch",
         value.device,
-        value.untyped_storage().data_ptr(),
-        value.storage_offset(),
-        tuple(value.shape),
+        value.data_ptr(),
+        shape,
         value.stride(),
         value.dtype,
         value.is_conj(),
@@ -163,7 +180,7 @@ def host_bytes(value: Any) -> tuple[memoryview, Any]:
         arr = np.ascontiguousarray(arr)
         return _raw_view(arr.ctypes.data, arr.nbytes), arr
     t = value
-    if t.is_cuda or t.device.type != "cpu":
+    if not t.is_cpu:  # t.device builds a Python object: ~1 us, paid per tensor
         raise CheckpointError(f"host_bytes needs a CPU tensor, got one on {t.device}")
     if t.is_conj() or t.is_neg():
         t = t.detach().resolve_conj().resolve_neg()
@@ -188,7 +205,7 @@ def _contiguous(t: torch.Tensor) -> torch.Tensor:
 def to_host_bytes(value: Any) -> tuple[memoryview, Any]:
     """Like :func:`host_bytes`, for a tensor on any device: a device tensor is first copied to
     the host (synchronously; the async saver stages device tensors its own way)."""
-    if not isinstance(value, np.ndarray) and value.device.type != "cpu":
+    if not isinstance(value, np.ndarray) and not value.is_cpu:
         value = value.detach().cpu()
     return host_bytes(value)
 
@@ -202,6 +219,9 @@ def allocate(spec: ArraySpec) -> tuple[Any, memoryview]:
     return t, _raw_view(t.data_ptr(), spec.nbytes)
 
 
+_CPU: Any = None
+
+
 def empty_cpu(shape: tuple[int, ...], dtype: Any) -> Any:
     """``torch.empty`` on the CPU whatever torch's global modes: the default device
     (``torch.set_default_device("meta")`` would hand out memory that cannot be written) and
@@ -209,8 +229,11 @@ def empty_cpu(shape: tuple[int, ...], dtype: Any) -> Any:
     fill kernel for its bit and sub-byte dtypes (uint1..7, int1..7, bits*, float4_e2m1fn_x2):
     those are allocated as a same-width integer tensor and viewed as their dtype."""
     torch = require_torch()
+    global _CPU
+    if _CPU is None:
+        _CPU = torch.device("cpu")  # a device object: torch parses a "cpu" string on every call
     try:
-        return torch.empty(shape, dtype=dtype, device="cpu")
+        return torch.empty(shape, dtype=dtype, device=_CPU)
     except RuntimeError:  # NotImplementedError: "fill_empty_deterministic_" not implemented
         same_width = same_width_int(dtype)
         if same_width is None:
@@ -256,7 +279,7 @@ def writable_bytes(value: Any) -> memoryview | None:
         if not value.flags.c_contiguous or not value.flags.writeable or value.dtype.byteorder == ">":
             return None
         return _raw_view(value.ctypes.data, value.nbytes)
-    if value.device.type != "cpu" or not value.is_contiguous() or value.is_conj() or value.is_neg():
+    if not value.is_cpu or not value.is_contiguous() or value.is_conj() or value.is_neg():
         return None
     return _raw_view(value.data_ptr(), value.numel() * value.element_size())
 

@@ -37,6 +37,9 @@ class DType:
 
     def torch_dtype(self) -> torch.dtype:
         """The torch dtype; imports torch."""
+        found = _TORCH_DTYPES.get(self.name)  # once per dtype, not per tensor loaded
+        if found is not None:
+            return found
         import torch
 
         if self.torch_name is None or not hasattr(torch, self.torch_name):
@@ -44,7 +47,11 @@ class DType:
                 f"this torch ({torch.__version__}) has no dtype {self.name!r}; upgrade torch to load it"
             )
         result: torch.dtype = getattr(torch, self.torch_name)
+        _TORCH_DTYPES[self.name] = result
         return result
+
+
+_TORCH_DTYPES: dict[str, torch.dtype] = {}
 
 
 def _d(name: str, itemsize: int, st: str | None, numpy: bool, torch: bool = True) -> DType:

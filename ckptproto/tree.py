@@ -39,8 +39,32 @@ MAX_SAFE_INT = 2**53 - 1
 # quadratic, so a reader bounds it; the writer refuses larger ints rather than write them.
 MAX_INT_CHARS = 10_000
 _INT_TEXT = re.compile(r"-?[0-9]+")
-# Python refuses int<->str conversions beyond 4300 digits (sys.int_info); decimal does not.
+# Python refuses int<->str conversions beyond sys.get_int_max_str_digits() digits (4,300 by
+# default, as low as 640 if a program sets it); decimal does not. Below this many characters
+# int()/str() are tried first, with decimal as the fallback when the process limit is lower.
 _FAST_INT_CHARS = 4000
+
+
+def decimal_int(text: str) -> int:
+    """``int(text)`` for ASCII decimal text of any length, whatever the process's int/str limit."""
+    if len(text) < _FAST_INT_CHARS:
+        try:
+            return int(text)
+        except ValueError:  # over a lowered sys.set_int_max_str_digits()
+            pass
+    return int(decimal.Decimal(text))
+
+
+def _decimal_text(value: int) -> str:
+    """``str(value)`` whatever the process's int/str limit (bounded by the callers)."""
+    if value.bit_length() < 3 * _FAST_INT_CHARS:
+        try:
+            return str(value)
+        except ValueError:  # over a lowered sys.set_int_max_str_digits()
+            pass
+    return str(decimal.Decimal(value))
+
+
 TAGS = ("$torch", "$numpy", "$int", "$float", "$bytes", "$tuple", "$dict", "$odict")
 
 
@@ -54,7 +78,7 @@ def int_text(value: int) -> str:
     """``str(value)``, or ``<int of N bits>`` past what ``str()`` converts (4,300 digits)."""
     if value.bit_length() > 3 * _FAST_INT_CHARS:
         return f"<int of {value.bit_length()} bits>"
-    return str(value)
+    return _decimal_text(value)
 
 
 @dataclass
@@ -98,9 +122,14 @@ class _Encoder:
         self.tensors: list[TensorLeaf] = []
         self._ids: dict[tuple[Any, ...], int] = {}
         self._active: set[int] = set()  # containers on the current path, to catch cycles
+        torch = arrays.loaded_torch()
+        # The exact types of plain tensors, tested first: most leaves of a large state are tensors.
+        self._plain_tensor_types = (torch.Tensor, torch.nn.Parameter) if torch is not None else ()
 
     def encode(self, value: Any, path: str, depth: int) -> Any:
         kind = type(value)
+        if kind in self._plain_tensor_types:
+            return self._plain_torch(value, path)
         if kind is str:
             return value if value.isascii() else _utf8_text(value, path)
         if value is None or kind is bool:
@@ -153,6 +182,18 @@ class _Encoder:
         ]
         return {"$odict" if type(value) is OrderedDict else "$dict": pairs}
 
+    def _plain_torch(self, value: Any, path: str) -> dict[str, int]:
+        """:meth:`_tensor` for a torch.Tensor or Parameter (never a DTensor: a subclass)."""
+        spec = arrays.describe_torch(value)
+        if not isinstance(spec, ArraySpec):
+            raise UnsupportedValueError(f"{path or '<root>'}: {spec}", path=path)
+        key = arrays.torch_identity(value, spec.shape) if spec.numel else ("empty", id(value))
+        index = self._ids.get(key)
+        if index is None:
+            index = self._ids[key] = len(self.tensors)
+            self.tensors.append(TensorLeaf(value, spec, path))
+        return {"$torch": index}
+
     def _tensor(self, value: Any, path: str) -> dict[str, int]:
         shard = None
         if dtensor.is_dtensor(value):
@@ -194,9 +235,7 @@ def printable(text: str) -> str:
 
 
 def _int_text(value: int, path: str) -> str:
-    text = str(value) if value.bit_length() < 3 * _FAST_INT_CHARS else None
-    if text is None and value.bit_length() <= 3.33 * MAX_INT_CHARS:
-        text = str(decimal.Decimal(value))
+    text = _decimal_text(value) if value.bit_length() <= 3.33 * MAX_INT_CHARS else None
     if text is None or len(text) > MAX_INT_CHARS:
         raise UnsupportedValueError(
             f"{path or '<root>'}: int with more than {MAX_INT_CHARS} characters in decimal cannot be "
@@ -268,6 +307,21 @@ class _Decoder:
         self, resolve: Callable[[str, int, str], Any], where: str, *, build: bool, in_place: bool = False
     ) -> None:
         self.resolve, self.where, self.build, self.in_place = resolve, where, build, in_place
+        # id(chain) -> (chain, its path): siblings share their parent's path text, built once
+        # (the entry keeps the chain alive, so its id is not reused while the decoder runs).
+        self._texts: dict[int, tuple[_Chain, str]] = {}
+
+    def path_of(self, chain: _Chain) -> str:
+        """``_path_text(chain)``, with the parent's part built once for all its children."""
+        if chain is None:
+            return ""
+        parent, key = chain
+        if parent is None:
+            return join_path("", key)
+        hit = self._texts.get(id(parent))
+        if hit is None:
+            hit = self._texts[id(parent)] = (parent, self.path_of(parent))
+        return join_path(hit[1], key)
 
     def fail(self, message: str, chain: _Chain) -> CheckpointFormatError:
         return CheckpointFormatError(f"{self.where}: {message} at {_path_text(chain) or '<root>'}")
@@ -306,7 +360,7 @@ class _Decoder:
         if tag in ("$torch", "$numpy"):
             if type(payload) is not int or payload < 0:
                 raise self.fail(f"bad tensor reference {_show(payload)}", chain)
-            return self.resolve(tag[1:], payload, _path_text(chain))
+            return self.resolve(tag[1:], payload, self.path_of(chain))
         if tag == "$int":
             if (
                 not isinstance(payload, str)
@@ -314,7 +368,7 @@ class _Decoder:
                 or not _INT_TEXT.fullmatch(payload)
             ):
                 raise self.fail(f"bad $int {_show(payload)}", chain)
-            return int(payload) if len(payload) < _FAST_INT_CHARS else int(decimal.Decimal(payload))
+            return decimal_int(payload)
         if tag == "$float":
             if payload not in ("nan", "inf", "-inf"):
                 raise self.fail(f"bad $float {_show(payload)}", chain)
@@ -351,30 +405,49 @@ class _Decoder:
 
 
 def iter_tensor_refs(node: Any, path: str = "", depth: int = 0) -> Any:
-    """Yield ``(path, kind, index)`` for every tensor reference in an encoded tree."""
-    if depth > MAX_DEPTH:
-        return
-    if isinstance(node, list):
-        for i, v in enumerate(node):
-            yield from iter_tensor_refs(v, join_path(path, i), depth + 1)
-    elif isinstance(node, dict):
-        if len(node) == 1:
-            tag, payload = next(iter(node.items()))
-            if tag in ("$torch", "$numpy"):
-                yield path, tag[1:], payload
+    """Yield ``(path, kind, index)`` for every tensor reference in an encoded tree, in tree
+    order. Iterative (a stack of child iterators): one generator frame, not one per level."""
+    stack: list[tuple[Any, int]] = []  # (iterator of (path, child) pairs, depth of the children)
+    item: tuple[str, Any] | None = (path, node)
+    while True:
+        if item is None:
+            while stack:
+                children, depth = stack[-1]
+                item = next(children, None)
+                if item is not None:
+                    break
+                stack.pop()
+            else:
                 return
-            if tag == "$tuple":
-                yield from iter_tensor_refs(payload, path, depth)
-                return
-            if tag in ("$dict", "$odict") and isinstance(payload, list):
-                for pair in payload:
-                    if isinstance(pair, list) and len(pair) == 2:
-                        yield from iter_tensor_refs(pair[1], join_path(path, _key_text(pair[0])), depth + 1)
-                return
-            if tag in TAGS:
-                return
-        for k, v in node.items():
-            yield from iter_tensor_refs(v, join_path(path, k), depth + 1)
+        assert item is not None
+        path, node = item
+        item = None
+        if depth > MAX_DEPTH:
+            continue
+        if isinstance(node, list):
+            stack.append((_children(path, enumerate(node)), depth + 1))
+        elif isinstance(node, dict):
+            if len(node) == 1:
+                tag, payload = next(iter(node.items()))
+                if tag in ("$torch", "$numpy"):
+                    yield path, tag[1:], payload
+                    continue
+                if tag == "$tuple":
+                    stack.append((iter(((path, payload),)), depth))
+                    continue
+                if tag in ("$dict", "$odict") and isinstance(payload, list):
+                    pairs = ((_key_text(p[0]), p[1]) for p in payload if isinstance(p, list) and len(p) == 2)
+                    stack.append((_children(path, pairs), depth + 1))
+                    continue
+                if tag in TAGS:
+                    continue
+            stack.append((_children(path, iter(node.items())), depth + 1))
+
+
+def _children(path: str, items: Any) -> Any:
+    """``(child path, child)`` for each ``(key, child)`` of ``items`` under ``path``."""
+    for key, child in items:
+        yield join_path(path, key), child
 
 
 def _key_text(key: Any) -> Any:

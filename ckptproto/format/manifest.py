@@ -105,7 +105,7 @@ class Manifest:
     writer: str = ""
 
     def to_json(self) -> bytes:
-        doc = {
+        head = {
             "format": FORMAT_NAME,
             "format_version": f"{self.version[0]}.{self.version[1]}",
             "created": self.created,
@@ -116,20 +116,32 @@ class Manifest:
                 name: {"size": f.size, "checksum": f.checksum, "rank": f.rank}
                 for name, f in self.files.items()
             },
-            "tensors": [
-                {
-                    "dtype": t.dtype.name,
-                    "shape": list(t.shape),
-                    "chunks": [
-                        {"file": c.file, "key": c.key, "offsets": list(c.offsets), "shape": list(c.shape)}
-                        for c in t.chunks
-                    ],
-                }
-                for t in self.tensors
-            ],
-            "state": self.state,
         }
-        body = json.dumps(doc, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode()
+        # The tensor table is written as text directly: the same bytes json.dumps gives for it
+        # (tests/test_many_tensors.py compares them), without a dict and three lists per tensor.
+        parts = [_dumps(head)[:-1], ',"tensors":[']
+        ints: dict[tuple[int, ...], str] = {}  # shapes and offsets repeat: each written once
+
+        def _ints(values: tuple[int, ...]) -> str:
+            text = ints.get(values)
+            if text is None:
+                text = ints[values] = ",".join(map(int.__repr__, values))
+            return text
+
+        def _chunk(c: Chunk) -> str:
+            return (
+                f'{{"file":{_text(c.file)},"key":{_text(c.key)},"offsets":[{_ints(c.offsets)}],'
+                f'"shape":[{_ints(c.shape)}]}}'
+            )
+
+        for i, t in enumerate(self.tensors):
+            cs = t.chunks
+            chunks = _chunk(cs[0]) if len(cs) == 1 else ",".join(map(_chunk, cs))
+            parts.append(
+                f'{"," if i else ""}{{"dtype":{_text(t.dtype.name)},"shape":[{_ints(t.shape)}],"chunks":[{chunks}]}}'
+            )
+        parts += ['],"state":', _dumps(self.state), "}"]
+        body = "".join(parts).encode()
         return _CHECKSUM_PREFIX + b"%08x" % zlib.crc32(body) + b'",' + body[1:]
 
     @property
@@ -167,6 +179,13 @@ class Manifest:
         return cls(doc["state"], tensors, files, metadata, created, version, world_size, writer)
 
 
+def _dumps(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+
+
+_text = json.encoder.encode_basestring  # what json.dumps(ensure_ascii=False) writes for a str
+
+
 def show(value: object) -> str:
     """A value from a checkpoint, for a message: ``repr`` cut to 80 characters, and never
     failing (``str`` of an int past 4,300 digits raises)."""
@@ -190,9 +209,13 @@ def _check_values(state: Any, metadata: Any, tensors: list[TensorEntry], where: 
     """F-14, F-15, F-17, F-18: decode both trees once, keeping nothing."""
     kinds: dict[int, str] = {}
 
+    count = len(tensors)
+
     def resolve(kind: str, index: int, path: str) -> None:
+        if index < count and kinds.setdefault(index, kind) == kind and kind == "torch":
+            return  # the common case, no message built
         at = f"state.{path}" if path else "state"
-        if index >= len(tensors):
+        if index >= count:
             raise CheckpointFormatError(f"{where}: {at} refers to tensor {show(index)}, which does not exist")
         if kinds.setdefault(index, kind) != kind:
             raise CheckpointFormatError(f"{where}: tensor {index} is used as both torch and numpy ({at})")
@@ -285,48 +308,76 @@ def _parse_files(doc: object, where: str) -> dict[str, FileEntry]:
     return files
 
 
-def _int_list(value: object, what: str) -> tuple[int, ...]:
-    if (
-        not isinstance(value, list)
-        or len(value) > MAX_NDIM
-        or not all(type(v) is int and 0 <= v <= MAX_DIM for v in value)
-    ):
-        raise CheckpointFormatError(f"{what} must be a list of at most {MAX_NDIM} integers in [0, 2**62]")
-    return tuple(value)
+def _int_list(value: object) -> tuple[int, ...] | None:
+    """``value`` as a tuple if it is a list of at most MAX_NDIM integers in [0, 2**62], else None."""
+    if type(value) is list and len(value) <= MAX_NDIM:
+        for v in value:  # a plain loop: all() over a generator costs more than the check
+            if type(v) is not int or not 0 <= v <= MAX_DIM:
+                return None
+        return tuple(value)
+    return None
+
+
+def _bad_int_list(what: str) -> CheckpointFormatError:
+    return CheckpointFormatError(f"{what} must be a list of at most {MAX_NDIM} integers in [0, 2**62]")
 
 
 def _parse_tensor(doc: object, index: int, files: dict[str, FileEntry], where: str) -> TensorEntry:
-    what = f"{where}: tensors[{index}]"
-    if not isinstance(doc, dict):
-        raise CheckpointFormatError(f"{what} must be an object")
-    try:
-        dtype = dtypes.by_name(doc.get("dtype"))
-    except CheckpointFormatError as exc:
-        raise CheckpointFormatError(f"{what}: {exc}") from None
-    shape = _int_list(doc.get("shape"), f"{what}.shape")
+    # Messages are formatted only on failure: this runs once per tensor (300,000 in a large state).
+    if type(doc) is not dict:
+        raise CheckpointFormatError(f"{where}: tensors[{index}] must be an object")
+    name = doc.get("dtype")
+    dtype = dtypes.BY_NAME.get(name) if type(name) is str else None
+    if dtype is None:
+        try:
+            dtypes.by_name(name)
+        except CheckpointFormatError as exc:
+            raise CheckpointFormatError(f"{where}: tensors[{index}]: {exc}") from None
+        raise AssertionError("by_name accepted a name BY_NAME lacks")  # pragma: no cover
+    shape = _int_list(doc.get("shape"))
+    if shape is None:
+        raise _bad_int_list(f"{where}: tensors[{index}].shape")
     chunks_doc = doc.get("chunks")
-    if not isinstance(chunks_doc, list) or not chunks_doc or len(chunks_doc) > MAX_CHUNKS_PER_TENSOR:
-        raise CheckpointFormatError(f"{what}.chunks must be a non-empty list")
+    if type(chunks_doc) is not list or not chunks_doc or len(chunks_doc) > MAX_CHUNKS_PER_TENSOR:
+        raise CheckpointFormatError(f"{where}: tensors[{index}].chunks must be a non-empty list")
     chunks = []
+    ndim = len(shape)
     for j, c in enumerate(chunks_doc):
-        cw = f"{what}.chunks[{j}]"
-        if not isinstance(c, dict):
-            raise CheckpointFormatError(f"{cw} must be an object")
+        if type(c) is not dict:
+            raise CheckpointFormatError(f"{where}: tensors[{index}].chunks[{j}] must be an object")
         file, key = c.get("file"), c.get("key")
-        if not isinstance(file, str) or file not in files:
-            raise CheckpointFormatError(f'{cw}: file {show(file)} is not listed in "files"')
-        if not isinstance(key, str):
-            raise CheckpointFormatError(f"{cw}: key must be a string")
-        offsets = _int_list(c.get("offsets"), f"{cw}.offsets")
-        cshape = _int_list(c.get("shape"), f"{cw}.shape")
-        if len(offsets) != len(shape) or len(cshape) != len(shape):
-            raise CheckpointFormatError(f"{cw}: offsets and shape need {len(shape)} dimensions")
-        if any(o + s > g for o, s, g in zip(offsets, cshape, shape, strict=True)):
-            raise CheckpointFormatError(f"{cw}: box {offsets}+{cshape} runs outside shape {shape}")
+        if type(file) is not str or file not in files:
+            raise CheckpointFormatError(
+                f'{where}: tensors[{index}].chunks[{j}]: file {show(file)} is not listed in "files"'
+            )
+        if type(key) is not str:
+            raise CheckpointFormatError(f"{where}: tensors[{index}].chunks[{j}]: key must be a string")
+        offsets = _int_list(c.get("offsets"))
+        if offsets is None:
+            raise _bad_int_list(f"{where}: tensors[{index}].chunks[{j}].offsets")
+        cshape = _int_list(c.get("shape"))
+        if cshape is None:
+            raise _bad_int_list(f"{where}: tensors[{index}].chunks[{j}].shape")
+        if len(offsets) != ndim or len(cshape) != ndim:
+            raise CheckpointFormatError(
+                f"{where}: tensors[{index}].chunks[{j}]: offsets and shape need {ndim} dimensions"
+            )
+        # A whole-tensor box (offsets all zero) is inside by construction: not walked.
+        if (cshape != shape or any(offsets)) and any(
+            o + n > g for o, n, g in zip(offsets, cshape, shape, strict=True)
+        ):
+            raise CheckpointFormatError(
+                f"{where}: tensors[{index}].chunks[{j}]: box {offsets}+{cshape} runs outside shape {shape}"
+            )
         chunks.append(Chunk(file, key, offsets, cshape))
-    check_extent(shape, dtype.itemsize, what)
+    extent = dtype.itemsize
+    for d in shape:
+        extent *= d or 1
+        if extent > MAX_EXTENT:
+            check_extent(shape, dtype.itemsize, f"{where}: tensors[{index}]")  # raises, with the message
     entry = TensorEntry(dtype, shape, tuple(chunks))
-    _check_tiling(entry, what)
+    if len(chunks) != 1 or chunks[0].shape != shape:
+        _check_tiling(entry, f"{where}: tensors[{index}]")
     return entry
 
 

@@ -20,6 +20,7 @@ from ckptproto.format import strict_json
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors reference limit
 HEADER_ALIGN = 8
 RAW_CODE = "U8"  # dtypes safetensors lacks are stored as raw bytes under this code
+_text = json.encoder.encode_basestring  # what json.dumps(ensure_ascii=False) writes for a str
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,10 +38,24 @@ def encode_header(
 ) -> bytes:
     """The header bytes (length prefix + JSON) for ``(key, code, shape, begin, end)`` entries
     whose offsets are relative to the data buffer."""
-    obj: dict[str, Any] = {"__metadata__": metadata}
-    for key, code, shape, begin, end in entries:
-        obj[key] = {"dtype": code, "shape": list(shape), "data_offsets": [begin, end]}
-    text = json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    keys = {key for key, *_ in entries}
+    if len(keys) == len(entries) and "__metadata__" not in keys:
+        # Written as text directly, the bytes json.dumps gives (tests/test_many_tensors.py):
+        # no dict and two lists per tensor on the way.
+        parts = [json.dumps({"__metadata__": metadata}, separators=(",", ":"), ensure_ascii=False)[:-1]]
+        text_of = _text
+        for key, code, shape, begin, end in entries:
+            dims = ",".join(map(int.__repr__, shape))
+            parts.append(
+                f',{text_of(key)}:{{"dtype":{text_of(code)},"shape":[{dims}],"data_offsets":[{begin},{end}]}}'
+            )
+        parts.append("}")
+        text = "".join(parts).encode("utf-8")
+    else:  # a repeated key keeps its first position and last value, as a dict does
+        obj: dict[str, Any] = {"__metadata__": metadata}
+        for key, code, shape, begin, end in entries:
+            obj[key] = {"dtype": code, "shape": list(shape), "data_offsets": [begin, end]}
+        text = json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
     pad = -(8 + len(text)) % HEADER_ALIGN
     text += b" " * pad
     return struct.pack("<Q", len(text)) + text
@@ -79,34 +94,42 @@ def parse_header(raw: bytes, file_size: int, name: str) -> dict[str, HeaderEntry
         raise CheckpointFormatError(f"{name}: __metadata__ must map strings to strings")
     entries: dict[str, HeaderEntry] = {}
     fields = {"dtype", "shape", "data_offsets"}
+    itemsizes = SAFETENSORS_ITEMSIZE
     for key in list(obj):
         e = obj.pop(key)  # free the parsed JSON as entries are built: a header may be 100 MiB
-        if not isinstance(e, dict) or len(e) != 3 or not fields.issuperset(e):
+        if type(e) is not dict or len(e) != 3 or not fields.issuperset(e):
             raise CheckpointFormatError(f"{name}: tensor {key!r} needs exactly dtype, shape and data_offsets")
         code, shape, offsets = e["dtype"], e["shape"], e["data_offsets"]
-        itemsize = SAFETENSORS_ITEMSIZE.get(code) if isinstance(code, str) else None
+        itemsize = itemsizes.get(code) if type(code) is str else None
         if itemsize is None:
             raise CheckpointFormatError(f"{name}: tensor {key!r} has unsupported dtype {_short(code)}")
-        if type(shape) is not list or not all(type(d) is int and d >= 0 for d in shape):
+        if type(shape) is not list or not _dims(shape):
             raise CheckpointFormatError(f"{name}: tensor {key!r} has a bad shape {_short(shape)}")
-        if (
-            type(offsets) is not list
-            or len(offsets) != 2
-            or type(offsets[0]) is not int
-            or type(offsets[1]) is not int
-            or not 0 <= offsets[0] <= offsets[1] <= buffer_len
-        ):
+        if type(offsets) is list and len(offsets) == 2:
+            begin, end = offsets
+            good = type(begin) is int and type(end) is int and 0 <= begin <= end <= buffer_len
+        else:
+            good = False
+        if not good:
             raise CheckpointFormatError(
                 f"{name}: tensor {key!r}: data_offsets {_short(offsets)} fall outside the "
                 f"{buffer_len}-byte buffer"
             )
         nbytes = math.prod(shape) * itemsize
-        if nbytes != offsets[1] - offsets[0]:
+        if nbytes != end - begin:
             raise CheckpointFormatError(
                 f"{name}: tensor {key!r}: shape {_short(shape)} of {code} needs {_short(nbytes)} bytes, "
-                f"data_offsets give {offsets[1] - offsets[0]}"
+                f"data_offsets give {end - begin}"
             )
-        entries[key] = HeaderEntry(code, tuple(shape), data_start + offsets[0], data_start + offsets[1])
+        entries[key] = HeaderEntry(code, tuple(shape), data_start + begin, data_start + end)
+    position = data_start
+    for entry in entries.values():  # written in file order: then one pass tells, no sort
+        if entry.begin != position:
+            break
+        position = entry.end
+    else:
+        if position == file_size:
+            return entries
     position = data_start
     for entry in sorted(entries.values(), key=lambda x: (x.begin, x.end)):
         if entry.begin != position:
@@ -118,6 +141,14 @@ def parse_header(raw: bytes, file_size: int, name: str) -> dict[str, HeaderEntry
             f"{name}: tensors end at byte {position} but the file has {file_size} bytes"
         )
     return entries
+
+
+def _dims(shape: list[Any]) -> bool:
+    """Every item a non-negative int (a plain loop: all() over a generator costs more)."""
+    for d in shape:  # noqa: SIM110 - the loop is the point
+        if type(d) is not int or d < 0:
+            return False
+    return True
 
 
 def _short(value: object) -> str:

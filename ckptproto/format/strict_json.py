@@ -7,30 +7,31 @@ string holds one, so a writer could never have meant it)."""
 
 from __future__ import annotations
 
-import decimal
 import json
 import math
 import re
+import sys
 from typing import Any
 
 from ckptproto.errors import CheckpointFormatError
-from ckptproto.tree import MAX_INT_CHARS
+from ckptproto.tree import MAX_INT_CHARS, decimal_int
 
-# Python's int(str) refuses more than 4,300 digits (sys.int_info); decimal converts any size.
-_FAST_INT_CHARS = 4000
 # A surrogate escape, possibly preceded by escaped backslashes: only then can a decoded
 # string hold a lone surrogate (raw surrogates are not valid UTF-8 and fail decoding).
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 _SURROGATE = re.compile("[\ud800-\udfff]")
+_UNPARSED = object()
 
 
 def no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     """``object_pairs_hook`` that raises CheckpointFormatError on a repeated key."""
-    out: dict[str, Any] = {}
-    for k, v in pairs:
-        if k in out:
-            raise CheckpointFormatError(f"duplicate JSON key {k!r}")
-        out[k] = v
+    out = dict(pairs)  # in C; the names are compared one by one only when one repeats
+    if len(out) != len(pairs):
+        seen: set[str] = set()
+        for k, _ in pairs:
+            if k in seen:
+                raise CheckpointFormatError(f"duplicate JSON key {k!r}")
+            seen.add(k)
     return out
 
 
@@ -41,13 +42,11 @@ def reject_constant(name: str) -> Any:
 
 def parse_int(text: str) -> int:
     """``parse_int`` hook: exact at any length up to MAX_INT_CHARS characters, refused beyond."""
-    if len(text) < _FAST_INT_CHARS:
-        return int(text)
     if len(text) > MAX_INT_CHARS:
         raise CheckpointFormatError(
             f"a JSON integer of {len(text)} characters, over the {MAX_INT_CHARS}-character limit"
         )
-    return int(decimal.Decimal(text))
+    return decimal_int(text)
 
 
 def parse_float(text: str) -> float:
@@ -63,13 +62,32 @@ def parse_float(text: str) -> float:
 def loads(text: str) -> Any:
     """``json.loads`` with every refusal above: ``loads('{"a": 1, "a": 2}')`` raises
     CheckpointFormatError (and RecursionError for absurd nesting, left to the caller)."""
-    doc = json.loads(
-        text,
-        object_pairs_hook=no_duplicate_keys,
-        parse_constant=reject_constant,
-        parse_int=parse_int,
-        parse_float=parse_float,
-    )
+    doc: Any = _UNPARSED
+    # No such limit before Python 3.10.7 (int() then converts any length): the hook path.
+    limit_of = getattr(sys, "get_int_max_str_digits", None)
+    limit = 0 if limit_of is None else limit_of()
+    if 0 < limit < MAX_INT_CHARS:
+        # Common case, integers parsed in C: int() itself refuses more than ``limit`` digits
+        # (ValueError), and then the text is parsed again with the exact, bounded hook below.
+        # A parse_int hook is a Python call per integer: most of a manifest's numbers.
+        try:
+            doc = json.loads(
+                text,
+                object_pairs_hook=no_duplicate_keys,
+                parse_constant=reject_constant,
+                parse_float=parse_float,
+            )
+        except ValueError as exc:
+            if isinstance(exc, (json.JSONDecodeError, CheckpointFormatError)):
+                raise
+    if doc is _UNPARSED:
+        doc = json.loads(
+            text,
+            object_pairs_hook=no_duplicate_keys,
+            parse_constant=reject_constant,
+            parse_int=parse_int,
+            parse_float=parse_float,
+        )
     if _SURROGATE_ESCAPE.search(text):
         _refuse_lone_surrogates(doc)
     return doc
