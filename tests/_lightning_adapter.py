@@ -5,32 +5,15 @@ reference one in examples/adapters/lightning_trainer.py.
 
 from __future__ import annotations
 
-import logging
-import warnings
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
-from torch.utils.data import TensorDataset
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from ckptproto.integrations.lightning import CkptprotoCheckpointIO
-
-N_SAMPLES, BATCH = 16, 4
-STEPS_PER_EPOCH = N_SAMPLES // BATCH
-
-logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
-logging.getLogger("lightning.fabric").setLevel(logging.ERROR)
-warnings.filterwarnings("ignore", module="lightning")
-warnings.filterwarnings("ignore", message=".*does not have many workers.*")
-warnings.filterwarnings("ignore", message=".*set_vital.*")
-
-
-def dataset() -> TensorDataset:
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(N_SAMPLES, 3, generator=g)
-    return TensorDataset(x, x.sum(dim=1, keepdim=True) + 0.1 * torch.randn(N_SAMPLES, 1, generator=g))
+from examples.adapters.lightning_trainer import BATCH, dataset  # also quiets Lightning's logs
 
 
 class TinyModule(L.LightningModule):
