@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from _durable import fsync_tree, safetensors_save_durable, torch_save_durable
 
 import ckptproto
 
@@ -45,28 +46,13 @@ def make_state(n: int, numel: int) -> dict[str, torch.Tensor]:
     return {f"layers.{i // 8}.block.p{i % 8}": data[i].clone() for i in range(n)}
 
 
-def fsync_tree(path: Path) -> None:
-    paths = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
-    for p in paths:
-        fd = os.open(p, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 Save = Callable[[Path], None]
 Load = Callable[[Path], Any]
 
 
 def methods(state: dict[str, torch.Tensor], with_dcp: bool) -> dict[str, tuple[str, Save, Load]]:
     """name -> (which save's files it loads, save, load). Loads sharing a save reuse its files."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     def target() -> dict[str, torch.Tensor]:
         return {k: torch.empty_like(v) for k, v in state.items()}
@@ -75,15 +61,10 @@ def methods(state: dict[str, torch.Tensor], with_dcp: bool) -> dict[str, tuple[s
         ckptproto.save(state, p)
 
     def torch_save(p: Path) -> None:
-        with open(p, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        fsync_tree(p)
+        torch_save_durable(state, p)
 
     def st_save(p: Path) -> None:
-        save_file(state, str(p))
-        fsync_tree(p)
+        safetensors_save_durable(state, p)
 
     out: dict[str, tuple[str, Save, Load]] = {
         "ckptproto": ("ckptproto", ck_save, lambda p: ckptproto.load(p)),

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from _durable import fsync_tree, safetensors_save_durable, torch_save_durable
 
 import ckptproto
 
@@ -46,21 +47,10 @@ def touch(tree: Any) -> float:
     return sum(float(t.sum()) for t in tree.values())
 
 
-def fsync_tree(path: Path) -> None:
-    paths = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
-    for p in paths:
-        fd = os.open(p, os.O_RDONLY)
-        os.fsync(fd)
-        os.close(fd)
-    fd = os.open(path.parent, os.O_RDONLY)
-    os.fsync(fd)
-    os.close(fd)
-
-
 def methods(
     state: dict[str, torch.Tensor],
 ) -> dict[str, tuple[Callable[[Path], None], Callable[[Path], Any]]]:
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     def ck_save(p: Path) -> None:
         ckptproto.save(state, p)
@@ -69,18 +59,13 @@ def methods(
         return ckptproto.load(p)
 
     def torch_save(p: Path) -> None:
-        with open(p, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        fsync_tree(p)
+        torch_save_durable(state, p)
 
     def torch_load(p: Path) -> Any:
         return torch.load(p, weights_only=True)
 
     def st_save(p: Path) -> None:
-        save_file(state, str(p))
-        fsync_tree(p)
+        safetensors_save_durable(state, p)
 
     def st_load(p: Path) -> Any:
         return load_file(str(p))

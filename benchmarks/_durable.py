@@ -1,0 +1,36 @@
+"""The alternatives' saves made as durable as ckptproto's (every file and the parent directory
+fsynced), shared by the benchmarks so each compares the same durability."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+
+def fsync_tree(path: Path) -> None:
+    """fsync every file at or under ``path``, then its parent directory."""
+    paths = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
+    for p in [*paths, path.parent]:
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def torch_save_durable(state: Any, path: Path) -> None:
+    import torch
+
+    with open(path, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    fsync_tree(path)
+
+
+def safetensors_save_durable(state: dict[str, Any], path: Path) -> None:
+    from safetensors.torch import save_file
+
+    save_file(state, str(path))
+    fsync_tree(path)
