@@ -18,6 +18,7 @@ LAYERS = {
     "ckptproto.arrays": 0,
     "ckptproto.dtensor": 0,
     "ckptproto.tree": 0,
+    "ckptproto.location": 0,
     "ckptproto.format": 1,
     "ckptproto.io": 2,
     "ckptproto.policy": 3,

@@ -13,7 +13,7 @@ import pytest
 import ckptproto
 from ckptproto.errors import CheckpointError
 from ckptproto.format.manifest import FileEntry
-from ckptproto.io import local_storage, pipeline, storage
+from ckptproto.io import backends, local_storage, pipeline
 from ckptproto.io.coordinate import Solo
 from ckptproto.io.plan import FilePlan
 from ckptproto.io.prepare import prepare
@@ -53,6 +53,9 @@ class _Recording:
     def begin(self, final: Path, *, overwrite: bool) -> str:
         self.calls.append("begin")
         return self.inner.begin(final, overwrite=overwrite)
+
+    def data_file_name(self, staging: str, rank: int) -> str:
+        return self.inner.data_file_name(staging, rank)
 
     def write_file(self, staging: str, plan: FilePlan, sources: Sequence[memoryview]) -> FileEntry:
         self.calls.append(f"write_file {plan.name}")
@@ -120,6 +123,6 @@ def test_the_pipeline_writes_only_through_its_storage(tmp_path: Path) -> None:
 
 
 def test_resolve_gives_the_local_backend_for_paths(tmp_path: Path) -> None:
-    backend, final = storage.resolve(tmp_path / "c")
+    backend, final = backends.resolve(tmp_path / "c")
     assert backend is local_storage.LOCAL and final == tmp_path / "c"
-    assert storage.resolve("relative/dir")[1] == Path("relative/dir")
+    assert backends.resolve("relative/dir")[1] == Path("relative/dir")

@@ -45,7 +45,11 @@ def missing_problem(path: Path) -> str:
 def _newest_checkpoint(root: Path) -> Path | None:
     records, _problems = scan(root)
     latest = order(records, "latest")
-    return latest[0].path if latest else None
+    if not latest:
+        return None
+    found = latest[0].path
+    assert isinstance(found, Path)  # scan() of a local directory yields local paths
+    return found
 
 
 def _count_checkpoints(root: Path) -> int:

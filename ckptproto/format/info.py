@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime
-from pathlib import Path
 from typing import Any
 
 from ckptproto.format.manifest import Manifest
+from ckptproto.location import Location
 
 
 @dataclass(frozen=True)
@@ -18,7 +18,7 @@ class CheckpointInfo:
     print(info.step, info.nbytes, info.format_version)
     """
 
-    path: Path
+    path: Location
     step: int | None
     epoch: int | None
     metrics: dict[str, float] = field(default_factory=dict)
@@ -37,7 +37,7 @@ class CheckpointInfo:
         return float(value)
 
     @classmethod
-    def from_manifest(cls, path: Path, manifest: Manifest, metadata: dict[str, Any]) -> CheckpointInfo:
+    def from_manifest(cls, path: Location, manifest: Manifest, metadata: dict[str, Any]) -> CheckpointInfo:
         step, epoch = metadata.get("step"), metadata.get("epoch")
         metrics = metadata.get("metrics")
         try:

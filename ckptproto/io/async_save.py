@@ -32,18 +32,19 @@ from collections.abc import Callable, Mapping
 from concurrent.futures import Future
 from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import Any, Literal
 
 from ckptproto import _gc
 from ckptproto.errors import CheckpointError, SaverBusyError
 from ckptproto.format.info import CheckpointInfo
 from ckptproto.io import pipeline, staging
+from ckptproto.io.backends import resolve
 from ckptproto.io.coordinate import Timeout, background_coordinator
 from ckptproto.io.prepare import prepare
 from ckptproto.io.share import ShareJob
 from ckptproto.io.staging import Staged, StagingPool
-from ckptproto.io.storage import Storage, resolve
+from ckptproto.io.storage import Storage
+from ckptproto.location import Location
 from ckptproto.protocol import Stateful
 
 logger = logging.getLogger("ckptproto")
@@ -64,7 +65,7 @@ class SaveFuture(Future[CheckpointInfo]):
     cancelled once accepted (``cancel()`` returns False).
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Location) -> None:
         super().__init__()
         self.path = path
         self._staged = threading.Event()
@@ -88,7 +89,7 @@ class _Job:
     future: SaveFuture
     share: ShareJob  # this rank's part of the save: its pieces and their live values
     storage: Storage
-    final: Path
+    final: Location
     metadata_tree: Any
     overwrite: bool
     ready: staging.Ready

@@ -7,19 +7,33 @@ place with a no-replace rename or renameat2 exchange, leftovers of dead writers 
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
+from ckptproto.errors import CheckpointError
+from ckptproto.format import layout
 from ckptproto.format.manifest import FileEntry
 from ckptproto.io import commit, writer
 from ckptproto.io.plan import FilePlan
+from ckptproto.io.storage import Generation, Listed
+from ckptproto.location import Location
+
+
+def _path(location: Location) -> Path:
+    if not isinstance(location, Path):
+        raise CheckpointError(f"{location}: the local file-system backend was given a URL")
+    return location
 
 
 class LocalStorage:
     """Checkpoints as directories of a POSIX file system (``ckptproto.io.commit``)."""
 
-    def begin(self, final: Path, *, overwrite: bool) -> str:
-        return str(commit.begin(final, overwrite=overwrite))
+    def begin(self, final: Location, *, overwrite: bool) -> str:
+        return str(commit.begin(_path(final), overwrite=overwrite))
+
+    def data_file_name(self, staging: str, rank: int) -> str:
+        return layout.data_file_name(rank)
 
     def write_file(self, staging: str, plan: FilePlan, sources: Sequence[memoryview]) -> FileEntry:
         return writer.write_file(Path(staging), plan, sources)
@@ -27,11 +41,38 @@ class LocalStorage:
     def write_small_file(self, staging: str, name: str, data: bytes) -> None:
         writer.write_small_file(Path(staging), name, data)
 
-    def commit(self, staging: str, final: Path, *, overwrite: bool) -> None:
-        commit.finish(Path(staging), final, overwrite=overwrite)
+    def commit(self, staging: str, final: Location, *, overwrite: bool) -> None:
+        commit.finish(Path(staging), _path(final), overwrite=overwrite)
 
     def abort(self, staging: str) -> None:
         commit.abort(Path(staging))
+
+    def open(self, location: Location) -> Generation:
+        raise NotImplementedError("the local read seam lands with the reader refactor")
+
+    def exists(self, location: Location) -> bool:
+        return os.path.lexists(_path(location))
+
+    def is_committed(self, location: Location) -> bool:
+        return commit.is_committed(_path(location))
+
+    def entries(self, location: Location) -> list[Listed]:
+        try:
+            with os.scandir(_path(location)) as entries:
+                found = [Listed(e.name, e.is_dir(follow_symlinks=False)) for e in entries]
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+        return sorted(found, key=lambda e: e.name)
+
+    def read_head(self, location: Location, size: int) -> bytes:
+        with open(_path(location), "rb") as f:
+            return f.read(size)
+
+    def remove(self, location: Location) -> None:
+        commit.discard(_path(location))
+
+    def remove_leftovers(self, parent: Location) -> list[Location]:
+        return list(commit.remove_leftovers(_path(parent)))
 
 
 LOCAL = LocalStorage()

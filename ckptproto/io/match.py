@@ -18,6 +18,7 @@ import numpy as np
 from ckptproto import arrays, dtensor, protocol
 from ckptproto.errors import StateMismatchError
 from ckptproto.format.manifest import Manifest
+from ckptproto.location import Location
 from ckptproto.protocol import Stateful
 from ckptproto.tree import join_path
 
@@ -65,7 +66,7 @@ def call_load_state_dict(
         ) from exc
 
 
-def assign(target: Any, loaded: Any, strict: bool, root: Path | None = None, path: str = "") -> None:
+def assign(target: Any, loaded: Any, strict: bool, root: Location | None = None, path: str = "") -> None:
     """Copy non-tensor values of ``loaded`` into a plain tree target (tensors already filled);
     Stateful objects in the tree get their part through their own ``load_state_dict``."""
     items = loaded.items() if isinstance(loaded, Mapping) else enumerate(loaded)

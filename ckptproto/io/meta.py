@@ -8,13 +8,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import Any
 
 from ckptproto import protocol
 from ckptproto.errors import CheckpointFormatError, UnsupportedValueError
 from ckptproto.format import layout
 from ckptproto.format.manifest import FileEntry, Manifest, TensorEntry
+from ckptproto.location import Location
 from ckptproto.tree import EncodedState, decode_tree, encode_state
 
 WRITER = "ckptproto 0.1.0"
@@ -60,7 +60,7 @@ def build_manifest(
     )
 
 
-def decode_metadata(manifest: Manifest, path: Path) -> dict[str, Any]:
+def decode_metadata(manifest: Manifest, path: Location) -> dict[str, Any]:
     """The manifest's ``metadata`` as plain values; CheckpointFormatError if it is not an
     object or refers to a tensor."""
 

@@ -35,12 +35,14 @@ from ckptproto.errors import CheckpointWriteError, DistributedCheckpointError
 from ckptproto.format import layout
 from ckptproto.format.info import CheckpointInfo
 from ckptproto.format.manifest import MAX_MANIFEST_BYTES, Chunk, FileEntry, Manifest, TensorEntry
+from ckptproto.io.backends import resolve
 from ckptproto.io.coordinate import Coordinator, Timeout, coordinator, failure
 from ckptproto.io.meta import WRITER, build_manifest, decode_metadata
 from ckptproto.io.plan import plan_file
 from ckptproto.io.prepare import prepare
 from ckptproto.io.share import ShareJob, warn_if_replicas_differ
-from ckptproto.io.storage import Storage, resolve
+from ckptproto.io.storage import Storage
+from ckptproto.location import Location
 from ckptproto.protocol import Stateful
 from ckptproto.tree import EncodedState
 
@@ -95,7 +97,7 @@ def save(
 
 
 def run(
-    final: Path,
+    final: Location,
     job: ShareJob | None,
     metadata_tree: Any,
     sources: list[memoryview],
@@ -125,7 +127,7 @@ def run(
                 "ok": True,
                 "digest": job.digest,
                 "temp": str(temp),
-                "path": os.path.abspath(final),
+                "path": os.path.abspath(final) if isinstance(final, Path) else str(final),
                 "replicas": job.replicas,
             }
         except Exception as exc:
@@ -191,7 +193,7 @@ def _write_share(
     if not job.pieces and rank != 0:
         return {"file": None, "chunks": []}  # rank 0 always writes one (even of no tensors)
     with _gc.paused():
-        file_plan = plan_file(layout.data_file_name(rank), rank, job.pieces)
+        file_plan = plan_file(storage.data_file_name(temp, rank), rank, job.pieces)
     entry = storage.write_file(temp, file_plan, sources)
     with _gc.paused():
         return {
@@ -204,7 +206,7 @@ def _write_share(
 
 def _commit(
     storage: Storage,
-    final: Path,
+    final: Location,
     temp: str,
     encoded: EncodedState,
     metadata_tree: Any,

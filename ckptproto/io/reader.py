@@ -20,6 +20,7 @@ from ckptproto.format.crc import crc32_combine
 from ckptproto.format.manifest import MAX_MANIFEST_BYTES, Chunk, Manifest, TensorEntry
 from ckptproto.format.regular_file import NotRegularFileError, open_regular
 from ckptproto.io import threads
+from ckptproto.location import Location, ObjectLocation
 
 
 def _read_exact(fd: int, n: int, offset: int) -> bytes:
@@ -107,11 +108,13 @@ class OpenCheckpoint:
 
     def __init__(
         self,
-        path: str | os.PathLike[str],
+        path: str | os.PathLike[str] | Location,
         manifest: Manifest | None = None,
         *,
         problems: list[CheckpointError] | None = None,
     ) -> None:
+        if isinstance(path, ObjectLocation):
+            raise CheckpointError(f"{path}: reading from object stores is not wired yet")
         self.path = Path(path)
         self.files: dict[str, DataFile] = {}
         self._located: dict[tuple[str, str], safetensors.HeaderEntry] = {}

@@ -30,6 +30,7 @@ from ckptproto.format import layout
 from ckptproto.format.info import CheckpointInfo
 from ckptproto.format.manifest import Manifest
 from ckptproto.io import reader, readplan
+from ckptproto.io.backends import resolve
 from ckptproto.io.coordinate import Coordinator, Timeout, coordinator, failure
 from ckptproto.io.match import (
     Matcher,
@@ -41,7 +42,6 @@ from ckptproto.io.match import (
     wanted_refs,
 )
 from ckptproto.io.meta import decode_metadata
-from ckptproto.io.storage import resolve
 from ckptproto.protocol import Stateful
 from ckptproto.tree import decode_tree
 

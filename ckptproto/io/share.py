@@ -17,12 +17,12 @@ import logging
 import warnings
 import zlib
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from ckptproto import arrays
 from ckptproto.arrays import ArraySpec
 from ckptproto.io.plan import Piece, unique_keys
+from ckptproto.location import Location
 from ckptproto.tree import EncodedState, TensorLeaf
 
 logger = logging.getLogger("ckptproto")
@@ -116,7 +116,9 @@ def replica_digests(encoded: EncodedState) -> dict[int, int]:
     return found
 
 
-def warn_if_replicas_differ(final: Path, job: ShareJob, answers: list[dict[str, Any]], world: int) -> None:
+def warn_if_replicas_differ(
+    final: Location, job: ShareJob, answers: list[dict[str, Any]], world: int
+) -> None:
     """On rank 0: name the plain tensors whose value is not the same on every rank (only one
     rank's value is written), and which rank's value the checkpoint holds."""
     owners = assign_writers(job.encoded, world)

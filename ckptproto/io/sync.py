@@ -17,10 +17,10 @@ from ckptproto import _gc
 from ckptproto.errors import CheckpointCorruptError, CheckpointError, CheckpointFormatError
 from ckptproto.format.info import CheckpointInfo
 from ckptproto.io import reader
+from ckptproto.io.backends import resolve
 from ckptproto.io.meta import decode_metadata
 from ckptproto.io.pipeline import save
 from ckptproto.io.restore import load, load_into
-from ckptproto.io.storage import resolve
 
 __all__ = ["load", "load_into", "read_info", "save", "verify"]
 

@@ -14,6 +14,7 @@ from ckptproto.errors import CheckpointError
 from ckptproto.format import layout
 from ckptproto.format.info import CheckpointInfo
 from ckptproto.io.sync import read_info
+from ckptproto.location import Location
 
 logger = logging.getLogger("ckptproto.policy")
 
@@ -28,7 +29,7 @@ class CheckpointRecord:
     ``find_checkpoints`` was given another), or None.
     """
 
-    path: Path
+    path: Location
     step: int | None
     epoch: int | None
     metric: float | None
