@@ -7,14 +7,18 @@ world of one; ``Group``: the ranks of a torch.distributed group) and different b
     info = save({"models": {"model": model}}, "checkpoints/checkpoint_step_100")
 
 1. prepare (:mod:`ckptproto.io.prepare`): every rank checks and encodes its state and plans its
-   share. Rank 0 creates the hidden temporary directory (``commit.begin``). One exchange: the
-   directory name, every rank's status, and a digest of every rank's tensor layout (paths,
-   dtypes, global shapes), which must agree.
+   share. Rank 0 creates the hidden temporary directory (``commit.begin``) and sends every
+   rank its name, its status and a digest of its tensor layout (paths, dtypes, global shapes)
+   and path, which each rank compares with its own before writing.
 2. write: every rank writes its own data file (``data-{rank}-000.safetensors``) into that
-   directory and fsyncs it.
-3. commit: a second exchange carries each rank's file entry and chunks to rank 0, which builds
-   the manifest, parses it back (the checks every reader applies: overlapping shards, holes),
-   writes it last and commits (atomic rename + fsync); a third tells every rank the outcome.
+   directory and fsyncs it (rank 0 without waiting for the others to take its message).
+3. commit: each rank sends rank 0 its status, file entry and chunks; if every rank succeeded,
+   rank 0 builds the manifest, parses it back (the checks every reader applies: overlapping
+   shards, holes), writes it last and commits (atomic rename + fsync). Rank 0 sends every
+   rank the outcome.
+
+Three one-way messages in all (``Coordinator.share``, ``collect``, ``share``), whatever failed
+where: every rank takes every step, so every rank raises the same error.
 
 If any rank fails, nothing is committed, rank 0 removes the temporary directory, and the error
 is raised on every rank (under torch.distributed as DistributedCheckpointError naming the
