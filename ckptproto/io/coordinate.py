@@ -226,11 +226,12 @@ class Group(Coordinator):
         if self.rank < 0:
             raise CheckpointError("this rank is not a member of the process group passed to ckptproto")
         self.group = group if dist.get_backend(group) == "gloo" else self._gloo_twin(group)
-        # Ranks that did not answer rank 0 (gloo closes the connection to a rank whose
-        # message timed out: it stays unreachable on this group).
+        # Ranks that did not answer rank 0: unreachable on this group from then on (a peer
+        # that died; after a timeout gloo closes all of this rank's connections).
         self.gone: dict[int, str] = {}
         self._pending: list[tuple[int, Any]] = []  # rank 0's sends of share(wait=False)
         self._keep: list[Any] = []  # the tensors those sends read from
+        self._answered = False  # this rank sent rank 0 its part of a collect
 
     def timeout_s(self) -> float:
         return self.timeout.total_seconds()
@@ -257,13 +258,26 @@ class Group(Coordinator):
                 failed[peer] = _first_line(exc)
         return failed
 
+    def _mark(self, lost: dict[int, str]) -> None:
+        for peer, text in lost.items():
+            self.gone.setdefault(peer, text)  # the first failure says why; later ones echo it
+
     def _send(self, parts: list[Any], peer: int) -> list[tuple[int, Any]]:
         return [(peer, self.group.send([part], peer, _TAG)) for part in parts]
 
-    def _lost(self, what: str, peer: int, text: str) -> DistributedCheckpointError:
+    def _lost(self, what: str, text: str, deadline: float, waited: float) -> DistributedCheckpointError:
+        """On a rank other than 0: rank 0 is out of reach. Silent until the deadline, it is
+        named; a connection closed sooner does not say whether rank 0 died or gave up on
+        another rank (gloo closes all of a rank's connections after one timed out), and rank
+        0's own error names the rank that failed."""
+        if time.monotonic() >= deadline:
+            return DistributedCheckpointError(
+                f"{what}: rank 0 did not answer within {waited:g} s: {text}",
+                failed_ranks={0: "did not answer"},
+            )
         return DistributedCheckpointError(
-            f"{what}: rank {peer} did not answer within {self.timeout_s():g} s: {text}",
-            failed_ranks={peer: "did not answer"},
+            f"{what}: the group broke (rank 0 died, or gave up on a rank that died, hung or "
+            f"failed; rank 0's error names it): {text}"
         )
 
     def share(self, payload: Any, what: str, *, wait: bool = True) -> Any:
@@ -281,10 +295,10 @@ class Group(Coordinator):
             try:
                 works += self._send(parts, peer)
             except RuntimeError as exc:  # the connection is closed already
-                self.gone[peer] = _first_line(exc)
+                self._mark({peer: _first_line(exc)})
         if wait:
             lost = self._wait(works, time.monotonic() + self.timeout_s())
-            self.gone.update(lost)
+            self._mark(lost)
             for peer, text in lost.items():  # rank 0's own outcome stands; that rank raises itself
                 logger.warning(
                     "%s: rank %d did not take rank 0's answer within %g s: %s",
@@ -302,17 +316,21 @@ class Group(Coordinator):
         """On a rank other than 0: the next payload rank 0 sends."""
         import torch
 
-        deadline = time.monotonic() + self.timeout_s()
+        # After a collect, rank 0 may first wait up to the timeout for the slowest rank, then
+        # tell this one who did not answer: wait for that answer as long again.
+        patience = self.timeout * (2 if self._answered else 1)
+        self._answered = False
+        deadline = time.monotonic() + patience.total_seconds()
         slot = torch.empty(_SLOT, dtype=torch.uint8)
         try:
-            self.group.recv([slot], 0, _TAG).wait(self.timeout)
+            self.group.recv([slot], 0, _TAG).wait(patience)
             rest = _rest(slot)
             if rest is not None:
                 self.group.recv([rest], 0, _TAG).wait(
                     timedelta(seconds=max(deadline - time.monotonic(), 0.001))
                 )
         except RuntimeError as exc:
-            raise self._lost(what, 0, _first_line(exc)) from exc
+            raise self._lost(what, _first_line(exc), deadline, patience.total_seconds()) from exc
         return _unpack(slot, rest)
 
     def collect(self, payload: dict[str, Any], what: str) -> list[dict[str, Any]]:
@@ -323,19 +341,17 @@ class Group(Coordinator):
             try:
                 works = self._send(_pack(payload), 0)
             except RuntimeError as exc:
-                raise self._lost(what, 0, _first_line(exc)) from exc
-            for peer, text in self._wait(works, deadline).items():
-                raise self._lost(what, peer, text)
+                raise self._lost(what, _first_line(exc), deadline, self.timeout_s()) from exc
+            for text in self._wait(works, deadline).values():
+                raise self._lost(what, text, deadline, self.timeout_s())
+            self._answered = True
             return []
         return self._gather(payload, deadline)
 
     def _gather(self, payload: dict[str, Any], deadline: float) -> list[dict[str, Any]]:
         import torch
 
-        # Rank 0's sends of an earlier share(wait=False) first: a rank that never took them
-        # is gone, and is not waited for twice.
-        self.gone.update(self._wait(self._pending, deadline))
-        self._pending, self._keep = [], []
+        # Receives first, so no rank's send waits on rank 0 while rank 0 waits on another's.
         slots: dict[int, Any] = {}
         works: list[tuple[int, Any]] = []
         for peer in range(1, self.size):
@@ -345,8 +361,13 @@ class Group(Coordinator):
             try:
                 works.append((peer, self.group.recv([slots[peer]], peer, _TAG)))
             except RuntimeError as exc:
-                self.gone[peer] = _first_line(exc)
-        self.gone.update(self._wait(works, deadline))
+                self._mark({peer: _first_line(exc)})
+        # Then rank 0's sends of an earlier share(wait=False). After a timeout gloo closes all
+        # of this rank's connections: every rank not heard from by then fails at once (the
+        # deadline is common, so they too did not answer in time).
+        self._mark(self._wait(self._pending, deadline))
+        self._pending, self._keep = [], []
+        self._mark(self._wait(works, deadline))
         rests: dict[int, Any] = {}
         more: list[tuple[int, Any]] = []
         for peer, slot in slots.items():
@@ -357,8 +378,8 @@ class Group(Coordinator):
                 try:
                     more.append((peer, self.group.recv([rests[peer]], peer, _TAG)))
                 except RuntimeError as exc:
-                    self.gone[peer] = _first_line(exc)
-        self.gone.update(self._wait(more, deadline))
+                    self._mark({peer: _first_line(exc)})
+        self._mark(self._wait(more, deadline))
         answers = [payload]
         for peer in range(1, self.size):
             if peer in self.gone:
