@@ -92,6 +92,19 @@ def scenario_protocol(rank: int, world: int, tmp: Path) -> dict[str, Any]:
     ckptproto.load_into(tmp / "many", back)
     assert all(torch.equal(back["many"][k], v) for k, v in many.items())
 
+    # A group of another backend (NCCL) talks over a gloo twin of its ranks, made once.
+    import torch.distributed as dist
+
+    real_backend = dist.get_backend
+    dist.get_backend = lambda group=None: "nccl"  # type: ignore[assignment]
+    try:
+        ckptproto.save(state, tmp / "twin")
+        ckptproto.save(state, tmp / "twin2")
+    finally:
+        dist.get_backend = real_backend
+    result["twins"] = len(coordinate._CONTROL_GROUPS)
+    assert ckptproto.load(tmp / "twin2", process_group="local")["step"] == 3
+
     # 3. Rank 0 fails to begin (the path exists, overwrite=False): nobody writes a byte.
     written: list[str] = []
     real_write = writer.write_file
@@ -133,6 +146,7 @@ def test_messages_and_failures_of_a_distributed_save(tmp_path: Path) -> None:
     assert [results[r]["load_sent"] for r in range(world)] == [world - 1, 1, 1]
     # Over a slot: one more message from each rank with a long chunk list.
     assert [results[r]["many_sent"] for r in range(world)] == [2 * (world - 1), 2, 2]
+    assert all(results[r]["twins"] == 1 for r in range(world)), results
     for key in ("exists", "two"):
         assert len({results[r][key]["message"] for r in range(world)}) == 1, key  # alike everywhere
     exists = results[0]["exists"]
