@@ -1,0 +1,192 @@
+"""Reading checkpoints from an S3-compatible store: one pinned generation, data files read by
+concurrent ranged GETs into the caller's buffers::
+
+    with S3Generation(ObjectLocation("s3", "bucket", "run/step_10")) as generation:
+        manifest = generation.read_manifest()
+        data = generation.open_file("data-00000-000.3f2a9c1b7e40aa01.safetensors")
+        data.read_into(0, [memoryview(buffer)])
+
+A generation is pinned by the manifest's ETag: data object names are unique per save
+(:mod:`ckptproto.io.s3_storage`), so every data object a manifest names belongs to it alone. An
+overwrite deletes the old generation's objects after its new manifest is in; a reader then
+finds an object missing, asks :meth:`S3Generation.replaced`, and starts again (F-38).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from ckptproto.errors import CheckpointCorruptError, CheckpointFormatError, CheckpointNotFoundError
+from ckptproto.format import layout
+from ckptproto.format.manifest import MAX_MANIFEST_BYTES
+from ckptproto.io import s3_client, threads
+from ckptproto.io.storage import Generation
+from ckptproto.location import Location, ObjectLocation
+
+READ_CONCURRENCY = 8  # ranged GETs in flight for one large read_into
+
+_lock = threading.Lock()
+_pool: tuple[int, ThreadPoolExecutor] | None = None  # (pid, pool): threads do not survive fork
+
+
+def _read_pool() -> ThreadPoolExecutor:
+    # Not threads.pool(): read_into is itself called from that pool's threads, and parts
+    # queued behind their own callers would wait forever.
+    global _pool
+    with _lock:
+        if _pool is None or _pool[0] != os.getpid():
+            _pool = (os.getpid(), ThreadPoolExecutor(READ_CONCURRENCY, thread_name_prefix="ckptproto-s3"))
+        return _pool[1]
+
+
+def _meta_version(meta: Any) -> tuple[object, ...]:
+    """What tells two versions of an object apart (the ETag, where the store gives one)."""
+    return (meta.get("e_tag"), meta.get("size"), meta.get("last_modified"))
+
+
+def get_manifest(location: ObjectLocation) -> tuple[bytes, tuple[object, ...]]:
+    """The bytes of the manifest at ``location`` and its version (CheckpointNotFoundError if
+    there is none, CheckpointFormatError over ``MAX_MANIFEST_BYTES``)."""
+    obstore = s3_client.obstore_module()
+    url = location / layout.MANIFEST_NAME
+    try:
+        result = obstore.get(s3_client.store(location.bucket), url.key)
+        meta = result.meta
+        if int(meta["size"]) > MAX_MANIFEST_BYTES:
+            raise CheckpointFormatError(
+                f"{url}: the manifest is {meta['size']} bytes, over the {MAX_MANIFEST_BYTES} readers accept"
+            )
+        return bytes(result.bytes()), _meta_version(meta)
+    except Exception as exc:
+        if s3_client.is_not_found(exc) and "NoSuchBucket" not in str(exc):
+            raise CheckpointNotFoundError(
+                f"{location}: no checkpoint here (no {layout.MANIFEST_NAME}); a prefix without one "
+                "is not a checkpoint"
+            ) from exc
+        raise s3_client.failure(exc, url, "reading the manifest") from exc
+
+
+def read_range(location: ObjectLocation, start: int, length: int) -> bytes:
+    """``length`` bytes of the object at ``location`` from ``start`` (which must exist)."""
+    if length <= 0:
+        return b""
+    obstore = s3_client.obstore_module()
+    try:
+        return bytes(
+            obstore.get_range(s3_client.store(location.bucket), location.key, start=start, length=length)
+        )
+    except Exception as exc:
+        raise s3_client.failure(exc, location, "reading") from exc
+
+
+def _head(location: ObjectLocation, missing: Exception) -> Any:
+    """The metadata of the object at ``location``; ``missing`` raised if there is none."""
+    obstore = s3_client.obstore_module()
+    try:
+        return obstore.head(s3_client.store(location.bucket), location.key)
+    except Exception as exc:
+        if s3_client.is_not_found(exc):
+            raise missing from exc
+        raise s3_client.failure(exc, location, "reading") from exc
+
+
+class S3File:
+    """One data object of a pinned generation (:class:`~ckptproto.io.storage.StoredFile`)."""
+
+    def __init__(self, location: ObjectLocation, size: int) -> None:
+        self.location = location
+        self.name = location.name
+        self.size = size
+
+    def read_into(self, offset: int, views: Sequence[memoryview]) -> int:
+        """Fill ``views`` from ``offset`` on with ranged GETs, up to ``READ_CONCURRENCY`` at once
+        for large reads; the bytes read (fewer only where the object ends)."""
+        left = max(0, self.size - offset)
+        ranges, at = [], offset
+        for view in views:
+            flat = view.cast("B") if view.format != "B" or view.ndim != 1 else view
+            flat = flat[:left]
+            if len(flat):
+                ranges.append((at, flat))
+            at += len(flat)
+            left -= len(flat)
+        parts = threads.batches(ranges)
+        if len(parts) == 1:
+            self._fetch(*parts[0])
+        elif parts:
+            pool = _read_pool()
+            threads.gather([pool.submit(self._fetch, start, batch) for start, batch in parts])
+        return at - offset
+
+    def _fetch(self, start: int, views: list[memoryview]) -> None:
+        obstore = s3_client.obstore_module()
+        length = sum(len(v) for v in views)
+        try:
+            data = obstore.get_range(
+                s3_client.store(self.location.bucket), self.location.key, start=start, length=length
+            )
+        except Exception as exc:
+            if s3_client.is_not_found(exc) and "NoSuchBucket" not in str(exc):
+                raise CheckpointCorruptError(
+                    f"{self.location}: data file listed in the manifest is missing"
+                ) from exc
+            raise s3_client.failure(exc, self.location, f"reading bytes {start}..{start + length}") from exc
+        got = memoryview(data)
+        if len(got) != length:
+            raise CheckpointCorruptError(
+                f"{self.location}: {len(got)} bytes at {start}, expected {length} (the object changed?)"
+            )
+        position = 0
+        for view in views:
+            view[:] = got[position : position + len(view)]
+            position += len(view)
+
+    def fileno(self) -> int | None:
+        return None  # nothing to memory-map: load(mmap=True) reads into memory
+
+    def close(self) -> None:
+        pass  # nothing is held open between requests
+
+
+class S3Generation:
+    """The generation committed at ``location`` when it was opened
+    (:class:`~ckptproto.io.storage.Generation`)."""
+
+    def __init__(self, location: ObjectLocation) -> None:
+        if not location.key or layout.is_hidden(location.name):
+            raise CheckpointNotFoundError(
+                f"{location}: a checkpoint name must not be empty or start with '.' (F-2)"
+            )
+        self.location: Location = location
+        self._where = location
+        self._manifest, self._version = get_manifest(location)
+
+    def read_manifest(self) -> bytes:
+        return self._manifest
+
+    def open_file(self, name: str) -> S3File:
+        where = f"{self._where}/{name}"
+        if not layout.is_valid_data_file_name(name):
+            raise CheckpointFormatError(f"{where}: not a valid data file name (F-3)")
+        location = self._where / name
+        meta = _head(
+            location, CheckpointCorruptError(f"{location}: data file listed in the manifest is missing")
+        )
+        return S3File(location, int(meta["size"]))
+
+    def replaced(self) -> bool:
+        gone = CheckpointNotFoundError(f"{self._where}: the checkpoint was deleted while being read")
+        return _meta_version(_head(self._where / layout.MANIFEST_NAME, gone)) != self._version
+
+    def close(self) -> None:
+        pass  # nothing is held open
+
+    def __enter__(self) -> Generation:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
