@@ -14,10 +14,7 @@ finds an object missing, asks :meth:`S3Generation.replaced`, and starts again (F
 
 from __future__ import annotations
 
-import os
-import threading
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from ckptproto.errors import CheckpointCorruptError, CheckpointFormatError, CheckpointNotFoundError
@@ -27,20 +24,7 @@ from ckptproto.io import s3_client, threads
 from ckptproto.io.storage import Generation
 from ckptproto.location import Location, ObjectLocation
 
-READ_CONCURRENCY = 8  # ranged GETs in flight for one large read_into
-
-_lock = threading.Lock()
-_pool: tuple[int, ThreadPoolExecutor] | None = None  # (pid, pool): threads do not survive fork
-
-
-def _read_pool() -> ThreadPoolExecutor:
-    # Not threads.pool(): read_into is itself called from that pool's threads, and parts
-    # queued behind their own callers would wait forever.
-    global _pool
-    with _lock:
-        if _pool is None or _pool[0] != os.getpid():
-            _pool = (os.getpid(), ThreadPoolExecutor(READ_CONCURRENCY, thread_name_prefix="ckptproto-s3"))
-        return _pool[1]
+READ_CONCURRENCY = 8  # parts (threads.BATCH_BYTES each) fetched by one request batch
 
 
 def _meta_version(meta: Any) -> tuple[object, ...]:
@@ -103,8 +87,8 @@ class S3File:
         self.size = size
 
     def read_into(self, offset: int, views: Sequence[memoryview]) -> int:
-        """Fill ``views`` from ``offset`` on with ranged GETs, up to ``READ_CONCURRENCY`` at once
-        for large reads; the bytes read (fewer only where the object ends)."""
+        """Fill ``views`` from ``offset`` on with ranged GETs, ``READ_CONCURRENCY`` parts at a
+        time for large reads; the bytes read (fewer only where the object ends)."""
         left = max(0, self.size - offset)
         ranges, at = [], offset
         for view in views:
@@ -115,35 +99,42 @@ class S3File:
             at += len(flat)
             left -= len(flat)
         parts = threads.batches(ranges)
-        if len(parts) == 1:
-            self._fetch(*parts[0])
-        elif parts:
-            pool = _read_pool()
-            threads.gather([pool.submit(self._fetch, start, batch) for start, batch in parts])
+        for first in range(0, len(parts), READ_CONCURRENCY):
+            self._fetch(parts[first : first + READ_CONCURRENCY])
         return at - offset
 
-    def _fetch(self, start: int, views: list[memoryview]) -> None:
+    def _fetch(self, parts: list[tuple[int, list[memoryview]]]) -> None:
+        # One get_ranges call: the client fetches the parts concurrently (Python threads each
+        # calling get_range were slower). coalesce=0: adjacent parts stay separate requests,
+        # in parallel, instead of being merged into one sequential GET.
         obstore = s3_client.obstore_module()
-        length = sum(len(v) for v in views)
+        starts = [start for start, _ in parts]
+        lengths = [sum(len(v) for v in views) for _, views in parts]
         try:
-            data = obstore.get_range(
-                s3_client.store(self.location.bucket), self.location.key, start=start, length=length
+            got = obstore.get_ranges(
+                s3_client.store(self.location.bucket),
+                self.location.key,
+                starts=starts,
+                lengths=lengths,
+                coalesce=0,
             )
         except Exception as exc:
             if s3_client.is_not_found(exc) and "NoSuchBucket" not in str(exc):
                 raise CheckpointCorruptError(
                     f"{self.location}: data file listed in the manifest is missing"
                 ) from exc
-            raise s3_client.failure(exc, self.location, f"reading bytes {start}..{start + length}") from exc
-        got = memoryview(data)
-        if len(got) != length:
-            raise CheckpointCorruptError(
-                f"{self.location}: {len(got)} bytes at {start}, expected {length} (the object changed?)"
-            )
-        position = 0
-        for view in views:
-            view[:] = got[position : position + len(view)]
-            position += len(view)
+            where = f"reading bytes {starts[0]}..{starts[-1] + lengths[-1]}"
+            raise s3_client.failure(exc, self.location, where) from exc
+        for (start, views), length, data in zip(parts, lengths, got, strict=True):
+            source = memoryview(data)
+            if len(source) != length:
+                raise CheckpointCorruptError(
+                    f"{self.location}: {len(source)} bytes at {start}, expected {length} (the object changed?)"
+                )
+            position = 0
+            for view in views:
+                view[:] = source[position : position + len(view)]
+                position += len(view)
 
     def fileno(self) -> int | None:
         return None  # nothing to memory-map: load(mmap=True) reads into memory

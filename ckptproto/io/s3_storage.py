@@ -31,6 +31,7 @@ import threading
 import time
 import uuid
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from typing import Any
 
@@ -221,9 +222,10 @@ class S3Storage:
                     return -1
                 raise s3_client.failure(exc, final / name, "checking the upload", write=True) from exc
 
-        pool = threads.pool()
         names = sorted(files)
-        sizes = threads.gather([pool.submit(size_of, n) for n in names])
+        # Its own threads: commit may run on a thread of the shared pool (an async save).
+        with ThreadPoolExecutor(max(1, min(16, len(names)))) as pool:
+            sizes = threads.gather([pool.submit(size_of, n) for n in names])
         for name, size in zip(names, sizes, strict=True):
             if size != files[name].size:
                 state = "is missing" if size < 0 else f"has {size} bytes, not {files[name].size}"
