@@ -118,11 +118,13 @@ def test_a_killed_save_commits_nothing_and_loses_nothing(s3_url: str, target: st
     if target == "new":
         assert not storage.is_committed(loc)
         with pytest.raises(CheckpointNotFoundError):
-            storage.open(loc)
+            ckptproto.load(url)
     else:
         assert storage.is_committed(loc)
         assert _verified(url)["step"] == 1
+        assert ckptproto.verify(url).step is None and ckptproto.load(url)["step"] == 1
     assert _verified(sibling)["step"] == 0
+    assert ckptproto.load(sibling)["step"] == 0
     # The dead save left its marker (and mid-upload an open multipart upload, invisible; at
     # the commit its data object).
     leftovers = sorted(set(e.name for e in storage.entries(loc)) - set(before[url]))
@@ -141,3 +143,4 @@ def test_a_killed_save_commits_nothing_and_loses_nothing(s3_url: str, target: st
     # The name is free for a retry.
     ckptproto.save({"w": np.ones(10, dtype=np.float32), "step": 3}, url, overwrite=True)
     assert _verified(url)["step"] == 3
+    assert ckptproto.load(url)["step"] == 3

@@ -261,16 +261,58 @@ def test_a_reader_of_the_old_generation_never_mixes_generations_F38(
     # The old generation's objects are gone, never replaced by the new one's bytes ...
     with pytest.raises(CheckpointCorruptError, match="missing"):
         old.open_file(old_name)
-    with pytest.raises(CheckpointCorruptError, match="missing"):
+    with pytest.raises(CheckpointError, match="replaced by another save while being read") as caught:
         opened.read_into(0, [memoryview(bytearray(8))])
+    assert not isinstance(caught.value, CheckpointCorruptError)  # F-38: not reported as damage
     # ... and the generation knows it was replaced: the reader starts again on the new one.
     assert old.replaced()
     assert np.array_equal(_read_tensor(storage, url, "w"), np.zeros(10))
     fresh = storage.open(_loc(url))
     assert not fresh.replaced()
+    (fresh_name,) = json.loads(fresh.read_manifest())["files"]
+    fresh_file = fresh.open_file(fresh_name)
     storage.remove(_loc(url))
     with pytest.raises(CheckpointNotFoundError, match="deleted"):
         fresh.replaced()
+    with pytest.raises(CheckpointNotFoundError, match="deleted"):
+        fresh_file.read_into(0, [memoryview(bytearray(8))])
+
+
+def test_load_racing_an_overwrite_reads_one_generation_F38(
+    s3_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from ckptproto.io import reader, readplan
+
+    url = s3_url + "/c"
+    ckptproto.save({"v": np.zeros(64), "step": 0}, url)
+    real = reader.read_manifest
+    act = [lambda: ckptproto.save({"v": np.ones(64), "step": 1}, url, overwrite=True)]
+
+    def then_overwrite(*args: Any, **kwargs: Any) -> Any:
+        manifest = real(*args, **kwargs)
+        if act:
+            act.pop()()  # between the manifest and the data objects: the old ones go
+        return manifest
+
+    monkeypatch.setattr(reader, "read_manifest", then_overwrite)
+    state = ckptproto.load(url)  # opened again on the new generation, whole
+    assert state["step"] == 1 and np.array_equal(state["v"], np.ones(64))
+    monkeypatch.setattr(reader, "read_manifest", real)
+    # Replaced after every object was opened, while tensors are read: an error saying so,
+    # never "corrupt" and never a mix of generations.
+    materialize = readplan.materialize
+    act.append(lambda: ckptproto.save({"v": np.full(64, 2.0), "step": 2}, url, overwrite=True))
+
+    def overwrite_then_read(*args: Any, **kwargs: Any) -> Any:
+        if act:
+            act.pop()()
+        return materialize(*args, **kwargs)
+
+    monkeypatch.setattr(readplan, "materialize", overwrite_then_read)
+    with pytest.raises(CheckpointError, match="read it again") as caught:
+        ckptproto.load(url)
+    assert not isinstance(caught.value, CheckpointCorruptError)
+    assert ckptproto.load(url)["step"] == 2
 
 
 def test_namespace_entries_exists_read_head_and_remove(storage: s3_storage.S3Storage, s3_url: str) -> None:

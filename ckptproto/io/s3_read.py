@@ -17,7 +17,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from ckptproto.errors import CheckpointCorruptError, CheckpointFormatError, CheckpointNotFoundError
+from ckptproto.errors import (
+    CheckpointCorruptError,
+    CheckpointError,
+    CheckpointFormatError,
+    CheckpointNotFoundError,
+)
 from ckptproto.format import layout
 from ckptproto.format.manifest import MAX_MANIFEST_BYTES
 from ckptproto.io import s3_client, threads
@@ -81,10 +86,11 @@ def _head(location: ObjectLocation, missing: Exception) -> Any:
 class S3File:
     """One data object of a pinned generation (:class:`~ckptproto.io.storage.StoredFile`)."""
 
-    def __init__(self, location: ObjectLocation, size: int) -> None:
+    def __init__(self, location: ObjectLocation, size: int, generation: S3Generation | None = None) -> None:
         self.location = location
         self.name = location.name
         self.size = size
+        self._generation = generation
 
     def read_into(self, offset: int, views: Sequence[memoryview]) -> int:
         """Fill ``views`` from ``offset`` on with ranged GETs, ``READ_CONCURRENCY`` parts at a
@@ -120,9 +126,7 @@ class S3File:
             )
         except Exception as exc:
             if s3_client.is_not_found(exc) and "NoSuchBucket" not in str(exc):
-                raise CheckpointCorruptError(
-                    f"{self.location}: data file listed in the manifest is missing"
-                ) from exc
+                raise self._missing() from exc
             where = f"reading bytes {starts[0]}..{starts[-1] + lengths[-1]}"
             raise s3_client.failure(exc, self.location, where) from exc
         for (start, views), length, data in zip(parts, lengths, got, strict=True):
@@ -135,6 +139,16 @@ class S3File:
             for view in views:
                 view[:] = source[position : position + len(view)]
                 position += len(view)
+
+    def _missing(self) -> CheckpointError:
+        """Why an object that was there at open is gone: its generation was replaced (an
+        overwrite deletes the old objects) or deleted, or else it is damage."""
+        if self._generation is not None and self._generation.replaced():  # NotFound if deleted
+            return CheckpointError(
+                f"{self.location}: the checkpoint was replaced by another save while being read "
+                "(its data objects are deleted once the new one is in; F-38): read it again"
+            )
+        return CheckpointCorruptError(f"{self.location}: data file listed in the manifest is missing")
 
     def fileno(self) -> int | None:
         return None  # nothing to memory-map: load(mmap=True) reads into memory
@@ -167,7 +181,7 @@ class S3Generation:
         meta = _head(
             location, CheckpointCorruptError(f"{location}: data file listed in the manifest is missing")
         )
-        return S3File(location, int(meta["size"]))
+        return S3File(location, int(meta["size"]), self)
 
     def replaced(self) -> bool:
         gone = CheckpointNotFoundError(f"{self._where}: the checkpoint was deleted while being read")
