@@ -317,7 +317,7 @@ def scenario_fsdp(rank: int, world: int, tmp: Path) -> dict[str, Any]:
     )
     for key, value in _full_params(model3).items():
         assert_same(value, saved[key], f"after the failed overwrite: {key}")
-    # A rank whose state differs from rank 0's is refused before anything is written.
+    # A rank whose state differs from rank 0's writes nothing, and nothing is committed.
     odd = {"x": torch.zeros(3 if rank == 0 else 4)}
     try:
         ckptproto.save(odd, tmp / "c")
