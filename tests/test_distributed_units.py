@@ -3,7 +3,7 @@ box of a tensor stored as many chunks (the resharding read path)."""
 
 from __future__ import annotations
 
-import pickle
+import json
 from pathlib import Path
 
 import numpy as np
@@ -117,9 +117,9 @@ def test_plan_box_into_scalar(tmp_path: Path) -> None:
 def test_a_message_of_any_size_arrives_whole(extra: int) -> None:
     pytest.importorskip("torch")
     # The payload's pickle ends just before, at and after the end of the first slot.
-    base = len(pickle.dumps({"x": b""}, protocol=pickle.HIGHEST_PROTOCOL))
+    base = len(json.dumps({"x": ""}, separators=(",", ":")))
     size = max(0, coordinate._SLOT - coordinate._LENGTH - base + extra)
-    payload = {"x": bytes(range(256)) * (size // 256) + b"y" * (size % 256)}
+    payload = {"x": "y" * size}
     parts = coordinate._pack(payload)
     assert len(parts[0]) == coordinate._SLOT
     rest = coordinate._rest(parts[0])
@@ -147,3 +147,15 @@ def test_a_verdict_names_every_failed_rank_once() -> None:
         "other tensors)"
     )
     assert coordinate.Solo().verdict([{"ok": True}], "saving c") is None
+
+
+def test_messages_are_json_and_refuse_what_json_cannot_carry() -> None:
+    torch = pytest.importorskip("torch")
+    # A metric tensor travels as its number; tuples arrive as lists; an object is refused
+    # here, on the sending rank, rather than pickled.
+    payload = {"score": torch.tensor(0.25), "pair": (True, "x"), "n": np.float32(2.0).item()}
+    parts = coordinate._pack(payload)
+    assert bytes(parts[0][coordinate._LENGTH :].numpy()).startswith(b"{")
+    assert coordinate._unpack(parts[0], None) == {"score": 0.25, "pair": [True, "x"], "n": 2.0}
+    with pytest.raises(TypeError, match="cannot travel between ranks"):
+        coordinate._pack({"value": object()})

@@ -16,8 +16,8 @@ Three steps, all through rank 0: :meth:`~Coordinator.share` (rank 0's payload to
 
 from __future__ import annotations
 
+import json
 import logging
-import pickle
 import sys
 import time
 from datetime import timedelta
@@ -167,12 +167,25 @@ class Solo(Coordinator):
 _CONTROL_GROUPS: dict[tuple[int, ...], Any] = {}
 
 
+def _scalar(value: Any) -> Any:
+    """A one-element tensor or array (a metric, say) as its Python number; anything else that
+    JSON does not take is refused."""
+    if getattr(value, "ndim", None) == 0 and hasattr(value, "item"):
+        return value.item()
+    raise TypeError(
+        f"a {type(value).__qualname__} cannot travel between ranks: send None, bools, numbers, "
+        "strings, lists and dicts with string keys"
+    )
+
+
 def _pack(payload: Any) -> list[Any]:
-    """``payload`` as the tensors that carry it: one slot of ``_SLOT`` bytes (its length, then
-    its start), and the rest, if any, in a second tensor of exactly its size."""
+    """``payload`` (a JSON value: tuples arrive as lists, dict keys must be strings) as the
+    tensors that carry it: one slot of ``_SLOT`` bytes (its length, then its start), and the
+    rest, if any, in a second tensor of exactly its size. JSON, not pickle: nothing received
+    is ever executed, even from a rank that is not one of ours."""
     import torch
 
-    data = pickle.dumps(payload, protocol=pickle.HIGHEST_PROTOCOL)
+    data = json.dumps(payload, default=_scalar, separators=(",", ":")).encode()
     slot = bytearray(_SLOT)
     slot[:_LENGTH] = len(data).to_bytes(_LENGTH, "little")
     head = data[: _SLOT - _LENGTH]
@@ -199,7 +212,7 @@ def _unpack(slot: Any, rest: Any) -> Any:
     data = slot[_LENGTH : _LENGTH + _length(slot)].numpy().tobytes()
     if rest is not None:
         data += rest.numpy().tobytes()
-    return pickle.loads(data)  # from our own ranks only, as torch's object collectives
+    return json.loads(data)
 
 
 def _first_line(exc: BaseException) -> str:
@@ -209,7 +222,7 @@ def _first_line(exc: BaseException) -> str:
 
 class Group(Coordinator):
     """The ranks of a torch.distributed group. Every message goes through rank 0 as
-    point-to-point sends and receives (pickled dicts, never written anywhere), each waited for
+    point-to-point sends and receives (dicts as JSON, never written anywhere), each waited for
     at most ``timeout``: a rank that died or hangs is named, and the others give up in bounded
     time. The messages travel on the group itself when it is a gloo group, else on a gloo
     group over the same ranks (created once per group)."""
@@ -406,7 +419,8 @@ class Group(Coordinator):
     def conclude(self, outcome: dict[str, Any], local: BaseException | None) -> None:
         if outcome.get("ok"):
             return
-        raise DistributedCheckpointError(outcome["error"], failed_ranks=outcome["failed"]) from local
+        failed = {int(r): e for r, e in outcome["failed"].items()}  # JSON keys are strings
+        raise DistributedCheckpointError(outcome["error"], failed_ranks=failed) from local
 
 
 def coordinator(process_group: Any, timeout: Timeout) -> Coordinator:

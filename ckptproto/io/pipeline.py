@@ -161,6 +161,8 @@ def run(
             if outcome is None:
                 assert job is not None and temp is not None
                 if coord.size > 1:
+                    for answer in answers:  # tensor indices: JSON made them strings
+                        answer["replicas"] = {int(i): crc for i, crc in answer["replicas"].items()}
                     warn_if_replicas_differ(final, job, answers, coord.size)
                 try:
                     manifest = _commit(
