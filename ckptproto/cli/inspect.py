@@ -13,6 +13,8 @@ from ckptproto.cli.paths import require_checkpoint
 from ckptproto.format import layout
 from ckptproto.format.manifest import Manifest
 from ckptproto.io.reader import read_manifest
+from ckptproto.io.storage import Storage
+from ckptproto.policy.locations import Location, resolve
 from ckptproto.tree import decode_tree
 
 
@@ -25,7 +27,7 @@ class _Tensor:
 
 def register(sub: Any) -> None:
     parser = sub.add_parser("inspect", help="show a checkpoint's tree (dtypes, shapes, sizes) and metadata")
-    parser.add_argument("path", metavar="PATH", help="checkpoint directory")
+    parser.add_argument("path", metavar="PATH", help="checkpoint directory or URL (s3://bucket/run/step_10)")
     parser.add_argument("--depth", type=int, default=None, help="show the tree only this deep")
     parser.set_defaults(run=run)
 
@@ -70,10 +72,17 @@ def _print_tree(node: Any, indent: int, depth: int | None) -> None:
             print(f"{pad}{key}: {_short(value)}")
 
 
+def _read_manifest(storage: Storage, root: Location) -> Manifest:
+    if isinstance(root, Path):  # the local reader until LocalStorage.open lands (branch "seam")
+        return read_manifest(root)
+    with storage.open(root) as generation:
+        return Manifest.parse(generation.read_manifest(), str(root / layout.MANIFEST_NAME))
+
+
 def run(args: argparse.Namespace) -> int:
     require_checkpoint(args.path, "inspect")
-    root = Path(args.path)
-    manifest = read_manifest(root)
+    storage, root = resolve(args.path)
+    manifest = _read_manifest(storage, root)
     where = str(root / layout.MANIFEST_NAME)
     state = decode_tree(manifest.state, lambda kind, index, p: _describe(manifest, kind, index), where=where)
     metadata = decode_tree(manifest.metadata, lambda kind, index, p: None, where=where)
