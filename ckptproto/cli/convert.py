@@ -77,6 +77,7 @@ def run(args: argparse.Namespace) -> int:
     from ckptproto.interop.convert import convert
     from ckptproto.policy.locations import resolve
 
+    resolve(args.dst)  # a URL no backend serves is refused before anything else
     storage, src = resolve(args.src)
     if not storage.exists(src):
         raise CheckpointNotFoundError(missing_problem(src))

@@ -26,6 +26,7 @@ from ckptproto.format import layout, strict_json
 from ckptproto.format.crc import parse_checksum
 from ckptproto.format.regular_file import NotRegularFileError, open_regular
 from ckptproto.format.safetensors import MAX_HEADER_BYTES, RAW_CODE
+from ckptproto.policy.locations import local_only, resolve
 from ckptproto.tree import MAX_SAFE_INT, check_tree, int_text, iter_tensor_refs
 
 MAX_MANIFEST_BYTES = 1 << 30
@@ -132,8 +133,12 @@ def reader_verdict(violations: list[Violation]) -> str | None:
 
 def validate(path: str | os.PathLike[str]) -> list[Violation]:
     """Every violation of spec/FORMAT.md found in the checkpoint directory ``path`` (empty
-    when it conforms). Reads every byte once (for the checksums); never raises for bad input."""
-    root = Path(path)
+    when it conforms). Reads every byte once (for the checksums); never raises for bad input.
+    A local directory only for now: a URL raises CheckpointError naming it."""
+    # Raw files, read locally: an object store's generation is read through the storage once
+    # LocalStorage.open exists (branch "seam"); until then a served URL is refused by name.
+    _storage, location = resolve(path)
+    root = local_only(location, "ckptproto validate (it reads the raw files)")
     out = _Collector(root)
     if root.resolve().name.startswith("."):
         out.add("F-2", str(root), "the directory name starts with '.', so it is never a checkpoint")
