@@ -232,3 +232,16 @@ def test_foreign_checkpoints_refuse_a_silent_fresh_start(
     run_loop([resumed], [])
     assert resumed.resumed_from == tmp_path / "checkpoint_step_2"
     assert "epoch=3.ckpt" in caplog.text
+
+
+def test_a_fifo_or_a_link_in_root_dir_is_not_sniffed(tmp_path: Path) -> None:
+    # local only (FIFOs, symbolic links): sniffing foreign formats goes through
+    # storage.read_head, which must neither block on a FIFO nor follow a link
+    import os
+
+    from ckptproto.policy.discovery import foreign_checkpoints
+
+    torch.save({"w": torch.ones(1)}, tmp_path / "model.pt")
+    os.mkfifo(tmp_path / "pipe")
+    (tmp_path / "link.pt").symlink_to(tmp_path / "model.pt")
+    assert foreign_checkpoints(tmp_path) == [tmp_path / "model.pt"]
