@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 from ckptproto.cli.ls import human_size
@@ -13,8 +12,7 @@ from ckptproto.cli.paths import require_checkpoint
 from ckptproto.format import layout
 from ckptproto.format.manifest import Manifest
 from ckptproto.io.reader import read_manifest
-from ckptproto.io.storage import Storage
-from ckptproto.policy.locations import Location, resolve
+from ckptproto.policy.locations import resolve
 from ckptproto.tree import decode_tree
 
 
@@ -72,17 +70,10 @@ def _print_tree(node: Any, indent: int, depth: int | None) -> None:
             print(f"{pad}{key}: {_short(value)}")
 
 
-def _read_manifest(storage: Storage, root: Location) -> Manifest:
-    if isinstance(root, Path):  # the local reader until LocalStorage.open lands (branch "seam")
-        return read_manifest(root)
-    with storage.open(root) as generation:
-        return Manifest.parse(generation.read_manifest(), str(root / layout.MANIFEST_NAME))
-
-
 def run(args: argparse.Namespace) -> int:
     require_checkpoint(args.path, "inspect")
-    storage, root = resolve(args.path)
-    manifest = _read_manifest(storage, root)
+    _storage, root = resolve(args.path)
+    manifest = read_manifest(root)  # through the storage: a path or a URL
     where = str(root / layout.MANIFEST_NAME)
     state = decode_tree(manifest.state, lambda kind, index, p: _describe(manifest, kind, index), where=where)
     metadata = decode_tree(manifest.metadata, lambda kind, index, p: None, where=where)
