@@ -15,6 +15,8 @@ through the storage (``names``, ``committed``), so the same assertion runs on bo
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from ckptproto.errors import CheckpointError
@@ -78,6 +80,16 @@ def exists(location: Location) -> bool:
     """Whether anything stands at ``location``."""
     storage, where = resolve(location)
     return storage.exists(where)
+
+
+def backend_env(location: Location) -> dict[str, str]:
+    """The environment a subprocess (a rank forked from a server started earlier) needs to
+    reach ``location``'s storage: the S3 test server's AWS_* variables, or nothing locally."""
+    if isinstance(location, Path):
+        return {}
+    from _s3_server import s3_env
+
+    return s3_env()
 
 
 def arg(location: Location) -> str:
