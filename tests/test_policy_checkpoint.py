@@ -103,6 +103,24 @@ def test_foreign_directories_are_never_touched(tmp_path: Path) -> None:
     assert cb.kept == ["checkpoint_step_18"]
 
 
+def test_other_runs_checkpoints_are_never_deleted(checkpoint_root: Location) -> None:
+    # the same decisions on every backend: a name taken by a checkpoint of another run gets a
+    # _vN suffix, and retention deletes only this run's own checkpoints
+    for step in (6, 999):
+        ckptproto.save(
+            {"trainer": {"global_step": step, "current_epoch": 0}},
+            arg(checkpoint_root / f"checkpoint_step_{step}"),
+        )
+    params = CheckpointParameters(
+        root_dir=checkpoint_root, save_every_n_steps=6, keep_top_k=1, save_last=False, resume_mode=None
+    )
+    cb = CheckpointCallback(params)
+    make_trainer([cb], epochs=2).fit()
+    assert names(checkpoint_root) == ["checkpoint_step_12", "checkpoint_step_6", "checkpoint_step_999"]
+    assert cb.kept == ["checkpoint_step_12"]
+    assert ckptproto.read_info(arg(checkpoint_root / "checkpoint_step_6")).metadata.get("run_id") is None
+
+
 def test_retention_top_k_by_metric_with_nan_and_inf(checkpoint_root: Location) -> None:
     trainer = make_trainer()
     cb = CheckpointCallback(
