@@ -180,7 +180,8 @@ def test_every_read_goes_through_the_storage(
         return
     assert f"open_file {DATA}" in storage.calls and storage.calls.count(f"close {DATA}") == 1
     assert f"read_into {DATA}" in storage.calls  # header, data or checksum
-    assert (f"fileno {DATA}" in storage.calls) == how.startswith("load_mmap")
+    if how.startswith("load_mmap"):
+        assert f"fileno {DATA}" in storage.calls  # what it maps
 
 
 def test_mmap_load_without_a_descriptor_reads_into_memory(
