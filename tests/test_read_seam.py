@@ -210,6 +210,7 @@ def test_a_url_location_flows_through_to_its_backend(tmp_path: Path, monkeypatch
     monkeypatch.setattr(backends, "_object_storage", lambda location: storage)
     _check(ckptproto.load("s3://bucket/c"))
     _check(ckptproto.load("s3://bucket/c", mmap=True))
+    _check(ckptproto.load(ObjectLocation("s3", "bucket", "c")))  # a parsed location as well
     _load_into("s3://bucket/c")
     assert ckptproto.verify("s3://bucket/c").step == 5
     assert ckptproto.read_info("s3://bucket/c").path == ObjectLocation("s3", "bucket", "c")
