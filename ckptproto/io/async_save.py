@@ -22,14 +22,11 @@ by ``save`` itself in either mode. See docs/async.md.
 
 from __future__ import annotations
 
-import atexit
 import logging
 import os
 import queue
 import threading
-import weakref
-from collections.abc import Callable, Mapping
-from concurrent.futures import Future
+from collections.abc import Mapping
 from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
@@ -37,51 +34,24 @@ from typing import Any, Literal
 from ckptproto import _gc
 from ckptproto.errors import CheckpointError, SaverBusyError
 from ckptproto.format.info import CheckpointInfo
-from ckptproto.io import pipeline, staging
+from ckptproto.io import pipeline, saver_exit, staging
 from ckptproto.io.backends import resolve
 from ckptproto.io.coordinate import Timeout, background_coordinator
 from ckptproto.io.prepare import prepare
+from ckptproto.io.save_future import SaveFuture
 from ckptproto.io.share import ShareJob
 from ckptproto.io.staging import Staged, StagingPool
 from ckptproto.io.storage import Storage
 from ckptproto.location import Location
 from ckptproto.protocol import Stateful
 
+__all__ = ["AsyncSaver", "SaveFuture", "StagingMode", "WhenFull", "default_saver", "save_async"]
+
 logger = logging.getLogger("ckptproto")
 
 PathLike = str | os.PathLike[str]
 StagingMode = Literal["blocking", "background"]
 WhenFull = Literal["block", "raise"]
-
-
-class SaveFuture(Future[CheckpointInfo]):
-    """The handle of one async save (a ``concurrent.futures.Future`` of its CheckpointInfo)::
-
-        fut = saver.save(state, "ckpt/step_100")
-        fut.wait_staged()            # tensors copied out; the caller may mutate them now
-        info = fut.result()          # committed (atomic, durable); raises if the save failed
-
-    ``result()``/``exception()`` raise TimeoutError when ``timeout`` passes. A save cannot be
-    cancelled once accepted (``cancel()`` returns False).
-    """
-
-    def __init__(self, path: Location) -> None:
-        super().__init__()
-        self.path = path
-        self._staged = threading.Event()
-
-    def wait_staged(self, timeout: float | None = None) -> None:
-        """Return once the live state is no longer read by this save (its tensors are copied,
-        or the save failed before that: the error then comes from ``result()``)."""
-        if not self._staged.wait(timeout):
-            raise TimeoutError(f"staging the save to {self.path} did not finish within {timeout} s")
-
-    def staged(self) -> bool:
-        """True once ``wait_staged()`` would return at once."""
-        return self._staged.is_set()
-
-    def __repr__(self) -> str:
-        return f"<SaveFuture {self.path} staged={self.staged()} done={self.done()}>"
 
 
 @dataclass
@@ -95,50 +65,6 @@ class _Job:
     ready: staging.Ready
     versions: list[int | None] = field(default_factory=list)  # of share.leaves, at save()
     staged: Staged | None = None
-
-
-_savers: weakref.WeakSet[AsyncSaver] = weakref.WeakSet()
-_exit_hook_lock = threading.Lock()
-_exit_hook_installed = False
-_register_thread_exit: Callable[[Callable[[], None]], None] | None = getattr(
-    threading, "_register_atexit", None
-)
-
-
-def _finish_all_at_exit() -> None:
-    """At interpreter exit, pending saves are completed (never left half-committed)."""
-    for saver in list(_savers):
-        try:
-            saver.close()
-        except Exception:  # pragma: no cover - close() logs; exit must go on
-            logger.exception("closing an AsyncSaver at exit failed")
-
-
-def _install_exit_hook() -> None:
-    # threading's own exit hooks run before the interpreter joins non-daemon threads, so the
-    # worker threads are told to finish and stop; plain atexit would run only after that join
-    # (which would then wait forever on idle workers).
-    global _exit_hook_installed
-    with _exit_hook_lock:
-        if _exit_hook_installed:
-            return
-        if _register_thread_exit is not None:
-            _register_thread_exit(_finish_all_at_exit)
-        else:  # pragma: no cover - CPython >= 3.9 has it
-            atexit.register(_finish_all_at_exit)
-        _exit_hook_installed = True
-
-
-def _reset_after_fork() -> None:
-    # A forked child (a DataLoader worker, say) inherits the savers but not their threads;
-    # without this, a save there would wait forever on threads that do not exist. The
-    # parent's pending saves are the parent's: the child neither finishes nor waits for them.
-    for saver in list(_savers):
-        saver._forget_threads()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_reset_after_fork)
 
 
 class AsyncSaver:
@@ -196,8 +122,7 @@ class AsyncSaver:
         self._stage_queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._write_queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._threads: list[threading.Thread] = []
-        _install_exit_hook()
-        _savers.add(self)
+        saver_exit.register(self)
 
     @property
     def distributed(self) -> bool:
@@ -309,7 +234,9 @@ class AsyncSaver:
                     )
                 self._cond.wait()
 
-    def _forget_threads(self) -> None:
+    def reset_after_fork(self) -> None:
+        """In a forked child: forget the parent's threads and pending saves (the child has
+        none of those threads; without this a save there would wait on them forever)."""
         self._cond = threading.Condition()
         self._inflight = set()
         self._unfinished = set()
@@ -323,7 +250,7 @@ class AsyncSaver:
         with self._cond:
             if self._threads:
                 return
-            daemon = _register_thread_exit is None
+            daemon = saver_exit.threads_are_daemons()
             workers = [threading.Thread(target=self._write_loop, name="ckptproto-async-write", daemon=daemon)]
             if self.staging == "background":
                 workers.append(
@@ -347,7 +274,7 @@ class AsyncSaver:
         # Nothing reads the live tensors any more: drop them (CUDA memory can be reused).
         job.share.leaves = [replace(t, value=None) for t in job.share.leaves]
         job.ready = staging.Ready()
-        job.future._staged.set()
+        job.future.mark_staged()
 
     def _stage_loop(self) -> None:
         while (job := self._stage_queue.get()) is not None:
@@ -397,7 +324,7 @@ class AsyncSaver:
                 logger.error("releasing the staging buffers of %s failed", job.future.path, exc_info=True)
         if exc is None and not isinstance(info, CheckpointInfo):
             exc = CheckpointError(f"{job.future.path}: internal error: the write returned {info!r}")
-        job.future._staged.set()
+        job.future.mark_staged()
         if exc is not None and log:
             logger.error("async save to %s failed: %s", job.future.path, exc, exc_info=exc)
         # Free the slot before the future completes, so a callback (or a thread woken by
