@@ -271,6 +271,126 @@ def part2(args: argparse.Namespace, root: Path) -> None:
         )
 
 
+def python_step(work: int, scratch: torch.Tensor) -> float:
+    """One step of a Python-heavy loop: interpreter work (dict/list bookkeeping, the kind a
+    data pipeline, logging or a small-op model does) and tiny torch ops whose cost is
+    dispatch, not math. Everything here holds the GIL."""
+    acc: dict[int, float] = {}
+    for i in range(work):
+        acc[i % 61] = acc.get(i % 61, 0.0) + i * 0.5
+    t = scratch
+    for _ in range(work // 20):
+        t = t.add(1.0).mul_(0.5)
+    return float(t[0]) + sum(acc.values())
+
+
+def loop_state(kind: str) -> dict[str, Any]:
+    """The two states of issue 17's goal 4: 20,000 tensors of 1 KiB, or 512 MiB in 64."""
+    g = torch.Generator().manual_seed(0)
+    if kind == "20k":
+        data = torch.randn(20_000, 256, generator=g)
+        return {"models": {"model": {f"layers.{i // 8}.p{i % 8}": data[i].clone() for i in range(20_000)}}}
+    per = 512 * (1 << 20) // 4 // 64
+    return {"models": {"model": {f"layer{i}.weight": torch.randn(per, generator=g) for i in range(64)}}}
+
+
+class InFlight:
+    """One method of part 3: ``start(path)`` begins one save and returns a ``wait`` for its
+    commit (``None`` for the no-save baseline)."""
+
+    def __init__(self, name: str, start: Callable[[Path], Callable[[], None] | None]) -> None:
+        self.name, self.start = name, start
+        self.close: Callable[[], None] = lambda: None
+
+
+def inflight_methods(state: dict[str, Any], with_dcp: bool) -> list[InFlight]:
+    none = InFlight("no save (baseline)", lambda path: None)
+    out = [none]
+    for mode in ("blocking", "background"):
+        saver = ckptproto.AsyncSaver(max_pending=1, staging=mode)  # type: ignore[arg-type]
+
+        def start(path: Path, saver: ckptproto.AsyncSaver = saver) -> Callable[[], None]:
+            fut = saver.save(state, path)
+            return lambda: (fut.result(), None)[1]
+
+        m = InFlight(f"ckptproto AsyncSaver {mode}" + (" (default)" if mode == "blocking" else ""), start)
+        m.close = saver.close
+        out.append(m)
+    if with_dcp:
+        import torch.distributed.checkpoint as dcp
+
+        flat = state["models"]["model"]
+
+        def dcp_start(path: Path) -> Callable[[], None]:
+            writer = dcp.FileSystemWriter(str(path), sync_files=True)
+            response = dcp.async_save(flat, storage_writer=writer, no_dist=True)
+            return lambda: (response.result(), None)[1]
+
+        out.append(InFlight("DCP async_save (default)", dcp_start))
+    return out
+
+
+def run_window(m: InFlight, path: Path, steps: int, work: int, scratch: torch.Tensor) -> tuple[float, bool]:
+    """``steps`` loop steps with ``m``'s save started first: the loop's time (save() included),
+    and whether the save was still running when the loop ended."""
+    t0 = time.perf_counter()
+    wait = m.start(path)
+    for _ in range(steps):
+        python_step(work, scratch)
+    elapsed = time.perf_counter() - t0
+    outlived = False
+    if wait is not None:
+        t1 = time.perf_counter()
+        wait()
+        outlived = time.perf_counter() - t1 > 1e-3  # then not all of its cost fell inside
+    shutil.rmtree(path, ignore_errors=True)
+    return elapsed, outlived
+
+
+def part3(args: argparse.Namespace, root: Path) -> None:
+    """Issue 17 goal 4: a Python-heavy loop with and without one async save in flight."""
+    scratch = torch.zeros(16)
+    t0 = time.perf_counter()
+    for _ in range(20):
+        python_step(args.py_work, scratch)
+    per_step = (time.perf_counter() - t0) / 20
+    steps = max(10, round(args.window / per_step))
+    print(
+        f"\npart 3: Python-heavy loop ({per_step * 1e3:.1f} ms/step, {steps} steps ~{args.window:.1f} s) "
+        f"with one save started at its first step; {args.py_repeat} interleaved rounds, medians"
+    )
+    counter = 0
+    for kind in args.py_states:
+        state = loop_state(kind)
+        tensors = state["models"]["model"]
+        nbytes = sum(t.nbytes for t in tensors.values())
+        methods = inflight_methods(state, with_dcp=not args.skip_dcp)
+        times: dict[str, list[float]] = {m.name: [] for m in methods}
+        late: dict[str, int] = {m.name: 0 for m in methods}
+
+        for m in methods:
+            run_window(m, root / f"py-warm-{kind}", steps, args.py_work, scratch)  # buffers, threads
+        for r in range(args.py_repeat):
+            order = methods[r % len(methods) :] + methods[: r % len(methods)]
+            for m in order:
+                counter += 1
+                elapsed, outlived = run_window(m, root / f"py{counter}", steps, args.py_work, scratch)
+                times[m.name].append(elapsed)
+                late[m.name] += outlived
+        for m in methods:
+            m.close()
+        base = statistics.median(times[methods[0].name])
+        print(f"  state: {len(tensors)} tensors, {nbytes / 2**20:.0f} MiB")
+        print(f"  {'method':44} {'loop':>8} {'slowdown':>9} {'extra':>8}  save outlived window")
+        for m in methods:
+            t = statistics.median(times[m.name])
+            print(
+                f"  {m.name:44} {t:7.3f}s {(t / base - 1) * 100:+8.1f}% {(t - base):+7.3f}s  "
+                f"{late[m.name]}/{args.py_repeat}"
+            )
+        del state, tensors
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -287,14 +407,24 @@ def main() -> None:
     parser.add_argument("--loop-repeat", type=int, default=1)
     parser.add_argument("--skip-loop", action="store_true")
     parser.add_argument("--skip-stall", action="store_true")
+    parser.add_argument("--python-loop", action="store_true", help="run only part 3 (goal 4)")
+    parser.add_argument("--py-states", nargs="+", default=["20k", "512mib"], choices=["20k", "512mib"])
+    parser.add_argument("--py-work", type=int, default=2000, help="Python work per step")
+    parser.add_argument("--window", type=float, default=2.0, help="loop length without a save (s)")
+    parser.add_argument("--py-repeat", type=int, default=5)
+    parser.add_argument("--skip-dcp", action="store_true")
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix="bench_async-", dir=args.dir))
     try:
         print(f"torch {torch.__version__}, {torch.get_num_threads()} intra-op threads")
+        if args.python_loop:
+            part3(args, root)
+            return
         if not args.skip_stall:
             part1(args, root)
         if not args.skip_loop:
             part2(args, root)
+        part3(args, root)
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
