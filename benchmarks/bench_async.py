@@ -303,19 +303,21 @@ class InFlight:
         self.close: Callable[[], None] = lambda: None
 
 
-def inflight_methods(state: dict[str, Any], with_dcp: bool) -> list[InFlight]:
+def inflight_methods(state: dict[str, Any], with_dcp: bool, writers: list[str]) -> list[InFlight]:
     none = InFlight("no save (baseline)", lambda path: None)
     out = [none]
     for mode in ("blocking", "background"):
-        saver = ckptproto.AsyncSaver(max_pending=1, staging=mode)  # type: ignore[arg-type]
+        for writer in writers:
+            saver = ckptproto.AsyncSaver(max_pending=1, staging=mode, writer=writer)  # type: ignore[arg-type]
 
-        def start(path: Path, saver: ckptproto.AsyncSaver = saver) -> Callable[[], None]:
-            fut = saver.save(state, path)
-            return lambda: (fut.result(), None)[1]
+            def start(path: Path, saver: ckptproto.AsyncSaver = saver) -> Callable[[], None]:
+                fut = saver.save(state, path)
+                return lambda: (fut.result(), None)[1]
 
-        m = InFlight(f"ckptproto AsyncSaver {mode}" + (" (default)" if mode == "blocking" else ""), start)
-        m.close = saver.close
-        out.append(m)
+            default = " (default)" if (mode, writer) == ("blocking", "auto") else ""
+            m = InFlight(f"ckptproto {mode}, writer={writer}{default}", start)
+            m.close = saver.close
+            out.append(m)
     if with_dcp:
         import torch.distributed.checkpoint as dcp
 
@@ -364,7 +366,7 @@ def part3(args: argparse.Namespace, root: Path) -> None:
         state = loop_state(kind)
         tensors = state["models"]["model"]
         nbytes = sum(t.nbytes for t in tensors.values())
-        methods = inflight_methods(state, with_dcp=not args.skip_dcp)
+        methods = inflight_methods(state, with_dcp=not args.skip_dcp, writers=args.writers)
         times: dict[str, list[float]] = {m.name: [] for m in methods}
         late: dict[str, int] = {m.name: 0 for m in methods}
 
@@ -413,6 +415,9 @@ def main() -> None:
     parser.add_argument("--window", type=float, default=2.0, help="loop length without a save (s)")
     parser.add_argument("--py-repeat", type=int, default=5)
     parser.add_argument("--skip-dcp", action="store_true")
+    parser.add_argument(
+        "--writers", nargs="+", default=["auto", "thread", "process"], choices=["auto", "thread", "process"]
+    )
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix="bench_async-", dir=args.dir))
     try:

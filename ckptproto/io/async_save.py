@@ -28,43 +28,30 @@ import queue
 import threading
 from collections.abc import Mapping
 from concurrent.futures import wait as wait_futures
-from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from ckptproto import _gc
 from ckptproto.errors import CheckpointError, SaverBusyError
 from ckptproto.format.info import CheckpointInfo
-from ckptproto.io import pipeline, saver_exit, staging
+from ckptproto.io import async_job, saver_exit, staging, writer_process
+
+# Re-exported (``as``): policy tests hold the write by patching ``async_save.pipeline.run``.
+from ckptproto.io import pipeline as pipeline
+from ckptproto.io.async_job import SaveJob, WriterMode
 from ckptproto.io.backends import resolve
 from ckptproto.io.coordinate import Timeout, background_coordinator
 from ckptproto.io.prepare import prepare
 from ckptproto.io.save_future import SaveFuture
-from ckptproto.io.share import ShareJob
-from ckptproto.io.staging import Staged, StagingPool
-from ckptproto.io.storage import Storage
-from ckptproto.location import Location
+from ckptproto.io.staging import StagingPool
 from ckptproto.protocol import Stateful
 
-__all__ = ["AsyncSaver", "SaveFuture", "StagingMode", "WhenFull", "default_saver", "save_async"]
+__all__ = ["AsyncSaver", "SaveFuture", "StagingMode", "WhenFull", "WriterMode", "default_saver", "save_async"]
 
 logger = logging.getLogger("ckptproto")
 
 PathLike = str | os.PathLike[str]
 StagingMode = Literal["blocking", "background"]
 WhenFull = Literal["block", "raise"]
-
-
-@dataclass
-class _Job:
-    future: SaveFuture
-    share: ShareJob  # this rank's part of the save: its pieces and their live values
-    storage: Storage
-    final: Location
-    metadata_tree: Any
-    overwrite: bool
-    ready: staging.Ready
-    versions: list[int | None] = field(default_factory=list)  # of share.leaves, at save()
-    staged: Staged | None = None
 
 
 class AsyncSaver:
@@ -100,6 +87,7 @@ class AsyncSaver:
         pool: StagingPool | None = None,
         process_group: Any = None,
         timeout: Timeout = None,
+        writer: WriterMode = "auto",
     ) -> None:
         if not isinstance(max_pending, int) or isinstance(max_pending, bool) or max_pending < 1:
             raise ValueError(f"max_pending must be an int >= 1, got {max_pending!r}")
@@ -107,6 +95,10 @@ class AsyncSaver:
             raise ValueError(f"staging must be 'blocking' or 'background', got {staging!r}")
         if when_full not in ("block", "raise"):
             raise ValueError(f"when_full must be 'block' or 'raise', got {when_full!r}")
+        if writer not in ("auto", "thread", "process"):
+            raise ValueError(f"writer must be 'auto', 'thread' or 'process', got {writer!r}")
+        if writer == "process" and not writer_process.available():
+            raise ValueError("writer='process' needs memfd_create and fd passing (Linux); use 'auto'")
         self.max_pending = max_pending
         self.staging: StagingMode = staging
         self.when_full: WhenFull = when_full
@@ -114,13 +106,20 @@ class AsyncSaver:
         # Under torch.distributed every rank stages and writes its share; the commit waits for
         # every rank's files (docs/distributed.md). Created here: it is a collective call.
         self._coordinator = background_coordinator(process_group, timeout)
+        if writer == "process" and self._coordinator.distributed:
+            raise ValueError(
+                "writer='process' is for single-process saves; a distributed save writes from the "
+                "training process (its coordinator exchanges run there); use 'auto' or 'thread'"
+            )
+        self.writer: WriterMode = writer
+        self._writer_process: writer_process.WriterProcess | None = None
         self._cond = threading.Condition()
         self._inflight: set[SaveFuture] = set()  # holding a slot (counts against max_pending)
         self._unfinished: set[SaveFuture] = set()  # not yet done (what wait() waits for)
         self._closed = False
         self._submitting = 0  # save() calls between taking a slot and queueing their job
-        self._stage_queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
-        self._write_queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._stage_queue: queue.SimpleQueue[SaveJob | None] = queue.SimpleQueue()
+        self._write_queue: queue.SimpleQueue[SaveJob | None] = queue.SimpleQueue()
         self._threads: list[threading.Thread] = []
         saver_exit.register(self)
 
@@ -157,10 +156,14 @@ class AsyncSaver:
         future.set_running_or_notify_cancel()  # accepted saves cannot be cancelled
         self._reserve(future)
         # Stage only what this rank writes; the global layout travels in the share.
-        job = _Job(future, prepared.share, storage, final, prepared.metadata_tree, overwrite, staging.Ready())
+        job = SaveJob(
+            future, prepared.share, storage, final, prepared.metadata_tree, overwrite, staging.Ready()
+        )
         try:
-            job.versions = staging.capture_versions(job.share.leaves)
+            if self.staging == "background":  # the torn-snapshot guard's reference point
+                job.versions = staging.capture_versions(job.share.leaves)
             job.ready = staging.capture_ready(prepared.encoded.tensors)
+            job.process = async_job.use_process(job, self.writer, self._coordinator)
             if self.staging == "blocking":
                 self._stage(job)
                 self._write_queue.put(job)
@@ -209,6 +212,16 @@ class AsyncSaver:
                 thread.join()
         self.wait()
         self.pool.clear()
+        with self._cond:
+            proc, self._writer_process = self._writer_process, None
+        if proc is not None:
+            proc.close()
+
+    def _writer(self) -> writer_process.WriterProcess:
+        with self._cond:
+            if self._writer_process is None:
+                self._writer_process = writer_process.WriterProcess()
+            return self._writer_process
 
     def __enter__(self) -> AsyncSaver:
         return self
@@ -245,6 +258,7 @@ class AsyncSaver:
         self._threads = []
         self._submitting = 0
         self.pool._lock = threading.Lock()
+        self._writer_process = None  # the parent's child process; a new one starts on use
 
     def _ensure_threads(self) -> None:
         with self._cond:
@@ -262,17 +276,21 @@ class AsyncSaver:
 
     # -- the saver's threads -----------------------------------------------------------------
 
-    def _stage(self, job: _Job) -> None:
-        job.staged = staging.stage_state(self.pool, job.share.leaves, job.ready)
+    def _stage(self, job: SaveJob) -> None:
+        background = self.staging == "background"
+        job.staged = staging.stage_state(
+            self.pool, job.share.leaves, job.ready, recheck=background, shared=job.process
+        )
         job.staged.synchronize()
-        if self.staging == "background":
+        if background:
             # The caller may have mutated the state while it was copied (a missed
             # wait_staged()): such a checkpoint would be torn, so the save fails instead.
             staging.check_not_mutated(
                 job.share.leaves, job.versions, job.staged.views, where=str(job.future.path)
             )
         # Nothing reads the live tensors any more: drop them (CUDA memory can be reused).
-        job.share.leaves = [replace(t, value=None) for t in job.share.leaves]
+        # (The write needs only the staged bytes and the share's pieces.)
+        job.share.leaves = []
         job.ready = staging.Ready()
         job.future.mark_staged()
 
@@ -293,23 +311,13 @@ class AsyncSaver:
             try:
                 if job.staged is None:
                     raise CheckpointError(f"{job.future.path}: internal error: the save was not staged")
-                # The one save pipeline; it pauses the collector itself, only while plans
-                # and the manifest are built.
-                info = pipeline.run(
-                    job.final,
-                    job.share,
-                    job.metadata_tree,
-                    job.staged.views,
-                    self._coordinator,
-                    overwrite=job.overwrite,
-                    storage=job.storage,
-                )
+                info = async_job.write(job, self._coordinator, self._writer)
             except BaseException as exc:
                 error = exc
             self._complete(job, info, error)
 
     def _complete(
-        self, job: _Job, info: CheckpointInfo | None, exc: BaseException | None, *, log: bool = True
+        self, job: SaveJob, info: CheckpointInfo | None, exc: BaseException | None, *, log: bool = True
     ) -> None:
         """Settle a job's future; never raises (a dead worker thread would hang every later
         save and close())."""

@@ -12,7 +12,10 @@ save::
 
 from __future__ import annotations
 
+import mmap
+import os
 import threading
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,18 +40,36 @@ def slab_capacity(nbytes: int) -> int:
     return round_up(nbytes, 1 << (nbytes.bit_length() - 4))
 
 
-class Slab:
-    """One contiguous host buffer of ``capacity`` bytes: a numpy uint8 array (pageable) or a
-    pinned torch uint8 tensor. ``array`` is a uint8 numpy view of it either way."""
+def shared_memory_available() -> bool:
+    """Whether shared slabs can be made here (Linux ``memfd_create``)."""
+    return hasattr(os, "memfd_create")
 
-    def __init__(self, capacity: int, pinned: bool) -> None:
+
+class Slab:
+    """One contiguous host buffer of ``capacity`` bytes: a numpy uint8 array (pageable), a
+    pinned torch uint8 tensor, or (``shared``) a memfd mapped here whose descriptor ``fd`` the
+    checkpoint writer process maps too. ``array`` is a uint8 numpy view of it in every case."""
+
+    def __init__(self, capacity: int, pinned: bool, shared: bool = False) -> None:
         self.capacity = capacity
         self.pinned = pinned
+        self.shared = shared
+        self.fd = -1
         self.tensor: Any = None  # the pinned torch tensor owning the memory, if pinned
-        if pinned:
+        self.array: np.ndarray[Any, Any]
+        if shared:
+            if pinned:
+                raise CheckpointError("internal error: a staging slab cannot be both pinned and shared")
+            self.fd = os.memfd_create("ckptproto-staging", os.MFD_CLOEXEC)
+            # The descriptor is closed when the slab is dropped; the mapping lives as long as
+            # any view of it (numpy keeps the mmap alive), the writer process maps its own.
+            weakref.finalize(self, os.close, self.fd)
+            os.ftruncate(self.fd, capacity)
+            self.array = np.frombuffer(mmap.mmap(self.fd, capacity), dtype=np.uint8)
+        elif pinned:
             torch = arrays.require_torch()
             self.tensor = torch.empty(capacity, dtype=torch.uint8, device="cpu", pin_memory=True)
-            self.array: np.ndarray[Any, Any] = self.tensor.numpy()
+            self.array = self.tensor.numpy()
         elif (torch := arrays.loaded_torch()) is not None:
             # torch's CPU allocator (64-byte aligned) measured fastest as a copy_ destination
             self.tensor = torch.empty(capacity, dtype=torch.uint8, device="cpu")  # any default device
@@ -63,6 +84,8 @@ class Slab:
         # same tensors (building ~10k views costs more than copying small tensors).
         self.layout_key: tuple[Any, ...] | None = None
         self.layout_views: list[Any] = []
+        self.layout_bytes: list[memoryview] = []  # the same ranges as uint8 memoryviews
+        self.layout_spans = np.zeros((0, 2), dtype=np.int64)  # (offset, length) of each
 
     def torch_view(self) -> Any:
         """A uint8 torch tensor over the whole slab (shares memory)."""
@@ -100,24 +123,26 @@ class StagingPool:
         self._free: list[Slab] = []
         self.stats = PoolStats()
 
-    def acquire(self, nbytes: int, *, pinned: bool) -> Slab:
-        """A slab of at least ``nbytes`` bytes (reused when one is free)."""
+    def acquire(self, nbytes: int, *, pinned: bool, shared: bool = False) -> Slab:
+        """A slab of at least ``nbytes`` bytes (reused when one is free); ``shared``: one the
+        checkpoint writer process can map (see :class:`Slab`)."""
+        want = (pinned, shared)
         with self._lock:
-            fits = [s for s in self._free if s.pinned == pinned and s.capacity >= nbytes]
+            fits = [s for s in self._free if (s.pinned, s.shared) == want and s.capacity >= nbytes]
             if fits:
                 slab = min(fits, key=lambda s: s.capacity)
                 self._free.remove(slab)
                 self.stats.in_use += 1
                 return slab
-            small = [s for s in self._free if s.pinned == pinned]
+            small = [s for s in self._free if (s.pinned, s.shared) == want]
             for s in small:
                 self._free.remove(s)
                 self.stats.freed += 1
                 self.stats.held_bytes -= s.capacity
         capacity = slab_capacity(nbytes)
         try:
-            slab = Slab(capacity, pinned)
-        except (MemoryError, RuntimeError) as exc:
+            slab = Slab(capacity, pinned, shared)
+        except (MemoryError, RuntimeError, OSError) as exc:
             kind = "pinned host" if pinned else "host"
             raise CheckpointError(
                 f"cannot allocate {capacity} bytes of {kind} memory to stage a checkpoint: {exc}; "

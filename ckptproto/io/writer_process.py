@@ -1,0 +1,252 @@
+"""The checkpoint writer process: an async save's write, checksum, fsync and commit, run in a
+long-lived child process so that none of it holds the training process's GIL.
+
+Staged bytes are already host copies in a shared slab (a memfd, ``staging.Slab``); the child
+maps that memfd and runs the same :func:`ckptproto.io.pipeline.run` a writer thread would,
+on the same local storage, with the same commit protocol::
+
+    proc = WriterProcess()
+    info = proc.run(final, storage, share, metadata_tree, overwrite, staged.shared())
+    proc.close()
+
+The job goes over a private socketpair (the memfd as SCM_RIGHTS; the layout as plain columns,
+:mod:`ckptproto.io.share_wire`, pickled: the channel is between this process and the child it
+started, and no file ever holds a pickle). The result, or the save's own exception, comes
+back the same way. If the child dies, the save fails with CheckpointWriteError and the next
+save starts a new child. It is started with ``python -m ckptproto.io.writer_main`` (not
+multiprocessing's spawn, which re-imports the training script's ``__main__``), imports only
+ckptproto and numpy (never torch), and exits when its parent closes the socket or dies.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import mmap
+import os
+import pickle
+import socket
+import struct
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ckptproto.errors import CheckpointError, CheckpointWriteError
+from ckptproto.format.info import CheckpointInfo
+from ckptproto.io import pipeline, share_wire
+from ckptproto.io.coordinate import Solo
+from ckptproto.io.share import ShareJob
+from ckptproto.io.storage import Storage
+from ckptproto.location import Location
+
+logger = logging.getLogger("ckptproto")
+
+_HEADER = struct.Struct("!Q")  # the length of the pickled message that follows; 0: exit
+
+
+def available() -> bool:
+    """Whether this platform can run the writer process (memfd and fd passing: Linux)."""
+    return hasattr(os, "memfd_create") and hasattr(socket, "send_fds")
+
+
+def _recv_exact(sock: socket.socket, n: int) -> bytes:
+    chunks, left = [], n
+    while left:
+        chunk = sock.recv(min(left, 1 << 20))
+        if not chunk:
+            raise EOFError("the other end closed the socket")
+        chunks.append(chunk)
+        left -= len(chunk)
+    return b"".join(chunks)
+
+
+class WriterProcess:
+    """One child process that writes and commits saves, one at a time, for one AsyncSaver.
+    Started on the first :meth:`run`; restarted by the next one if it died."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._sock: socket.socket | None = None
+
+    @property
+    def pid(self) -> int | None:
+        """The child's process id while one is running (None before the first save)."""
+        return self._proc.pid if self._proc is not None and self._proc.poll() is None else None
+
+    def _start(self) -> socket.socket:
+        mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        # The child must import this very ckptproto, whatever sys.path the parent was given.
+        package_root = str(Path(__file__).resolve().parents[2])
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
+        try:
+            self._proc = subprocess.Popen(
+                [sys.executable, "-m", "ckptproto.io.writer_main", str(theirs.fileno())],
+                pass_fds=(theirs.fileno(),),
+                stdin=subprocess.DEVNULL,
+                env=env,
+                # Its own session: a Ctrl-C meant for the training loop must not kill a save
+                # in the middle (the parent finishes its pending saves at exit).
+                start_new_session=True,
+            )
+        except OSError:
+            mine.close()
+            raise
+        finally:
+            theirs.close()
+        self._sock = mine
+        return mine
+
+    def run(
+        self,
+        final: Location,
+        storage: Storage,
+        share: ShareJob,
+        metadata_tree: Any,
+        overwrite: bool,
+        shared: tuple[int, np.ndarray[Any, Any]],
+    ) -> CheckpointInfo:
+        """Write and commit one staged save in the child; raises what the save raised there
+        (the same CheckpointError subclasses), or CheckpointWriteError if the child died."""
+        fd, spans = shared
+        message = pickle.dumps(
+            {
+                "final": final,
+                "storage": storage,
+                "share": share_wire.pack(share),
+                "metadata": metadata_tree,
+                "overwrite": overwrite,
+                "spans": spans.tobytes(),
+            },
+            protocol=pickle.HIGHEST_PROTOCOL,
+        )
+        with self._lock:
+            started = False
+            try:
+                sock = self._sock if self._sock is not None and self.pid is not None else self._start()
+                started = True
+                socket.send_fds(sock, [_HEADER.pack(len(message))], [fd])
+                sock.sendall(message)
+                size = _HEADER.unpack(_recv_exact(sock, _HEADER.size))[0]
+                status, payload = pickle.loads(_recv_exact(sock, size))
+            except (OSError, EOFError) as exc:
+                raise self._died(final, exc, started) from exc
+        if status == "ok" and isinstance(payload, CheckpointInfo):
+            return payload
+        if isinstance(payload, BaseException):
+            raise payload
+        raise CheckpointWriteError(f"saving {final}: the writer process failed: {payload}")
+
+    def _died(self, final: Location, exc: BaseException, started: bool) -> CheckpointWriteError:
+        if not started:
+            return CheckpointWriteError(f"saving {final}: cannot start the checkpoint writer process: {exc}")
+        proc, self._proc = self._proc, None
+        sock, self._sock = self._sock, None
+        if sock is not None:
+            sock.close()
+        code = None
+        if proc is not None:
+            try:
+                code = proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                code = proc.wait()
+        return CheckpointWriteError(
+            f"saving {final}: the checkpoint writer process (pid {proc.pid if proc else '?'}) "
+            f"exited with code {code} before it reported the save ({exc}); the checkpoint was not "
+            "committed (a hidden temporary directory may be left, which readers ignore). The next "
+            "save starts a new writer process"
+        )
+
+    def close(self) -> None:
+        """Stop the child (after the save it is running, if any); idempotent."""
+        with self._lock:
+            proc, self._proc = self._proc, None
+            sock, self._sock = self._sock, None
+            if sock is not None:
+                with contextlib.suppress(OSError):  # it may be gone already
+                    sock.sendall(_HEADER.pack(0))
+                sock.close()
+            if proc is not None:
+                try:
+                    proc.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    logger.error("the checkpoint writer process %s did not exit; killing it", proc.pid)
+                    proc.kill()
+                    proc.wait()
+
+    def forget(self) -> None:
+        """In a forked child: the parent's writer process is the parent's; start afresh."""
+        self._lock = threading.Lock()
+        self._proc = None
+        self._sock = None
+
+
+# -- the child's side ---------------------------------------------------------------------------
+
+
+def _serve_one(sock: socket.socket, maps: dict[tuple[int, int], mmap.mmap]) -> bool:
+    header, fds, _flags, _addr = socket.recv_fds(sock, _HEADER.size, 4)
+    if not header:
+        return False
+    if len(header) < _HEADER.size:
+        header += _recv_exact(sock, _HEADER.size - len(header))
+    size = _HEADER.unpack(header)[0]
+    if size == 0:
+        for fd in fds:
+            os.close(fd)
+        return False
+    job = pickle.loads(_recv_exact(sock, size))
+    try:
+        if len(fds) != 1:
+            raise CheckpointError(f"internal error: the writer process got {len(fds)} descriptors, not 1")
+        stat = os.fstat(fds[0])
+        key = (stat.st_dev, stat.st_ino)
+        if key not in maps or len(maps[key]) != stat.st_size:
+            maps.clear()  # slabs the parent dropped are unmapped here too
+            maps[key] = mmap.mmap(fds[0], stat.st_size, prot=mmap.PROT_READ)
+        whole = memoryview(maps[key])
+        spans = np.frombuffer(job["spans"], dtype=np.int64).reshape(-1, 2).tolist()
+        views = [whole[offset : offset + length] for offset, length in spans]
+        reply: tuple[str, Any] = (
+            "ok",
+            pipeline.run(
+                job["final"],
+                share_wire.unpack(job["share"]),
+                job["metadata"],
+                views,
+                Solo(),
+                overwrite=job["overwrite"],
+                storage=job["storage"],
+            ),
+        )
+        del views, whole
+    except Exception as exc:
+        reply = ("error", exc)
+    finally:
+        for fd in fds:
+            os.close(fd)
+    try:
+        data = pickle.dumps(reply, protocol=pickle.HIGHEST_PROTOCOL)
+    except Exception:  # an exception that does not pickle still reports its text
+        data = pickle.dumps(("error", f"{type(reply[1]).__name__}: {reply[1]}"))
+    sock.sendall(_HEADER.pack(len(data)) + data)
+    return True
+
+
+def main(fd: int) -> None:
+    """The child's loop: serve saves until the parent says stop or goes away."""
+    sock = socket.socket(fileno=fd)
+    maps: dict[tuple[int, int], mmap.mmap] = {}
+    try:
+        while _serve_one(sock, maps):
+            pass
+    except (EOFError, ConnectionError):
+        pass  # the parent died or closed the socket: nothing is waiting for an answer
+    finally:
+        sock.close()
