@@ -132,6 +132,16 @@ class AsyncSaver:
         """
         return self._coordinator.distributed
 
+    @property
+    def writer_pid(self) -> int | None:
+        """The process id of this saver's checkpoint writer process while it runs; None before
+        a save went to it, after ``close()``, and with ``writer="thread"``::
+
+            saver = ckptproto.AsyncSaver(writer="process")
+        """
+        proc = self._writer_process
+        return proc.pid if proc is not None else None
+
     # -- the caller's side -------------------------------------------------------------------
 
     def save(

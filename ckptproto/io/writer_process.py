@@ -46,6 +46,7 @@ from ckptproto.location import Location
 logger = logging.getLogger("ckptproto")
 
 _HEADER = struct.Struct("!Q")  # the length of the pickled message that follows; 0: exit
+_ACK = b"+"  # the child has the whole job (sent before it starts on it)
 
 
 def available() -> bool:
@@ -126,25 +127,48 @@ class WriterProcess:
             protocol=pickle.HIGHEST_PROTOCOL,
         )
         with self._lock:
-            started = False
+            self._hand_over(final, message, fd)
             try:
-                sock = self._sock if self._sock is not None and self.pid is not None else self._start()
-                started = True
-                socket.send_fds(sock, [_HEADER.pack(len(message))], [fd])
-                sock.sendall(message)
-                size = _HEADER.unpack(_recv_exact(sock, _HEADER.size))[0]
-                status, payload = pickle.loads(_recv_exact(sock, size))
+                size = _HEADER.unpack(_recv_exact(self._sock_or_raise(), _HEADER.size))[0]
+                status, payload = pickle.loads(_recv_exact(self._sock_or_raise(), size))
             except (OSError, EOFError) as exc:
-                raise self._died(final, exc, started) from exc
+                raise self._died(final, exc) from exc
         if status == "ok" and isinstance(payload, CheckpointInfo):
             return payload
         if isinstance(payload, BaseException):
             raise payload
         raise CheckpointWriteError(f"saving {final}: the writer process failed: {payload}")
 
-    def _died(self, final: Location, exc: BaseException, started: bool) -> CheckpointWriteError:
-        if not started:
-            return CheckpointWriteError(f"saving {final}: cannot start the checkpoint writer process: {exc}")
+    def _sock_or_raise(self) -> socket.socket:
+        if self._sock is None:
+            raise EOFError("the writer process is not running")
+        return self._sock
+
+    def _hand_over(self, final: Location, message: bytes, fd: int) -> None:
+        """Send the job; returns once the child acknowledged it. A child that died before
+        that (killed while idle, say) cannot have started the save: a new one is started and
+        the job sent again, once."""
+        for attempt in (1, 2):
+            try:
+                sock = self._sock if self._sock is not None and self.pid is not None else self._start()
+            except OSError as exc:
+                raise CheckpointWriteError(
+                    f"saving {final}: cannot start the checkpoint writer process: {exc}"
+                ) from exc
+            try:
+                socket.send_fds(sock, [_HEADER.pack(len(message))], [fd])
+                sock.sendall(message)
+                if _recv_exact(sock, 1) == _ACK:
+                    return
+                raise EOFError("the writer process answered out of turn")
+            except (OSError, EOFError) as exc:
+                error = self._died(final, exc)
+                if attempt == 2:
+                    raise error from exc
+                logger.warning("the checkpoint writer process was gone (%s); starting a new one", error)
+
+    def _died(self, final: Location, exc: BaseException) -> CheckpointWriteError:
+        """Reap a child that stopped answering; the error for the save it had."""
         proc, self._proc = self._proc, None
         sock, self._sock = self._sock, None
         if sock is not None:
@@ -202,6 +226,7 @@ def _serve_one(sock: socket.socket, maps: dict[tuple[int, int], mmap.mmap]) -> b
             os.close(fd)
         return False
     job = pickle.loads(_recv_exact(sock, size))
+    sock.sendall(_ACK)
     try:
         if len(fds) != 1:
             raise CheckpointError(f"internal error: the writer process got {len(fds)} descriptors, not 1")
