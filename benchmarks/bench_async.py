@@ -308,7 +308,9 @@ def inflight_methods(state: dict[str, Any], with_dcp: bool, writers: list[str]) 
     out = [none]
     for mode in ("blocking", "background"):
         for writer in writers:
-            saver = ckptproto.AsyncSaver(max_pending=1, staging=mode, writer=writer)  # type: ignore[arg-type]
+            # (writer= only when asked: the same script then also measures versions without it)
+            extra: dict[str, Any] = {} if writer == "auto" else {"writer": writer}
+            saver = ckptproto.AsyncSaver(max_pending=1, staging=mode, **extra)  # type: ignore[arg-type]
 
             def start(path: Path, saver: ckptproto.AsyncSaver = saver) -> Callable[[], None]:
                 fut = saver.save(state, path)
@@ -332,11 +334,19 @@ def inflight_methods(state: dict[str, Any], with_dcp: bool, writers: list[str]) 
     return out
 
 
-def run_window(m: InFlight, path: Path, steps: int, work: int, scratch: torch.Tensor) -> tuple[float, bool]:
-    """``steps`` loop steps with ``m``'s save started first: the loop's time (save() included),
-    and whether the save was still running when the loop ended."""
+Window = dict[str, float]  # loop, stall, other (seconds), outlived (0/1)
+
+
+def run_window(m: InFlight, path: Path, steps: int, work: int, scratch: torch.Tensor) -> Window:
+    """``steps`` loop steps with ``m``'s save started first. ``loop``: the loop's wall time,
+    save() included; ``stall``: save() alone; ``other``: CPU time this process spent outside
+    the loop's thread until the save committed (what competes with the loop for the GIL and
+    the cores; a writer process's own CPU is not in it); ``outlived``: the save was still
+    running when the loop ended (then not all of its cost fell inside the window)."""
+    cpu0, own0 = time.process_time(), time.thread_time()
     t0 = time.perf_counter()
     wait = m.start(path)
+    stall = time.perf_counter() - t0
     for _ in range(steps):
         python_step(work, scratch)
     elapsed = time.perf_counter() - t0
@@ -344,9 +354,14 @@ def run_window(m: InFlight, path: Path, steps: int, work: int, scratch: torch.Te
     if wait is not None:
         t1 = time.perf_counter()
         wait()
-        outlived = time.perf_counter() - t1 > 1e-3  # then not all of its cost fell inside
+        outlived = time.perf_counter() - t1 > 1e-3
+    other = (time.process_time() - cpu0) - (time.thread_time() - own0)
     shutil.rmtree(path, ignore_errors=True)
-    return elapsed, outlived
+    return {"loop": elapsed, "stall": stall, "other": other, "outlived": float(outlived)}
+
+
+def window_median(windows: list[Window], key: str) -> float:
+    return statistics.median(w[key] for w in windows)
 
 
 def part3(args: argparse.Namespace, root: Path) -> None:
@@ -367,28 +382,29 @@ def part3(args: argparse.Namespace, root: Path) -> None:
         tensors = state["models"]["model"]
         nbytes = sum(t.nbytes for t in tensors.values())
         methods = inflight_methods(state, with_dcp=not args.skip_dcp, writers=args.writers)
-        times: dict[str, list[float]] = {m.name: [] for m in methods}
-        late: dict[str, int] = {m.name: 0 for m in methods}
-
+        runs: dict[str, list[Window]] = {m.name: [] for m in methods}
         for m in methods:
             run_window(m, root / f"py-warm-{kind}", steps, args.py_work, scratch)  # buffers, threads
         for r in range(args.py_repeat):
             order = methods[r % len(methods) :] + methods[: r % len(methods)]
             for m in order:
                 counter += 1
-                elapsed, outlived = run_window(m, root / f"py{counter}", steps, args.py_work, scratch)
-                times[m.name].append(elapsed)
-                late[m.name] += outlived
+                runs[m.name].append(run_window(m, root / f"py{counter}", steps, args.py_work, scratch))
         for m in methods:
             m.close()
-        base = statistics.median(times[methods[0].name])
+
+        base = window_median(runs[methods[0].name], "loop")
         print(f"  state: {len(tensors)} tensors, {nbytes / 2**20:.0f} MiB")
-        print(f"  {'method':44} {'loop':>8} {'slowdown':>9} {'extra':>8}  save outlived window")
+        print(
+            f"  {'method':44} {'loop':>8} {'slowdown':>9} {'extra':>8} {'save()':>8} "
+            f"{'other CPU':>9}  outlived"
+        )
         for m in methods:
-            t = statistics.median(times[m.name])
+            t = window_median(runs[m.name], "loop")
             print(
-                f"  {m.name:44} {t:7.3f}s {(t / base - 1) * 100:+8.1f}% {(t - base):+7.3f}s  "
-                f"{late[m.name]}/{args.py_repeat}"
+                f"  {m.name:44} {t:7.3f}s {(t / base - 1) * 100:+8.1f}% {(t - base):+7.3f}s "
+                f"{window_median(runs[m.name], 'stall'):7.3f}s {window_median(runs[m.name], 'other'):8.3f}s  "
+                f"{sum(w['outlived'] for w in runs[m.name]):.0f}/{args.py_repeat}"
             )
         del state, tensors
 

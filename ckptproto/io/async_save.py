@@ -172,7 +172,10 @@ class AsyncSaver:
         try:
             if self.staging == "background":  # the torn-snapshot guard's reference point
                 job.versions = staging.capture_versions(job.share.leaves)
-            job.ready = staging.capture_ready(prepared.encoded.tensors)
+            if self.staging == "background":
+                # Where each CUDA stream stands now; staging on this thread, right away, sees
+                # the same point without it (the side stream waits on the current stream).
+                job.ready = staging.capture_ready(prepared.encoded.tensors)
             job.process = async_job.use_process(job, self.writer, self._coordinator)
             if self.staging == "blocking":
                 self._stage(job)

@@ -71,14 +71,18 @@ def capture_ready(leaves: Sequence[TensorLeaf]) -> Ready:
     for leaf in leaves:
         if is_cuda(leaf.value) and leaf.value.device not in ready.events:
             device = leaf.value.device
-            if device.type != "cuda":
-                raise CheckpointError(
-                    f"{leaf.path}: tensors on {device} cannot be staged; move them to the CPU or CUDA first"
-                )
+            _check_cuda(leaf)
             event = torch.cuda.Event()
             event.record(torch.cuda.current_stream(device))
             ready.events[device] = event
     return ready
+
+
+def _check_cuda(leaf: TensorLeaf) -> None:
+    if leaf.value.device.type != "cuda":
+        raise CheckpointError(
+            f"{leaf.path}: tensors on {leaf.value.device} cannot be staged; move them to the CPU or CUDA first"
+        )
 
 
 _streams_lock = threading.Lock()
@@ -185,11 +189,13 @@ def stage_state(
 
     On failure every slab taken is released and the error (naming the state path) raised.
     """
-    groups: dict[bool, list[int]] = {False: [], True: []}
-    for i, leaf in enumerate(leaves):
-        if recheck:
+    if recheck:
+        for leaf in leaves:
             check_unchanged(leaf)
-        groups[is_cuda(leaf.value)].append(i)
+    on_device = [i for i, leaf in enumerate(leaves) if is_cuda(leaf.value)]
+    device = set(on_device)
+    host: Sequence[int] = [i for i in range(len(leaves)) if i not in device] if device else range(len(leaves))
+    groups: dict[bool, Sequence[int]] = {False: host, True: on_device}
     views: list[memoryview] = []
     slabs: list[Slab] = []
     staged = Staged(pool, slabs, [])
@@ -198,7 +204,7 @@ def stage_state(
             if not indices:
                 continue
             subset = [leaves[i] for i in indices] if len(indices) < len(leaves) else list(leaves)
-            total = sum(round_up(leaf.spec.nbytes, ALIGN) for leaf in subset)
+            total = sum([-(-leaf.spec.nbytes // ALIGN) * ALIGN for leaf in subset])  # round_up, inlined
             slab = pool.acquire(total, pinned=pinned, shared=shared and not pinned)
             slabs.append(slab)
             key = _layout_key(subset)
@@ -275,6 +281,7 @@ def _copy_cuda(staged: Staged, leaves: Sequence[TensorLeaf], dests: Sequence[Any
     torch = arrays.require_torch()
     by_device: dict[Any, list[int]] = {}
     for i, leaf in enumerate(leaves):
+        _check_cuda(leaf)
         by_device.setdefault(leaf.value.device, []).append(i)
     for device, indices in by_device.items():
         stream = side_stream(device)
