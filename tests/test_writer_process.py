@@ -224,3 +224,18 @@ def test_interpreter_exit_right_after_save_still_commits_through_the_process(tmp
     assert ckptproto.verify(tmp_path / "ckpt").step == 9
     assert np.array_equal(ckptproto.load(tmp_path / "ckpt")["w"], np.arange(1 << 20, dtype=np.float64))
     assert leftovers(tmp_path) == []
+
+
+def test_a_job_the_process_cannot_read_fails_with_a_checkpoint_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from _dying_storage import DyingStorage
+
+    # Without the tests directory on its path the child cannot unpickle DyingStorage.
+    monkeypatch.setenv("PYTHONPATH", "")
+    monkeypatch.setattr(async_save, "resolve", lambda path: (DyingStorage(tmp_path / "no"), Path(path)))
+    with ckptproto.AsyncSaver(writer="process") as saver:
+        with pytest.raises(CheckpointWriteError, match=r"cannot read the save's job.*_dying_storage"):
+            saver.save({"w": torch.ones(2)}, tmp_path / "c").result(timeout=60)
+        assert saver.writer_pid is not None  # the child is still serving
+    assert not (tmp_path / "c").exists()

@@ -130,9 +130,10 @@ class WriterProcess:
             self._hand_over(final, message, fd)
             try:
                 size = _HEADER.unpack(_recv_exact(self._sock_or_raise(), _HEADER.size))[0]
-                status, payload = pickle.loads(_recv_exact(self._sock_or_raise(), size))
+                answer = _recv_exact(self._sock_or_raise(), size)
             except (OSError, EOFError) as exc:
                 raise self._died(final, exc) from exc
+        status, payload = pickle.loads(answer)  # the child checked that it loads
         if status == "ok" and isinstance(payload, CheckpointInfo):
             return payload
         if isinstance(payload, BaseException):
@@ -225,9 +226,16 @@ def _serve_one(sock: socket.socket, maps: dict[tuple[int, int], mmap.mmap]) -> b
         for fd in fds:
             os.close(fd)
         return False
-    job = pickle.loads(_recv_exact(sock, size))
+    message = _recv_exact(sock, size)
     sock.sendall(_ACK)
     try:
+        try:
+            job = pickle.loads(message)
+        except Exception as exc:  # e.g. a storage class this process cannot import
+            raise CheckpointWriteError(
+                f"the checkpoint writer process cannot read the save's job: {exc!r}; "
+                "use AsyncSaver(writer='thread')"
+            ) from exc
         if len(fds) != 1:
             raise CheckpointError(f"internal error: the writer process got {len(fds)} descriptors, not 1")
         stat = os.fstat(fds[0])
@@ -258,7 +266,8 @@ def _serve_one(sock: socket.socket, maps: dict[tuple[int, int], mmap.mmap]) -> b
             os.close(fd)
     try:
         data = pickle.dumps(reply, protocol=pickle.HIGHEST_PROTOCOL)
-    except Exception:  # an exception that does not pickle still reports its text
+        pickle.loads(data)  # an exception whose class cannot be rebuilt from its args fails here
+    except Exception:  # ... and still reports its text
         data = pickle.dumps(("error", f"{type(reply[1]).__name__}: {reply[1]}"))
     sock.sendall(_HEADER.pack(len(data)) + data)
     return True
