@@ -26,9 +26,11 @@ for the last save to commit ("final drain") is printed apart.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import shutil
 import statistics
 import tempfile
+import threading
 import time
 import warnings
 from collections.abc import Callable
@@ -334,19 +336,35 @@ def inflight_methods(state: dict[str, Any], with_dcp: bool, writers: list[str]) 
     return out
 
 
-Window = dict[str, float]  # loop, stall, other (seconds), outlived (0/1)
+Window = dict[str, float]  # seconds, except outlived (0/1)
+
+
+def threads_cpu(prefix: str) -> float:
+    """CPU time of this process's live threads whose name starts with ``prefix``."""
+    total = 0.0
+    for thread in threading.enumerate():
+        if thread.name.startswith(prefix) and thread.ident is not None:
+            with contextlib.suppress(OSError):  # it just ended
+                total += time.clock_gettime(time.pthread_getcpuclockid(thread.ident))
+    return total
 
 
 def run_window(m: InFlight, path: Path, steps: int, work: int, scratch: torch.Tensor) -> Window:
-    """``steps`` loop steps with ``m``'s save started first. ``loop``: the loop's wall time,
-    save() included; ``stall``: save() alone; ``other``: CPU time this process spent outside
-    the loop's thread until the save committed (what competes with the loop for the GIL and
-    the cores; a writer process's own CPU is not in it); ``outlived``: the save was still
-    running when the loop ended (then not all of its cost fell inside the window)."""
-    cpu0, own0 = time.process_time(), time.thread_time()
+    """``steps`` loop steps with ``m``'s save started first, then waits for its commit.
+
+    Wall times: ``loop`` (the loop, save() included), ``stall`` (save() alone). CPU times,
+    which a busy machine inflates far less than wall times: ``caller`` (the loop's thread
+    inside save()), ``saver`` (the saver's staging and writer threads: Python work that holds
+    the GIL the loop needs), ``io`` (ckptproto's I/O pool: write and CRC, GIL released; it
+    competes only for cores), ``other`` (everything this process ran outside the loop's
+    thread; a writer process's own CPU is not in it). ``outlived``: the save was still running
+    when the loop ended (then not all of its cost fell inside the window)."""
+    cpu0, saver0, io0 = time.process_time(), threads_cpu("ckptproto-async"), threads_cpu("ckptproto-io")
+    own0 = time.thread_time()
     t0 = time.perf_counter()
     wait = m.start(path)
     stall = time.perf_counter() - t0
+    caller = time.thread_time() - own0
     for _ in range(steps):
         python_step(work, scratch)
     elapsed = time.perf_counter() - t0
@@ -357,7 +375,15 @@ def run_window(m: InFlight, path: Path, steps: int, work: int, scratch: torch.Te
         outlived = time.perf_counter() - t1 > 1e-3
     other = (time.process_time() - cpu0) - (time.thread_time() - own0)
     shutil.rmtree(path, ignore_errors=True)
-    return {"loop": elapsed, "stall": stall, "other": other, "outlived": float(outlived)}
+    return {
+        "loop": elapsed,
+        "stall": stall,
+        "caller": caller,
+        "saver": threads_cpu("ckptproto-async") - saver0,
+        "io": threads_cpu("ckptproto-io") - io0,
+        "other": other,
+        "outlived": float(outlived),
+    }
 
 
 def window_median(windows: list[Window], key: str) -> float:
@@ -396,15 +422,16 @@ def part3(args: argparse.Namespace, root: Path) -> None:
         base = window_median(runs[methods[0].name], "loop")
         print(f"  state: {len(tensors)} tensors, {nbytes / 2**20:.0f} MiB")
         print(
-            f"  {'method':44} {'loop':>8} {'slowdown':>9} {'extra':>8} {'save()':>8} "
-            f"{'other CPU':>9}  outlived"
+            f"  {'method':44} {'loop':>8} {'slowdown':>9} {'save()':>8} | CPU: {'caller':>7} "
+            f"{'saver':>7} {'io':>7} {'other':>7}  outlived"
         )
         for m in methods:
-            t = window_median(runs[m.name], "loop")
+            w = runs[m.name]
+            t = window_median(w, "loop")
+            cpu = " ".join(f"{window_median(w, k):6.3f}s" for k in ("caller", "saver", "io", "other"))
             print(
-                f"  {m.name:44} {t:7.3f}s {(t / base - 1) * 100:+8.1f}% {(t - base):+7.3f}s "
-                f"{window_median(runs[m.name], 'stall'):7.3f}s {window_median(runs[m.name], 'other'):8.3f}s  "
-                f"{sum(w['outlived'] for w in runs[m.name]):.0f}/{args.py_repeat}"
+                f"  {m.name:44} {t:7.3f}s {(t / base - 1) * 100:+8.1f}% {window_median(w, 'stall'):7.3f}s | "
+                f"     {cpu}  {sum(x['outlived'] for x in w):.0f}/{args.py_repeat}"
             )
         del state, tensors
 

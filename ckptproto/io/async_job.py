@@ -51,7 +51,8 @@ def use_process(job: SaveJob, writer: WriterMode, coordinator: Coordinator) -> b
     slab; if a CUDA tensor puts them in a pinned slab, the write stays on the thread)."""
     if writer == "thread" or coordinator.distributed:
         return False  # a distributed save's exchanges run on the training process's side
-    if not isinstance(job.storage, LocalStorage) or not writer_process.available():
+    # The child writes through a LocalStorage of its own (a subclass's behaviour would be lost)
+    if type(job.storage) is not LocalStorage or not writer_process.available():
         return False
     return writer == "process" or len(job.share.pieces) >= PROCESS_MIN_TENSORS
 
@@ -67,7 +68,7 @@ def write(
     if shared is not None:
         # The same pipeline, in the writer process: none of its Python work (plans, manifest,
         # checksums of small tensors) holds this process's GIL.
-        return process().run(job.final, job.storage, job.share, job.metadata_tree, job.overwrite, shared)
+        return process().run(job.final, job.share, job.metadata_tree, job.overwrite, shared)
     # The pipeline pauses the collector itself, only while plans and the manifest are built.
     return pipeline.run(
         job.final,

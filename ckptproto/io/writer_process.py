@@ -6,13 +6,13 @@ maps that memfd and runs the same :func:`ckptproto.io.pipeline.run` a writer thr
 on the same local storage, with the same commit protocol::
 
     proc = WriterProcess()
-    info = proc.run(final, storage, share, metadata_tree, overwrite, staged.shared())
+    info = proc.run(final, share, metadata_tree, overwrite, staged.shared())
     proc.close()
 
-The job goes over a private socketpair (the memfd as SCM_RIGHTS; the layout as plain columns,
-:mod:`ckptproto.io.share_wire`, pickled: the channel is between this process and the child it
-started, and no file ever holds a pickle). The result, or the save's own exception, comes
-back the same way. If the child dies, the save fails with CheckpointWriteError and the next
+The job goes over a private socketpair: the memfd as SCM_RIGHTS, the layout as JSON columns
+(:mod:`ckptproto.io.share_wire`; nothing is pickled, here as everywhere on the default path),
+each view's place in the slab as raw int64 pairs. The result, or the save's own exception by
+class name and message, comes back as JSON. If the child dies, the save fails with CheckpointWriteError and the next
 save starts a new child. It is started with ``python -m ckptproto.io.writer_main`` (not
 multiprocessing's spawn, which re-imports the training script's ``__main__``), imports only
 ckptproto and numpy (never torch), and exits when its parent closes the socket or dies.
@@ -21,31 +21,36 @@ ckptproto and numpy (never torch), and exits when its parent closes the socket o
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import mmap
 import os
-import pickle
 import socket
 import struct
 import subprocess
 import sys
 import threading
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from ckptproto import errors
 from ckptproto.errors import CheckpointError, CheckpointWriteError
 from ckptproto.format.info import CheckpointInfo
+from ckptproto.format.manifest import Manifest
 from ckptproto.io import pipeline, share_wire
 from ckptproto.io.coordinate import Solo
+from ckptproto.io.local_storage import LocalStorage
+from ckptproto.io.meta import decode_metadata
 from ckptproto.io.share import ShareJob
-from ckptproto.io.storage import Storage
 from ckptproto.location import Location
 
 logger = logging.getLogger("ckptproto")
 
-_HEADER = struct.Struct("!Q")  # the length of the pickled message that follows; 0: exit
+_HEADER = struct.Struct("!QQ")  # lengths of the JSON job and of its spans that follow; 0, 0: exit
+_ANSWER = struct.Struct("!Q")  # the length of the JSON answer that follows
 _ACK = b"+"  # the child has the whole job (sent before it starts on it)
 
 
@@ -106,46 +111,45 @@ class WriterProcess:
     def run(
         self,
         final: Location,
-        storage: Storage,
         share: ShareJob,
         metadata_tree: Any,
         overwrite: bool,
         shared: tuple[int, np.ndarray[Any, Any]],
     ) -> CheckpointInfo:
-        """Write and commit one staged save in the child; raises what the save raised there
-        (the same CheckpointError subclasses), or CheckpointWriteError if the child died."""
+        """Write and commit one staged save (local storage) in the child; raises what the save
+        raised there (the same CheckpointError subclass and message), or CheckpointWriteError
+        if the child died."""
         fd, spans = shared
-        message = pickle.dumps(
-            {
-                "final": final,
-                "storage": storage,
-                "share": share_wire.pack(share),
-                "metadata": metadata_tree,
-                "overwrite": overwrite,
-                "spans": spans.tobytes(),
-            },
-            protocol=pickle.HIGHEST_PROTOCOL,
-        )
+        job = {
+            "final": str(final),
+            "share": share_wire.pack(share),
+            "metadata": metadata_tree,
+            "overwrite": overwrite,
+        }
+        message = json.dumps(job, separators=(",", ":")).encode()
         with self._lock:
-            self._hand_over(final, message, fd)
+            self._hand_over(final, message, spans.tobytes(), fd)
             try:
-                size = _HEADER.unpack(_recv_exact(self._sock_or_raise(), _HEADER.size))[0]
-                answer = _recv_exact(self._sock_or_raise(), size)
+                size = _ANSWER.unpack(_recv_exact(self._sock_or_raise(), _ANSWER.size))[0]
+                answer = json.loads(_recv_exact(self._sock_or_raise(), size))
             except (OSError, EOFError) as exc:
                 raise self._died(final, exc) from exc
-        status, payload = pickle.loads(answer)  # the child checked that it loads
-        if status == "ok" and isinstance(payload, CheckpointInfo):
-            return payload
-        if isinstance(payload, BaseException):
-            raise payload
-        raise CheckpointWriteError(f"saving {final}: the writer process failed: {payload}")
+        if answer.get("ok"):
+            # The info pipeline.run returned there, rebuilt from what this process already has
+            # (the metadata it asked to save) and what only the child knows.
+            manifest = Manifest(
+                state={}, tensors=[], files={}, metadata=metadata_tree, created=answer["created"]
+            )
+            info = CheckpointInfo.from_manifest(final, manifest, decode_metadata(manifest, final))
+            return replace(info, nbytes=answer["nbytes"], format_version=answer["format_version"])
+        raise _error(answer.get("type"), str(answer.get("message")))
 
     def _sock_or_raise(self) -> socket.socket:
         if self._sock is None:
             raise EOFError("the writer process is not running")
         return self._sock
 
-    def _hand_over(self, final: Location, message: bytes, fd: int) -> None:
+    def _hand_over(self, final: Location, message: bytes, spans: bytes, fd: int) -> None:
         """Send the job; returns once the child acknowledged it. A child that died before
         that (killed while idle, say) cannot have started the save: a new one is started and
         the job sent again, once."""
@@ -157,8 +161,8 @@ class WriterProcess:
                     f"saving {final}: cannot start the checkpoint writer process: {exc}"
                 ) from exc
             try:
-                socket.send_fds(sock, [_HEADER.pack(len(message))], [fd])
-                sock.sendall(message)
+                socket.send_fds(sock, [_HEADER.pack(len(message), len(spans))], [fd])
+                sock.sendall(message + spans)
                 if _recv_exact(sock, 1) == _ACK:
                     return
                 raise EOFError("the writer process answered out of turn")
@@ -195,7 +199,7 @@ class WriterProcess:
             sock, self._sock = self._sock, None
             if sock is not None:
                 with contextlib.suppress(OSError):  # it may be gone already
-                    sock.sendall(_HEADER.pack(0))
+                    sock.sendall(_HEADER.pack(0, 0))
                 sock.close()
             if proc is not None:
                 try:
@@ -215,61 +219,64 @@ class WriterProcess:
 # -- the child's side ---------------------------------------------------------------------------
 
 
+def _error(kind: object, message: str) -> CheckpointError:
+    """The exception a failed save raised in the child, as this process raises it: the same
+    CheckpointError subclass and message; anything else as CheckpointWriteError."""
+    cls = getattr(errors, kind, None) if isinstance(kind, str) else None
+    if isinstance(cls, type) and issubclass(cls, CheckpointError):
+        return cls(message)
+    return CheckpointWriteError(f"the checkpoint writer process failed: {kind}: {message}")
+
+
 def _serve_one(sock: socket.socket, maps: dict[tuple[int, int], mmap.mmap]) -> bool:
     header, fds, _flags, _addr = socket.recv_fds(sock, _HEADER.size, 4)
     if not header:
         return False
     if len(header) < _HEADER.size:
         header += _recv_exact(sock, _HEADER.size - len(header))
-    size = _HEADER.unpack(header)[0]
+    size, spans_size = _HEADER.unpack(header)
     if size == 0:
         for fd in fds:
             os.close(fd)
         return False
-    message = _recv_exact(sock, size)
+    message = _recv_exact(sock, size + spans_size)
     sock.sendall(_ACK)
+    answer: dict[str, Any]
     try:
-        try:
-            job = pickle.loads(message)
-        except Exception as exc:  # e.g. a storage class this process cannot import
-            raise CheckpointWriteError(
-                f"the checkpoint writer process cannot read the save's job: {exc!r}; "
-                "use AsyncSaver(writer='thread')"
-            ) from exc
         if len(fds) != 1:
             raise CheckpointError(f"internal error: the writer process got {len(fds)} descriptors, not 1")
+        job = json.loads(message[:size])
         stat = os.fstat(fds[0])
         key = (stat.st_dev, stat.st_ino)
         if key not in maps or len(maps[key]) != stat.st_size:
             maps.clear()  # slabs the parent dropped are unmapped here too
             maps[key] = mmap.mmap(fds[0], stat.st_size, prot=mmap.PROT_READ)
         whole = memoryview(maps[key])
-        spans = np.frombuffer(job["spans"], dtype=np.int64).reshape(-1, 2).tolist()
+        spans = np.frombuffer(message, dtype=np.int64, offset=size).reshape(-1, 2).tolist()
         views = [whole[offset : offset + length] for offset, length in spans]
-        reply: tuple[str, Any] = (
-            "ok",
-            pipeline.run(
-                job["final"],
-                share_wire.unpack(job["share"]),
-                job["metadata"],
-                views,
-                Solo(),
-                overwrite=job["overwrite"],
-                storage=job["storage"],
-            ),
+        info = pipeline.run(
+            Path(job["final"]),
+            share_wire.unpack(job["share"]),
+            job["metadata"],
+            views,
+            Solo(),
+            overwrite=job["overwrite"],
+            storage=LocalStorage(),
         )
         del views, whole
+        answer = {
+            "ok": True,
+            "created": info.created.isoformat() if info.created is not None else "",
+            "nbytes": info.nbytes,
+            "format_version": info.format_version,
+        }
     except Exception as exc:
-        reply = ("error", exc)
+        answer = {"ok": False, "type": type(exc).__name__, "message": str(exc)}
     finally:
         for fd in fds:
             os.close(fd)
-    try:
-        data = pickle.dumps(reply, protocol=pickle.HIGHEST_PROTOCOL)
-        pickle.loads(data)  # an exception whose class cannot be rebuilt from its args fails here
-    except Exception:  # ... and still reports its text
-        data = pickle.dumps(("error", f"{type(reply[1]).__name__}: {reply[1]}"))
-    sock.sendall(_HEADER.pack(len(data)) + data)
+    data = json.dumps(answer).encode()
+    sock.sendall(_ANSWER.pack(len(data)) + data)
     return True
 
 
