@@ -23,7 +23,7 @@ from typing import Any, Protocol, TypeGuard
 from ckptproto import dtypes
 from ckptproto.errors import CheckpointCorruptError, CheckpointFormatError, CheckpointNotFoundError
 from ckptproto.format import layout, strict_json
-from ckptproto.format.crc import parse_checksum
+from ckptproto.format.crc import crc32, parse_checksum
 from ckptproto.format.regular_file import NotRegularFileError, open_regular
 from ckptproto.format.safetensors import MAX_HEADER_BYTES, RAW_CODE
 from ckptproto.io.storage import Generation, StoredFile
@@ -368,7 +368,7 @@ def _files(files: _Files, doc: Any, world_size: int, out: _Collector) -> dict[st
 def _crc(files: _Files, name: str, size: int) -> int:
     crc = 0
     for offset in range(0, size, _BLOCK):
-        crc = zlib.crc32(files.read(name, offset, min(_BLOCK, size - offset)), crc)
+        crc = crc32(files.read(name, offset, min(_BLOCK, size - offset)), crc)
     return crc
 
 
