@@ -26,9 +26,11 @@ for the last save to commit ("final drain") is printed apart.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import shutil
 import statistics
 import tempfile
+import threading
 import time
 import warnings
 from collections.abc import Callable
@@ -271,6 +273,169 @@ def part2(args: argparse.Namespace, root: Path) -> None:
         )
 
 
+def python_step(work: int, scratch: torch.Tensor) -> float:
+    """One step of a Python-heavy loop: interpreter work (dict/list bookkeeping, the kind a
+    data pipeline, logging or a small-op model does) and tiny torch ops whose cost is
+    dispatch, not math. Everything here holds the GIL."""
+    acc: dict[int, float] = {}
+    for i in range(work):
+        acc[i % 61] = acc.get(i % 61, 0.0) + i * 0.5
+    t = scratch
+    for _ in range(work // 20):
+        t = t.add(1.0).mul_(0.5)
+    return float(t[0]) + sum(acc.values())
+
+
+def loop_state(kind: str) -> dict[str, Any]:
+    """The two states of issue 17's goal 4: 20,000 tensors of 1 KiB, or 512 MiB in 64."""
+    g = torch.Generator().manual_seed(0)
+    if kind == "20k":
+        data = torch.randn(20_000, 256, generator=g)
+        return {"models": {"model": {f"layers.{i // 8}.p{i % 8}": data[i].clone() for i in range(20_000)}}}
+    per = 512 * (1 << 20) // 4 // 64
+    return {"models": {"model": {f"layer{i}.weight": torch.randn(per, generator=g) for i in range(64)}}}
+
+
+class InFlight:
+    """One method of part 3: ``start(path)`` begins one save and returns a ``wait`` for its
+    commit (``None`` for the no-save baseline)."""
+
+    def __init__(self, name: str, start: Callable[[Path], Callable[[], None] | None]) -> None:
+        self.name, self.start = name, start
+        self.close: Callable[[], None] = lambda: None
+
+
+def inflight_methods(state: dict[str, Any], with_dcp: bool, writers: list[str]) -> list[InFlight]:
+    none = InFlight("no save (baseline)", lambda path: None)
+    out = [none]
+    for mode in ("blocking", "background"):
+        for writer in writers:
+            # (writer= only when asked: the same script then also measures versions without it)
+            extra: dict[str, Any] = {} if writer == "auto" else {"writer": writer}
+            saver = ckptproto.AsyncSaver(max_pending=1, staging=mode, **extra)  # type: ignore[arg-type]
+
+            def start(path: Path, saver: ckptproto.AsyncSaver = saver) -> Callable[[], None]:
+                fut = saver.save(state, path)
+                return lambda: (fut.result(), None)[1]
+
+            default = " (default)" if (mode, writer) == ("blocking", "auto") else ""
+            m = InFlight(f"ckptproto {mode}, writer={writer}{default}", start)
+            m.close = saver.close
+            out.append(m)
+    if with_dcp:
+        import torch.distributed.checkpoint as dcp
+
+        flat = state["models"]["model"]
+
+        def dcp_start(path: Path) -> Callable[[], None]:
+            writer = dcp.FileSystemWriter(str(path), sync_files=True)
+            response = dcp.async_save(flat, storage_writer=writer, no_dist=True)
+            return lambda: (response.result(), None)[1]
+
+        out.append(InFlight("DCP async_save (default)", dcp_start))
+    return out
+
+
+Window = dict[str, float]  # seconds, except outlived (0/1)
+
+
+def threads_cpu(prefix: str) -> float:
+    """CPU time of this process's live threads whose name starts with ``prefix``."""
+    total = 0.0
+    for thread in threading.enumerate():
+        if thread.name.startswith(prefix) and thread.ident is not None:
+            with contextlib.suppress(OSError):  # it just ended
+                total += time.clock_gettime(time.pthread_getcpuclockid(thread.ident))
+    return total
+
+
+def run_window(m: InFlight, path: Path, steps: int, work: int, scratch: torch.Tensor) -> Window:
+    """``steps`` loop steps with ``m``'s save started first, then waits for its commit.
+
+    Wall times: ``loop`` (the loop, save() included), ``stall`` (save() alone). CPU times,
+    which a busy machine inflates far less than wall times: ``caller`` (the loop's thread
+    inside save()), ``saver`` (the saver's staging and writer threads: Python work that holds
+    the GIL the loop needs), ``io`` (ckptproto's I/O pool: write and CRC, GIL released; it
+    competes only for cores), ``other`` (everything this process ran outside the loop's
+    thread; a writer process's own CPU is not in it). ``outlived``: the save was still running
+    when the loop ended (then not all of its cost fell inside the window)."""
+    cpu0, saver0, io0 = time.process_time(), threads_cpu("ckptproto-async"), threads_cpu("ckptproto-io")
+    own0 = time.thread_time()
+    t0 = time.perf_counter()
+    wait = m.start(path)
+    stall = time.perf_counter() - t0
+    caller = time.thread_time() - own0
+    for _ in range(steps):
+        python_step(work, scratch)
+    elapsed = time.perf_counter() - t0
+    outlived = False
+    if wait is not None:
+        t1 = time.perf_counter()
+        wait()
+        outlived = time.perf_counter() - t1 > 1e-3
+    other = (time.process_time() - cpu0) - (time.thread_time() - own0)
+    shutil.rmtree(path, ignore_errors=True)
+    return {
+        "loop": elapsed,
+        "stall": stall,
+        "caller": caller,
+        "saver": threads_cpu("ckptproto-async") - saver0,
+        "io": threads_cpu("ckptproto-io") - io0,
+        "other": other,
+        "outlived": float(outlived),
+    }
+
+
+def window_median(windows: list[Window], key: str) -> float:
+    return statistics.median(w[key] for w in windows)
+
+
+def part3(args: argparse.Namespace, root: Path) -> None:
+    """Issue 17 goal 4: a Python-heavy loop with and without one async save in flight."""
+    scratch = torch.zeros(16)
+    t0 = time.perf_counter()
+    for _ in range(20):
+        python_step(args.py_work, scratch)
+    per_step = (time.perf_counter() - t0) / 20
+    steps = max(10, round(args.window / per_step))
+    print(
+        f"\npart 3: Python-heavy loop ({per_step * 1e3:.1f} ms/step, {steps} steps ~{args.window:.1f} s) "
+        f"with one save started at its first step; {args.py_repeat} interleaved rounds, medians"
+    )
+    counter = 0
+    for kind in args.py_states:
+        state = loop_state(kind)
+        tensors = state["models"]["model"]
+        nbytes = sum(t.nbytes for t in tensors.values())
+        methods = inflight_methods(state, with_dcp=not args.skip_dcp, writers=args.writers)
+        runs: dict[str, list[Window]] = {m.name: [] for m in methods}
+        for m in methods:
+            run_window(m, root / f"py-warm-{kind}", steps, args.py_work, scratch)  # buffers, threads
+        for r in range(args.py_repeat):
+            order = methods[r % len(methods) :] + methods[: r % len(methods)]
+            for m in order:
+                counter += 1
+                runs[m.name].append(run_window(m, root / f"py{counter}", steps, args.py_work, scratch))
+        for m in methods:
+            m.close()
+
+        base = window_median(runs[methods[0].name], "loop")
+        print(f"  state: {len(tensors)} tensors, {nbytes / 2**20:.0f} MiB")
+        print(
+            f"  {'method':44} {'loop':>8} {'slowdown':>9} {'save()':>8} | CPU: {'caller':>7} "
+            f"{'saver':>7} {'io':>7} {'other':>7}  outlived"
+        )
+        for m in methods:
+            w = runs[m.name]
+            t = window_median(w, "loop")
+            cpu = " ".join(f"{window_median(w, k):6.3f}s" for k in ("caller", "saver", "io", "other"))
+            print(
+                f"  {m.name:44} {t:7.3f}s {(t / base - 1) * 100:+8.1f}% {window_median(w, 'stall'):7.3f}s | "
+                f"     {cpu}  {sum(x['outlived'] for x in w):.0f}/{args.py_repeat}"
+            )
+        del state, tensors
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -287,14 +452,27 @@ def main() -> None:
     parser.add_argument("--loop-repeat", type=int, default=1)
     parser.add_argument("--skip-loop", action="store_true")
     parser.add_argument("--skip-stall", action="store_true")
+    parser.add_argument("--python-loop", action="store_true", help="run only part 3 (goal 4)")
+    parser.add_argument("--py-states", nargs="+", default=["20k", "512mib"], choices=["20k", "512mib"])
+    parser.add_argument("--py-work", type=int, default=2000, help="Python work per step")
+    parser.add_argument("--window", type=float, default=2.0, help="loop length without a save (s)")
+    parser.add_argument("--py-repeat", type=int, default=5)
+    parser.add_argument("--skip-dcp", action="store_true")
+    parser.add_argument(
+        "--writers", nargs="+", default=["auto", "thread", "process"], choices=["auto", "thread", "process"]
+    )
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix="bench_async-", dir=args.dir))
     try:
         print(f"torch {torch.__version__}, {torch.get_num_threads()} intra-op threads")
+        if args.python_loop:
+            part3(args, root)
+            return
         if not args.skip_stall:
             part1(args, root)
         if not args.skip_loop:
             part2(args, root)
+        part3(args, root)
     finally:
         shutil.rmtree(root, ignore_errors=True)
 

@@ -5,7 +5,9 @@
 
 Each method is timed in the same run, interleaved round by round; the table prints the median
 and the ratio to ckptproto (>1 means ckptproto is faster). "Durable" means the data is fsynced
-before the clock stops. "Full load" means every page of every tensor is touched. Loads run
+before the clock stops. "Full load" means every page of every tensor is touched; "x torch" is
+the load time over torch.load's ("ckpt into" is load_into, "ckpt noverif" load(verify=False);
+the others check every CRC, except mmap). Loads run
 with a warm page cache unless --drop-caches is given (needs root and a writable
 /proc/sys/vm/drop_caches).
 """
@@ -27,6 +29,7 @@ import torch
 from _durable import fsync_tree, safetensors_save_durable, torch_save_durable
 
 import ckptproto
+from ckptproto.format import crc
 
 warnings.filterwarnings("ignore")
 
@@ -73,8 +76,19 @@ def methods(
     def ck_load_mmap(p: Path) -> Any:
         return ckptproto.load(p, mmap=True)
 
+    def ck_load_unverified(p: Path) -> Any:
+        return ckptproto.load(p, verify=False)
+
+    target = {k: torch.empty_like(v) for k, v in state.items()}
+
+    def ck_load_into(p: Path) -> Any:
+        ckptproto.load_into(p, target)  # every CRC checked, as load does
+        return target
+
     out = {
         "ckptproto": (ck_save, ck_load),
+        "ckpt into": (ck_save, ck_load_into),
+        "ckpt noverif": (ck_save, ck_load_unverified),
         "ckpt mmap": (ck_save, ck_load_mmap),
         "torch.save": (torch_save, torch_load),
         "safetensors": (st_save, st_load),
@@ -134,14 +148,16 @@ def run_case(name: str, state: dict[str, torch.Tensor], root: Path, repeat: int,
             shutil.rmtree(path) if path.is_dir() else path.unlink()
     print(f"\n{name}: {len(state)} tensors, {nbytes / 2**20:.0f} MiB, median of {repeat}")
     base_s, base_l = statistics.median(saves["ckptproto"]), statistics.median(loads["ckptproto"])
+    torch_l = statistics.median(loads["torch.save"])
     print(
         f"  {'method':<12} {'save s':>8} {'GB/s':>6} {'x ours':>7}   {'load s':>8} {'GB/s':>6} {'x ours':>7}"
+        f" {'x torch':>8}"
     )
     for m in table:
         s, lo = statistics.median(saves[m]), statistics.median(loads[m])
         print(
             f"  {m:<12} {s:8.3f} {nbytes / s / 1e9:6.2f} {s / base_s:7.2f}   "
-            f"{lo:8.3f} {nbytes / lo / 1e9:6.2f} {lo / base_l:7.2f}"
+            f"{lo:8.3f} {nbytes / lo / 1e9:6.2f} {lo / base_l:7.2f} {lo / torch_l:8.2f}"
         )
 
 
@@ -164,7 +180,9 @@ def main() -> None:
         print("note: cannot drop caches here; loads run with a warm page cache")
     with tempfile.TemporaryDirectory(dir=args.dir, prefix="ckptproto-bench-") as tmp:
         root = Path(tmp)
-        print(f"writing under {root} ({os.cpu_count()} cores, torch {torch.__version__})")
+        print(
+            f"writing under {root} ({os.cpu_count()} cores, torch {torch.__version__}, CRC-32: {crc.IMPLEMENTATION})"
+        )
         if args.only in (None, "big"):
             run_case("big", big_state(args.size_mb, args.n_big), root, args.repeat, drop)
         if args.only in (None, "small"):

@@ -22,123 +22,36 @@ by ``save`` itself in either mode. See docs/async.md.
 
 from __future__ import annotations
 
-import atexit
 import logging
 import os
 import queue
 import threading
-import weakref
-from collections.abc import Callable, Mapping
-from concurrent.futures import Future
+from collections.abc import Mapping
 from concurrent.futures import wait as wait_futures
-from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from ckptproto import _gc
 from ckptproto.errors import CheckpointError, SaverBusyError
 from ckptproto.format.info import CheckpointInfo
-from ckptproto.io import pipeline, staging
+from ckptproto.io import async_job, saver_exit, staging, writer_process
+
+# Re-exported (``as``): policy tests hold the write by patching ``async_save.pipeline.run``.
+from ckptproto.io import pipeline as pipeline
+from ckptproto.io.async_job import SaveJob, WriterMode
 from ckptproto.io.backends import resolve
 from ckptproto.io.coordinate import Timeout, background_coordinator
 from ckptproto.io.prepare import prepare
-from ckptproto.io.share import ShareJob
-from ckptproto.io.staging import Staged, StagingPool
-from ckptproto.io.storage import Storage
-from ckptproto.location import Location
+from ckptproto.io.save_future import SaveFuture
+from ckptproto.io.staging import StagingPool
 from ckptproto.protocol import Stateful
+
+__all__ = ["AsyncSaver", "SaveFuture", "StagingMode", "WhenFull", "WriterMode", "default_saver", "save_async"]
 
 logger = logging.getLogger("ckptproto")
 
 PathLike = str | os.PathLike[str]
 StagingMode = Literal["blocking", "background"]
 WhenFull = Literal["block", "raise"]
-
-
-class SaveFuture(Future[CheckpointInfo]):
-    """The handle of one async save (a ``concurrent.futures.Future`` of its CheckpointInfo)::
-
-        fut = saver.save(state, "ckpt/step_100")
-        fut.wait_staged()            # tensors copied out; the caller may mutate them now
-        info = fut.result()          # committed (atomic, durable); raises if the save failed
-
-    ``result()``/``exception()`` raise TimeoutError when ``timeout`` passes. A save cannot be
-    cancelled once accepted (``cancel()`` returns False).
-    """
-
-    def __init__(self, path: Location) -> None:
-        super().__init__()
-        self.path = path
-        self._staged = threading.Event()
-
-    def wait_staged(self, timeout: float | None = None) -> None:
-        """Return once the live state is no longer read by this save (its tensors are copied,
-        or the save failed before that: the error then comes from ``result()``)."""
-        if not self._staged.wait(timeout):
-            raise TimeoutError(f"staging the save to {self.path} did not finish within {timeout} s")
-
-    def staged(self) -> bool:
-        """True once ``wait_staged()`` would return at once."""
-        return self._staged.is_set()
-
-    def __repr__(self) -> str:
-        return f"<SaveFuture {self.path} staged={self.staged()} done={self.done()}>"
-
-
-@dataclass
-class _Job:
-    future: SaveFuture
-    share: ShareJob  # this rank's part of the save: its pieces and their live values
-    storage: Storage
-    final: Location
-    metadata_tree: Any
-    overwrite: bool
-    ready: staging.Ready
-    versions: list[int | None] = field(default_factory=list)  # of share.leaves, at save()
-    staged: Staged | None = None
-
-
-_savers: weakref.WeakSet[AsyncSaver] = weakref.WeakSet()
-_exit_hook_lock = threading.Lock()
-_exit_hook_installed = False
-_register_thread_exit: Callable[[Callable[[], None]], None] | None = getattr(
-    threading, "_register_atexit", None
-)
-
-
-def _finish_all_at_exit() -> None:
-    """At interpreter exit, pending saves are completed (never left half-committed)."""
-    for saver in list(_savers):
-        try:
-            saver.close()
-        except Exception:  # pragma: no cover - close() logs; exit must go on
-            logger.exception("closing an AsyncSaver at exit failed")
-
-
-def _install_exit_hook() -> None:
-    # threading's own exit hooks run before the interpreter joins non-daemon threads, so the
-    # worker threads are told to finish and stop; plain atexit would run only after that join
-    # (which would then wait forever on idle workers).
-    global _exit_hook_installed
-    with _exit_hook_lock:
-        if _exit_hook_installed:
-            return
-        if _register_thread_exit is not None:
-            _register_thread_exit(_finish_all_at_exit)
-        else:  # pragma: no cover - CPython >= 3.9 has it
-            atexit.register(_finish_all_at_exit)
-        _exit_hook_installed = True
-
-
-def _reset_after_fork() -> None:
-    # A forked child (a DataLoader worker, say) inherits the savers but not their threads;
-    # without this, a save there would wait forever on threads that do not exist. The
-    # parent's pending saves are the parent's: the child neither finishes nor waits for them.
-    for saver in list(_savers):
-        saver._forget_threads()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_reset_after_fork)
 
 
 class AsyncSaver:
@@ -174,6 +87,7 @@ class AsyncSaver:
         pool: StagingPool | None = None,
         process_group: Any = None,
         timeout: Timeout = None,
+        writer: WriterMode = "auto",
     ) -> None:
         if not isinstance(max_pending, int) or isinstance(max_pending, bool) or max_pending < 1:
             raise ValueError(f"max_pending must be an int >= 1, got {max_pending!r}")
@@ -181,6 +95,10 @@ class AsyncSaver:
             raise ValueError(f"staging must be 'blocking' or 'background', got {staging!r}")
         if when_full not in ("block", "raise"):
             raise ValueError(f"when_full must be 'block' or 'raise', got {when_full!r}")
+        if writer not in ("auto", "thread", "process"):
+            raise ValueError(f"writer must be 'auto', 'thread' or 'process', got {writer!r}")
+        if writer == "process" and not writer_process.available():
+            raise ValueError("writer='process' needs memfd_create and fd passing (Linux); use 'auto'")
         self.max_pending = max_pending
         self.staging: StagingMode = staging
         self.when_full: WhenFull = when_full
@@ -188,16 +106,22 @@ class AsyncSaver:
         # Under torch.distributed every rank stages and writes its share; the commit waits for
         # every rank's files (docs/distributed.md). Created here: it is a collective call.
         self._coordinator = background_coordinator(process_group, timeout)
+        if writer == "process" and self._coordinator.distributed:
+            raise ValueError(
+                "writer='process' is for single-process saves; a distributed save writes from the "
+                "training process (its coordinator exchanges run there); use 'auto' or 'thread'"
+            )
+        self.writer: WriterMode = writer
+        self._writer_process: writer_process.WriterProcess | None = None
         self._cond = threading.Condition()
         self._inflight: set[SaveFuture] = set()  # holding a slot (counts against max_pending)
         self._unfinished: set[SaveFuture] = set()  # not yet done (what wait() waits for)
         self._closed = False
         self._submitting = 0  # save() calls between taking a slot and queueing their job
-        self._stage_queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
-        self._write_queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._stage_queue: queue.SimpleQueue[SaveJob | None] = queue.SimpleQueue()
+        self._write_queue: queue.SimpleQueue[SaveJob | None] = queue.SimpleQueue()
         self._threads: list[threading.Thread] = []
-        _install_exit_hook()
-        _savers.add(self)
+        saver_exit.register(self)
 
     @property
     def distributed(self) -> bool:
@@ -207,6 +131,16 @@ class AsyncSaver:
             if not saver.distributed and torch.distributed.is_initialized(): ...
         """
         return self._coordinator.distributed
+
+    @property
+    def writer_pid(self) -> int | None:
+        """The process id of this saver's checkpoint writer process while it runs; None before
+        a save went to it, after ``close()``, and with ``writer="thread"``::
+
+            saver = ckptproto.AsyncSaver(writer="process")
+        """
+        proc = self._writer_process
+        return proc.pid if proc is not None else None
 
     # -- the caller's side -------------------------------------------------------------------
 
@@ -232,10 +166,17 @@ class AsyncSaver:
         future.set_running_or_notify_cancel()  # accepted saves cannot be cancelled
         self._reserve(future)
         # Stage only what this rank writes; the global layout travels in the share.
-        job = _Job(future, prepared.share, storage, final, prepared.metadata_tree, overwrite, staging.Ready())
+        job = SaveJob(
+            future, prepared.share, storage, final, prepared.metadata_tree, overwrite, staging.Ready()
+        )
         try:
-            job.versions = staging.capture_versions(job.share.leaves)
-            job.ready = staging.capture_ready(prepared.encoded.tensors)
+            if self.staging == "background":  # the torn-snapshot guard's reference point
+                job.versions = staging.capture_versions(job.share.leaves)
+            if self.staging == "background":
+                # Where each CUDA stream stands now; staging on this thread, right away, sees
+                # the same point without it (the side stream waits on the current stream).
+                job.ready = staging.capture_ready(prepared.encoded.tensors)
+            job.process = async_job.use_process(job, self.writer, self._coordinator)
             if self.staging == "blocking":
                 self._stage(job)
                 self._write_queue.put(job)
@@ -284,6 +225,16 @@ class AsyncSaver:
                 thread.join()
         self.wait()
         self.pool.clear()
+        with self._cond:
+            proc, self._writer_process = self._writer_process, None
+        if proc is not None:
+            proc.close()
+
+    def _writer(self) -> writer_process.WriterProcess:
+        with self._cond:
+            if self._writer_process is None:
+                self._writer_process = writer_process.WriterProcess()
+            return self._writer_process
 
     def __enter__(self) -> AsyncSaver:
         return self
@@ -309,7 +260,9 @@ class AsyncSaver:
                     )
                 self._cond.wait()
 
-    def _forget_threads(self) -> None:
+    def reset_after_fork(self) -> None:
+        """In a forked child: forget the parent's threads and pending saves (the child has
+        none of those threads; without this a save there would wait on them forever)."""
         self._cond = threading.Condition()
         self._inflight = set()
         self._unfinished = set()
@@ -318,12 +271,13 @@ class AsyncSaver:
         self._threads = []
         self._submitting = 0
         self.pool._lock = threading.Lock()
+        self._writer_process = None  # the parent's child process; a new one starts on use
 
     def _ensure_threads(self) -> None:
         with self._cond:
             if self._threads:
                 return
-            daemon = _register_thread_exit is None
+            daemon = saver_exit.threads_are_daemons()
             workers = [threading.Thread(target=self._write_loop, name="ckptproto-async-write", daemon=daemon)]
             if self.staging == "background":
                 workers.append(
@@ -335,19 +289,23 @@ class AsyncSaver:
 
     # -- the saver's threads -----------------------------------------------------------------
 
-    def _stage(self, job: _Job) -> None:
-        job.staged = staging.stage_state(self.pool, job.share.leaves, job.ready)
+    def _stage(self, job: SaveJob) -> None:
+        background = self.staging == "background"
+        job.staged = staging.stage_state(
+            self.pool, job.share.leaves, job.ready, recheck=background, shared=job.process
+        )
         job.staged.synchronize()
-        if self.staging == "background":
+        if background:
             # The caller may have mutated the state while it was copied (a missed
             # wait_staged()): such a checkpoint would be torn, so the save fails instead.
             staging.check_not_mutated(
                 job.share.leaves, job.versions, job.staged.views, where=str(job.future.path)
             )
         # Nothing reads the live tensors any more: drop them (CUDA memory can be reused).
-        job.share.leaves = [replace(t, value=None) for t in job.share.leaves]
+        # (The write needs only the staged bytes and the share's pieces.)
+        job.share.leaves = []
         job.ready = staging.Ready()
-        job.future._staged.set()
+        job.future.mark_staged()
 
     def _stage_loop(self) -> None:
         while (job := self._stage_queue.get()) is not None:
@@ -366,23 +324,13 @@ class AsyncSaver:
             try:
                 if job.staged is None:
                     raise CheckpointError(f"{job.future.path}: internal error: the save was not staged")
-                # The one save pipeline; it pauses the collector itself, only while plans
-                # and the manifest are built.
-                info = pipeline.run(
-                    job.final,
-                    job.share,
-                    job.metadata_tree,
-                    job.staged.views,
-                    self._coordinator,
-                    overwrite=job.overwrite,
-                    storage=job.storage,
-                )
+                info = async_job.write(job, self._coordinator, self._writer)
             except BaseException as exc:
                 error = exc
             self._complete(job, info, error)
 
     def _complete(
-        self, job: _Job, info: CheckpointInfo | None, exc: BaseException | None, *, log: bool = True
+        self, job: SaveJob, info: CheckpointInfo | None, exc: BaseException | None, *, log: bool = True
     ) -> None:
         """Settle a job's future; never raises (a dead worker thread would hang every later
         save and close())."""
@@ -397,7 +345,7 @@ class AsyncSaver:
                 logger.error("releasing the staging buffers of %s failed", job.future.path, exc_info=True)
         if exc is None and not isinstance(info, CheckpointInfo):
             exc = CheckpointError(f"{job.future.path}: internal error: the write returned {info!r}")
-        job.future._staged.set()
+        job.future.mark_staged()
         if exc is not None and log:
             logger.error("async save to %s failed: %s", job.future.path, exc, exc_info=exc)
         # Free the slot before the future completes, so a callback (or a thread woken by

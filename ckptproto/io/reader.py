@@ -5,7 +5,6 @@ headers before a tensor is allocated or a byte is read into it (the safetensors 
 from __future__ import annotations
 
 import os
-import zlib
 from dataclasses import dataclass
 
 from ckptproto.errors import (
@@ -14,7 +13,7 @@ from ckptproto.errors import (
     CheckpointFormatError,
 )
 from ckptproto.format import layout, safetensors
-from ckptproto.format.crc import crc32_combine
+from ckptproto.format.crc import crc32, crc32_combine
 from ckptproto.format.manifest import MAX_MANIFEST_BYTES, Chunk, Manifest, TensorEntry
 from ckptproto.io import threads
 from ckptproto.io.backends import resolve
@@ -262,19 +261,30 @@ def _crc_block(file: StoredFile, offset: int, length: int, name: str) -> int:
     got = file.read_into(offset, [memoryview(buf)])
     if got != length:
         raise CheckpointCorruptError(f"{name}: file ended at byte {offset + got}")
-    return zlib.crc32(buf)
+    return crc32(buf)
+
+
+# A file with a descriptor is read with syscalls from the page cache: small reads keep each
+# piece in the core's cache from its read to its CRC and spread the work evenly over the pool
+# (512 MiB in 64 tensors, verified load: 16 MiB reads 0.244 s, 2 MiB 0.206 s; torch's loader
+# 0.275 s on the same run). Other backends (object stores: one request per read) keep the
+# large batches their reads want.
+LOCAL_READ_BYTES = 2 << 20
+
+
+def read_size(file: StoredFile) -> int:
+    """How many bytes one pool task reads of ``file`` at most."""
+    return LOCAL_READ_BYTES if file.fileno() is not None else threads.BATCH_BYTES
 
 
 def file_crc(data_file: DataFile) -> int:
     """CRC of a whole data file, read in blocks by the pool (a few blocks in memory at once)."""
     start = len(data_file.header)
-    blocks = [
-        (at, min(threads.BATCH_BYTES, data_file.size - at))
-        for at in range(start, data_file.size, threads.BATCH_BYTES)
-    ]
+    step = read_size(data_file.file)
+    blocks = [(at, min(step, data_file.size - at)) for at in range(start, data_file.size, step)]
     pool = threads.pool()
     futures = [pool.submit(_crc_block, data_file.file, at, n, data_file.where) for at, n in blocks]
-    crc = zlib.crc32(data_file.header)
+    crc = crc32(data_file.header)
     for (_, n), block_crc in zip(blocks, threads.gather(futures), strict=True):
         crc = crc32_combine(crc, block_crc, n)
     return crc

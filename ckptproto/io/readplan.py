@@ -11,7 +11,6 @@ from __future__ import annotations
 import mmap as mmap_module
 import platform
 import sys
-import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,10 +20,10 @@ import numpy as np
 from ckptproto import arrays
 from ckptproto.arrays import ArraySpec, Kind
 from ckptproto.errors import CheckpointCorruptError, CheckpointError, CheckpointFormatError
-from ckptproto.format.crc import crc32_combine
+from ckptproto.format.crc import crc32, crc32_combine
 from ckptproto.format.manifest import Chunk, Manifest, TensorEntry, show
 from ckptproto.io import threads
-from ckptproto.io.reader import DataFile, OpenCheckpoint, check_all_files, file_crc
+from ckptproto.io.reader import DataFile, OpenCheckpoint, check_all_files, file_crc, read_size
 from ckptproto.io.storage import StoredFile
 
 
@@ -57,7 +56,7 @@ def _read_batch(
     crc = 0
     if with_crc:
         for view in views:
-            crc = zlib.crc32(view, crc)
+            crc = crc32(view, crc)
     return crc, want
 
 
@@ -75,7 +74,7 @@ def execute(ckpt: OpenCheckpoint, plan: ReadPlan, *, verify: bool, partial: str 
         covered = _tiles(reads, len(data_file.header), data_file.size)
         futures = [
             pool.submit(_read_batch, data_file.file, at, views, verify and covered, data_file.where)
-            for at, views in threads.batches([(r.begin, r.dest) for r in reads])
+            for at, views in threads.batches([(r.begin, r.dest) for r in reads], read_size(data_file.file))
         ]
         jobs.append((data_file, covered, futures))
     problems = []
@@ -84,7 +83,7 @@ def execute(ckpt: OpenCheckpoint, plan: ReadPlan, *, verify: bool, partial: str 
         if not verify:
             continue
         if covered:
-            crc = zlib.crc32(data_file.header)
+            crc = crc32(data_file.header)
             for batch_crc, length in results:
                 crc = crc32_combine(crc, batch_crc, length)
         elif partial == "skip":

@@ -45,7 +45,7 @@ from ckptproto.location import Location
 from ckptproto.protocol import Stateful
 from ckptproto.tree import decode_tree
 
-PathLike = str | os.PathLike[str]
+PathLike = str | os.PathLike[str] | Location  # a path, a URL, or a parsed location
 
 
 @_gc.paused()
@@ -89,7 +89,7 @@ def load(
 
 
 def load_state(
-    path: PathLike | Location, *, map_location: Any = None, mmap: bool = False, verify: bool | None = None
+    path: PathLike, *, map_location: Any = None, mmap: bool = False, verify: bool | None = None
 ) -> tuple[dict[str, Any], Manifest]:
     """``load`` in this process alone; also returns the manifest of the generation it read."""
     with reader.OpenCheckpoint(path) as ckpt:

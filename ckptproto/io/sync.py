@@ -20,10 +20,11 @@ from ckptproto.io.backends import resolve
 from ckptproto.io.meta import decode_metadata
 from ckptproto.io.pipeline import save
 from ckptproto.io.restore import load, load_into
+from ckptproto.location import Location
 
 __all__ = ["load", "load_into", "read_info", "save", "verify"]
 
-PathLike = str | os.PathLike[str]
+PathLike = str | os.PathLike[str] | Location  # a path, a URL, or a parsed location
 
 
 def read_info(path: PathLike) -> CheckpointInfo:

@@ -46,17 +46,20 @@ def gather(futures: list[Future[Any]]) -> list[Any]:
     return [f.result() for f in futures]
 
 
-def batches(ranges: list[tuple[int, memoryview]]) -> list[tuple[int, list[memoryview]]]:
+def batches(
+    ranges: list[tuple[int, memoryview]], limit: int | None = None
+) -> list[tuple[int, list[memoryview]]]:
     """Group ``(offset, view)`` ranges sorted by offset into runs of adjacent bytes of at most
-    BATCH_BYTES, splitting views larger than that."""
+    ``limit`` (default BATCH_BYTES), splitting views larger than that."""
+    limit = limit or BATCH_BYTES
     out: list[tuple[int, list[memoryview]]] = []
     views: list[memoryview] = []
     start, size, end = 0, 0, -1
     for offset, view in ranges:
-        for pos in range(0, len(view), BATCH_BYTES):
-            piece = view[pos : pos + BATCH_BYTES]
+        for pos in range(0, len(view), limit):
+            piece = view[pos : pos + limit]
             at = offset + pos
-            if views and (at != end or size + len(piece) > BATCH_BYTES or len(views) >= MAX_IOV):
+            if views and (at != end or size + len(piece) > limit or len(views) >= MAX_IOV):
                 out.append((start, views))
                 views, size = [], 0
             if not views:

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import os
-import zlib
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from ckptproto.errors import CheckpointWriteError
-from ckptproto.format.crc import crc32_combine, format_checksum
+from ckptproto.format.crc import crc32, crc32_combine, format_checksum
 from ckptproto.format.manifest import FileEntry
 from ckptproto.io import threads
 from ckptproto.io.plan import FilePlan
@@ -21,11 +20,12 @@ def _write_batch(fd: int, offset: int, views: list[memoryview]) -> tuple[int, in
 
 
 def crc_of(views: Sequence[memoryview]) -> tuple[int, int]:
-    """CRC-32 and length of the bytes of ``views`` one after another (zlib releases the GIL:
+    """CRC-32 and length of the bytes of ``views`` one after another (``format.crc.crc32``:
+    ISA-L where installed, else zlib; both release the GIL on large buffers, so
     callers run this on pool threads, one range each, and combine with :func:`file_entry`)."""
     crc = 0
     for view in views:
-        crc = zlib.crc32(view, crc)
+        crc = crc32(view, crc)
     return crc, sum(len(v) for v in views)
 
 

@@ -1,0 +1,81 @@
+"""One async save's job and its write: in the training process (the writer thread runs the save
+pipeline) or in the checkpoint writer process (:mod:`ckptproto.io.writer_process`)::
+
+    job.process = use_process(job, "auto", coordinator)   # in save(), before staging
+    info = write(job, coordinator, writer)                # on the saver's writer thread
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from ckptproto.errors import CheckpointError
+from ckptproto.format.info import CheckpointInfo
+from ckptproto.io import pipeline, staging, writer_process
+from ckptproto.io.coordinate import Coordinator
+from ckptproto.io.local_storage import LocalStorage
+from ckptproto.io.save_future import SaveFuture
+from ckptproto.io.share import ShareJob
+from ckptproto.io.staging import Staged
+from ckptproto.io.storage import Storage
+from ckptproto.location import Location
+
+WriterMode = Literal["auto", "thread", "process"]
+
+# writer="auto" writes a save with at least this many tensors from the writer process: below
+# it the writer thread's Python work (planning, manifest) is small and the process costs a
+# pickle of the layout instead. See docs/async.md, "Where the write runs".
+PROCESS_MIN_TENSORS = 1000
+
+
+@dataclass
+class SaveJob:
+    """One accepted save on its way through the saver's threads."""
+
+    future: SaveFuture
+    share: ShareJob  # this rank's part of the save: its pieces and their live values
+    storage: Storage
+    final: Location
+    metadata_tree: Any
+    overwrite: bool
+    ready: staging.Ready
+    versions: list[int | None] = field(default_factory=list)  # of share.leaves, at save()
+    staged: Staged | None = None
+    process: bool = False  # staged into a shared slab, for the writer process
+
+
+def use_process(job: SaveJob, writer: WriterMode, coordinator: Coordinator) -> bool:
+    """Whether ``job`` goes to the writer process (its bytes are then staged into a shared
+    slab; if a CUDA tensor puts them in a pinned slab, the write stays on the thread)."""
+    if writer == "thread" or coordinator.distributed:
+        return False  # a distributed save's exchanges run on the training process's side
+    # The child writes through a LocalStorage of its own (a subclass's behaviour would be lost)
+    if type(job.storage) is not LocalStorage or not writer_process.available():
+        return False
+    return writer == "process" or len(job.share.pieces) >= PROCESS_MIN_TENSORS
+
+
+def write(
+    job: SaveJob, coordinator: Coordinator, process: Callable[[], writer_process.WriterProcess]
+) -> CheckpointInfo:
+    """Write and commit a staged job: in the writer process ``process()`` when the job was
+    staged for it, else here with the one save pipeline."""
+    if job.staged is None:
+        raise CheckpointError(f"{job.future.path}: internal error: the save was not staged")
+    shared = job.staged.shared() if job.process else None
+    if shared is not None:
+        # The same pipeline, in the writer process: none of its Python work (plans, manifest,
+        # checksums of small tensors) holds this process's GIL.
+        return process().run(job.final, job.share, job.metadata_tree, job.overwrite, shared)
+    # The pipeline pauses the collector itself, only while plans and the manifest are built.
+    return pipeline.run(
+        job.final,
+        job.share,
+        job.metadata_tree,
+        job.staged.views,
+        coordinator,
+        overwrite=job.overwrite,
+        storage=job.storage,
+    )

@@ -1,0 +1,293 @@
+"""The checkpoint writer process: an async save's write, checksum, fsync and commit, run in a
+long-lived child process so that none of it holds the training process's GIL.
+
+Staged bytes are already host copies in a shared slab (a memfd, ``staging.Slab``); the child
+maps that memfd and runs the same :func:`ckptproto.io.pipeline.run` a writer thread would,
+on the same local storage, with the same commit protocol::
+
+    proc = WriterProcess()
+    info = proc.run(final, share, metadata_tree, overwrite, staged.shared())
+    proc.close()
+
+The job goes over a private socketpair: the memfd as SCM_RIGHTS, the layout as JSON columns
+(:mod:`ckptproto.io.share_wire`; nothing is pickled, here as everywhere on the default path),
+each view's place in the slab as raw int64 pairs. The result, or the save's own exception by
+class name and message, comes back as JSON. If the child dies, the save fails with CheckpointWriteError and the next
+save starts a new child. It is started with ``python -m ckptproto.io.writer_main`` (not
+multiprocessing's spawn, which re-imports the training script's ``__main__``), imports only
+ckptproto and numpy (never torch), and exits when its parent closes the socket or dies.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import mmap
+import os
+import socket
+import struct
+import subprocess
+import sys
+import threading
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ckptproto import errors
+from ckptproto.errors import CheckpointError, CheckpointWriteError
+from ckptproto.format.info import CheckpointInfo
+from ckptproto.format.manifest import Manifest
+from ckptproto.io import pipeline, share_wire
+from ckptproto.io.coordinate import Solo
+from ckptproto.io.local_storage import LocalStorage
+from ckptproto.io.meta import decode_metadata
+from ckptproto.io.share import ShareJob
+from ckptproto.location import Location
+
+logger = logging.getLogger("ckptproto")
+
+_HEADER = struct.Struct("!QQ")  # lengths of the JSON job and of its spans that follow; 0, 0: exit
+_ANSWER = struct.Struct("!Q")  # the length of the JSON answer that follows
+_ACK = b"+"  # the child has the whole job (sent before it starts on it)
+
+
+def available() -> bool:
+    """Whether this platform can run the writer process (memfd and fd passing: Linux)."""
+    return hasattr(os, "memfd_create") and hasattr(socket, "send_fds")
+
+
+def _recv_exact(sock: socket.socket, n: int) -> bytes:
+    chunks, left = [], n
+    while left:
+        chunk = sock.recv(min(left, 1 << 20))
+        if not chunk:
+            raise EOFError("the other end closed the socket")
+        chunks.append(chunk)
+        left -= len(chunk)
+    return b"".join(chunks)
+
+
+class WriterProcess:
+    """One child process that writes and commits saves, one at a time, for one AsyncSaver.
+    Started on the first :meth:`run`; restarted by the next one if it died."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._sock: socket.socket | None = None
+
+    @property
+    def pid(self) -> int | None:
+        """The child's process id while one is running (None before the first save)."""
+        return self._proc.pid if self._proc is not None and self._proc.poll() is None else None
+
+    def _start(self) -> socket.socket:
+        mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        # The child must import this very ckptproto, whatever sys.path the parent was given.
+        package_root = str(Path(__file__).resolve().parents[2])
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
+        try:
+            self._proc = subprocess.Popen(
+                [sys.executable, "-m", "ckptproto.io.writer_main", str(theirs.fileno())],
+                pass_fds=(theirs.fileno(),),
+                stdin=subprocess.DEVNULL,
+                env=env,
+                # Its own session: a Ctrl-C meant for the training loop must not kill a save
+                # in the middle (the parent finishes its pending saves at exit).
+                start_new_session=True,
+            )
+        except OSError:
+            mine.close()
+            raise
+        finally:
+            theirs.close()
+        self._sock = mine
+        return mine
+
+    def run(
+        self,
+        final: Location,
+        share: ShareJob,
+        metadata_tree: Any,
+        overwrite: bool,
+        shared: tuple[int, np.ndarray[Any, Any]],
+    ) -> CheckpointInfo:
+        """Write and commit one staged save (local storage) in the child; raises what the save
+        raised there (the same CheckpointError subclass and message), or CheckpointWriteError
+        if the child died."""
+        fd, spans = shared
+        job = {
+            "final": str(final),
+            "share": share_wire.pack(share),
+            "metadata": metadata_tree,
+            "overwrite": overwrite,
+        }
+        message = json.dumps(job, separators=(",", ":")).encode()
+        with self._lock:
+            self._hand_over(final, message, spans.tobytes(), fd)
+            try:
+                size = _ANSWER.unpack(_recv_exact(self._sock_or_raise(), _ANSWER.size))[0]
+                answer = json.loads(_recv_exact(self._sock_or_raise(), size))
+            except (OSError, EOFError) as exc:
+                raise self._died(final, exc) from exc
+        if answer.get("ok"):
+            # The info pipeline.run returned there, rebuilt from what this process already has
+            # (the metadata it asked to save) and what only the child knows.
+            manifest = Manifest(
+                state={}, tensors=[], files={}, metadata=metadata_tree, created=answer["created"]
+            )
+            info = CheckpointInfo.from_manifest(final, manifest, decode_metadata(manifest, final))
+            return replace(info, nbytes=answer["nbytes"], format_version=answer["format_version"])
+        raise _error(answer.get("type"), str(answer.get("message")))
+
+    def _sock_or_raise(self) -> socket.socket:
+        if self._sock is None:
+            raise EOFError("the writer process is not running")
+        return self._sock
+
+    def _hand_over(self, final: Location, message: bytes, spans: bytes, fd: int) -> None:
+        """Send the job; returns once the child acknowledged it. A child that died before
+        that (killed while idle, say) cannot have started the save: a new one is started and
+        the job sent again, once."""
+        for attempt in (1, 2):
+            try:
+                sock = self._sock if self._sock is not None and self.pid is not None else self._start()
+            except OSError as exc:
+                raise CheckpointWriteError(
+                    f"saving {final}: cannot start the checkpoint writer process: {exc}"
+                ) from exc
+            try:
+                socket.send_fds(sock, [_HEADER.pack(len(message), len(spans))], [fd])
+                sock.sendall(message + spans)
+                if _recv_exact(sock, 1) == _ACK:
+                    return
+                raise EOFError("the writer process answered out of turn")
+            except (OSError, EOFError) as exc:
+                error = self._died(final, exc)
+                if attempt == 2:
+                    raise error from exc
+                logger.warning("the checkpoint writer process was gone (%s); starting a new one", error)
+
+    def _died(self, final: Location, exc: BaseException) -> CheckpointWriteError:
+        """Reap a child that stopped answering; the error for the save it had."""
+        proc, self._proc = self._proc, None
+        sock, self._sock = self._sock, None
+        if sock is not None:
+            sock.close()
+        code = None
+        if proc is not None:
+            try:
+                code = proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                code = proc.wait()
+        return CheckpointWriteError(
+            f"saving {final}: the checkpoint writer process (pid {proc.pid if proc else '?'}) "
+            f"exited with code {code} before it reported the save ({exc}); the checkpoint was not "
+            "committed (a hidden temporary directory may be left, which readers ignore). The next "
+            "save starts a new writer process"
+        )
+
+    def close(self) -> None:
+        """Stop the child (after the save it is running, if any); idempotent."""
+        with self._lock:
+            proc, self._proc = self._proc, None
+            sock, self._sock = self._sock, None
+            if sock is not None:
+                with contextlib.suppress(OSError):  # it may be gone already
+                    sock.sendall(_HEADER.pack(0, 0))
+                sock.close()
+            if proc is not None:
+                try:
+                    proc.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    logger.error("the checkpoint writer process %s did not exit; killing it", proc.pid)
+                    proc.kill()
+                    proc.wait()
+
+    def forget(self) -> None:
+        """In a forked child: the parent's writer process is the parent's; start afresh."""
+        self._lock = threading.Lock()
+        self._proc = None
+        self._sock = None
+
+
+# -- the child's side ---------------------------------------------------------------------------
+
+
+def _error(kind: object, message: str) -> CheckpointError:
+    """The exception a failed save raised in the child, as this process raises it: the same
+    CheckpointError subclass and message; anything else as CheckpointWriteError."""
+    cls = getattr(errors, kind, None) if isinstance(kind, str) else None
+    if isinstance(cls, type) and issubclass(cls, CheckpointError):
+        return cls(message)
+    return CheckpointWriteError(f"the checkpoint writer process failed: {kind}: {message}")
+
+
+def _serve_one(sock: socket.socket, maps: dict[tuple[int, int], mmap.mmap]) -> bool:
+    header, fds, _flags, _addr = socket.recv_fds(sock, _HEADER.size, 4)
+    if not header:
+        return False
+    if len(header) < _HEADER.size:
+        header += _recv_exact(sock, _HEADER.size - len(header))
+    size, spans_size = _HEADER.unpack(header)
+    if size == 0:
+        for fd in fds:
+            os.close(fd)
+        return False
+    message = _recv_exact(sock, size + spans_size)
+    sock.sendall(_ACK)
+    answer: dict[str, Any]
+    try:
+        if len(fds) != 1:
+            raise CheckpointError(f"internal error: the writer process got {len(fds)} descriptors, not 1")
+        job = json.loads(message[:size])
+        stat = os.fstat(fds[0])
+        key = (stat.st_dev, stat.st_ino)
+        if key not in maps or len(maps[key]) != stat.st_size:
+            maps.clear()  # slabs the parent dropped are unmapped here too
+            maps[key] = mmap.mmap(fds[0], stat.st_size, prot=mmap.PROT_READ)
+        whole = memoryview(maps[key])
+        spans = np.frombuffer(message, dtype=np.int64, offset=size).reshape(-1, 2).tolist()
+        views = [whole[offset : offset + length] for offset, length in spans]
+        info = pipeline.run(
+            Path(job["final"]),
+            share_wire.unpack(job["share"]),
+            job["metadata"],
+            views,
+            Solo(),
+            overwrite=job["overwrite"],
+            storage=LocalStorage(),
+        )
+        del views, whole
+        answer = {
+            "ok": True,
+            "created": info.created.isoformat() if info.created is not None else "",
+            "nbytes": info.nbytes,
+            "format_version": info.format_version,
+        }
+    except Exception as exc:
+        answer = {"ok": False, "type": type(exc).__name__, "message": str(exc)}
+    finally:
+        for fd in fds:
+            os.close(fd)
+    data = json.dumps(answer).encode()
+    sock.sendall(_ANSWER.pack(len(data)) + data)
+    return True
+
+
+def main(fd: int) -> None:
+    """The child's loop: serve saves until the parent says stop or goes away."""
+    sock = socket.socket(fileno=fd)
+    maps: dict[tuple[int, int], mmap.mmap] = {}
+    try:
+        while _serve_one(sock, maps):
+            pass
+    except (EOFError, ConnectionError):
+        pass  # the parent died or closed the socket: nothing is waiting for an answer
+    finally:
+        sock.close()

@@ -1,0 +1,233 @@
+"""The checkpoint writer process (AsyncSaver(writer="process"|"auto")): the same checkpoint,
+the same errors, the same commit as the writer thread; a dead child fails its save loudly and
+the next save starts a new one."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+import ckptproto
+from ckptproto import CheckpointExistsError, CheckpointWriteError
+from ckptproto.format import layout
+from ckptproto.io import async_job, share_wire, staging, writer_process
+from ckptproto.io.coordinate import Solo
+from ckptproto.io.prepare import prepare
+
+pytestmark = pytest.mark.skipif(not writer_process.available(), reason="needs memfd_create (Linux)")
+MODES = ["blocking", "background"]
+
+
+def mixed_state(n: int = 40) -> dict[str, Any]:
+    g = torch.Generator().manual_seed(n)
+    model = {f"layers.{i}.w": torch.randn(i % 7 + 1, 3, generator=g) for i in range(n)}
+    model["half"] = torch.randn(5, generator=g).to(torch.bfloat16)
+    model["ints"] = torch.arange(9, dtype=torch.int64).reshape(3, 3)
+    model["flags"] = torch.tensor([True, False, True])
+    model["empty"] = torch.empty(0, 4)
+    model["strided"] = torch.randn(6, 4, generator=g).t()  # not contiguous
+    model["np"] = np.arange(10, dtype=">f4")  # big-endian numpy: stored little-endian
+    trainer = {"global_step": 7, "history": [1.5, 2.5], "big": 3**20000, "nan": float("nan"), "t": (1, "x")}
+    return {"models": {"model": model}, "trainer": trainer}
+
+
+def leftovers(directory: Path) -> list[str]:
+    return [p.name for p in directory.iterdir() if layout.is_hidden(p.name)]
+
+
+def data_bytes(path: Path) -> bytes:
+    return (path / layout.data_file_name(0)).read_bytes()
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_the_process_writes_the_same_checkpoint_as_the_thread(tmp_path: Path, mode: str) -> None:
+    state = mixed_state()
+    expected = {
+        k: v.clone() if isinstance(v, torch.Tensor) else v.copy() for k, v in state["models"]["model"].items()
+    }
+    with ckptproto.AsyncSaver(staging=mode, writer="thread") as saver:  # type: ignore[arg-type]
+        by_thread = saver.save(state, tmp_path / "thread", metadata={"m": 1, "big": 3**20000}).result(
+            timeout=60
+        )
+    with ckptproto.AsyncSaver(staging=mode, writer="process") as saver:  # type: ignore[arg-type]
+        fut = saver.save(state, tmp_path / "process", metadata={"m": 1, "big": 3**20000})
+        fut.wait_staged()
+        state["models"]["model"]["layers.0.w"].add_(1.0)  # after staging: not in the checkpoint
+        by_process = fut.result(timeout=60)
+        assert saver.writer_pid is not None and saver.writer_pid != os.getpid()
+    assert by_process.path == tmp_path / "process" and by_process.step == by_thread.step == 7
+    assert by_process.metadata == by_thread.metadata
+    # Byte for byte the same data file (the same plan, header, CRC), and it loads back.
+    assert data_bytes(tmp_path / "process") == data_bytes(tmp_path / "thread")
+    loaded = ckptproto.load(tmp_path / "process")
+    for key, value in expected.items():
+        got = loaded["models"]["model"][key]
+        if isinstance(value, np.ndarray):
+            assert np.array_equal(got, value)
+        else:
+            assert torch.equal(got, value), key
+    trainer = loaded["trainer"]
+    assert math.isnan(trainer.pop("nan"))
+    assert trainer == {"global_step": 7, "history": [1.5, 2.5], "big": 3**20000, "t": (1, "x")}
+    assert leftovers(tmp_path) == []
+
+
+def test_the_process_serves_many_saves_and_reuses_the_shared_slab(tmp_path: Path) -> None:
+    state = mixed_state()
+    with ckptproto.AsyncSaver(writer="process") as saver:
+        pids = set()
+        for i in range(4):
+            state["trainer"]["global_step"] = i
+            assert saver.save(state, tmp_path / f"c{i}").result(timeout=60).step == i
+            pids.add(saver.writer_pid)
+        assert len(pids) == 1  # one long-lived child
+        assert saver.pool.stats.allocated == 1
+    assert saver.writer_pid is None  # close() stopped it
+    assert [ckptproto.verify(tmp_path / f"c{i}").step for i in range(4)] == [0, 1, 2, 3]
+
+
+def test_errors_in_the_process_come_back_as_the_same_exceptions(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    ckptproto.save({"w": torch.zeros(2)}, tmp_path / "c")
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    with ckptproto.AsyncSaver(writer="process") as saver, caplog.at_level(logging.ERROR, "ckptproto"):
+        with pytest.raises(CheckpointExistsError, match="overwrite=True"):
+            saver.save({"w": torch.ones(2)}, tmp_path / "c").result(timeout=60)
+        with pytest.raises(CheckpointWriteError, match="cannot create a checkpoint"):
+            saver.save({"w": torch.ones(2)}, blocker / "ckpt").result(timeout=60)
+        assert ckptproto.load(tmp_path / "c")["w"].sum().item() == 0
+        saver.save({"w": torch.ones(2)}, tmp_path / "c", overwrite=True).result(timeout=60)
+    assert ckptproto.load(tmp_path / "c")["w"].sum().item() == 2
+    assert any(str(blocker / "ckpt") in r.getMessage() for r in caplog.records)  # logged too
+    assert leftovers(tmp_path) == []
+
+
+def test_a_writer_process_that_dies_mid_save_fails_it_and_the_next_save_starts_a_new_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The child inherits this environment: its sitecustomize kills it in write_file while the
+    # marker exists.
+    hooks = str(Path(__file__).resolve().parent / "_writer_child")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [hooks, os.environ.get("PYTHONPATH")])))
+    marker = tmp_path / "die"
+    marker.touch()
+    monkeypatch.setenv("CKPTPROTO_TEST_DIE_MARKER", str(marker))
+    out = tmp_path / "out"
+    out.mkdir()
+    with ckptproto.AsyncSaver(writer="process") as saver:
+        fut = saver.save({"w": torch.ones(3), "trainer": {"global_step": 1}}, out / "a")
+        with pytest.raises(
+            CheckpointWriteError, match=r"writer process .* exited with code -9.*not committed"
+        ):
+            fut.result(timeout=60)
+        assert not (out / "a").exists()
+        marker.unlink()
+        info = saver.save({"w": torch.ones(3), "trainer": {"global_step": 2}}, out / "b").result(timeout=60)
+        assert info.step == 2 and saver.writer_pid is not None
+    assert torch.equal(ckptproto.load(out / "b")["w"], torch.ones(3))
+    assert not (out / "a").exists()  # the dead child's temporary directory is hidden, if left
+
+
+def test_a_writer_process_killed_between_saves_is_replaced(tmp_path: Path) -> None:
+    with ckptproto.AsyncSaver(writer="process") as saver:
+        saver.save({"w": torch.ones(2)}, tmp_path / "a").result(timeout=60)
+        pid = saver.writer_pid
+        assert pid is not None
+        os.kill(pid, signal.SIGKILL)
+        info = saver.save({"w": torch.ones(2)}, tmp_path / "b").result(timeout=60)
+        assert info.path == tmp_path / "b" and saver.writer_pid not in (None, pid)
+
+
+def test_auto_writes_many_tensors_from_the_process_and_few_from_the_thread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[str] = []
+    real = writer_process.WriterProcess.run
+
+    def spy(self: writer_process.WriterProcess, *args: Any, **kwargs: Any) -> Any:
+        calls.append("process")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(writer_process.WriterProcess, "run", spy)
+    monkeypatch.setattr(async_job, "PROCESS_MIN_TENSORS", 20)
+    with ckptproto.AsyncSaver() as saver:
+        saver.save({f"t{i}": torch.ones(2) for i in range(19)}, tmp_path / "few").result(timeout=60)
+        assert saver.writer_pid is None
+        assert calls == []
+        saver.save({f"t{i}": torch.ones(2) for i in range(20)}, tmp_path / "many").result(timeout=60)
+        assert calls == ["process"]
+    with ckptproto.AsyncSaver(writer="thread") as saver:
+        saver.save({f"t{i}": torch.ones(2) for i in range(50)}, tmp_path / "thread").result(timeout=60)
+        assert calls == ["process"]
+    assert len(ckptproto.load(tmp_path / "many")) == 20
+
+
+def test_bad_writer_arguments_are_refused() -> None:
+    with pytest.raises(ValueError, match="writer must be"):
+        ckptproto.AsyncSaver(writer="fork")  # type: ignore[arg-type]
+
+
+def test_the_share_travels_as_columns_and_comes_back_equal() -> None:
+    prepared = prepare(mixed_state(), None, Solo())
+    share = prepared.share
+    back = share_wire.unpack(json.loads(json.dumps(share_wire.pack(share))))
+    assert back.pieces == share.pieces
+    assert [(t.path, t.spec) for t in back.encoded.tensors] == [
+        (t.path, t.spec) for t in share.encoded.tensors
+    ]
+    assert back.encoded.tree == share.encoded.tree
+    assert (back.digest, back.tensor_index, back.replicas, back.leaves) == (
+        share.digest,
+        share.tensor_index,
+        share.replicas,
+        [],
+    )
+
+
+def test_shared_staging_hands_out_the_memfd_and_every_views_place() -> None:
+    prepared = prepare(mixed_state(), None, Solo())
+    pool = staging.StagingPool()
+    staged = staging.stage_state(pool, prepared.share.leaves, staging.Ready(), shared=True)
+    shared = staged.shared()
+    assert shared is not None
+    fd, spans = shared
+    # The memfd holds exactly the views' bytes at the given places.
+    mapped = np.memmap(f"/proc/self/fd/{fd}", dtype=np.uint8, mode="r")
+    for view, (offset, length) in zip(staged.views, spans.tolist(), strict=True):
+        assert bytes(mapped[offset : offset + length]) == bytes(view)
+    staged.release()
+    plain = staging.stage_state(pool, prepared.share.leaves, staging.Ready())
+    assert plain.shared() is None  # a pageable slab is not shared
+    plain.release()
+
+
+_CHILD = """
+import sys, numpy as np, ckptproto
+saver = ckptproto.AsyncSaver(writer="process")
+saver.save({"w": np.arange(1 << 20, dtype=np.float64), "trainer": {"global_step": 9}}, sys.argv[1])
+"""
+
+
+def test_interpreter_exit_right_after_save_still_commits_through_the_process(tmp_path: Path) -> None:
+    script = tmp_path / "child.py"
+    script.write_text(_CHILD)
+    proc = subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "ckpt")], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert ckptproto.verify(tmp_path / "ckpt").step == 9
+    assert np.array_equal(ckptproto.load(tmp_path / "ckpt")["w"], np.arange(1 << 20, dtype=np.float64))
+    assert leftovers(tmp_path) == []
