@@ -7,10 +7,10 @@ lazily, configured from the standard AWS environment, and its errors turned into
     except Exception as exc:
         raise s3_client.failure(exc, url, "reading") from exc
 
-Why obstore: against a local S3 server (moto), with the same request pattern for both, it
-moved 2,000 small objects 1.3-1.6x faster than boto3 on 8 threads and 256 MiB (multipart
-upload, one GET, 16 ranged GETs) 5-25% faster, the server being the bottleneck there; and it
-is one 5.6 MB wheel without Python dependencies (boto3 + botocore: 16 MB of wheels, 31 MB
+Why obstore: against a local S3 server (moto), with the same requests for both
+(benchmarks/bench_s3_clients.py), it moved 2,000 small objects 1.3-1.6x faster than boto3 on 8
+threads; 256 MiB (multipart upload, one GET, 16 ranged GETs) took the same time within +-15%,
+either way across runs (moto is the bottleneck there); and it is one 5.6 MB wheel without Python dependencies (boto3 + botocore: 16 MB of wheels, 31 MB
 installed, plus s3transfer, jmespath, dateutil, urllib3). Its costs: a ranged GET returns a
 buffer that is copied into the destination (no readinto), and it cannot list or abort the
 multipart uploads a killed process left open (docs/storage.md: a bucket lifecycle rule).
