@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, settings
 
-# A real S3-compatible server (moto) and the ``s3_url`` fixture for the object-store tests.
-pytest_plugins = ["_s3_server"]
+# A real S3-compatible server (moto) and the ``s3_url`` fixture for the object-store tests;
+# checkpoint_root (every storage backend) and its helpers: tests/_roots.py.
+pytest_plugins = ["_s3_server", "_roots"]
 
 # Tests reuse tmp_path across examples on purpose (each saves with overwrite=True).
 _SUPPRESS = [HealthCheck.too_slow, HealthCheck.function_scoped_fixture]
