@@ -25,6 +25,7 @@ from ckptproto.errors import (
     CheckpointError,
     CheckpointFormatError,
     CheckpointNotFoundError,
+    CheckpointReplacedError,
 )
 from ckptproto.format import layout
 from ckptproto.format.manifest import MAX_MANIFEST_BYTES
@@ -156,7 +157,7 @@ class S3File:
         """Why an object that was there at open is gone: its generation was replaced (an
         overwrite deletes the old objects) or deleted, or else it is damage."""
         if self._generation is not None and self._generation.replaced():  # NotFound if deleted
-            return CheckpointError(
+            return CheckpointReplacedError(
                 f"{self.location}: the checkpoint was replaced by another save while being read "
                 "(its data objects are deleted once the new one is in; F-38): read it again"
             )
