@@ -48,6 +48,13 @@ class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
     """No committed checkpoint exists at the given path."""
 
 
+class CheckpointReplacedError(CheckpointError):
+    """The checkpoint was replaced by another save (``overwrite=True``) while it was being read
+    from a store that cannot pin the old generation's files (an object store deletes them once
+    the new manifest is in; FORMAT.md F-38). ``ckptproto.load`` reads the new generation
+    instead; where this reaches you, read again."""
+
+
 class CheckpointExistsError(CheckpointError, FileExistsError):
     """The destination already holds a checkpoint (pass ``overwrite=True``) or another file."""
 

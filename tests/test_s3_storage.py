@@ -23,6 +23,7 @@ from ckptproto.errors import (
     CheckpointExistsError,
     CheckpointFormatError,
     CheckpointNotFoundError,
+    CheckpointReplacedError,
     CheckpointWriteError,
 )
 from ckptproto.format.manifest import Manifest
@@ -298,8 +299,8 @@ def test_load_racing_an_overwrite_reads_one_generation_F38(
     state = ckptproto.load(url)  # opened again on the new generation, whole
     assert state["step"] == 1 and np.array_equal(state["v"], np.ones(64))
     monkeypatch.setattr(reader, "read_manifest", real)
-    # Replaced after every object was opened, while tensors are read: an error saying so,
-    # never "corrupt" and never a mix of generations.
+    # Replaced after every object was opened, while tensors are read: the old generation's
+    # objects are gone; load drops what it read and reads the new generation whole.
     materialize = readplan.materialize
     act.append(lambda: ckptproto.save({"v": np.full(64, 2.0), "step": 2}, url, overwrite=True))
 
@@ -309,10 +310,23 @@ def test_load_racing_an_overwrite_reads_one_generation_F38(
         return materialize(*args, **kwargs)
 
     monkeypatch.setattr(readplan, "materialize", overwrite_then_read)
-    with pytest.raises(CheckpointError, match="read it again") as caught:
+    state = ckptproto.load(url)
+    assert state["step"] == 2 and np.array_equal(state["v"], np.full(64, 2.0))
+    # Replaced before every read, again and again: after a few whole re-reads, an error that
+    # says so (never "corrupt", never a mix of generations).
+    steps = iter(range(3, 100))
+
+    def always_overwrite(*args: Any, **kwargs: Any) -> Any:
+        step = next(steps)
+        ckptproto.save({"v": np.full(64, float(step)), "step": step}, url, overwrite=True)
+        return materialize(*args, **kwargs)
+
+    monkeypatch.setattr(readplan, "materialize", always_overwrite)
+    with pytest.raises(CheckpointReplacedError, match="read it again") as caught:
         ckptproto.load(url)
     assert not isinstance(caught.value, CheckpointCorruptError)
-    assert ckptproto.load(url)["step"] == 2
+    monkeypatch.setattr(readplan, "materialize", materialize)
+    assert ckptproto.load(url)["step"] == next(steps) - 1
 
 
 def test_namespace_entries_exists_read_head_and_remove(storage: s3_storage.S3Storage, s3_url: str) -> None:

@@ -22,6 +22,7 @@ from ckptproto.arrays import ArraySpec
 from ckptproto.errors import (
     CheckpointCorruptError,
     CheckpointFormatError,
+    CheckpointReplacedError,
     DistributedCheckpointError,
     StateMismatchError,
 )
@@ -88,10 +89,27 @@ def load(
     return state
 
 
+_REPLACED_ATTEMPTS = 8  # whole re-reads after the generation being read was replaced
+
+
 def load_state(
     path: PathLike, *, map_location: Any = None, mmap: bool = False, verify: bool | None = None
 ) -> tuple[dict[str, Any], Manifest]:
-    """``load`` in this process alone; also returns the manifest of the generation it read."""
+    """``load`` in this process alone; also returns the manifest of the generation it read.
+    A generation replaced while its tensors were being read (object stores, F-38) is dropped
+    whole and the new one read, a few times at most."""
+    for attempt in range(_REPLACED_ATTEMPTS):
+        try:
+            return _load_generation(path, map_location=map_location, mmap=mmap, verify=verify)
+        except CheckpointReplacedError:
+            if attempt + 1 == _REPLACED_ATTEMPTS:
+                raise
+    raise AssertionError("unreachable")
+
+
+def _load_generation(
+    path: PathLike, *, map_location: Any, mmap: bool, verify: bool | None
+) -> tuple[dict[str, Any], Manifest]:
     with reader.OpenCheckpoint(path) as ckpt:
         where = ckpt.where(layout.MANIFEST_NAME)
         kinds = readplan.tensor_kinds(ckpt.manifest, where)

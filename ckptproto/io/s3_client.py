@@ -7,10 +7,13 @@ lazily, configured from the standard AWS environment, and its errors turned into
     except Exception as exc:
         raise s3_client.failure(exc, url, "reading") from exc
 
-Why obstore: against a local S3 server it downloaded a 256 MiB object 3.4x faster than boto3
-with ranged GETs on 8 threads, moved 2,000 small objects 1.4-1.7x faster, uploaded at the same
-speed, and is one 5.6 MB wheel without Python dependencies (boto3 + botocore: 16 MB wheels,
-31 MB installed, plus s3transfer, jmespath, dateutil, urllib3).
+Why obstore: against a local S3 server (moto), with the same requests for both
+(benchmarks/bench_s3_clients.py), it moved 2,000 small objects 1.3-1.6x faster than boto3 on 8
+threads; 256 MiB (multipart upload, one GET, 16 ranged GETs) took the same time within +-15%,
+either way across runs (moto is the bottleneck there); and it is one 5.6 MB wheel without Python dependencies (boto3 + botocore: 16 MB of wheels, 31 MB
+installed, plus s3transfer, jmespath, dateutil, urllib3). Its costs: a ranged GET returns a
+buffer that is copied into the destination (no readinto), and it cannot list or abort the
+multipart uploads a killed process left open (docs/storage.md: a bucket lifecycle rule).
 """
 
 from __future__ import annotations

@@ -14,7 +14,10 @@ finds an object missing, asks :meth:`S3Generation.replaced`, and starts again (F
 
 from __future__ import annotations
 
+import os
+import threading
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from ckptproto.errors import (
@@ -22,6 +25,7 @@ from ckptproto.errors import (
     CheckpointError,
     CheckpointFormatError,
     CheckpointNotFoundError,
+    CheckpointReplacedError,
 )
 from ckptproto.format import layout
 from ckptproto.format.manifest import MAX_MANIFEST_BYTES
@@ -29,7 +33,20 @@ from ckptproto.io import s3_client, threads
 from ckptproto.io.storage import Generation
 from ckptproto.location import Location, ObjectLocation
 
-READ_CONCURRENCY = 8  # parts (threads.BATCH_BYTES each) fetched by one request batch
+READ_CONCURRENCY = 8  # ranged GETs in flight for one large read_into
+
+_lock = threading.Lock()
+_pool: tuple[int, ThreadPoolExecutor] | None = None  # (pid, pool): threads do not survive fork
+
+
+def _read_pool() -> ThreadPoolExecutor:
+    # Not threads.pool(): read_into is itself called from that pool's threads, and parts
+    # queued behind their own callers could wait forever.
+    global _pool
+    with _lock:
+        if _pool is None or _pool[0] != os.getpid():
+            _pool = (os.getpid(), ThreadPoolExecutor(READ_CONCURRENCY, thread_name_prefix="ckptproto-s3"))
+        return _pool[1]
 
 
 def _meta_version(meta: Any) -> tuple[object, ...]:
@@ -93,8 +110,9 @@ class S3File:
         self._generation = generation
 
     def read_into(self, offset: int, views: Sequence[memoryview]) -> int:
-        """Fill ``views`` from ``offset`` on with ranged GETs, ``READ_CONCURRENCY`` parts at a
-        time for large reads; the bytes read (fewer only where the object ends)."""
+        """Fill ``views`` from ``offset`` on with ranged GETs of at most ``threads.BATCH_BYTES``,
+        up to ``READ_CONCURRENCY`` in flight for a large read; the bytes read (fewer only where
+        the object ends)."""
         left = max(0, self.size - offset)
         ranges, at = [], offset
         for view in views:
@@ -105,46 +123,41 @@ class S3File:
             at += len(flat)
             left -= len(flat)
         parts = threads.batches(ranges)
-        for first in range(0, len(parts), READ_CONCURRENCY):
-            self._fetch(parts[first : first + READ_CONCURRENCY])
+        if len(parts) == 1:
+            self._fetch(*parts[0])
+        elif parts:
+            # Separate requests on separate threads: obstore's get_ranges merges adjacent
+            # ranges into one sequential GET.
+            pool = _read_pool()
+            threads.gather([pool.submit(self._fetch, start, batch) for start, batch in parts])
         return at - offset
 
-    def _fetch(self, parts: list[tuple[int, list[memoryview]]]) -> None:
-        # One get_ranges call: the client fetches the parts concurrently (Python threads each
-        # calling get_range were slower). coalesce=0: adjacent parts stay separate requests,
-        # in parallel, instead of being merged into one sequential GET.
+    def _fetch(self, start: int, views: list[memoryview]) -> None:
         obstore = s3_client.obstore_module()
-        starts = [start for start, _ in parts]
-        lengths = [sum(len(v) for v in views) for _, views in parts]
+        length = sum(len(v) for v in views)
         try:
-            got = obstore.get_ranges(
-                s3_client.store(self.location.bucket),
-                self.location.key,
-                starts=starts,
-                lengths=lengths,
-                coalesce=0,
+            data = obstore.get_range(
+                s3_client.store(self.location.bucket), self.location.key, start=start, length=length
             )
         except Exception as exc:
             if s3_client.is_not_found(exc) and "NoSuchBucket" not in str(exc):
                 raise self._missing() from exc
-            where = f"reading bytes {starts[0]}..{starts[-1] + lengths[-1]}"
-            raise s3_client.failure(exc, self.location, where) from exc
-        for (start, views), length, data in zip(parts, lengths, got, strict=True):
-            source = memoryview(data)
-            if len(source) != length:
-                raise CheckpointCorruptError(
-                    f"{self.location}: {len(source)} bytes at {start}, expected {length} (the object changed?)"
-                )
-            position = 0
-            for view in views:
-                view[:] = source[position : position + len(view)]
-                position += len(view)
+            raise s3_client.failure(exc, self.location, f"reading bytes {start}..{start + length}") from exc
+        source = memoryview(data)
+        if len(source) != length:
+            raise CheckpointCorruptError(
+                f"{self.location}: {len(source)} bytes at {start}, expected {length} (the object changed?)"
+            )
+        position = 0
+        for view in views:
+            view[:] = source[position : position + len(view)]
+            position += len(view)
 
     def _missing(self) -> CheckpointError:
         """Why an object that was there at open is gone: its generation was replaced (an
         overwrite deletes the old objects) or deleted, or else it is damage."""
         if self._generation is not None and self._generation.replaced():  # NotFound if deleted
-            return CheckpointError(
+            return CheckpointReplacedError(
                 f"{self.location}: the checkpoint was replaced by another save while being read "
                 "(its data objects are deleted once the new one is in; F-38): read it again"
             )

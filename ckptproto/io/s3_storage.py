@@ -18,7 +18,8 @@ stores"):
   or fails; :meth:`S3Storage.remove_leftovers` deletes data objects that no manifest lists only
   once their save's marker is gone or older than a grace period.
 
-Reading is in :mod:`ckptproto.io.s3_read`, the client and its errors in
+Reading is in :mod:`ckptproto.io.s3_read`, the sweep in :mod:`ckptproto.io.s3_sweep`,
+object requests and names in :mod:`ckptproto.io.s3_objects`, the client and its errors in
 :mod:`ckptproto.io.s3_client`.
 """
 
@@ -26,14 +27,11 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import threading
 import time
 import uuid
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime, timezone
-from typing import Any
 
 from ckptproto.errors import (
     CheckpointError,
@@ -43,19 +41,17 @@ from ckptproto.errors import (
 )
 from ckptproto.format import layout
 from ckptproto.format.manifest import FileEntry, Manifest
-from ckptproto.io import s3_client, s3_read, threads, writer
+from ckptproto.io import s3_client, s3_objects, s3_read, s3_sweep, threads, writer
 from ckptproto.io.plan import FilePlan
+from ckptproto.io.s3_objects import MARKER_PREFIX, TOKEN
 from ckptproto.io.storage import Generation, Listed
 from ckptproto.location import Location, ObjectLocation, parse_location
 
-MARKER_PREFIX = ".ckptproto-writing."
 PART_BYTES = 16 << 20  # multipart part size: 8 parts in flight hold 128 MiB
 MIN_PART_BYTES = 5 << 20  # S3's least part size (all but the last)
 MAX_PARTS = 9_000  # S3 allows 10,000; parts grow past PART_BYTES for larger files
 UPLOAD_CONCURRENCY = 8
 SWEEP_GRACE_S = 3600.0  # a save whose marker is younger is presumed alive
-_TOKEN = re.compile(r"[0-9a-f]{16}")
-_DATA_TOKEN = re.compile(r"\.([0-9a-f]{16})\.safetensors$")
 
 
 def _location(location: Location) -> ObjectLocation:
@@ -114,16 +110,16 @@ class S3Storage:
             )
         token = uuid.uuid4().hex[:16]
         marker = {"pid": os.getpid(), "host": layout.this_host(), "time": time.time()}
-        self._put(final, MARKER_PREFIX + token, json.dumps(marker).encode(), "starting the save")
+        s3_objects.put(final, MARKER_PREFIX + token, json.dumps(marker).encode(), "starting the save")
         return json.dumps({"url": str(final), "token": token})
 
     def data_file_name(self, staging: str, rank: int) -> str:
-        return f"data-{rank:05d}-000.{_staging(staging)[1]}.safetensors"
+        return s3_objects.data_name(rank, _staging(staging)[1])
 
     def write_file(self, staging: str, plan: FilePlan, sources: Sequence[memoryview]) -> FileEntry:
         final, token = _staging(staging)
         where = final / plan.name
-        if _DATA_TOKEN.search(plan.name) is None or f".{token}." not in plan.name:
+        if s3_objects.token_of(plan.name) != token:
             raise CheckpointWriteError(f"{where}: not a data file name of this save ({token})")
         views = [memoryview(plan.header)]
         position = len(plan.header)
@@ -173,7 +169,7 @@ class S3Storage:
             with self._lock:
                 self._manifests[staging] = bytes(data)
             return
-        self._put(final, name, data, "writing")
+        s3_objects.put(final, name, data, "writing")
 
     def commit(self, staging: str, final: Location, *, overwrite: bool) -> None:
         final = _location(final)
@@ -193,7 +189,7 @@ class S3Storage:
         old: set[str] = set()
         try:
             if overwrite:
-                old = self._listed_files(final) or set()
+                old = s3_objects.listed_files(final) or set()
                 obstore.put(store, key, data, mode="overwrite", use_multipart=False)
             else:
                 obstore.put(store, key, data, mode="create", use_multipart=False)
@@ -206,27 +202,17 @@ class S3Storage:
                 ) from exc
             raise s3_client.failure(exc, manifest_url, "committing the manifest", write=True) from exc
         # Committed. What is left is tidying: failures here leave only leftovers for the sweep.
-        self._delete(final, [*sorted(old - set(files)), MARKER_PREFIX + token], quiet=True)
+        s3_objects.delete(final, [*sorted(old - set(files)), MARKER_PREFIX + token], quiet=True)
 
     def _check_uploaded(self, final: ObjectLocation, files: dict[str, FileEntry]) -> None:
         """Every data object is there, whole, right before the manifest goes in (a sweep that
         misjudged this save as dead would otherwise leave a manifest naming missing files)."""
-        obstore = s3_client.obstore_module()
-        store = s3_client.store(final.bucket)
-
-        def size_of(name: str) -> int:
-            try:
-                return int(obstore.head(store, final.object_key(name))["size"])
-            except Exception as exc:
-                if s3_client.is_not_found(exc):
-                    return -1
-                raise s3_client.failure(exc, final / name, "checking the upload", write=True) from exc
-
         names = sorted(files)
         # Its own threads: commit may run on a thread of the shared pool (an async save).
         with ThreadPoolExecutor(max(1, min(16, len(names)))) as pool:
-            sizes = threads.gather([pool.submit(size_of, n) for n in names])
-        for name, size in zip(names, sizes, strict=True):
+            metas = threads.gather([pool.submit(s3_objects.head, final, n) for n in names])
+        for name, meta in zip(names, metas, strict=True):
+            size = -1 if meta is None else int(meta["size"])
             if size != files[name].size:
                 state = "is missing" if size < 0 else f"has {size} bytes, not {files[name].size}"
                 raise CheckpointWriteError(
@@ -239,10 +225,10 @@ class S3Storage:
         with self._lock:
             self._manifests.pop(staging, None)
         try:
-            names = [o for o, _meta in self._objects(final) if f".{token}." in o]
+            names = [o for o, _meta in s3_objects.listing(final) if s3_objects.token_of(o) == token]
         except CheckpointError:
             names = []
-        self._delete(final, [*names, MARKER_PREFIX + token], quiet=True)
+        s3_objects.delete(final, [*names, MARKER_PREFIX + token], quiet=True)
 
     # -- reading ------------------------------------------------------------------------
     def open(self, location: Location) -> Generation:
@@ -251,27 +237,27 @@ class S3Storage:
     # -- namespace ----------------------------------------------------------------------
     def exists(self, location: Location) -> bool:
         location = _location(location)
-        if location.key and self._head(location.parent, location.name) is not None:
+        if location.key and s3_objects.head(location.parent, location.name) is not None:
             return True
-        listed = self._list(location)
+        listed = s3_objects.list_dir(location)
         return bool(listed["objects"] or listed["common_prefixes"])
 
     def is_committed(self, location: Location) -> bool:
         location = _location(location)
         if not location.key or layout.is_hidden(location.name):
             return False
-        return self._head(location, layout.MANIFEST_NAME) is not None
+        return s3_objects.head(location, layout.MANIFEST_NAME) is not None
 
     def entries(self, location: Location) -> list[Listed]:
         location = _location(location)
-        listed = self._list(location)
+        listed = s3_objects.list_dir(location)
         found = [Listed(p.rsplit("/", 1)[-1], True) for p in listed["common_prefixes"]]
         found += [Listed(o["path"].rsplit("/", 1)[-1], False) for o in listed["objects"]]
         return sorted(found, key=lambda e: e.name)
 
     def read_head(self, location: Location, size: int) -> bytes:
         location = _location(location)
-        meta = self._head(location.parent, location.name) if location.key else None
+        meta = s3_objects.head(location.parent, location.name) if location.key else None
         if meta is None:
             raise CheckpointNotFoundError(f"{location}: no such object")
         return s3_read.read_range(location, 0, min(size, int(meta["size"])))
@@ -280,11 +266,11 @@ class S3Storage:
         location = _location(location)
         if not self.is_committed(location):
             raise CheckpointNotFoundError(f"{location}: no checkpoint to remove (no {layout.MANIFEST_NAME})")
-        files = self._listed_files(location) or set()  # one that does not parse: left to the sweep
+        files = s3_objects.listed_files(location) or set()  # one that does not parse: left to the sweep
         # The manifest first: from then on no reader sees a checkpoint here, whatever is left.
-        self._delete(location, [layout.MANIFEST_NAME])
-        self._delete(location, sorted(files), quiet=True)
-        self._sweep(location, self.sweep_grace_s)
+        s3_objects.delete(location, [layout.MANIFEST_NAME])
+        s3_objects.delete(location, sorted(files), quiet=True)
+        s3_sweep.sweep(location, self.sweep_grace_s)
 
     def remove_leftovers(self, parent: Location, *, grace_s: float | None = None) -> list[Location]:
         """Delete the data objects and markers of dead saves in every checkpoint prefix
@@ -294,89 +280,9 @@ class S3Storage:
         parent = _location(parent)
         grace = self.sweep_grace_s if grace_s is None else grace_s
         removed: list[Location] = []
-        for prefix in self._list(parent)["common_prefixes"]:
-            removed += self._sweep(parent / prefix.rsplit("/", 1)[-1], grace)
+        for prefix in s3_objects.list_dir(parent)["common_prefixes"]:
+            removed += s3_sweep.sweep(parent / prefix.rsplit("/", 1)[-1], grace)
         return removed
-
-    def _sweep(self, prefix: ObjectLocation, grace: float) -> list[Location]:
-        # Listed before the manifest is read: a save that commits in between had its marker
-        # listed (so its objects are kept) or is in the manifest read afterwards.
-        objects = self._objects(prefix)
-        markers = {
-            name[len(MARKER_PREFIX) :]: meta["last_modified"]
-            for name, meta in objects
-            if name.startswith(MARKER_PREFIX)
-        }
-        if layout.MANIFEST_NAME in {name for name, _ in objects}:
-            referenced = self._listed_files(prefix)
-            if referenced is None:
-                return []  # a manifest that does not parse: nothing is judged unreferenced
-        else:
-            referenced = set()
-        now = datetime.now(timezone.utc)
-
-        def dead(token: str) -> bool:
-            started = markers.get(token)
-            return started is None or (now - started).total_seconds() >= grace
-
-        doomed = []
-        for name, _meta in objects:
-            found = _DATA_TOKEN.search(name)
-            if found is not None and name not in referenced and dead(found.group(1)):
-                doomed.append(name)
-        doomed += [MARKER_PREFIX + t for t in sorted(markers) if dead(t)]
-        self._delete(prefix, doomed)
-        return [prefix / name for name in doomed]
-
-    # -- helpers ------------------------------------------------------------------------
-    def _listed_files(self, location: ObjectLocation) -> set[str] | None:
-        """The data files the manifest at ``location`` lists; None if there is no manifest or
-        it does not parse."""
-        try:
-            data, _etag = s3_read.get_manifest(location)
-        except CheckpointNotFoundError:
-            return None
-        try:
-            return set(Manifest.parse(data, str(location / layout.MANIFEST_NAME)).files)
-        except CheckpointError:
-            return None
-
-    def _put(self, final: ObjectLocation, name: str, data: bytes, doing: str) -> None:
-        obstore = s3_client.obstore_module()
-        try:
-            obstore.put(s3_client.store(final.bucket), final.object_key(name), data, use_multipart=False)
-        except Exception as exc:
-            raise s3_client.failure(exc, final / name, doing, write=True) from exc
-
-    def _head(self, location: ObjectLocation, name: str) -> dict[str, Any] | None:
-        obstore = s3_client.obstore_module()
-        try:
-            return dict(obstore.head(s3_client.store(location.bucket), location.object_key(name)))
-        except Exception as exc:
-            if s3_client.is_not_found(exc):
-                return None
-            raise s3_client.failure(exc, location / name, "reading") from exc
-
-    def _list(self, location: ObjectLocation) -> dict[str, Any]:
-        obstore = s3_client.obstore_module()
-        try:
-            return dict(obstore.list_with_delimiter(s3_client.store(location.bucket), location.key or None))
-        except Exception as exc:
-            raise s3_client.failure(exc, location, "listing") from exc
-
-    def _objects(self, location: ObjectLocation) -> list[tuple[str, dict[str, Any]]]:
-        """(name, metadata) of the objects directly under ``location``."""
-        return [(o["path"].rsplit("/", 1)[-1], o) for o in self._list(location)["objects"]]
-
-    def _delete(self, location: ObjectLocation, names: Sequence[str], *, quiet: bool = False) -> None:
-        if not names:
-            return
-        obstore = s3_client.obstore_module()
-        try:
-            obstore.delete(s3_client.store(location.bucket), [location.object_key(n) for n in names])
-        except Exception as exc:
-            if not quiet:
-                raise s3_client.failure(exc, location, "deleting", write=True) from exc
 
 
 def _staging(staging: str) -> tuple[ObjectLocation, str]:
@@ -386,7 +292,7 @@ def _staging(staging: str) -> tuple[ObjectLocation, str]:
         final, token = parse_location(doc["url"]), doc["token"]
     except (ValueError, KeyError, TypeError):
         raise CheckpointWriteError(f"{staging!r} is not a staging area of the S3 backend") from None
-    if not isinstance(final, ObjectLocation) or not isinstance(token, str) or not _TOKEN.fullmatch(token):
+    if not isinstance(final, ObjectLocation) or not isinstance(token, str) or not TOKEN.fullmatch(token):
         raise CheckpointWriteError(f"{staging!r} is not a staging area of the S3 backend")
     return final, token
 
