@@ -5,7 +5,8 @@ The state: ``--mib`` MiB of float32 DTensors sharded on dim 0 over all ranks (th
 layout), plus ``--replicated-mib`` MiB of plain tensors held by every rank (DDP-style,
 replicated). Each measurement is the slowest rank's time between two barriers; saves go to
 fresh directories and include fsync (DCP's FileSystemWriter fsyncs by default). Loads read
-into existing DTensors (ckptproto.load_into, dcp.load). Best of ``--repeat``.
+into existing DTensors (ckptproto.load_into, dcp.load). Best and median of ``--repeat``
+(the two libraries alternate which goes first); on a shared machine compare the ratios.
 
     python benchmarks/bench_distributed.py --ranks 2 4 --mib 64 --dir /tmp
 """
@@ -18,6 +19,7 @@ import multiprocessing
 import os
 import shutil
 import socket
+import statistics
 import tempfile
 import time
 from datetime import timedelta
@@ -107,7 +109,8 @@ def _rank(rank: int, world: int, port: int, args: dict[str, Any], out: str) -> N
             for key, value in state["replicated"].items():
                 assert torch.equal(t["replicated"][key], value), (name, key)
     if rank == 0:
-        result = {k: min(v) for k, v in times.items()}
+        result: dict[str, Any] = {k: min(v) for k, v in times.items()}
+        result.update({f"{k}_median": statistics.median(v) for k, v in times.items()})
         result["ours_bytes"] = _dir_bytes(root / f"ours-{world}-0")
         result["dcp_bytes"] = _dir_bytes(root / f"dcp-{world}-0")
         Path(out).write_text(json.dumps(result))
@@ -142,16 +145,23 @@ def main() -> None:
     args = {"mib": ns.mib, "replicated_mib": ns.replicated_mib, "repeat": ns.repeat, "root": str(root)}
     print(
         f"state: {ns.mib:g} MiB sharded (16 DTensors, Shard(0)) + {ns.replicated_mib:g} MiB replicated "
-        f"(4 plain tensors on every rank); best of {ns.repeat}; in {root}"
+        f"(4 plain tensors on every rank); best and median of {ns.repeat}; in {root}"
     )
-    header = f"{'ranks':>5} {'op':>5} {'ckptproto s':>12} {'DCP s':>8} {'DCP/ours':>9}"
+    header = (
+        f"{'ranks':>5} {'op':>5} {'ckptproto s':>12} {'DCP s':>8} {'DCP/ours':>9}"
+        f" {'median: ckptproto s':>20} {'DCP s':>8} {'DCP/ours':>9}"
+    )
     try:
         for world in ns.ranks:
             r = run(world, args)
             print(header)
             for op in ("save", "load"):
                 ours, theirs = r[f"ours_{op}"], r[f"dcp_{op}"]
-                print(f"{world:>5} {op:>5} {ours:>12.3f} {theirs:>8.3f} {theirs / ours:>9.2f}")
+                mine, other = r[f"ours_{op}_median"], r[f"dcp_{op}_median"]
+                print(
+                    f"{world:>5} {op:>5} {ours:>12.3f} {theirs:>8.3f} {theirs / ours:>9.2f}"
+                    f" {mine:>20.3f} {other:>8.3f} {other / mine:>9.2f}"
+                )
             print(
                 f"{world:>5} bytes written: ckptproto {r['ours_bytes']:,}  DCP {r['dcp_bytes']:,}  "
                 f"(DCP/ours {r['dcp_bytes'] / r['ours_bytes']:.3f})"

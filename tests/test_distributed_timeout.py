@@ -82,3 +82,49 @@ def test_a_bad_timeout_is_refused(tmp_path: Path, bad: Any) -> None:
     with pytest.raises(ValueError, match="timeout"):
         ckptproto.AsyncSaver(timeout=bad)
     assert not (tmp_path / "c").exists()
+
+
+def scenario_rank_hangs(rank: int, world: int, tmp: Path) -> dict[str, Any]:
+    import torch.distributed as dist
+
+    groups = {call: dist.new_group(backend="gloo") for call in ("save", "load")}
+    state = {"w": torch.arange(8.0), "step": 1}
+    ckptproto.save(state, tmp / "good")
+    if rank == 2:  # never joins; lingers until the others are done
+        deadline = time.monotonic() + 120
+        while len(list(tmp.glob("done-*"))) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return {"teardown": False}
+    calls = {
+        "save": lambda g: ckptproto.save(state, tmp / "next", process_group=g, timeout=SHORT),
+        "load": lambda g: ckptproto.load(tmp / "good", process_group=g, timeout=SHORT),
+    }
+    results = {}
+    try:
+        for call, fn in calls.items():
+            try:
+                fn(groups[call])
+            except ckptproto.DistributedCheckpointError as exc:
+                results[call] = {"error": str(exc), "failed": exc.failed_ranks}
+            else:
+                raise AssertionError(f"{call} should have failed: rank 2 never came")
+    finally:
+        (tmp / f"done-{rank}").touch()
+    return {"teardown": False, "results": results}
+
+
+def test_a_rank_that_hangs_is_named_by_rank_0_and_blamed_on_nobody_else(tmp_path: Path) -> None:
+    # Rank 1 answers at once and waits for rank 0's outcome while rank 0 waits out the
+    # timeout for rank 2. A timeout makes gloo close all of rank 0's connections, so rank 1
+    # learns only that the group broke: it must not blame rank 0 (which did answer in time).
+    results = run_ranks(scenario_rank_hangs, 3, tmp_path, timeout=240)
+    for call, result in results[0]["results"].items():
+        assert result["failed"] == {"2": "did not answer"}, (call, result)
+        assert f"rank 2 did not answer within {SHORT:g} s" in result["error"], (call, result)
+    for call, result in results[1]["results"].items():
+        assert result["failed"] == {}, (call, result)
+        assert "the group broke" in result["error"] and "rank 0's error names it" in result["error"], (
+            call,
+            result,
+        )
+    assert not (tmp_path / "next").exists()

@@ -3,6 +3,7 @@ box of a tensor stored as many chunks (the resharding read path)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -110,3 +111,51 @@ def test_plan_box_into_scalar(tmp_path: Path) -> None:
         # The read covers the whole data file, so its checksum came for free.
         assert readplan.execute(ckpt, plan, verify=True, partial="skip") == {layout.data_file_name(0)}
         assert value == 2.5
+
+
+@pytest.mark.parametrize("extra", [-9, -8, -1, 0, 1, 100_000])
+def test_a_message_of_any_size_arrives_whole(extra: int) -> None:
+    pytest.importorskip("torch")
+    # The payload's pickle ends just before, at and after the end of the first slot.
+    base = len(json.dumps({"x": ""}, separators=(",", ":")))
+    size = max(0, coordinate._SLOT - coordinate._LENGTH - base + extra)
+    payload = {"x": "y" * size}
+    parts = coordinate._pack(payload)
+    assert len(parts[0]) == coordinate._SLOT
+    rest = coordinate._rest(parts[0])
+    assert (rest is None) == (len(parts) == 1)
+    if rest is not None:
+        assert len(rest) == len(parts[1])
+        rest.copy_(parts[1])
+    assert coordinate._unpack(parts[0], rest) == payload
+
+
+def test_a_verdict_names_every_failed_rank_once() -> None:
+    answers = [
+        {"ok": True},
+        {"ok": False, "error": "did not answer", "gone": "Connection closed by peer"},
+        {"ok": False, "error": "OSError: disk full"},
+        {"ok": False, "error": "state differs from rank 0's", "detail": "its state holds other tensors"},
+        {"ok": False, "error": "OSError: disk full"},
+    ]
+    outcome = coordinate.Solo().verdict(answers, "saving c", "; nothing was committed")
+    assert outcome is not None and not outcome["ok"]
+    assert outcome["failed"] == {r: a["error"] for r, a in enumerate(answers) if r}
+    assert outcome["error"] == (
+        "saving c: rank 1 did not answer within 1800 s: Connection closed by peer; failed on rank "
+        "2, 3, 4; nothing was committed (rank 2, 4: OSError: disk full; rank 3: its state holds "
+        "other tensors)"
+    )
+    assert coordinate.Solo().verdict([{"ok": True}], "saving c") is None
+
+
+def test_messages_are_json_and_refuse_what_json_cannot_carry() -> None:
+    torch = pytest.importorskip("torch")
+    # A metric tensor travels as its number; tuples arrive as lists; an object is refused
+    # here, on the sending rank, rather than pickled.
+    payload = {"score": torch.tensor(0.25), "pair": (True, "x"), "n": np.float32(2.0).item()}
+    parts = coordinate._pack(payload)
+    assert bytes(parts[0][coordinate._LENGTH :].numpy()).startswith(b"{")
+    assert coordinate._unpack(parts[0], None) == {"score": 0.25, "pair": [True, "x"], "n": 2.0}
+    with pytest.raises(TypeError, match="cannot travel between ranks"):
+        coordinate._pack({"value": object()})

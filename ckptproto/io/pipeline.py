@@ -7,14 +7,18 @@ world of one; ``Group``: the ranks of a torch.distributed group) and different b
     info = save({"models": {"model": model}}, "checkpoints/checkpoint_step_100")
 
 1. prepare (:mod:`ckptproto.io.prepare`): every rank checks and encodes its state and plans its
-   share. Rank 0 creates the hidden temporary directory (``commit.begin``). One exchange: the
-   directory name, every rank's status, and a digest of every rank's tensor layout (paths,
-   dtypes, global shapes), which must agree.
+   share. Rank 0 creates the hidden temporary directory (``commit.begin``) and sends every
+   rank its name, its status and a digest of its tensor layout (paths, dtypes, global shapes)
+   and path, which each rank compares with its own before writing.
 2. write: every rank writes its own data file (``data-{rank}-000.safetensors``) into that
-   directory and fsyncs it.
-3. commit: a second exchange carries each rank's file entry and chunks to rank 0, which builds
-   the manifest, parses it back (the checks every reader applies: overlapping shards, holes),
-   writes it last and commits (atomic rename + fsync); a third tells every rank the outcome.
+   directory and fsyncs it (rank 0 without waiting for the others to take its message).
+3. commit: each rank sends rank 0 its status, file entry and chunks; if every rank succeeded,
+   rank 0 builds the manifest, parses it back (the checks every reader applies: overlapping
+   shards, holes), writes it last and commits (atomic rename + fsync). Rank 0 sends every
+   rank the outcome.
+
+Three one-way messages in all (``Coordinator.share``, ``collect``, ``share``), whatever failed
+where: every rank takes every step, so every rank raises the same error.
 
 If any rank fails, nothing is committed, rank 0 removes the temporary directory, and the error
 is raised on every rank (under torch.distributed as DistributedCheckpointError naming the
@@ -111,80 +115,112 @@ def run(
     bytes of ``job.pieces[i]`` (live tensors, or staged copies for an async save). ``failed``:
     this rank already failed (``job`` is then None) and reports it to the others. Every byte
     goes through ``storage`` (by default the backend :func:`~ckptproto.io.storage.resolve`
-    gives ``final``)."""
+    gives ``final``).
+
+    Three messages, all through rank 0, whatever failed where (so every rank takes every
+    step and raises the same error): rank 0's temporary directory to every rank (rank 0
+    writes meanwhile), every rank's file to rank 0, and rank 0's outcome to every rank."""
     where = f"saving {final}"
     if storage is None:
         storage, final = resolve(final)
     temp: str | None = None
     local = failed
-    mine: dict[str, Any] = failure(failed) if failed is not None else {}
-    if failed is None:
-        try:
-            if coord.rank == 0:
-                temp = storage.begin(final, overwrite=overwrite)
-            assert job is not None
-            mine = {
-                "ok": True,
-                "digest": job.digest,
-                "temp": str(temp),
-                "path": os.path.abspath(final) if isinstance(final, Path) else str(final),
-                "replicas": job.replicas,
-            }
-        except Exception as exc:
-            local, mine = exc, failure(exc)
-    try:
-        answers = coord.exchange(mine, where)
-        coord.settle(answers, where, local, _NOT_COMMITTED)
-        _check_same_save(answers, where)
-        assert job is not None
-        if coord.rank == 0 and coord.size > 1:
-            warn_if_replicas_differ(final, job, answers, coord.size)
-        temp = answers[0]["temp"]
-        try:
-            mine = {"ok": True, **_write_share(storage, temp, job, sources, coord.rank)}
-        except Exception as exc:
-            local, mine = exc, failure(exc)
-        answers = coord.exchange(mine, where)
-        coord.settle(answers, where, local, _NOT_COMMITTED)
-        if coord.rank == 0:
+    head: dict[str, Any] | None = None
+    if coord.rank == 0:
+        head = failure(failed) if failed is not None else None
+        if failed is None:
             try:
-                manifest = _commit(
-                    storage, final, temp, job.encoded, metadata_tree, answers, coord.size, overwrite=overwrite
-                )
-                mine = {"ok": True, "manifest": _summary(manifest)}
+                temp = storage.begin(final, overwrite=overwrite)
+                assert job is not None
+                head = {"ok": True, "temp": temp, "digest": job.digest, "path": _where(final)}
+            except Exception as exc:
+                local, head = exc, failure(exc)
+    try:
+        head = coord.share(head, where, wait=False)
+        if local is None and head["ok"] and coord.size > 1:
+            assert job is not None
+            local = _differs(head, job.digest, _where(final))
+        mine: dict[str, Any] = {"ok": True}  # rank 0 failed: nothing to write, nothing to say
+        if local is not None:
+            mine = failure(local, reason=local.reason if isinstance(local, _NotTheSameSave) else None)
+        elif head["ok"]:
+            assert job is not None
+            try:
+                mine = {
+                    "ok": True,
+                    "replicas": job.replicas,
+                    **_write_share(storage, head["temp"], job, sources, coord.rank),
+                }
             except Exception as exc:
                 local, mine = exc, failure(exc)
+        answers = coord.collect(mine, where)
+        outcome: dict[str, Any] | None = None
+        if coord.rank == 0:
+            assert job is not None or local is not None
+            outcome = coord.verdict(answers, where, _NOT_COMMITTED)
+            if outcome is None:
+                assert job is not None and temp is not None
+                if coord.size > 1:
+                    for answer in answers:  # tensor indices: JSON made them strings
+                        answer["replicas"] = {int(i): crc for i, crc in answer["replicas"].items()}
+                    warn_if_replicas_differ(final, job, answers, coord.size)
+                try:
+                    manifest = _commit(
+                        storage,
+                        final,
+                        temp,
+                        job.encoded,
+                        metadata_tree,
+                        answers,
+                        coord.size,
+                        overwrite=overwrite,
+                    )
+                    outcome = {"ok": True, "manifest": _summary(manifest)}
+                except Exception as exc:
+                    local = exc
+                    storage.abort(temp)
+                    outcome = coord.verdict([failure(exc), *answers[1:]], where, _NOT_COMMITTED)
+            elif temp is not None:
                 storage.abort(temp)
             temp = None
-        else:
-            mine = {"ok": True}
-        answers = coord.exchange(mine, where)
-        coord.settle(answers, where, local, _NOT_COMMITTED)
+        outcome = coord.share(outcome, where)
+        if not outcome["ok"]:
+            coord.conclude(outcome, local)
     except BaseException:
         if temp is not None and coord.rank == 0:
             storage.abort(temp)
         raise
-    manifest = _from_summary(answers[0]["manifest"])
+    manifest = _from_summary(outcome["manifest"])
     return CheckpointInfo.from_manifest(final, manifest, decode_metadata(manifest, final))
 
 
-def _check_same_save(answers: list[dict[str, Any]], where: str) -> None:
-    """Every rank saves the same layout to the same path (always true in a world of one)."""
-    differ = [r for r, a in enumerate(answers) if a["digest"] != answers[0]["digest"]]
-    if differ:
-        raise DistributedCheckpointError(
-            f"{where}: the state of rank {', '.join(map(str, differ))} holds different tensors "
-            "(paths, dtypes or global shapes) than rank 0's; every rank must save the same state",
-            failed_ranks={r: "state differs from rank 0's" for r in differ},
+def _where(final: Location) -> str:
+    return os.path.abspath(final) if isinstance(final, Path) else str(final)
+
+
+class _NotTheSameSave(DistributedCheckpointError):
+    """This rank saves another layout, or to another path, than rank 0 (``reason``: what
+    ``failed_ranks`` says of it)."""
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+def _differs(head: dict[str, Any], digest: str, path: str) -> _NotTheSameSave | None:
+    """Why this rank's save is not the one rank 0 (``head``) makes: another layout or path."""
+    if digest != head["digest"]:
+        return _NotTheSameSave(
+            "its state holds different tensors (paths, dtypes or global shapes) than rank 0's; "
+            "every rank must save the same state",
+            "state differs from rank 0's",
         )
-    elsewhere = [r for r, a in enumerate(answers) if a["path"] != answers[0]["path"]]
-    if elsewhere:
-        raise DistributedCheckpointError(
-            f"{where}: rank {', '.join(map(str, elsewhere))} saves to "
-            f"{answers[elsewhere[0]]['path']}, rank 0 to {answers[0]['path']}; every rank "
-            "must pass the same path",
-            failed_ranks={r: f"saves to {answers[r]['path']}" for r in elsewhere},
+    if path != head["path"]:
+        return _NotTheSameSave(
+            f"it saves to {path}, rank 0 to {head['path']}; every rank must pass the same path",
+            f"saves to {path}",
         )
+    return None
 
 
 def _write_share(
