@@ -30,8 +30,8 @@ def _control() -> Any:
 
 
 def gather(value: T, what: str) -> list[T]:
-    """Every rank's ``value`` (a plain, picklable Python value), in rank order, on every rank.
-    A collective: every rank calls it at the same point."""
+    """Every rank's ``value`` (a plain JSON value: the ranks exchange JSON, so a tuple comes
+    back as a list), in rank order, on every rank. Every rank calls it at the same point."""
     control = _control()
     if control is None:
         return [value]
