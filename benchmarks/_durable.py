@@ -34,3 +34,29 @@ def safetensors_save_durable(state: dict[str, Any], path: Path) -> None:
 
     save_file(state, str(path))
     fsync_tree(path)
+
+
+def raw_write_durable(state: dict[str, Any], path: Path) -> None:
+    """The floor a durable save is measured against (``dd`` + ``fsync``): the same tensor bytes
+    written one after another into one file with plain ``write`` calls, no header, no
+    checksum, then the file and its directory fsynced."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        for tensor in state.values():
+            view = memoryview(tensor.detach().contiguous().numpy()).cast("B")
+            while view:
+                view = view[os.write(fd, view) :]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    fsync_tree(path)
+
+
+def raw_read(path: Path) -> Any:
+    """The floor a full load is measured against: the file's bytes read into one new buffer."""
+    size = path.stat().st_size
+    buffer = bytearray(size)
+    with open(path, "rb", buffering=0) as f:
+        got = f.readinto(buffer)
+    assert got == size
+    return buffer
