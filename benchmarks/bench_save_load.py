@@ -3,7 +3,8 @@
     python benchmarks/bench_save_load.py                 # ~1 GiB in 100 tensors + 10,000 small
     python benchmarks/bench_save_load.py --size-mb 256 --repeat 5 --dir /dev/shm
 
-Each method is timed in the same run, interleaved round by round; the table prints the median
+Each method is timed in the same run, interleaved round by round (one method saves, loads and
+deletes its files before the next saves: the same page cache for all); the table prints the median
 and the ratio to ckptproto (>1 means ckptproto is faster). "Durable" means the data is fsynced
 before the clock stops. "Full load" means every page of every tensor is touched; "x torch" is
 the load time over torch.load's ("ckpt into" is load_into, "ckpt noverif" load(verify=False);
@@ -132,14 +133,14 @@ def run_case(name: str, state: dict[str, torch.Tensor], root: Path, repeat: int,
     loads: dict[str, list[float]] = {m: [] for m in table}
     for r in range(repeat):
         order = list(table)[r % len(table) :] + list(table)[: r % len(table)]  # rotate: fair order
+        # One method at a time, its files deleted before the next one saves: every save starts
+        # with the same page cache and no other method's writeback in flight (fairness).
         for m in order:
             path = root / f"{name}-{m}-{r}"
-            os.sync()  # start each save with no earlier writeback in flight (fairness)
+            os.sync()
             t0 = time.perf_counter()
             table[m][0](path)
             saves[m].append(time.perf_counter() - t0)
-        for m in order:
-            path = root / f"{name}-{m}-{r}"
             if drop:
                 drop_caches()
             else:
