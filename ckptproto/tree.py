@@ -281,6 +281,69 @@ def check_tree(node: Any, resolve: Callable[[str, int, str], Any], *, where: str
     return not tag.startswith("$") or tag in ("$dict", "$odict")
 
 
+def quick_refs(node: Any, *, where: str = "manifest") -> tuple[list[int], list[int]] | None:
+    """The tensor references of an encoded tree whose root is a plain object, as two lists of
+    indices (``$torch``, ``$numpy``), when the tree passes every check of :func:`check_tree`;
+    None when it does not, or when this quick walk cannot vouch for it (then check_tree, which
+    builds the paths and messages, tells what is wrong)::
+
+        quick_refs({"w": {"$torch": 0}, "step": 3})  # ([0], [])
+
+    The common nodes (plain objects, lists, scalars, ``{"$torch": i}``) are checked inline
+    without a path per node; any other tagged value is checked by the decoder itself."""
+    if type(node) is not dict or (node and next(iter(node)).startswith("$")):
+        return None
+    torch_refs: list[int] = []
+    numpy_refs: list[int] = []
+
+    def collect(kind: str, index: int, path: str) -> None:
+        (torch_refs if kind == "torch" else numpy_refs).append(index)
+
+    decoder = _Decoder(collect, where, build=False)
+    try:
+        if not _vouch(node.values(), torch_refs, decoder, 1):
+            return None
+    except CheckpointFormatError:
+        return None
+    return torch_refs, numpy_refs
+
+
+_SCALARS = frozenset({str, int, float, bool, type(None)})
+# Conservative: a node this deep is left to the decoder, which applies MAX_DEPTH exactly.
+_QUICK_DEPTH = MAX_DEPTH - 4
+
+
+def _vouch(children: Any, torch_refs: list[int], decoder: _Decoder, depth: int) -> bool:
+    """Whether every node of ``children`` (at ``depth``) decodes; appends $torch references."""
+    if depth >= _QUICK_DEPTH:
+        return False
+    append = torch_refs.append
+    scalars = _SCALARS
+    for v in children:
+        kind = type(v)
+        if kind is dict:
+            if len(v) == 1 and "$torch" in v:
+                index = v["$torch"]
+                if type(index) is not int or index < 0:
+                    return False
+                append(index)
+                continue
+            if v and next(iter(v)).startswith("$"):
+                decoder.decode(v, None, depth)  # other tags: the decoder itself (raises if bad)
+                continue
+            for k in v:
+                if k.startswith("$"):
+                    return False  # plain keys mixed with "$" keys
+            if not _vouch(v.values(), torch_refs, decoder, depth + 1):
+                return False
+        elif kind is list:
+            if not _vouch(v, torch_refs, decoder, depth + 1):
+                return False
+        elif kind not in scalars:
+            return False
+    return True
+
+
 # A state path is built only when a message or a resolve() call needs it: ``(parent, key)``
 # links (None at the root), not a string per node (millions of them for a large state).
 _Chain = tuple[Any, Any] | None
