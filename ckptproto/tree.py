@@ -81,7 +81,7 @@ def int_text(value: int) -> str:
     return _decimal_text(value)
 
 
-@dataclass
+@dataclass(slots=True)
 class TensorLeaf:
     """One distinct tensor/array of a state (tied tensors appear once)."""
 

@@ -121,8 +121,9 @@ class Manifest:
         }
         # The tensor table is written as text directly: the same bytes json.dumps gives for it
         # (tests/test_many_tensors.py compares them), without a dict and three lists per tensor.
-        parts = [_dumps(head)[:-1], ',"tensors":[']
-        ints: dict[tuple[int, ...], str] = {}  # shapes and offsets repeat: each written once
+        # Everything of a one-chunk entry but its key repeats from entry to entry: each
+        # distinct (dtype, shape, file, offsets, chunk shape) is written once.
+        ints: dict[tuple[int, ...], str] = {}
 
         def _ints(values: tuple[int, ...]) -> str:
             text = ints.get(values)
@@ -136,12 +137,28 @@ class Manifest:
                 f'"shape":[{_ints(c.shape)}]}}'
             )
 
-        for i, t in enumerate(self.tensors):
+        table: list[str] = []
+        append = table.append
+        around: dict[tuple[Any, ...], tuple[str, str]] = {}
+        for t in self.tensors:
             cs = t.chunks
-            chunks = _chunk(cs[0]) if len(cs) == 1 else ",".join(map(_chunk, cs))
-            parts.append(
-                f'{"," if i else ""}{{"dtype":{_text(t.dtype.name)},"shape":[{_ints(t.shape)}],"chunks":[{chunks}]}}'
-            )
+            if len(cs) == 1:
+                c = cs[0]
+                shared = (t.dtype.name, t.shape, c.file, c.offsets, c.shape)
+                text = around.get(shared)
+                if text is None:
+                    text = around[shared] = (
+                        f'{{"dtype":{_text(t.dtype.name)},"shape":[{_ints(t.shape)}],"chunks":[{{"file":'
+                        f'{_text(c.file)},"key":',
+                        f',"offsets":[{_ints(c.offsets)}],"shape":[{_ints(c.shape)}]}}]}}',
+                    )
+                append(text[0] + _text(c.key) + text[1])
+            else:
+                append(
+                    f'{{"dtype":{_text(t.dtype.name)},"shape":[{_ints(t.shape)}],'
+                    f'"chunks":[{",".join(map(_chunk, cs))}]}}'
+                )
+        parts = [_dumps(head)[:-1], ',"tensors":[', ",".join(table)]
         parts += ['],"state":', _dumps(self.state), "}"]
         body = "".join(parts).encode()
         return _CHECKSUM_PREFIX + b"%08x" % zlib.crc32(body) + b'",' + body[1:]
@@ -211,6 +228,7 @@ def _parse_tensors(docs: list[Any], files: dict[str, FileEntry], where: str) -> 
     pairs: set[tuple[str, str]] = set()
     add_pair = pairs.add
     nchunks = 0
+    new = tuple.__new__  # a named tuple's own __new__ is a Python call around this
     for index, doc in enumerate(docs):
         if type(doc) is dict:
             name, dims, chunks_doc = doc.get("dtype"), doc.get("shape"), doc.get("chunks")
@@ -256,7 +274,8 @@ def _parse_tensors(docs: list[Any], files: dict[str, FileEntry], where: str) -> 
                                     known = shapes[shape] = (shape, (0,) * len(shape), span)
                                 if known[2] * dtype.itemsize <= MAX_EXTENT:
                                     shape = known[0]
-                                    append(TensorEntry(dtype, shape, (Chunk(file, key, known[1], shape),)))
+                                    chunk = new(Chunk, (file, key, known[1], shape))
+                                    append(new(TensorEntry, (dtype, shape, (chunk,))))
                                     add_pair((file, key))
                                     nchunks += 1
                                     continue
