@@ -27,7 +27,7 @@ import pytest
 
 import ckptproto
 from ckptproto.format import layout
-from ckptproto.io import commit
+from ckptproto.io import commit, sweep
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _crash_worker import CALLBACK_RE, STEP_RE, committed_steps, state_for
@@ -222,13 +222,13 @@ def check_lane(lane: Path, progress: Path, mode: str, seed: int, stats: Counter[
 def _why_kept(path: Path) -> dict[str, Any]:
     """What cleanup saw of a leftover it kept (for the failure message)."""
     info = layout.parse_leftover(path.name)
-    fd = commit._try_lock(path)
+    fd = sweep.try_lock(path)
     if fd is not None and fd >= 0:
         os.close(fd)
     return {
         "locked by another process": fd is None,
         "marked": (path / commit.LOCKED_MARKER).exists(),
-        "pid alive": info is not None and commit._pid_alive(info),
+        "pid alive": info is not None and sweep.pid_alive(info),
         "contents": sorted(os.listdir(path)) if path.is_dir() else None,
     }
 

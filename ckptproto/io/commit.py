@@ -4,8 +4,10 @@ Files are written into a hidden temporary sibling directory (``layout.temp_name`
 its writer), fsynced, the manifest last; then the directory is renamed into place (without
 ``overwrite``, a no-replace rename) and the parent fsynced. Until that rename nothing at the
 final path changes, so a crash leaves either the old state or the new one, plus a hidden
-leftover that readers ignore and :func:`remove_leftovers` (run by every ``begin``) deletes
-once its writer process is gone.
+leftover that readers ignore and :func:`~ckptproto.io.sweep.remove_leftovers` (run by every
+``begin``) deletes once its writer process is gone. The atomic-rename primitives for other
+directories and files (:func:`place_dir`, :func:`place_file`) and the deletion of a committed
+checkpoint (:func:`hide`, :func:`discard`) live here too: they are the same renames.
 """
 
 from __future__ import annotations
@@ -14,35 +16,34 @@ import contextlib
 import ctypes
 import ctypes.util
 import errno
-import fcntl
 import functools
 import os
 import shutil
-import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from ckptproto.errors import CheckpointError, CheckpointExistsError, CheckpointWriteError
+from ckptproto.errors import CheckpointExistsError, CheckpointWriteError
 from ckptproto.format import layout
-from ckptproto.format.manifest import MAX_MANIFEST_BYTES, Manifest
+from ckptproto.io.dirs import fsync_dir, is_committed
+from ckptproto.io.sweep import LOCKED_MARKER, hold, locked_while, release, remove_leftovers
+
+__all__ = [
+    "LOCKED_MARKER",
+    "abort",
+    "begin",
+    "discard",
+    "finish",
+    "fsync_dir",
+    "hide",
+    "is_committed",
+    "place_dir",
+    "place_file",
+    "remove_leftovers",
+]
 
 _RENAME_NOREPLACE = 1
 _RENAME_EXCHANGE = 2
 _AT_FDCWD = -100
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def is_committed(path: Path) -> bool:
-    """A directory is a checkpoint only once its manifest is there under a non-hidden name."""
-    return not layout.is_hidden(path.name) and (path / layout.MANIFEST_NAME).is_file()
 
 
 def begin(final: Path, *, overwrite: bool) -> Path:
@@ -69,84 +70,11 @@ def begin(final: Path, *, overwrite: bool) -> Path:
         for _attempt in range(8):
             temp = final.parent / layout.temp_name(final.name)
             temp.mkdir()
-            if _hold(temp):
+            if hold(temp):
                 return temp
         raise OSError(errno.EAGAIN, "every new temporary directory was removed at once by another process")
     except OSError as exc:
         raise CheckpointWriteError(f"cannot create a checkpoint under {final.parent}: {exc}") from exc
-
-
-# The liveness of a save: its writer holds an exclusive advisory lock (flock) on its temporary
-# directory from creation to commit or abort. The kernel drops it when the process dies, so a
-# cleanup in another PID namespace (a container on the same host name, where the writer's pid
-# means nothing) still sees the save as alive.
-_held: dict[str, int] = {}
-_held_guard = threading.Lock()
-# Created in a temporary directory once its writer holds the lock (removed just before the
-# commit): a leftover holding it was written by a locking writer, so on this host a free lock
-# alone says that writer is gone, even if its pid number now belongs to another process.
-LOCKED_MARKER = ".ckptproto-writer-locks"
-_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC | getattr(os, "O_NOFOLLOW", 0)
-
-
-def _try_lock(path: Path) -> int | None:
-    """A descriptor of ``path`` holding its exclusive flock; None if another process holds
-    it; -1 if the lock cannot be taken here (no such directory, or no flock on this file
-    system: liveness then falls back to the pid)."""
-    try:
-        fd = os.open(path, _DIR_FLAGS)
-    except OSError:
-        return -1
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        return None
-    except OSError:
-        os.close(fd)
-        return -1
-    return fd
-
-
-def _hold(temp: Path) -> bool:
-    """Lock the new ``temp`` for this save. False if a cleanup removed it in the instant before
-    the lock (it found it unlocked): the caller makes another."""
-    fd = _try_lock(temp)
-    if fd is None:
-        return False  # a cleanup holds it and is deleting it
-    if fd < 0:
-        return temp.is_dir()  # no flock here: the pid in the name is all cleanup can go by
-    try:
-        pinned, now = os.fstat(fd), os.stat(temp)
-        if (pinned.st_dev, pinned.st_ino) != (now.st_dev, now.st_ino):
-            raise FileNotFoundError(temp)
-    except FileNotFoundError:
-        os.close(fd)
-        return False
-    with _held_guard:
-        _held[str(temp)] = fd
-    with contextlib.suppress(OSError):  # without it, cleanup goes by the pid: still safe
-        os.close(os.open(temp / LOCKED_MARKER, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600))
-    return True
-
-
-def _release(temp: Path) -> None:
-    with _held_guard:
-        fd = _held.pop(str(temp), None)
-    if fd is not None:
-        os.close(fd)
-
-
-@contextlib.contextmanager
-def _locked_while(path: Path) -> Iterator[None]:
-    """Hold ``path``'s lock while a committed checkpoint goes through a hidden (leftover-looking)
-    name on its way to deletion or back, so no cleanup takes it for a dead writer's."""
-    fd = _try_lock(path)
-    try:
-        yield
-    finally:
-        if fd is not None and fd >= 0:
-            os.close(fd)
 
 
 @functools.lru_cache(maxsize=1)
@@ -216,7 +144,7 @@ def _replace(temp: Path, final: Path) -> None:
         fsync_dir(final.parent)
         shutil.rmtree(temp, ignore_errors=True)  # the old checkpoint, under the locked name
         return
-    with _locked_while(final):
+    with locked_while(final):
         old = final.parent / layout.trash_name(final.name)
         os.rename(final, old)
         try:
@@ -236,7 +164,7 @@ def finish(temp: Path, final: Path, *, overwrite: bool = True) -> None:
     try:
         _finish(temp, final, overwrite)
     finally:
-        _release(temp)
+        release(temp)
 
 
 def _finish(temp: Path, final: Path, overwrite: bool) -> None:
@@ -265,117 +193,6 @@ def _finish(temp: Path, final: Path, overwrite: bool) -> None:
     except OSError as exc:
         abort(temp)
         raise CheckpointWriteError(f"cannot commit checkpoint {final}: {exc}") from exc
-
-
-def _writer_alive(info: layout.Leftover, path: Path, held: list[int]) -> bool:
-    """Conservative: a leftover whose lock a process holds (its writer, in any PID namespace)
-    is alive; else only one written on this host by a pid that no longer exists is dead;
-    other hosts (shared filesystems) and untagged names count as alive. The lock of a dead
-    one is appended to ``held`` (kept until it is removed)."""
-    fd = _try_lock(path)
-    if fd is None:
-        return True
-    # Free lock: a locking writer on this host is gone; else (an older writer, another host
-    # whose locks this one may not see, no flock here) only the pid can tell.
-    locking_writer = fd >= 0 and info.host == layout.this_host() and (path / LOCKED_MARKER).exists()
-    alive = not locking_writer and _pid_alive(info)
-    if fd >= 0:
-        if alive:
-            os.close(fd)
-        else:
-            held.append(fd)
-    return alive
-
-
-def _pid_alive(info: layout.Leftover) -> bool:
-    if info.pid is None or info.host != layout.this_host():
-        return True
-    if info.pid == os.getpid():
-        return True  # this process may have a save in flight (async, threads)
-    try:
-        os.kill(info.pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:
-        return True  # EPERM: exists, owned by someone else
-    return True
-
-
-def remove_leftovers(parent: str | os.PathLike[str]) -> list[Path]:
-    """Remove the hidden temporary and trash directories that interrupted saves left in
-    ``parent``, and return them. Only leftovers whose writer process is gone are touched, so
-    a save running concurrently in ``parent`` is never disturbed: a writer holds an advisory
-    lock (flock) on its directory, which no other process, in any PID namespace, can take
-    while it lives; and where the lock is free, the writer's pid and host in the name must
-    also say it is gone (a pid number taken in this namespace keeps it, conservatively)::
-
-        removed = ckptproto.remove_leftovers("checkpoints")
-
-    A trash directory that a replacing save (``finish`` without an atomic exchange) made and
-    then died beside — its temporary directory for the same name is still there and the final
-    name holds no checkpoint — is moved back to its name instead of being deleted, provided all
-    of its files are still whole. Any other trash (a deletion cut short) is removed.
-    """
-    root = Path(parent)
-    removed: list[Path] = []
-    try:
-        entries = [e for e in os.scandir(root) if e.is_dir(follow_symlinks=False)]
-    except OSError:
-        return removed
-    held: list[int] = []  # the locks of the leftovers judged dead, held while they are removed
-    try:
-        dead = [
-            (e, info)
-            for e in entries
-            if (info := layout.parse_leftover(e.name)) and not _writer_alive(info, root / e.name, held)
-        ]
-        return _remove_dead(root, dead)
-    finally:
-        for fd in held:
-            os.close(fd)
-
-
-def _remove_dead(root: Path, dead: list[tuple[os.DirEntry[str], layout.Leftover]]) -> list[Path]:
-    removed: list[Path] = []
-    replacing = {(info.final_name, info.pid) for _, info in dead if not info.trash}
-    for entry, info in sorted(dead, key=lambda d: not d[1].trash):  # trash first
-        path = root / entry.name
-        final = root / info.final_name
-        if (
-            info.trash
-            and (info.final_name, info.pid) in replacing
-            and not layout.is_hidden(info.final_name)
-            and not final.is_symlink()
-            and not is_committed(final)
-            and _whole(path)
-        ):
-            try:
-                if final.is_dir():
-                    final.rmdir()  # only ever empty here; a non-empty one makes rmdir fail
-                os.rename(path, final)
-                fsync_dir(root)
-            except OSError:
-                pass  # keep it where it is: never delete the only copy
-            continue
-        shutil.rmtree(path, ignore_errors=True)
-        if not path.exists():
-            removed.append(path)
-    return removed
-
-
-def _whole(path: Path) -> bool:
-    """The directory holds a parseable manifest and every data file it lists, at full size."""
-    manifest_path = path / layout.MANIFEST_NAME
-    try:
-        if manifest_path.is_symlink() or manifest_path.stat().st_size > MAX_MANIFEST_BYTES:
-            return False
-        manifest = Manifest.parse(manifest_path.read_bytes(), str(manifest_path))
-        return all(
-            not (path / name).is_symlink() and (path / name).stat().st_size == f.size
-            for name, f in manifest.files.items()
-        )
-    except (OSError, CheckpointError):
-        return False
 
 
 def place_dir(temp: Path, final: Path, *, overwrite: bool) -> None:
@@ -431,7 +248,7 @@ def hide(path: str | os.PathLike[str]) -> Path:
         hidden = commit.hide("checkpoints/step_100")
     """
     final = Path(path)
-    with _locked_while(final):
+    with locked_while(final):
         return _hide(final)
 
 
@@ -456,11 +273,11 @@ def discard(path: str | os.PathLike[str]) -> None:
     and leave a "checkpoint" that fails to load.)
     """
     final = Path(path)
-    with _locked_while(final):  # held until the files are gone: no sweeper races the delete
+    with locked_while(final):  # held until the files are gone: no sweeper races the delete
         shutil.rmtree(_hide(final), ignore_errors=True)
 
 
 def abort(temp: Path) -> None:
     """Remove a temporary directory after a failed save (its lock goes last)."""
     shutil.rmtree(temp, ignore_errors=True)
-    _release(temp)
+    release(temp)

@@ -1,8 +1,11 @@
 """The local-filesystem backend of the storage seam: everything ``commit`` and ``writer``
 guarantee (files fsynced, the manifest last, a locked hidden temporary directory renamed into
-place with a no-replace rename or renameat2 exchange, leftovers of dead writers swept)::
+place with a no-replace rename or renameat2 exchange, leftovers of dead writers swept), and
+``local_read``'s pinned generations for reading::
 
     staging = LOCAL.begin(Path("ckpt/step_10"), overwrite=False)
+    with LOCAL.open(Path("ckpt/step_10")) as generation:
+        manifest_bytes = generation.read_manifest()
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from pathlib import Path
 from ckptproto.errors import CheckpointError
 from ckptproto.format import layout
 from ckptproto.format.manifest import FileEntry
-from ckptproto.io import commit, writer
+from ckptproto.io import commit, local_read, sweep, writer
 from ckptproto.io.plan import FilePlan
 from ckptproto.io.storage import Generation, Listed
 from ckptproto.location import Location
@@ -48,7 +51,7 @@ class LocalStorage:
         commit.abort(Path(staging))
 
     def open(self, location: Location) -> Generation:
-        raise NotImplementedError("the local read seam lands with the reader refactor")
+        return local_read.open_generation(_path(location))
 
     def exists(self, location: Location) -> bool:
         return os.path.lexists(_path(location))
@@ -72,7 +75,7 @@ class LocalStorage:
         commit.discard(_path(location))
 
     def remove_leftovers(self, parent: Location) -> list[Location]:
-        return list(commit.remove_leftovers(_path(parent)))
+        return list(sweep.remove_leftovers(_path(parent)))
 
 
 LOCAL = LocalStorage()

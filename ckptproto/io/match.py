@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -209,7 +208,7 @@ class Matcher:
             return
         self.destinations.setdefault(ref.index, []).append(target)
 
-    def raise_problems(self, root: Path) -> None:
+    def raise_problems(self, root: Location) -> None:
         problems = list(self.mismatched)
         if self.strict:
             problems += [f"{p}: missing from the checkpoint" for p in self.missing]

@@ -7,103 +7,80 @@ from __future__ import annotations
 import os
 import zlib
 from dataclasses import dataclass
-from pathlib import Path
 
 from ckptproto.errors import (
     CheckpointCorruptError,
     CheckpointError,
     CheckpointFormatError,
-    CheckpointNotFoundError,
 )
 from ckptproto.format import layout, safetensors
 from ckptproto.format.crc import crc32_combine
 from ckptproto.format.manifest import MAX_MANIFEST_BYTES, Chunk, Manifest, TensorEntry
-from ckptproto.format.regular_file import NotRegularFileError, open_regular
 from ckptproto.io import threads
-from ckptproto.location import Location, ObjectLocation
+from ckptproto.io.backends import resolve
+from ckptproto.io.storage import Generation, Storage, StoredFile
+from ckptproto.location import Location
 
 
-def _read_exact(fd: int, n: int, offset: int) -> bytes:
+def _read_exact(file: StoredFile, n: int, offset: int) -> bytes:
     buf = bytearray(n)
-    got = threads.preadv_all(fd, [memoryview(buf)], offset)
+    got = file.read_into(offset, [memoryview(buf)])
     return bytes(buf[:got])
 
 
-def read_manifest(path: str | os.PathLike[str], *, dir_fd: int | None = None) -> Manifest:
-    """Read and validate the manifest of the checkpoint at ``path`` (with ``dir_fd``, an open
-    descriptor of that directory, the manifest is read relative to it)::
+def read_manifest(
+    path: str | os.PathLike[str] | Location, *, generation: Generation | None = None
+) -> Manifest:
+    """Read and validate the manifest of the checkpoint at ``path`` (from ``generation``, a
+    pinned generation of it, when given; else through the storage backend of ``path``)::
 
     manifest = ckptproto.read_manifest("ckpt/step_100")
     print(manifest.files, len(manifest.tensors))
     """
-    root = Path(path)
-    where = root / layout.MANIFEST_NAME
-    # F-2 names the directory itself: a symbolic link to a hidden temporary directory is
-    # refused, a link with a hidden name to a checkpoint is read (validate agrees).
-    if layout.is_hidden(os.path.basename(os.path.realpath(root))):
-        raise CheckpointNotFoundError(f"{root} is a hidden (temporary) directory, never a checkpoint")
-    try:
-        if dir_fd is None:
-            fd, st = open_regular(where)
-        else:
-            fd, st = open_regular(layout.MANIFEST_NAME, dir_fd=dir_fd)
-    except FileNotFoundError:
-        hint = "no such directory" if not root.exists() else "no committed manifest"
-        raise CheckpointNotFoundError(f"{root} is not a checkpoint ({hint})") from None
-    except NotRegularFileError as exc:  # F-1: a directory, FIFO, link... is no manifest
-        raise CheckpointNotFoundError(
-            f"{root} is not a checkpoint: {layout.MANIFEST_NAME} is a {exc.kind}, not a regular file"
-        ) from None
-    except OSError as exc:
-        raise CheckpointNotFoundError(f"cannot open {where}: {exc}") from exc
-    try:
-        if st.st_size > MAX_MANIFEST_BYTES:
-            raise CheckpointFormatError(f"{where} is {st.st_size} bytes, over the {MAX_MANIFEST_BYTES} limit")
-        data = _read_exact(fd, st.st_size, 0)
-    finally:
-        os.close(fd)
-    return Manifest.parse(data, str(where))
+    if generation is not None:
+        return _parse_manifest(generation)
+    storage, location = resolve(path)
+    with storage.open(location) as pinned:
+        return _parse_manifest(pinned)
+
+
+def _parse_manifest(generation: Generation) -> Manifest:
+    where = f"{generation.location}/{layout.MANIFEST_NAME}"
+    data = generation.read_manifest()
+    # Backends refuse an oversized manifest before reading it; this bounds what any one returns.
+    if len(data) > MAX_MANIFEST_BYTES:
+        raise CheckpointFormatError(f"{where} is {len(data)} bytes, over the {MAX_MANIFEST_BYTES} limit")
+    return Manifest.parse(data, where)
 
 
 @dataclass
 class DataFile:
-    """An open, header-validated data file."""
+    """An open, header-validated data file; ``where`` names it in messages."""
 
     name: str
-    path: Path
-    fd: int
+    where: str
+    file: StoredFile
     size: int
     header: bytes  # the length prefix and JSON, for the file checksum
     entries: dict[str, safetensors.HeaderEntry]
 
 
-_GENERATION_ATTEMPTS = 8  # re-opens after the directory was replaced while being opened
-
-
-def _open_dir(root: Path) -> int:
-    try:
-        return os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    except FileNotFoundError:
-        raise CheckpointNotFoundError(f"{root} is not a checkpoint (no such directory)") from None
-    except NotADirectoryError:
-        raise CheckpointNotFoundError(f"{root} is not a checkpoint (not a directory)") from None
-    except OSError as exc:
-        raise CheckpointNotFoundError(f"cannot open {root}: {exc}") from exc
+_GENERATION_ATTEMPTS = 8  # re-opens after the checkpoint was replaced while being opened
 
 
 class OpenCheckpoint:
-    """One generation of a checkpoint, pinned: the directory is opened once and the manifest
-    and every data file are opened relative to that descriptor, then validated::
+    """One generation of a checkpoint, pinned (``Storage.open``): the manifest and every data
+    file are those of one committed save, then validated::
 
         with OpenCheckpoint("ckpt/step_100") as ckpt:
             print(ckpt.manifest.files)
 
-    A save with ``overwrite=True`` swaps a new directory in at the same path, and retention
-    renames a checkpoint away and deletes it; neither can mix generations here (open files
-    stay readable after they are unlinked). If the directory is replaced before every file was
-    opened (a file of the old one already deleted), it is opened again, whole; if it is gone,
-    CheckpointNotFoundError says so. ``problems``: a list to collect per-file errors into
-    (``verify``) instead of raising the first one.
+    A save with ``overwrite=True`` swaps a new generation in at the same location, and
+    retention deletes one; neither can mix generations here (FORMAT.md F-38). If the
+    checkpoint is replaced before every file was opened (a file of the old one already
+    deleted), it is opened again, whole; if it is gone, CheckpointNotFoundError says so.
+    ``problems``: a list to collect per-file errors into (``verify``) instead of raising the
+    first one.
     """
 
     def __init__(
@@ -113,12 +90,11 @@ class OpenCheckpoint:
         *,
         problems: list[CheckpointError] | None = None,
     ) -> None:
-        if isinstance(path, ObjectLocation):
-            raise CheckpointError(f"{path}: reading from object stores is not wired yet")
-        self.path = Path(path)
+        self.storage: Storage
+        self.storage, self.location = resolve(path)
         self.files: dict[str, DataFile] = {}
         self._located: dict[tuple[str, str], safetensors.HeaderEntry] = {}
-        self._dir_fd = -1
+        self._generation: Generation | None = None
         for attempt in range(_GENERATION_ATTEMPTS):
             found: list[CheckpointError] = []
             try:
@@ -142,13 +118,25 @@ class OpenCheckpoint:
                 return
             self.close()
 
+    def where(self, name: str) -> str:
+        """``location/name``, for messages (a path or a URL alike)."""
+        return f"{self.location}/{name}"
+
+    @property
+    def generation(self) -> Generation:
+        if self._generation is None:
+            raise CheckpointError(f"{self.location}: the checkpoint is closed")
+        return self._generation
+
     def _open_generation(
         self,
         manifest: Manifest | None,
         problems: list[CheckpointError] | None,
     ) -> None:
-        self._dir_fd = _open_dir(self.path)
-        self.manifest = manifest if manifest is not None else read_manifest(self.path, dir_fd=self._dir_fd)
+        self._generation = self.storage.open(self.location)
+        self.manifest = (
+            manifest if manifest is not None else read_manifest(self.location, generation=self._generation)
+        )
         try:
             for name, entry in self.manifest.files.items():
                 try:
@@ -170,20 +158,12 @@ class OpenCheckpoint:
             raise
 
     def _replaced(self, manifest: Manifest | None, attempt: int) -> bool:
-        """After a failure to open: True if another directory now stands at the path (an
+        """After a failure to open: True if another generation now stands at the location (an
         overwrite swapped it in: open that one); CheckpointNotFoundError if none does (deleted,
-        e.g. by retention); False if the pinned directory is still the checkpoint there."""
-        if self._dir_fd < 0:
+        e.g. by retention); False if the pinned one is still the checkpoint there."""
+        if self._generation is None:
             return False
-        pinned = os.fstat(self._dir_fd)
-        try:
-            now = os.stat(self.path)
-        except FileNotFoundError:
-            raise CheckpointNotFoundError(
-                f"{self.path} was deleted while it was being read (retention, or another process); "
-                "it is no longer a checkpoint"
-            ) from None
-        moved = (now.st_dev, now.st_ino) != (pinned.st_dev, pinned.st_ino)
+        moved = self._generation.replaced()
         return moved and manifest is None and attempt + 1 < _GENERATION_ATTEMPTS
 
     def damage(self) -> list[str]:
@@ -191,48 +171,41 @@ class OpenCheckpoint:
         a file damaged after writing explains whatever else looks wrong with it."""
         problems = []
         for name, entry in self.manifest.files.items():
-            path = self.path / name
+            where = self.where(name)
             try:
-                fd, st = open_regular(name, dir_fd=self._dir_fd)
-            except FileNotFoundError:
-                problems.append(f"{path}: data file listed in the manifest is missing")
+                file = self.generation.open_file(name)
+            except CheckpointCorruptError as exc:  # missing
+                problems.extend(exc.problems)
                 continue
-            except OSError:
+            except CheckpointError:
                 continue  # not a regular file: a format problem, reported as such
             try:
-                if st.st_size != entry.size:
-                    problems.append(f"{path}: {st.st_size} bytes on disk, the manifest says {entry.size}")
-                elif (crc := file_crc(DataFile(name, path, fd, st.st_size, b"", {}))) != entry.crc32:
+                if file.size != entry.size:
+                    problems.append(f"{where}: {file.size} bytes on disk, the manifest says {entry.size}")
+                elif (crc := file_crc(DataFile(name, where, file, file.size, b"", {}))) != entry.crc32:
                     problems.append(
-                        f"{path}: checksum {crc:08x} does not match the manifest's {entry.crc32:08x}"
+                        f"{where}: checksum {crc:08x} does not match the manifest's {entry.crc32:08x}"
                     )
             finally:
-                os.close(fd)
+                file.close()
         return problems
 
     def _open(self, name: str, expected_size: int) -> DataFile:
-        path = self.path / name
+        where = self.where(name)
+        file = self.generation.open_file(name)
         try:
-            fd, st = open_regular(name, dir_fd=self._dir_fd)
-        except FileNotFoundError:
-            raise CheckpointCorruptError(f"{path}: data file listed in the manifest is missing") from None
-        except NotRegularFileError as exc:  # F-4: nothing outside the directory is read
-            raise CheckpointFormatError(f"{path}: data file is a {exc.kind}, not a regular file") from None
-        except OSError as exc:
-            raise CheckpointFormatError(f"{path}: cannot open data file safely ({exc})") from exc
-        try:
-            if st.st_size != expected_size:
+            if file.size != expected_size:
                 raise CheckpointCorruptError(
-                    f"{path}: {st.st_size} bytes on disk, the manifest says {expected_size} "
+                    f"{where}: {file.size} bytes on disk, the manifest says {expected_size} "
                     "(truncated or replaced)"
                 )
-            prefix = _read_exact(fd, 8, 0)
-            n = safetensors.header_length(prefix, st.st_size, str(path))
-            raw = _read_exact(fd, n, 8)
-            entries = safetensors.parse_header(raw, st.st_size, str(path))
-            return DataFile(name, path, fd, st.st_size, prefix + raw, entries)
+            prefix = _read_exact(file, 8, 0)
+            n = safetensors.header_length(prefix, file.size, where)
+            raw = _read_exact(file, n, 8)
+            entries = safetensors.parse_header(raw, file.size, where)
+            return DataFile(name, where, file, file.size, prefix + raw, entries)
         except BaseException:
-            os.close(fd)
+            file.close()
             raise
 
     def check_chunks(self) -> None:
@@ -242,7 +215,7 @@ class OpenCheckpoint:
             for chunk in tensor.chunks:
                 if (chunk.file, chunk.key) in used:
                     raise CheckpointFormatError(
-                        f"{self.path / chunk.file}: tensor {chunk.key!r} is claimed by two chunks"
+                        f"{self.where(chunk.file)}: tensor {chunk.key!r} is claimed by two chunks"
                     )
                 used.add((chunk.file, chunk.key))
                 self.locate(tensor, chunk, index)
@@ -254,7 +227,7 @@ class OpenCheckpoint:
             return found
         data_file = self.files[chunk.file]
         entry = data_file.entries.get(chunk.key)
-        where = f"{data_file.path}: tensor {chunk.key!r} (tensors[{index}])"
+        where = f"{data_file.where}: tensor {chunk.key!r} (tensors[{index}])"
         if entry is None:
             raise CheckpointFormatError(f"{where} is missing from the data file")
         code = tensor.dtype.safetensors
@@ -270,12 +243,12 @@ class OpenCheckpoint:
 
     def close(self) -> None:
         for f in self.files.values():
-            os.close(f.fd)
+            f.file.close()
         self.files.clear()
         self._located.clear()
-        if self._dir_fd >= 0:
-            os.close(self._dir_fd)
-            self._dir_fd = -1
+        if self._generation is not None:
+            self._generation.close()
+            self._generation = None
 
     def __enter__(self) -> OpenCheckpoint:
         return self
@@ -284,9 +257,9 @@ class OpenCheckpoint:
         self.close()
 
 
-def _crc_block(fd: int, offset: int, length: int, name: Path) -> int:
+def _crc_block(file: StoredFile, offset: int, length: int, name: str) -> int:
     buf = bytearray(length)
-    got = threads.preadv_all(fd, [memoryview(buf)], offset)
+    got = file.read_into(offset, [memoryview(buf)])
     if got != length:
         raise CheckpointCorruptError(f"{name}: file ended at byte {offset + got}")
     return zlib.crc32(buf)
@@ -300,7 +273,7 @@ def file_crc(data_file: DataFile) -> int:
         for at in range(start, data_file.size, threads.BATCH_BYTES)
     ]
     pool = threads.pool()
-    futures = [pool.submit(_crc_block, data_file.fd, at, n, data_file.path) for at, n in blocks]
+    futures = [pool.submit(_crc_block, data_file.file, at, n, data_file.where) for at, n in blocks]
     crc = zlib.crc32(data_file.header)
     for (_, n), block_crc in zip(blocks, threads.gather(futures), strict=True):
         crc = crc32_combine(crc, block_crc, n)
@@ -313,7 +286,7 @@ def check_file(ckpt: OpenCheckpoint, name: str, data_file: DataFile) -> None:
     expected = ckpt.manifest.files[name].crc32
     if crc != expected:
         raise CheckpointCorruptError(
-            f"{data_file.path}: checksum {crc:08x} does not match the manifest's {expected:08x}"
+            f"{data_file.where}: checksum {crc:08x} does not match the manifest's {expected:08x}"
         )
 
 

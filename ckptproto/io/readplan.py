@@ -14,7 +14,6 @@ import sys
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -26,6 +25,7 @@ from ckptproto.format.crc import crc32_combine
 from ckptproto.format.manifest import Chunk, Manifest, TensorEntry, show
 from ckptproto.io import threads
 from ckptproto.io.reader import DataFile, OpenCheckpoint, check_all_files, file_crc
+from ckptproto.io.storage import StoredFile
 
 
 @dataclass
@@ -45,9 +45,11 @@ class ReadPlan:
         self.reads.setdefault(file, []).append(_Read(begin, dest, after))
 
 
-def _read_batch(fd: int, offset: int, views: list[memoryview], with_crc: bool, name: Path) -> tuple[int, int]:
+def _read_batch(
+    file: StoredFile, offset: int, views: list[memoryview], with_crc: bool, name: str
+) -> tuple[int, int]:
     want = sum(len(v) for v in views)
-    got = threads.preadv_all(fd, views, offset)
+    got = file.read_into(offset, views)
     if got != want:
         raise CheckpointCorruptError(
             f"{name}: file ended at byte {offset + got}, expected data up to {offset + want}"
@@ -72,7 +74,7 @@ def execute(ckpt: OpenCheckpoint, plan: ReadPlan, *, verify: bool, partial: str 
         reads.sort(key=lambda r: r.begin)
         covered = _tiles(reads, len(data_file.header), data_file.size)
         futures = [
-            pool.submit(_read_batch, data_file.fd, at, views, verify and covered, data_file.path)
+            pool.submit(_read_batch, data_file.file, at, views, verify and covered, data_file.where)
             for at, views in threads.batches([(r.begin, r.dest) for r in reads])
         ]
         jobs.append((data_file, covered, futures))
@@ -93,7 +95,7 @@ def execute(ckpt: OpenCheckpoint, plan: ReadPlan, *, verify: bool, partial: str 
         expected = ckpt.manifest.files[data_file.name].crc32
         if crc != expected:
             problems.append(
-                f"{data_file.path}: checksum {crc:08x} does not match the manifest's {expected:08x}"
+                f"{data_file.where}: checksum {crc:08x} does not match the manifest's {expected:08x}"
             )
     if problems:
         raise CheckpointCorruptError("; ".join(problems), problems=problems)
@@ -264,7 +266,8 @@ def _contiguous_span(entry: TensorEntry, chunk: Chunk) -> tuple[int, int] | None
 def materialize(
     ckpt: OpenCheckpoint, kinds: dict[int, tuple[Kind, list[str]]], *, use_mmap: bool, verify: bool
 ) -> dict[int, Any]:
-    """Every referenced tensor, read into new memory (or mapped from the files with ``use_mmap``)."""
+    """Every referenced tensor, read into new memory (or, with ``use_mmap``, mapped from the
+    files whose storage gives a descriptor to map; the others are read into memory)."""
     values: dict[int, Any] = {}
     plan = ReadPlan()
     maps: dict[str, mmap_module.mmap] = {}
@@ -274,9 +277,12 @@ def materialize(
         if use_mmap and entry.is_whole():
             chunk = entry.chunks[0]
             header_entry = ckpt.locate(entry, chunk, index)
-            if chunk.file not in maps and ckpt.files[chunk.file].size > 0:
-                maps[chunk.file] = map_private(ckpt.files[chunk.file])
-            mapped = arrays.from_buffer(spec, maps[chunk.file], header_entry.begin)
+            data_file = ckpt.files[chunk.file]
+            if chunk.file not in maps and data_file.size > 0 and data_file.file.fileno() is not None:
+                maps[chunk.file] = map_private(data_file)
+            mapped = (
+                arrays.from_buffer(spec, maps[chunk.file], header_entry.begin) if chunk.file in maps else None
+            )
             if mapped is not None:
                 values[index] = mapped
                 continue
@@ -299,16 +305,19 @@ def map_private(data_file: DataFile) -> mmap_module.mmap:
     """A copy-on-write map of a whole data file: pages are read from the file when touched
     and copied only where the caller writes. Until then they show the file: a file changed
     under the map changes the tensors (ckptproto never rewrites a committed file)."""
+    fd = data_file.file.fileno()
+    if fd is None:
+        raise CheckpointError(f"{data_file.where}: its storage cannot be memory-mapped; load with mmap=False")
     try:
         return mmap_module.mmap(
-            data_file.fd,
+            fd,
             0,
             flags=mmap_module.MAP_PRIVATE | _MAP_NORESERVE,
             prot=mmap_module.PROT_READ | mmap_module.PROT_WRITE,
         )
     except OSError as exc:
         raise CheckpointError(
-            f"{data_file.path}: cannot map {data_file.size} bytes ({exc}); load with mmap=False, "
+            f"{data_file.where}: cannot map {data_file.size} bytes ({exc}); load with mmap=False, "
             "or allow overcommit (vm.overcommit_memory != 2)"
         ) from exc
 
@@ -320,4 +329,6 @@ def allocate(spec: ArraySpec, ckpt: OpenCheckpoint, index: int) -> tuple[Any, me
     except CheckpointError:
         raise
     except (RuntimeError, ValueError, TypeError, MemoryError) as exc:
-        raise CheckpointFormatError(f"{ckpt.path}: cannot allocate tensors[{index}] {spec}: {exc}") from exc
+        raise CheckpointFormatError(
+            f"{ckpt.location}: cannot allocate tensors[{index}] {spec}: {exc}"
+        ) from exc

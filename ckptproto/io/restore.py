@@ -15,7 +15,6 @@ import hashlib
 import json
 import os
 from collections.abc import MutableMapping
-from pathlib import Path
 from typing import Any
 
 from ckptproto import _gc, arrays, dtensor
@@ -42,6 +41,7 @@ from ckptproto.io.match import (
     wanted_refs,
 )
 from ckptproto.io.meta import decode_metadata
+from ckptproto.location import Location
 from ckptproto.protocol import Stateful
 from ckptproto.tree import decode_tree
 
@@ -67,18 +67,20 @@ def load(
     memory is reserved up front (a checkpoint larger than free memory maps), pages are copied
     only where you write, and until then a tensor shows its file, so a file changed under
     the map changes the tensors (committed checkpoints are never rewritten in place).
+    A storage that cannot be mapped (an object store: its files have no ``fileno()``) reads
+    the tensors into memory instead, as ``mmap=False`` does.
     ``verify`` (default: on, off with ``mmap``) compares every data file's CRC while reading.
     Under torch.distributed every rank loads the full state and checks that all ranks loaded
     the same checkpoint (``process_group="local"``: this process alone), waiting at most
     ``timeout`` for the others (as for :func:`ckptproto.save`).
     """
     coord = coordinator(process_group, timeout)
-    resolve(path)  # reads are local-only: a URL no backend serves is refused here
-    what = f"loading {path}"
+    _storage, root = resolve(path)  # a URL no backend serves is refused here
+    what = f"loading {root}"
     local: BaseException | None = None
     state: dict[str, Any] = {}
     try:
-        state, manifest = load_state(path, map_location=map_location, mmap=mmap, verify=verify)
+        state, manifest = load_state(root, map_location=map_location, mmap=mmap, verify=verify)
         mine: dict[str, Any] = {"ok": True, "digest": manifest_digest(manifest)}
     except Exception as exc:
         local, mine = exc, failure(exc)
@@ -87,14 +89,13 @@ def load(
 
 
 def load_state(
-    path: PathLike, *, map_location: Any = None, mmap: bool = False, verify: bool | None = None
+    path: PathLike | Location, *, map_location: Any = None, mmap: bool = False, verify: bool | None = None
 ) -> tuple[dict[str, Any], Manifest]:
     """``load`` in this process alone; also returns the manifest of the generation it read."""
-    root = Path(path)
-    with reader.OpenCheckpoint(root) as ckpt:
-        where = str(root / layout.MANIFEST_NAME)
+    with reader.OpenCheckpoint(path) as ckpt:
+        where = ckpt.where(layout.MANIFEST_NAME)
         kinds = readplan.tensor_kinds(ckpt.manifest, where)
-        decode_metadata(ckpt.manifest, root)  # the manifest is refused whole, not in part
+        decode_metadata(ckpt.manifest, ckpt.location)  # the manifest is refused whole, not in part
         values = readplan.materialize(
             ckpt, kinds, use_mmap=mmap, verify=(not mmap) if verify is None else verify
         )
@@ -200,7 +201,7 @@ def load_into(
     finally:
         if ckpt is not None:
             ckpt.close()
-    where = str(root / layout.MANIFEST_NAME)
+    where = f"{root}/{layout.MANIFEST_NAME}"
     # The manifest's last use: decode in place (one tree in memory, not two).
     state = decode_tree(manifest.state, lambda kind, index, p: values.get(index), where=where, in_place=True)
     if stateful:
@@ -221,8 +222,8 @@ def _read_into(
 ) -> dict[int, Any]:
     """Match ``target`` and read every checkpoint tensor it takes into its own buffers (a
     DTensor: its local shard); returns the value for each tensor index read."""
-    root = ckpt.path
-    where = str(root / layout.MANIFEST_NAME)
+    root = ckpt.location
+    where = ckpt.where(layout.MANIFEST_NAME)
     kinds = readplan.tensor_kinds(ckpt.manifest, where)
     refs: dict[int, Ref] = {}
     skeleton = decode_tree(

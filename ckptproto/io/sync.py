@@ -11,7 +11,6 @@ The async saver (``ckptproto.io.async_save``) runs the same save pipeline from i
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 from ckptproto import _gc
 from ckptproto.errors import CheckpointCorruptError, CheckpointError, CheckpointFormatError
@@ -33,9 +32,9 @@ def read_info(path: PathLike) -> CheckpointInfo:
     info = ckptproto.read_info("checkpoints/checkpoint_step_10")
     print(info.step, info.metrics)
     """
-    resolve(path)  # a URL no backend serves is refused, not looked up as a local path
-    manifest = reader.read_manifest(path)
-    return CheckpointInfo.from_manifest(Path(path), manifest, decode_metadata(manifest, Path(path)))
+    _storage, root = resolve(path)  # a URL no backend serves is refused, not looked up as a local path
+    manifest = reader.read_manifest(root)
+    return CheckpointInfo.from_manifest(root, manifest, decode_metadata(manifest, root))
 
 
 @_gc.paused()
