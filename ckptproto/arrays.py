@@ -31,13 +31,20 @@ def loaded_torch() -> Any:
 
 def require_torch() -> Any:
     """Import torch, or explain that this checkpoint needs it."""
+    global _TORCH
+    if _TORCH is not None:
+        return _TORCH  # an import statement per tensor allocated costs more than the check
     try:
         import torch
     except ImportError as exc:  # pragma: no cover - the test environment has torch
         raise CheckpointError(
             "this checkpoint holds torch tensors; install torch (pip install 'ckptproto[torch]')"
         ) from exc
+    _TORCH = torch
     return torch
+
+
+_TORCH: Any = None
 
 
 def is_torch_tensor(value: object) -> bool:

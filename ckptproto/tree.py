@@ -406,15 +406,25 @@ class _Decoder:
             raise self.fail("unexpected JSON value", chain)
         tag = next(iter(node), None)
         if tag is None or not tag.startswith("$"):
-            if any(k.startswith("$") for k in node):
-                raise self.fail("object mixes '$' keys with plain keys", chain)
-            if not self.build or self.in_place:
-                for k, v in node.items():
+            for k in node:
+                if k.startswith("$"):
+                    raise self.fail("object mixes '$' keys with plain keys", chain)
+            out: dict[str, Any] | None = {} if self.build and not self.in_place else None
+            leaf_depth = depth + 1 < MAX_DEPTH  # a tensor reference may sit one level down
+            for k, v in node.items():
+                if leaf_depth and type(v) is dict and len(v) == 1 and "$torch" in v:
+                    # {"$torch": i}, most of a large state's nodes: what tagged() does, inline
+                    index = v["$torch"]
+                    if type(index) is not int or index < 0:
+                        raise self.fail(f"bad tensor reference {_show(index)}", (chain, k))
+                    decoded = self.resolve("torch", index, self.path_of((chain, k)))
+                else:
                     decoded = self.decode(v, (chain, k), depth + 1)
-                    if self.in_place:
-                        node[k] = decoded  # an existing key: allowed while iterating
-                return node if self.in_place else None
-            return {k: self.decode(v, (chain, k), depth + 1) for k, v in node.items()}
+                if self.in_place:
+                    node[k] = decoded  # an existing key: allowed while iterating
+                elif out is not None:
+                    out[k] = decoded
+            return node if self.in_place else out
         if len(node) != 1:
             raise self.fail("tagged value has extra keys", chain)
         return self.tagged(tag, node[tag], chain, depth)
