@@ -171,9 +171,12 @@ class _Encoder:
                 )
         plain = type(value) is dict and all(type(k) is str and not k.startswith("$") for k in value)
         if plain:
+            tensor_types, plain_torch = self._plain_tensor_types, self._plain_torch
             return {
-                (k if k.isascii() else _utf8_text(k, join_path(path, k))): self.encode(
-                    v, join_path(path, k), depth
+                (k if k.isascii() else _utf8_text(k, join_path(path, k))): (
+                    plain_torch(v, join_path(path, k))  # most values of a large state: no encode() call
+                    if type(v) in tensor_types
+                    else self.encode(v, join_path(path, k), depth)
                 )
                 for k, v in value.items()
             }

@@ -524,6 +524,12 @@ def check_tensor_table(tensors: list[TensorEntry], files: dict[str, FileEntry], 
             span = shapes[shape] = math.prod(d or 1 for d in shape)
         if span * entry.dtype.itemsize > MAX_EXTENT:
             check_extent(shape, entry.dtype.itemsize, f"{where}: tensors[{index}]")  # raises
+        if len(chunks) == 1:
+            c = chunks[0]
+            if c.shape == shape and c.file in files and len(c.offsets) == len(shape) and not any(c.offsets):
+                pairs.add((c.file, c.key))
+                nchunks += 1
+                continue  # the whole tensor in one chunk: the usual entry
         if not chunks or len(chunks) > MAX_CHUNKS_PER_TENSOR:
             raise CheckpointFormatError(f"{where}: tensors[{index}].chunks must be a non-empty list")
         for j, c in enumerate(chunks):
