@@ -482,48 +482,38 @@ class _Decoder:
 
 def iter_tensor_refs(node: Any, path: str = "", depth: int = 0) -> Any:
     """Yield ``(path, kind, index)`` for every tensor reference in an encoded tree, in tree
-    order. Iterative (a stack of child iterators): one generator frame, not one per level."""
-    stack: list[tuple[Any, int]] = []  # (iterator of (path, child) pairs, depth of the children)
-    item: tuple[str, Any] | None = (path, node)
-    while True:
-        if item is None:
-            while stack:
-                children, depth = stack[-1]
-                item = next(children, None)
-                if item is not None:
-                    break
-                stack.pop()
-            else:
-                return
-        assert item is not None
-        path, node = item
-        item = None
-        if depth > MAX_DEPTH:
-            continue
-        if isinstance(node, list):
-            stack.append((_children(path, enumerate(node)), depth + 1))
-        elif isinstance(node, dict):
-            if len(node) == 1:
-                tag, payload = next(iter(node.items()))
+    order. Iterative (a stack of the containers being walked): one generator frame, not one
+    per level; a child's path is built only for a container or a reference, not a scalar."""
+    # (iterator of (key, child), the parent's path, depth of the children, whether a child's
+    # path is the parent's own: the root, and the payload of a $tuple)
+    stack: list[tuple[Any, str, int, bool]] = [(iter(((None, node),)), path, depth, True)]
+    while stack:
+        items, parent, depth, same = stack[-1]
+        for key, child in items:
+            if not isinstance(child, (dict, list)) or depth > MAX_DEPTH:
+                continue
+            at = parent if same else join_path(parent, key)
+            if isinstance(child, list):
+                stack.append((enumerate(child), at, depth + 1, False))
+                break
+            if len(child) == 1:
+                tag, payload = next(iter(child.items()))
                 if tag in ("$torch", "$numpy"):
-                    yield path, tag[1:], payload
+                    yield at, tag[1:], payload
                     continue
                 if tag == "$tuple":
-                    stack.append((iter(((path, payload),)), depth))
-                    continue
+                    stack.append((iter(((None, payload),)), at, depth, True))
+                    break
                 if tag in ("$dict", "$odict") and isinstance(payload, list):
                     pairs = ((_key_text(p[0]), p[1]) for p in payload if isinstance(p, list) and len(p) == 2)
-                    stack.append((_children(path, pairs), depth + 1))
-                    continue
+                    stack.append((pairs, at, depth + 1, False))
+                    break
                 if tag in TAGS:
                     continue
-            stack.append((_children(path, iter(node.items())), depth + 1))
-
-
-def _children(path: str, items: Any) -> Any:
-    """``(child path, child)`` for each ``(key, child)`` of ``items`` under ``path``."""
-    for key, child in items:
-        yield join_path(path, key), child
+            stack.append((iter(child.items()), at, depth + 1, False))
+            break
+        else:
+            stack.pop()
 
 
 def _key_text(key: Any) -> Any:

@@ -415,3 +415,33 @@ def test_array_specs_are_shared_and_behave_as_values() -> None:
         assert again == a and again.nbytes == 24
     listed = ArraySpec("torch", f32, [2, 3])  # type: ignore[arg-type]
     assert listed == a and listed.shape == (2, 3)
+
+
+def test_tensor_refs_in_tree_order_with_their_paths() -> None:
+    import numpy as np
+
+    from ckptproto.tree import iter_tensor_refs
+
+    t = [torch.ones(1) * i for i in range(8)]
+    state = {
+        "a": t[0],
+        "l": [1, [t[1], "x"], {"k": t[2]}],
+        "tup": (t[3], (t[4],)),
+        "ints": {3: t[5], 2**60: {"w": t[6]}},
+        "$odd": np.zeros(2),
+        "deep": {"x": {"y": {"z": t[7]}}, "n": None},
+    }
+    tree = encode_state(state).tree
+    assert list(iter_tensor_refs(tree)) == [
+        ("a", "torch", 0),
+        ("l.1.0", "torch", 1),
+        ("l.2.k", "torch", 2),
+        ("tup.0", "torch", 3),
+        ("tup.1.0", "torch", 4),
+        ("ints.3", "torch", 5),
+        (f"ints.{2**60}.w", "torch", 6),
+        ("$odd", "numpy", 7),
+        ("deep.x.y.z", "torch", 8),
+    ]
+    assert list(iter_tensor_refs({"$torch": 2}, "root")) == [("root", "torch", 2)]
+    assert list(iter_tensor_refs({"k": {"$tuple": {"$numpy": 1}}})) == [("k", "numpy", 1)]
