@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -13,6 +12,7 @@ from torchdata.stateful_dataloader.sampler import RandomSampler
 
 from ckptproto import AsyncCheckpointCallback, Callback, CallbackCollection, TrainState, find_checkpoints
 from ckptproto.io import async_save
+from ckptproto.location import Location
 
 
 class MyTrainer(TrainState):
@@ -153,7 +153,7 @@ def run_loop(
     return state
 
 
-def on_disk(root: Path, monitor: str = "val_loss") -> dict[str, float | None]:
+def on_disk(root: Location, monitor: str = "val_loss") -> dict[str, float | None]:
     """name -> the score its manifest claims."""
     return {r.name: r.metric for r in find_checkpoints(root, monitor=monitor)}
 

@@ -12,6 +12,10 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, settings
 
+# A real S3-compatible server (moto) and the ``s3_url`` fixture for the object-store tests;
+# checkpoint_root (every storage backend) and its helpers: tests/_roots.py.
+pytest_plugins = ["_s3_server", "_roots"]
+
 # Tests reuse tmp_path across examples on purpose (each saves with overwrite=True).
 _SUPPRESS = [HealthCheck.too_slow, HealthCheck.function_scoped_fixture]
 settings.register_profile("default", deadline=None, max_examples=60, suppress_health_check=_SUPPRESS)

@@ -242,3 +242,20 @@ def test_version_matches_the_package_metadata() -> None:
     # the package's metadata takes its version from there, not from a second copy
     assert re.search(r'^dynamic = \["version"\]', (REPO / "pyproject.toml").read_text(), re.MULTILINE)
     assert 'version = { attr = "ckptproto.__version__" }' in (REPO / "pyproject.toml").read_text()
+
+
+def test_a_url_no_backend_serves_is_one_line_and_creates_nothing(tmp_path: Path) -> None:
+    # before the storage seam, these were taken for local paths (a folder named "gs:")
+    url = "gs://bucket/run/checkpoint_step_10"
+    for args in (
+        ("ls", "gs://bucket/run"),
+        ("verify", url),
+        ("inspect", url),
+        ("validate", url),
+        ("convert", url, "out.pt", "--to", "torch"),
+        ("convert", "nothing.pt", url, "--to", "ckptproto"),
+    ):
+        result = cli(*args, cwd=tmp_path)
+        assert result.returncode == 2, args
+        assert "gs://bucket/run" in one_line(result) and "no storage backend for gs://" in one_line(result)
+    assert list(tmp_path.iterdir()) == []

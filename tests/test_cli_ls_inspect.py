@@ -13,21 +13,22 @@ import torch
 import ckptproto
 from ckptproto.cli import main
 from ckptproto.format import layout
+from ckptproto.location import Location
 
 
-def _make(root: Path) -> None:
+def _make(root: Location) -> None:
     model = torch.nn.Linear(3, 2)
     for step, metric in [(10, 0.5), (20, 0.2), (30, 0.4)]:
         ckptproto.save(
             {"trainer": {"global_step": step, "current_epoch": step // 10}, "models": {"model": model}},
-            root / f"checkpoint_step_{step}",
+            str(root / f"checkpoint_step_{step}"),
             metadata={"metrics": {"val_loss": metric}, "monitor": "val_loss", "mode": "min"},
         )
 
 
-def test_ls_lists_step_epoch_metric_size_and_marks(tmp_path: Path, capsys: Any) -> None:
-    _make(tmp_path)
-    assert main(["ls", str(tmp_path)]) == 0
+def test_ls_lists_step_epoch_metric_size_and_marks(checkpoint_root: Location, capsys: Any) -> None:
+    _make(checkpoint_root)
+    assert main(["ls", str(checkpoint_root)]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].split() == ["NAME", "STEP", "EPOCH", "METRIC", "SIZE"]
     rows = {line.split()[0]: line.split() for line in lines[1:4]}
@@ -58,7 +59,7 @@ def test_ls_empty_directory(tmp_path: Path, capsys: Any) -> None:
     assert "0 checkpoint(s)" in capsys.readouterr().out  # a missing one: tests/test_cli_errors.py
 
 
-def test_inspect_shows_tree_dtypes_shapes_sizes_and_metadata(tmp_path: Path, capsys: Any) -> None:
+def test_inspect_shows_tree_dtypes_shapes_sizes_and_metadata(checkpoint_root: Location, capsys: Any) -> None:
     state = {
         "trainer": {"global_step": 7, "current_epoch": 1, "note": "x" * 200},
         "models": {
@@ -66,8 +67,8 @@ def test_inspect_shows_tree_dtypes_shapes_sizes_and_metadata(tmp_path: Path, cap
         },
         "extra": [torch.ones(2), 3, (1, 2)],
     }
-    ckptproto.save(state, tmp_path / "ck", metadata={"metrics": {"loss": 0.25}})
-    assert main(["inspect", str(tmp_path / "ck")]) == 0
+    ckptproto.save(state, str(checkpoint_root / "ck"), metadata={"metrics": {"loss": 0.25}})
+    assert main(["inspect", str(checkpoint_root / "ck")]) == 0
     out = capsys.readouterr().out
     assert "w: torch bfloat16[4, 8] 64 B" in out
     assert "b: numpy int64[3] 24 B" in out
@@ -75,8 +76,32 @@ def test_inspect_shows_tree_dtypes_shapes_sizes_and_metadata(tmp_path: Path, cap
     assert "global_step: 7" in out
     assert '"loss": 0.25' in out and '"step": 7' in out
     assert "..." in out  # long values are shortened
-    assert main(["inspect", str(tmp_path / "ck"), "--depth", "1"]) == 0
+    assert main(["inspect", str(checkpoint_root / "ck"), "--depth", "1"]) == 0
     assert "models: (1 entries)" in capsys.readouterr().out
+
+
+def test_verify_and_what_is_not_a_checkpoint_on_every_backend(checkpoint_root: Location, capsys: Any) -> None:
+    _make(checkpoint_root)
+    newest = checkpoint_root / "checkpoint_step_30"
+    assert main(["verify", str(newest), str(checkpoint_root / "checkpoint_step_10")]) == 0
+    assert f"OK      {newest}" in capsys.readouterr().out
+    # a root where a checkpoint was expected, and a typo: one line each, with what was meant
+    assert main(["verify", str(checkpoint_root)]) == 2
+    err = capsys.readouterr().err
+    assert f"{checkpoint_root} is a directory of 3 checkpoint(s), not a checkpoint" in err
+    assert f"`ckptproto verify {newest}` (the newest)" in err
+    assert main(["inspect", str(checkpoint_root / "checkpoint_step_3")]) == 2
+    err = capsys.readouterr().err
+    assert f"does not exist; did you mean {checkpoint_root / 'checkpoint_step_30'}?" in err
+    # a checkpoint where a directory of them was expected, and a file inside one
+    assert main(["ls", str(newest)]) == 2
+    assert f"did you mean `ckptproto inspect {newest}` or `ckptproto ls {checkpoint_root}`?" in (
+        capsys.readouterr().err
+    )
+    assert main(["ls", str(newest / layout.MANIFEST_NAME)]) == 2
+    assert f"is a file inside the checkpoint {newest}" in capsys.readouterr().err
+    assert main(["ls", str(checkpoint_root / "nothing")]) == 2
+    assert "nothing does not exist" in capsys.readouterr().err
 
 
 def test_inspect_missing_checkpoint_exits_2(tmp_path: Path) -> None:

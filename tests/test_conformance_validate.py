@@ -11,11 +11,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
+import torch
 
+import ckptproto
 from ckptproto.cli import main
 from ckptproto.conformance import golden
 from ckptproto.conformance.validate import RULES, validate
+from ckptproto.location import Location
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -342,3 +346,15 @@ def test_validate_checks_65536_chunks_without_comparing_every_pair(tmp_path: Pat
         check=True,
     )
     assert json.loads(proc.stdout) == [[], ["F-11"]]
+
+
+def test_validate_reads_every_backend(checkpoint_root: Location, capsys: pytest.CaptureFixture[str]) -> None:
+    # local: the raw files; object stores: one pinned generation through the storage
+    state = {"w": torch.arange(6, dtype=torch.float32).reshape(2, 3), "step": 3, "nested": {"b": np.ones(2)}}
+    ckptproto.save(state, str(checkpoint_root / "ok"), metadata={"step": 3})
+    assert validate(checkpoint_root / "ok") == []
+    assert validate(str(checkpoint_root / "ok")) == []
+    missing = validate(checkpoint_root / "missing")
+    assert [v.rule for v in missing] == ["F-1"] and missing[0].error == "CheckpointNotFoundError"
+    assert main(["validate", str(checkpoint_root / "ok")]) == 0
+    assert f"VALID   {checkpoint_root / 'ok'}" in capsys.readouterr().out

@@ -11,7 +11,10 @@ import torch.distributed.checkpoint as dcp_api
 from _interop_helpers import assert_same, rich_state, trained_state
 
 import ckptproto
+from ckptproto.cli import main
+from ckptproto.errors import CheckpointError, CheckpointExistsError, CheckpointNotFoundError
 from ckptproto.interop import convert, detect_format
+from ckptproto.location import Location, ObjectLocation
 
 TARGETS = [("torch", "out.pt"), ("safetensors", "out.safetensors"), ("dcp", "out_dcp")]
 
@@ -122,3 +125,47 @@ def test_dcp_written_by_us_loads_with_dcp_and_a_template(tmp_path: Path) -> None
     dcp_api.load(template, checkpoint_id=str(tmp_path / "d"), no_dist=True)
     assert_same(dict(state["models"]["model"]), dict(model.state_dict()))
     assert template["trainer"]["global_step"] == 3
+
+
+def test_a_ckptproto_checkpoint_converts_on_every_backend(
+    checkpoint_root: Location, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    state = rich_state()
+    torch.save(state, tmp_path / "model.pt")
+    src, back = checkpoint_root / "model", checkpoint_root / "back"
+    # local torch.save file -> a ckptproto checkpoint at the root (a URL on s3), by the CLI
+    assert (
+        main(["convert", str(tmp_path / "model.pt"), str(src), "--to", "ckptproto", "--unsafe-allow-pickle"])
+        == 0
+    )
+    assert f"torch -> ckptproto: {src}" in capsys.readouterr().out
+    assert detect_format(src) == "ckptproto"
+    # that checkpoint -> a local safetensors file -> a ckptproto checkpoint at the root again
+    result = convert(src, tmp_path / "flat.safetensors", to="safetensors")
+    assert result.source_format == "ckptproto" and result.destination == tmp_path / "flat.safetensors"
+    again = convert(tmp_path / "flat.safetensors", back, to="ckptproto")
+    assert again.destination == back and again.tensors == result.tensors
+    assert_same(state, ckptproto.load(str(back)))
+    with pytest.raises(CheckpointExistsError):
+        convert(tmp_path / "flat.safetensors", back, to="ckptproto")
+    # a typo in the source: one line naming the close name
+    assert main(["convert", str(checkpoint_root / "mode"), str(tmp_path / "x.pt"), "--to", "torch"]) == 2
+    assert f"does not exist; did you mean {src}?" in capsys.readouterr().err
+
+
+def test_foreign_formats_at_an_s3_url_are_refused_by_name(s3_root: ObjectLocation, tmp_path: Path) -> None:
+    ckptproto.save({"w": torch.ones(2)}, str(s3_root / "c"))
+    torch.save({"w": torch.ones(2)}, tmp_path / "model.pt")
+    for to, name in [("torch", "o.pt"), ("safetensors", "o.safetensors"), ("dcp", "o_dcp")]:
+        with pytest.raises(
+            CheckpointError, match=rf"{s3_root / name}: writing a {to} checkpoint needs a local path"
+        ):
+            convert(s3_root / "c", s3_root / name, to=to)  # type: ignore[arg-type]
+    with pytest.raises(
+        CheckpointError, match=rf"{s3_root / 'c'}: a torch checkpoint is converted from a local file"
+    ):
+        convert(s3_root / "c", tmp_path / "c2", to="ckptproto", source_format="torch")
+    with pytest.raises(CheckpointNotFoundError, match=rf"{s3_root / 'missing'} does not exist"):
+        convert(s3_root / "missing", tmp_path / "c3", to="ckptproto")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt"]  # nothing written, no "s3:" folder
+    assert not Path("s3:").exists()

@@ -12,29 +12,36 @@ from typing import Any
 import pytest
 import torch
 from _dist_helpers import run_ranks
+from _roots import backend_env, names
 
 import ckptproto
+from ckptproto.location import Location
 
 pytestmark = pytest.mark.skipif(
     not torch.distributed.is_available(), reason="torch.distributed is not available"
 )
 
 
-def scenario_policy(rank: int, world: int, tmp: Path) -> dict[str, Any]:
+def scenario_policy(rank: int, world: int, tmp: Path, root_text: str, env: dict[str, str]) -> dict[str, Any]:
     import torch.distributed as dist
     from _policy_helpers import make_trainer, weights
+    from _roots import visible
 
     from ckptproto import CheckpointCallback, CheckpointParameters
+    from ckptproto.location import parse_location
+
+    os.environ.update(env)  # the ranks fork from a server started before the test set them
+    root = parse_location(root_text)  # a local directory or an s3:// prefix
 
     reference = make_trainer(epochs=3)
     reference.fit()
     # save_last=False: the first run's clean end at step 10 saves nothing, so the resume is
     # from the step interval's checkpoint (mid-epoch)
-    params = CheckpointParameters(root_dir=tmp / "run", save_every_n_steps=4, keep_top_k=2, save_last=False)
+    params = CheckpointParameters(root_dir=root / "run", save_every_n_steps=4, keep_top_k=2, save_last=False)
     first = make_trainer([CheckpointCallback(params)], epochs=3, stop_after_steps=10)
     first.fit()
     dist.barrier()
-    after_first = sorted(p.name for p in (tmp / "run").iterdir())
+    after_first = visible(root / "run")
     second_cb = CheckpointCallback(params)
     second = make_trainer([second_cb], epochs=3)
     second.fit()
@@ -47,17 +54,17 @@ def scenario_policy(rank: int, world: int, tmp: Path) -> dict[str, Any]:
     return {"after_first": after_first, "resumed": resumed[0], "kept": second_cb.kept}
 
 
-def test_checkpoint_callback_on_two_ranks(tmp_path: Path) -> None:
-    results = run_ranks(scenario_policy, 2, tmp_path)
+def test_checkpoint_callback_on_two_ranks(tmp_path: Path, checkpoint_root: Location) -> None:
+    results = run_ranks(scenario_policy, 2, tmp_path, str(checkpoint_root), backend_env(checkpoint_root))
     assert results[0]["after_first"] == ["checkpoint_step_4", "checkpoint_step_8"]
-    assert results[0]["resumed"] == str(tmp_path / "run" / "checkpoint_step_8")
+    assert results[0]["resumed"] == str(checkpoint_root / "run" / "checkpoint_step_8")
     assert results[0]["kept"] == results[1]["kept"]
-    on_disk = sorted(p.name for p in (tmp_path / "run").iterdir())
+    on_disk = names(checkpoint_root / "run")
     assert on_disk == sorted(results[0]["kept"])  # rank 0 deleted the rest, nothing hidden left
     for name in on_disk:
-        manifest = ckptproto.read_manifest(tmp_path / "run" / name)
+        manifest = ckptproto.read_manifest(checkpoint_root / "run" / name)
         assert manifest.world_size == 2
-        ckptproto.verify(tmp_path / "run" / name)
+        ckptproto.verify(str(checkpoint_root / "run" / name))
 
 
 def scenario_rng_per_rank(rank: int, world: int, tmp: Path) -> dict[str, Any]:

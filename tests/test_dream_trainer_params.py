@@ -60,7 +60,7 @@ def test_keep_top_k_0_alone_keeps_its_ckptproto_meaning() -> None:
         ({"enable": False}, "enable=False has no equivalent"),
         ({"resume_data": False}, "resume_data=False has no equivalent"),
         ({"async_mode": "async"}, "async_mode='async': pick the class"),
-        ({"storage_options": {"key": "x"}}, "storage_options=.*filesystem"),
+        ({"storage_options": {"key": "x"}}, "storage_options=.*pass an s3:// URL as root_dir"),
         ({"resume_mode": 1200}, "resume_mode=1200: Dream Trainer's step-number resume"),
         (
             {"checkpoint_every_n_train_epochs": 1, "checkpoint_every_n_epochs": 1},

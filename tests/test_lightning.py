@@ -13,13 +13,15 @@ import numpy as np
 import pytest
 import torch
 from _lightning_adapter import TinyModule, make_trainer
+from _roots import committed, exists, names, visible
 from lightning.fabric.utilities.data import AttributeDict
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 import ckptproto
 from ckptproto.conformance import CHECK_NAMES, render_table, run_conformance
-from ckptproto.errors import PickleRefusedError, UnsupportedValueError
+from ckptproto.errors import CheckpointNotFoundError, PickleRefusedError, UnsupportedValueError
 from ckptproto.integrations.lightning import CkptprotoCheckpointIO, decode_checkpoint, encode_checkpoint
+from ckptproto.location import Location
 
 
 def _fit(
@@ -174,3 +176,33 @@ def test_existing_lightning_ckpt_converts_and_resumes_through_the_plugin(tmp_pat
             straight.state_dict().items(), resumed.state_dict().items(), strict=True
         ):
             assert torch.equal(a, b), f"{source}: {name}"
+
+
+@pytest.mark.parametrize("async_save", [False, True], ids=["sync", "async"])
+def test_save_resume_and_remove_through_the_plugin_on_every_backend(
+    checkpoint_root: Location, tmp_path: Path, async_save: bool
+) -> None:
+    # Lightning hands the plugin the path as given: a URL reaches it as a str
+    L.seed_everything(7, verbose=False)
+    straight = TinyModule()
+    make_trainer(-1, tmp_path / "straight", max_epochs=2, enable_checkpointing=False).fit(straight)
+    L.seed_everything(7, verbose=False)
+    plugin = CkptprotoCheckpointIO(async_save=async_save)
+    first = make_trainer(-1, tmp_path / "first", max_epochs=1, enable_checkpointing=False, plugin=plugin)
+    first.fit(TinyModule())
+    url = str(checkpoint_root / "epoch=0.ckpt")
+    first.save_checkpoint(url)
+    plugin.teardown()  # an async save is committed (or raised) here
+    assert names(checkpoint_root) == ["epoch=0.ckpt"] and committed(checkpoint_root / "epoch=0.ckpt")
+    assert ckptproto.read_info(url).step == 4
+    L.seed_everything(99, verbose=False)
+    resumed = TinyModule()  # another init: the checkpoint restores it
+    again = make_trainer(-1, tmp_path / "again", max_epochs=2, enable_checkpointing=False)
+    again.fit(resumed, ckpt_path=url)
+    for (name, a), (_, b) in zip(straight.state_dict().items(), resumed.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+    plugin.remove_checkpoint(url)
+    plugin.remove_checkpoint(str(checkpoint_root / "missing.ckpt"))  # removing nothing is fine
+    assert not exists(checkpoint_root / "epoch=0.ckpt") and visible(checkpoint_root) == []
+    with pytest.raises(CheckpointNotFoundError, match="not found"):
+        plugin.load_checkpoint(url)

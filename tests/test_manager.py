@@ -17,6 +17,7 @@ from torchdata.stateful_dataloader.sampler import RandomSampler
 
 import ckptproto
 from ckptproto import Callback, CheckpointManager, find_checkpoints
+from ckptproto.location import Location
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "plain_loop.py"
 
@@ -25,7 +26,7 @@ class Setup:
     """A small model with dropout, AdamW, a shuffling stateful loader: resume must restore
     the weights, the optimizer, the loader position and the RNG to continue bit-exactly."""
 
-    def __init__(self, root: Path, **policy: Any) -> None:
+    def __init__(self, root: Location, **policy: Any) -> None:
         torch.manual_seed(0)
         self.model = torch.nn.Sequential(
             torch.nn.Linear(4, 16), torch.nn.Dropout(0.2), torch.nn.Linear(16, 1)
@@ -84,7 +85,7 @@ def same_state(a: Setup, b: Setup) -> None:
     ],
 )
 def test_interrupted_run_resumes_bit_exactly_and_says_where_from(
-    tmp_path: Path,
+    checkpoint_root: Location,
     caplog: pytest.LogCaptureFixture,
     policy: dict[str, int],
     stop_at: int,
@@ -93,18 +94,18 @@ def test_interrupted_run_resumes_bit_exactly_and_says_where_from(
 ) -> None:
     """Dropout draws from torch's global RNG, and so does making a DataLoader iterator: the
     resumed run must draw exactly what the uninterrupted one did."""
-    whole = Setup(tmp_path / "whole", **policy)
+    whole = Setup(checkpoint_root / "whole", **policy)
     assert whole.train(epochs=3) == 18
-    first = Setup(tmp_path / "split", **policy)
+    first = Setup(checkpoint_root / "split", **policy)
     with caplog.at_level(logging.INFO, logger="ckptproto"):
         assert first.train(epochs=3, stop_at=stop_at) == stop_at
     assert first.ckpt.resumed_from is None
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
     caplog.clear()
-    second = Setup(tmp_path / "split", **policy)
+    second = Setup(checkpoint_root / "split", **policy)
     with caplog.at_level(logging.WARNING, logger="ckptproto"):
         assert second.train(epochs=3) == 18
-    where = tmp_path / "split" / f"checkpoint_step_{resume_step}"
+    where = checkpoint_root / "split" / f"checkpoint_step_{resume_step}"
     assert second.ckpt.resumed_from == where
     warnings_seen = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     assert warnings_seen == [f"ckptproto: resumed from {where} (step {resume_step}, epoch {resume_epoch})"]
@@ -189,8 +190,8 @@ def test_gradient_accumulation_counts_optimizer_steps_not_batches(tmp_path: Path
     assert sorted(c.step for c in find_checkpoints(tmp_path)) == [2, 4]
 
 
-def test_epochs_and_validation_keep_the_top_k(tmp_path: Path) -> None:
-    s = Setup(tmp_path, monitor="val_loss", keep_top_k=2, save_last=False)
+def test_epochs_and_validation_keep_the_top_k(checkpoint_root: Location) -> None:
+    s = Setup(checkpoint_root, monitor="val_loss", keep_top_k=2, save_last=False)
     val_losses = iter([0.5, 0.2, 0.9, 0.1])
     with s.ckpt:
         for epoch in s.ckpt.epochs(4):
@@ -200,12 +201,12 @@ def test_epochs_and_validation_keep_the_top_k(tmp_path: Path) -> None:
                 s.opt.step()
             assert s.ckpt.current_epoch == epoch + 1  # the epoch is counted when its batches end
             s.ckpt.validated(val_loss=next(val_losses))
-    best = [(c.step, c.metric) for c in find_checkpoints(tmp_path, mode="best")]
+    best = [(c.step, c.metric) for c in find_checkpoints(checkpoint_root, mode="best")]
     assert best == [(24, 0.1), (12, 0.2)]
 
 
-def test_an_exception_finishes_pending_saves_and_propagates(tmp_path: Path) -> None:
-    s = Setup(tmp_path, save_every_n_steps=3)
+def test_an_exception_finishes_pending_saves_and_propagates(checkpoint_root: Location) -> None:
+    s = Setup(checkpoint_root, save_every_n_steps=3)
     with pytest.raises(ValueError, match="boom"), s.ckpt:
         for batch in s.ckpt.batches(s.loader, epochs=1):
             s.opt.zero_grad()
@@ -213,7 +214,7 @@ def test_an_exception_finishes_pending_saves_and_propagates(tmp_path: Path) -> N
             s.opt.step()
             if s.ckpt.global_step == 4:  # step 3 saved as its body ended
                 raise ValueError("boom")
-    ckptproto.verify(tmp_path / "checkpoint_step_3")  # committed before the exception left
+    ckptproto.verify(str(checkpoint_root / "checkpoint_step_3"))  # committed before the exception left
 
 
 def test_misuse_is_loud(tmp_path: Path) -> None:
@@ -248,9 +249,9 @@ class PlainOptimizer:
         self.steps = state["steps"]
 
 
-def test_optimizer_without_step_hooks_counts_every_batch(tmp_path: Path) -> None:
+def test_optimizer_without_step_hooks_counts_every_batch(checkpoint_root: Location) -> None:
     opt = PlainOptimizer()
-    ckpt = CheckpointManager(tmp_path, optimizers={"opt": opt}, save_every_n_steps=2, async_save=False)
+    ckpt = CheckpointManager(checkpoint_root, optimizers={"opt": opt}, save_every_n_steps=2, async_save=False)
 
     def batches() -> Iterator[int]:
         yield from range(5)
@@ -259,15 +260,15 @@ def test_optimizer_without_step_hooks_counts_every_batch(tmp_path: Path) -> None
         for _ in ckpt.batches(batches(), epochs=1):
             opt.step()
     # Steps 2 and 4 by the interval, step 5 because fit ended (save_last).
-    assert ckpt.global_step == 5 and ckpt.last_saved == tmp_path / "checkpoint_step_5"
-    assert ckptproto.load(tmp_path / "checkpoint_step_5")["optimizers"]["opt"] == {"steps": 5}
-    assert ckptproto.read_info(tmp_path / "checkpoint_step_5").step == 5
+    assert ckpt.global_step == 5 and ckpt.last_saved == checkpoint_root / "checkpoint_step_5"
+    assert ckptproto.load(str(checkpoint_root / "checkpoint_step_5"))["optimizers"]["opt"] == {"steps": 5}
+    assert ckptproto.read_info(str(checkpoint_root / "checkpoint_step_5")).step == 5
 
 
-def test_a_checkpoint_that_does_not_fit_fails_the_with_block_loudly(tmp_path: Path) -> None:
-    s = Setup(tmp_path, save_every_n_steps=2)
+def test_a_checkpoint_that_does_not_fit_fails_the_with_block_loudly(checkpoint_root: Location) -> None:
+    s = Setup(checkpoint_root, save_every_n_steps=2)
     s.train(epochs=1)
-    wider = CheckpointManager(tmp_path, models={"model": torch.nn.Linear(4, 3)})
+    wider = CheckpointManager(checkpoint_root, models={"model": torch.nn.Linear(4, 3)})
     with pytest.raises(ckptproto.StateMismatchError), wider:
         pytest.fail("the body must not run")
     with pytest.raises(RuntimeError, match="one `with` block"), wider:

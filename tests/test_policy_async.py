@@ -12,6 +12,7 @@ from _policy_helpers import MyTrainer, make_trainer, weights
 
 import ckptproto
 from ckptproto import AsyncCheckpointCallback, Callback, CheckpointParameters, find_checkpoints
+from ckptproto.location import Location
 
 
 class _Snapshots(Callback[Any]):
@@ -33,9 +34,9 @@ class _Snapshots(Callback[Any]):
 
 
 @pytest.mark.parametrize("staging", ["background", "blocking"])
-def test_checkpoints_hold_the_weights_of_their_step(tmp_path: Path, staging: str) -> None:
+def test_checkpoints_hold_the_weights_of_their_step(checkpoint_root: Location, staging: str) -> None:
     cb = AsyncCheckpointCallback(
-        CheckpointParameters(root_dir=tmp_path, save_every_n_steps=2, keep_top_k=-1), staging=staging
+        CheckpointParameters(root_dir=checkpoint_root, save_every_n_steps=2, keep_top_k=-1), staging=staging
     )
     snaps = _Snapshots(cb)
     trainer = make_trainer([cb, snaps], epochs=2)
@@ -43,48 +44,52 @@ def test_checkpoints_hold_the_weights_of_their_step(tmp_path: Path, staging: str
     # post_fit finished every pending save: all committed without an explicit wait
     assert cb._futures == [] and cb.saver.pending() == 0
     assert snaps.checked > 0
-    records = find_checkpoints(tmp_path)
+    records = find_checkpoints(checkpoint_root)
     assert [r.step for r in records] == [12, 10, 8, 6, 4, 2]
     for record in records:
-        state = ckptproto.load(record.path)
+        state = ckptproto.load(str(record.path))
         saved = list(state["models"]["model"].values())
         assert all(torch.equal(a, b) for a, b in zip(saved, snaps.at_step[record.step or 0], strict=True))
     cb.close()
 
 
-def test_retention_runs_when_saves_commit(tmp_path: Path) -> None:
-    cb = AsyncCheckpointCallback(CheckpointParameters(root_dir=tmp_path, save_every_n_steps=2, keep_top_k=2))
+def test_retention_runs_when_saves_commit(checkpoint_root: Location) -> None:
+    cb = AsyncCheckpointCallback(
+        CheckpointParameters(root_dir=checkpoint_root, save_every_n_steps=2, keep_top_k=2)
+    )
     make_trainer([cb], epochs=2).fit()
-    assert [r.step for r in find_checkpoints(tmp_path)] == [12, 10]
+    assert [r.step for r in find_checkpoints(checkpoint_root)] == [12, 10]
     assert cb.kept == ["checkpoint_step_10", "checkpoint_step_12"]
     cb.close()
 
 
-def test_pending_saves_finish_on_exception(tmp_path: Path) -> None:
+def test_pending_saves_finish_on_exception(checkpoint_root: Location) -> None:
     def boom(t: MyTrainer) -> None:
         if t.global_step == 5:
             raise RuntimeError("loss is nan")
 
-    cb = AsyncCheckpointCallback(CheckpointParameters(root_dir=tmp_path, save_every_n_steps=4, keep_top_k=-1))
+    cb = AsyncCheckpointCallback(
+        CheckpointParameters(root_dir=checkpoint_root, save_every_n_steps=4, keep_top_k=-1)
+    )
     trainer = make_trainer([cb], epochs=2, step_hook=boom)
     with pytest.raises(RuntimeError, match="nan"):
         trainer.fit()
     assert cb.saver.pending() == 0
-    assert [r.step for r in find_checkpoints(tmp_path)] == [4]
-    ckptproto.verify(tmp_path / "checkpoint_step_4")
+    assert [r.step for r in find_checkpoints(checkpoint_root)] == [4]
+    ckptproto.verify(str(checkpoint_root / "checkpoint_step_4"))
     cb.close()
 
 
-def test_async_resume_equals_uninterrupted(tmp_path: Path) -> None:
+def test_async_resume_equals_uninterrupted(checkpoint_root: Location) -> None:
     reference = make_trainer(epochs=3)
     reference.fit()
-    params = CheckpointParameters(root_dir=tmp_path, save_every_n_steps=4, keep_top_k=2)
+    params = CheckpointParameters(root_dir=checkpoint_root, save_every_n_steps=4, keep_top_k=2)
     first_cb = AsyncCheckpointCallback(params)
     make_trainer([first_cb], epochs=3, stop_after_steps=9).fit()
     second_cb = AsyncCheckpointCallback(params)
     second = make_trainer([second_cb], epochs=3)
     second.fit()
-    assert second_cb.resumed_from == tmp_path / "checkpoint_step_9"  # the final state (save_last)
+    assert second_cb.resumed_from == checkpoint_root / "checkpoint_step_9"  # the final state (save_last)
     assert all(torch.equal(a, b) for a, b in zip(weights(reference), weights(second), strict=True))
     first_cb.close()
     second_cb.close()

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 import torch
 from _policy_helpers import make_trainer, weights
+from _roots import arg, committed, visible
 
 import ckptproto
 from ckptproto import (
@@ -23,50 +24,55 @@ from ckptproto import (
     find_checkpoints,
 )
 from ckptproto.format import layout
+from ckptproto.location import Location
 from ckptproto.policy import checkpoint as checkpoint_module
 from ckptproto.policy.retention import Kept, applies_retention, select_kept
 
 # 24 samples, batch 4: 6 optimizer steps per epoch.
 
 
-def names(root: Path) -> list[str]:
-    return sorted(p.name for p in root.iterdir() if not p.name.startswith("."))
+def names(root: Location) -> list[str]:
+    return visible(root)  # through the storage: the same on every backend
 
 
-def steps(root: Path) -> list[int | None]:
+def steps(root: Location) -> list[int | None]:
     return sorted((r.step or 0) for r in find_checkpoints(root))
 
 
-def test_step_interval(tmp_path: Path) -> None:
-    cb = CheckpointCallback(CheckpointParameters(root_dir=tmp_path, save_every_n_steps=5, keep_top_k=-1))
+def test_step_interval(checkpoint_root: Location) -> None:
+    cb = CheckpointCallback(
+        CheckpointParameters(root_dir=checkpoint_root, save_every_n_steps=5, keep_top_k=-1)
+    )
     make_trainer([cb], epochs=2).fit()
     # steps 5 and 10, and the final state at step 12 (save_last)
-    assert names(tmp_path) == ["checkpoint_step_10", "checkpoint_step_12", "checkpoint_step_5"]
-    state = ckptproto.load(tmp_path / "checkpoint_step_10")
+    assert names(checkpoint_root) == ["checkpoint_step_10", "checkpoint_step_12", "checkpoint_step_5"]
+    state = ckptproto.load(arg(checkpoint_root / "checkpoint_step_10"))
     assert state["trainer"]["global_step"] == 10 and state["trainer"]["current_epoch"] == 1
 
 
-def test_epoch_interval_and_default_every_epoch(tmp_path: Path) -> None:
+def test_epoch_interval_and_default_every_epoch(checkpoint_root: Location) -> None:
     cb = CheckpointCallback(
-        CheckpointParameters(root_dir=tmp_path / "a", save_every_n_epochs=2, keep_top_k=-1)
+        CheckpointParameters(root_dir=checkpoint_root / "a", save_every_n_epochs=2, keep_top_k=-1)
     )
     make_trainer([cb], epochs=4).fit()
-    assert steps(tmp_path / "a") == [12, 24]
+    assert steps(checkpoint_root / "a") == [12, 24]
     # no interval and no monitor: every epoch (Lightning's default)
-    cb = CheckpointCallback(CheckpointParameters(root_dir=tmp_path / "b", keep_top_k=-1))
+    cb = CheckpointCallback(CheckpointParameters(root_dir=checkpoint_root / "b", keep_top_k=-1))
     make_trainer([cb], epochs=3).fit()
-    assert steps(tmp_path / "b") == [6, 12, 18]
-    assert [r.epoch for r in find_checkpoints(tmp_path / "b")] == [3, 2, 1]
+    assert steps(checkpoint_root / "b") == [6, 12, 18]
+    assert [r.epoch for r in find_checkpoints(checkpoint_root / "b")] == [3, 2, 1]
 
 
-def test_two_saves_at_one_step_do_not_collide_or_duplicate(tmp_path: Path) -> None:
+def test_two_saves_at_one_step_do_not_collide_or_duplicate(checkpoint_root: Location) -> None:
     # step 6 is both a step-interval save and an epoch-end save
     cb = CheckpointCallback(
-        CheckpointParameters(root_dir=tmp_path, save_every_n_steps=6, save_every_n_epochs=1, keep_top_k=-1)
+        CheckpointParameters(
+            root_dir=checkpoint_root, save_every_n_steps=6, save_every_n_epochs=1, keep_top_k=-1
+        )
     )
     make_trainer([cb], epochs=2).fit()
-    assert names(tmp_path) == ["checkpoint_step_12", "checkpoint_step_6"]
-    info = ckptproto.read_info(tmp_path / "checkpoint_step_6")
+    assert names(checkpoint_root) == ["checkpoint_step_12", "checkpoint_step_6"]
+    info = ckptproto.read_info(arg(checkpoint_root / "checkpoint_step_6"))
     assert info.epoch == 1  # the later (epoch-end) save replaced the step save
     assert cb.kept == ["checkpoint_step_6", "checkpoint_step_12"]
 
@@ -97,10 +103,28 @@ def test_foreign_directories_are_never_touched(tmp_path: Path) -> None:
     assert cb.kept == ["checkpoint_step_18"]
 
 
-def test_retention_top_k_by_metric_with_nan_and_inf(tmp_path: Path) -> None:
+def test_other_runs_checkpoints_are_never_deleted(checkpoint_root: Location) -> None:
+    # the same decisions on every backend: a name taken by a checkpoint of another run gets a
+    # _vN suffix, and retention deletes only this run's own checkpoints
+    for step in (6, 999):
+        ckptproto.save(
+            {"trainer": {"global_step": step, "current_epoch": 0}},
+            arg(checkpoint_root / f"checkpoint_step_{step}"),
+        )
+    params = CheckpointParameters(
+        root_dir=checkpoint_root, save_every_n_steps=6, keep_top_k=1, save_last=False, resume_mode=None
+    )
+    cb = CheckpointCallback(params)
+    make_trainer([cb], epochs=2).fit()
+    assert names(checkpoint_root) == ["checkpoint_step_12", "checkpoint_step_6", "checkpoint_step_999"]
+    assert cb.kept == ["checkpoint_step_12"]
+    assert ckptproto.read_info(arg(checkpoint_root / "checkpoint_step_6")).metadata.get("run_id") is None
+
+
+def test_retention_top_k_by_metric_with_nan_and_inf(checkpoint_root: Location) -> None:
     trainer = make_trainer()
     cb = CheckpointCallback(
-        CheckpointParameters(root_dir=tmp_path, monitor="val_loss", keep_top_k=2, save_last=True)
+        CheckpointParameters(root_dir=checkpoint_root, monitor="val_loss", keep_top_k=2, save_last=True)
     )
     cb.bind(trainer)
     for step, metric in [
@@ -116,15 +140,15 @@ def test_retention_top_k_by_metric_with_nan_and_inf(tmp_path: Path) -> None:
         cb._current_metric = metric  # as the seed's MetricCheckpointCallback does
         cb.save()
     # best two finite: 0.2 (step 3), 0.3 (step 7); step 7 is also the last
-    assert steps(tmp_path) == [3, 7]
-    best = find_checkpoints(tmp_path, mode="best")
+    assert steps(checkpoint_root) == [3, 7]
+    best = find_checkpoints(checkpoint_root, mode="best")
     assert [(r.step, r.metric) for r in best] == [(3, 0.2), (7, 0.3)]
     # nan/inf are never best, even when they are all there is
     trainer.global_step = 8
     cb._current_metric = float("nan")
     cb.save()
-    assert steps(tmp_path) == [3, 7, 8]  # 8 kept as the last one only
-    assert find_checkpoints(tmp_path, mode="best")[0].step == 3
+    assert steps(checkpoint_root) == [3, 7, 8]  # 8 kept as the last one only
+    assert find_checkpoints(checkpoint_root, mode="best")[0].step == 3
 
 
 def test_select_kept_rules() -> None:
@@ -136,16 +160,16 @@ def test_select_kept_rules() -> None:
     assert len(select_kept(recs, keep_top_k=-1, mode="min", monitored=True, save_last=False)) == 6
 
 
-def test_validation_metric_improvement_saves(tmp_path: Path) -> None:
+def test_validation_metric_improvement_saves(checkpoint_root: Location) -> None:
     vals = {1: 0.5, 2: 0.3, 3: float("nan"), 4: 0.4, 5: 0.6}
     cb = CheckpointCallback(
-        CheckpointParameters(root_dir=tmp_path, monitor="val_loss", keep_top_k=2, save_last=True)
+        CheckpointParameters(root_dir=checkpoint_root, monitor="val_loss", keep_top_k=2, save_last=True)
     )
     make_trainer([cb], epochs=5, val_metrics=lambda e: {"val_loss": vals[e]}).fit()
     # saved at epochs 1 (0.5), 2 (0.3), 4 (0.4 enters the top 2, 0.5 leaves); not at 3 (nan);
     # at 5 (0.6) only as the final state (save_last)
-    assert steps(tmp_path) == [12, 24, 30]
-    assert [r.metric for r in find_checkpoints(tmp_path, mode="best")] == [0.3, 0.4, 0.6]
+    assert steps(checkpoint_root) == [12, 24, 30]
+    assert [r.metric for r in find_checkpoints(checkpoint_root, mode="best")] == [0.3, 0.4, 0.6]
 
 
 class _Unsaveable(Callback[Any]):
@@ -157,9 +181,9 @@ class _Unsaveable(Callback[Any]):
         return {"x": object()} if self.broken else {}
 
 
-def test_failed_save_deletes_nothing(tmp_path: Path) -> None:
+def test_failed_save_deletes_nothing(checkpoint_root: Location) -> None:
     cb = CheckpointCallback(
-        CheckpointParameters(root_dir=tmp_path, save_every_n_steps=2, keep_top_k=1, save_last=False)
+        CheckpointParameters(root_dir=checkpoint_root, save_every_n_steps=2, keep_top_k=1, save_last=False)
     )
     bad = _Unsaveable()
 
@@ -169,31 +193,39 @@ def test_failed_save_deletes_nothing(tmp_path: Path) -> None:
     trainer = make_trainer([cb, bad], epochs=1, step_hook=hook)
     with pytest.raises(ckptproto.UnsupportedValueError):
         trainer.fit()
-    assert names(tmp_path) == ["checkpoint_step_2"]
+    assert names(checkpoint_root) == ["checkpoint_step_2"]
 
 
-def test_deletion_happens_only_after_the_replacement_is_committed(tmp_path: Path, monkeypatch: Any) -> None:
+def test_deletion_happens_only_after_the_replacement_is_committed(
+    checkpoint_root: Location, monkeypatch: Any
+) -> None:
     real = checkpoint_module.delete_checkpoint
     seen = []
 
-    def checked_delete(root: Path, name: str, run_id: str) -> bool:
+    def checked_delete(root: Location, name: str, run_id: str) -> bool:
         newest = max(find_checkpoints(root), key=lambda r: r.step or 0)
-        assert newest.name != name and (root / newest.name / layout.MANIFEST_NAME).is_file()
+        assert newest.name != name and committed(root / newest.name)
         seen.append(name)
         return real(root, name, run_id)
 
     monkeypatch.setattr(checkpoint_module, "delete_checkpoint", checked_delete)
-    cb = CheckpointCallback(CheckpointParameters(root_dir=tmp_path, save_every_n_steps=2, keep_top_k=1))
+    cb = CheckpointCallback(
+        CheckpointParameters(root_dir=checkpoint_root, save_every_n_steps=2, keep_top_k=1)
+    )
     make_trainer([cb], epochs=1).fit()
     assert seen == ["checkpoint_step_2", "checkpoint_step_4"]
-    assert names(tmp_path) == ["checkpoint_step_6"]
+    assert names(checkpoint_root) == ["checkpoint_step_6"]
 
 
-def test_callback_state_survives_restart(tmp_path: Path) -> None:
-    params = CheckpointParameters(root_dir=tmp_path, monitor="loss", keep_top_k=2, save_every_n_steps=3)
+def test_callback_state_survives_restart(checkpoint_root: Location) -> None:
+    params = CheckpointParameters(
+        root_dir=checkpoint_root, monitor="loss", keep_top_k=2, save_every_n_steps=3
+    )
     first = CheckpointCallback(params)
     make_trainer([first], epochs=2, stop_after_steps=9).fit()
-    saved = ckptproto.load(tmp_path / "checkpoint_step_9")["trainer"]["callbacks"]["CheckpointCallback"]
+    saved = ckptproto.load(arg(checkpoint_root / "checkpoint_step_9"))["trainer"]["callbacks"][
+        "CheckpointCallback"
+    ]
     assert saved["run_id"] == first.run_id
     assert saved["kept"], "the kept checkpoints are part of the checkpoint"
     assert saved["metrics"] == first._metrics  # the latest loss, as of step 9
@@ -201,21 +233,21 @@ def test_callback_state_survives_restart(tmp_path: Path) -> None:
     second = CheckpointCallback(params)
     assert second.run_id != first.run_id
     trainer = make_trainer([second], epochs=2)
-    assert second.resume() == tmp_path / "checkpoint_step_9"
+    assert second.resume() == checkpoint_root / "checkpoint_step_9"
     assert trainer.global_step == 9
     assert second.run_id == first.run_id  # restored: this is the same run, continued
     assert second.kept == first.kept  # what the state listed, plus the one resumed from
     assert second._seq == first._seq
     trainer.fit()
     # retention of the resumed run covers the first process's checkpoints too
-    assert set(names(tmp_path)) == set(second.kept)
+    assert set(names(checkpoint_root)) == set(second.kept)
     assert len(second.kept) <= 3
 
 
-def test_resume_exactly_equals_uninterrupted(tmp_path: Path) -> None:
+def test_resume_exactly_equals_uninterrupted(checkpoint_root: Location) -> None:
     reference = make_trainer(epochs=3)
     reference.fit()
-    params = CheckpointParameters(root_dir=tmp_path, save_every_n_steps=4)
+    params = CheckpointParameters(root_dir=checkpoint_root, save_every_n_steps=4)
     first = make_trainer([CheckpointCallback(params)], epochs=3, stop_after_steps=10)
     first.fit()  # the loop ends cleanly at step 10 (mid-epoch): save_last saves that state
     second = make_trainer([CheckpointCallback(params)], epochs=3)
@@ -225,7 +257,7 @@ def test_resume_exactly_equals_uninterrupted(tmp_path: Path) -> None:
     assert second.scheduler.get_last_lr() == reference.scheduler.get_last_lr()
 
 
-def _three_checkpoints(root: Path) -> None:
+def _three_checkpoints(root: Location) -> None:
     vals = iter([0.5, 0.1, 0.3])
     trainer = make_trainer(epochs=3)
     cb = CheckpointCallback(CheckpointParameters(root_dir=root, monitor="val", keep_top_k=-1))
@@ -236,28 +268,27 @@ def _three_checkpoints(root: Path) -> None:
         cb.save()
 
 
-@pytest.mark.parametrize(
-    ("mode", "expected"), [("latest", 6), ("best", 4), ("last", 6), ("min", 4), ("max", 2)]
-)
-def test_resume_modes(tmp_path: Path, mode: str, expected: int) -> None:
-    _three_checkpoints(tmp_path)
-    trainer = make_trainer(
-        [CheckpointCallback(CheckpointParameters(root_dir=tmp_path, monitor="val", resume_mode=mode))]
+def test_resume_modes(checkpoint_root: Location) -> None:
+    _three_checkpoints(checkpoint_root)
+    for mode, expected in [("latest", 6), ("best", 4), ("last", 6), ("min", 4), ("max", 2)]:
+        params = CheckpointParameters(root_dir=checkpoint_root, monitor="val", resume_mode=mode)
+        trainer = make_trainer([CheckpointCallback(params)])
+        trainer.callbacks.pre_fit()
+        assert trainer.global_step == expected, mode
+
+
+def test_resume_none_and_explicit_path(checkpoint_root: Location) -> None:
+    _three_checkpoints(checkpoint_root)
+    fresh = make_trainer(
+        [CheckpointCallback(CheckpointParameters(root_dir=checkpoint_root, resume_mode=None))]
     )
-    trainer.callbacks.pre_fit()
-    assert trainer.global_step == expected
-
-
-def test_resume_none_and_explicit_path(tmp_path: Path) -> None:
-    _three_checkpoints(tmp_path)
-    fresh = make_trainer([CheckpointCallback(CheckpointParameters(root_dir=tmp_path, resume_mode=None))])
     fresh.callbacks.pre_fit()
     assert fresh.global_step == 0
     explicit = make_trainer(
         [
             CheckpointCallback(
                 CheckpointParameters(
-                    root_dir=tmp_path / "elsewhere", resume_mode=tmp_path / "checkpoint_step_4"
+                    root_dir=checkpoint_root / "elsewhere", resume_mode=checkpoint_root / "checkpoint_step_4"
                 )
             )
         ]
@@ -265,11 +296,15 @@ def test_resume_none_and_explicit_path(tmp_path: Path) -> None:
     explicit.callbacks.pre_fit()
     assert explicit.global_step == 4
     missing = make_trainer(
-        [CheckpointCallback(CheckpointParameters(root_dir=tmp_path, resume_mode=tmp_path / "nope"))]
+        [
+            CheckpointCallback(
+                CheckpointParameters(root_dir=checkpoint_root, resume_mode=checkpoint_root / "nope")
+            )
+        ]
     )
     with pytest.raises(ckptproto.CheckpointNotFoundError):
         missing.callbacks.pre_fit()
-    empty = make_trainer([CheckpointCallback(CheckpointParameters(root_dir=tmp_path / "empty"))])
+    empty = make_trainer([CheckpointCallback(CheckpointParameters(root_dir=checkpoint_root / "empty"))])
     empty.callbacks.pre_fit()
     assert empty.global_step == 0
 

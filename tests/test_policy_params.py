@@ -72,11 +72,24 @@ def test_dream_trainer_aliases() -> None:
         CheckpointParameters(checkpoint_every_n_steps=0)
 
 
-@pytest.mark.parametrize("root", ["s3://bucket/run", "gs://b/run", "file:///tmp/run", "hf://x"])
-def test_a_url_root_dir_is_refused(root: str) -> None:
-    # main wrote these to a local folder named "s3:"
-    with pytest.raises(ValueError, match=r"root_dir=.*is a URL.*mount"):
+@pytest.mark.parametrize("root", ["gs://b/run", "file:///tmp/run", "hf://x"])
+def test_a_url_no_backend_serves_is_refused(root: str) -> None:
+    # main wrote these to a local folder named "s3:"; now refused when the parameters are made
+    with pytest.raises(ValueError, match=rf"root_dir={root!r}: {root}: "):
         CheckpointParameters(root_dir=root)
+
+
+def test_a_url_with_dot_parts_is_refused() -> None:
+    with pytest.raises(ValueError, match=r"root_dir='s3://b/a/\.\./c'"):
+        CheckpointParameters(root_dir="s3://b/a/../c")
+
+
+def test_an_s3_root_dir_and_resume_url(s3_available: None) -> None:
+    from ckptproto.location import ObjectLocation
+
+    p = CheckpointParameters(root_dir="s3://bucket/run", resume_mode="s3://bucket/run/checkpoint_step_3")
+    assert p.root == ObjectLocation("s3", "bucket", "run")
+    assert p.resume_path == ObjectLocation("s3", "bucket", "run/checkpoint_step_3")
 
 
 @pytest.mark.parametrize(("resume_mode", "mode"), [("min", "max"), ("max", "min")])

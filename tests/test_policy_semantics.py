@@ -25,6 +25,7 @@ from ckptproto import (
     find_checkpoints,
 )
 from ckptproto.errors import MonitorNotFoundError
+from ckptproto.location import Location
 
 
 @pytest.fixture
@@ -44,19 +45,21 @@ def make_callback(
     return async_cb, [gate, async_cb]
 
 
-def weight_of(path: Path) -> float:
-    return float(ckptproto.load(path)["models"]["model"]["weight"][0, 0])
+def weight_of(path: Location) -> float:
+    return float(ckptproto.load(str(path))["models"]["model"]["weight"][0, 0])
 
 
 KINDS = ["sync", "async"]
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_true_best_survives_an_epoch_interval_save(tmp_path: Path, kind: str, gate: WriteGate) -> None:
+def test_true_best_survives_an_epoch_interval_save(
+    checkpoint_root: Location, kind: str, gate: WriteGate
+) -> None:
     cb, cbs = make_callback(
         kind,
         gate,
-        root_dir=tmp_path,
+        root_dir=checkpoint_root,
         monitor="val_loss",
         keep_top_k=1,
         save_every_n_epochs=1,
@@ -64,24 +67,32 @@ def test_true_best_survives_an_epoch_interval_save(tmp_path: Path, kind: str, ga
     )
     run_loop(cbs, [0.5, 0.9])
     # step 2 measured 0.5; step 4 measured 0.9. Main kept step 4 labelled 0.5.
-    assert on_disk(tmp_path) == {"checkpoint_step_2": 0.5}
+    assert on_disk(checkpoint_root) == {"checkpoint_step_2": 0.5}
     assert cb.kept == ["checkpoint_step_2"]
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_interval_saves_between_validations_do_not_rank(tmp_path: Path, kind: str, gate: WriteGate) -> None:
+def test_interval_saves_between_validations_do_not_rank(
+    checkpoint_root: Location, kind: str, gate: WriteGate
+) -> None:
     # README's shape: a step interval with save_last
     _cb, cbs = make_callback(
-        kind, gate, root_dir=tmp_path, monitor="val_loss", keep_top_k=1, save_every_n_steps=1, save_last=True
+        kind,
+        gate,
+        root_dir=checkpoint_root,
+        monitor="val_loss",
+        keep_top_k=1,
+        save_every_n_steps=1,
+        save_last=True,
     )
     run_loop(cbs, [0.5, 0.9])
     # step 2 (0.5) is the best; step 4 is kept as the last one and claims no score
-    assert on_disk(tmp_path) == {"checkpoint_step_2": 0.5, "checkpoint_step_4": None}
-    best = find_checkpoints(tmp_path, mode="best")[0]
+    assert on_disk(checkpoint_root) == {"checkpoint_step_2": 0.5, "checkpoint_step_4": None}
+    best = find_checkpoints(checkpoint_root, mode="best")[0]
     assert best.name == "checkpoint_step_2" and weight_of(best.path) == weight_of(
-        tmp_path / "checkpoint_step_2"
+        checkpoint_root / "checkpoint_step_2"
     )
-    meta = ckptproto.read_info(tmp_path / "checkpoint_step_4").metrics
+    meta = ckptproto.read_info(str(checkpoint_root / "checkpoint_step_4")).metrics
     assert "val_loss" not in meta and meta["loss"] == 4.0  # only what was measured at step 4
 
 
@@ -108,19 +119,25 @@ DECISIONS = [
 
 @pytest.mark.parametrize(("params", "vals", "expected"), DECISIONS)
 def test_async_decides_like_sync_with_writes_held_back(
-    tmp_path: Path, gate: WriteGate, params: dict[str, Any], vals: list[float], expected: dict[str, float]
+    checkpoint_root: Location,
+    gate: WriteGate,
+    params: dict[str, Any],
+    vals: list[float],
+    expected: dict[str, float],
 ) -> None:
-    sync_cb, sync_cbs = make_callback("sync", gate, root_dir=tmp_path / "sync", monitor="val_loss", **params)
+    sync_cb, sync_cbs = make_callback(
+        "sync", gate, root_dir=checkpoint_root / "sync", monitor="val_loss", **params
+    )
     run_loop(sync_cbs, vals)
-    assert on_disk(tmp_path / "sync") == expected
+    assert on_disk(checkpoint_root / "sync") == expected
 
     async_cb, async_cbs = make_callback(
-        "async", gate, root_dir=tmp_path / "async", monitor="val_loss", **params
+        "async", gate, root_dir=checkpoint_root / "async", monitor="val_loss", **params
     )
     run_loop(async_cbs, vals)
-    assert on_disk(tmp_path / "async") == expected
+    assert on_disk(checkpoint_root / "async") == expected
     assert async_cb.kept == sync_cb.kept
-    latest = [find_checkpoints(tmp_path / d)[0].name for d in ("sync", "async")]
+    latest = [find_checkpoints(checkpoint_root / d)[0].name for d in ("sync", "async")]
     assert latest[0] == latest[1]  # resume "latest" picks the same checkpoint
 
 
@@ -135,21 +152,26 @@ def test_async_decides_like_sync_with_writes_held_back(
     ],
 )
 def test_save_last_always_ends_with_the_final_state(
-    tmp_path: Path, kind: str, gate: WriteGate, params: dict[str, Any], vals: list[float | None]
+    checkpoint_root: Location, kind: str, gate: WriteGate, params: dict[str, Any], vals: list[float | None]
 ) -> None:
-    cb, cbs = make_callback(kind, gate, root_dir=tmp_path, save_last=True, **params)
+    cb, cbs = make_callback(kind, gate, root_dir=checkpoint_root, save_last=True, **params)
     state = run_loop(cbs, vals)
-    final = tmp_path / f"checkpoint_step_{state.global_step}"
-    assert final.name in on_disk(tmp_path) and final.name in cb.kept
+    final = checkpoint_root / f"checkpoint_step_{state.global_step}"
+    assert final.name in on_disk(checkpoint_root) and final.name in cb.kept
     assert weight_of(final) == float(state.models["model"].weight.detach()[0, 0])
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_no_final_save_when_the_final_state_is_saved(tmp_path: Path, kind: str, gate: WriteGate) -> None:
-    _cb, cbs = make_callback(kind, gate, root_dir=tmp_path, save_every_n_steps=2, keep_top_k=-1)
+def test_no_final_save_when_the_final_state_is_saved(
+    checkpoint_root: Location, kind: str, gate: WriteGate
+) -> None:
+    _cb, cbs = make_callback(kind, gate, root_dir=checkpoint_root, save_every_n_steps=2, keep_top_k=-1)
     run_loop(cbs, [None, None])
-    assert sorted(on_disk(tmp_path)) == ["checkpoint_step_2", "checkpoint_step_4"]
-    assert [r.info.metadata["seq"] for r in find_checkpoints(tmp_path) if r.info] == [1, 0]  # one save each
+    assert sorted(on_disk(checkpoint_root)) == ["checkpoint_step_2", "checkpoint_step_4"]
+    assert [r.info.metadata["seq"] for r in find_checkpoints(checkpoint_root) if r.info] == [
+        1,
+        0,
+    ]  # one save each
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -210,3 +232,16 @@ def test_foreign_checkpoints_refuse_a_silent_fresh_start(
     run_loop([resumed], [])
     assert resumed.resumed_from == tmp_path / "checkpoint_step_2"
     assert "epoch=3.ckpt" in caplog.text
+
+
+def test_a_fifo_or_a_link_in_root_dir_is_not_sniffed(tmp_path: Path) -> None:
+    # local only (FIFOs, symbolic links): sniffing foreign formats goes through
+    # storage.read_head, which must neither block on a FIFO nor follow a link
+    import os
+
+    from ckptproto.policy.discovery import foreign_checkpoints
+
+    torch.save({"w": torch.ones(1)}, tmp_path / "model.pt")
+    os.mkfifo(tmp_path / "pipe")
+    (tmp_path / "link.pt").symlink_to(tmp_path / "model.pt")
+    assert foreign_checkpoints(tmp_path) == [tmp_path / "model.pt"]

@@ -1384,6 +1384,178 @@ def test_F30_failed_save_leaves_nothing(tmp_path: Path, monkeypatch: pytest.Monk
     assert torch.equal(ckptproto.load(final)["v"], torch.zeros(2))
 
 
+# ---------------------------------------------------------------- FORMAT §6.1 object stores
+# Against a real S3 server (moto, tests/_s3_server.py); skipped where moto/obstore are missing.
+
+
+def _s3_save(storage: Any, url: str, state: dict[str, Any], *, overwrite: bool = False) -> Any:
+    """A real save (prepare, plan, upload, commit) through ``storage``."""
+    from ckptproto.io import pipeline
+    from ckptproto.io.coordinate import Solo
+    from ckptproto.io.prepare import prepare
+    from ckptproto.location import parse_location
+
+    prepared = prepare(state, None, Solo())
+    sources = [memoryview(np.ascontiguousarray(leaf.value)).cast("B") for leaf in prepared.share.leaves]
+    return pipeline.run(
+        parse_location(url), prepared.share, prepared.metadata_tree, sources, Solo(),
+        overwrite=overwrite, storage=storage,
+    )  # fmt: skip
+
+
+def _s3_names(url: str) -> list[str]:
+    from ckptproto.io import s3_storage
+    from ckptproto.location import parse_location
+
+    return [e.name for e in s3_storage.S3.entries(parse_location(url))]
+
+
+def test_F39_object_store_manifest_last_and_a_prefix_without_one_is_invisible(s3_url: str) -> None:
+    import obstore
+
+    from ckptproto.io import s3_client, s3_storage
+    from ckptproto.location import parse_location
+
+    url = s3_url + "/ck"
+    final = parse_location(url)
+    seen: list[list[str]] = []
+
+    class Watched(s3_storage.S3Storage):
+        def commit(self, staging: str, final: Any, *, overwrite: bool) -> None:
+            # Every data object is up and the manifest is not: no checkpoint yet.
+            seen.append(_s3_names(url))
+            assert not self.is_committed(final)
+            with pytest.raises(CheckpointNotFoundError):
+                self.open(final)
+            super().commit(staging, final, overwrite=overwrite)
+
+    _s3_save(Watched(), url, {"v": np.arange(4.0)})
+    assert [n.endswith(".safetensors") or n.startswith(".") for n in seen[0]] == [True, True]
+    assert "manifest.json" in _s3_names(url) and s3_storage.S3.is_committed(final)
+
+    class Swept(s3_storage.S3Storage):
+        def commit(self, staging: str, final: Any, *, overwrite: bool) -> None:
+            data = [n for n in _s3_names(url2) if n.endswith(".safetensors")]
+            obstore.delete(s3_client.store(final.bucket), [final.object_key(n) for n in data])
+            super().commit(staging, final, overwrite=overwrite)
+
+    url2 = s3_url + "/swept"
+    with pytest.raises(CheckpointWriteError, match="missing at commit"):
+        _s3_save(Swept(), url2, {"v": np.arange(4.0)})
+    assert not s3_storage.S3.is_committed(parse_location(url2))
+
+
+def test_F40_object_store_conditional_commit_one_of_racing_writers_wins(s3_url: str) -> None:
+    import threading
+
+    from ckptproto.io import s3_storage
+
+    barrier = threading.Barrier(2, timeout=60)
+
+    class Gated(s3_storage.S3Storage):  # both saves uploaded and checked before either commits
+        def commit(self, staging: str, final: Any, *, overwrite: bool) -> None:
+            barrier.wait()
+            super().commit(staging, final, overwrite=overwrite)
+
+    url = s3_url + "/ck"
+    outcomes: list[object] = []
+
+    def save(value: float) -> None:
+        try:
+            outcomes.append(_s3_save(Gated(), url, {"v": np.full(8, value)}))
+        except CheckpointExistsError as exc:
+            outcomes.append(exc)
+
+    workers = [threading.Thread(target=save, args=(float(i),)) for i in range(2)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    assert sorted(type(o).__name__ for o in outcomes) == ["CheckpointExistsError", "CheckpointInfo"]
+    names = _s3_names(url)  # the loser's data object is gone
+    assert len(names) == 2 and names[1] == "manifest.json", names
+
+
+def test_F41_object_store_unique_names_and_old_generation_after_new_manifest(
+    s3_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import obstore
+
+    from ckptproto.io import s3_storage
+    from ckptproto.location import parse_location
+
+    url = s3_url + "/ck"
+    final = parse_location(url)
+    ckptproto.save({"v": np.zeros(8)}, url)
+    first = _s3_names(url)
+    old = s3_storage.S3.open(final)
+    (old_name,) = json.loads(old.read_manifest())["files"]
+    manifest_at_delete: list[set[str]] = []
+    real = obstore.delete
+
+    def recording(store: Any, paths: Any) -> None:
+        if any(str(p).endswith(old_name) for p in paths):  # what stands when the old goes
+            with s3_storage.S3.open(final) as now:
+                manifest_at_delete.append(set(json.loads(now.read_manifest())["files"]))
+        real(store, paths)
+
+    monkeypatch.setattr(obstore, "delete", recording)
+    ckptproto.save({"v": np.ones(8)}, url, overwrite=True)
+    assert len(manifest_at_delete) == 1 and old_name not in manifest_at_delete[0]
+    second = _s3_names(url)
+    assert NAME_RE.fullmatch(second[0]) and second[0] != first[0] and old_name not in second
+    # The old generation's reader finds its object gone, learns the manifest changed, and
+    # the new generation is whole.
+    with pytest.raises(CheckpointCorruptError, match="missing"):
+        old.open_file(old_name)
+    assert old.replaced()
+    fresh = s3_storage.S3.open(final)
+    (new_name,) = json.loads(fresh.read_manifest())["files"]
+    assert new_name == second[0] and fresh.open_file(new_name).size > 0
+    s3_storage.S3.remove(final)
+    with pytest.raises(CheckpointNotFoundError):
+        fresh.replaced()
+
+
+def test_F42_object_store_remove_manifest_first_and_sweep_spares_the_living(
+    s3_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import obstore
+
+    from ckptproto.io import s3_storage
+    from ckptproto.io.coordinate import Solo
+    from ckptproto.io.plan import plan_file
+    from ckptproto.io.prepare import prepare
+    from ckptproto.location import parse_location
+
+    root = parse_location(s3_url)
+    ckptproto.save({"v": np.zeros(8)}, s3_url + "/a")
+    ckptproto.save({"v": np.zeros(8)}, s3_url + "/b")
+    deleted: list[str] = []
+    real = obstore.delete
+
+    def recording(store: Any, paths: Any) -> None:
+        deleted.extend([paths] if isinstance(paths, str) else paths)
+        real(store, paths)
+
+    monkeypatch.setattr(obstore, "delete", recording)
+    s3_storage.S3.remove(root / "a")
+    assert deleted[0].endswith("/a/manifest.json") and len(deleted) == 2, deleted
+    assert _s3_names(s3_url + "/a") == []
+    # A save in progress beside b (marker put, data uploaded, no commit yet).
+    staging = s3_storage.S3.begin(root / "b", overwrite=True)
+    prepared = prepare({"v": np.ones(8)}, None, Solo())
+    plan = plan_file(s3_storage.S3.data_file_name(staging, 0), 0, list(prepared.share.pieces))
+    s3_storage.S3.write_file(staging, plan, [memoryview(np.ones(8)).cast("B")])
+    marker = s3_storage.MARKER_PREFIX + plan.name.split(".")[1]
+    committed = [n for n in _s3_names(s3_url + "/b") if n not in (plan.name, marker)]
+    assert len(committed) == 2
+    assert s3_storage.S3.remove_leftovers(root) == []  # its marker is young: alive
+    removed = s3_storage.S3Storage(sweep_grace_s=0).remove_leftovers(root)  # judged dead
+    assert sorted(r.name for r in removed) == sorted([plan.name, marker])
+    assert _s3_names(s3_url + "/b") == committed  # what the manifest lists stays
+
+
 # ---------------------------------------------------------------- FORMAT §7 versioning
 
 

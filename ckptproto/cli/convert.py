@@ -72,14 +72,15 @@ def _subscript(path: str) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from ckptproto.cli.paths import missing_problem
     from ckptproto.errors import CheckpointNotFoundError, UnsupportedValueError
     from ckptproto.interop.convert import convert
+    from ckptproto.policy.locations import resolve
 
-    if not Path(args.src).exists():
-        raise CheckpointNotFoundError(missing_problem(Path(args.src)))
+    resolve(args.dst)  # a URL no backend serves is refused before anything else
+    storage, src = resolve(args.src)
+    if not storage.exists(src):
+        raise CheckpointNotFoundError(missing_problem(src))
     if args.unsafe_allow_pickle:
         print("ckptproto convert: --unsafe-allow-pickle: the source will be fully unpickled", file=sys.stderr)
     try:

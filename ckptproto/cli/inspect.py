@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 from ckptproto.cli.ls import human_size
@@ -13,6 +12,7 @@ from ckptproto.cli.paths import require_checkpoint
 from ckptproto.format import layout
 from ckptproto.format.manifest import Manifest
 from ckptproto.io.reader import read_manifest
+from ckptproto.policy.locations import resolve
 from ckptproto.tree import decode_tree
 
 
@@ -25,7 +25,7 @@ class _Tensor:
 
 def register(sub: Any) -> None:
     parser = sub.add_parser("inspect", help="show a checkpoint's tree (dtypes, shapes, sizes) and metadata")
-    parser.add_argument("path", metavar="PATH", help="checkpoint directory")
+    parser.add_argument("path", metavar="PATH", help="checkpoint directory or URL (s3://bucket/run/step_10)")
     parser.add_argument("--depth", type=int, default=None, help="show the tree only this deep")
     parser.set_defaults(run=run)
 
@@ -72,8 +72,8 @@ def _print_tree(node: Any, indent: int, depth: int | None) -> None:
 
 def run(args: argparse.Namespace) -> int:
     require_checkpoint(args.path, "inspect")
-    root = Path(args.path)
-    manifest = read_manifest(root)
+    _storage, root = resolve(args.path)
+    manifest = read_manifest(root)  # through the storage: a path or a URL
     where = str(root / layout.MANIFEST_NAME)
     state = decode_tree(manifest.state, lambda kind, index, p: _describe(manifest, kind, index), where=where)
     metadata = decode_tree(manifest.metadata, lambda kind, index, p: None, where=where)

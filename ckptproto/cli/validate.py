@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 from typing import Any
 
 
@@ -23,6 +22,10 @@ def register(sub: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     """0 when every checkpoint conforms, 1 otherwise."""
     from ckptproto.conformance.validate import RULES, validate
+    from ckptproto.policy.locations import local_only
+
+    if args.json:
+        local_only(args.json, "--json REPORT")  # refused before any checkpoint is read
 
     findings: dict[str, list[dict[str, str]]] = {}
     for path in args.paths:
@@ -37,5 +40,7 @@ def run(args: argparse.Namespace) -> int:
         for rule in sorted({v.rule for v in violations}, key=lambda r: int(r.split("-")[1])):
             print(f"  {rule}: {RULES[rule]}")
     if args.json:
-        Path(args.json).write_text(json.dumps(findings, indent=2) + "\n", encoding="utf-8")
+        local_only(args.json, "--json REPORT").write_text(
+            json.dumps(findings, indent=2) + "\n", encoding="utf-8"
+        )
     return 1 if any(findings.values()) else 0

@@ -18,14 +18,17 @@ import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeGuard
+from typing import Any, Protocol, TypeGuard
 
 from ckptproto import dtypes
-from ckptproto.errors import CheckpointFormatError
+from ckptproto.errors import CheckpointCorruptError, CheckpointFormatError, CheckpointNotFoundError
 from ckptproto.format import layout, strict_json
 from ckptproto.format.crc import parse_checksum
 from ckptproto.format.regular_file import NotRegularFileError, open_regular
 from ckptproto.format.safetensors import MAX_HEADER_BYTES, RAW_CODE
+from ckptproto.io.storage import Generation, StoredFile
+from ckptproto.location import Location
+from ckptproto.policy.locations import resolve
 from ckptproto.tree import MAX_SAFE_INT, check_tree, int_text, iter_tensor_refs
 
 MAX_MANIFEST_BYTES = 1 << 30
@@ -102,8 +105,7 @@ class Violation:
 
 
 class _Collector:
-    def __init__(self, root: Path) -> None:
-        self.root = root
+    def __init__(self) -> None:
         self.found: list[Violation] = []
 
     def add(self, rule: str, where: str, message: str, *, error: str | None = None) -> None:
@@ -130,46 +132,153 @@ def reader_verdict(violations: list[Violation]) -> str | None:
     return min(refusing, key=lambda v: (v.stage, v.error != CORRUPT)).error
 
 
-def validate(path: str | os.PathLike[str]) -> list[Violation]:
-    """Every violation of spec/FORMAT.md found in the checkpoint directory ``path`` (empty
-    when it conforms). Reads every byte once (for the checksums); never raises for bad input."""
-    root = Path(path)
-    out = _Collector(root)
-    if root.resolve().name.startswith("."):
-        out.add("F-2", str(root), "the directory name starts with '.', so it is never a checkpoint")
-    doc = _manifest(root, out)
-    if doc is None:
+def validate(path: str | os.PathLike[str] | Location) -> list[Violation]:
+    """Every violation of spec/FORMAT.md found in the checkpoint at ``path`` (a directory, or
+    an object-store URL; empty when it conforms). Reads every byte once (for the checksums);
+    never raises for bad input (a URL no storage backend serves raises CheckpointError)::
+
+        for violation in validate("checkpoints/checkpoint_step_10"):
+            print(violation)
+    """
+    storage, location = resolve(path)
+    out = _Collector()
+    if isinstance(location, Path):
+        # raw files: the file-kind and symbolic-link rules (F-1, F-4) are only visible here
+        if location.resolve().name.startswith("."):
+            out.add("F-2", str(location), "the directory name starts with '.', so it is never a checkpoint")
+        _check(_LocalFiles(location), out)
         return out.found
-    world_size = _top_level(doc, out)
-    files = _files(root, doc.get("files"), world_size, out)
-    # Every listed name (a chunk naming a listed but missing file is damage, not F-10).
-    listed: dict[str, Any] = doc["files"] if isinstance(doc.get("files"), dict) else {}
-    headers: dict[str, dict[str, _Entry] | None] = dict.fromkeys(listed)
-    headers.update({name: _header(root / name, name, size, out) for name, size in files.items()})
-    tensors = _tensors(doc.get("tensors"), files, headers, out)
-    _state(doc, tensors, out)
-    _metadata(doc, out)
+    if location.name.startswith("."):
+        out.add("F-2", str(location), "the name starts with '.', so it is never a checkpoint")
+    try:
+        generation = storage.open(location)
+    except CheckpointNotFoundError as exc:
+        out.add("F-1", str(location), f"no {layout.MANIFEST_NAME} ({exc})")
+        return out.found
+    with generation, _StoredFiles(generation) as files:
+        _check(files, out)
     return out.found
 
 
-def _manifest(root: Path, out: _Collector) -> dict[str, Any] | None:
-    where = layout.MANIFEST_NAME
-    try:
-        fd, st = open_regular(root / where)
-    except NotRegularFileError as exc:
-        if exc.kind == "symbolic link":
-            out.add("F-4", where, "is a symbolic link", error=NOT_FOUND)
-        else:
-            out.add("F-1", where, f"is a {exc.kind}, not a regular file")
-        return None
-    except OSError as exc:
-        out.add("F-1", str(root), f"no {where} ({exc.strerror})")
-        return None
-    with os.fdopen(fd, "rb") as f:
-        if st.st_size > MAX_MANIFEST_BYTES:
-            out.add("F-33", where, f"{st.st_size} bytes, over the {MAX_MANIFEST_BYTES}-byte limit")
+def _check(files: _Files, out: _Collector) -> None:
+    doc = _manifest(files, out)
+    if doc is None:
+        return
+    world_size = _top_level(doc, out)
+    sizes = _files(files, doc.get("files"), world_size, out)
+    # Every listed name (a chunk naming a listed but missing file is damage, not F-10).
+    listed: dict[str, Any] = doc["files"] if isinstance(doc.get("files"), dict) else {}
+    headers: dict[str, dict[str, _Entry] | None] = dict.fromkeys(listed)
+    headers.update({name: _header(files, name, size, out) for name, size in sizes.items()})
+    tensors = _tensors(doc.get("tensors"), sizes, headers, out)
+    _state(doc, tensors, out)
+    _metadata(doc, out)
+
+
+class _Files(Protocol):
+    """The manifest and data files of one checkpoint, as the validator reads them."""
+
+    def manifest(self, out: _Collector) -> bytes | None:
+        """The manifest's bytes, or None after reporting why there are none."""
+        ...
+
+    def size(self, name: str, out: _Collector) -> int | None:
+        """The size of data file ``name``, or None after reporting it missing or not a file."""
+        ...
+
+    def read(self, name: str, offset: int, n: int) -> bytes:
+        """Up to ``n`` bytes of data file ``name`` from ``offset`` (after ``size``)."""
+        ...
+
+
+class _LocalFiles:
+    """A local checkpoint directory, read raw (never following a symbolic link)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def manifest(self, out: _Collector) -> bytes | None:
+        where = layout.MANIFEST_NAME
+        try:
+            fd, st = open_regular(self.root / where)
+        except NotRegularFileError as exc:
+            if exc.kind == "symbolic link":
+                out.add("F-4", where, "is a symbolic link", error=NOT_FOUND)
+            else:
+                out.add("F-1", where, f"is a {exc.kind}, not a regular file")
             return None
-        data = f.read()
+        except OSError as exc:
+            out.add("F-1", str(self.root), f"no {where} ({exc.strerror})")
+            return None
+        with os.fdopen(fd, "rb") as f:
+            if st.st_size > MAX_MANIFEST_BYTES:
+                out.add("F-33", where, f"{st.st_size} bytes, over the {MAX_MANIFEST_BYTES}-byte limit")
+                return None
+            return f.read()
+
+    def size(self, name: str, out: _Collector) -> int | None:
+        try:
+            st = os.stat(self.root / name, follow_symlinks=False)
+        except OSError:
+            out.add("F-8", name, "listed in the manifest but missing", error=CORRUPT)
+            return None
+        if not stat.S_ISREG(st.st_mode):
+            out.add("F-4", name, "a symbolic link" if stat.S_ISLNK(st.st_mode) else "not a regular file")
+            return None
+        return st.st_size
+
+    def read(self, name: str, offset: int, n: int) -> bytes:
+        with open(self.root / name, "rb") as f:
+            f.seek(offset)
+            return f.read(n)
+
+
+class _StoredFiles:
+    """One pinned generation of a checkpoint in a storage backend (an object store)."""
+
+    def __init__(self, generation: Generation) -> None:
+        self.generation = generation
+        self.opened: dict[str, StoredFile] = {}
+
+    def manifest(self, out: _Collector) -> bytes | None:
+        try:
+            return self.generation.read_manifest()
+        except CheckpointNotFoundError as exc:
+            out.add("F-1", str(self.generation.location), f"no {layout.MANIFEST_NAME} ({exc})")
+        except CheckpointFormatError as exc:  # over MAX_MANIFEST_BYTES
+            out.add("F-33", layout.MANIFEST_NAME, str(exc))
+        return None
+
+    def size(self, name: str, out: _Collector) -> int | None:
+        try:
+            stored = self.generation.open_file(name)
+        except CheckpointCorruptError:
+            out.add("F-8", name, "listed in the manifest but missing", error=CORRUPT)
+            return None
+        except CheckpointFormatError as exc:
+            out.add("F-4", name, f"not a regular file ({exc})")
+            return None
+        self.opened[name] = stored
+        return stored.size
+
+    def read(self, name: str, offset: int, n: int) -> bytes:
+        buffer = bytearray(n)
+        got = self.opened[name].read_into(offset, [memoryview(buffer)])
+        return bytes(buffer[:got])
+
+    def __enter__(self) -> _StoredFiles:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for stored in self.opened.values():
+            stored.close()
+
+
+def _manifest(files: _Files, out: _Collector) -> dict[str, Any] | None:
+    where = layout.MANIFEST_NAME
+    data = files.manifest(out)
+    if data is None:
+        return None
     if _CHECKSUM_LIKE.match(data):  # F-36, on the raw bytes: damage may not even parse
         own = _OWN_CHECKSUM.match(data)
         if own is None or int(own.group(1), 16) != zlib.crc32(
@@ -212,7 +321,7 @@ def _top_level(doc: dict[str, Any], out: _Collector) -> int:
     return world_size
 
 
-def _files(root: Path, doc: Any, world_size: int, out: _Collector) -> dict[str, int]:
+def _files(files: _Files, doc: Any, world_size: int, out: _Collector) -> dict[str, int]:
     """Listed, well-formed data files that exist with the right size and checksum: name -> size."""
     m = layout.MANIFEST_NAME
     if not isinstance(doc, dict):
@@ -240,21 +349,14 @@ def _files(root: Path, doc: Any, world_size: int, out: _Collector) -> dict[str, 
             out.add("F-7", where, 'no "rank"', error=WRITER_ONLY)
         elif type(rank) is not int or rank < 0:
             out.add("F-8", where, f"rank {_show(rank)} is not an integer >= 0")
-        try:
-            st = os.stat(root / name, follow_symlinks=False)
-        except OSError:
-            out.add("F-8", name, "listed in the manifest but missing", error=CORRUPT)
-            continue
-        if not stat.S_ISREG(st.st_mode):
-            out.add("F-4", name, "a symbolic link" if stat.S_ISLNK(st.st_mode) else "not a regular file")
-            continue
-        if not ok:
+        stored_size = files.size(name, out)
+        if stored_size is None or not ok:
             continue
         assert isinstance(size, int) and crc is not None
-        if st.st_size != size:
-            out.add("F-8", name, f"{st.st_size} bytes on disk, {_show(size)} in the manifest", error=CORRUPT)
+        if stored_size != size:
+            out.add("F-8", name, f"{stored_size} bytes stored, {_show(size)} in the manifest", error=CORRUPT)
             continue
-        actual = _crc(root / name)
+        actual = _crc(files, name, size)
         if actual != crc:
             out.add(
                 "F-26", name, f"CRC-32 is crc32:{actual:08x}, the manifest says {checksum}", error=CORRUPT
@@ -263,11 +365,10 @@ def _files(root: Path, doc: Any, world_size: int, out: _Collector) -> dict[str, 
     return good
 
 
-def _crc(path: Path) -> int:
+def _crc(files: _Files, name: str, size: int) -> int:
     crc = 0
-    with open(path, "rb") as f:
-        while block := f.read(_BLOCK):
-            crc = zlib.crc32(block, crc)
+    for offset in range(0, size, _BLOCK):
+        crc = zlib.crc32(files.read(name, offset, min(_BLOCK, size - offset)), crc)
     return crc
 
 
@@ -278,21 +379,20 @@ class _Entry:
     nbytes: int
 
 
-def _header(path: Path, name: str, size: int, out: _Collector) -> dict[str, _Entry] | None:
-    with open(path, "rb") as f:
-        prefix = f.read(8)
-        if len(prefix) < 8:
-            out.add("F-22", name, "shorter than the 8-byte header length")
-            return None
-        n = struct.unpack("<Q", prefix)[0]
-        if n > MAX_HEADER_BYTES or 8 + n > size:
-            out.add(
-                "F-22",
-                name,
-                f"header length {n} exceeds the file ({size} bytes) or the {MAX_HEADER_BYTES}-byte limit",
-            )
-            return None
-        raw = f.read(n)
+def _header(files: _Files, name: str, size: int, out: _Collector) -> dict[str, _Entry] | None:
+    prefix = files.read(name, 0, 8)
+    if len(prefix) < 8:
+        out.add("F-22", name, "shorter than the 8-byte header length")
+        return None
+    n = struct.unpack("<Q", prefix)[0]
+    if n > MAX_HEADER_BYTES or 8 + n > size:
+        out.add(
+            "F-22",
+            name,
+            f"header length {n} exceeds the file ({size} bytes) or the {MAX_HEADER_BYTES}-byte limit",
+        )
+        return None
+    raw = files.read(name, 8, n)
     try:
         obj = strict_json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError, CheckpointFormatError) as exc:

@@ -33,7 +33,8 @@ and ``metrics: {monitor: value}``, so ``ckptproto.find_checkpoints`` ranks them 
   (``checkpoint_every_n_val_epochs``) is saved before ``current_epoch`` advances, so resuming
   from it replays that epoch from its first batch. ``checkpoint_every_n_train_epochs`` saves at
   the start of the next epoch and resumes exactly.
-* S3 roots (``s3://``) are refused: ckptproto writes to filesystems.
+* S3 roots (``s3://``) are refused here (Dream Trainer's own S3 storage keys its checkpoints
+  differently); ``ckptproto.find_checkpoints``/``ckptproto.CheckpointCallback`` take s3:// roots.
 """
 
 from __future__ import annotations
@@ -66,6 +67,8 @@ from ckptproto.io import commit
 from ckptproto.io.async_save import AsyncSaver, SaveFuture, StagingMode
 from ckptproto.io.reader import read_manifest
 from ckptproto.io.sync import load_into, read_info, save
+from ckptproto.location import Location
+from ckptproto.policy.locations import as_arg, resolve
 from ckptproto.tree import decode_tree, join_path
 
 __all__ = [
@@ -92,12 +95,12 @@ class FoundCheckpoint(Checkpoint):
     """A Dream Trainer ``Checkpoint`` found on disk: its directory, and whether it is a DCP one
     written by Dream Trainer itself (``legacy``). Orders and compares as Dream Trainer's."""
 
-    path: Path
+    path: Location
     legacy: bool = False
 
 
 def find_checkpoints(
-    checkpoint_dir: str | os.PathLike[str], mode: Literal["min", "max", "last"] = "last"
+    checkpoint_dir: str | os.PathLike[str] | Location, mode: Literal["min", "max", "last"] = "last"
 ) -> list[FoundCheckpoint]:
     """The checkpoints in one Dream Trainer checkpoint directory, ordered as Dream Trainer's
     ``find_checkpoints`` orders them (``"last"``: newest step first; ``"min"``/``"max"``: by
@@ -109,30 +112,26 @@ def find_checkpoints(
     A directory whose manifest cannot be read (damaged, or still being written by another
     process) is skipped with a warning in the log.
     """
-    root = Path(checkpoint_dir)
+    storage, root = resolve(checkpoint_dir)
     found: list[FoundCheckpoint] = []
-    try:
-        entries = sorted(os.scandir(root), key=lambda e: e.name)
-    except FileNotFoundError:
-        return []
-    for entry in entries:
-        if layout.is_hidden(entry.name) or not entry.is_dir(follow_symlinks=False):
+    for entry in storage.entries(root):
+        if layout.is_hidden(entry.name) or not entry.is_dir:
             continue
         path = root / entry.name
-        if (path / layout.MANIFEST_NAME).exists():
+        if storage.exists(path / layout.MANIFEST_NAME):
             checkpoint = _from_manifest(path)
             if checkpoint is not None:
                 found.append(checkpoint)
-        elif (path / _DCP_METADATA).is_file() and (match := _NAME.search(entry.name)):
+        elif storage.exists(path / _DCP_METADATA) and (match := _NAME.search(entry.name)):
             step, metric = int(match.group(1)), float(match.group(2).replace("_", "."))
             found.append(FoundCheckpoint(step=step, metric=metric, path=path, legacy=True))
     ordered = sort_checkpoints(list(found), mode)
     return [c for c in ordered if isinstance(c, FoundCheckpoint)]
 
 
-def _from_manifest(path: Path) -> FoundCheckpoint | None:
+def _from_manifest(path: Location) -> FoundCheckpoint | None:
     try:
-        info = read_info(path)
+        info = read_info(as_arg(path))
     except CheckpointError as exc:
         logger.warning(f"skipping {path}: {exc}")
         return None
@@ -298,6 +297,7 @@ class CheckpointCallback(_DreamCheckpointCallback):
 
     def _checkpoint_path(self, checkpoint: Checkpoint) -> Path:
         if isinstance(checkpoint, FoundCheckpoint):
+            assert isinstance(checkpoint.path, Path), "__init__ refuses s3:// roots"
             return checkpoint.path
         return Path(self.root_dir) / str(checkpoint.checkpoint_id)
 
@@ -307,11 +307,12 @@ class CheckpointCallback(_DreamCheckpointCallback):
         return list(find_checkpoints(Path(self.root_dir), order))
 
     def _discard(self, checkpoint: Checkpoint) -> None:
-        """Retention: rename out of sight first (atomic), then delete."""
-        path = self._checkpoint_path(checkpoint)
+        """Retention: through the storage, which makes it stop being a checkpoint first
+        (locally: renamed out of sight, atomically), then deletes it."""
+        storage, path = resolve(self._checkpoint_path(checkpoint))
         logger.info(f"Purging checkpoint {checkpoint.checkpoint_id}")
         try:
-            commit.discard(path)
+            storage.remove(path)
         except CheckpointError as exc:
             logger.warning(str(exc))
 
@@ -364,6 +365,7 @@ class AsyncCheckpointCallback(_DreamAsyncCheckpointCallback, CheckpointCallback)
         if not self.trainer.world.is_global_zero:
             return
         for checkpoint in self._stale_checkpoints():
+            # local only (__init__ refuses s3:// roots): hidden now, deleted by the purge thread
             path = self._checkpoint_path(checkpoint)
             try:
                 hidden = commit.hide(path)

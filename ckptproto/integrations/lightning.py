@@ -10,7 +10,8 @@ ckptproto checkpoint directory at the path Lightning chose (``epoch=0-step=10.ck
 free of pickle, with ckptproto's canonical ``trainer`` section (``global_step``,
 ``current_epoch``) added beside Lightning's own keys so ckptproto's tools see the step (it is
 removed again on load). Resuming (``ckpt_path="last"``, ``"best"`` or a path) and top-k deletion work
-as with Lightning's own format.
+as with Lightning's own format. A path may be an object-store URL (``s3://bucket/run/last.ckpt``):
+the plugin saves, loads and removes checkpoints there through ckptproto's storage backends.
 
 Lightning's checkpoint dict is mostly legal ckptproto state (tensors, ints, strings, lists of
 optimizer and scheduler state dicts). The values that are not — found in ``hyper_parameters``
@@ -35,9 +36,9 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
-import os
 import pathlib
 import pickle
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -57,8 +58,8 @@ from ckptproto.errors import (
     PickleRefusedError,
     UnsupportedValueError,
 )
-from ckptproto.io import commit
 from ckptproto.io.sync import load, save
+from ckptproto.policy.locations import as_arg, local_only, resolve
 from ckptproto.tree import join_path
 
 MARKER = "__ckptproto_type__"
@@ -257,15 +258,15 @@ class CkptprotoCheckpointIO(CheckpointIO):  # type: ignore[misc, unused-ignore]
         for key, name in (("global_step", "step"), ("epoch", "epoch")):
             if type(checkpoint.get(key)) is int:
                 metadata[name] = checkpoint[key]
-        target = Path(os.fspath(path))
+        _storage, target = resolve(path)
         if self.async_save:
             if self._saver is None:
                 from ckptproto.io.async_save import AsyncSaver
 
                 self._saver = AsyncSaver(max_pending=self.max_pending)
-            self._futures.append(self._saver.save(state, target, metadata=metadata, overwrite=True))
+            self._futures.append(self._saver.save(state, as_arg(target), metadata=metadata, overwrite=True))
         else:
-            save(state, target, metadata=metadata, overwrite=True)
+            save(state, as_arg(target), metadata=metadata, overwrite=True)
 
     def load_checkpoint(
         self, path: Any, map_location: Any | None = None, weights_only: bool | None = None
@@ -280,29 +281,40 @@ class CkptprotoCheckpointIO(CheckpointIO):  # type: ignore[misc, unused-ignore]
         import torch
 
         self.wait()
-        root = Path(os.fspath(path))
-        if not root.exists():
+        storage, root = resolve(path)
+        if not storage.exists(root):
             raise CheckpointNotFoundError(f"checkpoint at {root} not found")
-        if root.is_file():  # a Lightning .ckpt written by torch.save, from before the switch
+        if root.is_file() if isinstance(root, Path) else not storage.entries(root):
+            # a Lightning .ckpt written by torch.save, from before the switch (local files only)
             from ckptproto.interop import torch_save
 
-            return torch_save.read(root, allow_pickle=self.unsafe_allow_pickle)
+            local = local_only(root, "reading a Lightning .ckpt file (torch.save)")
+            return torch_save.read(local, allow_pickle=self.unsafe_allow_pickle)
         device = map_location if isinstance(map_location, (str, torch.device)) else None
-        state = load(root, map_location=device)
+        state = load(as_arg(root), map_location=device)
         remove_trainer_section(state)
         return decode_checkpoint(state, allow_pickle=self.unsafe_allow_pickle, where=str(root))
 
     def remove_checkpoint(self, path: Any) -> None:
-        """Remove a checkpoint (waiting for a pending save of it first): it is renamed to a
-        hidden name, so it is never seen half-deleted, then deleted."""
-        target = Path(os.fspath(path))
+        """Remove a checkpoint (waiting for a pending save of it first) through its storage, so
+        it is never seen half-deleted (locally: renamed to a hidden name, then deleted). A
+        local file (an old ``.ckpt``) is unlinked; at a URL, only a ckptproto checkpoint is
+        removed (anything else there is left, with a warning)."""
+        storage, target = resolve(path)
         if any(f.path == target for f in self._futures if not f.done()):
             self.wait()
-        if target.is_dir() and not target.is_symlink():
-            commit.discard(target)
-        else:
+        if isinstance(target, Path) and (target.is_symlink() or not target.is_dir()):
             with contextlib.suppress(FileNotFoundError):
                 target.unlink()
+        elif isinstance(target, Path) or storage.is_committed(target):
+            storage.remove(target)
+        elif storage.exists(target):
+            warnings.warn(
+                f"CkptprotoCheckpointIO.remove_checkpoint: {target} is not a ckptproto checkpoint; "
+                "not removing it",
+                RuntimeWarning,
+                stacklevel=2,
+            )
 
     def wait(self) -> None:
         """Block until every pending async save is committed; raise the first failure."""

@@ -7,6 +7,10 @@
     convert("model.pt", "checkpoints/model", to="ckptproto")          # torch.save -> ckptproto
     convert("checkpoints/model", "model.safetensors", to="safetensors")
     convert("dcp_dir", "checkpoints/step_100", to="ckptproto")
+    convert("s3://bucket/run/step_100", "model.pt", to="torch")          # object stores too
+
+A ckptproto checkpoint may be at an object-store URL on either side (it is read and written
+through ``ckptproto.load``/``ckptproto.save``); the other formats are local files only.
 
 The source format is detected from what is at ``src`` (or given as ``source_format``). Tensors
 stream: the source is memory-mapped where its format allows (ckptproto, torch.save zip files,
@@ -23,18 +27,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TextIO, get_args
 
-from ckptproto.errors import CheckpointFormatError, CheckpointNotFoundError
+from ckptproto.errors import CheckpointError, CheckpointFormatError, CheckpointNotFoundError
 from ckptproto.format import layout
 from ckptproto.format.regular_file import NotRegularFileError, open_regular
 from ckptproto.interop import dcp, flat_safetensors, torch_save
 from ckptproto.interop.plain import plain_values
 from ckptproto.interop.progress import Progress
 from ckptproto.io import sync
+from ckptproto.location import ObjectLocation
+from ckptproto.policy.locations import Location, LocationLike, as_arg, local_only, resolve
 from ckptproto.tree import encode_state
 
 Format = Literal["ckptproto", "torch", "safetensors", "dcp"]
 FORMATS: tuple[str, ...] = get_args(Format)
-PathLike = str | os.PathLike[str]
+PathLike = LocationLike
 
 
 @dataclass(frozen=True)
@@ -44,16 +50,19 @@ class ConversionResult:
 
     source_format: str
     target_format: str
-    destination: Path
+    destination: Location
     tensors: int
     nbytes: int
     notes: tuple[str, ...] = field(default=())
 
 
-def detect_format(path: PathLike) -> Format:
+def detect_format(path: LocationLike) -> Format:
     """Which format is at ``path``: a ckptproto directory (``manifest.json``), a DCP directory
-    (``.metadata``), a zip or pickle written by ``torch.save``, or a safetensors file."""
-    p = Path(path)
+    (``.metadata``), a zip or pickle written by ``torch.save``, or a safetensors file (at an
+    object-store URL: a ckptproto checkpoint, or CheckpointFormatError)."""
+    _storage, p = resolve(path)
+    if isinstance(p, ObjectLocation):
+        return _object_source_format(p, None)
     if p.is_dir():
         if (p / layout.MANIFEST_NAME).is_file():
             return "ckptproto"
@@ -80,9 +89,10 @@ def detect_format(path: PathLike) -> Format:
     )
 
 
-def _read(src: Path, fmt: str, allow_pickle: bool) -> dict[str, Any]:
+def _read(src: Location, fmt: str, allow_pickle: bool) -> dict[str, Any]:
     if fmt == "ckptproto":
-        return sync.load(src, mmap=True, verify=True)
+        return sync.load(as_arg(src), mmap=True, verify=True)
+    src = local_only(src, f"reading a {fmt} checkpoint")
     if fmt == "torch":
         return torch_save.read(src, allow_pickle=allow_pickle)
     if fmt == "safetensors":
@@ -90,12 +100,30 @@ def _read(src: Path, fmt: str, allow_pickle: bool) -> dict[str, Any]:
     return dcp.read(src, allow_pickle=allow_pickle)
 
 
-def _ckptproto_write(state: dict[str, Any], dst: Path, *, overwrite: bool) -> Path:
-    sync.save(state, dst, overwrite=overwrite)
+def _ckptproto_write(state: dict[str, Any], dst: Location, *, overwrite: bool) -> Location:
+    sync.save(state, as_arg(dst), overwrite=overwrite)
     return dst
 
 
-_WRITERS: dict[str, Callable[..., Path]] = {
+def _object_source_format(src: ObjectLocation, source_format: Format | None) -> Format:
+    """The format at an object-store ``src``: only a ckptproto checkpoint is read from there."""
+    storage, _ = resolve(src)
+    if source_format not in (None, "ckptproto"):
+        raise CheckpointError(
+            f"{src}: a {source_format} checkpoint is converted from a local file, not a "
+            f"{src.scheme}:// URL; download it first"
+        )
+    if storage.is_committed(src):
+        return "ckptproto"
+    if not storage.exists(src):
+        raise CheckpointNotFoundError(f"{src} does not exist")
+    raise CheckpointFormatError(
+        f"{src} is not a ckptproto checkpoint (no {layout.MANIFEST_NAME}); other formats are "
+        "converted from local files: download it first"
+    )
+
+
+_WRITERS: dict[str, Callable[..., Location]] = {
     "ckptproto": _ckptproto_write,
     "torch": torch_save.write,
     "safetensors": flat_safetensors.write,
@@ -104,8 +132,8 @@ _WRITERS: dict[str, Callable[..., Path]] = {
 
 
 def convert(
-    src: PathLike,
-    dst: PathLike,
+    src: LocationLike,
+    dst: LocationLike,
     *,
     to: Format,
     source_format: Format | None = None,
@@ -115,7 +143,9 @@ def convert(
     progress_stream: TextIO | None = None,
     keep_numpy: bool = False,
 ) -> ConversionResult:
-    """Convert the checkpoint at ``src`` into format ``to`` at ``dst``.
+    """Convert the checkpoint at ``src`` into format ``to`` at ``dst``. A ckptproto checkpoint
+    may be at an object-store URL (``s3://bucket/run/step_10``), either side; torch.save,
+    safetensors and DCP are local files (a URL for them raises CheckpointError).
 
     ``allow_pickle=True`` lets torch.save files (and DCP values) be fully unpickled: only for
     files you trust, since unpickling can run arbitrary code. ``progress``: draw a progress
@@ -130,11 +160,19 @@ def convert(
     """
     if to not in FORMATS:
         raise ValueError(f"to must be one of {', '.join(FORMATS)}, got {to!r}")
-    src_path, dst_path = Path(src), Path(dst).absolute()
-    fmt = source_format or detect_format(src_path)
+    _src_storage, src_path = resolve(src)
+    _dst_storage, dst_path = resolve(dst)
+    if isinstance(dst_path, Path):
+        dst_path = dst_path.absolute()
+    elif to != "ckptproto":
+        local_only(dst_path, f"writing a {to} checkpoint")
+    if isinstance(src_path, ObjectLocation):
+        fmt = _object_source_format(src_path, source_format)
+    else:
+        fmt = source_format or detect_format(src_path)
     if fmt not in FORMATS:
         raise ValueError(f"source_format must be one of {', '.join(FORMATS)}, got {fmt!r}")
-    if src_path.absolute() == dst_path:
+    if (src_path.absolute() if isinstance(src_path, Path) else src_path) == dst_path:
         raise CheckpointFormatError(f"{dst_path}: source and destination are the same path")
     state = _read(src_path, fmt, allow_pickle)
     notes: list[str] = []
@@ -146,6 +184,8 @@ def convert(
     prefix = f".{dst_path.name}{layout.TEMP_MARKER}"
 
     def in_flight() -> list[Path]:
+        if not isinstance(dst_path, Path):
+            return []  # an object store's upload is not watched: the bar jumps when it ends
         try:
             return [p for p in dst_path.parent.iterdir() if p.name.startswith(prefix)]
         except OSError:

@@ -28,7 +28,14 @@ def resolve(location: str | os.PathLike[str] | Location) -> tuple[Storage, Locat
 
 
 def _object_storage(location: ObjectLocation) -> Storage:
+    if location.scheme == "s3":
+        # Imported here: the module is light, but its client library is an optional extra
+        # that it imports only when a request is made.
+        from ckptproto.io import s3_storage
+
+        return s3_storage.S3
     raise CheckpointError(
         f"{location}: no storage backend for {location.scheme}:// URLs; ckptproto saves to file "
-        "systems only: mount the bucket (e.g. mountpoint-s3, gcsfuse) and pass the mounted path"
+        "systems and s3:// (S3-compatible) stores only: mount the bucket (e.g. gcsfuse) and pass "
+        "the mounted path"
     )

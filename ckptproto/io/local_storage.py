@@ -17,6 +17,7 @@ from pathlib import Path
 from ckptproto.errors import CheckpointError
 from ckptproto.format import layout
 from ckptproto.format.manifest import FileEntry
+from ckptproto.format.regular_file import open_regular
 from ckptproto.io import commit, local_read, sweep, writer
 from ckptproto.io.plan import FilePlan
 from ckptproto.io.storage import Generation, Listed
@@ -68,7 +69,9 @@ class LocalStorage:
         return sorted(found, key=lambda e: e.name)
 
     def read_head(self, location: Location, size: int) -> bytes:
-        with open(_path(location), "rb") as f:
+        # open_regular, not open(): sniffing a FIFO would block; a symbolic link is not followed
+        fd, _st = open_regular(_path(location))
+        with os.fdopen(fd, "rb") as f:
             return f.read(size)
 
     def remove(self, location: Location) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import zlib
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from ckptproto.errors import CheckpointWriteError
@@ -17,24 +17,50 @@ from ckptproto.io.plan import FilePlan
 def _write_batch(fd: int, offset: int, views: list[memoryview]) -> tuple[int, int]:
     threads.pwritev_all(fd, views, offset)
     threads.start_writeback(fd, offset, sum(len(v) for v in views))
+    return crc_of(views)
+
+
+def crc_of(views: Sequence[memoryview]) -> tuple[int, int]:
+    """CRC-32 and length of the bytes of ``views`` one after another (zlib releases the GIL:
+    callers run this on pool threads, one range each, and combine with :func:`file_entry`)."""
     crc = 0
     for view in views:
         crc = zlib.crc32(view, crc)
     return crc, sum(len(v) for v in views)
 
 
-def write_file(directory: Path, plan: FilePlan, sources: Sequence[memoryview]) -> FileEntry:
-    """Write one data file of ``plan`` into ``directory`` and fsync it. ``sources[i]`` holds the
-    bytes of the piece whose ``source`` is ``i``. Returns its manifest entry (size, CRC)."""
-    path = directory / plan.name
+def piece_ranges(plan: FilePlan, sources: Sequence[memoryview], where: str) -> list[tuple[int, memoryview]]:
+    """``(offset in the file, bytes)`` of every piece of ``plan``, sorted by offset, each
+    checked against its planned size (every backend writes a FilePlan from these)."""
     ranges = []
     for placement in plan.placements:
         view = sources[placement.piece.source]
         if len(view) != placement.piece.nbytes:
             raise CheckpointWriteError(
-                f"{path}: {placement.piece.key} has {len(view)} bytes, planned {placement.piece.nbytes}"
+                f"{where}: {placement.piece.key} has {len(view)} bytes, planned {placement.piece.nbytes}"
             )
         ranges.append((placement.begin, view))
+    ranges.sort(key=lambda r: r[0])
+    return ranges
+
+
+def file_entry(plan: FilePlan, parts: Iterable[tuple[int, int]]) -> FileEntry:
+    """The manifest entry of a written file from the ``(crc, length)`` of its consecutive
+    parts, header first, in file order."""
+    crc, total = 0, 0
+    for part_crc, length in parts:
+        crc = crc32_combine(crc, part_crc, length)
+        total += length
+    if total != plan.size:
+        raise CheckpointWriteError(f"{plan.name}: {total} bytes written, planned {plan.size}")
+    return FileEntry(plan.size, format_checksum(crc), plan.rank)
+
+
+def write_file(directory: Path, plan: FilePlan, sources: Sequence[memoryview]) -> FileEntry:
+    """Write one data file of ``plan`` into ``directory`` and fsync it. ``sources[i]`` holds the
+    bytes of the piece whose ``source`` is ``i``. Returns its manifest entry (size, CRC)."""
+    path = directory / plan.name
+    ranges = piece_ranges(plan, sources, str(path))
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
     except OSError as exc:
@@ -43,15 +69,13 @@ def write_file(directory: Path, plan: FilePlan, sources: Sequence[memoryview]) -
         threads.pwritev_all(fd, [memoryview(plan.header)], 0)
         pool = threads.pool()
         futures = [pool.submit(_write_batch, fd, at, views) for at, views in threads.batches(ranges)]
-        crc = zlib.crc32(plan.header)
-        for batch_crc, length in threads.gather(futures):
-            crc = crc32_combine(crc, batch_crc, length)
+        parts = [crc_of([memoryview(plan.header)]), *threads.gather(futures)]
         os.fsync(fd)
     except OSError as exc:
         raise CheckpointWriteError(f"writing {path} failed: {exc}") from exc
     finally:
         os.close(fd)
-    return FileEntry(plan.size, format_checksum(crc), plan.rank)
+    return file_entry(plan, parts)
 
 
 def write_small_file(directory: Path, name: str, data: bytes) -> None:

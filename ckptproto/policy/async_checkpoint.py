@@ -6,13 +6,13 @@ import logging
 import threading
 import warnings
 from concurrent.futures import Future
-from pathlib import Path
 from typing import Any
 
 from ckptproto.format.info import CheckpointInfo
 from ckptproto.io.async_save import AsyncSaver, SaveFuture, StagingMode
 from ckptproto.io.coordinate import LOCAL, resolve_group
 from ckptproto.policy.checkpoint import CheckpointCallback
+from ckptproto.policy.locations import Location, as_arg
 from ckptproto.policy.params import CheckpointParameters
 from ckptproto.policy.retention import Kept
 
@@ -58,7 +58,7 @@ class AsyncCheckpointCallback(CheckpointCallback):
         self._saver = saver
         self._own_saver = saver is None
         self._futures: list[tuple[SaveFuture, Kept, threading.Event]] = []
-        self.failed: list[tuple[Path, BaseException]] = []
+        self.failed: list[tuple[Location | str, BaseException]] = []
 
     @property
     def saver(self) -> AsyncSaver:
@@ -78,11 +78,13 @@ class AsyncCheckpointCallback(CheckpointCallback):
         return saver
 
     def _write(
-        self, path: Path, metadata: dict[str, Any], overwrite: bool, record: Kept, evicted: list[Kept]
+        self, path: Location, metadata: dict[str, Any], overwrite: bool, record: Kept, evicted: list[Kept]
     ) -> None:
         self._futures = [item for item in self._futures if not item[2].is_set()]
         try:
-            future = self._bound_saver().save(self.trainer, path, metadata=metadata, overwrite=overwrite)
+            future = self._bound_saver().save(
+                self.trainer, as_arg(path), metadata=metadata, overwrite=overwrite
+            )
         except BaseException:
             self._failed(record, evicted)
             raise
@@ -99,7 +101,7 @@ class AsyncCheckpointCallback(CheckpointCallback):
             if exc is not None:
                 self._failed(record, evicted)
                 with self._lock:
-                    self.failed.append((Path(str(getattr(future, "path", "?"))), exc))
+                    self.failed.append((getattr(future, "path", "?"), exc))
                 return
             self._committed(record, evicted)
         except BaseException as exc:

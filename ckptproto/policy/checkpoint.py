@@ -18,9 +18,11 @@ from typing import Any
 from ckptproto.errors import CheckpointError, CheckpointFormatError, MonitorNotFoundError, StateMismatchError
 from ckptproto.format.info import CheckpointInfo
 from ckptproto.io.sync import load_into, save
+from ckptproto.location import ObjectLocation
 from ckptproto.policy.agree import from_rank0, gather
 from ckptproto.policy.callbacks import Callback, TrainerLike
 from ckptproto.policy.discovery import foreign_checkpoints, is_finite, order, scan
+from ckptproto.policy.locations import Location, LocationLike, as_arg, resolve
 from ckptproto.policy.params import CheckpointParameters
 from ckptproto.policy.retention import Kept, applies_retention, delete_checkpoint, owned_by, select_kept
 from ckptproto.protocol import CALLBACKS, TRAINER
@@ -76,6 +78,7 @@ class CheckpointCallback(Callback[TrainerLike]):
 
         callback = CheckpointCallback(CheckpointParameters(root_dir="./checkpoints",
                                                            monitor="val_loss", keep_top_k=3))
+        callback = CheckpointCallback(root_dir="s3://bucket/run")   # an object store alike
 
     When it saves (``should_save``, which subclasses may override; ``self._current_metric``
     holds the value of ``monitor`` measured for the current state, or None):
@@ -104,7 +107,7 @@ class CheckpointCallback(Callback[TrainerLike]):
         elif params:
             raise TypeError("pass a CheckpointParameters or keyword parameters, not both")
         self.config = config
-        self.root = Path(config.root_dir)
+        self.storage, self.root = resolve(config.root_dir)
         self.run_id = uuid.uuid4().hex
         self._metric: tuple[float | None, int | None] = (None, None)  # monitor: (value, step measured)
         self._metrics: dict[str, float] = {}  # latest value of every metric
@@ -118,8 +121,8 @@ class CheckpointCallback(Callback[TrainerLike]):
         self._previous_handler: Any = None
         self._saved_step: int | None = None  # global_step of the state last saved or resumed from
         self.should_stop = False
-        self.resumed_from: Path | None = None
-        self.last_saved: Path | None = None
+        self.resumed_from: Location | None = None
+        self.last_saved: Location | None = None
 
     # -- hooks -------------------------------------------------------------------------------
 
@@ -288,8 +291,8 @@ class CheckpointCallback(Callback[TrainerLike]):
 
     # -- saving ------------------------------------------------------------------------------
 
-    def save(self) -> Path:
-        """Save the trainer now, as ``root_dir/checkpoint_step_{global_step}``; returns the path.
+    def save(self) -> Location:
+        """Save the trainer now, as ``root_dir/checkpoint_step_{global_step}``; returns where.
 
         Its score is ``self._current_metric`` (rank 0's under torch.distributed). A second
         save at the same step replaces this run's checkpoint of that step atomically (no
@@ -337,7 +340,7 @@ class CheckpointCallback(Callback[TrainerLike]):
             path = self.root / name
             if name in kept:
                 return name, True
-            if not path.exists() and not path.is_symlink():
+            if not self.storage.exists(path):
                 return name, False
             if owned_by(path, self.run_id):
                 return name, True
@@ -366,10 +369,10 @@ class CheckpointCallback(Callback[TrainerLike]):
             return replaced + evicted
 
     def _write(
-        self, path: Path, metadata: dict[str, Any], overwrite: bool, record: Kept, evicted: list[Kept]
+        self, path: Location, metadata: dict[str, Any], overwrite: bool, record: Kept, evicted: list[Kept]
     ) -> None:
         try:
-            save(self.trainer, path, metadata=metadata, overwrite=overwrite)
+            save(self.trainer, as_arg(path), metadata=metadata, overwrite=overwrite)
         except BaseException:
             self._failed(record, evicted)
             raise
@@ -402,7 +405,7 @@ class CheckpointCallback(Callback[TrainerLike]):
 
     # -- resuming ----------------------------------------------------------------------------
 
-    def resume(self) -> Path | None:
+    def resume(self) -> Location | None:
         """Restore the trainer per ``resume_mode``; returns the checkpoint used (None: fresh).
 
         "latest"/"best" try checkpoints newest/best first; a corrupt, partial or unreadable
@@ -414,7 +417,7 @@ class CheckpointCallback(Callback[TrainerLike]):
         mode = self.config.resume_mode
         if mode is None:
             return None
-        if isinstance(mode, Path):
+        if isinstance(mode, (Path, ObjectLocation)):  # an explicit checkpoint: it must load
             self.load(mode)
             return mode
         candidates, foreign = from_rank0(self._candidates(mode), "the checkpoints to resume from")
@@ -475,12 +478,16 @@ class CheckpointCallback(Callback[TrainerLike]):
         ordered = order(records, "best" if mode == "best" else "latest", metric_mode)
         return [r.name for r in ordered], foreign
 
-    def load(self, path: str | Path) -> CheckpointInfo:
-        """Restore the trainer (and this callback's state) from the checkpoint at ``path``."""
+    def load(self, path: LocationLike) -> CheckpointInfo:
+        """Restore the trainer (and this callback's state) from the checkpoint at ``path`` (a
+        path or an object-store URL)."""
+        _storage, location = resolve(path)
         info = load_into(
-            path, _RestoreTarget(self.trainer, self.config.strict_load), strict=self.config.strict_load
+            as_arg(location),
+            _RestoreTarget(self.trainer, self.config.strict_load),
+            strict=self.config.strict_load,
         )
-        self.resumed_from = Path(path)
+        self.resumed_from = location
         self._saved_step = int(self.trainer.global_step)  # the state on disk: no final save needed
         self._adopt()
         logger.info("resumed from %s (step %s, epoch %s)", path, info.step, info.epoch)

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
-import os
 from dataclasses import dataclass, field
 from datetime import datetime
-from pathlib import Path
 from typing import Any, Literal
 
 from ckptproto.errors import CheckpointError
@@ -15,10 +14,9 @@ from ckptproto.format import layout
 from ckptproto.format.info import CheckpointInfo
 from ckptproto.io.sync import read_info
 from ckptproto.location import Location
+from ckptproto.policy.locations import LocationLike, as_arg, resolve
 
 logger = logging.getLogger("ckptproto.policy")
-
-PathLike = str | os.PathLike[str]
 
 
 @dataclass(frozen=True)
@@ -54,7 +52,12 @@ def _finite(value: float | None) -> float:
     return value
 
 
-def record_from_info(info: CheckpointInfo, monitor: str | None = None) -> CheckpointRecord:
+def record_from_info(
+    info: CheckpointInfo, monitor: str | None = None, path: Location | None = None
+) -> CheckpointRecord:
+    """The record of the checkpoint ``info`` describes, at ``path`` (default ``info.path``)."""
+    if path is not None:
+        info = dataclasses.replace(info, path=path)
     meta_monitor = info.metadata.get("monitor")
     name = monitor if monitor is not None else (meta_monitor if isinstance(meta_monitor, str) else None)
     run_id = info.metadata.get("run_id")
@@ -72,25 +75,23 @@ def record_from_info(info: CheckpointInfo, monitor: str | None = None) -> Checkp
     )
 
 
-def scan(checkpoint_dir: PathLike, monitor: str | None = None) -> tuple[list[CheckpointRecord], list[str]]:
-    """Every readable checkpoint directly under ``checkpoint_dir`` (unordered), and a line per
-    non-hidden directory whose manifest could not be read."""
-    root = Path(checkpoint_dir)
+def scan(
+    checkpoint_dir: LocationLike, monitor: str | None = None
+) -> tuple[list[CheckpointRecord], list[str]]:
+    """Every readable checkpoint directly under ``checkpoint_dir`` (a path or an object-store
+    URL; unordered), and a line per non-hidden directory whose manifest could not be read."""
+    storage, root = resolve(checkpoint_dir)
     records: list[CheckpointRecord] = []
     problems: list[str] = []
-    try:
-        entries = sorted(os.scandir(root), key=lambda e: e.name)
-    except FileNotFoundError:
-        return [], []
-    for entry in entries:
-        if layout.is_hidden(entry.name) or not entry.is_dir(follow_symlinks=False):
+    for entry in storage.entries(root):
+        if layout.is_hidden(entry.name) or not entry.is_dir:
             continue
         path = root / entry.name
-        if not (path / layout.MANIFEST_NAME).exists():
+        if not storage.exists(path / layout.MANIFEST_NAME):
             problems.append(f"{path}: no manifest (not a checkpoint, or an unfinished one)")
             continue
         try:
-            records.append(record_from_info(read_info(path), monitor))
+            records.append(record_from_info(read_info(as_arg(path)), monitor, path))
         except CheckpointError as exc:
             problems.append(str(exc))
     return records, problems
@@ -100,33 +101,28 @@ _ZIP_MAGIC = b"PK\x03\x04"  # torch.save's zip
 _PICKLE_MAGIC = b"\x80"  # torch.save's legacy pickle (protocol 2+)
 
 
-def foreign_checkpoints(checkpoint_dir: PathLike) -> list[Path]:
+def foreign_checkpoints(checkpoint_dir: LocationLike) -> list[Location]:
     """Entries directly under ``checkpoint_dir`` that look like checkpoints of another format,
     which ckptproto cannot resume from without ``ckptproto convert``: DCP directories (Dream
     Trainer's and torchtitan's too; a ``.metadata`` file), ``torch.save`` files (zip or
     pickle) and safetensors files."""
-    root = Path(checkpoint_dir)
-    try:
-        entries = sorted(os.scandir(root), key=lambda e: e.name)
-    except (FileNotFoundError, NotADirectoryError):
-        return []
-    found = []
-    for entry in entries:
+    storage, root = resolve(checkpoint_dir)
+    found: list[Location] = []
+    for entry in storage.entries(root):
         if layout.is_hidden(entry.name):
             continue
         path = root / entry.name
-        if entry.is_dir(follow_symlinks=False):
-            if (path / ".metadata").is_file() and not (path / layout.MANIFEST_NAME).exists():
+        if entry.is_dir:
+            if storage.exists(path / ".metadata") and not storage.exists(path / layout.MANIFEST_NAME):
                 found.append(path)
-        elif entry.is_file(follow_symlinks=False):
-            try:
-                with open(path, "rb") as f:
-                    head = f.read(9)
-            except OSError:
-                continue
-            safetensors = len(head) == 9 and head[8:9] == b"{"
-            if head.startswith(_ZIP_MAGIC) or head.startswith(_PICKLE_MAGIC) or safetensors:
-                found.append(path)
+            continue
+        try:
+            head = storage.read_head(path, 9)
+        except (OSError, CheckpointError):  # unreadable, or not a regular file: not sniffed
+            continue
+        safetensors = len(head) == 9 and head[8:9] == b"{"
+        if head.startswith(_ZIP_MAGIC) or head.startswith(_PICKLE_MAGIC) or safetensors:
+            found.append(path)
     return found
 
 
@@ -161,7 +157,7 @@ def order(
 
 
 def find_checkpoints(
-    checkpoint_dir: PathLike,
+    checkpoint_dir: LocationLike,
     mode: Literal["latest", "best"] = "latest",
     *,
     monitor: str | None = None,
@@ -172,6 +168,7 @@ def find_checkpoints(
 
         for ckpt in find_checkpoints(checkpoint_dir="./checkpoints", mode="best"):
             print(f"Step: {ckpt.step}, Metric: {ckpt.metric}")
+        latest = find_checkpoints("s3://bucket/run")[0].path    # an object store alike
 
     ``monitor``/``metric_mode`` default to what the saving callback recorded in each manifest.
     Directories whose manifest cannot be read are skipped and logged as warnings.

@@ -20,7 +20,6 @@ from __future__ import annotations
 import logging
 import warnings
 from collections.abc import Iterable, Iterator, Mapping
-from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -29,6 +28,7 @@ from ckptproto.io.async_save import StagingMode
 from ckptproto.policy.async_checkpoint import AsyncCheckpointCallback
 from ckptproto.policy.callbacks import Callback, CallbackCollection
 from ckptproto.policy.checkpoint import CheckpointCallback
+from ckptproto.policy.locations import Location, parse_location
 from ckptproto.policy.params import CheckpointParameters, PathLike
 from ckptproto.policy.trainer import TrainState
 
@@ -122,7 +122,7 @@ class CheckpointManager:
         if params is None:
             policy.setdefault("save_on_preemption", True)
             params = CheckpointParameters(root_dir=root_dir, **policy)
-        elif Path(params.root_dir) != Path(root_dir):
+        elif params.root != parse_location(root_dir):
             raise ValueError(f"root_dir {root_dir!r} differs from params.root_dir {params.root_dir!r}")
         self.callback: CheckpointCallback = (
             AsyncCheckpointCallback(params, staging=staging) if async_save else CheckpointCallback(params)
@@ -158,12 +158,12 @@ class CheckpointManager:
         return self.state.current_epoch
 
     @property
-    def resumed_from(self) -> Path | None:
+    def resumed_from(self) -> Location | None:
         """The checkpoint this run resumed from; None when it started fresh."""
         return self.callback.resumed_from
 
     @property
-    def last_saved(self) -> Path | None:
+    def last_saved(self) -> Location | None:
         """The checkpoint most recently saved (with async saves: maybe still being written)."""
         return self.callback.last_saved
 
@@ -321,7 +321,8 @@ class CheckpointManager:
         self.callbacks.pre_validation_epoch()
         self.callbacks.post_validation_epoch(metrics)
 
-    def save(self) -> Path:
-        """Save now, whatever the policy says; returns the checkpoint's path."""
+    def save(self) -> Location:
+        """Save now, whatever the policy says; returns the checkpoint's location (a Path, or an
+        ObjectLocation under an ``s3://`` root_dir)."""
         self._require_active("save")
         return self.callback.save()

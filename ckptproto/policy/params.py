@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import InitVar, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-PathLike = str | os.PathLike[str]
-ResumeMode = Literal["latest", "best"] | Path | str | None
+from ckptproto.errors import CheckpointError
+from ckptproto.location import Location, ObjectLocation, url_scheme
+from ckptproto.policy.locations import LocationLike, parse_location, resolve
+
+PathLike = LocationLike
+ResumeMode = Literal["latest", "best"] | Path | ObjectLocation | str | None
 _RESUME_ALIASES = {"last": "latest", "latest": "latest", "best": "best"}
-_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
 
 class _DefaultMode(str):
@@ -35,8 +37,9 @@ class CheckpointParameters:
     * ``keep_top_k``: how many checkpoints to keep, the best by ``monitor`` (the newest
       without one); ``-1`` keeps all. ``save_last`` also keeps the most recent one.
     * ``save_every_n_steps`` / ``save_every_n_epochs``: save intervals (None: off).
+    * ``root_dir``: a directory, or an object-store URL (``"s3://bucket/run"``).
     * ``resume_mode``: ``"latest"``, ``"best"``, ``None`` (start fresh) or the path of a
-      checkpoint (a ``pathlib.Path``, or a string containing a path separator).
+      checkpoint (a ``pathlib.Path``, a string containing a path separator, or a URL).
     * ``save_on_preemption``: on SIGTERM, save once more and ask the loop to stop.
     * ``strict_load``: resuming requires every key of the trainer state in the checkpoint.
 
@@ -119,14 +122,12 @@ class CheckpointParameters:
                     "give save_every_n_epochs or checkpoint_every_n_epochs (its alias), not both"
                 )
             self.save_every_n_epochs = checkpoint_every_n_epochs
-        if not isinstance(self.root_dir, (str, os.PathLike)) or str(self.root_dir) == "":
-            raise ValueError(f"root_dir must be a non-empty path, got {self.root_dir!r}")
-        if _URL.match(str(self.root_dir)):
-            raise ValueError(
-                f"root_dir={str(self.root_dir)!r} is a URL; ckptproto saves to file systems only (an "
-                "object store backend is not there yet): mount the bucket (e.g. mountpoint-s3, "
-                "gcsfuse) and pass the mounted path"
-            )
+        if not isinstance(self.root_dir, (str, os.PathLike, ObjectLocation)) or str(self.root_dir) == "":
+            raise ValueError(f"root_dir must be a non-empty path or URL, got {self.root_dir!r}")
+        try:
+            resolve(self.root_dir)  # a URL no backend serves is refused now, not at the first save
+        except CheckpointError as exc:
+            raise ValueError(f"root_dir={str(self.root_dir)!r}: {exc}") from exc
         if self.monitor is not None and (not isinstance(self.monitor, str) or not self.monitor):
             raise ValueError(f"monitor must be a metric name or None, got {self.monitor!r}")
         if isinstance(self.resume_mode, str) and self.resume_mode in ("min", "max"):
@@ -154,9 +155,14 @@ class CheckpointParameters:
         self.resume_mode = _resume_mode(self.resume_mode)
 
     @property
-    def resume_path(self) -> Path | None:
-        """The explicit checkpoint to resume from, when ``resume_mode`` is a path."""
-        return self.resume_mode if isinstance(self.resume_mode, Path) else None
+    def root(self) -> Location:
+        """``root_dir`` as a location (a Path, or an ObjectLocation for a URL)."""
+        return parse_location(self.root_dir)
+
+    @property
+    def resume_path(self) -> Location | None:
+        """The explicit checkpoint to resume from, when ``resume_mode`` is a path or a URL."""
+        return self.resume_mode if isinstance(self.resume_mode, (Path, ObjectLocation)) else None
 
 
 def _dream_trainer_fields(given: dict[str, Any], resume_mode: Any, keep_top_k: Any) -> None:
@@ -193,7 +199,8 @@ def _dream_trainer_fields(given: dict[str, Any], resume_mode: Any, keep_top_k: A
         )
     if given.get("storage_options") is not None:
         raise ValueError(
-            f"storage_options={given['storage_options']!r} (S3): ckptproto writes to a filesystem path"
+            f"storage_options={given['storage_options']!r} (S3): pass an s3:// URL as root_dir; the "
+            "credentials and endpoint come from the environment (AWS_* variables), as for boto3"
         )
 
 
@@ -204,16 +211,21 @@ def _check_int(name: str, value: Any, *, minimum: int) -> None:
 
 
 def _resume_mode(value: Any) -> ResumeMode:
-    if value is None or isinstance(value, Path):
+    if value is None or isinstance(value, (Path, ObjectLocation)):
         return value
     if isinstance(value, os.PathLike):
         return Path(value)
     if isinstance(value, str):
         if value in _RESUME_ALIASES:
             return _RESUME_ALIASES[value]
+        if url_scheme(value) is not None:
+            try:
+                return parse_location(value)
+            except CheckpointError as exc:
+                raise ValueError(f"resume_mode={value!r}: {exc}") from exc
         if os.sep in value or (os.altsep and os.altsep in value):
             return Path(value)
     raise ValueError(
-        f"resume_mode must be 'latest', 'best', None or a checkpoint path (a pathlib.Path or a "
-        f"string containing '/'), got {value!r}"
+        f"resume_mode must be 'latest', 'best', None or a checkpoint path (a pathlib.Path, a "
+        f"string containing '/' or a URL), got {value!r}"
     )

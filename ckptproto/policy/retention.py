@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
-import shutil
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -12,9 +10,9 @@ from typing import Any
 
 from ckptproto.errors import CheckpointError
 from ckptproto.format import layout
-from ckptproto.io.commit import fsync_dir, is_committed
 from ckptproto.io.sync import read_info
 from ckptproto.policy.discovery import is_finite
+from ckptproto.policy.locations import Location, LocationLike, as_arg, resolve
 
 logger = logging.getLogger("ckptproto.policy")
 
@@ -72,36 +70,37 @@ def select_kept(
     return keep
 
 
-def owned_by(path: Path, run_id: str) -> bool:
+def owned_by(path: LocationLike, run_id: str) -> bool:
     """True if ``path`` is a committed checkpoint whose manifest names this run."""
-    if not is_committed(path):
+    storage, location = resolve(path)
+    if not storage.is_committed(location):
         return False
     try:
-        return read_info(path).metadata.get("run_id") == run_id
+        return read_info(as_arg(location)).metadata.get("run_id") == run_id
     except CheckpointError:
         return False
 
 
-def delete_checkpoint(root: Path, name: str, run_id: str) -> bool:
-    """Delete ``root/name`` if, and only if, it is a committed checkpoint of run ``run_id``.
+def delete_checkpoint(root: LocationLike, name: str, run_id: str) -> bool:
+    """Delete ``root/name`` if, and only if, it is a committed checkpoint of run ``run_id``
+    (``root`` a path or an object-store URL).
 
-    It is first renamed to a hidden name (atomically no longer a checkpoint), then removed,
-    so a crash mid-delete never leaves a half-deleted directory that looks like a checkpoint.
+    The storage removes it so that it stops being a checkpoint first (locally: renamed to a
+    hidden name, atomically), then its files go, so a crash mid-delete never leaves a
+    half-deleted directory that looks like a checkpoint. A symbolic link is never followed.
     """
     if not name or name != Path(name).name or layout.is_hidden(name):
         return False
-    path = root / name
-    if path.is_symlink() or not owned_by(path, run_id):
+    storage, base = resolve(root)
+    path: Location = base / name
+    if (isinstance(path, Path) and path.is_symlink()) or not owned_by(path, run_id):
         logger.warning("not deleting %s: not a committed checkpoint of this run", path)
         return False
-    trash = root / layout.trash_name(name)
     try:
-        os.rename(path, trash)
-        fsync_dir(root)
-    except OSError as exc:
+        storage.remove(path)
+    except (OSError, CheckpointError) as exc:
         logger.warning("cannot delete checkpoint %s: %s", path, exc)
         return False
-    shutil.rmtree(trash, ignore_errors=True)
     logger.info("deleted checkpoint %s", path)
     return True
 
