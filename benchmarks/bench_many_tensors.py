@@ -15,6 +15,12 @@ are not checked by torch's reader), safetensors and DCP check none. ``load_into`
 fill a target state allocated before the clock starts (the "resume into a model" case); the other
 loads allocate their tensors. DCP runs only up to ``--dcp-max`` tensors (default 100,000): at
 300k it takes minutes per round.
+
+ckptproto's own per-tensor cost, steadier on a busy machine (CPU time of the process, the
+collector paused as ckptproto pauses it itself), before/after a change: run the same command
+with ``PYTHONPATH`` at each checkout, alternating::
+
+    python benchmarks/bench_many_tensors.py --only ckptproto --clock cpu --no-gc --repeat 3
 """
 
 from __future__ import annotations
@@ -98,9 +104,20 @@ class _prepared:
         return target
 
 
-def run_count(n: int, numel: int, root: Path, repeat: int, with_dcp: bool) -> dict[str, tuple[float, float]]:
+def run_count(
+    n: int,
+    numel: int,
+    root: Path,
+    repeat: int,
+    with_dcp: bool,
+    only: list[str] | None = None,
+    clock: Callable[[], float] = time.perf_counter,
+    no_gc: bool = False,
+) -> dict[str, tuple[float, float]]:
     state = make_state(n, numel)
     table = methods(state, with_dcp)
+    if only:
+        table = {m: v for m, v in table.items() if v[0] in only}
     savers = sorted({src for src, _, _ in table.values()}, key=list(table).index)
     saves: dict[str, list[float]] = {m: [] for m in savers}
     loads: dict[str, list[float]] = {m: [] for m in table}
@@ -110,18 +127,22 @@ def run_count(n: int, numel: int, root: Path, repeat: int, with_dcp: bool) -> di
             path = root / f"{n}-{m}"
             os.sync()
             gc.collect()
-            t0 = time.perf_counter()
+            _pause_gc(no_gc)
+            t0 = clock()
             table[m][1](path)
-            saves[m].append(time.perf_counter() - t0)
+            saves[m].append(clock() - t0)
+            gc.enable()
         load_order = list(table)[r % len(table) :] + list(table)[: r % len(table)]
         for m in load_order:
             src, _, load = table[m]
             if isinstance(load, _prepared):
                 load.prepare()
             gc.collect()
-            t0 = time.perf_counter()
+            _pause_gc(no_gc)
+            t0 = clock()
             tree = load(root / f"{n}-{src}")
-            loads[m].append(time.perf_counter() - t0)
+            loads[m].append(clock() - t0)
+            gc.enable()
             del tree
         for m in savers:
             path = root / f"{n}-{m}"
@@ -135,8 +156,13 @@ def run_count(n: int, numel: int, root: Path, repeat: int, with_dcp: bool) -> di
     return result
 
 
+def _pause_gc(pause: bool) -> None:
+    if pause:
+        gc.disable()
+
+
 def print_table(n: int, numel: int, repeat: int, result: dict[str, tuple[float, float]]) -> None:
-    base_s, base_l = result["ckptproto"]
+    base_s, base_l = result["ckptproto"] if "ckptproto" in result else next(iter(result.values()))
     print(
         f"\n{n:,} tensors of {numel} float32, median of {repeat} (us per tensor; x ours >1: ckptproto faster)"
     )
@@ -154,14 +180,27 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--dcp-max", type=int, default=100_000, help="run DCP only up to this count")
     parser.add_argument("--dir", default=None, help="where to write (default: a temp dir under /tmp)")
+    parser.add_argument(
+        "--only",
+        nargs="+",
+        default=None,
+        help="run only these saves (ckptproto, torch.save, safetensors, DCP)",
+    )
+    parser.add_argument(
+        "--clock", choices=["wall", "cpu"], default="wall", help="cpu: the process's CPU time, not wall time"
+    )
+    parser.add_argument("--no-gc", action="store_true", help="pause the collector while a method runs")
     args = parser.parse_args()
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
     with tempfile.TemporaryDirectory(dir=args.dir, prefix="ckptproto-many-") as tmp:
         print(f"writing under {tmp} ({os.cpu_count()} cores, torch {torch.__version__})")
         results = {}
         for n in args.counts:
-            results[n] = run_count(n, args.numel, Path(tmp), args.repeat, n <= args.dcp_max)
+            results[n] = run_count(
+                n, args.numel, Path(tmp), args.repeat, n <= args.dcp_max, args.only, clock, args.no_gc
+            )
             print_table(n, args.numel, args.repeat, results[n])
-        if len(results) > 1:
+        if len(results) > 1 and "ckptproto" in next(iter(results.values())):
             print("\nckptproto us/tensor as the count grows (flat = no superlinear step):")
             for n, r in results.items():
                 print(

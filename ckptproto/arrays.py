@@ -31,13 +31,20 @@ def loaded_torch() -> Any:
 
 def require_torch() -> Any:
     """Import torch, or explain that this checkpoint needs it."""
+    global _TORCH
+    if _TORCH is not None:
+        return _TORCH  # an import statement per tensor allocated costs more than the check
     try:
         import torch
     except ImportError as exc:  # pragma: no cover - the test environment has torch
         raise CheckpointError(
             "this checkpoint holds torch tensors; install torch (pip install 'ckptproto[torch]')"
         ) from exc
+    _TORCH = torch
     return torch
+
+
+_TORCH: Any = None
 
 
 def is_torch_tensor(value: object) -> bool:
@@ -45,21 +52,52 @@ def is_torch_tensor(value: object) -> bool:
     return torch is not None and isinstance(value, torch.Tensor)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False)
 class ArraySpec:
-    """What the format needs to know about one tensor or array."""
+    """What the format needs to know about one tensor or array::
+
+        spec = ArraySpec("torch", dtypes.by_name("float32"), (4, 2))   # spec.nbytes == 32
+
+    Specs are immutable, so equal ones are shared: a state of 100,000 tensors has a few
+    distinct specs, and one is built (numel and nbytes computed) per distinct spec, not per
+    tensor (a frozen dataclass costs over a microsecond to construct)."""
 
     kind: Kind
     dtype: DType
     shape: tuple[int, ...]
-    # Computed once here: a cached_property takes a lock on first use (3.11), a per-tensor cost.
-    numel: int = field(init=False, repr=False, compare=False)
-    nbytes: int = field(init=False, repr=False, compare=False)
+    numel: int = field(repr=False, compare=False)
+    nbytes: int = field(repr=False, compare=False)
 
-    def __post_init__(self) -> None:
-        numel = math.prod(self.shape)
-        object.__setattr__(self, "numel", numel)
-        object.__setattr__(self, "nbytes", numel * self.dtype.itemsize)
+    def __new__(cls, kind: Kind, dtype: DType, shape: tuple[int, ...]) -> ArraySpec:
+        # By the dtype's identity: DType's dataclass hash is a Python call per lookup. The
+        # cached spec holds its dtype, so that id is not reused while the entry lives.
+        key = (kind, id(dtype), shape)
+        try:
+            found = _SPECS.get(key)
+        except TypeError:  # a shape that cannot be hashed (a list): built, not shared
+            return _new_spec(cls, kind, dtype, tuple(shape))
+        if found is None:
+            found = _new_spec(cls, kind, dtype, tuple(shape))
+            if len(_SPECS) >= _MAX_SPECS:
+                _SPECS.clear()  # a process that saw many shapes: start over, memory stays flat
+            _SPECS[key] = found
+        return found
+
+    def __getnewargs__(self) -> tuple[Kind, DType, tuple[int, ...]]:
+        return self.kind, self.dtype, self.shape  # pickle and copy go through __new__
+
+
+def _new_spec(cls: type[ArraySpec], kind: Kind, dtype: DType, shape: tuple[int, ...]) -> ArraySpec:
+    spec = object.__new__(cls)
+    numel = math.prod(shape)
+    for name, value in (("kind", kind), ("dtype", dtype), ("shape", shape), ("numel", numel)):
+        object.__setattr__(spec, name, value)
+    object.__setattr__(spec, "nbytes", numel * dtype.itemsize)
+    return spec
+
+
+_SPECS: dict[tuple[Any, ...], ArraySpec] = {}
+_MAX_SPECS = 4096
 
 
 _torch_dtypes: dict[Any, DType | None] = {}
@@ -99,13 +137,15 @@ def describe_torch(t: torch.Tensor) -> ArraySpec | str:
         return f"dtype {t.dtype} is not supported"
     if t.layout is not strided:
         return f"{t.layout} tensors are not supported; call .to_dense() first"
-    if t.is_nested:  # strided layout, but no single shape (t.shape raises)
+    try:
+        shape = t.shape  # a torch.Size: hashed and compared as the tuple it is
+    except RuntimeError:  # a (strided) nested tensor has no single shape; jagged ones another layout
         return (
             "nested tensors are not supported; save t.unbind() (a list of tensors) or t.to_padded_tensor(0)"
         )
     if t.is_meta:
         return "meta tensors hold no data"
-    return ArraySpec("torch", d, tuple(t.shape))
+    return ArraySpec("torch", d, shape)
 
 
 def describe_numpy(a: np.ndarray[Any, Any]) -> ArraySpec | str:
@@ -152,7 +192,7 @@ def torch_identity(value: Any, shape: tuple[int, ...]) -> tuple[Any, ...]:
     shape, strides and dtype fixes which bytes a view reads."""
     return (
         "torch",
-        value.device,
+        "cpu" if value.is_cpu else value.device,  # .device builds an object: ~0.3 us a tensor
         value.data_ptr(),
         shape,
         value.stride(),
@@ -166,7 +206,15 @@ def _raw_view(address: int, nbytes: int) -> memoryview:
     """A byte view of memory the caller keeps alive (the tensor it belongs to)."""
     if nbytes == 0:
         return memoryview(b"")
-    return memoryview((ctypes.c_ubyte * nbytes).from_address(address))
+    array_type = _ARRAY_TYPES.get(nbytes)
+    if array_type is None:  # ``c_ubyte * n`` costs as much as the view: once per size
+        if len(_ARRAY_TYPES) >= _MAX_SPECS:
+            _ARRAY_TYPES.clear()
+        array_type = _ARRAY_TYPES[nbytes] = ctypes.c_ubyte * nbytes
+    return memoryview(array_type.from_address(address))
+
+
+_ARRAY_TYPES: dict[int, Any] = {}
 
 
 def host_bytes(value: Any) -> tuple[memoryview, Any]:
@@ -205,8 +253,12 @@ def _contiguous(t: torch.Tensor) -> torch.Tensor:
 def to_host_bytes(value: Any) -> tuple[memoryview, Any]:
     """Like :func:`host_bytes`, for a tensor on any device: a device tensor is first copied to
     the host (synchronously; the async saver stages device tensors its own way)."""
-    if not isinstance(value, np.ndarray) and not value.is_cpu:
+    if isinstance(value, np.ndarray):
+        return host_bytes(value)
+    if not value.is_cpu:
         value = value.detach().cpu()
+    elif value.is_contiguous() and not value.is_conj() and not value.is_neg():
+        return _raw_view(value.data_ptr(), value.nbytes), value  # the usual tensor, no copy
     return host_bytes(value)
 
 

@@ -81,7 +81,7 @@ def int_text(value: int) -> str:
     return _decimal_text(value)
 
 
-@dataclass
+@dataclass(slots=True)
 class TensorLeaf:
     """One distinct tensor/array of a state (tied tensors appear once)."""
 
@@ -171,9 +171,12 @@ class _Encoder:
                 )
         plain = type(value) is dict and all(type(k) is str and not k.startswith("$") for k in value)
         if plain:
+            tensor_types, plain_torch = self._plain_tensor_types, self._plain_torch
             return {
-                (k if k.isascii() else _utf8_text(k, join_path(path, k))): self.encode(
-                    v, join_path(path, k), depth
+                (k if k.isascii() else _utf8_text(k, join_path(path, k))): (
+                    plain_torch(v, join_path(path, k))  # most values of a large state: no encode() call
+                    if type(v) in tensor_types
+                    else self.encode(v, join_path(path, k), depth)
                 )
                 for k, v in value.items()
             }
@@ -281,6 +284,69 @@ def check_tree(node: Any, resolve: Callable[[str, int, str], Any], *, where: str
     return not tag.startswith("$") or tag in ("$dict", "$odict")
 
 
+def quick_refs(node: Any, *, where: str = "manifest") -> tuple[list[int], list[int]] | None:
+    """The tensor references of an encoded tree whose root is a plain object, as two lists of
+    indices (``$torch``, ``$numpy``), when the tree passes every check of :func:`check_tree`;
+    None when it does not, or when this quick walk cannot vouch for it (then check_tree, which
+    builds the paths and messages, tells what is wrong)::
+
+        quick_refs({"w": {"$torch": 0}, "step": 3})  # ([0], [])
+
+    The common nodes (plain objects, lists, scalars, ``{"$torch": i}``) are checked inline
+    without a path per node; any other tagged value is checked by the decoder itself."""
+    if type(node) is not dict or (node and next(iter(node)).startswith("$")):
+        return None
+    torch_refs: list[int] = []
+    numpy_refs: list[int] = []
+
+    def collect(kind: str, index: int, path: str) -> None:
+        (torch_refs if kind == "torch" else numpy_refs).append(index)
+
+    decoder = _Decoder(collect, where, build=False)
+    try:
+        if not _vouch(node.values(), torch_refs, decoder, 1):
+            return None
+    except CheckpointFormatError:
+        return None
+    return torch_refs, numpy_refs
+
+
+_SCALARS = frozenset({str, int, float, bool, type(None)})
+# Conservative: a node this deep is left to the decoder, which applies MAX_DEPTH exactly.
+_QUICK_DEPTH = MAX_DEPTH - 4
+
+
+def _vouch(children: Any, torch_refs: list[int], decoder: _Decoder, depth: int) -> bool:
+    """Whether every node of ``children`` (at ``depth``) decodes; appends $torch references."""
+    if depth >= _QUICK_DEPTH:
+        return False
+    append = torch_refs.append
+    scalars = _SCALARS
+    for v in children:
+        kind = type(v)
+        if kind is dict:
+            if len(v) == 1 and "$torch" in v:
+                index = v["$torch"]
+                if type(index) is not int or index < 0:
+                    return False
+                append(index)
+                continue
+            if v and next(iter(v)).startswith("$"):
+                decoder.decode(v, None, depth)  # other tags: the decoder itself (raises if bad)
+                continue
+            for k in v:
+                if k.startswith("$"):
+                    return False  # plain keys mixed with "$" keys
+            if not _vouch(v.values(), torch_refs, decoder, depth + 1):
+                return False
+        elif kind is list:
+            if not _vouch(v, torch_refs, decoder, depth + 1):
+                return False
+        elif kind not in scalars:
+            return False
+    return True
+
+
 # A state path is built only when a message or a resolve() call needs it: ``(parent, key)``
 # links (None at the root), not a string per node (millions of them for a large state).
 _Chain = tuple[Any, Any] | None
@@ -343,15 +409,25 @@ class _Decoder:
             raise self.fail("unexpected JSON value", chain)
         tag = next(iter(node), None)
         if tag is None or not tag.startswith("$"):
-            if any(k.startswith("$") for k in node):
-                raise self.fail("object mixes '$' keys with plain keys", chain)
-            if not self.build or self.in_place:
-                for k, v in node.items():
+            for k in node:
+                if k.startswith("$"):
+                    raise self.fail("object mixes '$' keys with plain keys", chain)
+            out: dict[str, Any] | None = {} if self.build and not self.in_place else None
+            leaf_depth = depth + 1 < MAX_DEPTH  # a tensor reference may sit one level down
+            for k, v in node.items():
+                if leaf_depth and type(v) is dict and len(v) == 1 and "$torch" in v:
+                    # {"$torch": i}, most of a large state's nodes: what tagged() does, inline
+                    index = v["$torch"]
+                    if type(index) is not int or index < 0:
+                        raise self.fail(f"bad tensor reference {_show(index)}", (chain, k))
+                    decoded = self.resolve("torch", index, self.path_of((chain, k)))
+                else:
                     decoded = self.decode(v, (chain, k), depth + 1)
-                    if self.in_place:
-                        node[k] = decoded  # an existing key: allowed while iterating
-                return node if self.in_place else None
-            return {k: self.decode(v, (chain, k), depth + 1) for k, v in node.items()}
+                if self.in_place:
+                    node[k] = decoded  # an existing key: allowed while iterating
+                elif out is not None:
+                    out[k] = decoded
+            return node if self.in_place else out
         if len(node) != 1:
             raise self.fail("tagged value has extra keys", chain)
         return self.tagged(tag, node[tag], chain, depth)
@@ -406,48 +482,38 @@ class _Decoder:
 
 def iter_tensor_refs(node: Any, path: str = "", depth: int = 0) -> Any:
     """Yield ``(path, kind, index)`` for every tensor reference in an encoded tree, in tree
-    order. Iterative (a stack of child iterators): one generator frame, not one per level."""
-    stack: list[tuple[Any, int]] = []  # (iterator of (path, child) pairs, depth of the children)
-    item: tuple[str, Any] | None = (path, node)
-    while True:
-        if item is None:
-            while stack:
-                children, depth = stack[-1]
-                item = next(children, None)
-                if item is not None:
-                    break
-                stack.pop()
-            else:
-                return
-        assert item is not None
-        path, node = item
-        item = None
-        if depth > MAX_DEPTH:
-            continue
-        if isinstance(node, list):
-            stack.append((_children(path, enumerate(node)), depth + 1))
-        elif isinstance(node, dict):
-            if len(node) == 1:
-                tag, payload = next(iter(node.items()))
+    order. Iterative (a stack of the containers being walked): one generator frame, not one
+    per level; a child's path is built only for a container or a reference, not a scalar."""
+    # (iterator of (key, child), the parent's path, depth of the children, whether a child's
+    # path is the parent's own: the root, and the payload of a $tuple)
+    stack: list[tuple[Any, str, int, bool]] = [(iter(((None, node),)), path, depth, True)]
+    while stack:
+        items, parent, depth, same = stack[-1]
+        for key, child in items:
+            if not isinstance(child, (dict, list)) or depth > MAX_DEPTH:
+                continue
+            at = parent if same else join_path(parent, key)
+            if isinstance(child, list):
+                stack.append((enumerate(child), at, depth + 1, False))
+                break
+            if len(child) == 1:
+                tag, payload = next(iter(child.items()))
                 if tag in ("$torch", "$numpy"):
-                    yield path, tag[1:], payload
+                    yield at, tag[1:], payload
                     continue
                 if tag == "$tuple":
-                    stack.append((iter(((path, payload),)), depth))
-                    continue
+                    stack.append((iter(((None, payload),)), at, depth, True))
+                    break
                 if tag in ("$dict", "$odict") and isinstance(payload, list):
                     pairs = ((_key_text(p[0]), p[1]) for p in payload if isinstance(p, list) and len(p) == 2)
-                    stack.append((_children(path, pairs), depth + 1))
-                    continue
+                    stack.append((pairs, at, depth + 1, False))
+                    break
                 if tag in TAGS:
                     continue
-            stack.append((_children(path, iter(node.items())), depth + 1))
-
-
-def _children(path: str, items: Any) -> Any:
-    """``(child path, child)`` for each ``(key, child)`` of ``items`` under ``path``."""
-    for key, child in items:
-        yield join_path(path, key), child
+            stack.append((iter(child.items()), at, depth + 1, False))
+            break
+        else:
+            stack.pop()
 
 
 def _key_text(key: Any) -> Any:

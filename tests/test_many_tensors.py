@@ -202,3 +202,246 @@ def test_state_with_long_ints_round_trips_under_a_lowered_int_str_limit(tmp_path
     finally:
         sys.set_int_max_str_digits(old)
     assert loaded["n"] == big and loaded["keys"] == {big: -big}
+
+
+# The inline checks of the tensor table and the state (Manifest.parse) against the general
+# path they stand in for: on every variant below, the same entries or the same refusal.
+
+
+def _one_tensor_manifest(entry: Any, state: Any = None, extra: list[Any] | None = None) -> bytes:
+    doc = {
+        "format": "ckptproto",
+        "format_version": "1.0",
+        "files": {"d.safetensors": {"size": 64, "checksum": "crc32:00000000"}},
+        "tensors": [entry, *(extra or [])],
+        "state": {"w": {"$torch": 0}} if state is None else state,
+    }
+    return json.dumps(doc).encode()
+
+
+def _general_parse(data: bytes) -> list[TensorEntry]:
+    """The tensor table through the general per-entry path alone."""
+    from ckptproto.format import manifest as m
+
+    doc = json.loads(data)
+    files = m._parse_files(doc["files"], "m")
+    tensors = [m._parse_tensor(t, i, files, "m") for i, t in enumerate(doc["tensors"])]
+    m._check_pairs_unique(tensors, "m")
+    return tensors
+
+
+def _whole(dims: Any, **chunk: Any) -> dict[str, Any]:
+    """A one-chunk entry of shape ``dims``; ``chunk`` replaces fields of the chunk (``cshape``:
+    its shape)."""
+    if "cshape" in chunk:
+        chunk["shape"] = chunk.pop("cshape")
+    c = {"file": "d.safetensors", "key": "w", "offsets": [0] * len(dims), "shape": dims, **chunk}
+    return {"dtype": "float32", "shape": dims, "chunks": [c]}
+
+
+_ENTRIES = [
+    _whole([4]),
+    _whole([]),
+    _whole([0, 3]),
+    _whole([2, 2], extra="ignored"),
+    {**_whole([4]), "extra": 1},
+    _whole([True]),
+    _whole([1.0]),
+    _whole([1], cshape=[True]),
+    _whole([4], cshape=[4.0]),
+    _whole([4], offsets=[False]),
+    _whole([4], offsets=[0.0]),
+    _whole([4], offsets=[1]),
+    _whole([4], offsets=[]),
+    _whole([4], file="other.safetensors"),
+    _whole([4], file=1),
+    _whole([4], key=None),
+    _whole([-1]),
+    _whole([2**62 + 1]),
+    _whole([2**62, 2**62]),
+    _whole([0, 2**62, 2**62]),
+    _whole([1] * 65),
+    {**_whole([4]), "dtype": "float31"},
+    {**_whole([4]), "dtype": ["float32"]},
+    {**_whole([4]), "shape": "4"},
+    {**_whole([4]), "chunks": []},
+    {**_whole([4]), "chunks": [[]]},
+    {
+        "dtype": "float32",
+        "shape": [4],
+        "chunks": [
+            {"file": "d.safetensors", "key": "a", "offsets": [0], "shape": [2]},
+            {"file": "d.safetensors", "key": "b", "offsets": [2], "shape": [2]},
+        ],
+    },
+    {
+        "dtype": "float32",
+        "shape": [4],
+        "chunks": [
+            {"file": "d.safetensors", "key": "a", "offsets": [0], "shape": [3]},
+            {"file": "d.safetensors", "key": "b", "offsets": [2], "shape": [1]},
+        ],
+    },
+    [1],
+]
+
+
+@pytest.mark.parametrize("entry", _ENTRIES, ids=range(len(_ENTRIES)))
+@pytest.mark.parametrize("second", [None, "same key", "bad dtype"])
+def test_inline_tensor_table_checks_agree_with_the_general_path(entry: Any, second: str | None) -> None:
+    extra = {"same key": [_whole([4])], "bad dtype": [{**_whole([4], key="v"), "dtype": "x"}]}.get(
+        second or "", []
+    )
+    data = _one_tensor_manifest(entry, extra=extra)
+    try:
+        expected: Any = _general_parse(data)
+    except CheckpointFormatError as exc:
+        expected = str(exc)
+    try:
+        got: Any = Manifest.parse(data, "m").tensors
+    except CheckpointFormatError as exc:
+        got = str(exc)
+    assert got == expected
+    if isinstance(got, list):
+        for a, b in zip(got, expected, strict=True):  # the same types, not only equal values
+            assert [type(d) for d in a.shape] == [type(d) for d in b.shape]
+            assert [type(c.offsets) for c in a.chunks] == [type(c.offsets) for c in b.chunks]
+
+
+_STATES = [
+    {"w": {"$torch": 0}},
+    {"a": {"b": [{"$torch": 0}, 1, "x", None, 2.5, True]}, "t": {"$tuple": [{"$torch": 0}]}},
+    {"n": {"$numpy": 0}},
+    {"n": {"$numpy": 0}, "w": {"$torch": 0}},
+    {"w": {"$torch": 1}},
+    {"w": {"$torch": -1}},
+    {"w": {"$torch": True}},
+    {"w": {"$torch": 0.0}},
+    {"w": {"$torch": 0, "x": 1}},
+    {"w": {"x": 1, "$torch": 0}},
+    {"$torch": 0},
+    {"w": {"$dict": [[1, {"$torch": 0}]]}},
+    {"w": {"$dict": [[1, 2, 3]]}},
+    {"w": {"$odict": [["a", {"$numpy": 0}]]}},
+    {"w": {"$int": "12"}, "f": {"$float": "nan"}, "b": {"$bytes": "AA=="}},
+    {"w": {"$int": "1.5"}},
+    {"w": {"$unknown": 1}},
+    {"w": {}},
+    {"w": []},
+]
+
+
+def _deep(levels: int) -> dict[str, Any]:
+    node: Any = {"$torch": 0}
+    for _ in range(levels):
+        node = {"k": node}
+    return {"w": node}
+
+
+@pytest.mark.parametrize(
+    "state", [*_STATES, _deep(190), _deep(196), _deep(197), _deep(198), _deep(199), _deep(300)]
+)
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_quick_state_walk_agrees_with_the_decoder(state: Any, dtype: str) -> None:
+    from ckptproto.format import manifest as m
+
+    data = _one_tensor_manifest({**_whole([4]), "dtype": dtype}, state=state)
+    tensors = _general_parse(data)
+    try:
+        m._check_state(state, tensors, "m")  # the decoder alone, every check with its message
+        expected = None
+    except CheckpointFormatError as exc:
+        expected = str(exc)
+    try:
+        Manifest.parse(data, "m")
+        got = None
+    except CheckpointFormatError as exc:
+        got = str(exc)
+    assert got == expected
+
+
+def _table(
+    *chunks: tuple[str, str, tuple[int, ...], tuple[int, ...]], shape: Any = (4,)
+) -> list[TensorEntry]:
+    return [TensorEntry(dtypes.by_name("float32"), shape, tuple(Chunk(*c) for c in chunks))]
+
+
+@pytest.mark.parametrize(
+    "tensors",
+    [
+        _table(("d.safetensors", "w", (0,), (4,))),
+        _table(("d.safetensors", "a", (0,), (2,)), ("d.safetensors", "b", (2,), (2,))),
+        _table(("d.safetensors", "a", (0,), (3,)), ("d.safetensors", "b", (2,), (1,))),  # overlap
+        _table(("d.safetensors", "a", (0,), (2,)), ("d.safetensors", "b", (3,), (2,))),  # outside
+        _table(("d.safetensors", "a", (0,), (2,)), ("d.safetensors", "b", (2,), (1,))),  # a hole
+        _table(("d.safetensors", "a", (0,), (2,)), ("d.safetensors", "a", (2,), (2,))),  # one pair twice
+        _table(("x.safetensors", "w", (0,), (4,))),
+        _table(("d.safetensors", "w", (0, 0), (4,))),
+        _table(("d.safetensors", "w", (1,), (4,))),
+        _table(("d.safetensors", "w", (0, 0, 0), (0, 2**62, 2**62)), shape=(0, 2**62, 2**62)),
+        _table(("d.safetensors", "w", (0,), (2**62 + 1,)), shape=(2**62 + 1,)),
+        _table(shape=(4,)),
+    ],
+)
+def test_writer_check_of_the_tensor_table_agrees_with_the_reader(tensors: list[TensorEntry]) -> None:
+    from ckptproto.format.manifest import check_tensor_table
+
+    files = {"d.safetensors": FileEntry(64, "crc32:00000000")}
+    data = Manifest({"w": {"$torch": 0}}, tensors, files).to_json()
+    try:
+        Manifest.parse(data, "m")
+        expected = None
+    except CheckpointFormatError as exc:
+        expected = str(exc)
+    try:
+        check_tensor_table(tensors, files, "m")
+        got = None
+    except CheckpointFormatError as exc:
+        got = str(exc)
+    assert got == expected
+
+
+def test_array_specs_are_shared_and_behave_as_values() -> None:
+    import copy
+    import pickle
+
+    from ckptproto.arrays import ArraySpec
+
+    f32 = dtypes.by_name("float32")
+    a = ArraySpec("torch", f32, (2, 3))
+    assert a is ArraySpec("torch", f32, torch.Size([2, 3])) and type(a.shape) is tuple
+    assert (a.numel, a.nbytes) == (6, 24) and a != ArraySpec("numpy", f32, (2, 3))
+    for again in (pickle.loads(pickle.dumps(a)), copy.copy(a), copy.deepcopy(a)):
+        assert again == a and again.nbytes == 24
+    listed = ArraySpec("torch", f32, [2, 3])  # type: ignore[arg-type]
+    assert listed == a and listed.shape == (2, 3)
+
+
+def test_tensor_refs_in_tree_order_with_their_paths() -> None:
+    import numpy as np
+
+    from ckptproto.tree import iter_tensor_refs
+
+    t = [torch.ones(1) * i for i in range(8)]
+    state = {
+        "a": t[0],
+        "l": [1, [t[1], "x"], {"k": t[2]}],
+        "tup": (t[3], (t[4],)),
+        "ints": {3: t[5], 2**60: {"w": t[6]}},
+        "$odd": np.zeros(2),
+        "deep": {"x": {"y": {"z": t[7]}}, "n": None},
+    }
+    tree = encode_state(state).tree
+    assert list(iter_tensor_refs(tree)) == [
+        ("a", "torch", 0),
+        ("l.1.0", "torch", 1),
+        ("l.2.k", "torch", 2),
+        ("tup.0", "torch", 3),
+        ("tup.1.0", "torch", 4),
+        ("ints.3", "torch", 5),
+        (f"ints.{2**60}.w", "torch", 6),
+        ("$odd", "numpy", 7),
+        ("deep.x.y.z", "torch", 8),
+    ]
+    assert list(iter_tensor_refs({"$torch": 2}, "root")) == [("root", "torch", 2)]
+    assert list(iter_tensor_refs({"k": {"$tuple": {"$numpy": 1}}})) == [("k", "numpy", 1)]

@@ -19,8 +19,7 @@ import torch
 
 import ckptproto
 from ckptproto.errors import UnsupportedValueError
-from ckptproto.format import layout
-from ckptproto.format.manifest import Manifest
+from ckptproto.format.manifest import check_tensor_table
 from ckptproto.io import writer
 
 
@@ -109,22 +108,34 @@ def test_the_collector_runs_while_bytes_are_written(
 
 
 @pytest.mark.parametrize("how", sorted(SAVES))
-def test_the_manifest_is_parsed_back_before_it_is_committed(
+def test_a_tensor_table_its_readers_refuse_is_never_committed(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, coordinator: str, how: str
 ) -> None:
-    # Was: only the distributed save parsed its manifest (the checks every reader applies)
-    # before the commit; a single-process save could commit one its readers refuse.
-    parsed: list[str] = []
-    real = Manifest.parse.__func__  # type: ignore[attr-defined]
+    # Was: only the distributed save checked its manifest as every reader does before the
+    # commit; a single-process save could commit one its readers refuse. (The check once
+    # parsed the written manifest back; it now checks the tensor table it was written from.)
+    # A share whose two chunks hold the right number of elements but overlap (and so leave a
+    # hole) must not commit.
+    from ckptproto.io import pipeline
 
-    def spy(cls: type[Manifest], data: bytes, where: str) -> Manifest:
-        parsed.append(where)
-        return real(cls, data, where)  # type: ignore[no-any-return]
+    real = pipeline._write_share
 
-    monkeypatch.setattr(Manifest, "parse", classmethod(spy))
+    def overlapping(*args: Any) -> dict[str, Any]:
+        out = real(*args)
+        index, key, _offsets, _shape = out["chunks"][0]
+        out["chunks"][0] = [index, key, (0,), (2,)]
+        out["chunks"].append([index, "extra", (1,), (2,)])
+        return out
+
+    monkeypatch.setattr(pipeline, "_write_share", overlapping)
+    with pytest.raises(ckptproto.CheckpointError, match="chunks 0 and 1 overlap"):
+        SAVES[how]({"w": torch.ones(4), "step": 3}, tmp_path / "c")
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.setattr(pipeline, "_write_share", real)
+    # The same check is what every reader applies: the table parsed from a manifest agrees.
     SAVES[how]({"w": torch.ones(4), "step": 3}, tmp_path / "c")
-    before_commit = [w for w in parsed if layout.is_leftover(Path(w).parent.name)]
-    assert len(before_commit) == 1, parsed
+    manifest = ckptproto.read_manifest(tmp_path / "c")
+    check_tensor_table(manifest.tensors, manifest.files, "m")
 
 
 def test_timeout_is_a_parameter_of_every_entry_point() -> None:

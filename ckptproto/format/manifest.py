@@ -11,7 +11,7 @@ import math
 import re
 import zlib
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -20,7 +20,7 @@ from ckptproto.dtypes import DType
 from ckptproto.errors import CheckpointCorruptError, CheckpointFormatError
 from ckptproto.format import layout, strict_json
 from ckptproto.format.crc import parse_checksum
-from ckptproto.tree import check_tree, int_text
+from ckptproto.tree import check_tree, int_text, quick_refs
 
 FORMAT_NAME = "ckptproto"
 FORMAT_VERSION = (1, 0)
@@ -41,9 +41,11 @@ _HEX8 = re.compile(rb"[0-9a-f]{8}")
 _VERSION = re.compile(r"[0-9]{1,5}\.[0-9]{1,5}")  # ASCII digits only ("١.0" is not a version)
 
 
-@dataclass(frozen=True)
-class Chunk:
-    """A box of a tensor stored in one data file under one key."""
+class Chunk(NamedTuple):
+    """A box of a tensor stored in one data file under one key.
+
+    A named tuple, not a frozen dataclass: one is built per tensor a checkpoint holds (300,000
+    in a large state), and a frozen dataclass costs about four times as much to construct."""
 
     file: str
     key: str
@@ -55,9 +57,9 @@ class Chunk:
         return math.prod(self.shape)
 
 
-@dataclass(frozen=True)
-class TensorEntry:
-    """One tensor of the checkpoint: its global dtype and shape, stored as one or more chunks."""
+class TensorEntry(NamedTuple):
+    """One tensor of the checkpoint: its global dtype and shape, stored as one or more chunks
+    (a named tuple for the same reason as :class:`Chunk`)."""
 
     dtype: DType
     shape: tuple[int, ...]
@@ -119,8 +121,9 @@ class Manifest:
         }
         # The tensor table is written as text directly: the same bytes json.dumps gives for it
         # (tests/test_many_tensors.py compares them), without a dict and three lists per tensor.
-        parts = [_dumps(head)[:-1], ',"tensors":[']
-        ints: dict[tuple[int, ...], str] = {}  # shapes and offsets repeat: each written once
+        # Everything of a one-chunk entry but its key repeats from entry to entry: each
+        # distinct (dtype, shape, file, offsets, chunk shape) is written once.
+        ints: dict[tuple[int, ...], str] = {}
 
         def _ints(values: tuple[int, ...]) -> str:
             text = ints.get(values)
@@ -134,12 +137,28 @@ class Manifest:
                 f'"shape":[{_ints(c.shape)}]}}'
             )
 
-        for i, t in enumerate(self.tensors):
+        table: list[str] = []
+        append = table.append
+        around: dict[tuple[Any, ...], tuple[str, str]] = {}
+        for t in self.tensors:
             cs = t.chunks
-            chunks = _chunk(cs[0]) if len(cs) == 1 else ",".join(map(_chunk, cs))
-            parts.append(
-                f'{"," if i else ""}{{"dtype":{_text(t.dtype.name)},"shape":[{_ints(t.shape)}],"chunks":[{chunks}]}}'
-            )
+            if len(cs) == 1:
+                c = cs[0]
+                shared = (t.dtype.name, t.shape, c.file, c.offsets, c.shape)
+                text = around.get(shared)
+                if text is None:
+                    text = around[shared] = (
+                        f'{{"dtype":{_text(t.dtype.name)},"shape":[{_ints(t.shape)}],"chunks":[{{"file":'
+                        f'{_text(c.file)},"key":',
+                        f',"offsets":[{_ints(c.offsets)}],"shape":[{_ints(c.shape)}]}}]}}',
+                    )
+                append(text[0] + _text(c.key) + text[1])
+            else:
+                append(
+                    f'{{"dtype":{_text(t.dtype.name)},"shape":[{_ints(t.shape)}],'
+                    f'"chunks":[{",".join(map(_chunk, cs))}]}}'
+                )
+        parts = [_dumps(head)[:-1], ',"tensors":[', ",".join(table)]
         parts += ['],"state":', _dumps(self.state), "}"]
         body = "".join(parts).encode()
         return _CHECKSUM_PREFIX + b"%08x" % zlib.crc32(body) + b'",' + body[1:]
@@ -164,8 +183,7 @@ class Manifest:
         tensors_doc = doc.get("tensors")
         if not isinstance(tensors_doc, list):
             raise CheckpointFormatError(f'{where}: "tensors" must be a list')
-        tensors = [_parse_tensor(t, i, files, where) for i, t in enumerate(tensors_doc)]
-        _check_pairs_unique(tensors, where)
+        tensors = _parse_tensors(tensors_doc, files, where)
         if not isinstance(doc.get("state"), dict):
             raise CheckpointFormatError(f'{where}: "state" must be an object')
         world_size = doc.get("world_size", 1)
@@ -193,6 +211,84 @@ def show(value: object) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
+def _parse_tensors(docs: list[Any], files: dict[str, FileEntry], where: str) -> list[TensorEntry]:
+    """The tensor table, every entry checked, then F-12 (pairs unique) over all of them.
+
+    This runs once per tensor (300,000 in a large state), so the usual entry (one chunk holding
+    the whole tensor) is checked inline here, its shape and zero offsets shared with every entry
+    of the same shape. Any other entry, and any entry these checks do not vouch for, goes
+    through :func:`_parse_tensor`, the general path that also formats the message."""
+    by_name = dtypes.BY_NAME
+    names = {name: name for name in files}  # one str per file name, not one per chunk
+    # A validated shape (a tuple of ints: hashing it cannot confuse 1 with True or 1.0) ->
+    # (that tuple, shared; zero offsets of its length; bytes it spans per item, zeros as 1).
+    shapes: dict[tuple[int, ...], tuple[tuple[int, ...], tuple[int, ...], int]] = {}
+    tensors: list[TensorEntry] = []
+    append = tensors.append
+    pairs: set[tuple[str, str]] = set()
+    add_pair = pairs.add
+    nchunks = 0
+    new = tuple.__new__  # a named tuple's own __new__ is a Python call around this
+    for index, doc in enumerate(docs):
+        if type(doc) is dict:
+            name, dims, chunks_doc = doc.get("dtype"), doc.get("shape"), doc.get("chunks")
+            dtype = by_name.get(name) if type(name) is str else None
+            if (
+                dtype is not None
+                and type(chunks_doc) is list
+                and len(chunks_doc) == 1
+                and type(chunks_doc[0]) is dict
+                and type(dims) is list
+                and len(dims) <= MAX_NDIM
+            ):
+                c = chunks_doc[0]
+                file, key, offsets, cshape = c.get("file"), c.get("key"), c.get("offsets"), c.get("shape")
+                file = names.get(file) if type(file) is str else None
+                if (
+                    file is not None
+                    and type(key) is str
+                    and type(offsets) is list
+                    and type(cshape) is list
+                    and cshape == dims  # values only (1 == True == 1.0): types checked below
+                    and len(offsets) == len(dims)
+                ):
+                    for d in dims:
+                        if type(d) is not int or not 0 <= d <= MAX_DIM:
+                            break
+                    else:
+                        for d in cshape:
+                            if type(d) is not int:
+                                break
+                        else:
+                            for o in offsets:
+                                if type(o) is not int or o:
+                                    break
+                            else:
+                                known = shapes.get(shape := tuple(dims))
+                                if known is None:
+                                    span = 1
+                                    for d in shape:
+                                        span *= d or 1
+                                        if span > MAX_EXTENT:
+                                            break  # refused below: a hostile shape needs no exact product
+                                    known = shapes[shape] = (shape, (0,) * len(shape), span)
+                                if known[2] * dtype.itemsize <= MAX_EXTENT:
+                                    shape = known[0]
+                                    chunk = new(Chunk, (file, key, known[1], shape))
+                                    append(new(TensorEntry, (dtype, shape, (chunk,))))
+                                    add_pair((file, key))
+                                    nchunks += 1
+                                    continue
+        entry = _parse_tensor(doc, index, files, where)
+        append(entry)
+        for chunk in entry.chunks:
+            add_pair((chunk.file, chunk.key))
+        nchunks += len(entry.chunks)
+    if len(pairs) != nchunks:
+        _check_pairs_unique(tensors, where)  # raises, naming the first repeated pair
+    return tensors
+
+
 def _check_pairs_unique(tensors: list[TensorEntry], where: str) -> None:
     """F-12: a (file, key) pair stores one chunk of the whole manifest."""
     used: set[tuple[str, str]] = set()
@@ -207,8 +303,35 @@ def _check_pairs_unique(tensors: list[TensorEntry], where: str) -> None:
 
 def _check_values(state: Any, metadata: Any, tensors: list[TensorEntry], where: str) -> None:
     """F-14, F-15, F-17, F-18: decode both trees once, keeping nothing."""
-    kinds: dict[int, str] = {}
+    count = len(tensors)
+    refs = quick_refs(state, where=f"{where} (state)")
+    if refs is not None:
+        torch_refs, numpy_refs = refs
+        if (
+            (not torch_refs or max(torch_refs) < count)
+            and (not numpy_refs or max(numpy_refs) < count)
+            and (not numpy_refs or _numpy_refs_ok(torch_refs, numpy_refs, tensors))
+        ):
+            state = None  # vouched for: only the metadata is left to check
+    if state is not None:
+        _check_state(state, tensors, where)
 
+    def no_tensors(kind: str, index: int, path: str) -> None:
+        raise CheckpointFormatError(f"{where}: metadata.{path} refers to a tensor")
+
+    if not check_tree(metadata, no_tensors, where=f"{where} (metadata)"):
+        raise CheckpointFormatError(f"{where}: metadata must be an object")
+
+
+def _numpy_refs_ok(torch_refs: list[int], numpy_refs: list[int], tensors: list[TensorEntry]) -> bool:
+    """No tensor is referenced both as torch and numpy, and numpy has every $numpy dtype."""
+    used = set(numpy_refs)
+    return used.isdisjoint(torch_refs) and all(tensors[i].dtype.numpy_name is not None for i in used)
+
+
+def _check_state(state: Any, tensors: list[TensorEntry], where: str) -> None:
+    """The state decoded with every check, raising the first problem with its path."""
+    kinds: dict[int, str] = {}
     count = len(tensors)
 
     def resolve(kind: str, index: int, path: str) -> None:
@@ -225,13 +348,8 @@ def _check_values(state: Any, metadata: Any, tensors: list[TensorEntry], where: 
                 "a dtype numpy lacks"
             )
 
-    def no_tensors(kind: str, index: int, path: str) -> None:
-        raise CheckpointFormatError(f"{where}: metadata.{path} refers to a tensor")
-
     if not check_tree(state, resolve, where=f"{where} (state)"):
         raise CheckpointFormatError(f"{where}: the state must be an object at the top level")
-    if not check_tree(metadata, no_tensors, where=f"{where} (metadata)"):
-        raise CheckpointFormatError(f"{where}: metadata must be an object")
 
 
 def _check_own_checksum(data: bytes, where: str) -> None:
@@ -379,6 +497,67 @@ def _parse_tensor(doc: object, index: int, files: dict[str, FileEntry], where: s
     if len(chunks) != 1 or chunks[0].shape != shape:
         _check_tiling(entry, f"{where}: tensors[{index}]")
     return entry
+
+
+def check_tensor_table(tensors: list[TensorEntry], files: dict[str, FileEntry], where: str) -> None:
+    """What :meth:`Manifest.parse` checks in a tensor table, for entries a writer built (typed
+    already, so no JSON types to check): every chunk's file listed, its offsets and shape of the
+    tensor's rank and its box inside the tensor, chunks covering the tensor exactly once (no
+    overlap, no hole), shapes within MAX_NDIM/MAX_DIM and F-33's extent, (file, key) pairs
+    unique (F-12), and the file table itself. A writer's check before it commits, without parsing its own manifest back::
+
+        check_tensor_table(manifest.tensors, manifest.files, "ckpt/manifest.json")
+    """
+    # The file table as a reader checks it (names, sizes, checksums, ranks): a few files.
+    _parse_files(
+        {n: {"size": f.size, "checksum": f.checksum, "rank": f.rank} for n, f in files.items()}, where
+    )
+    shapes: dict[tuple[int, ...], int] = {}  # a checked shape -> bytes per item it spans
+    pairs: set[tuple[str, str]] = set()
+    nchunks = 0
+    for index, entry in enumerate(tensors):
+        shape, chunks = entry.shape, entry.chunks
+        span = shapes.get(shape)
+        if span is None:
+            if len(shape) > MAX_NDIM or not all(type(d) is int and 0 <= d <= MAX_DIM for d in shape):
+                raise _bad_int_list(f"{where}: tensors[{index}].shape")
+            span = shapes[shape] = math.prod(d or 1 for d in shape)
+        if span * entry.dtype.itemsize > MAX_EXTENT:
+            check_extent(shape, entry.dtype.itemsize, f"{where}: tensors[{index}]")  # raises
+        if len(chunks) == 1:
+            c = chunks[0]
+            if c.shape == shape and c.file in files and len(c.offsets) == len(shape) and not any(c.offsets):
+                pairs.add((c.file, c.key))
+                nchunks += 1
+                continue  # the whole tensor in one chunk: the usual entry
+        if not chunks or len(chunks) > MAX_CHUNKS_PER_TENSOR:
+            raise CheckpointFormatError(f"{where}: tensors[{index}].chunks must be a non-empty list")
+        for j, c in enumerate(chunks):
+            if c.file not in files:
+                raise CheckpointFormatError(
+                    f'{where}: tensors[{index}].chunks[{j}]: file {show(c.file)} is not listed in "files"'
+                )
+            pairs.add((c.file, c.key))
+            if c.shape == shape and not any(c.offsets) and len(c.offsets) == len(shape):
+                continue  # the whole tensor
+            _check_box(c, shape, f"{where}: tensors[{index}].chunks[{j}]")
+        nchunks += len(chunks)
+        if len(chunks) != 1 or chunks[0].shape != shape:
+            _check_tiling(entry, f"{where}: tensors[{index}]")
+    if len(pairs) != nchunks:
+        _check_pairs_unique(tensors, where)  # raises, naming the first repeated pair
+
+
+def _check_box(chunk: Chunk, shape: tuple[int, ...], what: str) -> None:
+    """A chunk's offsets and shape: of the tensor's rank, and a box inside it."""
+    offsets, cshape = chunk.offsets, chunk.shape
+    for name, dims in (("offsets", offsets), ("shape", cshape)):
+        if len(dims) > MAX_NDIM or not all(type(d) is int and 0 <= d <= MAX_DIM for d in dims):
+            raise _bad_int_list(f"{what}.{name}")
+    if len(offsets) != len(shape) or len(cshape) != len(shape):
+        raise CheckpointFormatError(f"{what}: offsets and shape need {len(shape)} dimensions")
+    if any(o + n > g for o, n, g in zip(offsets, cshape, shape, strict=True)):
+        raise CheckpointFormatError(f"{what}: box {offsets}+{cshape} runs outside shape {shape}")
 
 
 def check_extent(shape: tuple[int, ...], itemsize: int, what: str) -> None:

@@ -10,8 +10,7 @@ from __future__ import annotations
 import json
 import math
 import struct
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from ckptproto.dtypes import SAFETENSORS_ITEMSIZE
 from ckptproto.errors import CheckpointCorruptError, CheckpointFormatError
@@ -23,9 +22,9 @@ RAW_CODE = "U8"  # dtypes safetensors lacks are stored as raw bytes under this c
 _text = json.encoder.encode_basestring  # what json.dumps(ensure_ascii=False) writes for a str
 
 
-@dataclass(frozen=True, slots=True)
-class HeaderEntry:
-    """One tensor of a data file; ``begin``/``end`` are absolute file offsets."""
+class HeaderEntry(NamedTuple):
+    """One tensor of a data file; ``begin``/``end`` are absolute file offsets. (A named tuple:
+    one is built per tensor read, and a frozen dataclass costs four times as much.)"""
 
     code: str
     shape: tuple[int, ...]
@@ -43,12 +42,14 @@ def encode_header(
         # Written as text directly, the bytes json.dumps gives (tests/test_many_tensors.py):
         # no dict and two lists per tensor on the way.
         parts = [json.dumps({"__metadata__": metadata}, separators=(",", ":"), ensure_ascii=False)[:-1]]
-        text_of = _text
+        append, text_of = parts.append, _text
+        heads: dict[tuple[str, tuple[int, ...]], str] = {}  # dtype and shape text: they repeat
         for key, code, shape, begin, end in entries:
-            dims = ",".join(map(int.__repr__, shape))
-            parts.append(
-                f',{text_of(key)}:{{"dtype":{text_of(code)},"shape":[{dims}],"data_offsets":[{begin},{end}]}}'
-            )
+            head = heads.get((code, shape))
+            if head is None:
+                dims = ",".join(map(int.__repr__, shape))
+                head = heads[(code, shape)] = f'":{{"dtype":{text_of(code)},"shape":[{dims}],"data_offsets":['
+            append(f",{text_of(key)[:-1]}{head}{begin},{end}]}}")
         parts.append("}")
         text = "".join(parts).encode("utf-8")
     else:  # a repeated key keeps its first position and last value, as a dict does
@@ -95,6 +96,8 @@ def parse_header(raw: bytes, file_size: int, name: str) -> dict[str, HeaderEntry
     entries: dict[str, HeaderEntry] = {}
     fields = {"dtype", "shape", "data_offsets"}
     itemsizes = SAFETENSORS_ITEMSIZE
+    shapes: dict[tuple[int, ...], tuple[int, ...]] = {}  # checked shapes, one tuple for each
+    new = tuple.__new__
     for key in list(obj):
         e = obj.pop(key)  # free the parsed JSON as entries are built: a header may be 100 MiB
         if type(e) is not dict or len(e) != 3 or not fields.issuperset(e):
@@ -103,8 +106,11 @@ def parse_header(raw: bytes, file_size: int, name: str) -> dict[str, HeaderEntry
         itemsize = itemsizes.get(code) if type(code) is str else None
         if itemsize is None:
             raise CheckpointFormatError(f"{name}: tensor {key!r} has unsupported dtype {_short(code)}")
-        if type(shape) is not list or not _dims(shape):
+        if type(shape) is not list:
             raise CheckpointFormatError(f"{name}: tensor {key!r} has a bad shape {_short(shape)}")
+        for d in shape:  # inline: a call per entry costs more than the check
+            if type(d) is not int or d < 0:
+                raise CheckpointFormatError(f"{name}: tensor {key!r} has a bad shape {_short(shape)}")
         if type(offsets) is list and len(offsets) == 2:
             begin, end = offsets
             good = type(begin) is int and type(end) is int and 0 <= begin <= end <= buffer_len
@@ -121,7 +127,9 @@ def parse_header(raw: bytes, file_size: int, name: str) -> dict[str, HeaderEntry
                 f"{name}: tensor {key!r}: shape {_short(shape)} of {code} needs {_short(nbytes)} bytes, "
                 f"data_offsets give {end - begin}"
             )
-        entries[key] = HeaderEntry(code, tuple(shape), data_start + begin, data_start + end)
+        dims = tuple(shape)  # ints only (checked above): hashing cannot confuse 1 with True
+        dims = shapes.setdefault(dims, dims)
+        entries[key] = new(HeaderEntry, (code, dims, data_start + begin, data_start + end))
     position = data_start
     for entry in entries.values():  # written in file order: then one pass tells, no sort
         if entry.begin != position:
@@ -141,14 +149,6 @@ def parse_header(raw: bytes, file_size: int, name: str) -> dict[str, HeaderEntry
             f"{name}: tensors end at byte {position} but the file has {file_size} bytes"
         )
     return entries
-
-
-def _dims(shape: list[Any]) -> bool:
-    """Every item a non-negative int (a plain loop: all() over a generator costs more)."""
-    for d in shape:  # noqa: SIM110 - the loop is the point
-        if type(d) is not int or d < 0:
-            return False
-    return True
 
 
 def _short(value: object) -> str:

@@ -69,6 +69,7 @@ def assign(target: Any, loaded: Any, strict: bool, root: Location | None = None,
     """Copy non-tensor values of ``loaded`` into a plain tree target (tensors already filled);
     Stateful objects in the tree get their part through their own ``load_state_dict``."""
     items = loaded.items() if isinstance(loaded, Mapping) else enumerate(loaded)
+    exact = exact_array_types()
     for key, value in items:
         if isinstance(target, Mapping):
             if key not in target:
@@ -78,6 +79,8 @@ def assign(target: Any, loaded: Any, strict: bool, root: Location | None = None,
             if not isinstance(key, int) or key >= len(target):
                 continue
             current = target[key]
+        if type(current) in exact:
+            continue  # a tensor or array: filled already (is_array, without the calls)
         if is_stateful(current):
             at = join_path(path, key)
             call_load_state_dict(current, value, strict, f"{root}: {at}" if root else at)
@@ -91,6 +94,7 @@ def wanted_refs(target: Any, skeleton: Any) -> set[int]:
     """The checkpoint tensors ``assign`` would place into ``target`` (mirrors its walk)."""
     wanted: set[int] = set()
     items = skeleton.items() if isinstance(skeleton, Mapping) else enumerate(skeleton)
+    exact = exact_array_types()
     for key, value in items:
         if isinstance(target, Mapping):
             if key not in target:
@@ -98,6 +102,8 @@ def wanted_refs(target: Any, skeleton: Any) -> set[int]:
         elif not isinstance(key, int) or key >= len(target):
             continue
         current = target[key]
+        if type(current) in exact:
+            continue  # a tensor or array takes no other value (as below, without the calls)
         if isinstance(current, (dict, list)) and isinstance(value, type(current)):
             wanted |= wanted_refs(current, value)
         elif not is_array(current):  # replaced by, or handed (Stateful), the whole value
@@ -123,6 +129,22 @@ def is_array(value: Any) -> bool:
     return isinstance(value, np.ndarray) or arrays.is_torch_tensor(value)
 
 
+_EXACT: tuple[frozenset[type], ...] = ()
+
+
+def exact_array_types() -> frozenset[type]:
+    """The exact types of plain arrays and tensors (np.ndarray, torch.Tensor and Parameter
+    once torch is imported; never a subclass such as DTensor): a ``type(x) in`` test for them
+    costs less than :func:`is_array`'s calls, paid per tensor of a large target."""
+    global _EXACT
+    if not _EXACT:
+        torch = arrays.loaded_torch()
+        if torch is None:
+            return frozenset({np.ndarray})
+        _EXACT = (frozenset({np.ndarray, torch.Tensor, torch.nn.Parameter}),)
+    return _EXACT[0]
+
+
 class Matcher:
     """Walks a checkpoint skeleton beside a target tree: finds the target tensor to read each
     checkpoint tensor into, and collects missing, unexpected and mismatched paths."""
@@ -136,6 +158,8 @@ class Matcher:
         self.missing: list[str] = []
         self.unexpected: list[str] = []
         self.mismatched: list[str] = []
+        torch = arrays.loaded_torch()
+        self._torch_types = frozenset({torch.Tensor, torch.nn.Parameter} if torch is not None else ())
 
     def match(self, ckpt_node: Any, target_node: Any, path: str) -> None:
         if isinstance(ckpt_node, Ref):
@@ -165,9 +189,15 @@ class Matcher:
             for key in target_node:
                 if key not in ckpt_node:
                     self.missing.append(join_path(path, key))
+            torch_types = self._torch_types
             for key, value in ckpt_node.items():
                 if key in target_node:
-                    self.match(value, target_node[key], join_path(path, key))
+                    target = target_node[key]
+                    # A plain torch tensor for a checkpoint tensor (most of a large target):
+                    # matched here without its path, which only a mismatch message needs.
+                    if type(value) is Ref and type(target) in torch_types and self._plain(value, target):
+                        continue
+                    self.match(value, target, join_path(path, key))
                 elif self.reject_unexpected:
                     self.unexpected.append(join_path(path, key))
         elif isinstance(ckpt_node, (list, tuple)) and isinstance(target_node, (list, tuple)):
@@ -177,6 +207,21 @@ class Matcher:
                 )
             for i, (c, t) in enumerate(zip(ckpt_node, target_node, strict=False)):
                 self.match(c, t, join_path(path, i))
+
+    def _plain(self, ref: Ref, target: Any) -> bool:
+        """Whether ``target``, a plain torch tensor, takes checkpoint tensor ``ref`` (then it
+        is recorded as its destination); False leaves the message to :meth:`_tensor`."""
+        entry = self.manifest.tensors[ref.index]
+        spec = arrays.describe_torch(target)
+        if (
+            type(spec) is not arrays.ArraySpec
+            or ref.kind != "torch"
+            or (spec.dtype is not entry.dtype and spec.dtype != entry.dtype)
+            or spec.shape != entry.shape
+        ):
+            return False
+        self.destinations.setdefault(ref.index, []).append(target)
+        return True
 
     def _tensor(self, ref: Ref, target: Any, path: str) -> None:
         if dtensor.is_dtensor(target):

@@ -13,7 +13,7 @@ world of one; ``Group``: the ranks of a torch.distributed group) and different b
 2. write: every rank writes its own data file (``data-{rank}-000.safetensors``) into that
    directory and fsyncs it (rank 0 without waiting for the others to take its message).
 3. commit: each rank sends rank 0 its status, file entry and chunks; if every rank succeeded,
-   rank 0 builds the manifest, parses it back (the checks every reader applies: overlapping
+   rank 0 builds the manifest, checks its tensor table as every reader does (overlapping
    shards, holes), writes it last and commits (atomic rename + fsync). Rank 0 sends every
    rank the outcome.
 
@@ -38,7 +38,14 @@ from ckptproto import _gc, arrays
 from ckptproto.errors import CheckpointWriteError, DistributedCheckpointError
 from ckptproto.format import layout
 from ckptproto.format.info import CheckpointInfo
-from ckptproto.format.manifest import MAX_MANIFEST_BYTES, Chunk, FileEntry, Manifest, TensorEntry
+from ckptproto.format.manifest import (
+    MAX_MANIFEST_BYTES,
+    Chunk,
+    FileEntry,
+    Manifest,
+    TensorEntry,
+    check_tensor_table,
+)
 from ckptproto.io.backends import resolve
 from ckptproto.io.coordinate import Coordinator, Timeout, coordinator, failure
 from ckptproto.io.meta import WRITER, build_manifest, decode_metadata
@@ -234,9 +241,9 @@ def _write_share(
     with _gc.paused():
         return {
             "file": [file_plan.name, entry.size, entry.checksum],
-            "chunks": [
-                [job.tensor_index[p.source], p.key, list(p.offsets), list(p.spec.shape)] for p in job.pieces
-            ],
+            # Tuples as they are: a coordinator that sends JSON turns them into lists, and
+            # _commit takes either.
+            "chunks": [[job.tensor_index[p.source], p.key, p.offsets, p.spec.shape] for p in job.pieces],
         }
 
 
@@ -265,24 +272,30 @@ def _commit(
                 chunks[index].append(Chunk(name, key, tuple(offsets), tuple(shape)))
         tensors = []
         for leaf, found in zip(encoded.tensors, chunks, strict=True):
+            spec = leaf.spec
+            if len(found) == 1 and found[0].shape == spec.shape:  # the whole tensor, one chunk
+                tensors.append(TensorEntry(spec.dtype, spec.shape, (found[0],)))
+                continue
             covered = sum(c.numel for c in found)
-            if covered != leaf.spec.numel or not found:
+            if covered != spec.numel or not found:
                 raise DistributedCheckpointError(
-                    f"{final}: {leaf.path}: the ranks' shards hold {covered} of its {leaf.spec.numel} "
+                    f"{final}: {leaf.path}: the ranks' shards hold {covered} of its {spec.numel} "
                     "elements; a DTensor's device mesh must lie inside the process group that saves it"
                 )
             found.sort(key=lambda c: c.offsets)
-            tensors.append(TensorEntry(leaf.spec.dtype, leaf.spec.shape, tuple(found)))
+            tensors.append(TensorEntry(spec.dtype, spec.shape, tuple(found)))
+        # What every reader checks in the tensor table, checked before the commit (overlapping
+        # shards, holes), on the entries themselves: the state and metadata trees come from the
+        # encoder, which refuses what a reader would.
+        check_tensor_table(tensors, files, f"{temp}/{layout.MANIFEST_NAME}")
         manifest = build_manifest(encoded, metadata_tree, files, tensors, world_size)
         data = manifest.to_json()
-        # What every reader will check, checked before the commit (catches overlapping shards),
-        # the size limit of reader.read_manifest included.
+        # The size limit of reader.read_manifest.
         if len(data) > MAX_MANIFEST_BYTES:
             raise CheckpointWriteError(
                 f"{final}: the manifest would be {len(data)} bytes, over the {MAX_MANIFEST_BYTES} "
                 "that readers accept; store large values as tensors, not as plain lists or strings"
             )
-        Manifest.parse(data, f"{temp}/{layout.MANIFEST_NAME}")
     storage.write_small_file(temp, layout.MANIFEST_NAME, data)
     storage.commit(temp, final, overwrite=overwrite)
     return manifest

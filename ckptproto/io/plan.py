@@ -7,6 +7,7 @@ at once, the async saver after staging, a distributed rank for its own share.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from ckptproto.arrays import ArraySpec
 from ckptproto.format import safetensors
@@ -17,10 +18,10 @@ from ckptproto.format.manifest import Chunk
 FILE_METADATA = {"format": "pt", "writer": "ckptproto"}
 
 
-@dataclass(frozen=True)
-class Piece:
+class Piece(NamedTuple):
     """A whole tensor or one chunk of it to be stored: ``source`` indexes the caller's list
-    of byte sources; ``offsets``/``shape`` place it in the global tensor."""
+    of byte sources; ``offsets``/``shape`` place it in the global tensor. (A named tuple: one
+    is built per tensor saved, and a frozen dataclass costs four times as much.)"""
 
     source: int
     key: str
@@ -32,8 +33,7 @@ class Piece:
         return self.spec.nbytes
 
 
-@dataclass(frozen=True)
-class Placement:
+class Placement(NamedTuple):
     piece: Piece
     begin: int  # absolute offset in the file
 
@@ -63,19 +63,24 @@ def plan_file(name: str, rank: int, pieces: list[Piece], metadata: dict[str, str
     """Lay ``pieces`` out in one safetensors file. Wider dtypes go first so that every tensor
     starts at a multiple of its item size (the header is padded to 8 bytes), which lets
     loaders map tensors straight from the file."""
-    ordered = sorted(pieces, key=lambda p: -min(p.spec.dtype.itemsize, 8))
+    widths = [min(p.spec.dtype.itemsize, 8) for p in pieces]
+    ordered = pieces
+    if len(set(widths)) > 1:  # one dtype width (the usual state): already in order
+        ordered = [pieces[i] for i in sorted(range(len(pieces)), key=lambda i: -widths[i])]
     entries: list[tuple[str, str, tuple[int, ...], int, int]] = []
-    relative: list[int] = []
+    append = entries.append
     position = 0
+    raw = safetensors.RAW_CODE
     for piece in ordered:
-        code = piece.spec.dtype.safetensors
-        shape = piece.spec.shape if code is not None else (piece.nbytes,)
-        entries.append((piece.key, code or safetensors.RAW_CODE, shape, position, position + piece.nbytes))
-        relative.append(position)
-        position += piece.nbytes
+        spec = piece.spec
+        code = spec.dtype.safetensors
+        end = position + spec.nbytes
+        append((piece.key, code or raw, spec.shape if code is not None else (spec.nbytes,), position, end))
+        position = end
     header = safetensors.encode_header(entries, FILE_METADATA if metadata is None else metadata)
+    start = len(header)
     placements = tuple(
-        Placement(piece, len(header) + rel) for piece, rel in zip(ordered, relative, strict=True)
+        [Placement(piece, start + entry[3]) for piece, entry in zip(ordered, entries, strict=True)]
     )
     return FilePlan(name, rank, header, placements)
 

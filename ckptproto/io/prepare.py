@@ -79,11 +79,20 @@ def resolve_statefuls(state: Mapping[str, Any]) -> dict[str, Any]:
         try:
             if stateful:
                 return walk(protocol.state_of(value), path, depth)
-            return {k: walk(v, join_path(path, k), depth + 1) for k, v in value.items()}
+            return {
+                k: v if type(v) in leaves else walk(v, join_path(path, k), depth + 1)
+                for k, v in value.items()
+            }
         finally:
             active.discard(id(value))
 
+    # Values kept as they are, tested before a call per value: most of a large state's values
+    # are plain tensors (their exact types; subclasses take the call).
+    torch = arrays.loaded_torch()
+    leaves = frozenset(
+        (*_PLAIN, np.ndarray, *((torch.Tensor, torch.nn.Parameter) if torch is not None else ()))
+    )
     active.add(id(state))
-    resolved = {k: walk(v, join_path("", k), 1) for k, v in state.items()}
+    resolved = {k: v if type(v) in leaves else walk(v, join_path("", k), 1) for k, v in state.items()}
     # module.state_dict() is an OrderedDict: keep it one, as at any other depth of the tree.
     return OrderedDict(resolved) if type(state) is OrderedDict else resolved

@@ -209,27 +209,31 @@ class OpenCheckpoint:
 
     def check_chunks(self) -> None:
         """Every chunk names a distinct, existing data file entry of the right dtype/shape."""
-        used: set[tuple[str, str]] = set()
+        located = self._located  # empty here: it holds exactly the chunks located so far
+        locate = self.locate
         for index, tensor in enumerate(self.manifest.tensors):
             for chunk in tensor.chunks:
-                if (chunk.file, chunk.key) in used:
+                if (chunk.file, chunk.key) in located:
                     raise CheckpointFormatError(
                         f"{self.where(chunk.file)}: tensor {chunk.key!r} is claimed by two chunks"
                     )
-                used.add((chunk.file, chunk.key))
-                self.locate(tensor, chunk, index)
+                locate(tensor, chunk, index)
 
     def locate(self, tensor: TensorEntry, chunk: Chunk, index: int) -> safetensors.HeaderEntry:
         """The data file entry holding ``chunk``, checked against the manifest's dtype/shape."""
-        found = self._located.get((chunk.file, chunk.key))
+        pair = (chunk.file, chunk.key)
+        found = self._located.get(pair)
         if found is not None:
             return found
         data_file = self.files[chunk.file]
         entry = data_file.entries.get(chunk.key)
+        code = tensor.dtype.safetensors
+        if entry is not None and code is not None and entry.code == code and entry.shape == chunk.shape:
+            self._located[pair] = entry  # the usual chunk: no message text built
+            return entry
         where = f"{data_file.where}: tensor {chunk.key!r} (tensors[{index}])"
         if entry is None:
             raise CheckpointFormatError(f"{where} is missing from the data file")
-        code = tensor.dtype.safetensors
         want_code = code or safetensors.RAW_CODE
         want_shape = chunk.shape if code else (chunk.numel * tensor.dtype.itemsize,)
         if entry.code != want_code or entry.shape != want_shape:
@@ -237,7 +241,7 @@ class OpenCheckpoint:
                 f"{where} is stored as {entry.code}{list(entry.shape)}, the manifest needs "
                 f"{want_code}{list(want_shape)} for {tensor.dtype.name}{list(chunk.shape)}"
             )
-        self._located[(chunk.file, chunk.key)] = entry
+        self._located[pair] = entry
         return entry
 
     def close(self) -> None:

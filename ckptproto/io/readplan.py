@@ -140,8 +140,13 @@ def plan_into(
     """Schedule reading tensor ``index`` into ``value`` (whose bytes are ``dest`` when it is a
     contiguous CPU buffer; otherwise chunks are assembled through a byte grid of it)."""
     entry = ckpt.manifest.tensors[index]
+    chunks = entry.chunks
+    if dest is not None and len(chunks) == 1 and chunks[0].shape == entry.shape and len(dest) == spec.nbytes:
+        # The whole tensor in one chunk, read straight into all of ``dest``: the usual tensor.
+        plan.add(chunks[0].file, ckpt.locate(entry, chunks[0], index).begin, dest)
+        return
     grid: np.ndarray[Any, Any] | None = None
-    for chunk in entry.chunks:
+    for chunk in chunks:
         header_entry = ckpt.locate(entry, chunk, index)
         span = _contiguous_span(entry, chunk)
         if dest is not None and span is not None:

@@ -45,6 +45,8 @@ def assign_writers(encoded: EncodedState, world_size: int) -> list[int | None]:
     """The rank that writes each plain (replicated) tensor, None for DTensors (every shard is
     written by its own rank). Largest first onto the least loaded rank: the same answer on
     every rank, and the bytes spread evenly."""
+    if world_size == 1:
+        return [None if leaf.shard is not None else 0 for leaf in encoded.tensors]
     owners: list[int | None] = [None] * len(encoded.tensors)
     loads = [(0, r) for r in range(world_size)]  # a heap of (bytes so far, rank)
     plain = [i for i, leaf in enumerate(encoded.tensors) if leaf.shard is None]
@@ -77,13 +79,18 @@ def plan_share(encoded: EncodedState, rank: int, world_size: int) -> ShareJob:
     pieces: list[Piece] = []
     leaves: list[TensorLeaf] = []
     index: list[int] = []
+    zeros = [(0,) * n for n in range(8)]  # whole-tensor offsets, shared by the usual ranks
     for i, (leaf, key) in enumerate(zip(encoded.tensors, keys, strict=True)):
         shard = leaf.shard
         if shard is None:
             if owners[i] != rank:
                 continue
-            value, offsets, spec = leaf.value, (0,) * len(leaf.spec.shape), leaf.spec
-        elif leaf.spec.numel == 0:
+            ndim = len(leaf.spec.shape)
+            pieces.append(Piece(len(leaves), key, leaf.spec, zeros[ndim] if ndim < 8 else (0,) * ndim))
+            leaves.append(leaf)  # the plain tensor itself: its value, spec and path
+            index.append(i)
+            continue
+        if leaf.spec.numel == 0:
             # An empty global tensor still needs one (empty) chunk: rank 0 writes it.
             if rank != 0:
                 continue
