@@ -13,7 +13,7 @@ import ckptproto
 from ckptproto.arrays import ArraySpec, allocate
 from ckptproto.format import layout
 from ckptproto.format.manifest import TensorEntry
-from ckptproto.io import commit, coordinate, meta, reader, readplan, share, writer
+from ckptproto.io import commit, coordinate, meta, reader, readplan, share, wire, writer
 from ckptproto.io.plan import Piece, plan_file
 from ckptproto.tree import encode_state
 
@@ -118,16 +118,16 @@ def test_a_message_of_any_size_arrives_whole(extra: int) -> None:
     pytest.importorskip("torch")
     # The payload's pickle ends just before, at and after the end of the first slot.
     base = len(json.dumps({"x": ""}, separators=(",", ":")))
-    size = max(0, coordinate._SLOT - coordinate._LENGTH - base + extra)
+    size = max(0, wire.SLOT - wire.LENGTH - base + extra)
     payload = {"x": "y" * size}
-    parts = coordinate._pack(payload)
-    assert len(parts[0]) == coordinate._SLOT
-    rest = coordinate._rest(parts[0])
+    parts = wire.pack(payload)
+    assert len(parts[0]) == wire.SLOT
+    rest = wire.rest(parts[0])
     assert (rest is None) == (len(parts) == 1)
     if rest is not None:
         assert len(rest) == len(parts[1])
         rest.copy_(parts[1])
-    assert coordinate._unpack(parts[0], rest) == payload
+    assert wire.unpack(parts[0], rest) == payload
 
 
 def test_a_verdict_names_every_failed_rank_once() -> None:
@@ -154,8 +154,8 @@ def test_messages_are_json_and_refuse_what_json_cannot_carry() -> None:
     # A metric tensor travels as its number; tuples arrive as lists; an object is refused
     # here, on the sending rank, rather than pickled.
     payload = {"score": torch.tensor(0.25), "pair": (True, "x"), "n": np.float32(2.0).item()}
-    parts = coordinate._pack(payload)
-    assert bytes(parts[0][coordinate._LENGTH :].numpy()).startswith(b"{")
-    assert coordinate._unpack(parts[0], None) == {"score": 0.25, "pair": [True, "x"], "n": 2.0}
+    parts = wire.pack(payload)
+    assert bytes(parts[0][wire.LENGTH :].numpy()).startswith(b"{")
+    assert wire.unpack(parts[0], None) == {"score": 0.25, "pair": [True, "x"], "n": 2.0}
     with pytest.raises(TypeError, match="cannot travel between ranks"):
-        coordinate._pack({"value": object()})
+        wire.pack({"value": object()})

@@ -16,7 +16,6 @@ Three steps, all through rank 0: :meth:`~Coordinator.share` (rank 0's payload to
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 import time
@@ -24,6 +23,7 @@ from datetime import timedelta
 from typing import Any
 
 from ckptproto.errors import CheckpointError, DistributedCheckpointError
+from ckptproto.io import wire
 
 logger = logging.getLogger("ckptproto")
 
@@ -34,8 +34,6 @@ DEFAULT_TIMEOUT = timedelta(minutes=30)  # torch.distributed's own default for g
 Timeout = timedelta | float | None
 
 _TAG = 0x636B7074  # "ckpt": the control messages' tag, apart from a caller's own p2p (tag 0)
-_SLOT = 16 * 1024  # every message's first part; a larger payload follows in a second one
-_LENGTH = 8  # bytes of the slot holding the payload's length
 
 
 def as_timeout(timeout: Timeout) -> timedelta | None:
@@ -167,54 +165,6 @@ class Solo(Coordinator):
 _CONTROL_GROUPS: dict[tuple[int, ...], Any] = {}
 
 
-def _scalar(value: Any) -> Any:
-    """A one-element tensor or array (a metric, say) as its Python number; anything else that
-    JSON does not take is refused."""
-    if getattr(value, "ndim", None) == 0 and hasattr(value, "item"):
-        return value.item()
-    raise TypeError(
-        f"a {type(value).__qualname__} cannot travel between ranks: send None, bools, numbers, "
-        "strings, lists and dicts with string keys"
-    )
-
-
-def _pack(payload: Any) -> list[Any]:
-    """``payload`` (a JSON value: tuples arrive as lists, dict keys must be strings) as the
-    tensors that carry it: one slot of ``_SLOT`` bytes (its length, then its start), and the
-    rest, if any, in a second tensor of exactly its size. JSON, not pickle: nothing received
-    is ever executed, even from a rank that is not one of ours."""
-    import torch
-
-    data = json.dumps(payload, default=_scalar, separators=(",", ":")).encode()
-    slot = bytearray(_SLOT)
-    slot[:_LENGTH] = len(data).to_bytes(_LENGTH, "little")
-    head = data[: _SLOT - _LENGTH]
-    slot[_LENGTH : _LENGTH + len(head)] = head
-    parts = [torch.frombuffer(slot, dtype=torch.uint8)]
-    if len(data) > len(head):
-        parts.append(torch.frombuffer(bytearray(data[len(head) :]), dtype=torch.uint8))
-    return parts
-
-
-def _length(slot: Any) -> int:
-    return int.from_bytes(slot[:_LENGTH].numpy().tobytes(), "little")
-
-
-def _rest(slot: Any) -> Any:
-    """The tensor that receives the second part of the payload ``slot`` begins, or None."""
-    import torch
-
-    extra = _length(slot) - (_SLOT - _LENGTH)
-    return torch.empty(extra, dtype=torch.uint8) if extra > 0 else None
-
-
-def _unpack(slot: Any, rest: Any) -> Any:
-    data = slot[_LENGTH : _LENGTH + _length(slot)].numpy().tobytes()
-    if rest is not None:
-        data += rest.numpy().tobytes()
-    return json.loads(data)
-
-
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
@@ -300,7 +250,7 @@ class Group(Coordinator):
         if self.rank != 0:
             return self._receive(what)
         assert payload is not None
-        parts = _pack(payload)
+        parts = wire.pack(payload)
         works: list[tuple[int, Any]] = []
         for peer in range(1, self.size):
             if peer in self.gone:
@@ -334,17 +284,17 @@ class Group(Coordinator):
         patience = self.timeout * (2 if self._answered else 1)
         self._answered = False
         deadline = time.monotonic() + patience.total_seconds()
-        slot = torch.empty(_SLOT, dtype=torch.uint8)
+        slot = torch.empty(wire.SLOT, dtype=torch.uint8)
         try:
             self.group.recv([slot], 0, _TAG).wait(patience)
-            rest = _rest(slot)
+            rest = wire.rest(slot)
             if rest is not None:
                 self.group.recv([rest], 0, _TAG).wait(
                     timedelta(seconds=max(deadline - time.monotonic(), 0.001))
                 )
         except RuntimeError as exc:
             raise self._lost(what, _first_line(exc), deadline, patience.total_seconds()) from exc
-        return _unpack(slot, rest)
+        return wire.unpack(slot, rest)
 
     def collect(self, payload: dict[str, Any], what: str) -> list[dict[str, Any]]:
         if self.size == 1:
@@ -352,7 +302,7 @@ class Group(Coordinator):
         deadline = time.monotonic() + self.timeout_s()
         if self.rank != 0:
             try:
-                works = self._send(_pack(payload), 0)
+                works = self._send(wire.pack(payload), 0)
             except RuntimeError as exc:
                 raise self._lost(what, _first_line(exc), deadline, self.timeout_s()) from exc
             for text in self._wait(works, deadline).values():
@@ -370,7 +320,7 @@ class Group(Coordinator):
         for peer in range(1, self.size):
             if peer in self.gone:
                 continue
-            slots[peer] = torch.empty(_SLOT, dtype=torch.uint8)
+            slots[peer] = torch.empty(wire.SLOT, dtype=torch.uint8)
             try:
                 works.append((peer, self.group.recv([slots[peer]], peer, _TAG)))
             except RuntimeError as exc:
@@ -386,7 +336,7 @@ class Group(Coordinator):
         for peer, slot in slots.items():
             if peer in self.gone:
                 continue
-            rests[peer] = _rest(slot)
+            rests[peer] = wire.rest(slot)
             if rests[peer] is not None:
                 try:
                     more.append((peer, self.group.recv([rests[peer]], peer, _TAG)))
@@ -398,7 +348,7 @@ class Group(Coordinator):
             if peer in self.gone:
                 answers.append({"ok": False, "error": "did not answer", "gone": self.gone[peer]})
             else:
-                answers.append(_unpack(slots[peer], rests[peer]))
+                answers.append(wire.unpack(slots[peer], rests[peer]))
         return answers
 
     def exchange(self, payload: dict[str, Any], what: str) -> list[dict[str, Any]]:
