@@ -111,7 +111,9 @@ class ForkServer:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         else:
-            return self._read_with_deadline(time.monotonic() + 10, pid)
+            # 30 s, not 10: on a loaded 2-core machine a trial's save took longer than 10 s
+            # and its kill point was counted as never reached (a passing run never waits).
+            return self._read_with_deadline(time.monotonic() + 30, pid)
         status: int = self._read()["status"]
         return status
 
