@@ -329,6 +329,33 @@ def test_load_racing_an_overwrite_reads_one_generation_F38(
     assert ckptproto.load(url)["step"] == next(steps) - 1
 
 
+def test_load_into_replaced_mid_read_says_so_never_corrupt_F41(
+    s3_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # load_into has written into the caller's tensors before it meets the missing object, so
+    # it cannot start again: F-41 asks for CheckpointReplacedError, never CheckpointCorruptError.
+    from ckptproto.io import readplan
+
+    url = s3_url + "/c"
+    ckptproto.save({"v": np.zeros(64), "step": 0}, url)
+    execute = readplan.execute
+    act = [lambda: ckptproto.save({"v": np.ones(64), "step": 1}, url, overwrite=True)]
+
+    def overwrite_then_read(*args: Any, **kwargs: Any) -> Any:
+        if act:
+            act.pop()()
+        return execute(*args, **kwargs)
+
+    monkeypatch.setattr(readplan, "execute", overwrite_then_read)
+    target = {"v": np.full(64, 7.0), "step": -1}
+    with pytest.raises(CheckpointReplacedError, match="read it again") as caught:
+        ckptproto.load_into(url, target)
+    assert not isinstance(caught.value, CheckpointCorruptError)
+    monkeypatch.setattr(readplan, "execute", execute)
+    ckptproto.load_into(url, target)  # read again: the new generation, whole
+    assert np.array_equal(target["v"], np.ones(64))
+
+
 def test_namespace_entries_exists_read_head_and_remove(storage: s3_storage.S3Storage, s3_url: str) -> None:
     root = _loc(s3_url)
     assert storage.entries(root) == [] and not storage.exists(root)

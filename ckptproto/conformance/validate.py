@@ -264,7 +264,7 @@ class _StoredFiles:
     def read(self, name: str, offset: int, n: int) -> bytes:
         buffer = bytearray(n)
         got = self.opened[name].read_into(offset, [memoryview(buffer)])
-        return bytes(buffer[:got])
+        return bytes(memoryview(buffer)[:got])  # one copy (a bytearray slice would add one)
 
     def __enter__(self) -> _StoredFiles:
         return self
