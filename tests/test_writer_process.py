@@ -116,18 +116,24 @@ def test_errors_in_the_process_come_back_as_the_same_exceptions(
     assert leftovers(tmp_path) == []
 
 
+def child_hook(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, variable: str) -> tuple[Path, Path]:
+    """Arm one of tests/_writer_child/sitecustomize.py's hooks in the writer processes started
+    from now on (they inherit this environment) while the returned marker file exists; and an
+    empty output directory."""
+    hooks = str(Path(__file__).resolve().parent / "_writer_child")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [hooks, os.environ.get("PYTHONPATH")])))
+    marker = tmp_path / variable.lower()
+    marker.touch()
+    monkeypatch.setenv(variable, str(marker))
+    out = tmp_path / "out"
+    out.mkdir()
+    return marker, out
+
+
 def test_a_writer_process_that_dies_mid_save_fails_it_and_the_next_save_starts_a_new_one(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # The child inherits this environment: its sitecustomize kills it in write_file while the
-    # marker exists.
-    hooks = str(Path(__file__).resolve().parent / "_writer_child")
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [hooks, os.environ.get("PYTHONPATH")])))
-    marker = tmp_path / "die"
-    marker.touch()
-    monkeypatch.setenv("CKPTPROTO_TEST_DIE_MARKER", str(marker))
-    out = tmp_path / "out"
-    out.mkdir()
+    marker, out = child_hook(tmp_path, monkeypatch, "CKPTPROTO_TEST_DIE_MARKER")  # kills it in write_file
     with ckptproto.AsyncSaver(writer="process") as saver:
         fut = saver.save({"w": torch.ones(3), "trainer": {"global_step": 1}}, out / "a")
         with pytest.raises(
@@ -260,13 +266,7 @@ def test_a_parent_killed_mid_save_takes_the_save_with_it(
     the child exits at once and commits nothing, as a writer thread would have died with the
     process; the next sweep removes its leftover. (A child that finished the save after its
     parent was gone would commit into a directory that a restarted job may be using.)"""
-    hooks = str(Path(__file__).resolve().parent / "_writer_child")
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [hooks, os.environ.get("PYTHONPATH")])))
-    hold = tmp_path / "hold"
-    hold.touch()
-    monkeypatch.setenv("CKPTPROTO_TEST_HOLD_MARKER", str(hold))
-    out = tmp_path / "out"
-    out.mkdir()
+    hold, out = child_hook(tmp_path, monkeypatch, "CKPTPROTO_TEST_HOLD_MARKER")  # holds it in write_file
     script = tmp_path / "parent.py"
     script.write_text(_HELD_PARENT)
     parent = subprocess.Popen(
