@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -115,18 +116,24 @@ def test_errors_in_the_process_come_back_as_the_same_exceptions(
     assert leftovers(tmp_path) == []
 
 
+def child_hook(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, variable: str) -> tuple[Path, Path]:
+    """Arm one of tests/_writer_child/sitecustomize.py's hooks in the writer processes started
+    from now on (they inherit this environment) while the returned marker file exists; and an
+    empty output directory."""
+    hooks = str(Path(__file__).resolve().parent / "_writer_child")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [hooks, os.environ.get("PYTHONPATH")])))
+    marker = tmp_path / variable.lower()
+    marker.touch()
+    monkeypatch.setenv(variable, str(marker))
+    out = tmp_path / "out"
+    out.mkdir()
+    return marker, out
+
+
 def test_a_writer_process_that_dies_mid_save_fails_it_and_the_next_save_starts_a_new_one(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # The child inherits this environment: its sitecustomize kills it in write_file while the
-    # marker exists.
-    hooks = str(Path(__file__).resolve().parent / "_writer_child")
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [hooks, os.environ.get("PYTHONPATH")])))
-    marker = tmp_path / "die"
-    marker.touch()
-    monkeypatch.setenv("CKPTPROTO_TEST_DIE_MARKER", str(marker))
-    out = tmp_path / "out"
-    out.mkdir()
+    marker, out = child_hook(tmp_path, monkeypatch, "CKPTPROTO_TEST_DIE_MARKER")  # kills it in write_file
     with ckptproto.AsyncSaver(writer="process") as saver:
         fut = saver.save({"w": torch.ones(3), "trainer": {"global_step": 1}}, out / "a")
         with pytest.raises(
@@ -231,3 +238,75 @@ def test_interpreter_exit_right_after_save_still_commits_through_the_process(tmp
     assert ckptproto.verify(tmp_path / "ckpt").step == 9
     assert np.array_equal(ckptproto.load(tmp_path / "ckpt")["w"], np.arange(1 << 20, dtype=np.float64))
     assert leftovers(tmp_path) == []
+
+
+_HELD_PARENT = """
+import sys, time, torch, ckptproto
+saver = ckptproto.AsyncSaver(writer="process")
+fut = saver.save({"w": torch.ones(1000), "trainer": {"global_step": 3}}, sys.argv[1])
+while saver.writer_pid is None:  # started by the saver's thread
+    time.sleep(0.01)
+print(saver.writer_pid, flush=True)
+time.sleep(600)  # the test kills us while the writer process holds the save
+"""
+
+
+def _gone(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] == "Z"  # a zombie nobody reaped yet
+    except FileNotFoundError:
+        return True
+
+
+def test_a_parent_killed_mid_save_takes_the_save_with_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A training process killed for real while its writer process is in the middle of a save:
+    the child exits at once and commits nothing, as a writer thread would have died with the
+    process; the next sweep removes its leftover. (A child that finished the save after its
+    parent was gone would commit into a directory that a restarted job may be using.)"""
+    hold, out = child_hook(tmp_path, monkeypatch, "CKPTPROTO_TEST_HOLD_MARKER")  # holds it in write_file
+    script = tmp_path / "parent.py"
+    script.write_text(_HELD_PARENT)
+    parent = subprocess.Popen(
+        [sys.executable, str(script), str(out / "step_3")], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert parent.stdout is not None
+        child = int(parent.stdout.readline())
+        reached = Path(str(hold) + ".reached")
+        deadline = time.monotonic() + 60
+        while not reached.exists():
+            assert time.monotonic() < deadline and parent.poll() is None, "the save never reached its write"
+            time.sleep(0.01)
+        assert leftovers(out), "the save in flight has its temporary directory"
+    finally:
+        parent.kill()
+        parent.wait()
+    deadline = time.monotonic() + 30
+    while not _gone(child) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    hold.unlink()  # a child still alive now would go on to commit
+    time.sleep(0.5)
+    assert _gone(child), "the writer process outlived the training process"
+    assert not (out / "step_3").exists()
+    assert ckptproto.remove_leftovers(out) and leftovers(out) == []
+
+
+def test_a_forked_child_lets_go_of_the_parents_writer_process(tmp_path: Path) -> None:
+    """A DataLoader worker forked from the training process must not keep the writer process's
+    parent pipe open (the writer would then outlive a killed training process)."""
+    with ckptproto.AsyncSaver(writer="process") as saver:
+        saver.save({"w": torch.ones(2)}, tmp_path / "a").result(timeout=60)
+        alive = saver._writer_process._alive if saver._writer_process is not None else None
+        assert alive is not None
+        pid = os.fork()
+        if pid == 0:
+            try:
+                os.fstat(alive)
+                os._exit(1)  # still open in the child
+            except OSError:
+                os._exit(0)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0

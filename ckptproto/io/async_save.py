@@ -271,7 +271,9 @@ class AsyncSaver:
         self._threads = []
         self._submitting = 0
         self.pool._lock = threading.Lock()
-        self._writer_process = None  # the parent's child process; a new one starts on use
+        if self._writer_process is not None:
+            self._writer_process.forget()  # the parent's child process; a new one starts on use
+        self._writer_process = None
 
     def _ensure_threads(self) -> None:
         with self._cond:

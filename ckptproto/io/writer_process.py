@@ -15,7 +15,10 @@ each view's place in the slab as raw int64 pairs. The result, or the save's own 
 class name and message, comes back as JSON. If the child dies, the save fails with CheckpointWriteError and the next
 save starts a new child. It is started with ``python -m ckptproto.io.writer_main`` (not
 multiprocessing's spawn, which re-imports the training script's ``__main__``), imports only
-ckptproto and numpy (never torch), and exits when its parent closes the socket or dies.
+ckptproto and numpy (never torch), and exits when its parent closes the socket or dies. A
+parent that dies hard (SIGKILL, the OOM killer) takes its save in flight with it, as it would
+take a writer thread: the child watches a pipe only the parent holds open and exits at once,
+so no checkpoint is committed after the training process that asked for it is gone.
 """
 
 from __future__ import annotations
@@ -78,6 +81,7 @@ class WriterProcess:
         self._lock = threading.Lock()
         self._proc: subprocess.Popen[bytes] | None = None
         self._sock: socket.socket | None = None
+        self._alive: int | None = None  # write end of the pipe whose closing tells the child we died
 
     @property
     def pid(self) -> int | None:
@@ -86,14 +90,17 @@ class WriterProcess:
 
     def _start(self) -> socket.socket:
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        # Only this process holds the write end (not inheritable): the child reads EOF from
+        # its end when we are gone, however we went.
+        watch, alive = os.pipe()
         # The child must import this very ckptproto, whatever sys.path the parent was given.
         package_root = str(Path(__file__).resolve().parents[2])
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
         try:
             self._proc = subprocess.Popen(
-                [sys.executable, "-m", "ckptproto.io.writer_main", str(theirs.fileno())],
-                pass_fds=(theirs.fileno(),),
+                [sys.executable, "-m", "ckptproto.io.writer_main", str(theirs.fileno()), str(watch)],
+                pass_fds=(theirs.fileno(), watch),
                 stdin=subprocess.DEVNULL,
                 env=env,
                 # Its own session: a Ctrl-C meant for the training loop must not kill a save
@@ -102,11 +109,19 @@ class WriterProcess:
             )
         except OSError:
             mine.close()
+            os.close(alive)
             raise
         finally:
             theirs.close()
-        self._sock = mine
+            os.close(watch)
+        self._close_alive()
+        self._sock, self._alive = mine, alive
         return mine
+
+    def _close_alive(self) -> None:
+        alive, self._alive = self._alive, None
+        if alive is not None:
+            os.close(alive)
 
     def run(
         self,
@@ -178,6 +193,7 @@ class WriterProcess:
         sock, self._sock = self._sock, None
         if sock is not None:
             sock.close()
+        self._close_alive()
         code = None
         if proc is not None:
             try:
@@ -208,9 +224,12 @@ class WriterProcess:
                     logger.error("the checkpoint writer process %s did not exit; killing it", proc.pid)
                     proc.kill()
                     proc.wait()
+            self._close_alive()
 
     def forget(self) -> None:
-        """In a forked child: the parent's writer process is the parent's; start afresh."""
+        """In a forked child: the parent's writer process is the parent's; start afresh (and
+        let go of the parent's pipe end, or the child would outlive the parent for it)."""
+        self._close_alive()
         self._lock = threading.Lock()
         self._proc = None
         self._sock = None
@@ -254,6 +273,7 @@ def _serve_one(sock: socket.socket, maps: dict[tuple[int, int], mmap.mmap]) -> b
         whole = memoryview(maps[key])
         spans = np.frombuffer(message, dtype=np.int64, offset=size).reshape(-1, 2).tolist()
         views = [whole[offset : offset + length] for offset, length in spans]
+        _SAVING.set()
         info = pipeline.run(
             Path(job["final"]),
             share_wire.unpack(job["share"]),
@@ -273,6 +293,7 @@ def _serve_one(sock: socket.socket, maps: dict[tuple[int, int], mmap.mmap]) -> b
     except Exception as exc:
         answer = {"ok": False, "type": type(exc).__name__, "message": str(exc)}
     finally:
+        _SAVING.clear()
         for fd in fds:
             os.close(fd)
     data = json.dumps(answer).encode()
@@ -280,8 +301,28 @@ def _serve_one(sock: socket.socket, maps: dict[tuple[int, int], mmap.mmap]) -> b
     return True
 
 
-def main(fd: int) -> None:
+_SAVING = threading.Event()  # set while a save is in flight in this child
+# The exit status of a child whose parent died: EX_TEMPFAIL, nothing committed.
+PARENT_GONE_EXIT = 75
+
+
+def _watch_parent(fd: int) -> None:
+    """Exit as soon as the parent is gone (EOF on the pipe whose write end only it holds):
+    a save it asked for is abandoned, as a writer thread would have died with it, and its
+    hidden temporary directory is left for the next save's sweep (its lock dies with us)."""
+    with contextlib.suppress(OSError):
+        while os.read(fd, 1):
+            pass
+    if _SAVING.is_set():
+        with contextlib.suppress(OSError):
+            os.write(2, b"ckptproto writer process: the training process is gone; its save is abandoned\n")
+    os._exit(PARENT_GONE_EXIT)
+
+
+def main(fd: int, parent_pipe: int | None = None) -> None:
     """The child's loop: serve saves until the parent says stop or goes away."""
+    if parent_pipe is not None:
+        threading.Thread(target=_watch_parent, args=(parent_pipe,), name="parent-watch", daemon=True).start()
     sock = socket.socket(fileno=fd)
     maps: dict[tuple[int, int], mmap.mmap] = {}
     try:
