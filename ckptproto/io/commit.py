@@ -1,8 +1,9 @@
 """Atomic commit of a checkpoint directory.
 
 Files are written into a hidden temporary sibling directory (``layout.temp_name``, locked by
-its writer), fsynced, the manifest last; then the directory is renamed into place (without
-``overwrite``, a no-replace rename) and the parent fsynced. Until that rename nothing at the
+its writer), fsynced, the manifest last (:func:`seal`: the manifest and the directory fsynced
+at the same time); then the directory is renamed into place (without ``overwrite``, a
+no-replace rename) and the parent fsynced (with the directory itself). Until that rename nothing at the
 final path changes, so a crash leaves either the old state or the new one, plus a hidden
 leftover that readers ignore and :func:`~ckptproto.io.sweep.remove_leftovers` (run by every
 ``begin``) deletes once its writer process is gone. The atomic-rename primitives for other
@@ -19,12 +20,14 @@ import errno
 import functools
 import os
 import shutil
+import threading
 from pathlib import Path
 from typing import Any
 
 from ckptproto.errors import CheckpointExistsError, CheckpointWriteError
 from ckptproto.format import layout
-from ckptproto.io.dirs import fsync_dir, is_committed
+from ckptproto.io import writer
+from ckptproto.io.dirs import fsync_dir, is_committed, together
 from ckptproto.io.sweep import LOCKED_MARKER, hold, locked_while, release, remove_leftovers
 
 __all__ = [
@@ -39,7 +42,14 @@ __all__ = [
     "place_dir",
     "place_file",
     "remove_leftovers",
+    "seal",
 ]
+
+# Temporary directories whose entries seal() made durable: their finish() goes straight to
+# the rename. Kept here, not guessed from the directory: a marker that was never created
+# (hold() tolerates that) must not pass for a sealed directory.
+_sealed: set[Path] = set()
+_sealed_guard = threading.Lock()
 
 _RENAME_NOREPLACE = 1
 _RENAME_EXCHANGE = 2
@@ -137,11 +147,17 @@ def _place_new(temp: Path, final: Path) -> bool:
     return False
 
 
+def _after_rename(final: Path) -> None:
+    """Make a rename into ``final`` durable (its parent), and the last change inside the
+    renamed directory (the writer's marker removed after :func:`seal`), at the same time."""
+    together(lambda: fsync_dir(final.parent), lambda: fsync_dir(final))
+
+
 def _replace(temp: Path, final: Path) -> None:
     """Swap the committed checkpoint at ``final`` for ``temp`` so that ``final`` always holds
     a whole checkpoint; the old one is deleted after the swap is durable."""
     if _exchange(temp, final):
-        fsync_dir(final.parent)
+        _after_rename(final)
         shutil.rmtree(temp, ignore_errors=True)  # the old checkpoint, under the locked name
         return
     with locked_while(final):
@@ -152,8 +168,32 @@ def _replace(temp: Path, final: Path) -> None:
         except OSError:
             os.rename(old, final)  # put the old checkpoint back before giving up
             raise
-        fsync_dir(final.parent)
+        _after_rename(final)
         shutil.rmtree(old, ignore_errors=True)
+
+
+def seal(temp: Path, name: str, data: bytes) -> None:
+    """Write the last file of a checkpoint (its manifest) into the temporary directory and
+    make it and every entry of the directory durable, so that :func:`finish` goes straight
+    to the rename::
+
+        commit.seal(temp, "manifest.json", manifest_bytes)
+        commit.finish(temp, final, overwrite=False)
+
+    The file and the directory are fsynced at the same time (FORMAT.md F-28: both finished
+    before the rename), one wait for the disk where one after the other took two."""
+    writer.write_small_file(temp, name, data)  # fsyncs the file and the directory at once
+    with _sealed_guard:
+        _sealed.add(temp)
+
+
+def _unseal(temp: Path) -> bool:
+    """Whether :func:`seal` made ``temp``'s entries durable (and forget it)."""
+    with _sealed_guard:
+        if temp in _sealed:
+            _sealed.discard(temp)
+            return True
+        return False
 
 
 def finish(temp: Path, final: Path, *, overwrite: bool = True) -> None:
@@ -169,9 +209,15 @@ def finish(temp: Path, final: Path, *, overwrite: bool = True) -> None:
 
 def _finish(temp: Path, final: Path, overwrite: bool) -> None:
     try:
+        sealed = _unseal(temp)
+        # Not part of the checkpoint. Kept until now: a leftover without it is judged by the
+        # pid in its name alone (F-30), which means nothing from another PID namespace.
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(temp / LOCKED_MARKER)  # not part of the checkpoint
-        fsync_dir(temp)
+            os.unlink(temp / LOCKED_MARKER)
+        if not sealed:
+            fsync_dir(temp)
+        # Sealed: the entries are durable; the marker's removal becomes durable with the
+        # rename (_after_rename fsyncs the directory with its parent).
         for _attempt in range(8):  # each retry means another writer changed ``final`` meanwhile
             if is_committed(final):
                 if not overwrite:
@@ -182,7 +228,7 @@ def _finish(temp: Path, final: Path, overwrite: bool) -> None:
                 _replace(temp, final)
                 return
             if _place_new(temp, final):
-                fsync_dir(final.parent)
+                _after_rename(final)
                 return
         raise CheckpointExistsError(
             f"{final} is a non-empty directory that is not a checkpoint; refusing to replace it"
@@ -279,5 +325,6 @@ def discard(path: str | os.PathLike[str]) -> None:
 
 def abort(temp: Path) -> None:
     """Remove a temporary directory after a failed save (its lock goes last)."""
+    _unseal(temp)
     shutil.rmtree(temp, ignore_errors=True)
     release(temp)
