@@ -1258,12 +1258,11 @@ def test_F28_data_then_manifest_then_rename(tmp_path: Path, monkeypatch: pytest.
     assert contents == [{DATA, "manifest.json"}]
     assert sorted(os.listdir(final)) == sorted([DATA, "manifest.json"])
     # The data file, then the manifest and the directory (at the same time, F-28), both
-    # finished before the commit renames anything; then the parent (with the renamed
-    # directory itself: the writer's marker, F-30, was removed after the directory's fsync).
-    assert spy.fsynced[-5] == str(temp / DATA)
-    assert sorted(spy.fsynced[-4:-2]) == sorted([str(temp / "manifest.json"), str(temp)])
-    assert sorted(spy.fsynced[-2:]) == sorted([str(tmp_path), str(final)])
-    assert spy.finished_before_commit == spy.fsynced[:-2]
+    # finished before the commit renames anything; then the parent.
+    assert spy.fsynced[-4] == str(temp / DATA)
+    assert sorted(spy.fsynced[-3:-1]) == sorted([str(temp / "manifest.json"), str(temp)])
+    assert spy.fsynced[-1] == str(tmp_path)
+    assert spy.finished_before_commit == spy.fsynced[:-1]
     # The manifest was written after the data file was complete.
     assert (final / "manifest.json").stat().st_mtime_ns >= (final / DATA).stat().st_mtime_ns
 

@@ -3,10 +3,10 @@
 Files are written into a hidden temporary sibling directory (``layout.temp_name``, locked by
 its writer), fsynced, the manifest last (:func:`seal`: the manifest and the directory fsynced
 at the same time); then the directory is renamed into place (without ``overwrite``, a
-no-replace rename) and the parent fsynced (with the directory itself). Until that rename nothing at the
-final path changes, so a crash leaves either the old state or the new one, plus a hidden
-leftover that readers ignore and :func:`~ckptproto.io.sweep.remove_leftovers` (run by every
-``begin``) deletes once its writer process is gone. The atomic-rename primitives for other
+no-replace rename) and the parent fsynced. Until that rename nothing at the final path
+changes, so a crash leaves either the old state or the new one, plus a hidden leftover that
+readers ignore and :func:`~ckptproto.io.sweep.remove_leftovers` (run by every ``begin``)
+deletes once its writer process is gone. The atomic-rename primitives for other
 directories and files (:func:`place_dir`, :func:`place_file`) and the deletion of a committed
 checkpoint (:func:`hide`, :func:`discard`) live here too: they are the same renames.
 """
@@ -27,7 +27,7 @@ from typing import Any
 from ckptproto.errors import CheckpointExistsError, CheckpointWriteError
 from ckptproto.format import layout
 from ckptproto.io import writer
-from ckptproto.io.dirs import fsync_dir, is_committed, together
+from ckptproto.io.dirs import fsync_dir, is_committed
 from ckptproto.io.sweep import LOCKED_MARKER, hold, locked_while, release, remove_leftovers
 
 __all__ = [
@@ -147,17 +147,11 @@ def _place_new(temp: Path, final: Path) -> bool:
     return False
 
 
-def _after_rename(final: Path) -> None:
-    """Make a rename into ``final`` durable (its parent), and the last change inside the
-    renamed directory (the writer's marker removed after :func:`seal`), at the same time."""
-    together(lambda: fsync_dir(final.parent), lambda: fsync_dir(final))
-
-
 def _replace(temp: Path, final: Path) -> None:
     """Swap the committed checkpoint at ``final`` for ``temp`` so that ``final`` always holds
     a whole checkpoint; the old one is deleted after the swap is durable."""
     if _exchange(temp, final):
-        _after_rename(final)
+        fsync_dir(final.parent)
         shutil.rmtree(temp, ignore_errors=True)  # the old checkpoint, under the locked name
         return
     with locked_while(final):
@@ -168,7 +162,7 @@ def _replace(temp: Path, final: Path) -> None:
         except OSError:
             os.rename(old, final)  # put the old checkpoint back before giving up
             raise
-        _after_rename(final)
+        fsync_dir(final.parent)
         shutil.rmtree(old, ignore_errors=True)
 
 
@@ -216,8 +210,10 @@ def _finish(temp: Path, final: Path, overwrite: bool) -> None:
             os.unlink(temp / LOCKED_MARKER)
         if not sealed:
             fsync_dir(temp)
-        # Sealed: the entries are durable; the marker's removal becomes durable with the
-        # rename (_after_rename fsyncs the directory with its parent).
+        # Sealed: every entry the checkpoint needs is durable. The marker's removal is not
+        # fsynced on its own (a wait for the disk): a journaling file system (ext4, XFS)
+        # writes it before the later rename; elsewhere a crash may leave the empty hidden
+        # marker inside the committed checkpoint, a file no reader opens.
         for _attempt in range(8):  # each retry means another writer changed ``final`` meanwhile
             if is_committed(final):
                 if not overwrite:
@@ -228,7 +224,7 @@ def _finish(temp: Path, final: Path, overwrite: bool) -> None:
                 _replace(temp, final)
                 return
             if _place_new(temp, final):
-                _after_rename(final)
+                fsync_dir(final.parent)
                 return
         raise CheckpointExistsError(
             f"{final} is a non-empty directory that is not a checkpoint; refusing to replace it"
