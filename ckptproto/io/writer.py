@@ -10,6 +10,7 @@ from ckptproto.errors import CheckpointWriteError
 from ckptproto.format.crc import crc32, crc32_combine, format_checksum
 from ckptproto.format.manifest import FileEntry
 from ckptproto.io import threads
+from ckptproto.io.dirs import fsync_dir, together
 from ckptproto.io.plan import FilePlan
 
 
@@ -79,13 +80,18 @@ def write_file(directory: Path, plan: FilePlan, sources: Sequence[memoryview]) -
 
 
 def write_small_file(directory: Path, name: str, data: bytes) -> None:
-    """Write and fsync a small file (the manifest) in one go."""
+    """Write a small file (the manifest) in one go and make it durable, its entry in
+    ``directory`` too: the file and the directory are fsynced at the same time, both done
+    when this returns::
+
+        write_small_file(temp, "manifest.json", data)
+    """
     path = directory / name
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
         try:
             threads.pwritev_all(fd, [memoryview(data)], 0)
-            os.fsync(fd)
+            together(lambda: os.fsync(fd), lambda: fsync_dir(directory))
         finally:
             os.close(fd)
     except OSError as exc:
