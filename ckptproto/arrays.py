@@ -262,6 +262,48 @@ def to_host_bytes(value: Any) -> tuple[memoryview, Any]:
     return host_bytes(value)
 
 
+def host_views(values: list[Any]) -> tuple[list[memoryview], list[Any]]:
+    """:func:`to_host_bytes` of each of ``values``: their byte views, and the objects that own
+    that memory (keep them alive while the views are used)::
+
+        views, owners = host_views([leaf.value for leaf in job.leaves])
+
+    A plain contiguous CPU tensor (most of a state) is a slice of one view of the address
+    range all of them lie in: building a ctypes view per tensor costs ten times a slice."""
+    owners = list(values)
+    views: list[memoryview] = [_EMPTY] * len(values)
+    torch = loaded_torch()
+    plain = (torch.Tensor, torch.nn.Parameter) if torch is not None else ()
+    at: list[int] = []  # indices of the plain tensors, their addresses and sizes
+    ptrs: list[int] = []
+    sizes: list[int] = []
+    for i, value in enumerate(values):
+        if (
+            type(value) in plain
+            and value.is_cpu
+            and value.is_contiguous()
+            and not value.is_conj()
+            and not value.is_neg()
+        ):
+            nbytes = value.nbytes
+            if nbytes:  # an empty tensor's address may be null: its view stays empty
+                at.append(i)
+                ptrs.append(value.data_ptr())
+                sizes.append(nbytes)
+        else:
+            views[i], owners[i] = to_host_bytes(value)
+    if at:
+        low = min(ptrs)
+        span = max(map(int.__add__, ptrs, sizes)) - low
+        whole = memoryview((ctypes.c_ubyte * span).from_address(low))
+        for i, ptr, nbytes in zip(at, ptrs, sizes, strict=True):
+            views[i] = whole[ptr - low : ptr - low + nbytes]
+    return views, owners
+
+
+_EMPTY = memoryview(b"")
+
+
 def allocate(spec: ArraySpec) -> tuple[Any, memoryview]:
     """A new uninitialised tensor/array for ``spec`` and a writable byte view of it."""
     if spec.kind == "numpy":

@@ -23,6 +23,7 @@ import math
 import re
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
+from operator import methodcaller
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,6 +35,8 @@ from ckptproto.dtensor import LocalShard
 from ckptproto.errors import CheckpointFormatError, UnsupportedValueError
 
 MAX_DEPTH = 200
+_starts_with_dollar = methodcaller("startswith", "$")
+_STR_ONLY = frozenset({str})  # exactly str: a subclass of str is refused as a key
 MAX_SAFE_INT = 2**53 - 1
 # "$int" payloads are at most this many characters (sign included): decimal conversion is
 # quadratic, so a reader bounds it; the writer refuses larger ints rather than write them.
@@ -121,10 +124,16 @@ class _Encoder:
     def __init__(self) -> None:
         self.tensors: list[TensorLeaf] = []
         self._ids: dict[tuple[Any, ...], int] = {}
+        # Plain torch tensors by address first (P-8): only tensors that share an address, few in
+        # a state, are compared by their full identity (arrays.torch_identity) in ``_ids``.
+        self._by_address: dict[int, int] = {}
+        self._compared: set[int] = set()  # indices whose full identity is in ``_ids``
+        self._specs: dict[tuple[Any, Any], ArraySpec] = {}  # (torch dtype, shape) -> spec
         self._active: set[int] = set()  # containers on the current path, to catch cycles
         torch = arrays.loaded_torch()
         # The exact types of plain tensors, tested first: most leaves of a large state are tensors.
         self._plain_tensor_types = (torch.Tensor, torch.nn.Parameter) if torch is not None else ()
+        self._strided = torch.strided if torch is not None else None
 
     def encode(self, value: Any, path: str, depth: int) -> Any:
         kind = type(value)
@@ -162,6 +171,8 @@ class _Encoder:
         if isinstance(value, (list, tuple)):
             items = [self.encode(v, join_path(path, i), depth) for i, v in enumerate(value)]
             return items if type(value) is list else {"$tuple": items}
+        if type(value) is dict and _plain_keys(value):
+            return self._plain_dict(value, path, depth)
         for key in value:
             if type(key) not in (str, int):
                 raise UnsupportedValueError(
@@ -169,31 +180,57 @@ class _Encoder:
                     "keys must be str or int",
                     path=path,
                 )
-        plain = type(value) is dict and all(type(k) is str and not k.startswith("$") for k in value)
-        if plain:
-            tensor_types, plain_torch = self._plain_tensor_types, self._plain_torch
-            return {
-                (k if k.isascii() else _utf8_text(k, join_path(path, k))): (
-                    plain_torch(v, join_path(path, k))  # most values of a large state: no encode() call
-                    if type(v) in tensor_types
-                    else self.encode(v, join_path(path, k), depth)
-                )
-                for k, v in value.items()
-            }
         pairs = [
             [self.encode(k, path, depth), self.encode(v, join_path(path, k), depth)] for k, v in value.items()
         ]
         return {"$odict" if type(value) is OrderedDict else "$dict": pairs}
 
+    def _plain_dict(self, value: dict[str, Any], path: str, depth: int) -> dict[str, Any]:
+        """A dict of str keys none of which starts with ``$``: a JSON object of the same keys."""
+        prefix = path + "." if path else ""  # join_path(path, key) of a str key
+        tensor_types, plain_torch, encode = self._plain_tensor_types, self._plain_torch, self.encode
+        out = {}
+        for k, v in value.items():
+            at = prefix + k
+            # Most values of a large state are tensors: no encode() call for them.
+            out[k if k.isascii() else _utf8_text(k, at)] = (
+                plain_torch(v, at) if type(v) in tensor_types else encode(v, at, depth)
+            )
+        return out
+
     def _plain_torch(self, value: Any, path: str) -> dict[str, int]:
-        """:meth:`_tensor` for a torch.Tensor or Parameter (never a DTensor: a subclass)."""
-        spec = arrays.describe_torch(value)
-        if not isinstance(spec, ArraySpec):
-            raise UnsupportedValueError(f"{path or '<root>'}: {spec}", path=path)
-        key = arrays.torch_identity(value, spec.shape) if spec.numel else ("empty", id(value))
+        """:meth:`_tensor` for a torch.Tensor or Parameter (never a DTensor: a subclass). The
+        usual tensor (a stored dtype, strided, not meta, not empty) is described inline; any
+        other goes through arrays.describe_torch, which says why it cannot be stored."""
+        try:
+            spec = self._specs.get((value.dtype, value.shape))
+        except RuntimeError:  # a nested tensor has no single shape: describe_torch says so
+            spec = None
+        if spec is None or value.layout is not self._strided or value.is_meta:
+            described = arrays.describe_torch(value)
+            if not isinstance(described, ArraySpec):
+                raise UnsupportedValueError(f"{path or '<root>'}: {described}", path=path)
+            spec = self._specs.setdefault((value.dtype, described.shape), described)
+        if not spec.numel:  # empty tensors all may share one address: only the same object ties
+            return self._tied_or_new(("empty", id(value)), value, spec, path)
+        address = value.data_ptr()
+        index = self._by_address.get(address)
+        if index is None:
+            index = self._by_address[address] = len(self.tensors)
+            self.tensors.append(TensorLeaf(value, spec, path))
+            return {"$torch": index}
+        # Another tensor starts at this address: tied, or another view of that memory.
+        if index not in self._compared:
+            first = self.tensors[index]
+            self._ids[arrays.torch_identity(first.value, first.spec.shape)] = index
+            self._compared.add(index)
+        return self._tied_or_new(arrays.torch_identity(value, spec.shape), value, spec, path)
+
+    def _tied_or_new(self, key: tuple[Any, ...], value: Any, spec: ArraySpec, path: str) -> dict[str, int]:
         index = self._ids.get(key)
         if index is None:
             index = self._ids[key] = len(self.tensors)
+            self._compared.add(index)
             self.tensors.append(TensorLeaf(value, spec, path))
         return {"$torch": index}
 
@@ -215,6 +252,12 @@ class _Encoder:
             index = self._ids[key] = len(self.tensors)
             self.tensors.append(TensorLeaf(value, spec, path, shard))
         return {"$torch" if spec.kind == "torch" else "$numpy": index}
+
+
+def _plain_keys(value: dict[Any, Any]) -> bool:
+    """Whether every key of ``value`` is a str not starting with ``$`` (then it encodes as a
+    JSON object of the same keys), checked without a Python step per key."""
+    return _STR_ONLY.issuperset(map(type, value)) and not any(map(_starts_with_dollar, value))
 
 
 def _utf8_text(text: str, path: str) -> str:

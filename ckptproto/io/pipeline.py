@@ -93,15 +93,12 @@ def save(
     job: ShareJob | None = None
     metadata_tree: Any = None
     sources: list[memoryview] = []
-    owners = []  # keeps contiguous/CPU copies alive until written
+    owners: list[Any] = []  # keeps contiguous/CPU copies alive until written
     failed: BaseException | None = None
     try:
         prepared = prepare(state_or_stateful, metadata, coord)
         job, metadata_tree = prepared.share, prepared.metadata_tree
-        for leaf in job.leaves:
-            view, owner = arrays.to_host_bytes(leaf.value)
-            sources.append(view)
-            owners.append(owner)
+        sources, owners = arrays.host_views([leaf.value for leaf in job.leaves])
     except Exception as exc:
         failed = exc
     return run(final, job, metadata_tree, sources, coord, overwrite=overwrite, failed=failed, storage=storage)
