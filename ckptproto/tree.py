@@ -23,8 +23,8 @@ import math
 import re
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
-from operator import methodcaller
 from dataclasses import dataclass, field
+from operator import methodcaller
 from typing import Any
 
 import numpy as np

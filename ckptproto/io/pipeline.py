@@ -93,12 +93,14 @@ def save(
     job: ShareJob | None = None
     metadata_tree: Any = None
     sources: list[memoryview] = []
-    owners: list[Any] = []  # keeps contiguous/CPU copies alive until written
+    # The views and their owners: keeps contiguous/CPU copies alive until written.
+    hosted: tuple[list[memoryview], list[Any]] | None = None
     failed: BaseException | None = None
     try:
         prepared = prepare(state_or_stateful, metadata, coord)
         job, metadata_tree = prepared.share, prepared.metadata_tree
-        sources, owners = arrays.host_views([leaf.value for leaf in job.leaves])
+        hosted = arrays.host_views([leaf.value for leaf in job.leaves])
+        sources = hosted[0]
     except Exception as exc:
         failed = exc
     return run(final, job, metadata_tree, sources, coord, overwrite=overwrite, failed=failed, storage=storage)
