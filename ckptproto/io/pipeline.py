@@ -242,8 +242,24 @@ def _write_share(
             "file": [file_plan.name, entry.size, entry.checksum],
             # Tuples as they are: a coordinator that sends JSON turns them into lists, and
             # _commit takes either.
-            "chunks": [[job.tensor_index[p.source], p.key, p.offsets, p.spec.shape] for p in job.pieces],
+            "chunks": _chunks(job),
         }
+
+
+def _chunks(job: ShareJob) -> list[Any]:
+    """``[tensor index, key, offsets, shape]`` of each piece (as tuples), built by columns."""
+    if not job.pieces:
+        return []
+    sources, keys, specs, offsets = zip(*job.pieces, strict=True)
+    return list(
+        zip(
+            map(job.tensor_index.__getitem__, sources),
+            keys,
+            offsets,
+            [spec.shape for spec in specs],
+            strict=True,
+        )
+    )
 
 
 def _commit(
@@ -261,28 +277,34 @@ def _commit(
     then the commit."""
     with _gc.paused():
         files: dict[str, FileEntry] = {}
-        chunks: list[list[Chunk]] = [[] for _ in encoded.tensors]
+        new = tuple.__new__  # a named tuple's own __new__ is a Python call around this
+        # Each tensor's chunk while it has one (the usual tensor), or the list of its chunks.
+        found: list[Any] = [None] * len(encoded.tensors)
         for rank, answer in enumerate(answers):
             if answer["file"] is None:
                 continue
             name, size, checksum = answer["file"]
             files[name] = FileEntry(size, checksum, rank)
             for index, key, offsets, shape in answer["chunks"]:
-                chunks[index].append(Chunk(name, key, tuple(offsets), tuple(shape)))
+                chunk = new(Chunk, (name, key, tuple(offsets), tuple(shape)))
+                had = found[index]
+                found[index] = chunk if had is None else [*had, chunk] if type(had) is list else [had, chunk]
         tensors = []
-        for leaf, found in zip(encoded.tensors, chunks, strict=True):
+        append = tensors.append
+        for leaf, chunk in zip(encoded.tensors, found, strict=True):
             spec = leaf.spec
-            if len(found) == 1 and found[0].shape == spec.shape:  # the whole tensor, one chunk
-                tensors.append(TensorEntry(spec.dtype, spec.shape, (found[0],)))
+            if type(chunk) is Chunk and chunk.shape == spec.shape:  # the whole tensor, one chunk
+                append(new(TensorEntry, (spec.dtype, spec.shape, (chunk,))))
                 continue
-            covered = sum(c.numel for c in found)
-            if covered != spec.numel or not found:
+            several = [] if chunk is None else chunk if type(chunk) is list else [chunk]
+            covered = sum(c.numel for c in several)
+            if covered != spec.numel or not several:
                 raise DistributedCheckpointError(
                     f"{final}: {leaf.path}: the ranks' shards hold {covered} of its {spec.numel} "
                     "elements; a DTensor's device mesh must lie inside the process group that saves it"
                 )
-            found.sort(key=lambda c: c.offsets)
-            tensors.append(TensorEntry(spec.dtype, spec.shape, tuple(found)))
+            several.sort(key=lambda c: c.offsets)
+            append(new(TensorEntry, (spec.dtype, spec.shape, tuple(several))))
         # What every reader checks in the tensor table, checked before the commit (overlapping
         # shards, holes), on the entries themselves: the state and metadata trees come from the
         # encoder, which refuses what a reader would.
