@@ -289,7 +289,7 @@ def _commit(
                 chunk = new(Chunk, (name, key, tuple(offsets), tuple(shape)))
                 had = found[index]
                 found[index] = chunk if had is None else [*had, chunk] if type(had) is list else [had, chunk]
-        tensors = []
+        tensors: list[TensorEntry] = []
         append = tensors.append
         for leaf, chunk in zip(encoded.tensors, found, strict=True):
             spec = leaf.spec
