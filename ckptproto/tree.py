@@ -25,7 +25,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from operator import methodcaller
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -36,7 +36,8 @@ from ckptproto.errors import CheckpointFormatError, UnsupportedValueError
 
 MAX_DEPTH = 200
 _starts_with_dollar = methodcaller("startswith", "$")
-_STR_ONLY = frozenset({str})  # exactly str: a subclass of str is refused as a key
+_STR_ONLY = frozenset({str})
+_new = tuple.__new__  # a named tuple's own __new__ is a Python call around this  # exactly str: a subclass of str is refused as a key
 MAX_SAFE_INT = 2**53 - 1
 # "$int" payloads are at most this many characters (sign included): decimal conversion is
 # quadratic, so a reader bounds it; the writer refuses larger ints rather than write them.
@@ -84,9 +85,10 @@ def int_text(value: int) -> str:
     return _decimal_text(value)
 
 
-@dataclass(slots=True)
-class TensorLeaf:
-    """One distinct tensor/array of a state (tied tensors appear once)."""
+class TensorLeaf(NamedTuple):
+    """One distinct tensor/array of a state (tied tensors appear once). A named tuple: one is
+    built per tensor saved (300,000 in a large state), and ``tuple.__new__`` builds it in a
+    fraction of a dataclass's ``__init__``."""
 
     value: Any
     spec: ArraySpec  # the global spec (for a DTensor, its global dtype and shape)
@@ -217,7 +219,7 @@ class _Encoder:
         index = self._by_address.get(address)
         if index is None:
             index = self._by_address[address] = len(self.tensors)
-            self.tensors.append(TensorLeaf(value, spec, path))
+            self.tensors.append(_new(TensorLeaf, (value, spec, path, None)))
             return {"$torch": index}
         # Another tensor starts at this address: tied, or another view of that memory.
         if index not in self._compared:
