@@ -262,41 +262,35 @@ def to_host_bytes(value: Any) -> tuple[memoryview, Any]:
     return host_bytes(value)
 
 
-def host_views(values: list[Any]) -> tuple[list[memoryview], list[Any]]:
+def host_views(
+    values: list[Any], addresses: list[int], sizes: list[int]
+) -> tuple[list[memoryview], list[Any]]:
     """:func:`to_host_bytes` of each of ``values``: their byte views, and the objects that own
     that memory (keep them alive while the views are used)::
 
-        views, owners = host_views([leaf.value for leaf in job.leaves])
+        views, owners = host_views(values, addresses, sizes)
 
-    A plain contiguous CPU tensor (most of a state) is a slice of one view of the address
-    range all of them lie in: building a ctypes view per tensor costs ten times a slice."""
+    ``addresses[i]``: where the ``sizes[i]`` bytes of ``values[i]``, a contiguous CPU tensor
+    without lazy conj/neg bits, were found (``tree.TensorLeaf.host_address``), or 0 for any
+    other value. Those (most of a state) are slices of one view of the address range they all
+    lie in: a ctypes view per tensor costs ten times a slice."""
     owners = list(values)
     views: list[memoryview] = [_EMPTY] * len(values)
-    torch = loaded_torch()
-    plain = (torch.Tensor, torch.nn.Parameter) if torch is not None else ()
-    at: list[int] = []  # indices of the plain tensors, their addresses and sizes
+    at: list[int] = []  # the tensors viewed in place: indices, addresses, sizes
     ptrs: list[int] = []
-    sizes: list[int] = []
-    for i, value in enumerate(values):
-        if (
-            type(value) in plain
-            and value.is_cpu
-            and value.is_contiguous()
-            and not value.is_conj()
-            and not value.is_neg()
-        ):
-            nbytes = value.nbytes
-            if nbytes:  # an empty tensor's address may be null: its view stays empty
-                at.append(i)
-                ptrs.append(value.data_ptr())
-                sizes.append(nbytes)
-        else:
+    lengths: list[int] = []
+    for i, (value, address, nbytes) in enumerate(zip(values, addresses, sizes, strict=True)):
+        if address and nbytes and value.data_ptr() == address:
+            at.append(i)
+            ptrs.append(address)
+            lengths.append(nbytes)
+        else:  # not described as plain, empty, or its storage was swapped since
             views[i], owners[i] = to_host_bytes(value)
     if at:
         low = min(ptrs)
-        span = max(map(int.__add__, ptrs, sizes)) - low
+        span = max(map(int.__add__, ptrs, lengths)) - low
         whole = memoryview((ctypes.c_ubyte * span).from_address(low))
-        for i, ptr, nbytes in zip(at, ptrs, sizes, strict=True):
+        for i, ptr, nbytes in zip(at, ptrs, lengths, strict=True):
             views[i] = whole[ptr - low : ptr - low + nbytes]
     return views, owners
 

@@ -94,6 +94,9 @@ class TensorLeaf(NamedTuple):
     spec: ArraySpec  # the global spec (for a DTensor, its global dtype and shape)
     path: str  # the first state path it was found at
     shard: LocalShard | None = None  # a DTensor's local part; None for plain tensors/arrays
+    # Where the bytes of a contiguous CPU torch tensor without lazy conj/neg bits lie, found
+    # while encoding (a writer checks it still is the tensor's address); 0 for any other value.
+    host_address: int = 0
 
 
 @dataclass
@@ -208,7 +211,8 @@ class _Encoder:
             spec = self._specs.get((value.dtype, value.shape))
         except RuntimeError:  # a nested tensor has no single shape: describe_torch says so
             spec = None
-        if spec is None or value.layout is not self._strided or value.is_meta:
+        cpu = value.is_cpu  # (a CPU tensor is not a meta tensor)
+        if spec is None or value.layout is not self._strided or (not cpu and value.is_meta):
             described = arrays.describe_torch(value)
             if not isinstance(described, ArraySpec):
                 raise UnsupportedValueError(f"{path or '<root>'}: {described}", path=path)
@@ -216,10 +220,11 @@ class _Encoder:
         if not spec.numel:  # empty tensors all may share one address: only the same object ties
             return self._tied_or_new(("empty", id(value)), value, spec, path)
         address = value.data_ptr()
-        index = self._by_address.get(address)
-        if index is None:
-            index = self._by_address[address] = len(self.tensors)
-            self.tensors.append(_new(TensorLeaf, (value, spec, path, None)))
+        count = len(self.tensors)
+        index = self._by_address.setdefault(address, count)
+        if index == count:
+            as_is = cpu and value.is_contiguous() and not value.is_conj() and not value.is_neg()
+            self.tensors.append(_new(TensorLeaf, (value, spec, path, None, address if as_is else 0)))
             return {"$torch": index}
         # Another tensor starts at this address: tied, or another view of that memory.
         if index not in self._compared:

@@ -99,7 +99,12 @@ def save(
     try:
         prepared = prepare(state_or_stateful, metadata, coord)
         job, metadata_tree = prepared.share, prepared.metadata_tree
-        hosted = arrays.host_views([leaf.value for leaf in job.leaves])
+        leaves = job.leaves
+        hosted = arrays.host_views(
+            [leaf.value for leaf in leaves],
+            [leaf.host_address for leaf in leaves],
+            [leaf.spec.nbytes for leaf in leaves],
+        )
         sources = hosted[0]
     except Exception as exc:
         failed = exc

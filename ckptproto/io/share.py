@@ -78,7 +78,7 @@ def plan_share(encoded: EncodedState, rank: int, world_size: int) -> ShareJob:
     tensors = encoded.tensors
     keys = unique_keys([t.path for t in tensors])
     if tensors and world_size == 1:
-        _values, specs, paths, shards = zip(*tensors, strict=True)
+        _values, specs, paths, shards, _addresses = zip(*tensors, strict=True)
         if shards.count(None) == len(shards):
             # A world of one without DTensors (the usual save): every tensor whole, by columns.
             ndims = [len(s.shape) for s in specs]
@@ -87,7 +87,8 @@ def plan_share(encoded: EncodedState, rank: int, world_size: int) -> ShareJob:
             new = tuple.__new__
             return ShareJob(
                 EncodedState(
-                    encoded.tree, list(map(new, repeat(TensorLeaf), zip(repeat(None), specs, paths, shards)))
+                    encoded.tree,
+                    list(map(new, repeat(TensorLeaf), zip(repeat(None), specs, paths, shards, repeat(0)))),
                 ),
                 "",
                 list(map(new, repeat(Piece), zip(range(len(tensors)), keys, specs, whole, strict=True))),
