@@ -244,3 +244,21 @@ def test_file_plan_columns_tile_the_file_widest_first() -> None:
     ends = [b + n for b, n in zip(plan.begins, plan.sizes, strict=True)]
     assert plan.begins == [len(plan.header), *ends[:-1]] and plan.size == ends[-1]
     assert [p.begin for p in plan.placements] == plan.begins
+
+
+def test_table_of_a_world_of_one_by_columns_is_the_general_table(tmp_path: Path) -> None:
+    from ckptproto.io import pipeline
+
+    encoded = encode_state(_varied_state())
+    job = share.plan_share(encoded, 0, 1)
+    chunks = pipeline._chunks(job)
+    answer = {"file": ["d.safetensors", 99, "crc32:00000000"], "chunks": chunks}
+    files: dict[str, FileEntry] = {}
+    fast = pipeline._entries(tmp_path, job.encoded, [answer], files)
+    # Out of order, and as JSON sends them (lists): the general path, chunk by chunk.
+    shuffled = [[index, key, list(offsets), list(shape)] for index, key, offsets, shape in reversed(chunks)]
+    general = pipeline._entries(tmp_path, job.encoded, [{**answer, "chunks": shuffled}], {})
+    assert fast == general and len(fast) == len(encoded.tensors)
+    assert files == {"d.safetensors": FileEntry(99, "crc32:00000000", 0)}
+    with pytest.raises(ckptproto.errors.DistributedCheckpointError, match="shards hold 0 of"):
+        pipeline._entries(tmp_path, job.encoded, [{**answer, "chunks": chunks[1:]}], {})
