@@ -24,6 +24,7 @@ import re
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from itertools import repeat
 from operator import methodcaller
 from typing import Any, NamedTuple
 
@@ -37,7 +38,9 @@ from ckptproto.errors import CheckpointFormatError, UnsupportedValueError
 MAX_DEPTH = 200
 _starts_with_dollar = methodcaller("startswith", "$")
 _STR_ONLY = frozenset({str})
-_new = tuple.__new__  # a named tuple's own __new__ is a Python call around this  # exactly str: a subclass of str is refused as a key
+_new = tuple.__new__  # a named tuple's own __new__ is a Python call around this
+# A dict of at least this many tensors is encoded a column at a time (_Encoder._tensor_dict).
+_BATCH_MIN = 8  # exactly str: a subclass of str is refused as a key
 MAX_SAFE_INT = 2**53 - 1
 # "$int" payloads are at most this many characters (sign included): decimal conversion is
 # quadratic, so a reader bounds it; the writer refuses larger ints rather than write them.
@@ -139,6 +142,7 @@ class _Encoder:
         # The exact types of plain tensors, tested first: most leaves of a large state are tensors.
         self._plain_tensor_types = (torch.Tensor, torch.nn.Parameter) if torch is not None else ()
         self._strided = torch.strided if torch is not None else None
+        self._tensor_type_set = frozenset(self._plain_tensor_types)
 
     def encode(self, value: Any, path: str, depth: int) -> Any:
         kind = type(value)
@@ -192,6 +196,10 @@ class _Encoder:
 
     def _plain_dict(self, value: dict[str, Any], path: str, depth: int) -> dict[str, Any]:
         """A dict of str keys none of which starts with ``$``: a JSON object of the same keys."""
+        if len(value) >= _BATCH_MIN:
+            batch = self._tensor_dict(value, path)
+            if batch is not None:
+                return batch
         prefix = path + "." if path else ""  # join_path(path, key) of a str key
         tensor_types, plain_torch, encode = self._plain_tensor_types, self._plain_torch, self.encode
         out = {}
@@ -202,6 +210,58 @@ class _Encoder:
                 plain_torch(v, at) if type(v) in tensor_types else encode(v, at, depth)
             )
         return out
+
+    def _tensor_dict(self, value: dict[str, Any], path: str) -> dict[str, Any] | None:
+        """:meth:`_plain_dict` of a dict of ASCII keys whose values are all the usual tensor
+        (what :meth:`_plain_torch` takes inline: a stored dtype and shape seen before, strided,
+        on the CPU, not empty) at addresses no other tensor of the state starts at (so none is
+        tied), a module's ``state_dict()`` say: every step a column for the whole dict. None
+        (nothing recorded) when any value is not: then the dict goes item by item."""
+        values = list(value.values())
+        if not self._tensor_type_set.issuperset(map(type, values)) or not all(map(str.isascii, value)):
+            return None
+        try:
+            pairs = list(zip([v.dtype for v in values], [v.shape for v in values], strict=True))
+        except RuntimeError:  # a nested tensor has no single shape
+            return None
+        found = list(map(self._specs.get, pairs))
+        if None in found:  # a dtype and shape not seen yet: described once, cached if stored
+            for v, pair in zip(values, pairs, strict=True):
+                if pair not in self._specs:
+                    described = arrays.describe_torch(v)
+                    if not isinstance(described, ArraySpec):
+                        return None
+                    self._specs[pair] = described
+            found = list(map(self._specs.get, pairs))
+        specs = [s for s in found if s is not None]
+        strided = self._strided
+        if (
+            len(specs) != len(values)
+            or [v.layout for v in values].count(strided) != len(values)
+            or [v.is_cpu for v in values].count(True) != len(values)
+            or 0 in [s.numel for s in specs]
+        ):
+            return None
+        addresses = [v.data_ptr() for v in values]
+        if len(set(addresses)) != len(addresses) or not self._by_address.keys().isdisjoint(addresses):
+            return None  # a tie, or another view of some tensor's memory: item by item
+        start = len(self.tensors)
+        indices = range(start, start + len(values))
+        self._by_address.update(zip(addresses, indices, strict=True))
+        as_is = [v.is_contiguous() and not v.is_conj() and not v.is_neg() for v in values]
+        keys = list(value)
+        self.tensors += map(
+            _new,
+            repeat(TensorLeaf),
+            zip(
+                values,
+                specs,
+                [path + "." + k for k in keys] if path else keys,
+                repeat(None),
+                [a if plain else 0 for a, plain in zip(addresses, as_is, strict=True)],
+            ),
+        )
+        return dict(zip(keys, [{"$torch": i} for i in indices], strict=True))
 
     def _plain_torch(self, value: Any, path: str) -> dict[str, int]:
         """:meth:`_tensor` for a torch.Tensor or Parameter (never a DTensor: a subclass). The

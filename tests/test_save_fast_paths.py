@@ -262,3 +262,49 @@ def test_table_of_a_world_of_one_by_columns_is_the_general_table(tmp_path: Path)
     assert files == {"d.safetensors": FileEntry(99, "crc32:00000000", 0)}
     with pytest.raises(ckptproto.errors.DistributedCheckpointError, match="shards hold 0 of"):
         pipeline._entries(tmp_path, job.encoded, [{**answer, "chunks": chunks[1:]}], {})
+
+
+def _with_tensor_dicts(state: dict[str, Any]) -> dict[str, Any]:
+    """``state`` plus dicts of tensors only (a module's state_dict): one all usual tensors, one
+    with a tie, one with a non-contiguous, an empty and a neg-bit tensor, one on the meta device."""
+    g = torch.Generator().manual_seed(1)
+    fresh = {f"p{i}": torch.randn(i % 3 + 1, 2, generator=g) for i in range(12)}
+    fresh["half"] = torch.ones(3, dtype=torch.float16)
+    fresh["parameter"] = torch.nn.Parameter(torch.zeros(2))
+    tied = {**{f"q{i}": torch.randn(2, generator=g) for i in range(9)}, "again": state["w"]}
+    odd = {f"r{i}": torch.randn(2, generator=g) for i in range(9)}
+    odd.update(t=torch.randn(2, 3, generator=g).t(), empty=torch.empty(0), neg=torch._neg_view(torch.ones(2)))
+    return {**state, "module": fresh, "tied_module": tied, "odd_module": odd, "after": dict(fresh)}
+
+
+def test_dicts_of_tensors_encoded_a_column_at_a_time_as_item_by_item(monkeypatch: pytest.MonkeyPatch) -> None:
+    from ckptproto import tree
+
+    state = _with_tensor_dicts(_varied_state())
+    columns = encode_state(state)
+    monkeypatch.setattr(tree, "_BATCH_MIN", 1 << 60)  # every dict item by item
+    items = encode_state(state)
+    assert columns.tree == items.tree
+    assert len(columns.tensors) == len(items.tensors)
+    for a, b in zip(columns.tensors, items.tensors, strict=True):
+        assert a.value is b.value and (a.spec, a.path, a.shard, a.host_address) == (
+            b.spec,
+            b.path,
+            b.shard,
+            b.host_address,
+        )
+    assert columns.tree["after"] == {
+        k: {"$torch": columns.tree["module"][k]["$torch"]} for k in state["after"]
+    }
+
+
+def test_refusals_in_a_dict_of_tensors_are_those_item_by_item() -> None:
+    for bad, message in (
+        (torch.ones(2, dtype=torch.float32).to_sparse(), "to_dense"),
+        (torch.empty(2, device="meta"), "meta tensors"),
+        (torch.nested.nested_tensor([torch.ones(2), torch.ones(3)]), "nested tensors"),
+    ):
+        state = {"m": {**{f"p{i}": torch.ones(2) for i in range(9)}, "bad": bad, "z": torch.ones(1)}}
+        with pytest.raises(ckptproto.errors.UnsupportedValueError, match=message) as info:
+            encode_state(state)
+        assert info.value.path == "m.bad"
