@@ -289,7 +289,9 @@ def host_views(
     if at:
         low = min(ptrs)
         span = max(map(int.__add__, ptrs, lengths)) - low
-        whole = memoryview((ctypes.c_ubyte * span).from_address(low))
+        # ctypes keeps every array type it made: a power of two bounds them to a few dozen
+        # (the view reaches past the last tensor, and nothing reads there).
+        whole = memoryview((ctypes.c_ubyte * (1 << (span - 1).bit_length())).from_address(low))
         for i, ptr, nbytes in zip(at, ptrs, lengths, strict=True):
             views[i] = whole[ptr - low : ptr - low + nbytes]
     return views, owners
