@@ -38,6 +38,7 @@ _CHECKSUM_PREFIX = b'{"' + CHECKSUM_KEY.encode() + b'":"crc32:'
 _CHECKSUM_HEAD = len(_CHECKSUM_PREFIX) + 8 + 2  # + hex digits + '",'
 _DAMAGED_CHECKSUM = re.compile(rb'\{"[^"]{%d}":"crc32:' % len(CHECKSUM_KEY))
 _HEX8 = re.compile(rb"[0-9a-f]{8}")
+_CRC_OF_BRACE = zlib.crc32(b"{")
 _VERSION = re.compile(r"[0-9]{1,5}\.[0-9]{1,5}")  # ASCII digits only ("١.0" is not a version)
 
 
@@ -157,10 +158,12 @@ class Manifest:
                     f'{{"dtype":{_text(t.dtype.name)},"shape":[{_ints(t.shape)}],'
                     f'"chunks":[{",".join(map(_chunk, t.chunks))}]}}'
                 )
-        parts = [_dumps(head)[:-1], ',"tensors":[', ",".join(table)]
+        # The document after its opening brace: the checksum covers "{" + this, and the file
+        # is the checksum member + this (two copies of a large manifest fewer than slicing).
+        parts = [_dumps(head)[1:-1], ',"tensors":[', ",".join(table)]
         parts += ['],"state":', _dumps(self.state), "}"]
-        body = "".join(parts).encode()
-        return _CHECKSUM_PREFIX + b"%08x" % zlib.crc32(body) + b'",' + body[1:]
+        rest = "".join(parts).encode()
+        return b"".join((_CHECKSUM_PREFIX, b"%08x" % zlib.crc32(rest, _CRC_OF_BRACE), b'",', rest))
 
     @property
     def nbytes(self) -> int:
