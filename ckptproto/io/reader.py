@@ -212,7 +212,11 @@ class OpenCheckpoint:
                 )
             layout = self.layouts.get(name)
             expected = expected_header(layout) if layout is not None else None
-            if layout is not None and expected is not None and len(expected) + layout.buffer_size == file.size:
+            if (
+                layout is not None
+                and expected is not None
+                and len(expected) + layout.buffer_size == file.size
+            ):
                 head = _read_exact(file, len(expected), 0)
                 if head == expected:  # as the writer made it: every header check passes (headercheck)
                     return DataFile(name, where, file, file.size, head, {}, layout)

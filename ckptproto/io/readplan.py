@@ -22,7 +22,7 @@ from ckptproto.arrays import ArraySpec, Kind
 from ckptproto.errors import CheckpointCorruptError, CheckpointError, CheckpointFormatError
 from ckptproto.format.crc import crc32, crc32_combine
 from ckptproto.format.manifest import Chunk, Manifest, TensorEntry, show
-from ckptproto.io import threads
+from ckptproto.io import bulkread, threads
 from ckptproto.io.reader import DataFile, OpenCheckpoint, check_all_files, file_crc, read_size
 from ckptproto.io.storage import StoredFile
 
@@ -275,7 +275,11 @@ def materialize(
     values: dict[int, Any] = {}
     plan = ReadPlan()
     maps: dict[str, mmap_module.mmap] = {}
+    # Small tensors in files of a known layout: read in runs, made views of them (bulkread).
+    taken = set() if use_mmap else bulkread.plan_small(ckpt, kinds, plan, values)
     for index, (kind, _paths) in kinds.items():
+        if index in taken:
+            continue
         entry = ckpt.manifest.tensors[index]
         spec = ArraySpec(kind, entry.dtype, entry.shape)
         if use_mmap and entry.is_whole():
