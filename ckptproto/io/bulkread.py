@@ -8,12 +8,16 @@ read as one run: one buffer, one read (CRC computed on the way, as for any read)
 ``split_with_sizes`` per dtype gives the tensors as views of it::
 
     plan = ReadPlan()
-    taken = plan_small(ckpt, kinds, plan, values)   # values[index] is filled after execute
+    bulk = plan_small(ckpt, kinds, plan, values)   # values[index] is filled after execute
     execute(ckpt, plan, verify=True)
+    bulk.copy()                                     # load_into: into the target tensors
 
-The tensors of one run share its memory (at most RUN_BYTES): one of them kept alive keeps
-the run alive, and ``torch.save`` of one such tensor alone writes its run. Tensors over
-SMALL_BYTES get their own memory as before.
+A run is scratch memory (at most RUN_BYTES): on ``load`` its views are cloned, each tensor
+into memory of its own (one ``torch._foreach_clone`` per run), so what a load returns is
+what ``torch.empty`` would give; on ``load_into`` they are copied into the targets with one
+``torch._foreach_copy_``, and at most SCRATCH_BYTES of runs are allocated for that per load
+(memory stays flat): the other tensors are read straight into the targets as before.
+Tensors over SMALL_BYTES are read straight into their own memory.
 """
 
 from __future__ import annotations
@@ -39,29 +43,79 @@ class ReadPlan(Protocol):
 
 SMALL_BYTES = 64 << 10  # a tensor up to this size may share a run's memory
 RUN_BYTES = 1 << 20  # the most one run holds
+SCRATCH_BYTES = 64 << 20  # load_into: the most run memory allocated only to be copied
 
-# One tensor of a run: (tensor index, torch dtype, shape, begin in the run, element count).
-_Item = tuple[int, Any, tuple[int, ...], int, int]
+# One tensor of a run: (tensor index, torch dtype, shape, begin in the run, element count,
+# the target tensors to copy it into: None on load, where the run's view is the value).
+_Item = tuple[int, Any, tuple[int, ...], int, int, "list[Any] | None"]
 
 
 def _torch_dtype(dtype: DType) -> Any:
     """The torch dtype a run may view its bytes as, or None: a dtype stored under its own
     safetensors code whose item size is a power of two up to 8 (no sub-byte or raw-stored
-    dtype, whose views torch may lack)."""
+    dtype, whose views and copies torch may lack)."""
     if dtype.safetensors is None or dtype.torch_name is None or dtype.itemsize not in (1, 2, 4, 8):
         return None
     return dtype.torch_dtype()
 
 
+class Bulk:
+    """The tensors :func:`plan_small` scheduled (``taken``) and, for ``load_into``, the copies
+    into the targets that :meth:`copy` makes once the plan has run."""
+
+    def __init__(self) -> None:
+        self.taken: set[int] = set()
+        self.pairs: list[tuple[Any, Any]] = []  # (target, view of a run), filled by the reads
+
+    def copy(self) -> None:
+        """Copy every run's views into their targets: one ``_foreach_copy_`` for all."""
+        if not self.pairs:
+            return
+        torch = arrays.require_torch()
+        dsts, srcs = [d for d, _ in self.pairs], [s for _, s in self.pairs]
+        self.pairs = []
+        try:
+            with torch.no_grad():  # a Parameter that requires grad is overwritten, not traced
+                torch._foreach_copy_(dsts, srcs)
+            return
+        except RuntimeError:  # e.g. an inference tensor outside inference mode: one at a time
+            pass
+        for dst, src in zip(dsts, srcs, strict=True):
+            view = arrays.writable_bytes(dst)
+            if view is not None:
+                view[:] = arrays.writable_bytes(src) or b""  # the bytes, as a direct read writes them
+            else:
+                with torch.no_grad():
+                    dst.copy_(src)
+
+
 def plan_small(
-    ckpt: OpenCheckpoint, kinds: dict[int, tuple[Kind, list[str]]], plan: ReadPlan, values: dict[int, Any]
-) -> set[int]:
-    """Schedule every small, whole torch tensor of ``kinds`` stored in a file whose layout is
-    known into runs read by ``plan``; after the plan runs (CRCs checked), ``values[index]``
-    holds each of them. Returns the indices scheduled; the caller plans the others."""
+    ckpt: OpenCheckpoint,
+    kinds: dict[int, Kind],
+    plan: ReadPlan,
+    values: dict[int, Any],
+    *,
+    targets: dict[int, list[Any]] | None = None,
+    wanted: set[int] | None = None,
+) -> Bulk:
+    """Schedule the small, whole torch tensors of ``kinds`` stored in files of a known layout
+    into runs read by ``plan``; once the plan has run (CRCs checked), ``values[index]`` holds
+    each of them. Without ``targets`` (``load``) every such tensor is taken; with them
+    (``load_into``: the matched destinations of each index), an index whose targets are all
+    plain CPU tensors (copied into by :meth:`Bulk.copy`, then ``values[index]`` is the first),
+    or without targets but in ``wanted`` (a new tensor). The caller plans the others."""
+    bulk = Bulk()
+    if targets is not None:
+        torch = arrays.loaded_torch()  # None: no target is a torch tensor
+    else:
+        torch = arrays.require_torch() if "torch" in kinds.values() else None
+    if torch is None:
+        return bulk
+    plain = (torch.Tensor, torch.nn.Parameter)
     tensors = ckpt.manifest.tensors
-    taken: set[int] = set()
+    taken = bulk.taken
     usable: dict[int, Any] = {}  # id(DType) -> torch dtype or None (DTypes live in dtypes.BY_NAME)
+    scratch = SCRATCH_BYTES
     for name, data_file in ckpt.files.items():
         layout = data_file.layout
         if layout is None:
@@ -72,9 +126,8 @@ def plan_small(
         for (index, _number), (_key, _code, _shape, begin, end) in zip(
             layout.owners, layout.entries, strict=True
         ):
-            found = kinds.get(index)
             tensor = tensors[index]
-            if found is None or found[0] != "torch" or len(tensor.chunks) != 1 or end - begin > SMALL_BYTES:
+            if kinds.get(index) != "torch" or len(tensor.chunks) != 1 or end - begin > SMALL_BYTES:
                 continue
             dtype = tensor.dtype
             torch_dtype = usable.get(id(dtype), usable)
@@ -82,31 +135,55 @@ def plan_small(
                 torch_dtype = usable[id(dtype)] = _torch_dtype(dtype)
             if torch_dtype is None:
                 continue
+            dests: list[Any] | None = None
+            if targets is not None:
+                dests = targets.get(index)
+                if dests:
+                    if end - begin > scratch or not _plain_cpu(dests, plain):
+                        continue
+                    scratch -= end - begin
+                elif wanted is None or index not in wanted:
+                    continue
+                else:
+                    dests = None
             if items and (begin != run_end or end - run_begin > RUN_BYTES):
-                _flush(plan, name, start + run_begin, run_end - run_begin, items, values)
+                _flush(plan, name, start + run_begin, run_end - run_begin, items, values, bulk)
                 items = []
             if not items:
                 run_begin = begin
-            items.append(
-                (index, torch_dtype, tensor.shape, begin - run_begin, (end - begin) // dtype.itemsize)
-            )
+            numel = (end - begin) // dtype.itemsize
+            items.append((index, torch_dtype, tensor.shape, begin - run_begin, numel, dests))
             run_end = end
             taken.add(index)
         if items:
-            _flush(plan, name, start + run_begin, run_end - run_begin, items, values)
-    return taken
+            _flush(plan, name, start + run_begin, run_end - run_begin, items, values, bulk)
+    return bulk
+
+
+def _plain_cpu(dests: list[Any], plain: tuple[type, ...]) -> bool:
+    """Every target a plain CPU tensor (exact types: never a DTensor or another subclass)."""
+    for t in dests:
+        if type(t) not in plain or not t.is_cpu:
+            return False
+    return True
 
 
 def _flush(
-    plan: ReadPlan, file: str, at: int, nbytes: int, items: list[_Item], values: dict[int, Any]
+    plan: ReadPlan, file: str, at: int, nbytes: int, items: list[_Item], values: dict[int, Any], bulk: Bulk
 ) -> None:
     torch = arrays.require_torch()
     buffer = arrays.empty_cpu((nbytes,), torch.uint8)
-    plan.add(file, at, arrays.writable_bytes(buffer) or memoryview(b""), _builder(buffer, items, values))
+    view = arrays.writable_bytes(buffer)
+    assert view is not None  # a new contiguous CPU tensor
+    plan.add(file, at, view, _builder(buffer, items, values, bulk.pairs))
 
 
-def _builder(buffer: Any, items: list[_Item], values: dict[int, Any]) -> Callable[[], None]:
+def _builder(
+    buffer: Any, items: list[_Item], values: dict[int, Any], pairs: list[tuple[Any, Any]]
+) -> Callable[[], None]:
     def build() -> None:
+        fresh: list[int] = []  # indices whose value is a new tensor: cloned from their views
+        views: list[Any] = []
         i, count = 0, len(items)
         while i < count:
             torch_dtype, first = items[i][1], items[i][3]
@@ -116,14 +193,34 @@ def _builder(buffer: Any, items: list[_Item], values: dict[int, Any]) -> Callabl
             group = items[i:j]
             last = group[-1]
             size = torch_dtype.itemsize
-            end = last[3] + last[4] * size
-            raw = buffer[first:end]
-            if first % size:  # cannot happen in a writer's layout (wider dtypes first); kept correct
+            raw = buffer[first : last[3] + last[4] * size]
+            if first % size:  # not in a writer's layout (wider dtypes first); kept correct anyway
                 raw = raw.clone()
             typed = raw.view(torch_dtype)
             parts = typed.split_with_sizes([item[4] for item in group]) if len(group) > 1 else (typed,)
-            for (index, _dtype, shape, _begin, _numel), part in zip(group, parts, strict=True):
-                values[index] = part if len(shape) == 1 else part.view(shape)
+            for (index, _dtype, shape, _begin, _numel, dests), part in zip(group, parts, strict=True):
+                view = part if len(shape) == 1 else part.view(shape)
+                if dests is None:
+                    fresh.append(index)
+                    views.append(view)
+                    continue
+                values[index] = dests[0]
+                for dst in dests:
+                    pairs.append((dst, view))
             i = j
+        # Each new tensor gets memory of its own at offset 0, as torch.empty gives: a view into
+        # the run would keep the whole run alive, and some of torch's own readers of a tensor
+        # ignore its storage offset (torch.set_rng_state: "Invalid mt19937 state").
+        for index, value in zip(fresh, _clone(views), strict=True):
+            values[index] = value
 
     return build
+
+
+def _clone(views: list[Any]) -> list[Any]:
+    """Contiguous copies of ``views``, each with memory of its own (one C call for all)."""
+    torch = arrays.require_torch()
+    clone_all = getattr(torch, "_foreach_clone", None)
+    if clone_all is not None and views:
+        return list(clone_all(views))
+    return [v.clone() for v in views]

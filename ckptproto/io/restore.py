@@ -29,7 +29,7 @@ from ckptproto.errors import (
 from ckptproto.format import layout
 from ckptproto.format.info import CheckpointInfo
 from ckptproto.format.manifest import Manifest
-from ckptproto.io import reader, readplan
+from ckptproto.io import bulkread, reader, readplan
 from ckptproto.io.backends import resolve
 from ckptproto.io.coordinate import Coordinator, Timeout, coordinator, failure
 from ckptproto.io.match import (
@@ -259,7 +259,12 @@ def _read_into(
     values: dict[int, Any] = {}
     plan = readplan.ReadPlan()
     copies: list[tuple[Any, Any]] = []
-    for index, (kind, _paths) in kinds.items():
+    # Small tensors into plain CPU targets: read in runs, copied in one call (bulkread).
+    bulk = bulkread.plan_small(ckpt, kinds, plan, values, targets=matcher.destinations, wanted=wanted)
+    taken = bulk.taken
+    for index, kind in kinds.items():
+        if index in taken:
+            continue
         entry = ckpt.manifest.tensors[index]
         targets = matcher.destinations.get(index, [])
         if not targets and index not in wanted:
@@ -290,6 +295,7 @@ def _read_into(
     # Alone, a file read in part is checksummed here; in a group, another rank may read the
     # rest, so the files no rank read whole are checked after the ranks compared notes.
     checked |= readplan.execute(ckpt, plan, verify=verify, partial="read" if world_size == 1 else "skip")
+    bulk.copy()
     for dst, src in copies:
         copy_into(dst, src)
     return values
