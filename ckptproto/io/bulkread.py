@@ -162,10 +162,9 @@ def plan_small(
 
 def _plain_cpu(dests: list[Any], plain: tuple[type, ...]) -> bool:
     """Every target a plain CPU tensor (exact types: never a DTensor or another subclass)."""
-    for t in dests:
-        if type(t) not in plain or not t.is_cpu:
-            return False
-    return True
+    if len(dests) == 1:  # the usual target, without a generator
+        return type(dests[0]) in plain and bool(dests[0].is_cpu)
+    return all(type(t) in plain and t.is_cpu for t in dests)
 
 
 def _flush(
