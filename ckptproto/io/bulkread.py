@@ -23,6 +23,7 @@ Tensors over SMALL_BYTES are read straight into their own memory.
 from __future__ import annotations
 
 from collections.abc import Callable
+from operator import itemgetter
 from typing import TYPE_CHECKING, Any, Protocol
 
 from ckptproto import arrays
@@ -123,9 +124,7 @@ def plan_small(
         start = len(data_file.header)
         items: list[_Item] = []
         run_begin = run_end = 0
-        for (index, _number), (_key, _code, _shape, begin, end) in zip(
-            layout.owners, layout.entries, strict=True
-        ):
+        for index, (_key, _code, _shape, begin, end) in zip(layout.owners, layout.entries, strict=True):
             tensor = tensors[index]
             if kinds.get(index) != "torch" or len(tensor.chunks) != 1 or end - begin > SMALL_BYTES:
                 continue
@@ -181,39 +180,54 @@ def _builder(
     buffer: Any, items: list[_Item], values: dict[int, Any], pairs: list[tuple[Any, Any]]
 ) -> Callable[[], None]:
     def build() -> None:
-        fresh: list[int] = []  # indices whose value is a new tensor: cloned from their views
+        indices = list(map(_INDEX, items))
+        torch_dtypes = list(map(_DTYPE, items))
+        shapes = list(map(_SHAPE, items))
+        numels = list(map(_NUMEL, items))
         views: list[Any] = []
         i, count = 0, len(items)
-        while i < count:
-            torch_dtype, first = items[i][1], items[i][3]
-            j = i + 1
-            while j < count and items[j][1] is torch_dtype:
+        while i < count:  # one pass per stretch of one dtype (one, in the usual run)
+            torch_dtype, first = torch_dtypes[i], items[i][3]
+            j = count if torch_dtypes.count(torch_dtype) == count else i + 1
+            while j < count and torch_dtypes[j] is torch_dtype:
                 j += 1
-            group = items[i:j]
-            last = group[-1]
             size = torch_dtype.itemsize
-            raw = buffer[first : last[3] + last[4] * size]
+            raw = buffer[first : items[j - 1][3] + numels[j - 1] * size]
             if first % size:  # not in a writer's layout (wider dtypes first); kept correct anyway
                 raw = raw.clone()
             typed = raw.view(torch_dtype)
-            parts = typed.split_with_sizes([item[4] for item in group]) if len(group) > 1 else (typed,)
-            for (index, _dtype, shape, _begin, _numel, dests), part in zip(group, parts, strict=True):
-                view = part if len(shape) == 1 else part.view(shape)
-                if dests is None:
-                    fresh.append(index)
-                    views.append(view)
-                    continue
-                values[index] = dests[0]
-                for dst in dests:
-                    pairs.append((dst, view))
+            parts = typed.split_with_sizes(numels[i:j]) if j - i > 1 else (typed,)
+            if set(map(len, shapes[i:j])) == {1}:
+                views.extend(parts)  # 1-d tensors: the split gives them their shape
+            else:
+                views.extend(
+                    p if len(shape) == 1 else p.view(shape)
+                    for p, shape in zip(parts, shapes[i:j], strict=True)
+                )
             i = j
-        # Each new tensor gets memory of its own at offset 0, as torch.empty gives: a view into
-        # the run would keep the whole run alive, and some of torch's own readers of a tensor
-        # ignore its storage offset (torch.set_rng_state: "Invalid mt19937 state").
-        for index, value in zip(fresh, _clone(views), strict=True):
-            values[index] = value
+        dests = list(map(_DESTS, items))
+        if dests.count(None) == count:  # load: every tensor new
+            # Each new tensor gets memory of its own at offset 0, as torch.empty gives: a view
+            # into the run would keep the whole run alive, and some of torch's own readers of
+            # a tensor ignore its storage offset (torch.set_rng_state: "Invalid mt19937 state").
+            values.update(zip(indices, _clone(views), strict=True))
+            return
+        fresh: list[int] = []
+        fresh_views: list[Any] = []
+        for index, view, targets in zip(indices, views, dests, strict=True):
+            if targets is None:
+                fresh.append(index)
+                fresh_views.append(view)
+                continue
+            values[index] = targets[0]
+            for target in targets:
+                pairs.append((target, view))
+        values.update(zip(fresh, _clone(fresh_views), strict=True))
 
     return build
+
+
+_INDEX, _DTYPE, _SHAPE, _NUMEL, _DESTS = (itemgetter(i) for i in (0, 1, 2, 4, 5))
 
 
 def _clone(views: list[Any]) -> list[Any]:

@@ -32,24 +32,28 @@ entry with its own code and shape (F-13).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
-from operator import itemgetter
+from itertools import accumulate
+from operator import itemgetter, neg
 
+from ckptproto.dtypes import DType
 from ckptproto.format import safetensors
 from ckptproto.format.manifest import Manifest
 from ckptproto.io.plan import FILE_METADATA
 
 Stored = tuple[str, tuple[int, ...], int, int]  # code, stored shape, nbytes, min(itemsize, 8)
+Entry = tuple[str, str, tuple[int, ...], int, int]  # key, code, stored shape, begin, end
 
 
 @dataclass
 class FileLayout:
     """A data file as a ckptproto writer lays it out from the manifest: in file order, the
     ``(key, code, shape, begin, end)`` entries (offsets relative to the buffer) and the
-    tensor index and chunk number each one stores."""
+    tensor index each one stores (``owners``)."""
 
-    entries: list[tuple[str, str, tuple[int, ...], int, int]] = field(default_factory=list)
-    owners: list[tuple[int, int]] = field(default_factory=list)  # (tensor index, chunk number)
+    entries: list[Entry] = field(default_factory=list)
+    owners: list[int] = field(default_factory=list)
     buffer_size: int = 0
 
     def header_entries(self, data_start: int) -> dict[str, safetensors.HeaderEntry]:
@@ -61,40 +65,69 @@ class FileLayout:
         }
 
 
+def _stored(dtype: DType, shape: tuple[int, ...]) -> Stored:
+    """How a chunk of ``shape`` is stored (F-20): its code and shape, bytes, and alignment."""
+    nbytes = math.prod(shape) * dtype.itemsize
+    width = min(dtype.itemsize, 8)
+    if dtype.safetensors is None:
+        return (safetensors.RAW_CODE, (nbytes,), nbytes, width)
+    return (dtype.safetensors, shape, nbytes, width)
+
+
+def _layout(keys: list[str], stored: list[Stored], owners: list[int]) -> FileLayout:
+    """Entries back to back from offset 0 in the writer's order: manifest order, wider dtypes
+    first (io/plan.py), in C-level passes over the columns."""
+    widths = list(map(_WIDTH, stored))
+    if len(set(widths)) > 1:  # sorted() is stable: the writer's order
+        order = sorted(range(len(widths)), key=list(map(neg, widths)).__getitem__)
+        keys = list(map(keys.__getitem__, order))
+        stored = list(map(stored.__getitem__, order))
+        owners = list(map(owners.__getitem__, order))
+    ends = list(accumulate(map(_NBYTES, stored)))
+    begins = [0, *ends[:-1]] if ends else []
+    entries = list(zip(keys, map(_CODE, stored), map(_STORED_SHAPE, stored), begins, ends, strict=True))
+    return FileLayout(entries, owners, ends[-1] if ends else 0)
+
+
+_CODE, _STORED_SHAPE, _NBYTES, _WIDTH = itemgetter(0), itemgetter(1), itemgetter(2), itemgetter(3)
+
+
 def file_layouts(manifest: Manifest) -> dict[str, FileLayout]:
     """Each listed data file's layout as ckptproto's writer would make it from ``manifest``."""
-    raw = safetensors.RAW_CODE
-    per_file: dict[str, list[tuple[str, Stored, int, int]]] = {name: [] for name in manifest.files}
+    tensors = manifest.tensors
     # (id(dtype), chunk shape) -> how it is stored: a few distinct ones in a large state.
-    # The id of a DType from dtypes.BY_NAME, which keeps every one alive.
-    stored: dict[tuple[int, tuple[int, ...]], Stored] = {}
-    for index, tensor in enumerate(manifest.tensors):
+    # The id of a DType from dtypes.BY_NAME, which keeps every one alive (a DType's own hash
+    # is a Python call).
+    if len(manifest.files) == 1 and set(map(len, map(_CHUNKS, tensors))) <= {1}:
+        # One file, every tensor one chunk (a one-process save): column by column.
+        chunks = list(map(_FIRST, map(_CHUNKS, tensors)))
+        dtype_column = list(map(_DTYPE, tensors))
+        ids = list(map(id, dtype_column))
+        by_id = dict(zip(ids, dtype_column, strict=True))
+        shapes = list(map(_CHUNK_SHAPE, chunks))
+        kinds = {pair: _stored(by_id[pair[0]], pair[1]) for pair in set(zip(ids, shapes, strict=True))}
+        stored = list(map(kinds.__getitem__, zip(ids, shapes, strict=True)))
+        (name,) = manifest.files
+        if set(map(_CHUNK_FILE, chunks)) <= {name}:
+            return {name: _layout(list(map(_CHUNK_KEY, chunks)), stored, list(range(len(tensors))))}
+    known: dict[tuple[int, tuple[int, ...]], Stored] = {}
+    columns: dict[str, tuple[list[str], list[Stored], list[int]]] = {n: ([], [], []) for n in manifest.files}
+    for index, tensor in enumerate(tensors):
         dtype = tensor.dtype
-        for number, chunk in enumerate(tensor.chunks):
-            found = stored.get((id(dtype), chunk.shape))
+        for chunk in tensor.chunks:
+            found = known.get((id(dtype), chunk.shape))
             if found is None:
-                nbytes = chunk.numel * dtype.itemsize
-                code = dtype.safetensors
-                found = stored[(id(dtype), chunk.shape)] = (
-                    (code, chunk.shape, nbytes, min(dtype.itemsize, 8))
-                    if code is not None
-                    else (raw, (nbytes,), nbytes, min(dtype.itemsize, 8))
-                )
-            per_file[chunk.file].append((chunk.key, found, index, number))
-    layouts: dict[str, FileLayout] = {}
-    for name, items in per_file.items():
-        if len({s[3] for _, s, _, _ in items}) > 1:
-            items.sort(key=lambda item: -item[1][3])  # stable: the writer's order (io/plan.py)
-        layout = layouts[name] = FileLayout()
-        append = layout.entries.append
-        position = 0
-        for key, (code, shape, nbytes, _width), _index, _number in items:
-            end = position + nbytes
-            append((key, code, shape, position, end))
-            position = end
-        layout.owners = [(index, number) for _, _, index, number in items]
-        layout.buffer_size = position
-    return layouts
+                found = known[(id(dtype), chunk.shape)] = _stored(dtype, chunk.shape)
+            keys, stored_column, owners = columns[chunk.file]
+            keys.append(chunk.key)
+            stored_column.append(found)
+            owners.append(index)
+    return {name: _layout(*column) for name, column in columns.items()}
+
+
+_DTYPE, _CHUNKS = itemgetter(0), itemgetter(2)  # TensorEntry fields
+_CHUNK_FILE, _CHUNK_KEY, _CHUNK_SHAPE = itemgetter(0), itemgetter(1), itemgetter(3)  # Chunk fields
+_FIRST = itemgetter(0)
 
 
 def expected_header(layout: FileLayout) -> bytes | None:
