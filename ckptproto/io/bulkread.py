@@ -22,8 +22,10 @@ Tensors over SMALL_BYTES are read straight into their own memory.
 
 from __future__ import annotations
 
+from bisect import bisect_right
 from collections.abc import Callable
-from operator import itemgetter
+from itertools import repeat
+from operator import floordiv, itemgetter, sub
 from typing import TYPE_CHECKING, Any, Protocol
 
 from ckptproto import arrays
@@ -31,6 +33,8 @@ from ckptproto.arrays import Kind
 from ckptproto.dtypes import DType
 
 if TYPE_CHECKING:
+    from ckptproto.format.manifest import TensorEntry
+    from ckptproto.io.headercheck import FileLayout
     from ckptproto.io.reader import OpenCheckpoint
 
 
@@ -46,7 +50,7 @@ SMALL_BYTES = 64 << 10  # a tensor up to this size may share a run's memory
 RUN_BYTES = 1 << 20  # the most one run holds
 SCRATCH_BYTES = 64 << 20  # load_into: the most run memory allocated only to be copied
 
-# One tensor of a run: (tensor index, torch dtype, shape, begin in the run, element count,
+# One tensor of a run: (tensor index, torch dtype, shape, begin in the buffer, element count,
 # the target tensors to copy it into: None on load, where the run's view is the value).
 _Item = tuple[int, Any, tuple[int, ...], int, int, "list[Any] | None"]
 
@@ -122,6 +126,12 @@ def plan_small(
         if layout is None:
             continue
         start = len(data_file.header)
+        if targets is None:
+            whole = _whole_file(layout, tensors, kinds, usable)
+            if whole is not None:  # the usual file on load: every tensor small, in C-level passes
+                _flush_all(plan, name, start, whole, layout, values, bulk)
+                taken.update(layout.owners)
+                continue
         items: list[_Item] = []
         run_begin = run_end = 0
         for index, (_key, _code, _shape, begin, end) in zip(layout.owners, layout.entries, strict=True):
@@ -146,17 +156,71 @@ def plan_small(
                 else:
                     dests = None
             if items and (begin != run_end or end - run_begin > RUN_BYTES):
-                _flush(plan, name, start + run_begin, run_end - run_begin, items, values, bulk)
+                _flush(plan, name, start, run_begin, run_end - run_begin, items, values, bulk)
                 items = []
             if not items:
                 run_begin = begin
             numel = (end - begin) // dtype.itemsize
-            items.append((index, torch_dtype, tensor.shape, begin - run_begin, numel, dests))
+            items.append((index, torch_dtype, tensor.shape, begin, numel, dests))
             run_end = end
             taken.add(index)
         if items:
-            _flush(plan, name, start + run_begin, run_end - run_begin, items, values, bulk)
+            _flush(plan, name, start, run_begin, run_end - run_begin, items, values, bulk)
     return bulk
+
+
+def _whole_file(
+    layout: FileLayout, tensors: list[TensorEntry], kinds: dict[int, Kind], usable: dict[int, Any]
+) -> list[_Item] | None:
+    """The items of every entry of ``layout`` when the loop of :func:`plan_small` would take
+    each one for ``load`` (a torch tensor, whole, small, of a dtype runs can view), else None."""
+    owners = layout.owners
+    if not owners or list(map(kinds.get, owners)).count("torch") != len(owners):
+        return None
+    entries = layout.entries
+    ends, begins = list(map(_END, entries)), list(map(_BEGIN, entries))
+    if max(map(sub, ends, begins)) > SMALL_BYTES:
+        return None
+    column = list(map(tensors.__getitem__, owners))
+    if set(map(len, map(_CHUNKS_OF, column))) != {1}:
+        return None
+    dtype_column = list(map(_DTYPE_OF, column))
+    ids = list(map(id, dtype_column))
+    found = dict(zip(ids, dtype_column, strict=True))
+    for dtype_id, dtype in found.items():
+        if dtype_id not in usable:
+            usable[dtype_id] = _torch_dtype(dtype)
+    torch_dtypes = list(map(usable.__getitem__, ids))
+    if None in torch_dtypes:
+        return None
+    sizes = {dtype_id: dtype.itemsize for dtype_id, dtype in found.items()}
+    numels = list(map(floordiv, map(sub, ends, begins), map(sizes.__getitem__, ids)))
+    shapes = map(_SHAPE_OF, column)
+    return list(zip(owners, torch_dtypes, shapes, begins, numels, repeat(None), strict=False))
+
+
+def _flush_all(
+    plan: ReadPlan,
+    file: str,
+    start: int,
+    items: list[_Item],
+    layout: FileLayout,
+    values: dict[int, Any],
+    bulk: Bulk,
+) -> None:
+    """:func:`_flush` ``items`` (every entry of ``layout``, back to back) in runs of at most
+    RUN_BYTES (one entry alone may be larger: at most SMALL_BYTES)."""
+    ends = list(map(_END, layout.entries))
+    i, count = 0, len(items)
+    while i < count:
+        run_begin = items[i][3]
+        j = max(bisect_right(ends, run_begin + RUN_BYTES), i + 1)
+        _flush(plan, file, start, run_begin, ends[j - 1] - run_begin, items[i:j], values, bulk)
+        i = j
+
+
+_BEGIN, _END = itemgetter(3), itemgetter(4)  # FileLayout entry fields
+_DTYPE_OF, _SHAPE_OF, _CHUNKS_OF = itemgetter(0), itemgetter(1), itemgetter(2)  # TensorEntry fields
 
 
 def _plain_cpu(dests: list[Any], plain: tuple[type, ...]) -> bool:
@@ -167,17 +231,25 @@ def _plain_cpu(dests: list[Any], plain: tuple[type, ...]) -> bool:
 
 
 def _flush(
-    plan: ReadPlan, file: str, at: int, nbytes: int, items: list[_Item], values: dict[int, Any], bulk: Bulk
+    plan: ReadPlan,
+    file: str,
+    start: int,
+    run_begin: int,
+    nbytes: int,
+    items: list[_Item],
+    values: dict[int, Any],
+    bulk: Bulk,
 ) -> None:
+    """Plan one run: ``nbytes`` from ``run_begin`` in the buffer (at ``start`` in the file)."""
     torch = arrays.require_torch()
     buffer = arrays.empty_cpu((nbytes,), torch.uint8)
     view = arrays.writable_bytes(buffer)
     assert view is not None  # a new contiguous CPU tensor
-    plan.add(file, at, view, _builder(buffer, items, values, bulk.pairs))
+    plan.add(file, start + run_begin, view, _builder(buffer, run_begin, items, values, bulk.pairs))
 
 
 def _builder(
-    buffer: Any, items: list[_Item], values: dict[int, Any], pairs: list[tuple[Any, Any]]
+    buffer: Any, run_begin: int, items: list[_Item], values: dict[int, Any], pairs: list[tuple[Any, Any]]
 ) -> Callable[[], None]:
     def build() -> None:
         indices = list(map(_INDEX, items))
@@ -187,12 +259,12 @@ def _builder(
         views: list[Any] = []
         i, count = 0, len(items)
         while i < count:  # one pass per stretch of one dtype (one, in the usual run)
-            torch_dtype, first = torch_dtypes[i], items[i][3]
+            torch_dtype, first = torch_dtypes[i], items[i][3] - run_begin
             j = count if torch_dtypes.count(torch_dtype) == count else i + 1
             while j < count and torch_dtypes[j] is torch_dtype:
                 j += 1
             size = torch_dtype.itemsize
-            raw = buffer[first : items[j - 1][3] + numels[j - 1] * size]
+            raw = buffer[first : items[j - 1][3] - run_begin + numels[j - 1] * size]
             if first % size:  # not in a writer's layout (wider dtypes first); kept correct anyway
                 raw = raw.clone()
             typed = raw.view(torch_dtype)

@@ -117,9 +117,13 @@ def _load_generation(
         values = readplan.materialize(
             ckpt, kinds, use_mmap=mmap, verify=(not mmap) if verify is None else verify
         )
-    moved = {i: arrays.to_device(v, map_location) for i, v in values.items()}
+    moved = (
+        values if map_location is None else {i: arrays.to_device(v, map_location) for i, v in values.items()}
+    )
     # The manifest's last use: decode its state in place (one tree in memory, not two).
-    state = decode_tree(ckpt.manifest.state, lambda kind, index, p: moved[index], where=where, in_place=True)
+    state = decode_tree(
+        ckpt.manifest.state, lambda kind, index, p: moved[index], where=where, in_place=True, paths=False
+    )
     if not isinstance(state, dict):
         raise CheckpointFormatError(f"{where}: the state must be an object at the top level")
     return state, ckpt.manifest
