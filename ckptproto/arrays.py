@@ -341,3 +341,19 @@ def to_device(value: Any, map_location: Any) -> Any:
     if map_location is None or isinstance(value, np.ndarray):
         return value
     return value.to(map_location)
+
+
+def copy_bytes(dst: Any, src: Any) -> bool:
+    """Copy the bytes of ``src``, a contiguous CPU tensor, over those of ``dst`` if ``dst`` is
+    a contiguous, writable CPU tensor of as many bytes, as a read into ``dst`` writes them
+    (whatever torch's autograd or inference-mode rules say of an in-place copy); False, and
+    nothing written, when it is not::
+
+        copy_bytes(target, loaded)   # True: target now holds loaded's bytes
+    """
+    view = writable_bytes(dst)
+    if view is None or len(view) != src.nbytes:
+        return False
+    if src.nbytes:
+        ctypes.memmove(dst.data_ptr(), src.data_ptr(), src.nbytes)
+    return True

@@ -86,10 +86,7 @@ class Bulk:
         except RuntimeError:  # e.g. an inference tensor outside inference mode: one at a time
             pass
         for dst, src in zip(dsts, srcs, strict=True):
-            view = arrays.writable_bytes(dst)
-            if view is not None:
-                view[:] = arrays.writable_bytes(src) or b""  # the bytes, as a direct read writes them
-            else:
+            if not arrays.copy_bytes(dst, src):  # the bytes, as a direct read writes them
                 with torch.no_grad():
                     dst.copy_(src)
 
