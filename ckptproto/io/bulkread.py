@@ -25,7 +25,7 @@ from __future__ import annotations
 from bisect import bisect_right
 from collections.abc import Callable
 from itertools import repeat
-from operator import floordiv, itemgetter, sub
+from operator import attrgetter, floordiv, itemgetter, sub
 from typing import TYPE_CHECKING, Any, Protocol
 
 from ckptproto import arrays
@@ -123,12 +123,13 @@ def plan_small(
         if layout is None:
             continue
         start = len(data_file.header)
-        if targets is None:
-            whole = _whole_file(layout, tensors, kinds, usable)
-            if whole is not None:  # the usual file on load: every tensor small, in C-level passes
-                _flush_all(plan, name, start, whole, layout, values, bulk)
-                taken.update(layout.owners)
-                continue
+        whole = _whole_file(layout, tensors, kinds, usable, targets, plain, scratch)
+        if whole is not None:  # the usual file: every tensor small, planned in C-level passes
+            if targets is not None:
+                scratch -= layout.buffer_size
+            _flush_all(plan, name, start, whole, layout, values, bulk)
+            taken.update(layout.owners)
+            continue
         items: list[_Item] = []
         run_begin = run_end = 0
         for index, (_key, _code, _shape, begin, end) in zip(layout.owners, layout.entries, strict=True):
@@ -167,13 +168,31 @@ def plan_small(
 
 
 def _whole_file(
-    layout: FileLayout, tensors: list[TensorEntry], kinds: dict[int, Kind], usable: dict[int, Any]
+    layout: FileLayout,
+    tensors: list[TensorEntry],
+    kinds: dict[int, Kind],
+    usable: dict[int, Any],
+    targets: dict[int, list[Any]] | None,
+    plain: tuple[type, ...],
+    scratch: int,
 ) -> list[_Item] | None:
     """The items of every entry of ``layout`` when the loop of :func:`plan_small` would take
-    each one for ``load`` (a torch tensor, whole, small, of a dtype runs can view), else None."""
+    each one (a torch tensor, whole, small, of a dtype runs can view; for ``load_into``, with
+    one target, a plain CPU tensor, all within the scratch left), else None."""
     owners = layout.owners
     if not owners or list(map(kinds.get, owners)).count("torch") != len(owners):
         return None
+    dests: Any = repeat(None)
+    if targets is not None:
+        if layout.buffer_size > scratch:
+            return None
+        found_dests: list[Any] = list(map(targets.get, owners))
+        if None in found_dests or set(map(len, found_dests)) != {1}:
+            return None
+        firsts = list(map(_FIRST, found_dests))
+        if not set(map(type, firsts)) <= set(plain) or not all(map(_IS_CPU, firsts)):
+            return None
+        dests = found_dests
     entries = layout.entries
     ends, begins = list(map(_END, entries)), list(map(_BEGIN, entries))
     if max(map(sub, ends, begins)) > SMALL_BYTES:
@@ -193,7 +212,7 @@ def _whole_file(
     sizes = {dtype_id: dtype.itemsize for dtype_id, dtype in found.items()}
     numels = list(map(floordiv, map(sub, ends, begins), map(sizes.__getitem__, ids)))
     shapes = map(_SHAPE_OF, column)
-    return list(zip(owners, torch_dtypes, shapes, begins, numels, repeat(None), strict=False))
+    return list(zip(owners, torch_dtypes, shapes, begins, numels, dests, strict=False))
 
 
 def _flush_all(
@@ -217,6 +236,7 @@ def _flush_all(
 
 
 _BEGIN, _END = itemgetter(3), itemgetter(4)  # FileLayout entry fields
+_FIRST, _IS_CPU = itemgetter(0), attrgetter("is_cpu")
 _DTYPE_OF, _SHAPE_OF, _CHUNKS_OF = itemgetter(0), itemgetter(1), itemgetter(2)  # TensorEntry fields
 
 
@@ -280,6 +300,11 @@ def _builder(
             # into the run would keep the whole run alive, and some of torch's own readers of
             # a tensor ignore its storage offset (torch.set_rng_state: "Invalid mt19937 state").
             values.update(zip(indices, _clone(views), strict=True))
+            return
+        if None not in dests and set(map(len, dests)) == {1}:  # load_into: one target each
+            firsts = list(map(_FIRST, dests))
+            values.update(zip(indices, firsts, strict=True))
+            pairs.extend(zip(firsts, views, strict=True))
             return
         fresh: list[int] = []
         fresh_views: list[Any] = []

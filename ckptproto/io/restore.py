@@ -225,7 +225,9 @@ def load_into(
             ckpt.close()
     where = f"{root}/{layout.MANIFEST_NAME}"
     # The manifest's last use: decode in place (one tree in memory, not two).
-    state = decode_tree(manifest.state, lambda kind, index, p: values.get(index), where=where, in_place=True)
+    state = decode_tree(
+        manifest.state, lambda kind, index, p: values.get(index), where=where, in_place=True, paths=False
+    )
     if stateful:
         call_load_state_dict(target, state, strict, f"{root}: <root>")  # type: ignore[arg-type]
     else:
@@ -249,7 +251,10 @@ def _read_into(
     kinds = readplan.tensor_kinds(ckpt.manifest, where)
     refs: dict[int, Ref] = {}
     skeleton = decode_tree(
-        ckpt.manifest.state, lambda kind, index, p: refs.setdefault(index, Ref(kind, index)), where=where
+        ckpt.manifest.state,
+        lambda kind, index, p: refs.setdefault(index, Ref(kind, index)),
+        where=where,
+        paths=False,
     )
     if not isinstance(skeleton, dict):
         raise CheckpointFormatError(f"{where}: the state must be an object at the top level")
