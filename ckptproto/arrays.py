@@ -357,3 +357,19 @@ def copy_bytes(dst: Any, src: Any) -> bool:
     if src.nbytes:
         ctypes.memmove(dst.data_ptr(), src.data_ptr(), src.nbytes)
     return True
+
+
+def matches_torch(t: Any, dtype: DType, shape: tuple[int, ...]) -> bool:
+    """Whether ``t``, a plain ``torch.Tensor`` or ``Parameter`` (the caller checked its exact
+    type), is what :func:`describe_torch` describes as a torch tensor of ``dtype`` and
+    ``shape``, without building that description (a load_into check per target tensor)::
+
+        matches_torch(torch.zeros(2, 3), dtypes.by_name("float32"), (2, 3))   # True
+    """
+    _tensor_type, _parameter_type, strided = _torch_constants()
+    found = _torch_dtype(t.dtype)
+    if found is None or (found is not dtype and found != dtype):
+        return False
+    if t.layout is not strided or t.is_nested or t.is_meta:
+        return False
+    return bool(t.shape == shape)

@@ -322,3 +322,26 @@ def test_errors_name_the_file(tmp_path: Path) -> None:
     _edit_data_header(tmp_path / "c", lambda t: t.replace(b'"shape":[2,3]', b'"shape":[3,3]'))
     with pytest.raises(CheckpointError, match=r"data-.*\.safetensors"):
         ckptproto.load(tmp_path / "c")
+
+
+def test_matches_torch_agrees_with_describe_torch() -> None:
+    from ckptproto import arrays
+
+    f32, f64 = dtypes.by_name("float32"), dtypes.by_name("float64")
+    cases = [
+        torch.zeros(2, 3),
+        torch.nn.Parameter(torch.zeros(2, 3)),
+        torch.zeros(2, 3, dtype=torch.float64),
+        torch.zeros(3, 2),
+        torch.zeros(2, 3).t().contiguous().t(),
+        torch.zeros(2, 3, dtype=torch.complex64).conj(),
+        torch.zeros(2, 3).to_sparse(),
+        torch.zeros(2, 3, device="meta"),
+        torch.nested.nested_tensor([torch.zeros(3), torch.zeros(3)]),
+        torch.quantize_per_tensor(torch.zeros(2, 3), 0.1, 0, torch.qint8),
+    ]
+    for t in cases:
+        for dtype in (f32, f64):
+            spec = arrays.describe_torch(t)
+            expected = type(spec) is arrays.ArraySpec and spec.dtype == dtype and spec.shape == (2, 3)
+            assert arrays.matches_torch(t, dtype, (2, 3)) == expected, (t, dtype)
