@@ -22,7 +22,7 @@ UTF-8 cannot encode one: encoding raises, and the slow path runs); ``__metadata_
 ``FILE_METADATA``, strings to strings; every entry has exactly dtype, shape and data_offsets;
 every code is the manifest dtype's safetensors code (F-20), or ``U8`` with ``[nbytes]`` for a
 dtype without one, and ``SAFETENSORS_ITEMSIZE`` of that code is the dtype's item size
-(tests/test_header_regen.py checks the table), so each entry's byte length matches its shape;
+(tests/test_load_fast.py checks the table), so each entry's byte length matches its shape;
 offsets run back to back from 0, and the layout is used only when the last one ends at the
 end of the file (exact tiling); the header is at most MAX_HEADER_BYTES (else the slow path
 refuses it) and its length prefix is encode_header's own. The entries the parse would return
