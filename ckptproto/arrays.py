@@ -379,3 +379,35 @@ def to_device(value: Any, map_location: Any) -> Any:
     if map_location is None or isinstance(value, np.ndarray):
         return value
     return value.to(map_location)
+
+
+def copy_bytes(dst: Any, src: Any) -> bool:
+    """Copy the bytes of ``src``, a contiguous CPU tensor, over those of ``dst`` if ``dst`` is
+    a contiguous, writable CPU tensor of as many bytes, as a read into ``dst`` writes them
+    (whatever torch's autograd or inference-mode rules say of an in-place copy); False, and
+    nothing written, when it is not::
+
+        copy_bytes(target, loaded)   # True: target now holds loaded's bytes
+    """
+    view = writable_bytes(dst)
+    if view is None or len(view) != src.nbytes:
+        return False
+    if src.nbytes:
+        ctypes.memmove(dst.data_ptr(), src.data_ptr(), src.nbytes)
+    return True
+
+
+def matches_torch(t: Any, dtype: DType, shape: tuple[int, ...]) -> bool:
+    """Whether ``t``, a plain ``torch.Tensor`` or ``Parameter`` (the caller checked its exact
+    type), is what :func:`describe_torch` describes as a torch tensor of ``dtype`` and
+    ``shape``, without building that description (a load_into check per target tensor)::
+
+        matches_torch(torch.zeros(2, 3), dtypes.by_name("float32"), (2, 3))   # True
+    """
+    _tensor_type, _parameter_type, strided = _torch_constants()
+    found = _torch_dtype(t.dtype)
+    if found is None or (found is not dtype and found != dtype):
+        return False
+    if t.layout is not strided or t.is_nested or t.is_meta:
+        return False
+    return bool(t.shape == shape)

@@ -373,14 +373,23 @@ def _unsupported_message(value: object, path: str) -> str:
 
 
 def decode_tree(
-    node: Any, resolve: Callable[[str, int, str], Any], *, where: str = "manifest", in_place: bool = False
+    node: Any,
+    resolve: Callable[[str, int, str], Any],
+    *,
+    where: str = "manifest",
+    in_place: bool = False,
+    paths: bool = True,
 ) -> Any:
     """Rebuild a state tree; ``resolve(kind, index, path)`` supplies each tensor.
     Raises CheckpointFormatError naming ``where`` and the state path of a malformed node.
 
     ``in_place=True`` reuses the parsed JSON's lists and dicts (the encoded tree is consumed):
-    memory stays that of one tree instead of two, for a reader's last use of a manifest."""
-    return _Decoder(resolve, where, build=True, in_place=in_place).decode(node, None, 0)
+    memory stays that of one tree instead of two, for a reader's last use of a manifest.
+    ``paths=False``: ``resolve`` gets ``""`` for the path of a plain ``{"$torch": i}`` leaf
+    (a resolver that ignores paths saves building one per tensor; messages still name it)."""
+    decoder = _Decoder(resolve, where, build=True, in_place=in_place)
+    decoder.leaf_paths = paths
+    return decoder.decode(node, None, 0)
 
 
 def check_tree(node: Any, resolve: Callable[[str, int, str], Any], *, where: str = "manifest") -> bool:
@@ -486,6 +495,7 @@ class _Decoder:
         # id(chain) -> (chain, its path): siblings share their parent's path text, built once
         # (the entry keeps the chain alive, so its id is not reused while the decoder runs).
         self._texts: dict[int, tuple[_Chain, str]] = {}
+        self.leaf_paths = True
 
     def path_of(self, chain: _Chain) -> str:
         """``_path_text(chain)``, with the parent's part built once for all its children."""
@@ -530,7 +540,9 @@ class _Decoder:
                     index = v["$torch"]
                     if type(index) is not int or index < 0:
                         raise self.fail(f"bad tensor reference {_show(index)}", (chain, k))
-                    decoded = self.resolve("torch", index, self.path_of((chain, k)))
+                    decoded = self.resolve(
+                        "torch", index, self.path_of((chain, k)) if self.leaf_paths else ""
+                    )
                 else:
                     decoded = self.decode(v, (chain, k), depth + 1)
                 if self.in_place:

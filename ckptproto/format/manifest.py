@@ -106,6 +106,10 @@ class Manifest:
     version: tuple[int, int] = FORMAT_VERSION
     world_size: int = 1
     writer: str = ""
+    # Set by parse when it vouched for every tensor reference of ``state`` (in range, one
+    # kind per index, numpy dtypes for $numpy): the ``$torch`` and ``$numpy`` indices, so a
+    # reader need not walk the state again to find them.
+    refs: tuple[list[int], list[int]] | None = field(default=None, compare=False, repr=False)
 
     def to_json(self) -> bytes:
         head = {
@@ -195,8 +199,8 @@ class Manifest:
         if not isinstance(created, str) or not isinstance(writer, str):
             raise CheckpointFormatError(f'{where}: "created" and "writer" must be strings')
         metadata = doc.get("metadata", {})
-        _check_values(doc["state"], metadata, tensors, where)
-        return cls(doc["state"], tensors, files, metadata, created, version, world_size, writer)
+        refs = _check_values(doc["state"], metadata, tensors, where)
+        return cls(doc["state"], tensors, files, metadata, created, version, world_size, writer, refs)
 
 
 def _dumps(value: Any) -> str:
@@ -329,8 +333,11 @@ def _check_pairs_unique(tensors: list[TensorEntry], where: str) -> None:
             used.add((chunk.file, chunk.key))
 
 
-def _check_values(state: Any, metadata: Any, tensors: list[TensorEntry], where: str) -> None:
-    """F-14, F-15, F-17, F-18: decode both trees once, keeping nothing."""
+def _check_values(
+    state: Any, metadata: Any, tensors: list[TensorEntry], where: str
+) -> tuple[list[int], list[int]] | None:
+    """F-14, F-15, F-17, F-18: decode both trees once, keeping nothing. Returns the state's
+    ``$torch`` and ``$numpy`` indices when the quick walk vouched for them (else None)."""
     count = len(tensors)
     refs = quick_refs(state, where=f"{where} (state)")
     if refs is not None:
@@ -341,6 +348,8 @@ def _check_values(state: Any, metadata: Any, tensors: list[TensorEntry], where: 
             and (not numpy_refs or _numpy_refs_ok(torch_refs, numpy_refs, tensors))
         ):
             state = None  # vouched for: only the metadata is left to check
+        else:
+            refs = None
     if state is not None:
         _check_state(state, tensors, where)
 
@@ -349,6 +358,7 @@ def _check_values(state: Any, metadata: Any, tensors: list[TensorEntry], where: 
 
     if not check_tree(metadata, no_tensors, where=f"{where} (metadata)"):
         raise CheckpointFormatError(f"{where}: metadata must be an object")
+    return refs
 
 
 def _numpy_refs_ok(torch_refs: list[int], numpy_refs: list[int], tensors: list[TensorEntry]) -> bool:

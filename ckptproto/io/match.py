@@ -212,13 +212,7 @@ class Matcher:
         """Whether ``target``, a plain torch tensor, takes checkpoint tensor ``ref`` (then it
         is recorded as its destination); False leaves the message to :meth:`_tensor`."""
         entry = self.manifest.tensors[ref.index]
-        spec = arrays.describe_torch(target)
-        if (
-            type(spec) is not arrays.ArraySpec
-            or ref.kind != "torch"
-            or (spec.dtype is not entry.dtype and spec.dtype != entry.dtype)
-            or spec.shape != entry.shape
-        ):
+        if ref.kind != "torch" or not arrays.matches_torch(target, entry.dtype, entry.shape):
             return False
         self.destinations.setdefault(ref.index, []).append(target)
         return True

@@ -17,6 +17,7 @@ from ckptproto.format.crc import crc32, crc32_combine
 from ckptproto.format.manifest import MAX_MANIFEST_BYTES, Chunk, Manifest, TensorEntry
 from ckptproto.io import threads
 from ckptproto.io.backends import resolve
+from ckptproto.io.headercheck import FileLayout, expected_header, file_layouts
 from ckptproto.io.storage import Generation, Storage, StoredFile
 from ckptproto.location import Location
 
@@ -62,6 +63,15 @@ class DataFile:
     size: int
     header: bytes  # the length prefix and JSON, for the file checksum
     entries: dict[str, safetensors.HeaderEntry]
+    # Set when the header is the one ckptproto's writer makes from the manifest (checked by
+    # regenerating it: io/headercheck.py); ``entries`` is then built only if asked for.
+    layout: FileLayout | None = None
+
+    def entry(self, key: str) -> safetensors.HeaderEntry | None:
+        """The header's entry for ``key``, if it has one."""
+        if self.layout is not None and not self.entries:
+            self.entries = self.layout.header_entries(len(self.header))
+        return self.entries.get(key)
 
 
 _GENERATION_ATTEMPTS = 8  # re-opens after the checkpoint was replaced while being opened
@@ -94,6 +104,7 @@ class OpenCheckpoint:
         self.files: dict[str, DataFile] = {}
         self._located: dict[tuple[str, str], safetensors.HeaderEntry] = {}
         self._generation: Generation | None = None
+        self.layouts: dict[str, FileLayout] = {}
         for attempt in range(_GENERATION_ATTEMPTS):
             found: list[CheckpointError] = []
             try:
@@ -136,6 +147,7 @@ class OpenCheckpoint:
         self.manifest = (
             manifest if manifest is not None else read_manifest(self.location, generation=self._generation)
         )
+        self.layouts = file_layouts(self.manifest)
         try:
             for name, entry in self.manifest.files.items():
                 try:
@@ -198,6 +210,16 @@ class OpenCheckpoint:
                     f"{where}: {file.size} bytes on disk, the manifest says {expected_size} "
                     "(truncated or replaced)"
                 )
+            layout = self.layouts.get(name)
+            expected = expected_header(layout) if layout is not None else None
+            if (
+                layout is not None
+                and expected is not None
+                and len(expected) + layout.buffer_size == file.size
+            ):
+                head = _read_exact(file, len(expected), 0)
+                if head == expected:  # as the writer made it: every header check passes (headercheck)
+                    return DataFile(name, where, file, file.size, head, {}, layout)
             prefix = _read_exact(file, 8, 0)
             n = safetensors.header_length(prefix, file.size, where)
             raw = _read_exact(file, n, 8)
@@ -209,6 +231,11 @@ class OpenCheckpoint:
 
     def check_chunks(self) -> None:
         """Every chunk names a distinct, existing data file entry of the right dtype/shape."""
+        files = self.files
+        if len(files) == len(self.manifest.files) and all(f.layout is not None for f in files.values()):
+            # Every data file's header is the one regenerated from the manifest's own chunks:
+            # each chunk is in it with its dtype's code and its shape (io/headercheck.py).
+            return
         located = self._located  # empty here: it holds exactly the chunks located so far
         locate = self.locate
         for index, tensor in enumerate(self.manifest.tensors):
@@ -226,7 +253,7 @@ class OpenCheckpoint:
         if found is not None:
             return found
         data_file = self.files[chunk.file]
-        entry = data_file.entries.get(chunk.key)
+        entry = data_file.entry(chunk.key)
         code = tensor.dtype.safetensors
         if entry is not None and code is not None and entry.code == code and entry.shape == chunk.shape:
             self._located[pair] = entry  # the usual chunk: no message text built

@@ -22,7 +22,7 @@ from ckptproto.arrays import ArraySpec, Kind
 from ckptproto.errors import CheckpointCorruptError, CheckpointError, CheckpointFormatError
 from ckptproto.format.crc import crc32, crc32_combine
 from ckptproto.format.manifest import Chunk, Manifest, TensorEntry, show
-from ckptproto.io import threads
+from ckptproto.io import bulkread, threads
 from ckptproto.io.reader import DataFile, OpenCheckpoint, check_all_files, file_crc, read_size
 from ckptproto.io.storage import StoredFile
 
@@ -114,23 +114,27 @@ def _tiles(reads: list[_Read], start: int, end: int) -> bool:
     return position == end
 
 
-def tensor_kinds(manifest: Manifest, where: str) -> dict[int, tuple[Kind, list[str]]]:
-    """For each referenced tensor index: how the state uses it (torch/numpy) and its paths."""
+def tensor_kinds(manifest: Manifest, where: str) -> dict[int, Kind]:
+    """For each referenced tensor index: how the state uses it (torch or numpy)."""
+    if manifest.refs is not None:
+        # Manifest.parse walked the state and vouched for every reference (F-14): in range,
+        # one kind per index. The same answer as the walk below, without walking again.
+        torch_refs, numpy_refs = manifest.refs
+        kinds: dict[int, Kind] = dict.fromkeys(torch_refs, "torch")
+        if numpy_refs:
+            kinds.update(dict.fromkeys(numpy_refs, "numpy"))
+        return kinds
     from ckptproto.tree import iter_tensor_refs
 
-    found: dict[int, tuple[Kind, list[str]]] = {}
+    found: dict[int, Kind] = {}
     for path, kind, index in iter_tensor_refs(manifest.state):
         if type(index) is not int or not 0 <= index < len(manifest.tensors):
             raise CheckpointFormatError(
                 f"{where}: {path} refers to tensor {show(index)}, which does not exist"
             )
-        prior = found.get(index)
-        if prior is None:
-            found[index] = (kind, [path])
-        elif prior[0] != kind:
+        prior = found.setdefault(index, kind)
+        if prior != kind:
             raise CheckpointFormatError(f"{where}: tensor {index} is used as both torch and numpy")
-        else:
-            prior[1].append(path)
     return found
 
 
@@ -268,14 +272,18 @@ def _contiguous_span(entry: TensorEntry, chunk: Chunk) -> tuple[int, int] | None
 
 
 def materialize(
-    ckpt: OpenCheckpoint, kinds: dict[int, tuple[Kind, list[str]]], *, use_mmap: bool, verify: bool
+    ckpt: OpenCheckpoint, kinds: dict[int, Kind], *, use_mmap: bool, verify: bool
 ) -> dict[int, Any]:
     """Every referenced tensor, read into new memory (or, with ``use_mmap``, mapped from the
     files whose storage gives a descriptor to map; the others are read into memory)."""
     values: dict[int, Any] = {}
     plan = ReadPlan()
     maps: dict[str, mmap_module.mmap] = {}
-    for index, (kind, _paths) in kinds.items():
+    # Small tensors in files of a known layout: read in runs, made views of them (bulkread).
+    taken = set() if use_mmap else bulkread.plan_small(ckpt, kinds, plan, values).taken
+    for index, kind in kinds.items():
+        if index in taken:
+            continue
         entry = ckpt.manifest.tensors[index]
         spec = ArraySpec(kind, entry.dtype, entry.shape)
         if use_mmap and entry.is_whole():

@@ -29,7 +29,7 @@ from ckptproto.errors import (
 from ckptproto.format import layout
 from ckptproto.format.info import CheckpointInfo
 from ckptproto.format.manifest import Manifest
-from ckptproto.io import reader, readplan
+from ckptproto.io import bulkread, reader, readplan
 from ckptproto.io.backends import resolve
 from ckptproto.io.coordinate import Coordinator, Timeout, coordinator, failure
 from ckptproto.io.match import (
@@ -117,9 +117,13 @@ def _load_generation(
         values = readplan.materialize(
             ckpt, kinds, use_mmap=mmap, verify=(not mmap) if verify is None else verify
         )
-    moved = {i: arrays.to_device(v, map_location) for i, v in values.items()}
+    moved = (
+        values if map_location is None else {i: arrays.to_device(v, map_location) for i, v in values.items()}
+    )
     # The manifest's last use: decode its state in place (one tree in memory, not two).
-    state = decode_tree(ckpt.manifest.state, lambda kind, index, p: moved[index], where=where, in_place=True)
+    state = decode_tree(
+        ckpt.manifest.state, lambda kind, index, p: moved[index], where=where, in_place=True, paths=False
+    )
     if not isinstance(state, dict):
         raise CheckpointFormatError(f"{where}: the state must be an object at the top level")
     return state, ckpt.manifest
@@ -221,7 +225,9 @@ def load_into(
             ckpt.close()
     where = f"{root}/{layout.MANIFEST_NAME}"
     # The manifest's last use: decode in place (one tree in memory, not two).
-    state = decode_tree(manifest.state, lambda kind, index, p: values.get(index), where=where, in_place=True)
+    state = decode_tree(
+        manifest.state, lambda kind, index, p: values.get(index), where=where, in_place=True, paths=False
+    )
     if stateful:
         call_load_state_dict(target, state, strict, f"{root}: <root>")  # type: ignore[arg-type]
     else:
@@ -245,7 +251,10 @@ def _read_into(
     kinds = readplan.tensor_kinds(ckpt.manifest, where)
     refs: dict[int, Ref] = {}
     skeleton = decode_tree(
-        ckpt.manifest.state, lambda kind, index, p: refs.setdefault(index, Ref(kind, index)), where=where
+        ckpt.manifest.state,
+        lambda kind, index, p: refs.setdefault(index, Ref(kind, index)),
+        where=where,
+        paths=False,
     )
     if not isinstance(skeleton, dict):
         raise CheckpointFormatError(f"{where}: the state must be an object at the top level")
@@ -259,7 +268,12 @@ def _read_into(
     values: dict[int, Any] = {}
     plan = readplan.ReadPlan()
     copies: list[tuple[Any, Any]] = []
-    for index, (kind, _paths) in kinds.items():
+    # Small tensors into plain CPU targets: read in runs, copied in one call (bulkread).
+    bulk = bulkread.plan_small(ckpt, kinds, plan, values, targets=matcher.destinations, wanted=wanted)
+    taken = bulk.taken
+    for index, kind in kinds.items():
+        if index in taken:
+            continue
         entry = ckpt.manifest.tensors[index]
         targets = matcher.destinations.get(index, [])
         if not targets and index not in wanted:
@@ -290,6 +304,7 @@ def _read_into(
     # Alone, a file read in part is checksummed here; in a group, another rank may read the
     # rest, so the files no rank read whole are checked after the ranks compared notes.
     checked |= readplan.execute(ckpt, plan, verify=verify, partial="read" if world_size == 1 else "skip")
+    bulk.copy()
     for dst, src in copies:
         copy_into(dst, src)
     return values

@@ -1,0 +1,333 @@
+"""Small tensors read in bulk: the per-tensor cost of a load of many small tensors.
+
+Allocating, planning and reading each tensor on its own costs several microseconds of Python
+and torch calls per tensor (a large MoE state holds 100,000-300,000 of them). When a data
+file's header is the one ckptproto's writer makes (``DataFile.layout``, io/headercheck.py),
+the reader knows where every tensor lies without a lookup, and neighbouring small tensors are
+read as one run: one buffer, one read (CRC computed on the way, as for any read), then one
+``split_with_sizes`` per dtype gives the tensors as views of it::
+
+    plan = ReadPlan()
+    bulk = plan_small(ckpt, kinds, plan, values)   # values[index] is filled after execute
+    execute(ckpt, plan, verify=True)
+    bulk.copy()                                     # load_into: into the target tensors
+
+A run is scratch memory (at most RUN_BYTES): on ``load`` its views are cloned, each tensor
+into memory of its own (one ``torch._foreach_clone`` per run), so what a load returns is
+what ``torch.empty`` would give; on ``load_into`` they are copied into the targets with one
+``torch._foreach_copy_``, and at most SCRATCH_BYTES of runs are allocated for that per load
+(memory stays flat): the other tensors are read straight into the targets as before.
+Tensors over SMALL_BYTES are read straight into their own memory.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_right
+from collections.abc import Callable
+from itertools import repeat
+from operator import attrgetter, floordiv, itemgetter, sub
+from typing import TYPE_CHECKING, Any, Protocol
+
+from ckptproto import arrays
+from ckptproto.arrays import Kind
+from ckptproto.dtypes import DType
+
+if TYPE_CHECKING:
+    from ckptproto.format.manifest import TensorEntry
+    from ckptproto.io.headercheck import FileLayout
+    from ckptproto.io.reader import OpenCheckpoint
+
+
+class ReadPlan(Protocol):
+    """What this module needs of ``readplan.ReadPlan`` (which imports this module)."""
+
+    def add(
+        self, file: str, begin: int, dest: memoryview, after: Callable[[], None] | None = None
+    ) -> None: ...
+
+
+SMALL_BYTES = 64 << 10  # a tensor up to this size may share a run's memory
+RUN_BYTES = 1 << 20  # the most one run holds
+SCRATCH_BYTES = 64 << 20  # load_into: the most run memory allocated only to be copied
+
+# One tensor of a run: (tensor index, torch dtype, shape, begin in the buffer, element count,
+# the target tensors to copy it into: None on load, where the run's view is the value).
+_Item = tuple[int, Any, tuple[int, ...], int, int, "list[Any] | None"]
+
+
+def _torch_dtype(dtype: DType) -> Any:
+    """The torch dtype a run may view its bytes as, or None: a dtype stored under its own
+    safetensors code whose item size is a power of two up to 8 (no sub-byte or raw-stored
+    dtype, whose views and copies torch may lack)."""
+    if dtype.safetensors is None or dtype.torch_name is None or dtype.itemsize not in (1, 2, 4, 8):
+        return None
+    return dtype.torch_dtype()
+
+
+class Bulk:
+    """The tensors :func:`plan_small` scheduled (``taken``) and, for ``load_into``, the copies
+    into the targets that :meth:`copy` makes once the plan has run."""
+
+    def __init__(self) -> None:
+        self.taken: set[int] = set()
+        self.pairs: list[tuple[Any, Any]] = []  # (target, view of a run), filled by the reads
+
+    def copy(self) -> None:
+        """Copy every run's views into their targets: one ``_foreach_copy_`` for all."""
+        if not self.pairs:
+            return
+        torch = arrays.require_torch()
+        dsts, srcs = [d for d, _ in self.pairs], [s for _, s in self.pairs]
+        self.pairs = []
+        try:
+            with torch.no_grad():  # a Parameter that requires grad is overwritten, not traced
+                torch._foreach_copy_(dsts, srcs)
+            return
+        except RuntimeError:  # e.g. an inference tensor outside inference mode: one at a time
+            pass
+        for dst, src in zip(dsts, srcs, strict=True):
+            if not arrays.copy_bytes(dst, src):  # the bytes, as a direct read writes them
+                with torch.no_grad():
+                    dst.copy_(src)
+
+
+def plan_small(
+    ckpt: OpenCheckpoint,
+    kinds: dict[int, Kind],
+    plan: ReadPlan,
+    values: dict[int, Any],
+    *,
+    targets: dict[int, list[Any]] | None = None,
+    wanted: set[int] | None = None,
+) -> Bulk:
+    """Schedule the small, whole torch tensors of ``kinds`` stored in files of a known layout
+    into runs read by ``plan``; once the plan has run (CRCs checked), ``values[index]`` holds
+    each of them. Without ``targets`` (``load``) every such tensor is taken; with them
+    (``load_into``: the matched destinations of each index), an index whose targets are all
+    plain CPU tensors (copied into by :meth:`Bulk.copy`, then ``values[index]`` is the first),
+    or without targets but in ``wanted`` (a new tensor). The caller plans the others."""
+    bulk = Bulk()
+    if targets is not None:
+        torch = arrays.loaded_torch()  # None: no target is a torch tensor
+    else:
+        torch = arrays.require_torch() if "torch" in kinds.values() else None
+    if torch is None:
+        return bulk
+    plain = (torch.Tensor, torch.nn.Parameter)
+    tensors = ckpt.manifest.tensors
+    taken = bulk.taken
+    usable: dict[int, Any] = {}  # id(DType) -> torch dtype or None (DTypes live in dtypes.BY_NAME)
+    scratch = SCRATCH_BYTES
+    for name, data_file in ckpt.files.items():
+        layout = data_file.layout
+        if layout is None:
+            continue
+        start = len(data_file.header)
+        whole = _whole_file(layout, tensors, kinds, usable, targets, plain, scratch)
+        if whole is not None:  # the usual file: every tensor small, planned in C-level passes
+            if targets is not None:
+                scratch -= layout.buffer_size
+            _flush_all(plan, name, start, whole, layout, values, bulk)
+            taken.update(layout.owners)
+            continue
+        items: list[_Item] = []
+        run_begin = run_end = 0
+        for index, (_key, _code, _shape, begin, end) in zip(layout.owners, layout.entries, strict=True):
+            tensor = tensors[index]
+            if kinds.get(index) != "torch" or len(tensor.chunks) != 1 or end - begin > SMALL_BYTES:
+                continue
+            dtype = tensor.dtype
+            torch_dtype = usable.get(id(dtype), usable)
+            if torch_dtype is usable:
+                torch_dtype = usable[id(dtype)] = _torch_dtype(dtype)
+            if torch_dtype is None:
+                continue
+            dests: list[Any] | None = None
+            if targets is not None:
+                dests = targets.get(index)
+                if dests:
+                    if end - begin > scratch or not _plain_cpu(dests, plain):
+                        continue
+                    scratch -= end - begin
+                elif wanted is None or index not in wanted:
+                    continue
+                else:
+                    dests = None
+            if items and (begin != run_end or end - run_begin > RUN_BYTES):
+                _flush(plan, name, start, run_begin, run_end - run_begin, items, values, bulk)
+                items = []
+            if not items:
+                run_begin = begin
+            numel = (end - begin) // dtype.itemsize
+            items.append((index, torch_dtype, tensor.shape, begin, numel, dests))
+            run_end = end
+            taken.add(index)
+        if items:
+            _flush(plan, name, start, run_begin, run_end - run_begin, items, values, bulk)
+    return bulk
+
+
+def _whole_file(
+    layout: FileLayout,
+    tensors: list[TensorEntry],
+    kinds: dict[int, Kind],
+    usable: dict[int, Any],
+    targets: dict[int, list[Any]] | None,
+    plain: tuple[type, ...],
+    scratch: int,
+) -> list[_Item] | None:
+    """The items of every entry of ``layout`` when the loop of :func:`plan_small` would take
+    each one (a torch tensor, whole, small, of a dtype runs can view; for ``load_into``, with
+    one target, a plain CPU tensor, all within the scratch left), else None."""
+    owners = layout.owners
+    if not owners or list(map(kinds.get, owners)).count("torch") != len(owners):
+        return None
+    dests: Any = repeat(None)
+    if targets is not None:
+        if layout.buffer_size > scratch:
+            return None
+        found_dests: list[Any] = list(map(targets.get, owners))
+        if None in found_dests or set(map(len, found_dests)) != {1}:
+            return None
+        firsts = list(map(_FIRST, found_dests))
+        if not set(map(type, firsts)) <= set(plain) or not all(map(_IS_CPU, firsts)):
+            return None
+        dests = found_dests
+    entries = layout.entries
+    ends, begins = list(map(_END, entries)), list(map(_BEGIN, entries))
+    if max(map(sub, ends, begins)) > SMALL_BYTES:
+        return None
+    column = list(map(tensors.__getitem__, owners))
+    if set(map(len, map(_CHUNKS_OF, column))) != {1}:
+        return None
+    dtype_column = list(map(_DTYPE_OF, column))
+    ids = list(map(id, dtype_column))
+    found = dict(zip(ids, dtype_column, strict=True))
+    for dtype_id, dtype in found.items():
+        if dtype_id not in usable:
+            usable[dtype_id] = _torch_dtype(dtype)
+    torch_dtypes = list(map(usable.__getitem__, ids))
+    if None in torch_dtypes:
+        return None
+    sizes = {dtype_id: dtype.itemsize for dtype_id, dtype in found.items()}
+    numels = list(map(floordiv, map(sub, ends, begins), map(sizes.__getitem__, ids)))
+    shapes = map(_SHAPE_OF, column)
+    return list(zip(owners, torch_dtypes, shapes, begins, numels, dests, strict=False))
+
+
+def _flush_all(
+    plan: ReadPlan,
+    file: str,
+    start: int,
+    items: list[_Item],
+    layout: FileLayout,
+    values: dict[int, Any],
+    bulk: Bulk,
+) -> None:
+    """:func:`_flush` ``items`` (every entry of ``layout``, back to back) in runs of at most
+    RUN_BYTES (one entry alone may be larger: at most SMALL_BYTES)."""
+    ends = list(map(_END, layout.entries))
+    i, count = 0, len(items)
+    while i < count:
+        run_begin = items[i][3]
+        j = max(bisect_right(ends, run_begin + RUN_BYTES), i + 1)
+        _flush(plan, file, start, run_begin, ends[j - 1] - run_begin, items[i:j], values, bulk)
+        i = j
+
+
+_BEGIN, _END = itemgetter(3), itemgetter(4)  # FileLayout entry fields
+_FIRST, _IS_CPU = itemgetter(0), attrgetter("is_cpu")
+_DTYPE_OF, _SHAPE_OF, _CHUNKS_OF = itemgetter(0), itemgetter(1), itemgetter(2)  # TensorEntry fields
+
+
+def _plain_cpu(dests: list[Any], plain: tuple[type, ...]) -> bool:
+    """Every target a plain CPU tensor (exact types: never a DTensor or another subclass)."""
+    if len(dests) == 1:  # the usual target, without a generator
+        return type(dests[0]) in plain and bool(dests[0].is_cpu)
+    return all(type(t) in plain and t.is_cpu for t in dests)
+
+
+def _flush(
+    plan: ReadPlan,
+    file: str,
+    start: int,
+    run_begin: int,
+    nbytes: int,
+    items: list[_Item],
+    values: dict[int, Any],
+    bulk: Bulk,
+) -> None:
+    """Plan one run: ``nbytes`` from ``run_begin`` in the buffer (at ``start`` in the file)."""
+    torch = arrays.require_torch()
+    buffer = arrays.empty_cpu((nbytes,), torch.uint8)
+    view = arrays.writable_bytes(buffer)
+    assert view is not None  # a new contiguous CPU tensor
+    plan.add(file, start + run_begin, view, _builder(buffer, run_begin, items, values, bulk.pairs))
+
+
+def _builder(
+    buffer: Any, run_begin: int, items: list[_Item], values: dict[int, Any], pairs: list[tuple[Any, Any]]
+) -> Callable[[], None]:
+    def build() -> None:
+        indices = list(map(_INDEX, items))
+        torch_dtypes = list(map(_DTYPE, items))
+        shapes = list(map(_SHAPE, items))
+        numels = list(map(_NUMEL, items))
+        views: list[Any] = []
+        i, count = 0, len(items)
+        while i < count:  # one pass per stretch of one dtype (one, in the usual run)
+            torch_dtype, first = torch_dtypes[i], items[i][3] - run_begin
+            j = count if torch_dtypes.count(torch_dtype) == count else i + 1
+            while j < count and torch_dtypes[j] is torch_dtype:
+                j += 1
+            size = torch_dtype.itemsize
+            raw = buffer[first : items[j - 1][3] - run_begin + numels[j - 1] * size]
+            if first % size:  # not in a writer's layout (wider dtypes first); kept correct anyway
+                raw = raw.clone()
+            typed = raw.view(torch_dtype)
+            parts = typed.split_with_sizes(numels[i:j]) if j - i > 1 else (typed,)
+            if set(map(len, shapes[i:j])) == {1}:
+                views.extend(parts)  # 1-d tensors: the split gives them their shape
+            else:
+                views.extend(
+                    p if len(shape) == 1 else p.view(shape)
+                    for p, shape in zip(parts, shapes[i:j], strict=True)
+                )
+            i = j
+        dests = list(map(_DESTS, items))
+        if dests.count(None) == count:  # load: every tensor new
+            # Each new tensor gets memory of its own at offset 0, as torch.empty gives: a view
+            # into the run would keep the whole run alive, and some of torch's own readers of
+            # a tensor ignore its storage offset (torch.set_rng_state: "Invalid mt19937 state").
+            values.update(zip(indices, _clone(views), strict=True))
+            return
+        if None not in dests and set(map(len, dests)) == {1}:  # load_into: one target each
+            firsts = list(map(_FIRST, dests))
+            values.update(zip(indices, firsts, strict=True))
+            pairs.extend(zip(firsts, views, strict=True))
+            return
+        fresh: list[int] = []
+        fresh_views: list[Any] = []
+        for index, view, targets in zip(indices, views, dests, strict=True):
+            if targets is None:
+                fresh.append(index)
+                fresh_views.append(view)
+                continue
+            values[index] = targets[0]
+            for target in targets:
+                pairs.append((target, view))
+        values.update(zip(fresh, _clone(fresh_views), strict=True))
+
+    return build
+
+
+_INDEX, _DTYPE, _SHAPE, _NUMEL, _DESTS = (itemgetter(i) for i in (0, 1, 2, 4, 5))
+
+
+def _clone(views: list[Any]) -> list[Any]:
+    """Contiguous copies of ``views``, each with memory of its own (one C call for all)."""
+    torch = arrays.require_torch()
+    clone_all = getattr(torch, "_foreach_clone", None)
+    if clone_all is not None and views:
+        return list(clone_all(views))
+    return [v.clone() for v in views]

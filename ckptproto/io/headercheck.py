@@ -1,0 +1,151 @@
+"""Checking a data file's header by regenerating it: the fast path of F-13/F-22 on load.
+
+A data file written by ckptproto has a header that is a pure function of what the manifest
+already says about it: the keys, dtypes and chunk shapes of its chunks, laid out in the
+writer's order (``io/plan.py``: manifest order, wider dtypes first) back to back from offset
+0. So the reader regenerates those bytes with the writer's own ``encode_header`` and compares
+them with the file's (one ``bytes ==``); only a file whose header differs (another writer,
+other spacing, order or metadata, or damage) is parsed and checked field by field::
+
+    layouts = file_layouts(manifest)
+    layout = layouts["data-00000-000.safetensors"]
+    if header_bytes == expected_header(layout):
+        ...  # every F-13/F-22 check passes; entries come from layout.entries
+
+Why equal bytes prove what the full parse would (``safetensors.parse_header`` then
+``OpenCheckpoint.check_chunks``): the regenerated text is what ``json.dumps`` writes for an
+object (tests/test_many_tensors.py holds encode_header to that), so it is UTF-8 JSON the
+strict parser reads back exactly: keys are distinct (F-12 made the manifest's ``(file, key)``
+pairs unique, and a layout holding the reserved ``__metadata__`` key is never regenerated),
+there is no NaN, no float, no lone surrogate (manifest strings passed the strict parser, and
+UTF-8 cannot encode one: encoding raises, and the slow path runs); ``__metadata__`` is
+``FILE_METADATA``, strings to strings; every entry has exactly dtype, shape and data_offsets;
+every code is the manifest dtype's safetensors code (F-20), or ``U8`` with ``[nbytes]`` for a
+dtype without one, and ``SAFETENSORS_ITEMSIZE`` of that code is the dtype's item size
+(tests/test_load_fast.py checks the table), so each entry's byte length matches its shape;
+offsets run back to back from 0, and the layout is used only when the last one ends at the
+end of the file (exact tiling); the header is at most MAX_HEADER_BYTES (else the slow path
+refuses it) and its length prefix is encode_header's own. The entries the parse would return
+are then exactly ``layout.entries`` shifted by the header length, and each chunk finds its
+entry with its own code and shape (F-13).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from itertools import accumulate
+from operator import itemgetter, neg
+
+from ckptproto.dtypes import DType
+from ckptproto.format import safetensors
+from ckptproto.format.manifest import Manifest
+from ckptproto.io.plan import FILE_METADATA
+
+Stored = tuple[str, tuple[int, ...], int, int]  # code, stored shape, nbytes, min(itemsize, 8)
+Entry = tuple[str, str, tuple[int, ...], int, int]  # key, code, stored shape, begin, end
+
+
+@dataclass
+class FileLayout:
+    """A data file as a ckptproto writer lays it out from the manifest: in file order, the
+    ``(key, code, shape, begin, end)`` entries (offsets relative to the buffer) and the
+    tensor index each one stores (``owners``)."""
+
+    entries: list[Entry] = field(default_factory=list)
+    owners: list[int] = field(default_factory=list)
+    buffer_size: int = 0
+
+    def header_entries(self, data_start: int) -> dict[str, safetensors.HeaderEntry]:
+        """What ``parse_header`` returns for the regenerated header (absolute offsets)."""
+        new = tuple.__new__
+        return {
+            key: new(safetensors.HeaderEntry, (code, shape, data_start + begin, data_start + end))
+            for key, code, shape, begin, end in self.entries
+        }
+
+
+def _stored(dtype: DType, shape: tuple[int, ...]) -> Stored:
+    """How a chunk of ``shape`` is stored (F-20): its code and shape, bytes, and alignment."""
+    nbytes = math.prod(shape) * dtype.itemsize
+    width = min(dtype.itemsize, 8)
+    if dtype.safetensors is None:
+        return (safetensors.RAW_CODE, (nbytes,), nbytes, width)
+    return (dtype.safetensors, shape, nbytes, width)
+
+
+def _layout(keys: list[str], stored: list[Stored], owners: list[int]) -> FileLayout:
+    """Entries back to back from offset 0 in the writer's order: manifest order, wider dtypes
+    first (io/plan.py), in C-level passes over the columns."""
+    widths = list(map(_WIDTH, stored))
+    if len(set(widths)) > 1:  # sorted() is stable: the writer's order
+        order = sorted(range(len(widths)), key=list(map(neg, widths)).__getitem__)
+        keys = list(map(keys.__getitem__, order))
+        stored = list(map(stored.__getitem__, order))
+        owners = list(map(owners.__getitem__, order))
+    ends = list(accumulate(map(_NBYTES, stored)))
+    begins = [0, *ends[:-1]] if ends else []
+    entries = list(zip(keys, map(_CODE, stored), map(_STORED_SHAPE, stored), begins, ends, strict=True))
+    return FileLayout(entries, owners, ends[-1] if ends else 0)
+
+
+_CODE, _STORED_SHAPE, _NBYTES, _WIDTH = itemgetter(0), itemgetter(1), itemgetter(2), itemgetter(3)
+
+
+def file_layouts(manifest: Manifest) -> dict[str, FileLayout]:
+    """Each listed data file's layout as ckptproto's writer would make it from ``manifest``."""
+    tensors = manifest.tensors
+    # (id(dtype), chunk shape) -> how it is stored: a few distinct ones in a large state.
+    # The id of a DType from dtypes.BY_NAME, which keeps every one alive (a DType's own hash
+    # is a Python call).
+    if len(manifest.files) == 1 and set(map(len, map(_CHUNKS, tensors))) <= {1}:
+        # One file, every tensor one chunk (a one-process save): column by column.
+        chunks = list(map(_FIRST, map(_CHUNKS, tensors)))
+        dtype_column = list(map(_DTYPE, tensors))
+        ids = list(map(id, dtype_column))
+        by_id = dict(zip(ids, dtype_column, strict=True))
+        shapes = list(map(_CHUNK_SHAPE, chunks))
+        kinds = {pair: _stored(by_id[pair[0]], pair[1]) for pair in set(zip(ids, shapes, strict=True))}
+        stored = list(map(kinds.__getitem__, zip(ids, shapes, strict=True)))
+        (name,) = manifest.files
+        if set(map(_CHUNK_FILE, chunks)) <= {name}:
+            return {name: _layout(list(map(_CHUNK_KEY, chunks)), stored, list(range(len(tensors))))}
+    known: dict[tuple[int, tuple[int, ...]], Stored] = {}
+    columns: dict[str, tuple[list[str], list[Stored], list[int]]] = {n: ([], [], []) for n in manifest.files}
+    for index, tensor in enumerate(tensors):
+        dtype = tensor.dtype
+        for chunk in tensor.chunks:
+            found = known.get((id(dtype), chunk.shape))
+            if found is None:
+                found = known[(id(dtype), chunk.shape)] = _stored(dtype, chunk.shape)
+            keys, stored_column, owners = columns[chunk.file]
+            keys.append(chunk.key)
+            stored_column.append(found)
+            owners.append(index)
+    return {name: _layout(*column) for name, column in columns.items()}
+
+
+_DTYPE, _CHUNKS = itemgetter(0), itemgetter(2)  # TensorEntry fields
+_CHUNK_FILE, _CHUNK_KEY, _CHUNK_SHAPE = itemgetter(0), itemgetter(1), itemgetter(3)  # Chunk fields
+_FIRST = itemgetter(0)
+
+
+def expected_header(layout: FileLayout) -> bytes | None:
+    """The header (length prefix, JSON, padding) a ckptproto writer gives the file, or None
+    when the comparison could not stand for the full check (see the module docstring)."""
+    if "__metadata__" in map(itemgetter(0), layout.entries):
+        return None
+    try:
+        header = safetensors.encode_header(layout.entries, FILE_METADATA)
+    except UnicodeEncodeError:  # a key no UTF-8 file holds: the parse says what is wrong
+        return None
+    if len(header) - 8 > safetensors.MAX_HEADER_BYTES:
+        return None
+    return header
+
+
+def matches(layout: FileLayout, header: bytes, file_size: int) -> bool:
+    """Whether ``header`` (the file's first bytes) is the regenerated one and the entries tile
+    the rest of the file exactly."""
+    expected = expected_header(layout)
+    return expected is not None and header == expected and len(expected) + layout.buffer_size == file_size

@@ -1,0 +1,348 @@
+"""The load side's fast paths (issue 17, per-tensor cost) against the general ones they skip.
+
+- A data file's header is checked by regenerating it from the manifest (io/headercheck.py):
+  equal bytes must mean exactly what the full parse would find, and any other header (one
+  byte off, keys reordered, other spacing or metadata) must go through the full parse.
+- Small tensors are read in runs (io/bulkread.py): the values must equal the per-tensor
+  path's, each tensor with memory of its own, and load_into must fill the same targets.
+- tensor_kinds reuses the references Manifest.parse vouched for.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+import zlib
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+import ckptproto
+from ckptproto import dtypes
+from ckptproto.errors import CheckpointCorruptError, CheckpointError, CheckpointFormatError
+from ckptproto.format import safetensors
+from ckptproto.format.manifest import Manifest
+from ckptproto.io import bulkread, headercheck, reader, readplan
+from ckptproto.tree import decode_tree
+
+
+def _state() -> dict[str, Any]:
+    """Every layout case: dtypes of each width (so the writer reorders them), sub-byte and
+    raw-stored dtypes, 0-d, empty and multi-dimensional tensors, a numpy array, a tensor over
+    SMALL_BYTES between small ones, tied tensors and an RNG state."""
+    g = torch.Generator().manual_seed(0)
+    tied = torch.randn(3, 2, generator=g)
+    return {
+        "f32": torch.randn(5, generator=g),
+        "f64": torch.randn(2, 3, generator=g, dtype=torch.float64),
+        "bf16": torch.randn(7, generator=g).to(torch.bfloat16),
+        "i8": torch.arange(-3, 6, dtype=torch.int8),
+        "bool": torch.tensor([True, False, True]),
+        "c128": torch.randn(3, generator=g, dtype=torch.complex128),
+        "u4": torch.zeros(4, dtype=torch.uint8).view(torch.uint4)
+        if hasattr(torch, "uint4")
+        else torch.zeros(1),
+        "e8": torch.zeros(3, dtype=torch.float8_e8m0fnu),
+        "scalar": torch.tensor(2.5),
+        "empty": torch.zeros(0, 4),
+        "big": torch.randn(bulkread.SMALL_BYTES // 4 + 3, generator=g),
+        "after_big": torch.randn(4, 1, 2, generator=g),
+        "np": np.arange(6, dtype=np.int32).reshape(2, 3),
+        "tied_a": tied,
+        "tied_b": tied,
+        "rng": torch.get_rng_state(),
+        "step": 7,
+    }
+
+
+def _slow(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Force the general paths: no regenerated header, so no layout, no runs."""
+    monkeypatch.setattr(reader, "expected_header", lambda layout: None)
+
+
+def _same(a: Any, b: Any) -> None:
+    assert type(a) is type(b)
+    if isinstance(a, dict):
+        assert list(a) == list(b)
+        for k in a:
+            _same(a[k], b[k])
+    elif isinstance(a, torch.Tensor):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        assert _bytes(a) == _bytes(b)
+    elif isinstance(a, np.ndarray):
+        assert a.dtype == b.dtype and np.array_equal(a, b)
+    else:
+        assert a == b
+
+
+def _bytes(t: torch.Tensor) -> bytes:
+    flat = t.detach().contiguous().reshape(-1)
+    if flat.element_size() == 1:
+        flat = flat.view(torch.uint8)
+    return flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b""
+
+
+def test_regenerated_headers_are_the_written_ones_and_parse_the_same(tmp_path: Path) -> None:
+    ckptproto.save(_state(), tmp_path / "c")
+    with reader.OpenCheckpoint(tmp_path / "c") as ckpt:
+        assert ckpt.files and all(f.layout is not None for f in ckpt.files.values())
+        for data_file in ckpt.files.values():
+            assert data_file.layout is not None
+            parsed = safetensors.parse_header(data_file.header[8:], data_file.size, data_file.where)
+            assert data_file.layout.header_entries(len(data_file.header)) == parsed
+            assert list(data_file.layout.header_entries(len(data_file.header))) == list(parsed)
+
+
+def test_safetensors_itemsizes_agree_with_the_dtype_table() -> None:
+    # headercheck's soundness argument: a code's item size is the dtype's (F-20).
+    for dtype in dtypes.BY_NAME.values():
+        if dtype.safetensors is not None:
+            assert safetensors.SAFETENSORS_ITEMSIZE[dtype.safetensors] == dtype.itemsize, dtype.name
+
+
+def test_fast_and_general_paths_load_the_same(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    ckptproto.save(_state(), tmp_path / "c")
+    fast = ckptproto.load(tmp_path / "c")
+    with monkeypatch.context() as m:
+        _slow(m)
+        slow = ckptproto.load(tmp_path / "c")
+    _same(fast, slow)
+    expected = _state()
+    expected["rng"] = fast["rng"]  # the generator moved on since the save
+    _same(fast, expected)
+    assert fast["tied_a"] is fast["tied_b"]
+
+
+def test_run_tensors_have_memory_of_their_own(tmp_path: Path) -> None:
+    ckptproto.save(_state(), tmp_path / "c")
+    state = ckptproto.load(tmp_path / "c")
+    for key in ("f32", "f64", "bf16", "i8", "bool", "scalar", "after_big", "rng", "tied_a"):
+        t = state[key]
+        assert t.storage_offset() == 0, key
+        assert t.untyped_storage().nbytes() == t.nbytes, key
+        assert t._base is None, key
+    torch.set_rng_state(state["rng"])  # reads from the start of the storage: failed on a view
+    assert torch.equal(torch.get_rng_state(), state["rng"])
+
+
+def _edit_data_header(path: Path, fn: Any) -> None:
+    """Rewrite the data file's header text with ``fn(text) -> text`` and fix the manifest's
+    size and checksum, so that only the header differs from what the writer made."""
+    (name,) = [p.name for p in path.glob("*.safetensors")]
+    data = (path / name).read_bytes()
+    (n,) = struct.unpack("<Q", data[:8])
+    text = fn(data[8 : 8 + n].rstrip(b" "))
+    text = text.ljust(len(text) + (-(8 + len(text)) % 8))
+    new = struct.pack("<Q", len(text)) + text + data[8 + n :]
+    (path / name).write_bytes(new)
+    doc = json.loads((path / "manifest.json").read_text())
+    doc["files"][name] = {"size": len(new), "checksum": f"crc32:{zlib.crc32(new):08x}", "rank": 0}
+    doc.pop("manifest_checksum")
+    (path / "manifest.json").write_text(json.dumps(doc))
+
+
+def _save_small(path: Path) -> dict[str, torch.Tensor]:
+    state = {"a": torch.arange(4.0), "b": torch.arange(6.0).reshape(2, 3), "c": torch.arange(2.0)}
+    ckptproto.save(state, path)
+    return state
+
+
+def _opened_fast(path: Path) -> bool:
+    with reader.OpenCheckpoint(path) as ckpt:
+        return all(f.layout is not None for f in ckpt.files.values())
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        lambda t: t.replace(b'"writer":"ckptproto"', b'"writer":"ckptprotO"'),  # other metadata
+        lambda t: t.replace(b",", b", "),  # other spacing
+        lambda t: json.dumps(json.loads(t), indent=1).encode(),
+    ],
+)
+def test_another_valid_header_takes_the_full_parse(tmp_path: Path, edit: Any) -> None:
+    state = _save_small(tmp_path / "c")
+    assert _opened_fast(tmp_path / "c")
+    _edit_data_header(tmp_path / "c", edit)
+    assert not _opened_fast(tmp_path / "c")
+    _same(ckptproto.load(tmp_path / "c"), state)
+
+
+def test_reordered_keys_take_the_full_parse(tmp_path: Path) -> None:
+    state = _save_small(tmp_path / "c")
+
+    def reorder(text: bytes) -> bytes:
+        doc = json.loads(text)
+        return json.dumps(dict(reversed(list(doc.items()))), separators=(",", ":")).encode()
+
+    _edit_data_header(tmp_path / "c", reorder)
+    assert not _opened_fast(tmp_path / "c")
+    _same(ckptproto.load(tmp_path / "c"), state)
+
+
+@pytest.mark.parametrize(
+    ("edit", "match"),
+    [
+        (lambda t: t.replace(b'"shape":[2,3]', b'"shape":[3,3]'), "needs 36 bytes"),
+        (lambda t: t.replace(b'"data_offsets":[16,40]', b'"data_offsets":[16,41]'), "needs 24 bytes"),
+        (lambda t: t.replace(b'"dtype":"F32","shape":[2', b'"dtype":"I32","shape":[2'), "stored as I32"),
+        (lambda t: t.replace(b'"b":', b'"B":'), "missing from the data file"),
+        (lambda t: t.replace(b'"__metadata__"', b'"__metadata_x"'), "needs exactly dtype"),
+    ],
+)
+def test_a_header_one_field_off_is_refused_as_before(tmp_path: Path, edit: Any, match: str) -> None:
+    _save_small(tmp_path / "c")
+    _edit_data_header(tmp_path / "c", edit)
+    for call in (
+        lambda: ckptproto.load(tmp_path / "c"),
+        lambda: ckptproto.load_into(
+            tmp_path / "c", {"a": torch.zeros(4), "b": torch.zeros(2, 3), "c": torch.zeros(2)}
+        ),
+    ):
+        with pytest.raises(CheckpointFormatError, match=match):
+            call()
+
+
+def test_a_damaged_run_is_refused_and_no_target_is_written(tmp_path: Path) -> None:
+    _save_small(tmp_path / "c")
+    (name,) = [p.name for p in (tmp_path / "c").glob("*.safetensors")]
+    data = bytearray((tmp_path / "c" / name).read_bytes())
+    data[-1] ^= 0xFF
+    (tmp_path / "c" / name).write_bytes(bytes(data))
+    with pytest.raises(CheckpointCorruptError, match="checksum"):
+        ckptproto.load(tmp_path / "c")
+    target = {"a": torch.zeros(4), "b": torch.zeros(2, 3), "c": torch.zeros(2)}
+    with pytest.raises(CheckpointCorruptError, match="checksum"):
+        ckptproto.load_into(tmp_path / "c", target)
+    # Runs are copied into their targets only after every CRC matched.
+    assert all(not t.any() for t in target.values())
+
+
+def _targets(state: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in state.items():
+        if isinstance(v, torch.Tensor):
+            out[k] = torch.zeros_like(v)
+        elif isinstance(v, np.ndarray):
+            out[k] = np.zeros_like(v)
+        else:
+            out[k] = None
+    out["tied_b"] = out["tied_a"]
+    return out
+
+
+def test_load_into_fast_and_general_fill_the_same(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    state = _state()
+    ckptproto.save(state, tmp_path / "c")
+    fast = _targets(state)
+    ckptproto.load_into(tmp_path / "c", fast)
+    slow = _targets(state)
+    with monkeypatch.context() as m:
+        _slow(m)
+        ckptproto.load_into(tmp_path / "c", slow)
+    _same(fast, slow)
+    _same(fast, state)
+
+
+def test_load_into_parameters_inference_tensors_and_views(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    state = {
+        "p": torch.arange(6.0).reshape(2, 3),
+        "i": torch.arange(3.0),
+        "v": torch.arange(4.0),
+        "x": torch.ones(2),
+    }
+    ckptproto.save(state, tmp_path / "c")
+    base = torch.zeros(8)
+    with torch.inference_mode():
+        inference = torch.zeros(3)
+    target = {
+        "p": torch.nn.Parameter(torch.zeros(2, 3)),  # requires grad: filled without autograd
+        "i": inference,  # in-place outside inference mode is refused by torch: bytes instead
+        "v": base[::2],  # not contiguous
+        "x": torch.zeros(2),
+    }
+    ckptproto.load_into(tmp_path / "c", target)
+    _same({k: v.detach() for k, v in target.items()}, state)
+    assert target["p"].requires_grad and base[1::2].eq(0).all()
+
+
+def test_load_into_past_the_scratch_budget(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    state = {f"t{i}": torch.full((3,), float(i)) for i in range(50)}
+    ckptproto.save(state, tmp_path / "c")
+    monkeypatch.setattr(bulkread, "SCRATCH_BYTES", 12 * 10)  # ten tensors in runs, the rest direct
+    monkeypatch.setattr(bulkread, "RUN_BYTES", 12 * 4)  # several runs
+    target = {k: torch.zeros(3) for k in state}
+    ckptproto.load_into(tmp_path / "c", target)
+    _same(target, state)
+    _same(ckptproto.load(tmp_path / "c"), state)
+
+
+def test_tensor_kinds_from_vouched_refs_equal_the_walk(tmp_path: Path) -> None:
+    ckptproto.save(_state(), tmp_path / "c")
+    manifest = reader.read_manifest(tmp_path / "c")
+    assert manifest.refs is not None
+    vouched = readplan.tensor_kinds(manifest, "m")
+    walked = readplan.tensor_kinds(Manifest(manifest.state, manifest.tensors, manifest.files), "m")
+    assert vouched == walked and set(vouched.values()) == {"torch", "numpy"}
+
+
+def test_tensor_kinds_walk_still_refuses(tmp_path: Path) -> None:
+    ckptproto.save({"a": torch.zeros(2)}, tmp_path / "c")
+    manifest = reader.read_manifest(tmp_path / "c")
+    bad = Manifest({"a": {"$torch": 0}, "b": {"$numpy": 0}}, manifest.tensors, manifest.files)
+    with pytest.raises(CheckpointFormatError, match="both torch and numpy"):
+        readplan.tensor_kinds(bad, "m")
+
+
+def test_decode_without_leaf_paths_builds_the_same_tree() -> None:
+    tree = {"a": {"$torch": 0}, "b": [{"$torch": 1}, {"$tuple": [{"$torch": 0}]}], "c": {"d": {"$int": "7"}}}
+    seen: list[str] = []
+    with_paths = decode_tree(json.loads(json.dumps(tree)), lambda k, i, p: seen.append(p) or i)
+    without = decode_tree(json.loads(json.dumps(tree)), lambda k, i, p: i, paths=False, in_place=True)
+    assert with_paths == without == {"a": 0, "b": [1, (0,)], "c": {"d": 7}}
+    assert seen == ["a", "b.0", "b.1.0"]
+
+
+def test_header_check_refuses_a_metadata_key(tmp_path: Path) -> None:
+    # A chunk key "__metadata__" would regenerate into a header whose parse differs: never
+    # compared, the full parse decides.
+    layout = headercheck.FileLayout([("__metadata__", "F32", (1,), 0, 4)], [0], 4)
+    assert headercheck.expected_header(layout) is None
+    ok = headercheck.FileLayout([("x", "F32", (1,), 0, 4)], [0], 4)
+    assert isinstance(headercheck.expected_header(ok), bytes)
+
+
+def test_errors_name_the_file(tmp_path: Path) -> None:
+    _save_small(tmp_path / "c")
+    _edit_data_header(tmp_path / "c", lambda t: t.replace(b'"shape":[2,3]', b'"shape":[3,3]'))
+    with pytest.raises(CheckpointError, match=r"data-.*\.safetensors"):
+        ckptproto.load(tmp_path / "c")
+
+
+def test_matches_torch_agrees_with_describe_torch() -> None:
+    from ckptproto import arrays
+
+    f32, f64 = dtypes.by_name("float32"), dtypes.by_name("float64")
+    cases = [
+        torch.zeros(2, 3),
+        torch.nn.Parameter(torch.zeros(2, 3)),
+        torch.zeros(2, 3, dtype=torch.float64),
+        torch.zeros(3, 2),
+        torch.zeros(2, 3).t().contiguous().t(),
+        torch.zeros(2, 3, dtype=torch.complex64).conj(),
+        torch.zeros(2, 3).to_sparse(),
+        torch.zeros(2, 3, device="meta"),
+        torch.nested.nested_tensor([torch.zeros(3), torch.zeros(3)]),
+        # (no quantized tensor here: creating one warns once per process, and tests/test_spec.py
+        # expects that warning)
+    ]
+    for t in cases:
+        for dtype in (f32, f64):
+            spec = arrays.describe_torch(t)
+            expected = type(spec) is arrays.ArraySpec and spec.dtype == dtype and spec.shape == (2, 3)
+            assert arrays.matches_torch(t, dtype, (2, 3)) == expected, (t, dtype)
