@@ -35,12 +35,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from itertools import accumulate
-from operator import itemgetter, neg
+from operator import itemgetter
 
 from ckptproto.dtypes import DType
 from ckptproto.format import safetensors
 from ckptproto.format.manifest import Manifest
-from ckptproto.io.plan import FILE_METADATA
+from ckptproto.io.plan import FILE_METADATA, align_width, file_order
 
 Stored = tuple[str, tuple[int, ...], int, int]  # code, stored shape, nbytes, min(itemsize, 8)
 Entry = tuple[str, str, tuple[int, ...], int, int]  # key, code, stored shape, begin, end
@@ -68,7 +68,7 @@ class FileLayout:
 def _stored(dtype: DType, shape: tuple[int, ...]) -> Stored:
     """How a chunk of ``shape`` is stored (F-20): its code and shape, bytes, and alignment."""
     nbytes = math.prod(shape) * dtype.itemsize
-    width = min(dtype.itemsize, 8)
+    width = align_width(dtype.itemsize)
     if dtype.safetensors is None:
         return (safetensors.RAW_CODE, (nbytes,), nbytes, width)
     return (dtype.safetensors, shape, nbytes, width)
@@ -77,9 +77,8 @@ def _stored(dtype: DType, shape: tuple[int, ...]) -> Stored:
 def _layout(keys: list[str], stored: list[Stored], owners: list[int]) -> FileLayout:
     """Entries back to back from offset 0 in the writer's order: manifest order, wider dtypes
     first (io/plan.py), in C-level passes over the columns."""
-    widths = list(map(_WIDTH, stored))
-    if len(set(widths)) > 1:  # sorted() is stable: the writer's order
-        order = sorted(range(len(widths)), key=list(map(neg, widths)).__getitem__)
+    order = file_order(list(map(_WIDTH, stored)))
+    if order is not None:
         keys = list(map(keys.__getitem__, order))
         stored = list(map(stored.__getitem__, order))
         owners = list(map(owners.__getitem__, order))

@@ -63,15 +63,28 @@ class FilePlan:
         return {p.source: Chunk(self.name, p.key, p.offsets, p.spec.shape) for p in self.pieces}
 
 
+def align_width(itemsize: int) -> int:
+    """The alignment a data file gives a piece of this item size (the header is padded to 8)."""
+    return min(itemsize, 8)
+
+
+def file_order(widths: list[int]) -> list[int] | None:
+    """The order of a data file's pieces, given each one's :func:`align_width`: wider first,
+    otherwise as given (a stable sort); None when that is the given order (one width, the
+    usual state). Readers that regenerate a header (``io/headercheck.py``) use this same rule."""
+    if len(set(widths)) <= 1:
+        return None
+    return sorted(range(len(widths)), key=[-w for w in widths].__getitem__)
+
+
 def plan_file(name: str, rank: int, pieces: list[Piece], metadata: dict[str, str] | None = None) -> FilePlan:
     """Lay ``pieces`` out in one safetensors file. Wider dtypes go first so that every tensor
     starts at a multiple of its item size (the header is padded to 8 bytes), which lets
     loaders map tensors straight from the file."""
     specs = [p.spec for p in pieces]
-    widths = [min(s.dtype.itemsize, 8) for s in specs]
     ordered = pieces
-    if len(set(widths)) > 1:  # one dtype width (the usual state): already in order
-        order = sorted(range(len(pieces)), key=lambda i: -widths[i])
+    order = file_order([align_width(s.dtype.itemsize) for s in specs])
+    if order is not None:
         ordered, specs = [pieces[i] for i in order], [specs[i] for i in order]
     sizes = [s.nbytes for s in specs]
     ends = list(accumulate(sizes))
