@@ -20,7 +20,7 @@ import pytest
 import torch
 
 import ckptproto
-from ckptproto import CheckpointExistsError, CheckpointWriteError
+from ckptproto import CheckpointError, CheckpointExistsError, CheckpointWriteError
 from ckptproto.format import layout
 from ckptproto.io import async_job, share_wire, staging, writer_process
 from ckptproto.io.coordinate import Solo
@@ -158,17 +158,23 @@ def test_a_writer_process_killed_between_saves_is_replaced(tmp_path: Path) -> No
         assert info.path == tmp_path / "b" and saver.writer_pid not in (None, pid)
 
 
-def test_auto_writes_many_tensors_from_the_process_and_few_from_the_thread(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    calls: list[str] = []
+@pytest.fixture
+def calls(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """One "process" per save handed to a writer process."""
+    seen: list[str] = []
     real = writer_process.WriterProcess.run
 
     def spy(self: writer_process.WriterProcess, *args: Any, **kwargs: Any) -> Any:
-        calls.append("process")
+        seen.append("process")
         return real(self, *args, **kwargs)
 
     monkeypatch.setattr(writer_process.WriterProcess, "run", spy)
+    return seen
+
+
+def test_auto_writes_many_tensors_from_the_process_and_few_from_the_thread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, calls: list[str]
+) -> None:
     monkeypatch.setattr(async_job, "PROCESS_MIN_TENSORS", 20)
     with ckptproto.AsyncSaver() as saver:
         saver.save({f"t{i}": torch.ones(2) for i in range(19)}, tmp_path / "few").result(timeout=60)
@@ -182,15 +188,77 @@ def test_auto_writes_many_tensors_from_the_process_and_few_from_the_thread(
     assert len(ckptproto.load(tmp_path / "many")) == 20
 
 
+def test_auto_writes_a_large_state_of_few_tensors_from_the_process(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, calls: list[str]
+) -> None:
+    """Bytes count as well as tensors: the thread's checksums and page-cache copies of a large
+    state would take a core and GIL hand-offs from the training process."""
+    monkeypatch.setattr(async_job, "PROCESS_MIN_BYTES", 4096)
+    with ckptproto.AsyncSaver() as saver:
+        saver.save({"small": torch.ones(1023)}, tmp_path / "small").result(timeout=60)
+        assert calls == []
+        saver.save({"a": torch.ones(512), "b": np.ones(512, dtype=np.float32)}, tmp_path / "big").result(
+            timeout=60
+        )
+        assert calls == ["process"] and saver.writer_pid is not None
+    assert np.array_equal(ckptproto.load(tmp_path / "big")["b"], np.ones(512, dtype=np.float32))
+
+
+def test_a_malformed_job_fails_that_save_and_the_writer_serves_the_next(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The child checks the raw part against the JSON (a bug in either side is a loud
+    failure of that save, never a checkpoint with misplaced bytes)."""
+    real = share_wire.pack
+
+    def short(share: Any) -> Any:
+        columns, ids = real(share)
+        return columns, ids[:-1]
+
+    state = {f"t{i}": torch.full((3,), float(i)) for i in range(5)}
+    with ckptproto.AsyncSaver(writer="process") as saver:
+        monkeypatch.setattr(share_wire, "pack", short)
+        with pytest.raises(CheckpointError, match="malformed job"):
+            saver.save(state, tmp_path / "bad").result(timeout=60)
+        monkeypatch.setattr(share_wire, "pack", real)
+        saver.save(state, tmp_path / "good").result(timeout=60)
+    assert not (tmp_path / "bad").exists()
+    assert torch.equal(ckptproto.load(tmp_path / "good")["t4"], torch.full((3,), 4.0))
+
+
+def test_without_shared_memory_the_thread_writes_the_save(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A memfd that cannot be had (a file size limit covers memfds too, as may a container's
+    shared-memory limit) is no reason to fail a save: a private slab and the thread serve."""
+
+    def no_memfd(*args: Any) -> int:
+        raise OSError(27, "File too large")
+
+    monkeypatch.setattr(os, "memfd_create", no_memfd)
+    state = {f"t{i}": torch.full((3,), float(i)) for i in range(5)}
+    with ckptproto.AsyncSaver(writer="process") as saver:
+        saver.save(state, tmp_path / "c").result(timeout=60)
+        assert saver.writer_pid is None
+        assert saver.pool.stats.allocated == 1
+    assert torch.equal(ckptproto.load(tmp_path / "c")["t4"], torch.full((3,), 4.0))
+
+
 def test_bad_writer_arguments_are_refused() -> None:
     with pytest.raises(ValueError, match="writer must be"):
         ckptproto.AsyncSaver(writer="fork")  # type: ignore[arg-type]
 
 
 def test_the_share_travels_as_columns_and_comes_back_equal() -> None:
-    prepared = prepare(mixed_state(), None, Solo())
+    state = mixed_state()
+    state["models"]["model"]["same.name"] = torch.ones(3)  # "same.name" also a nested path:
+    state["models"]["model"]["same"] = {"name": torch.zeros(3)}  # keys made unique alike
+    prepared = prepare(state, None, Solo())
     share = prepared.share
-    back = share_wire.unpack(json.loads(json.dumps(share_wire.pack(share))))
+    columns, spec_ids = share_wire.pack(share)
+    # A handful of distinct specs, each sent once; one raw index per tensor.
+    assert len(columns["specs"]) < len(share.pieces) and len(spec_ids) == len(share.pieces)
+    back = share_wire.unpack(json.loads(json.dumps(columns)), np.frombuffer(spec_ids.tobytes(), np.int64))
     assert back.pieces == share.pieces
     assert [(t.path, t.spec) for t in back.encoded.tensors] == [
         (t.path, t.spec) for t in share.encoded.tensors

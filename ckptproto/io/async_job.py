@@ -24,10 +24,13 @@ from ckptproto.location import Location
 
 WriterMode = Literal["auto", "thread", "process"]
 
-# writer="auto" writes a save with at least this many tensors from the writer process: below
-# it the writer thread's Python work (planning, manifest) is small and the process costs a
-# pickle of the layout instead. See docs/async.md, "Where the write runs".
+# writer="auto" writes a save from the writer process when it has at least this many tensors
+# (the thread's planning and manifest would hold the training process's GIL ~17 us a tensor)
+# or at least this many bytes (the thread's checksums and copies into the page cache would take
+# a core, and GIL hand-offs, from the training process). Below both, the thread's work is small
+# and the process would add a round trip. See docs/async.md, "Where the write runs".
 PROCESS_MIN_TENSORS = 1000
+PROCESS_MIN_BYTES = 16 << 20
 
 
 @dataclass
@@ -54,7 +57,10 @@ def use_process(job: SaveJob, writer: WriterMode, coordinator: Coordinator) -> b
     # The child writes through a LocalStorage of its own (a subclass's behaviour would be lost)
     if type(job.storage) is not LocalStorage or not writer_process.available():
         return False
-    return writer == "process" or len(job.share.pieces) >= PROCESS_MIN_TENSORS
+    pieces = job.share.pieces
+    if writer == "process" or len(pieces) >= PROCESS_MIN_TENSORS:
+        return True
+    return sum(piece.spec.nbytes for piece in pieces) >= PROCESS_MIN_BYTES
 
 
 def write(
