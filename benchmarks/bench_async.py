@@ -307,10 +307,12 @@ class InFlight:
         self.close: Callable[[], None] = lambda: None
 
 
-def inflight_methods(state: dict[str, Any], with_dcp: bool, writers: list[str]) -> list[InFlight]:
+def inflight_methods(
+    state: dict[str, Any], with_dcp: bool, writers: list[str], modes: list[str]
+) -> list[InFlight]:
     none = InFlight("no save (baseline)", lambda path: None)
     out = [none]
-    for mode in ("blocking", "background"):
+    for mode in modes:
         for writer in writers:
             # (writer= only when asked: the same script then also measures versions without it)
             extra: dict[str, Any] = {} if writer == "auto" else {"writer": writer}
@@ -438,7 +440,7 @@ def part3(args: argparse.Namespace, root: Path) -> None:
         state = loop_state(kind)
         tensors = state["models"]["model"]
         nbytes = sum(t.nbytes for t in tensors.values())
-        methods = inflight_methods(state, with_dcp=not args.skip_dcp, writers=args.writers)
+        methods = inflight_methods(state, with_dcp=not args.skip_dcp, writers=args.writers, modes=args.modes)
         baseline, saving = methods[0], methods[1:]
         pairs: dict[str, list[tuple[Window, Window]]] = {m.name: [] for m in saving}
 
@@ -509,6 +511,9 @@ def main() -> None:
     parser.add_argument("--window", type=float, default=2.0, help="loop length without a save (s)")
     parser.add_argument("--py-repeat", type=int, default=5)
     parser.add_argument("--skip-dcp", action="store_true")
+    parser.add_argument(
+        "--modes", nargs="+", default=["blocking", "background"], choices=["blocking", "background"]
+    )
     parser.add_argument(
         "--writers", nargs="+", default=["auto", "thread", "process"], choices=["auto", "thread", "process"]
     )

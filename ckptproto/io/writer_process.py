@@ -6,7 +6,7 @@ maps that memfd and runs the same :func:`ckptproto.io.pipeline.run` a writer thr
 on the same local storage, with the same commit protocol::
 
     proc = WriterProcess()
-    info = proc.run(final, share, metadata_tree, overwrite, staged.shared())
+    info = proc.run(describe(final, share, metadata_tree, overwrite, staged.shared()))
     proc.close()
 
 The job goes over a private socketpair: the memfd as SCM_RIGHTS, the layout as JSON (the
@@ -34,7 +34,7 @@ import struct
 import subprocess
 import sys
 import threading
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +56,41 @@ logger = logging.getLogger("ckptproto")
 _HEADER = struct.Struct("!QQ")  # lengths of the JSON job and of the raw int64s that follow; 0, 0: exit
 _ANSWER = struct.Struct("!Q")  # the length of the JSON answer that follows
 _ACK = b"+"  # the child has the whole job (sent before it starts on it)
+
+
+@dataclass
+class WireJob:
+    """One staged save, encoded for the writer process: the JSON ``message`` (destination,
+    layout, metadata), the ``raw`` int64s (each tensor's spec and place in the slab) and the
+    slab's memfd ``fd``. It holds no Python object per tensor, so a save in flight adds nothing
+    for the training process's garbage collector to walk."""
+
+    final: Location
+    message: bytes
+    raw: bytes
+    fd: int
+    metadata_tree: Any
+
+
+def describe(
+    final: Location,
+    share: ShareJob,
+    metadata_tree: Any,
+    overwrite: bool,
+    shared: tuple[int, np.ndarray[Any, Any]],
+) -> WireJob:
+    """The job :meth:`WriterProcess.run` sends for ``share``, staged in the slab ``shared``
+    (``Staged.shared()``: its memfd and each tensor's ``(offset, length)``)::
+
+        job = describe(final, share, metadata_tree, False, staged.shared())
+    """
+    fd, spans = shared
+    columns, spec_ids = share_wire.pack(share)
+    job = {"final": str(final), "share": columns, "metadata": metadata_tree, "overwrite": overwrite}
+    message = json.dumps(job, separators=(",", ":")).encode()
+    # Raw int64s after the JSON: each tensor's spec in the table, then its (offset, length).
+    raw = spec_ids.tobytes() + spans.astype(np.int64, copy=False).tobytes()
+    return WireJob(final, message, raw, fd, metadata_tree)
 
 
 def available() -> bool:
@@ -124,25 +159,13 @@ class WriterProcess:
         if alive is not None:
             os.close(alive)
 
-    def run(
-        self,
-        final: Location,
-        share: ShareJob,
-        metadata_tree: Any,
-        overwrite: bool,
-        shared: tuple[int, np.ndarray[Any, Any]],
-    ) -> CheckpointInfo:
+    def run(self, job: WireJob) -> CheckpointInfo:
         """Write and commit one staged save (local storage) in the child; raises what the save
         raised there (the same CheckpointError subclass and message), or CheckpointWriteError
         if the child died."""
-        fd, spans = shared
-        columns, spec_ids = share_wire.pack(share)
-        job = {"final": str(final), "share": columns, "metadata": metadata_tree, "overwrite": overwrite}
-        message = json.dumps(job, separators=(",", ":")).encode()
-        # Raw int64s after the JSON: each tensor's spec in the table, then its (offset, length).
-        raw = spec_ids.tobytes() + spans.astype(np.int64, copy=False).tobytes()
+        final = job.final
         with self._lock:
-            self._hand_over(final, message, raw, fd)
+            self._hand_over(final, job.message, job.raw, job.fd)
             try:
                 size = _ANSWER.unpack(_recv_exact(self._sock_or_raise(), _ANSWER.size))[0]
                 answer = json.loads(_recv_exact(self._sock_or_raise(), size))
@@ -152,7 +175,7 @@ class WriterProcess:
             # The info pipeline.run returned there, rebuilt from what this process already has
             # (the metadata it asked to save) and what only the child knows.
             manifest = Manifest(
-                state={}, tensors=[], files={}, metadata=metadata_tree, created=answer["created"]
+                state={}, tensors=[], files={}, metadata=job.metadata_tree, created=answer["created"]
             )
             info = CheckpointInfo.from_manifest(final, manifest, decode_metadata(manifest, final))
             return replace(info, nbytes=answer["nbytes"], format_version=answer["format_version"])
