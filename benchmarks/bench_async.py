@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
+import os
 import resource
 import shutil
 import statistics
@@ -305,6 +306,7 @@ class InFlight:
     def __init__(self, name: str, start: Callable[[Path], Callable[[], None] | None]) -> None:
         self.name, self.start = name, start
         self.close: Callable[[], None] = lambda: None
+        self.child: Callable[[], int | None] = lambda: None  # the writer process's pid, if any
 
 
 def inflight_methods(
@@ -325,6 +327,7 @@ def inflight_methods(
             default = " (default)" if (mode, writer) == ("blocking", "auto") else ""
             m = InFlight(f"ckptproto {mode}, writer={writer}{default}", start)
             m.close = saver.close
+            m.child = lambda saver=saver: saver.writer_pid  # type: ignore[misc]
             out.append(m)
     if with_dcp:
         import torch.distributed.checkpoint as dcp
@@ -359,6 +362,17 @@ def page_faults() -> tuple[int, int]:
     return usage.ru_minflt, usage.ru_majflt
 
 
+def process_cpu(pid: int | None) -> float:
+    """CPU time (user + system) of process ``pid`` so far; 0 for None or a process gone."""
+    if pid is None:
+        return 0.0
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def run_window(m: InFlight, path: Path, steps: int, work: int, scratch: torch.Tensor) -> Window:
     """``steps`` loop steps with ``m``'s save started first, then waits for its commit.
 
@@ -369,11 +383,12 @@ def run_window(m: InFlight, path: Path, steps: int, work: int, scratch: torch.Te
     times: ``caller`` (the loop's thread inside save()), ``saver`` (the saver's staging and
     writer threads: Python work that holds the GIL the loop needs), ``io`` (ckptproto's I/O
     pool: write and CRC, GIL released; it competes only for cores), ``other`` (everything this
-    process ran outside the loop's thread; a writer process's own CPU is not in it), ``gc``
+    process ran outside the loop's thread), ``child`` (the writer process's own), ``gc``
     (collector passes in the whole process). ``outlived``: the save was still running when the
     loop ended (then not all of its cost fell inside the window)."""
     cpu0, saver0, io0 = time.process_time(), threads_cpu("ckptproto-async"), threads_cpu("ckptproto-io")
     gc0 = sum(s["collections"] for s in gc.get_stats())
+    child0 = process_cpu(m.child())
     faults0 = page_faults()
     own0 = time.thread_time()
     t0 = time.perf_counter()
@@ -403,6 +418,7 @@ def run_window(m: InFlight, path: Path, steps: int, work: int, scratch: torch.Te
         "io": threads_cpu("ckptproto-io") - io0,
         "other": other,
         "gc": sum(s["collections"] for s in gc.get_stats()) - gc0,
+        "child": process_cpu(m.child()) - child0,
         "minflt": faults1[0] - faults0[0],
         "outlived": float(outlived),
     }
@@ -477,7 +493,9 @@ def part3(args: argparse.Namespace, root: Path) -> None:
             p = pairs[m.name]
             ratios = sorted(b["loop"] / a["loop"] - 1 for a, b in p)
             w = [b for _a, b in p]
-            cpu = " ".join(f"{window_median(w, k) * 1e3:5.0f}ms" for k in ("caller", "saver", "io", "other"))
+            cpu = " ".join(
+                f"{window_median(w, k) * 1e3:5.0f}ms" for k in ("caller", "saver", "io", "other", "child")
+            )
             print(
                 f"  {m.name:44} {statistics.median(ratios) * 100:+8.1f}% "
                 f"{ratios[0] * 100:+6.1f}..{ratios[-1] * 100:+5.1f}% | "
