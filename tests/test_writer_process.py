@@ -406,3 +406,31 @@ def test_a_save_in_flight_leaves_the_collector_nothing_to_do(tmp_path: Path) -> 
     # objects (futures, answers) may still fill the young generation once in a while.
     assert len(passes) <= 3 and set(passes) <= {0}, passes
     assert torch.equal(ckptproto.load(tmp_path / "c2")["layers.4999.w"], torch.full((4,), 4999.0))
+
+
+def test_the_writer_imports_this_ckptproto_whatever_the_current_directory_holds(tmp_path: Path) -> None:
+    """A training script run from a directory that holds another ckptproto (a checkout, an
+    older copy) must still get a writer process of its own version: ``python -m`` would put
+    the current directory first on the child's sys.path."""
+    shadow = tmp_path / "cwd" / "ckptproto"
+    shadow.mkdir(parents=True)
+    (shadow / "__init__.py").write_text("raise ImportError('the wrong ckptproto')\n")
+    script = tmp_path / "script" / "child.py"
+    script.parent.mkdir()
+    script.write_text(
+        "import sys, torch, ckptproto\n"
+        "with ckptproto.AsyncSaver(writer='process') as saver:\n"
+        "    saver.save({'w': torch.ones(3)}, sys.argv[1]).result(timeout=60)\n"
+    )
+    root = str(Path(ckptproto.__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
+    proc = subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "ckpt")],
+        cwd=shadow.parent,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert torch.equal(ckptproto.load(tmp_path / "ckpt")["w"], torch.ones(3))

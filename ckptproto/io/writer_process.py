@@ -14,7 +14,7 @@ tree, the paths and the distinct specs, :mod:`ckptproto.io.share_wire`; nothing 
 here as everywhere on the default path), each tensor's spec and place in the slab as raw
 int64s; the child plans the pieces itself. The result, or the save's own exception by
 class name and message, comes back as JSON. If the child dies, the save fails with CheckpointWriteError and the next
-save starts a new child. It is started with ``python -m ckptproto.io.writer_main`` (not
+save starts a new child. It is started with ``python -c BOOT`` (:data:`BOOT`; not
 multiprocessing's spawn, which re-imports the training script's ``__main__``), imports only
 ckptproto and numpy (never torch), and exits when its parent closes the socket or dies. A
 parent that dies hard (SIGKILL, the OOM killer) takes its save in flight with it, as it would
@@ -55,6 +55,11 @@ logger = logging.getLogger("ckptproto")
 
 _HEADER = struct.Struct("!QQ")  # lengths of the JSON job and of the raw int64s that follow; 0, 0: exit
 _ANSWER = struct.Struct("!Q")  # the length of the JSON answer that follows
+# How the child starts. ``python -m`` (and ``-c``) put the current directory first on sys.path:
+# a training script run from a directory holding another ckptproto (a checkout, an older copy)
+# would start a writer of that other version, which misreads this one's jobs. The root of the
+# package this process imported takes that place instead.
+BOOT = "import sys; sys.path[0] = sys.argv.pop(1); from ckptproto.io.writer_main import start; start()"
 _ACK = b"+"  # the child has the whole job (sent before it starts on it)
 
 
@@ -135,7 +140,7 @@ class WriterProcess:
         env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
         try:
             self._proc = subprocess.Popen(
-                [sys.executable, "-m", "ckptproto.io.writer_main", str(theirs.fileno()), str(watch)],
+                [sys.executable, "-c", BOOT, package_root, str(theirs.fileno()), str(watch)],
                 pass_fds=(theirs.fileno(), watch),
                 stdin=subprocess.DEVNULL,
                 env=env,
