@@ -9,6 +9,11 @@ into existing DTensors (ckptproto.load_into, dcp.load). Best and median of ``--r
 (the two libraries alternate which goes first); on a shared machine compare the ratios.
 
     python benchmarks/bench_distributed.py --ranks 2 4 --mib 64 --dir /tmp
+
+``--phases`` also times each step of ckptproto's saves on every rank (prepare, begin, the
+three messages, writing with CRCs, the fsyncs, manifest and commit; wall and this thread's
+CPU) and DCP's fsyncs, and prints every rank's median per step and the timeline of the
+median save: where a save's time goes.
 """
 
 from __future__ import annotations
@@ -57,6 +62,54 @@ def _state(mib: float, replicated_mib: float, mesh: Any, zero: bool) -> dict[str
     return {"model": model, "replicated": replicated}
 
 
+class _Phases:
+    """Times the steps of a save on this rank by wrapping the functions that take them (wall
+    from the save's start, and the calling thread's CPU time), one list of events per save."""
+
+    def __init__(self) -> None:
+        import ckptproto.io.commit as commit
+        import ckptproto.io.coordinate as coordinate
+        import ckptproto.io.local_storage as local_storage
+        import ckptproto.io.pipeline as pipeline
+        import ckptproto.io.writer as writer
+
+        self.events: list[tuple[str, float, float, float]] = []
+        self.start = 0.0
+        self._wrap(pipeline, "prepare", "prepare")
+        self._wrap(local_storage.LocalStorage, "begin", "begin")
+        self._wrap(coordinate.Group, "share", "share")  # the first: the temporary directory; then the outcome
+        self._wrap(coordinate.Group, "collect", "collect")
+        self._wrap(local_storage.LocalStorage, "write_file", "write file")
+        self._wrap(writer, "crc_of", "crc")
+        self._wrap(os, "fsync", "fsync")
+        self._wrap(local_storage.LocalStorage, "write_small_file", "manifest")
+        self._wrap(local_storage.LocalStorage, "commit", "commit")
+        self._wrap(commit, "fsync_dir", "fsync dir")
+
+    def _wrap(self, owner: Any, name: str, label: str) -> None:
+        real = getattr(owner, name)
+        events = self.events
+
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            begin, cpu = time.perf_counter(), time.thread_time()
+            try:
+                return real(*args, **kwargs)
+            finally:
+                name = label
+                if label == "share":
+                    name = "share: dir" if all(e[0] != "share: dir" for e in events) else "share: outcome"
+                events.append((name, begin, time.perf_counter(), time.thread_time() - cpu))
+
+        setattr(owner, name, timed)
+
+    def begin(self) -> None:
+        self.events.clear()
+        self.start = time.perf_counter()
+
+    def take(self) -> list[tuple[str, float, float, float]]:
+        return [(label, a - self.start, b - self.start, cpu) for label, a, b, cpu in self.events]
+
+
 def _rank(rank: int, world: int, port: int, args: dict[str, Any], out: str) -> None:
     os.environ["OMP_NUM_THREADS"] = "1"
     import torch
@@ -78,10 +131,18 @@ def _rank(rank: int, world: int, port: int, args: dict[str, Any], out: str) -> N
     state = _state(args["mib"], args["replicated_mib"], mesh, zero=False)
     root = Path(args["root"])
 
-    def timed(fn: Any) -> float:
+    phases = _Phases() if args["phases"] else None
+    steps: dict[str, list[Any]] = {"ours": [], "dcp": []}
+
+    def timed(fn: Any, record: str | None = None) -> float:
         dist.barrier()
-        start = time.perf_counter()
+        if phases is not None:
+            phases.begin()
+        start, cpu = time.perf_counter(), time.process_time()
         fn()
+        if phases is not None and record is not None:
+            wall = time.perf_counter() - start
+            steps[record].append({"wall": wall, "cpu": time.process_time() - cpu, "events": phases.take()})
         dist.barrier()
         elapsed = torch.tensor([time.perf_counter() - start], dtype=torch.float64)
         dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
@@ -93,9 +154,9 @@ def _rank(rank: int, world: int, port: int, args: dict[str, Any], out: str) -> N
         order = [("ours", ours), ("dcp", theirs)] if attempt % 2 == 0 else [("dcp", theirs), ("ours", ours)]
         for name, path in order:
             if name == "ours":
-                times["ours_save"].append(timed(lambda p=path: ckptproto.save(state, p)))
+                times["ours_save"].append(timed(lambda p=path: ckptproto.save(state, p), "ours"))
             else:
-                times["dcp_save"].append(timed(lambda p=path: dcp.save(state, checkpoint_id=str(p))))
+                times["dcp_save"].append(timed(lambda p=path: dcp.save(state, checkpoint_id=str(p)), "dcp"))
         targets = {n: _state(args["mib"], args["replicated_mib"], mesh, zero=True) for n in ("ours", "dcp")}
         for name, path in order:
             t = targets[name]
@@ -108,6 +169,9 @@ def _rank(rank: int, world: int, port: int, args: dict[str, Any], out: str) -> N
                 assert torch.equal(t["model"][key].to_local(), value.to_local()), (name, key)
             for key, value in state["replicated"].items():
                 assert torch.equal(t["replicated"][key], value), (name, key)
+    if phases is not None:
+        Path(f"{out}.phases.{rank}").write_text(json.dumps(steps))
+    dist.barrier()
     if rank == 0:
         result: dict[str, Any] = {k: min(v) for k, v in times.items()}
         result.update({f"{k}_median": statistics.median(v) for k, v in times.items()})
@@ -130,7 +194,41 @@ def run(world: int, args: dict[str, Any]) -> dict[str, Any]:
     if any(p.exitcode for p in procs):
         raise SystemExit(f"a rank failed: exit codes {[p.exitcode for p in procs]}")
     result: dict[str, Any] = json.loads(out.read_text())
+    if args["phases"]:
+        result["phases"] = [json.loads(Path(f"{out}.phases.{r}").read_text()) for r in range(world)]
     return result
+
+
+def _print_phases(world: int, per_rank: list[dict[str, list[Any]]]) -> None:
+    """Every rank's median time per step of ckptproto's saves, and the median save's timeline."""
+    for lib in ("ours", "dcp"):
+        saves = [ranks[lib] for ranks in per_rank]  # [rank][attempt]
+        slowest = [max(rank_saves[i]["wall"] for rank_saves in saves) for i in range(len(saves[0]))]
+        name = "ckptproto" if lib == "ours" else "DCP"
+        print(
+            f"{world:>5} {name} save, slowest rank (ms): "
+            + " ".join(f"{w * 1000:.0f}" for w in slowest)
+            + "; process CPU per rank, median (ms): "
+            + " ".join(
+                f"{statistics.median(s['cpu'] for s in rank_saves) * 1000:.0f}" for rank_saves in saves
+            )
+        )
+        labels = sorted({e[0] for rank_saves in saves for s in rank_saves for e in s["events"]})
+        for label in labels:
+            cells = []
+            for rank_saves in saves:
+                wall = [sum(e[2] - e[1] for e in s["events"] if e[0] == label) for s in rank_saves]
+                cpu = [sum(e[3] for e in s["events"] if e[0] == label) for s in rank_saves]
+                cells.append(f"{statistics.median(wall) * 1000:6.1f} ({statistics.median(cpu) * 1000:4.1f})")
+            print(f"      {label:>10}: " + "  ".join(cells))
+    saves = [ranks["ours"] for ranks in per_rank]
+    slowest = [max(rank_saves[i]["wall"] for rank_saves in saves) for i in range(len(saves[0]))]
+    median = sorted(range(len(slowest)), key=slowest.__getitem__)[len(slowest) // 2]
+    print(f"{world:>5} ckptproto's median save (attempt {median}), ms from its start [start-end cpu]:")
+    for r, rank_saves in enumerate(saves):
+        events = sorted(rank_saves[median]["events"], key=lambda e: e[1])
+        line = " ".join(f"{e[0]}[{e[1] * 1000:.0f}-{e[2] * 1000:.0f} {e[3] * 1000:.0f}]" for e in events)
+        print(f"      rank {r}: {line}")
 
 
 def main() -> None:
@@ -140,9 +238,16 @@ def main() -> None:
     parser.add_argument("--replicated-mib", type=float, default=16, help="replicated plain tensors (MiB)")
     parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument("--dir", default=None, help="where to write (default: the system temp dir)")
+    parser.add_argument("--phases", action="store_true", help="time each step of the saves on every rank")
     ns = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix="bench-distributed-", dir=ns.dir))
-    args = {"mib": ns.mib, "replicated_mib": ns.replicated_mib, "repeat": ns.repeat, "root": str(root)}
+    args = {
+        "mib": ns.mib,
+        "replicated_mib": ns.replicated_mib,
+        "repeat": ns.repeat,
+        "root": str(root),
+        "phases": ns.phases,
+    }
     print(
         f"state: {ns.mib:g} MiB sharded (16 DTensors, Shard(0)) + {ns.replicated_mib:g} MiB replicated "
         f"(4 plain tensors on every rank); best and median of {ns.repeat}; in {root}"
@@ -166,6 +271,9 @@ def main() -> None:
                 f"{world:>5} bytes written: ckptproto {r['ours_bytes']:,}  DCP {r['dcp_bytes']:,}  "
                 f"(DCP/ours {r['dcp_bytes'] / r['ours_bytes']:.3f})"
             )
+            if ns.phases:
+                print(f"{world:>5} per step, median over the saves, per rank: wall ms (this thread's CPU ms)")
+                _print_phases(world, r["phases"])
     finally:
         shutil.rmtree(root, ignore_errors=True)
 

@@ -21,6 +21,10 @@ collector paused as ckptproto pauses it itself), before/after a change: run the 
 with ``PYTHONPATH`` at each checkout, alternating::
 
     python benchmarks/bench_many_tensors.py --only ckptproto --clock cpu --no-gc --repeat 3
+
+Where a save's per-tensor time goes, stage by stage (CPU time, best of ``--repeat``)::
+
+    python benchmarks/bench_many_tensors.py --stages --counts 100000 --repeat 5
 """
 
 from __future__ import annotations
@@ -161,6 +165,69 @@ def _pause_gc(pause: bool) -> None:
         gc.disable()
 
 
+# The stages of the sync save path, timed by --stages (module attribute -> label).
+STAGES = [
+    ("ckptproto.io.prepare", "encode_state", "encode (tree.encode_state)"),
+    ("ckptproto.io.prepare", "plan_share", "plan this rank's share"),
+    ("ckptproto.io.pipeline", "prepare", "prepare (encode, share, metadata)"),
+    ("ckptproto.arrays", "host_views", "byte views of the tensors"),
+    ("ckptproto.io.pipeline", "plan_file", "plan the data file (header)"),
+    ("ckptproto.io.writer", "write_file", "write + CRC + fsync the data file"),
+    ("ckptproto.io.pipeline", "_entries", "manifest tensor table"),
+    ("ckptproto.io.pipeline", "check_tensor_table", "check the table"),
+    ("ckptproto.format.manifest", "Manifest.to_json", "manifest JSON"),
+    ("ckptproto.io.writer", "write_small_file", "write + fsync the manifest"),
+    ("ckptproto.io.pipeline", "run", "run (write + commit)"),
+]
+
+
+def stage_split(n: int, numel: int, root: Path, repeat: int) -> None:
+    """CPU time of each stage of ``ckptproto.save`` (min over ``repeat`` saves, gc paused),
+    in us per tensor: where the per-tensor cost goes."""
+    import functools
+    import importlib
+
+    spent: dict[str, float] = {}
+    originals = []
+    for module_name, dotted, label in STAGES:
+        owner: Any = importlib.import_module(module_name)
+        *outer, attr = dotted.split(".")
+        for part in outer:
+            owner = getattr(owner, part)
+        original = getattr(owner, attr)
+
+        def timed(*args: Any, _f: Any = original, _label: str = label, **kwargs: Any) -> Any:
+            t0 = time.process_time()
+            try:
+                return _f(*args, **kwargs)
+            finally:
+                spent[_label] = spent.get(_label, 0.0) + time.process_time() - t0
+
+        setattr(owner, attr, functools.wraps(original)(timed))
+        originals.append((owner, attr, original))
+    state = make_state(n, numel)
+    best: dict[str, float] = {}
+    try:
+        for r in range(repeat + 1):  # the first save warms caches
+            spent.clear()
+            gc.collect()
+            gc.disable()
+            t0 = time.process_time()
+            ckptproto.save(state, root / f"stages-{r}")
+            spent["save (total)"] = time.process_time() - t0
+            gc.enable()
+            shutil.rmtree(root / f"stages-{r}")
+            if r:
+                for label, seconds in spent.items():
+                    best[label] = min(best.get(label, seconds), seconds)
+    finally:
+        for owner, attr, original in originals:
+            setattr(owner, attr, original)
+    print(f"\nckptproto save of {n:,} tensors by stage (CPU us per tensor, best of {repeat}):")
+    for label, seconds in sorted(best.items(), key=lambda kv: -kv[1]):
+        print(f"  {label:<36} {seconds * 1e6 / n:7.2f}")
+
+
 def print_table(n: int, numel: int, repeat: int, result: dict[str, tuple[float, float]]) -> None:
     base_s, base_l = result["ckptproto"] if "ckptproto" in result else next(iter(result.values()))
     print(
@@ -190,7 +257,15 @@ def main() -> None:
         "--clock", choices=["wall", "cpu"], default="wall", help="cpu: the process's CPU time, not wall time"
     )
     parser.add_argument("--no-gc", action="store_true", help="pause the collector while a method runs")
+    parser.add_argument(
+        "--stages", action="store_true", help="only ckptproto's save, its CPU time split by stage"
+    )
     args = parser.parse_args()
+    if args.stages:
+        with tempfile.TemporaryDirectory(dir=args.dir, prefix="ckptproto-stages-") as tmp:
+            for n in args.counts:
+                stage_split(n, args.numel, Path(tmp), args.repeat)
+        return
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
     with tempfile.TemporaryDirectory(dir=args.dir, prefix="ckptproto-many-") as tmp:
         print(f"writing under {tmp} ({os.cpu_count()} cores, torch {torch.__version__})")

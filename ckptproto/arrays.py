@@ -262,6 +262,44 @@ def to_host_bytes(value: Any) -> tuple[memoryview, Any]:
     return host_bytes(value)
 
 
+def host_views(
+    values: list[Any], addresses: list[int], sizes: list[int]
+) -> tuple[list[memoryview], list[Any]]:
+    """:func:`to_host_bytes` of each of ``values``: their byte views, and the objects that own
+    that memory (keep them alive while the views are used)::
+
+        views, owners = host_views(values, addresses, sizes)
+
+    ``addresses[i]``: where the ``sizes[i]`` bytes of ``values[i]``, a contiguous CPU tensor
+    without lazy conj/neg bits, were found (``tree.TensorLeaf.host_address``), or 0 for any
+    other value. Those (most of a state) are slices of one view of the address range they all
+    lie in: a ctypes view per tensor costs ten times a slice."""
+    owners = list(values)
+    views: list[memoryview] = [_EMPTY] * len(values)
+    at: list[int] = []  # the tensors viewed in place: indices, addresses, sizes
+    ptrs: list[int] = []
+    lengths: list[int] = []
+    for i, (value, address, nbytes) in enumerate(zip(values, addresses, sizes, strict=True)):
+        if address and nbytes and value.data_ptr() == address:
+            at.append(i)
+            ptrs.append(address)
+            lengths.append(nbytes)
+        else:  # not described as plain, empty, or its storage was swapped since
+            views[i], owners[i] = to_host_bytes(value)
+    if at:
+        low = min(ptrs)
+        span = max(map(int.__add__, ptrs, lengths)) - low
+        # ctypes keeps every array type it made: a power of two bounds them to a few dozen
+        # (the view reaches past the last tensor, and nothing reads there).
+        whole = memoryview((ctypes.c_ubyte * (1 << (span - 1).bit_length())).from_address(low))
+        for i, ptr, nbytes in zip(at, ptrs, lengths, strict=True):
+            views[i] = whole[ptr - low : ptr - low + nbytes]
+    return views, owners
+
+
+_EMPTY = memoryview(b"")
+
+
 def allocate(spec: ArraySpec) -> tuple[Any, memoryview]:
     """A new uninitialised tensor/array for ``spec`` and a writable byte view of it."""
     if spec.kind == "numpy":

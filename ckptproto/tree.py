@@ -24,7 +24,9 @@ import re
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from itertools import repeat
+from operator import methodcaller
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -34,6 +36,11 @@ from ckptproto.dtensor import LocalShard
 from ckptproto.errors import CheckpointFormatError, UnsupportedValueError
 
 MAX_DEPTH = 200
+_starts_with_dollar = methodcaller("startswith", "$")
+_STR_ONLY = frozenset({str})
+_new = tuple.__new__  # a named tuple's own __new__ is a Python call around this
+# A dict of at least this many tensors is encoded a column at a time (_Encoder._tensor_dict).
+_BATCH_MIN = 8  # exactly str: a subclass of str is refused as a key
 MAX_SAFE_INT = 2**53 - 1
 # "$int" payloads are at most this many characters (sign included): decimal conversion is
 # quadratic, so a reader bounds it; the writer refuses larger ints rather than write them.
@@ -81,14 +88,18 @@ def int_text(value: int) -> str:
     return _decimal_text(value)
 
 
-@dataclass(slots=True)
-class TensorLeaf:
-    """One distinct tensor/array of a state (tied tensors appear once)."""
+class TensorLeaf(NamedTuple):
+    """One distinct tensor/array of a state (tied tensors appear once). A named tuple: one is
+    built per tensor saved (300,000 in a large state), and ``tuple.__new__`` builds it in a
+    fraction of a dataclass's ``__init__``."""
 
     value: Any
     spec: ArraySpec  # the global spec (for a DTensor, its global dtype and shape)
     path: str  # the first state path it was found at
     shard: LocalShard | None = None  # a DTensor's local part; None for plain tensors/arrays
+    # Where the bytes of a contiguous CPU torch tensor without lazy conj/neg bits lie, found
+    # while encoding (a writer checks it still is the tensor's address); 0 for any other value.
+    host_address: int = 0
 
 
 @dataclass
@@ -121,10 +132,17 @@ class _Encoder:
     def __init__(self) -> None:
         self.tensors: list[TensorLeaf] = []
         self._ids: dict[tuple[Any, ...], int] = {}
+        # Plain torch tensors by address first (P-8): only tensors that share an address, few in
+        # a state, are compared by their full identity (arrays.torch_identity) in ``_ids``.
+        self._by_address: dict[int, int] = {}
+        self._compared: set[int] = set()  # indices whose full identity is in ``_ids``
+        self._specs: dict[tuple[Any, Any], ArraySpec] = {}  # (torch dtype, shape) -> spec
         self._active: set[int] = set()  # containers on the current path, to catch cycles
         torch = arrays.loaded_torch()
         # The exact types of plain tensors, tested first: most leaves of a large state are tensors.
         self._plain_tensor_types = (torch.Tensor, torch.nn.Parameter) if torch is not None else ()
+        self._strided = torch.strided if torch is not None else None
+        self._tensor_type_set = frozenset(self._plain_tensor_types)
 
     def encode(self, value: Any, path: str, depth: int) -> Any:
         kind = type(value)
@@ -162,6 +180,8 @@ class _Encoder:
         if isinstance(value, (list, tuple)):
             items = [self.encode(v, join_path(path, i), depth) for i, v in enumerate(value)]
             return items if type(value) is list else {"$tuple": items}
+        if type(value) is dict and _plain_keys(value):
+            return self._plain_dict(value, path, depth)
         for key in value:
             if type(key) not in (str, int):
                 raise UnsupportedValueError(
@@ -169,31 +189,115 @@ class _Encoder:
                     "keys must be str or int",
                     path=path,
                 )
-        plain = type(value) is dict and all(type(k) is str and not k.startswith("$") for k in value)
-        if plain:
-            tensor_types, plain_torch = self._plain_tensor_types, self._plain_torch
-            return {
-                (k if k.isascii() else _utf8_text(k, join_path(path, k))): (
-                    plain_torch(v, join_path(path, k))  # most values of a large state: no encode() call
-                    if type(v) in tensor_types
-                    else self.encode(v, join_path(path, k), depth)
-                )
-                for k, v in value.items()
-            }
         pairs = [
             [self.encode(k, path, depth), self.encode(v, join_path(path, k), depth)] for k, v in value.items()
         ]
         return {"$odict" if type(value) is OrderedDict else "$dict": pairs}
 
+    def _plain_dict(self, value: dict[str, Any], path: str, depth: int) -> dict[str, Any]:
+        """A dict of str keys none of which starts with ``$``: a JSON object of the same keys."""
+        if len(value) >= _BATCH_MIN:
+            batch = self._tensor_dict(value, path)
+            if batch is not None:
+                return batch
+        prefix = path + "." if path else ""  # join_path(path, key) of a str key
+        tensor_types, plain_torch, encode = self._plain_tensor_types, self._plain_torch, self.encode
+        out = {}
+        for k, v in value.items():
+            at = prefix + k
+            # Most values of a large state are tensors: no encode() call for them.
+            out[k if k.isascii() else _utf8_text(k, at)] = (
+                plain_torch(v, at) if type(v) in tensor_types else encode(v, at, depth)
+            )
+        return out
+
+    def _tensor_dict(self, value: dict[str, Any], path: str) -> dict[str, Any] | None:
+        """:meth:`_plain_dict` of a dict of ASCII keys whose values are all the usual tensor
+        (what :meth:`_plain_torch` takes inline: a stored dtype and shape seen before, strided,
+        on the CPU, not empty) at addresses no other tensor of the state starts at (so none is
+        tied), a module's ``state_dict()`` say: every step a column for the whole dict. None
+        (nothing recorded) when any value is not: then the dict goes item by item."""
+        values = list(value.values())
+        if not self._tensor_type_set.issuperset(map(type, values)) or not all(map(str.isascii, value)):
+            return None
+        try:
+            pairs = list(zip([v.dtype for v in values], [v.shape for v in values], strict=True))
+        except RuntimeError:  # a nested tensor has no single shape
+            return None
+        found = list(map(self._specs.get, pairs))
+        if None in found:  # a dtype and shape not seen yet: described once, cached if stored
+            for v, pair in zip(values, pairs, strict=True):
+                if pair not in self._specs:
+                    described = arrays.describe_torch(v)
+                    if not isinstance(described, ArraySpec):
+                        return None
+                    self._specs[pair] = described
+            found = list(map(self._specs.get, pairs))
+        specs = [s for s in found if s is not None]
+        strided = self._strided
+        if (
+            len(specs) != len(values)
+            or [v.layout for v in values].count(strided) != len(values)
+            or [v.is_cpu for v in values].count(True) != len(values)
+            or 0 in [s.numel for s in specs]
+        ):
+            return None
+        addresses = [v.data_ptr() for v in values]
+        if len(set(addresses)) != len(addresses) or not self._by_address.keys().isdisjoint(addresses):
+            return None  # a tie, or another view of some tensor's memory: item by item
+        start = len(self.tensors)
+        indices = range(start, start + len(values))
+        self._by_address.update(zip(addresses, indices, strict=True))
+        as_is = [v.is_contiguous() and not v.is_conj() and not v.is_neg() for v in values]
+        keys = list(value)
+        self.tensors += map(
+            _new,
+            repeat(TensorLeaf),
+            zip(
+                values,
+                specs,
+                [path + "." + k for k in keys] if path else keys,
+                repeat(None),
+                [a if plain else 0 for a, plain in zip(addresses, as_is, strict=True)],
+            ),
+        )
+        return dict(zip(keys, [{"$torch": i} for i in indices], strict=True))
+
     def _plain_torch(self, value: Any, path: str) -> dict[str, int]:
-        """:meth:`_tensor` for a torch.Tensor or Parameter (never a DTensor: a subclass)."""
-        spec = arrays.describe_torch(value)
-        if not isinstance(spec, ArraySpec):
-            raise UnsupportedValueError(f"{path or '<root>'}: {spec}", path=path)
-        key = arrays.torch_identity(value, spec.shape) if spec.numel else ("empty", id(value))
+        """:meth:`_tensor` for a torch.Tensor or Parameter (never a DTensor: a subclass). The
+        usual tensor (a stored dtype, strided, not meta, not empty) is described inline; any
+        other goes through arrays.describe_torch, which says why it cannot be stored."""
+        try:
+            spec = self._specs.get((value.dtype, value.shape))
+        except RuntimeError:  # a nested tensor has no single shape: describe_torch says so
+            spec = None
+        cpu = value.is_cpu  # (a CPU tensor is not a meta tensor)
+        if spec is None or value.layout is not self._strided or (not cpu and value.is_meta):
+            described = arrays.describe_torch(value)
+            if not isinstance(described, ArraySpec):
+                raise UnsupportedValueError(f"{path or '<root>'}: {described}", path=path)
+            spec = self._specs.setdefault((value.dtype, described.shape), described)
+        if not spec.numel:  # empty tensors all may share one address: only the same object ties
+            return self._tied_or_new(("empty", id(value)), value, spec, path)
+        address = value.data_ptr()
+        count = len(self.tensors)
+        index = self._by_address.setdefault(address, count)
+        if index == count:
+            as_is = cpu and value.is_contiguous() and not value.is_conj() and not value.is_neg()
+            self.tensors.append(_new(TensorLeaf, (value, spec, path, None, address if as_is else 0)))
+            return {"$torch": index}
+        # Another tensor starts at this address: tied, or another view of that memory.
+        if index not in self._compared:
+            first = self.tensors[index]
+            self._ids[arrays.torch_identity(first.value, first.spec.shape)] = index
+            self._compared.add(index)
+        return self._tied_or_new(arrays.torch_identity(value, spec.shape), value, spec, path)
+
+    def _tied_or_new(self, key: tuple[Any, ...], value: Any, spec: ArraySpec, path: str) -> dict[str, int]:
         index = self._ids.get(key)
         if index is None:
             index = self._ids[key] = len(self.tensors)
+            self._compared.add(index)
             self.tensors.append(TensorLeaf(value, spec, path))
         return {"$torch": index}
 
@@ -215,6 +319,12 @@ class _Encoder:
             index = self._ids[key] = len(self.tensors)
             self.tensors.append(TensorLeaf(value, spec, path, shard))
         return {"$torch" if spec.kind == "torch" else "$numpy": index}
+
+
+def _plain_keys(value: dict[Any, Any]) -> bool:
+    """Whether every key of ``value`` is a str not starting with ``$`` (then it encodes as a
+    JSON object of the same keys), checked without a Python step per key."""
+    return _STR_ONLY.issuperset(map(type, value)) and not any(map(_starts_with_dollar, value))
 
 
 def _utf8_text(text: str, path: str) -> str:

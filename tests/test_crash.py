@@ -229,10 +229,31 @@ def _why_kept(path: Path) -> dict[str, Any]:
         os.close(fd)
     return {
         "locked by another process": fd is None,
+        "lock holders": _lock_holders(path),
         "marked": (path / commit.LOCKED_MARKER).exists(),
         "pid alive": info is not None and sweep.pid_alive(info),
         "contents": sorted(os.listdir(path)) if path.is_dir() else None,
     }
+
+
+def _lock_holders(path: Path) -> list[str]:
+    """The /proc/locks lines on ``path``'s inode, each with its pid's command line if it runs
+    (for flock the pid is the process that took the lock; a forked child may hold it now)."""
+    try:
+        inode = os.stat(path).st_ino
+        lines = Path("/proc/locks").read_text().splitlines()
+    except OSError:
+        return []
+    found = []
+    for line in lines:
+        fields = line.split()
+        if len(fields) > 5 and fields[5].rsplit(":", 1)[-1] == str(inode):
+            try:
+                cmd = Path(f"/proc/{fields[4]}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+            except OSError:
+                cmd = "(gone)"
+            found.append(f"{line} :: {cmd}")
+    return found
 
 
 def prune(lane: Path, keep: int) -> None:

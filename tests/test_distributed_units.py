@@ -159,3 +159,39 @@ def test_messages_are_json_and_refuse_what_json_cannot_carry() -> None:
     assert wire.unpack(parts[0], None) == {"score": 0.25, "pair": [True, "x"], "n": 2.0}
     with pytest.raises(TypeError, match="cannot travel between ranks"):
         wire.pack({"value": object()})
+
+
+def test_writes_go_to_the_kernel_at_most_one_mib_a_call(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A rank's share goes out in 16 MiB batches; each pwritev call writes at most 1 MiB of it
+    # (threads.WRITE_CALL_BYTES): calls of 2 MiB and more were ~10x slower here once earlier
+    # checkpoints filled the page cache. Short writes (the kernel may take less) still
+    # write every byte, in order.
+    import os
+
+    from ckptproto.io import threads
+
+    calls: list[int] = []
+    real = os.pwritev
+
+    def short_pwritev(fd: int, views: list[memoryview], offset: int) -> int:
+        asked = sum(len(v) for v in views)
+        calls.append(asked)
+        if asked > 4096:  # the kernel writes only the first part: pwritev_all must go on
+            flat = b"".join(bytes(v) for v in views)[: asked - 1000]
+            return real(fd, [flat], offset)
+        return real(fd, views, offset)
+
+    rng = np.random.default_rng(0)
+    parts = [rng.integers(0, 256, n, dtype=np.uint8) for n in (3 << 20, 10, 0, (1 << 20) + 7, 5000)]
+    path = tmp_path / "f"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT)
+    monkeypatch.setattr(os, "pwritev", short_pwritev)
+    try:
+        threads.pwritev_all(fd, [memoryview(p) for p in parts], 0)
+    finally:
+        monkeypatch.setattr(os, "pwritev", real)
+        os.close(fd)
+    assert path.read_bytes() == b"".join(p.tobytes() for p in parts)
+    assert max(calls) == threads.WRITE_CALL_BYTES == 1 << 20

@@ -1179,16 +1179,19 @@ class _Spy:
     ) -> None:
         from ckptproto.io import commit
 
-        self.fsynced: list[str] = []
+        self.fsynced: list[str] = []  # in the order the fsyncs finished
         self.temps: list[Path] = []
+        self.finished_before_commit: list[str] = []  # what fsync had finished when finish began
         real_fsync, real_finish = os.fsync, commit.finish
 
         def fsync(fd: int) -> None:
-            self.fsynced.append(os.readlink(f"/proc/self/fd/{fd}"))
+            name = os.readlink(f"/proc/self/fd/{fd}")
             real_fsync(fd)
+            self.fsynced.append(name)
 
         def finish(temp: Path, final_path: Path, **kwargs: Any) -> None:
             self.temps.append(temp)
+            self.finished_before_commit = list(self.fsynced)
             on_finish(temp)
             real_finish(temp, final_path, **kwargs)
 
@@ -1254,14 +1257,42 @@ def test_F28_data_then_manifest_then_rename(tmp_path: Path, monkeypatch: pytest.
     (temp,) = spy.temps
     assert contents == [{DATA, "manifest.json"}]
     assert sorted(os.listdir(final)) == sorted([DATA, "manifest.json"])
-    assert spy.fsynced[-4:] == [
-        str(temp / DATA),
-        str(temp / "manifest.json"),
-        str(temp),
-        str(tmp_path),
-    ]
+    # The data file, then the manifest and the directory (at the same time, F-28), both
+    # finished before the commit renames anything; then the parent.
+    assert spy.fsynced[-4] == str(temp / DATA)
+    assert sorted(spy.fsynced[-3:-1]) == sorted([str(temp / "manifest.json"), str(temp)])
+    assert spy.fsynced[-1] == str(tmp_path)
+    assert spy.finished_before_commit == spy.fsynced[:-1]
     # The manifest was written after the data file was complete.
     assert (final / "manifest.json").stat().st_mtime_ns >= (final / DATA).stat().st_mtime_ns
+
+
+def test_F28_manifest_and_directory_fsyncs_run_together(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The manifest's fsync and the temporary directory's run at the same time (one journal
+    # commit, not two in a row): each waits here until the other has started. One after the
+    # other, the first would wait alone and the barrier break.
+    if not Path("/proc/self/fd").is_dir():
+        pytest.skip("needs /proc to name fsynced descriptors")
+    import threading
+
+    final = tmp_path / "ck"
+    both = threading.Barrier(2, timeout=10)
+    met: list[str] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        name = Path(os.readlink(f"/proc/self/fd/{fd}"))
+        if name.name == "manifest.json" or name.name.startswith(".ck.ckptproto-tmp-"):
+            both.wait()
+            met.append(name.name)
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    ckptproto.save({"t": torch.ones(3)}, final)
+    assert len(met) == 2 and "manifest.json" in met
+    assert torch.equal(ckptproto.load(final)["t"], torch.ones(3))
 
 
 def test_F29_replacing_is_explicit_and_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

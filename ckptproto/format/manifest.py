@@ -38,6 +38,7 @@ _CHECKSUM_PREFIX = b'{"' + CHECKSUM_KEY.encode() + b'":"crc32:'
 _CHECKSUM_HEAD = len(_CHECKSUM_PREFIX) + 8 + 2  # + hex digits + '",'
 _DAMAGED_CHECKSUM = re.compile(rb'\{"[^"]{%d}":"crc32:' % len(CHECKSUM_KEY))
 _HEX8 = re.compile(rb"[0-9a-f]{8}")
+_CRC_OF_BRACE = zlib.crc32(b"{")
 _VERSION = re.compile(r"[0-9]{1,5}\.[0-9]{1,5}")  # ASCII digits only ("١.0" is not a version)
 
 
@@ -140,10 +141,9 @@ class Manifest:
         table: list[str] = []
         append = table.append
         around: dict[tuple[Any, ...], tuple[str, str]] = {}
-        for t in self.tensors:
-            cs = t.chunks
-            if len(cs) == 1:
-                c = cs[0]
+        for _index, t, keys in _runs(self.tensors):
+            if keys:  # entries that differ only in their one chunk's key: one join for all
+                c = t.chunks[0]
                 shared = (t.dtype.name, t.shape, c.file, c.offsets, c.shape)
                 text = around.get(shared)
                 if text is None:
@@ -152,16 +152,18 @@ class Manifest:
                         f'{_text(c.file)},"key":',
                         f',"offsets":[{_ints(c.offsets)}],"shape":[{_ints(c.shape)}]}}]}}',
                     )
-                append(text[0] + _text(c.key) + text[1])
+                append(text[0] + (text[1] + "," + text[0]).join(map(_text, keys)) + text[1])
             else:
                 append(
                     f'{{"dtype":{_text(t.dtype.name)},"shape":[{_ints(t.shape)}],'
-                    f'"chunks":[{",".join(map(_chunk, cs))}]}}'
+                    f'"chunks":[{",".join(map(_chunk, t.chunks))}]}}'
                 )
-        parts = [_dumps(head)[:-1], ',"tensors":[', ",".join(table)]
+        # The document after its opening brace: the checksum covers "{" + this, and the file
+        # is the checksum member + this (two copies of a large manifest fewer than slicing).
+        parts = [_dumps(head)[1:-1], ',"tensors":[', ",".join(table)]
         parts += ['],"state":', _dumps(self.state), "}"]
-        body = "".join(parts).encode()
-        return _CHECKSUM_PREFIX + b"%08x" % zlib.crc32(body) + b'",' + body[1:]
+        rest = "".join(parts).encode()
+        return b"".join((_CHECKSUM_PREFIX, b"%08x" % zlib.crc32(rest, _CRC_OF_BRACE), b'",', rest))
 
     @property
     def nbytes(self) -> int:
@@ -202,6 +204,32 @@ def _dumps(value: Any) -> str:
 
 
 _text = json.encoder.encode_basestring  # what json.dumps(ensure_ascii=False) writes for a str
+
+
+def _runs(tensors: list[TensorEntry]) -> list[tuple[int, TensorEntry, list[str]]]:
+    """The table as runs of consecutive one-chunk entries that differ only in their chunk's key
+    (the usual state: many tensors of one dtype and shape in one file), as ``(index of the
+    first entry, the first entry, every entry's key)``; an entry of several chunks is a run of
+    its own with no keys. Entries join a run only when they hold the very same dtype, shape,
+    file, offsets and chunk shape objects, so every check and text of the first holds for all."""
+    runs: list[tuple[int, TensorEntry, list[str]]] = []
+    dtype: Any = None
+    shape = file = offsets = cshape = None
+    keys: list[str] = []
+    for index, t in enumerate(tensors):
+        chunks = t[2]
+        if len(chunks) != 1:
+            runs.append((index, t, []))
+            dtype = None
+            continue
+        c = chunks[0]
+        if t[0] is dtype and t[1] is shape and c[0] is file and c[2] is offsets and c[3] is cshape:
+            keys.append(c[1])
+            continue
+        dtype, shape, file, offsets, cshape = t[0], t[1], c[0], c[2], c[3]
+        keys = [c[1]]
+        runs.append((index, t, keys))
+    return runs
 
 
 def show(value: object) -> str:
@@ -513,9 +541,8 @@ def check_tensor_table(tensors: list[TensorEntry], files: dict[str, FileEntry], 
         {n: {"size": f.size, "checksum": f.checksum, "rank": f.rank} for n, f in files.items()}, where
     )
     shapes: dict[tuple[int, ...], int] = {}  # a checked shape -> bytes per item it spans
-    pairs: set[tuple[str, str]] = set()
-    nchunks = 0
-    for index, entry in enumerate(tensors):
+    keys_in: dict[str, list[str]] = {}  # the keys of each file, to find a repeated (file, key)
+    for index, entry, keys in _runs(tensors):
         shape, chunks = entry.shape, entry.chunks
         span = shapes.get(shape)
         if span is None:
@@ -527,9 +554,9 @@ def check_tensor_table(tensors: list[TensorEntry], files: dict[str, FileEntry], 
         if len(chunks) == 1:
             c = chunks[0]
             if c.shape == shape and c.file in files and len(c.offsets) == len(shape) and not any(c.offsets):
-                pairs.add((c.file, c.key))
-                nchunks += 1
-                continue  # the whole tensor in one chunk: the usual entry
+                # The whole tensor in one chunk: the usual entry, and all of its run.
+                keys_in.setdefault(c.file, []).extend(keys)
+                continue
         if not chunks or len(chunks) > MAX_CHUNKS_PER_TENSOR:
             raise CheckpointFormatError(f"{where}: tensors[{index}].chunks must be a non-empty list")
         for j, c in enumerate(chunks):
@@ -537,14 +564,17 @@ def check_tensor_table(tensors: list[TensorEntry], files: dict[str, FileEntry], 
                 raise CheckpointFormatError(
                     f'{where}: tensors[{index}].chunks[{j}]: file {show(c.file)} is not listed in "files"'
                 )
-            pairs.add((c.file, c.key))
             if c.shape == shape and not any(c.offsets) and len(c.offsets) == len(shape):
                 continue  # the whole tensor
             _check_box(c, shape, f"{where}: tensors[{index}].chunks[{j}]")
-        nchunks += len(chunks)
+        if len(chunks) == 1:
+            keys_in.setdefault(chunks[0].file, []).extend(keys)  # a run's keys, all checked here
+        else:
+            for c in chunks:
+                keys_in.setdefault(c.file, []).append(c.key)
         if len(chunks) != 1 or chunks[0].shape != shape:
             _check_tiling(entry, f"{where}: tensors[{index}]")
-    if len(pairs) != nchunks:
+    if any(len(set(keys)) != len(keys) for keys in keys_in.values()):
         _check_pairs_unique(tensors, where)  # raises, naming the first repeated pair
 
 

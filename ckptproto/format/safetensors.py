@@ -37,24 +37,52 @@ def encode_header(
 ) -> bytes:
     """The header bytes (length prefix + JSON) for ``(key, code, shape, begin, end)`` entries
     whose offsets are relative to the data buffer."""
-    keys = {key for key, *_ in entries}
-    if len(keys) == len(entries) and "__metadata__" not in keys:
+    if not entries:
+        return encode_header_columns([], [], [], [], [], metadata)
+    keys, codes, shapes, begins, ends = map(list, zip(*entries, strict=True))
+    return encode_header_columns(keys, codes, shapes, begins, ends, metadata)
+
+
+def encode_header_columns(
+    keys: list[str],
+    codes: list[str],
+    shapes: list[tuple[int, ...]],
+    begins: list[int],
+    ends: list[int],
+    metadata: dict[str, str],
+) -> bytes:
+    """:func:`encode_header` of entries given as parallel columns (what a planner holds)::
+
+    encode_header_columns(["w"], ["F32"], [(2,)], [0], [8], {"format": "pt"})
+    """
+    if len(set(keys)) == len(keys) and "__metadata__" not in keys:
         # Written as text directly, the bytes json.dumps gives (tests/test_many_tensors.py):
-        # no dict and two lists per tensor on the way.
-        parts = [json.dumps({"__metadata__": metadata}, separators=(",", ":"), ensure_ascii=False)[:-1]]
-        append, text_of = parts.append, _text
-        heads: dict[tuple[str, tuple[int, ...]], str] = {}  # dtype and shape text: they repeat
-        for key, code, shape, begin, end in entries:
-            head = heads.get((code, shape))
-            if head is None:
-                dims = ",".join(map(int.__repr__, shape))
-                head = heads[(code, shape)] = f'":{{"dtype":{text_of(code)},"shape":[{dims}],"data_offsets":['
-            append(f",{text_of(key)[:-1]}{head}{begin},{end}]}}")
-        parts.append("}")
-        text = "".join(parts).encode("utf-8")
+        # no dict and two lists per tensor on the way. An entry's dtype and shape text repeat
+        # from entry to entry: each distinct (code, shape) is rendered once.
+        heads: dict[tuple[str, tuple[int, ...]], str] = {}
+        for pair in set(zip(codes, shapes, strict=True)):
+            dims = ",".join(map(int.__repr__, pair[1]))
+            heads[pair] = f'":{{"dtype":{_text(pair[0])},"shape":[{dims}],"data_offsets":['
+        key_texts = map(_text, keys)  # each '"..."' : its closing quote is dropped below
+        text = "".join(
+            [
+                json.dumps({"__metadata__": metadata}, separators=(",", ":"), ensure_ascii=False)[:-1],
+                *[
+                    f",{k[:-1]}{h}{b},{e}]}}"
+                    for k, h, b, e in zip(
+                        key_texts,
+                        map(heads.__getitem__, zip(codes, shapes, strict=True)),
+                        begins,
+                        ends,
+                        strict=True,
+                    )
+                ],
+                "}",
+            ]
+        ).encode("utf-8")
     else:  # a repeated key keeps its first position and last value, as a dict does
         obj: dict[str, Any] = {"__metadata__": metadata}
-        for key, code, shape, begin, end in entries:
+        for key, code, shape, begin, end in zip(keys, codes, shapes, begins, ends, strict=True):
             obj[key] = {"dtype": code, "shape": list(shape), "data_offsets": [begin, end]}
         text = json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
     pad = -(8 + len(text)) % HEADER_ALIGN

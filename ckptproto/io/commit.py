@@ -1,11 +1,12 @@
 """Atomic commit of a checkpoint directory.
 
 Files are written into a hidden temporary sibling directory (``layout.temp_name``, locked by
-its writer), fsynced, the manifest last; then the directory is renamed into place (without
-``overwrite``, a no-replace rename) and the parent fsynced. Until that rename nothing at the
-final path changes, so a crash leaves either the old state or the new one, plus a hidden
-leftover that readers ignore and :func:`~ckptproto.io.sweep.remove_leftovers` (run by every
-``begin``) deletes once its writer process is gone. The atomic-rename primitives for other
+its writer), fsynced, the manifest last (:func:`seal`: the manifest and the directory fsynced
+at the same time); then the directory is renamed into place (without ``overwrite``, a
+no-replace rename) and the parent fsynced. Until that rename nothing at the final path
+changes, so a crash leaves either the old state or the new one, plus a hidden leftover that
+readers ignore and :func:`~ckptproto.io.sweep.remove_leftovers` (run by every ``begin``)
+deletes once its writer process is gone. The atomic-rename primitives for other
 directories and files (:func:`place_dir`, :func:`place_file`) and the deletion of a committed
 checkpoint (:func:`hide`, :func:`discard`) live here too: they are the same renames.
 """
@@ -19,11 +20,13 @@ import errno
 import functools
 import os
 import shutil
+import threading
 from pathlib import Path
 from typing import Any
 
 from ckptproto.errors import CheckpointExistsError, CheckpointWriteError
 from ckptproto.format import layout
+from ckptproto.io import writer
 from ckptproto.io.dirs import fsync_dir, is_committed
 from ckptproto.io.sweep import LOCKED_MARKER, hold, locked_while, release, remove_leftovers
 
@@ -39,7 +42,14 @@ __all__ = [
     "place_dir",
     "place_file",
     "remove_leftovers",
+    "seal",
 ]
+
+# Temporary directories whose entries seal() made durable: their finish() goes straight to
+# the rename. Kept here, not guessed from the directory: a marker that was never created
+# (hold() tolerates that) must not pass for a sealed directory.
+_sealed: set[Path] = set()
+_sealed_guard = threading.Lock()
 
 _RENAME_NOREPLACE = 1
 _RENAME_EXCHANGE = 2
@@ -156,6 +166,30 @@ def _replace(temp: Path, final: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def seal(temp: Path, name: str, data: bytes) -> None:
+    """Write the last file of a checkpoint (its manifest) into the temporary directory and
+    make it and every entry of the directory durable, so that :func:`finish` goes straight
+    to the rename::
+
+        commit.seal(temp, "manifest.json", manifest_bytes)
+        commit.finish(temp, final, overwrite=False)
+
+    The file and the directory are fsynced at the same time (FORMAT.md F-28: both finished
+    before the rename), one wait for the disk where one after the other took two."""
+    writer.write_small_file(temp, name, data)  # fsyncs the file and the directory at once
+    with _sealed_guard:
+        _sealed.add(temp)
+
+
+def _unseal(temp: Path) -> bool:
+    """Whether :func:`seal` made ``temp``'s entries durable (and forget it)."""
+    with _sealed_guard:
+        if temp in _sealed:
+            _sealed.discard(temp)
+            return True
+        return False
+
+
 def finish(temp: Path, final: Path, *, overwrite: bool = True) -> None:
     """Make the fully written ``temp`` the checkpoint at ``final``. With ``overwrite`` a
     committed checkpoint there is replaced atomically; without, a checkpoint committed there
@@ -169,9 +203,17 @@ def finish(temp: Path, final: Path, *, overwrite: bool = True) -> None:
 
 def _finish(temp: Path, final: Path, overwrite: bool) -> None:
     try:
+        sealed = _unseal(temp)
+        # Not part of the checkpoint. Kept until now: a leftover without it is judged by the
+        # pid in its name alone (F-30), which means nothing from another PID namespace.
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(temp / LOCKED_MARKER)  # not part of the checkpoint
-        fsync_dir(temp)
+            os.unlink(temp / LOCKED_MARKER)
+        if not sealed:
+            fsync_dir(temp)
+        # Sealed: every entry the checkpoint needs is durable. The marker's removal is not
+        # fsynced on its own (a wait for the disk): a journaling file system (ext4, XFS)
+        # writes it before the later rename; elsewhere a crash may leave the empty hidden
+        # marker inside the committed checkpoint, a file no reader opens.
         for _attempt in range(8):  # each retry means another writer changed ``final`` meanwhile
             if is_committed(final):
                 if not overwrite:
@@ -279,5 +321,6 @@ def discard(path: str | os.PathLike[str]) -> None:
 
 def abort(temp: Path) -> None:
     """Remove a temporary directory after a failed save (its lock goes last)."""
+    _unseal(temp)
     shutil.rmtree(temp, ignore_errors=True)
     release(temp)

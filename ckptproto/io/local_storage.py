@@ -43,7 +43,10 @@ class LocalStorage:
         return writer.write_file(Path(staging), plan, sources)
 
     def write_small_file(self, staging: str, name: str, data: bytes) -> None:
-        writer.write_small_file(Path(staging), name, data)
+        if name == layout.MANIFEST_NAME:  # written last: it seals the directory for commit()
+            commit.seal(Path(staging), name, data)
+        else:
+            writer.write_small_file(Path(staging), name, data)
 
     def commit(self, staging: str, final: Location, *, overwrite: bool) -> None:
         commit.finish(Path(staging), _path(final), overwrite=overwrite)

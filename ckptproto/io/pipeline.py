@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from itertools import repeat
 from pathlib import Path
 from typing import Any
 
@@ -93,15 +94,19 @@ def save(
     job: ShareJob | None = None
     metadata_tree: Any = None
     sources: list[memoryview] = []
-    owners = []  # keeps contiguous/CPU copies alive until written
+    # The views and their owners: keeps contiguous/CPU copies alive until written.
+    hosted: tuple[list[memoryview], list[Any]] | None = None
     failed: BaseException | None = None
     try:
         prepared = prepare(state_or_stateful, metadata, coord)
         job, metadata_tree = prepared.share, prepared.metadata_tree
-        for leaf in job.leaves:
-            view, owner = arrays.to_host_bytes(leaf.value)
-            sources.append(view)
-            owners.append(owner)
+        leaves = job.leaves
+        hosted = arrays.host_views(
+            [leaf.value for leaf in leaves],
+            [leaf.host_address for leaf in leaves],
+            [leaf.spec.nbytes for leaf in leaves],
+        )
+        sources = hosted[0]
     except Exception as exc:
         failed = exc
     return run(final, job, metadata_tree, sources, coord, overwrite=overwrite, failed=failed, storage=storage)
@@ -243,8 +248,24 @@ def _write_share(
             "file": [file_plan.name, entry.size, entry.checksum],
             # Tuples as they are: a coordinator that sends JSON turns them into lists, and
             # _commit takes either.
-            "chunks": [[job.tensor_index[p.source], p.key, p.offsets, p.spec.shape] for p in job.pieces],
+            "chunks": _chunks(job),
         }
+
+
+def _chunks(job: ShareJob) -> list[Any]:
+    """``[tensor index, key, offsets, shape]`` of each piece (as tuples), built by columns."""
+    if not job.pieces:
+        return []
+    sources, keys, specs, offsets = zip(*job.pieces, strict=True)
+    return list(
+        zip(
+            map(job.tensor_index.__getitem__, sources),
+            keys,
+            offsets,
+            [spec.shape for spec in specs],
+            strict=True,
+        )
+    )
 
 
 def _commit(
@@ -262,28 +283,7 @@ def _commit(
     then the commit."""
     with _gc.paused():
         files: dict[str, FileEntry] = {}
-        chunks: list[list[Chunk]] = [[] for _ in encoded.tensors]
-        for rank, answer in enumerate(answers):
-            if answer["file"] is None:
-                continue
-            name, size, checksum = answer["file"]
-            files[name] = FileEntry(size, checksum, rank)
-            for index, key, offsets, shape in answer["chunks"]:
-                chunks[index].append(Chunk(name, key, tuple(offsets), tuple(shape)))
-        tensors = []
-        for leaf, found in zip(encoded.tensors, chunks, strict=True):
-            spec = leaf.spec
-            if len(found) == 1 and found[0].shape == spec.shape:  # the whole tensor, one chunk
-                tensors.append(TensorEntry(spec.dtype, spec.shape, (found[0],)))
-                continue
-            covered = sum(c.numel for c in found)
-            if covered != spec.numel or not found:
-                raise DistributedCheckpointError(
-                    f"{final}: {leaf.path}: the ranks' shards hold {covered} of its {spec.numel} "
-                    "elements; a DTensor's device mesh must lie inside the process group that saves it"
-                )
-            found.sort(key=lambda c: c.offsets)
-            tensors.append(TensorEntry(spec.dtype, spec.shape, tuple(found)))
+        tensors = _entries(final, encoded, answers, files)
         # What every reader checks in the tensor table, checked before the commit (overlapping
         # shards, holes), on the entries themselves: the state and metadata trees come from the
         # encoder, which refuses what a reader would.
@@ -299,6 +299,63 @@ def _commit(
     storage.write_small_file(temp, layout.MANIFEST_NAME, data)
     storage.commit(temp, final, overwrite=overwrite)
     return manifest
+
+
+def _entries(
+    final: Location, encoded: EncodedState, answers: list[dict[str, Any]], files: dict[str, FileEntry]
+) -> list[TensorEntry]:
+    """The tensor table from every rank's file and chunks (filling ``files``): each tensor's
+    chunks, sorted by offsets; DistributedCheckpointError if the shards do not cover it."""
+    new = tuple.__new__  # a named tuple's own __new__ is a Python call around this
+    count = len(encoded.tensors)
+    # Each tensor's chunk while it has one (the usual tensor), or the list of its chunks.
+    found: list[Any] = [None] * count
+    fresh = True  # no chunk placed yet
+    for rank, answer in enumerate(answers):
+        if answer["file"] is None:
+            continue
+        name, size, checksum = answer["file"]
+        files[name] = FileEntry(size, checksum, rank)
+        if not answer["chunks"]:
+            continue
+        indices, keys, offsets, boxes = zip(*answer["chunks"], strict=True)
+        chunks = list(
+            map(new, repeat(Chunk), zip(repeat(name), keys, map(tuple, offsets), map(tuple, boxes)))
+        )
+        if fresh and len(indices) == count and list(indices) == list(range(count)):
+            found = chunks  # one rank wrote every tensor, in order (a world of one)
+        else:
+            for index, chunk in zip(indices, chunks, strict=True):
+                had = found[index]
+                found[index] = chunk if had is None else [*had, chunk] if type(had) is list else [had, chunk]
+        fresh = False
+    specs = [leaf.spec for leaf in encoded.tensors]
+    shapes = [spec.shape for spec in specs]
+    if not fresh and [c[3] if type(c) is Chunk else None for c in found] == shapes:
+        # Every tensor whole in one chunk (the usual table): built by columns.
+        return list(
+            map(
+                new,
+                repeat(TensorEntry),
+                zip([s.dtype for s in specs], shapes, zip(found, strict=True), strict=True),
+            )
+        )
+    tensors: list[TensorEntry] = []
+    for leaf, chunk in zip(encoded.tensors, found, strict=True):
+        spec = leaf.spec
+        if type(chunk) is Chunk and chunk.shape == spec.shape:  # the whole tensor, one chunk
+            tensors.append(new(TensorEntry, (spec.dtype, spec.shape, (chunk,))))
+            continue
+        several = [] if chunk is None else chunk if type(chunk) is list else [chunk]
+        covered = sum(c.numel for c in several)
+        if covered != spec.numel or not several:
+            raise DistributedCheckpointError(
+                f"{final}: {leaf.path}: the ranks' shards hold {covered} of its {spec.numel} "
+                "elements; a DTensor's device mesh must lie inside the process group that saves it"
+            )
+        several.sort(key=lambda c: c.offsets)
+        tensors.append(new(TensorEntry, (spec.dtype, spec.shape, tuple(several))))
+    return tensors
 
 
 def _summary(manifest: Manifest) -> dict[str, Any]:

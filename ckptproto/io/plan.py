@@ -7,6 +7,7 @@ at once, the async saver after staging, a distributed rank for its own share.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import accumulate
 from typing import NamedTuple
 
 from ckptproto.arrays import ArraySpec
@@ -40,54 +41,70 @@ class Placement(NamedTuple):
 
 @dataclass(frozen=True)
 class FilePlan:
-    """One data file: its header bytes and where every piece's bytes start."""
+    """One data file: its header bytes and where every piece's bytes start. Parallel columns
+    in file order (``pieces[i]`` starts at ``begins[i]``, ``sizes[i]`` bytes long, its bytes in
+    the caller's ``sources[order[i]]``): the pieces tile the file after the header exactly."""
 
     name: str
     rank: int
     header: bytes
-    placements: tuple[Placement, ...]
+    pieces: tuple[Piece, ...]
+    order: list[int]
+    begins: list[int]
+    sizes: list[int]
+    size: int
 
     @property
-    def size(self) -> int:
-        return len(self.header) + sum(p.piece.nbytes for p in self.placements)
+    def placements(self) -> tuple[Placement, ...]:
+        return tuple(map(Placement, self.pieces, self.begins))
 
     def chunks(self) -> dict[int, Chunk]:
         """The manifest chunk for each piece, by ``piece.source``."""
-        return {
-            p.piece.source: Chunk(self.name, p.piece.key, p.piece.offsets, p.piece.spec.shape)
-            for p in self.placements
-        }
+        return {p.source: Chunk(self.name, p.key, p.offsets, p.spec.shape) for p in self.pieces}
 
 
 def plan_file(name: str, rank: int, pieces: list[Piece], metadata: dict[str, str] | None = None) -> FilePlan:
     """Lay ``pieces`` out in one safetensors file. Wider dtypes go first so that every tensor
     starts at a multiple of its item size (the header is padded to 8 bytes), which lets
     loaders map tensors straight from the file."""
-    widths = [min(p.spec.dtype.itemsize, 8) for p in pieces]
+    specs = [p.spec for p in pieces]
+    widths = [min(s.dtype.itemsize, 8) for s in specs]
     ordered = pieces
     if len(set(widths)) > 1:  # one dtype width (the usual state): already in order
-        ordered = [pieces[i] for i in sorted(range(len(pieces)), key=lambda i: -widths[i])]
-    entries: list[tuple[str, str, tuple[int, ...], int, int]] = []
-    append = entries.append
-    position = 0
-    raw = safetensors.RAW_CODE
-    for piece in ordered:
-        spec = piece.spec
-        code = spec.dtype.safetensors
-        end = position + spec.nbytes
-        append((piece.key, code or raw, spec.shape if code is not None else (spec.nbytes,), position, end))
-        position = end
-    header = safetensors.encode_header(entries, FILE_METADATA if metadata is None else metadata)
-    start = len(header)
-    placements = tuple(
-        [Placement(piece, start + entry[3]) for piece, entry in zip(ordered, entries, strict=True)]
+        order = sorted(range(len(pieces)), key=lambda i: -widths[i])
+        ordered, specs = [pieces[i] for i in order], [specs[i] for i in order]
+    sizes = [s.nbytes for s in specs]
+    ends = list(accumulate(sizes))
+    begins = [0, *ends[:-1]] if ends else []
+    known = [s.dtype.safetensors for s in specs]
+    shapes = [s.shape for s in specs]
+    if None in known:  # dtypes safetensors lacks: raw bytes, one dimension
+        shapes = [
+            shape if code is not None else (n,) for code, shape, n in zip(known, shapes, sizes, strict=True)
+        ]
+    codes = [code or safetensors.RAW_CODE for code in known]
+    header = safetensors.encode_header_columns(
+        [p.key for p in ordered], codes, shapes, begins, ends, FILE_METADATA if metadata is None else metadata
     )
-    return FilePlan(name, rank, header, placements)
+    start = len(header)
+    return FilePlan(
+        name,
+        rank,
+        header,
+        tuple(ordered),
+        [p.source for p in ordered],
+        [start + b for b in begins],
+        sizes,
+        start + (ends[-1] if ends else 0),
+    )
 
 
 def unique_keys(paths: list[str]) -> list[str]:
     """Data-file keys from state paths: the path itself, made unique (``a.b`` can come from
     ``{"a": {"b": x}}`` and from ``{"a.b": y}``) and never the reserved ``__metadata__``."""
+    distinct = set(paths)
+    if len(distinct) == len(paths) and "" not in distinct and "__metadata__" not in distinct:
+        return list(paths)  # the usual state: every path is already a unique, allowed key
     seen: set[str] = set()
     keys = []
     for path in paths:

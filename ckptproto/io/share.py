@@ -17,6 +17,7 @@ import logging
 import warnings
 import zlib
 from dataclasses import dataclass
+from itertools import repeat
 from typing import Any
 
 from ckptproto import arrays
@@ -74,8 +75,28 @@ class ShareJob:
 def plan_share(encoded: EncodedState, rank: int, world_size: int) -> ShareJob:
     """What ``rank`` writes of ``encoded``: its DTensor shards (unless another rank writes a
     replica of them) and the plain tensors :func:`assign_writers` gives it."""
+    tensors = encoded.tensors
+    keys = unique_keys([t.path for t in tensors])
+    if tensors and world_size == 1:
+        _values, specs, paths, shards, _addresses = zip(*tensors, strict=True)
+        if shards.count(None) == len(shards):
+            # A world of one without DTensors (the usual save): every tensor whole, by columns.
+            ndims = [len(s.shape) for s in specs]
+            zeros = [(0,) * n for n in range(max(ndims) + 1)]
+            whole = list(map(zeros.__getitem__, ndims))
+            new = tuple.__new__
+            return ShareJob(
+                EncodedState(
+                    encoded.tree,
+                    list(map(new, repeat(TensorLeaf), zip(repeat(None), specs, paths, shards, repeat(0)))),
+                ),
+                "",
+                list(map(new, repeat(Piece), zip(range(len(tensors)), keys, specs, whole, strict=True))),
+                list(tensors),
+                list(range(len(tensors))),
+                {},
+            )
     owners = assign_writers(encoded, world_size)
-    keys = unique_keys([t.path for t in encoded.tensors])
     pieces: list[Piece] = []
     leaves: list[TensorLeaf] = []
     index: list[int] = []

@@ -1,0 +1,310 @@
+"""The save side's per-tensor fast paths (benchmarks/bench_many_tensors.py) give exactly what
+the general paths they stand in for give, on a varied state: ties found by address first vs
+every tensor's full identity, views sliced from one address range vs one view per tensor,
+a world of one's share by columns vs the general per-rank split, small pieces joined vs
+written one by one, the tensor table checked and written by runs vs entry by entry."""
+
+from __future__ import annotations
+
+import json
+from collections import OrderedDict
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import ckptproto
+from ckptproto import arrays, dtypes
+from ckptproto.errors import CheckpointFormatError
+from ckptproto.format import manifest as manifest_module
+from ckptproto.format.manifest import Chunk, FileEntry, Manifest, TensorEntry, check_tensor_table
+from ckptproto.io import share, threads, writer
+from ckptproto.io.plan import plan_file
+from ckptproto.tree import encode_state, iter_tensor_refs, join_path
+
+
+def _varied_state() -> dict[str, Any]:
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(6, 4, generator=g)
+    c = torch.randn(3, dtype=torch.complex64, generator=g)
+    return {
+        "w": base,
+        "tied": base,  # the same object
+        "same_view": base.view(6, 4),  # another view object of the same bytes: tied
+        "row0": base[0],  # same address as base, another shape: not tied
+        "t": base.t(),  # same address, other strides: not tied
+        "col": base[:, 1],  # not contiguous
+        "as_int": base.view(torch.int32),  # same bytes as another dtype: not tied
+        "neg": torch._neg_view(base[1]),  # same values in memory, read negated
+        "c": c,
+        "conj": c.conj(),  # same address as c, lazy conjugate bit
+        "scalar": torch.tensor(3.5),
+        "empty": torch.empty(0, 3),
+        "empty_view": base[2:2],  # an empty view at base's third row: its own tensor
+        "bool": torch.tensor([True, False, True]),
+        "bf16": torch.randn(5, generator=g).to(torch.bfloat16),
+        "u8": torch.arange(7, dtype=torch.uint8),
+        "f64": torch.randn(3, 2, dtype=torch.float64, generator=g),
+        "param": torch.nn.Parameter(torch.ones(2, 2)),
+        "np": np.arange(6, dtype=np.int16).reshape(2, 3),
+        "np_t": np.arange(6, dtype=np.float32).reshape(2, 3).T,
+        "int_keys": {1: torch.ones(1), 2: [torch.zeros(2), (base[3],)]},
+        "nested": [[base[0], {"x": base, "y": torch.full((2,), 7)}]],
+        "odict": OrderedDict(a=torch.ones(3)),
+        "step": 3,
+        "name": "run",
+    }
+
+
+def _leaves(value: Any, path: str = "") -> Iterator[tuple[str, Any]]:
+    """(state path, tensor or array) in the encoder's order."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            yield from _leaves(v, join_path(path, k))
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            yield from _leaves(v, join_path(path, i))
+    elif isinstance(value, (np.ndarray, torch.Tensor)):
+        yield path, value
+
+
+def test_ties_found_by_address_are_those_of_the_full_identity() -> None:
+    state = _varied_state()
+    encoded = encode_state(state)
+    expected: dict[str, int] = {}
+    firsts: dict[tuple[Any, ...], int] = {}
+    for path, value in _leaves(state):
+        expected[path] = firsts.setdefault(arrays.identity(value), len(firsts))
+    assert {path: index for path, _kind, index in iter_tensor_refs(encoded.tree)} == expected
+    assert len(encoded.tensors) == len(firsts)
+    for index, leaf in enumerate(encoded.tensors):
+        assert leaf.spec == arrays.describe(leaf.value)
+        assert expected[leaf.path] == index  # the first path it was seen at
+
+
+def test_host_views_hold_the_bytes_to_host_bytes_gives() -> None:
+    state = _varied_state()
+    encoded = encode_state(state)
+    leaves = encoded.tensors
+    assert any(leaf.host_address for leaf in leaves) and not all(leaf.host_address for leaf in leaves)
+    swapped = next(leaf for leaf in leaves if leaf.path == "bool")
+    swapped.value.set_(torch.tensor([False, True, False]))  # another storage since encoding
+    views, owners = arrays.host_views(
+        [leaf.value for leaf in leaves],
+        [leaf.host_address for leaf in leaves],
+        [leaf.spec.nbytes for leaf in leaves],
+    )
+    assert len(owners) == len(leaves)
+    for leaf, view in zip(leaves, views, strict=True):
+        reference, _owner = arrays.to_host_bytes(leaf.value)
+        assert bytes(view) == bytes(reference), leaf.path
+
+
+def test_share_of_a_world_of_one_is_the_general_split_of_every_rank() -> None:
+    encoded = encode_state(_varied_state())
+    fast = share.plan_share(encoded, 0, 1)
+    by_tensor: dict[int, tuple[Any, ...]] = {}
+    for rank in range(3):  # the general path: the tensors spread over three ranks
+        job = share.plan_share(encoded, rank, 3)
+        for piece, index in zip(job.pieces, job.tensor_index, strict=True):
+            by_tensor[index] = (piece.key, piece.spec, piece.offsets, job.leaves[piece.source].value)
+    assert fast.tensor_index == list(range(len(encoded.tensors)))
+    for piece, index in zip(fast.pieces, fast.tensor_index, strict=True):
+        key, spec, offsets, value = by_tensor[index]
+        assert (piece.key, piece.spec, piece.offsets) == (key, spec, offsets)
+        assert fast.leaves[piece.source].value is value
+    assert [(t.value, t.spec, t.path, t.shard) for t in fast.encoded.tensors] == [
+        (None, t.spec, t.path, None) for t in encoded.tensors
+    ]
+
+
+@pytest.mark.parametrize("batch", [threads.BATCH_BYTES, 40, 1])
+def test_joined_small_pieces_write_the_bytes_of_pieces_written_one_by_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, batch: int
+) -> None:
+    """Also with tiny batches (many cuts of the runs, pieces split across batches) and a large
+    piece between runs of small ones."""
+    state = _varied_state()
+    state["large"] = torch.arange(writer.JOIN_BYTES // 4 + 3, dtype=torch.float32)
+    state["after"] = torch.ones(3)
+    monkeypatch.setattr(threads, "BATCH_BYTES", batch)
+    ckptproto.save(state, tmp_path / "joined")
+    monkeypatch.setattr(writer, "JOIN_BYTES", 0)  # every piece "large": nothing joined
+    ckptproto.save(state, tmp_path / "one_by_one")
+    name = "data-00000-000.safetensors"
+    assert (tmp_path / "joined" / name).read_bytes() == (tmp_path / "one_by_one" / name).read_bytes()
+    manifests = [
+        Manifest.parse((tmp_path / d / "manifest.json").read_bytes(), d) for d in ("joined", "one_by_one")
+    ]
+    assert manifests[0].files == manifests[1].files and manifests[0].tensors == manifests[1].tensors
+    stored = load_file(str(tmp_path / "joined" / name))  # the safetensors package reads it
+    assert torch.equal(stored["bf16"], state["bf16"]) and torch.equal(stored["large"], state["large"])
+    loaded = ckptproto.load(tmp_path / "joined")
+    assert torch.equal(loaded["col"], state["col"]) and torch.equal(loaded["conj"], state["conj"])
+
+
+def _table(shared: bool) -> tuple[list[TensorEntry], dict[str, FileEntry]]:
+    """Runs of one-chunk entries (sharing their dtype, shape, file and offsets objects when
+    ``shared``; equal but distinct objects otherwise, so no two entries form a run), with a
+    chunked entry between them."""
+    f32, bf16 = dtypes.by_name("float32"), dtypes.by_name("bfloat16")
+    files = {
+        "a.safetensors": FileEntry(64, "crc32:0000abcd"),
+        "b.safetensors": FileEntry(8, "crc32:00000001", 1),
+    }
+
+    zero_offsets: dict[int, tuple[int, ...]] = {}
+
+    def whole(dtype: Any, shape: tuple[int, ...], file: str, key: str) -> TensorEntry:
+        if not shared:
+            shape, file = tuple(list(shape)), "".join(file)
+        zeros = zero_offsets.setdefault(len(shape), (0,) * len(shape)) if shared else tuple([0] * len(shape))
+        return TensorEntry(dtype, shape, (Chunk(file, key, zeros, shape),))
+
+    s4, s22 = (4,), (2, 2)
+    tensors = [whole(f32, s4, "a.safetensors", f"k{i}") for i in range(4)]
+    tensors.append(
+        TensorEntry(
+            bf16,
+            (4, 2),
+            (Chunk("b.safetensors", "c0", (0, 0), (2, 2)), Chunk("b.safetensors", "c1", (2, 0), (2, 2))),
+        )
+    )
+    tensors += [whole(bf16, s22, "b.safetensors", f"m{i}") for i in range(3)]
+    tensors += [whole(f32, s4, "a.safetensors", f"n{i}") for i in range(2)]
+    return tensors, files
+
+
+def _broken(tensors: list[TensorEntry], how: str) -> list[TensorEntry]:
+    """The table with one entry inside a run changed as ``how`` says."""
+    out = list(tensors)
+    t = out[2]
+    c = t.chunks[0]
+    if how == "repeated key":
+        out[2] = TensorEntry(t.dtype, t.shape, (c._replace(key="k0"),))
+    elif how == "repeated key across runs":
+        out[8] = TensorEntry(out[8].dtype, out[8].shape, (out[8].chunks[0]._replace(key="k3"),))
+    elif how == "offsets":
+        out[2] = TensorEntry(t.dtype, t.shape, (c._replace(offsets=(1,)),))
+    elif how == "file":
+        out[2] = TensorEntry(t.dtype, t.shape, (c._replace(file="c.safetensors"),))
+    elif how == "shape":
+        out[2] = TensorEntry(t.dtype, (2**62 + 1,), (c._replace(shape=(2**62 + 1,)),))
+    return out
+
+
+@pytest.mark.parametrize(
+    "how", ["none", "repeated key", "repeated key across runs", "offsets", "file", "shape"]
+)
+def test_table_checked_by_runs_as_entry_by_entry(how: str) -> None:
+    outcomes = []
+    for shared in (True, False):
+        tensors, files = _table(shared)
+        assert len(manifest_module._runs(tensors)) == (4 if shared else len(tensors))
+        try:
+            check_tensor_table(_broken(tensors, how), files, "m")
+            outcomes.append("ok")
+        except CheckpointFormatError as exc:
+            outcomes.append(str(exc))
+    assert outcomes[0] == outcomes[1]
+    assert (outcomes[0] == "ok") == (how == "none")
+
+
+def test_table_written_by_runs_is_what_json_dumps_writes() -> None:
+    tensors, files = _table(shared=True)
+    tensors = _broken(tensors, "offsets")  # a run broken by an entry of other offsets
+    m = Manifest({"w": {"$torch": 0}}, tensors, files, {}, "2026-01-01T00:00:00Z", (1, 0), 2, "ckptproto")
+    doc = json.loads(m.to_json())
+    assert doc["tensors"] == [
+        {
+            "dtype": t.dtype.name,
+            "shape": list(t.shape),
+            "chunks": [
+                {"file": c.file, "key": c.key, "offsets": list(c.offsets), "shape": list(c.shape)}
+                for c in t.chunks
+            ],
+        }
+        for t in tensors
+    ]
+
+
+def test_file_plan_columns_tile_the_file_widest_first() -> None:
+    encoded = encode_state(_varied_state())
+    job = share.plan_share(encoded, 0, 1)
+    plan = plan_file("d.safetensors", 0, job.pieces)
+    widths = [min(p.spec.dtype.itemsize, 8) for p in plan.pieces]
+    assert widths == sorted(widths, reverse=True)
+    assert plan.order == [p.source for p in plan.pieces] and sorted(plan.order) == list(
+        range(len(job.pieces))
+    )
+    ends = [b + n for b, n in zip(plan.begins, plan.sizes, strict=True)]
+    assert plan.begins == [len(plan.header), *ends[:-1]] and plan.size == ends[-1]
+    assert [p.begin for p in plan.placements] == plan.begins
+
+
+def test_table_of_a_world_of_one_by_columns_is_the_general_table(tmp_path: Path) -> None:
+    from ckptproto.io import pipeline
+
+    encoded = encode_state(_varied_state())
+    job = share.plan_share(encoded, 0, 1)
+    chunks = pipeline._chunks(job)
+    answer = {"file": ["d.safetensors", 99, "crc32:00000000"], "chunks": chunks}
+    files: dict[str, FileEntry] = {}
+    fast = pipeline._entries(tmp_path, job.encoded, [answer], files)
+    # Out of order, and as JSON sends them (lists): the general path, chunk by chunk.
+    shuffled = [[index, key, list(offsets), list(shape)] for index, key, offsets, shape in reversed(chunks)]
+    general = pipeline._entries(tmp_path, job.encoded, [{**answer, "chunks": shuffled}], {})
+    assert fast == general and len(fast) == len(encoded.tensors)
+    assert files == {"d.safetensors": FileEntry(99, "crc32:00000000", 0)}
+    with pytest.raises(ckptproto.errors.DistributedCheckpointError, match="shards hold 0 of"):
+        pipeline._entries(tmp_path, job.encoded, [{**answer, "chunks": chunks[1:]}], {})
+
+
+def _with_tensor_dicts(state: dict[str, Any]) -> dict[str, Any]:
+    """``state`` plus dicts of tensors only (a module's state_dict): one all usual tensors, one
+    with a tie, one with a non-contiguous, an empty and a neg-bit tensor, one on the meta device."""
+    g = torch.Generator().manual_seed(1)
+    fresh = {f"p{i}": torch.randn(i % 3 + 1, 2, generator=g) for i in range(12)}
+    fresh["half"] = torch.ones(3, dtype=torch.float16)
+    fresh["parameter"] = torch.nn.Parameter(torch.zeros(2))
+    tied = {**{f"q{i}": torch.randn(2, generator=g) for i in range(9)}, "again": state["w"]}
+    odd = {f"r{i}": torch.randn(2, generator=g) for i in range(9)}
+    odd.update(t=torch.randn(2, 3, generator=g).t(), empty=torch.empty(0), neg=torch._neg_view(torch.ones(2)))
+    return {**state, "module": fresh, "tied_module": tied, "odd_module": odd, "after": dict(fresh)}
+
+
+def test_dicts_of_tensors_encoded_a_column_at_a_time_as_item_by_item(monkeypatch: pytest.MonkeyPatch) -> None:
+    from ckptproto import tree
+
+    state = _with_tensor_dicts(_varied_state())
+    columns = encode_state(state)
+    monkeypatch.setattr(tree, "_BATCH_MIN", 1 << 60)  # every dict item by item
+    items = encode_state(state)
+    assert columns.tree == items.tree
+    assert len(columns.tensors) == len(items.tensors)
+    for a, b in zip(columns.tensors, items.tensors, strict=True):
+        assert a.value is b.value and (a.spec, a.path, a.shard, a.host_address) == (
+            b.spec,
+            b.path,
+            b.shard,
+            b.host_address,
+        )
+    assert columns.tree["after"] == {
+        k: {"$torch": columns.tree["module"][k]["$torch"]} for k in state["after"]
+    }
+
+
+def test_refusals_in_a_dict_of_tensors_are_those_item_by_item() -> None:
+    for bad, message in (
+        (torch.ones(2, dtype=torch.float32).to_sparse(), "to_dense"),
+        (torch.empty(2, device="meta"), "meta tensors"),
+        (torch.nested.nested_tensor([torch.ones(2), torch.ones(3)]), "nested tensors"),
+    ):
+        state = {"m": {**{f"p{i}": torch.ones(2) for i in range(9)}, "bad": bad, "z": torch.ones(1)}}
+        with pytest.raises(ckptproto.errors.UnsupportedValueError, match=message) as info:
+            encode_state(state)
+        assert info.value.path == "m.bad"
