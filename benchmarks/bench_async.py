@@ -27,6 +27,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
+import os
+import resource
 import shutil
 import statistics
 import tempfile
@@ -303,12 +306,15 @@ class InFlight:
     def __init__(self, name: str, start: Callable[[Path], Callable[[], None] | None]) -> None:
         self.name, self.start = name, start
         self.close: Callable[[], None] = lambda: None
+        self.child: Callable[[], int | None] = lambda: None  # the writer process's pid, if any
 
 
-def inflight_methods(state: dict[str, Any], with_dcp: bool, writers: list[str]) -> list[InFlight]:
+def inflight_methods(
+    state: dict[str, Any], with_dcp: bool, writers: list[str], modes: list[str]
+) -> list[InFlight]:
     none = InFlight("no save (baseline)", lambda path: None)
     out = [none]
-    for mode in ("blocking", "background"):
+    for mode in modes:
         for writer in writers:
             # (writer= only when asked: the same script then also measures versions without it)
             extra: dict[str, Any] = {} if writer == "auto" else {"writer": writer}
@@ -321,6 +327,7 @@ def inflight_methods(state: dict[str, Any], with_dcp: bool, writers: list[str]) 
             default = " (default)" if (mode, writer) == ("blocking", "auto") else ""
             m = InFlight(f"ckptproto {mode}, writer={writer}{default}", start)
             m.close = saver.close
+            m.child = lambda saver=saver: saver.writer_pid  # type: ignore[misc]
             out.append(m)
     if with_dcp:
         import torch.distributed.checkpoint as dcp
@@ -349,39 +356,70 @@ def threads_cpu(prefix: str) -> float:
     return total
 
 
+def page_faults() -> tuple[int, int]:
+    """(minor, major) page faults of this whole process so far."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_minflt, usage.ru_majflt
+
+
+def process_cpu(pid: int | None) -> float:
+    """CPU time (user + system) of process ``pid`` so far; 0 for None or a process gone."""
+    if pid is None:
+        return 0.0
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def run_window(m: InFlight, path: Path, steps: int, work: int, scratch: torch.Tensor) -> Window:
     """``steps`` loop steps with ``m``'s save started first, then waits for its commit.
 
-    Wall times: ``loop`` (the loop, save() included), ``stall`` (save() alone). CPU times,
-    which a busy machine inflates far less than wall times: ``caller`` (the loop's thread
-    inside save()), ``saver`` (the saver's staging and writer threads: Python work that holds
-    the GIL the loop needs), ``io`` (ckptproto's I/O pool: write and CRC, GIL released; it
-    competes only for cores), ``other`` (everything this process ran outside the loop's
-    thread; a writer process's own CPU is not in it). ``outlived``: the save was still running
-    when the loop ended (then not all of its cost fell inside the window)."""
+    Wall times: ``loop`` (the loop, save() included), ``stall`` (save() alone). The loop's own
+    thread: ``own`` (its CPU time in the loop's steps, save() excluded: grows when the save
+    evicts its caches or faults pages), ``off`` (the steps' wall time it did not run: waiting
+    for the GIL, or for a core). CPU times, which a busy machine inflates far less than wall
+    times: ``caller`` (the loop's thread inside save()), ``saver`` (the saver's staging and
+    writer threads: Python work that holds the GIL the loop needs), ``io`` (ckptproto's I/O
+    pool: write and CRC, GIL released; it competes only for cores), ``other`` (everything this
+    process ran outside the loop's thread), ``child`` (the writer process's own), ``gc``
+    (collector passes in the whole process). ``outlived``: the save was still running when the
+    loop ended (then not all of its cost fell inside the window)."""
     cpu0, saver0, io0 = time.process_time(), threads_cpu("ckptproto-async"), threads_cpu("ckptproto-io")
+    gc0 = sum(s["collections"] for s in gc.get_stats())
+    child0 = process_cpu(m.child())
+    faults0 = page_faults()
     own0 = time.thread_time()
     t0 = time.perf_counter()
     wait = m.start(path)
     stall = time.perf_counter() - t0
     caller = time.thread_time() - own0
+    own1 = time.thread_time()
     for _ in range(steps):
         python_step(work, scratch)
     elapsed = time.perf_counter() - t0
+    own = time.thread_time() - own1
     outlived = False
     if wait is not None:
         t1 = time.perf_counter()
         wait()
         outlived = time.perf_counter() - t1 > 1e-3
     other = (time.process_time() - cpu0) - (time.thread_time() - own0)
+    faults1 = page_faults()
     shutil.rmtree(path, ignore_errors=True)
     return {
         "loop": elapsed,
         "stall": stall,
+        "own": own,
+        "off": elapsed - stall - own,
         "caller": caller,
         "saver": threads_cpu("ckptproto-async") - saver0,
         "io": threads_cpu("ckptproto-io") - io0,
         "other": other,
+        "gc": sum(s["collections"] for s in gc.get_stats()) - gc0,
+        "child": process_cpu(m.child()) - child0,
+        "minflt": faults1[0] - faults0[0],
         "outlived": float(outlived),
     }
 
@@ -390,8 +428,18 @@ def window_median(windows: list[Window], key: str) -> float:
     return statistics.median(w[key] for w in windows)
 
 
+def pair_median(pairs: list[tuple[Window, Window]], key: str) -> float:
+    """Median over A/B pairs of (with save) - (its own baseline), for ``key``."""
+    return statistics.median(b[key] - a[key] for a, b in pairs)
+
+
 def part3(args: argparse.Namespace, root: Path) -> None:
-    """Issue 17 goal 4: a Python-heavy loop with and without one async save in flight."""
+    """Issue 17 goal 4: a Python-heavy loop with and without one async save in flight.
+
+    Every method's run is paired with a no-save run right beside it (A/B, the order
+    alternating from round to round, the methods' order rotating), and the slowdown printed is
+    the median over ``--py-repeat`` pairs of (loop with the save) / (its pair's loop without)
+    - 1: a drift in the machine's load hits both halves of a pair alike."""
     scratch = torch.zeros(16)
     t0 = time.perf_counter()
     for _ in range(20):
@@ -400,38 +448,61 @@ def part3(args: argparse.Namespace, root: Path) -> None:
     steps = max(10, round(args.window / per_step))
     print(
         f"\npart 3: Python-heavy loop ({per_step * 1e3:.1f} ms/step, {steps} steps ~{args.window:.1f} s) "
-        f"with one save started at its first step; {args.py_repeat} interleaved rounds, medians"
+        f"with one save started at its first step; {args.py_repeat} A/B pairs per method "
+        "(a no-save run beside each), medians"
     )
     counter = 0
     for kind in args.py_states:
         state = loop_state(kind)
         tensors = state["models"]["model"]
         nbytes = sum(t.nbytes for t in tensors.values())
-        methods = inflight_methods(state, with_dcp=not args.skip_dcp, writers=args.writers)
-        runs: dict[str, list[Window]] = {m.name: [] for m in methods}
+        methods = inflight_methods(state, with_dcp=not args.skip_dcp, writers=args.writers, modes=args.modes)
+        baseline, saving = methods[0], methods[1:]
+        pairs: dict[str, list[tuple[Window, Window]]] = {m.name: [] for m in saving}
+
+        def window(m: InFlight) -> Window:
+            nonlocal counter
+            counter += 1
+            return run_window(m, root / f"py{counter}", steps, args.py_work, scratch)
+
         for m in methods:
-            run_window(m, root / f"py-warm-{kind}", steps, args.py_work, scratch)  # buffers, threads
+            window(m)  # warm-up: buffers, threads, the writer process, imports
         for r in range(args.py_repeat):
-            order = methods[r % len(methods) :] + methods[: r % len(methods)]
-            for m in order:
-                counter += 1
-                runs[m.name].append(run_window(m, root / f"py{counter}", steps, args.py_work, scratch))
+            for m in saving[r % len(saving) :] + saving[: r % len(saving)]:
+                if r % 2 == 0:
+                    a = window(baseline)
+                    b = window(m)
+                else:
+                    b = window(m)
+                    a = window(baseline)
+                pairs[m.name].append((a, b))
         for m in methods:
             m.close()
 
-        base = window_median(runs[methods[0].name], "loop")
-        print(f"  state: {len(tensors)} tensors, {nbytes / 2**20:.0f} MiB")
+        every_a = [a for p in pairs.values() for a, _b in p]
         print(
-            f"  {'method':44} {'loop':>8} {'slowdown':>9} {'save()':>8} | CPU: {'caller':>7} "
-            f"{'saver':>7} {'io':>7} {'other':>7}  outlived"
+            f"  state: {len(tensors)} tensors, {nbytes / 2**20:.0f} MiB; no-save loop "
+            f"{window_median(every_a, 'loop'):.3f} s (median of {len(every_a)})"
         )
-        for m in methods:
-            w = runs[m.name]
-            t = window_median(w, "loop")
-            cpu = " ".join(f"{window_median(w, k):6.3f}s" for k in ("caller", "saver", "io", "other"))
+        print(
+            f"  {'method':44} {'slowdown':>9} {'min..max':>14} | {'+loop':>7} = {'save()':>7} "
+            f"{'+own':>7} {'+off':>7} | CPU: {'caller':>7} {'saver':>7} {'io':>7} {'other':>7} "
+            f"{'gc':>4} {'faults':>7} outlived"
+        )
+        for m in saving:
+            p = pairs[m.name]
+            ratios = sorted(b["loop"] / a["loop"] - 1 for a, b in p)
+            w = [b for _a, b in p]
+            cpu = " ".join(
+                f"{window_median(w, k) * 1e3:5.0f}ms" for k in ("caller", "saver", "io", "other", "child")
+            )
             print(
-                f"  {m.name:44} {t:7.3f}s {(t / base - 1) * 100:+8.1f}% {window_median(w, 'stall'):7.3f}s | "
-                f"     {cpu}  {sum(x['outlived'] for x in w):.0f}/{args.py_repeat}"
+                f"  {m.name:44} {statistics.median(ratios) * 100:+8.1f}% "
+                f"{ratios[0] * 100:+6.1f}..{ratios[-1] * 100:+5.1f}% | "
+                f"{pair_median(p, 'loop') * 1e3:5.0f}ms = {window_median(w, 'stall') * 1e3:5.0f}ms "
+                f"{pair_median(p, 'own') * 1e3:+5.0f}ms {pair_median(p, 'off') * 1e3:+5.0f}ms | "
+                f"     {cpu} {window_median(w, 'gc'):4.0f} {pair_median(p, 'minflt'):7.0f} "
+                f"{sum(x['outlived'] for x in w):.0f}/{len(w)}"
             )
         del state, tensors
 
@@ -458,6 +529,9 @@ def main() -> None:
     parser.add_argument("--window", type=float, default=2.0, help="loop length without a save (s)")
     parser.add_argument("--py-repeat", type=int, default=5)
     parser.add_argument("--skip-dcp", action="store_true")
+    parser.add_argument(
+        "--modes", nargs="+", default=["blocking", "background"], choices=["blocking", "background"]
+    )
     parser.add_argument(
         "--writers", nargs="+", default=["auto", "thread", "process"], choices=["auto", "thread", "process"]
     )

@@ -88,6 +88,33 @@ def test_every_kind_of_tensor_is_staged_byte_exact() -> None:
     assert pool.stats.in_use == 0
 
 
+@pytest.mark.parametrize("small", [False, True])
+def test_large_tensors_copied_as_bytes_are_staged_byte_exact(
+    small: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Large plain tensors take np.copyto of their bytes (MEMCPY_MIN_BYTES); large tensors that
+    are not plain (strided, conj, neg), small ones and arrays beside them keep torch's copy."""
+    if small:  # the same state through the byte copy for every plain tensor, however small
+        monkeypatch.setattr(staging, "MEMCPY_MIN_BYTES", 1)
+    g = torch.Generator().manual_seed(1)
+    big = torch.randn(512, 257, generator=g)  # 526,336 bytes
+    state: dict[str, object] = {
+        "big": big,
+        "big_param": torch.nn.Parameter(torch.randn(300, 300, generator=g)),
+        "big_bf16": torch.randn(700, 300, generator=g).to(torch.bfloat16),
+        "big_transposed": big.t(),
+        "big_conj": torch.randn(200, 200, dtype=torch.complex64, generator=g).conj(),
+        "big_neg": torch.randn(70000, generator=g)._neg_view(),
+        "big_view": big[100:400],  # contiguous, at an offset in its storage
+        "small": torch.randn(3, generator=g),
+        "np": np.arange(100_000, dtype=">f4"),
+    }
+    values, staged = stage(StagingPool(), state)
+    for value, view in zip(values, staged.views, strict=True):
+        assert bytes(view) == expected_bytes(value)
+    staged.release()
+
+
 def test_layout_cache_is_reused_and_rebuilt_when_the_state_changes() -> None:
     pool = StagingPool()
     a = torch.zeros(100)

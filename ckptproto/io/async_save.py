@@ -22,6 +22,7 @@ by ``save`` itself in either mode. See docs/async.md.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import queue
@@ -160,35 +161,41 @@ class AsyncSaver:
         ``fut.result()`` and logged to the ``ckptproto`` logger; nothing partial is committed.
         """
         storage, final = resolve(path)  # a location no backend serves is refused here
-        with _gc.paused():  # the same first stage as every save (ckptproto.io.prepare)
-            prepared = prepare(state_or_stateful, metadata, self._coordinator)
-        future = SaveFuture(final)
-        future.set_running_or_notify_cancel()  # accepted saves cannot be cancelled
-        self._reserve(future)
-        # Stage only what this rank writes; the global layout travels in the share.
-        job = SaveJob(
-            future, prepared.share, storage, final, prepared.metadata_tree, overwrite, staging.Ready()
-        )
-        try:
-            if self.staging == "background":  # the torn-snapshot guard's reference point
-                job.versions = staging.capture_versions(job.share.leaves)
-            if self.staging == "background":
-                # Where each CUDA stream stands now; staging on this thread, right away, sees
-                # the same point without it (the side stream waits on the current stream).
-                job.ready = staging.capture_ready(prepared.encoded.tensors)
-            job.process = async_job.use_process(job, self.writer, self._coordinator)
-            if self.staging == "blocking":
-                self._stage(job)
-                self._write_queue.put(job)
-            else:
-                self._stage_queue.put(job)
-        except BaseException as exc:
-            self._complete(job, None, exc, log=False)
-            raise
-        finally:
-            with self._cond:
-                self._submitting -= 1
-                self._cond.notify_all()
+        # The collector stays paused from prepare until the job is handed off (async_job.
+        # hand_off drops its per-tensor objects), except while this call waits for a slot.
+        with contextlib.ExitStack() as pause:
+            pause.enter_context(_gc.paused())
+            prepared = prepare(state_or_stateful, metadata, self._coordinator)  # as every save
+            future = SaveFuture(final)
+            future.set_running_or_notify_cancel()  # accepted saves cannot be cancelled
+            if not self._reserve(future, wait=False):
+                pause.close()  # a wait for a save in flight can be long: collect meanwhile
+                self._reserve(future)
+            # Stage only what this rank writes; the global layout travels in the share.
+            job = SaveJob(
+                future, prepared.share, storage, final, prepared.metadata_tree, overwrite, staging.Ready()
+            )
+            try:
+                if self.staging == "background":
+                    leaves = prepared.share.leaves
+                    job.versions = staging.capture_versions(leaves)  # the torn-snapshot guard's reference
+                    # Where each CUDA stream stands now; staging on this thread, right away, sees
+                    # the same point without it (the side stream waits on the current stream).
+                    job.ready = staging.capture_ready(prepared.encoded.tensors)
+                del prepared  # the job holds what it needs
+                job.process = async_job.use_process(job, self.writer, self._coordinator)
+                if self.staging == "blocking":
+                    self._stage(job)
+                    self._write_queue.put(job)
+                else:
+                    self._stage_queue.put(job)
+            except BaseException as exc:
+                self._complete(job, None, exc, log=False)
+                raise
+            finally:
+                with self._cond:
+                    self._submitting -= 1
+                    self._cond.notify_all()
         return future
 
     def wait(self, timeout: float | None = None) -> bool:
@@ -242,7 +249,9 @@ class AsyncSaver:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _reserve(self, future: SaveFuture) -> None:
+    def _reserve(self, future: SaveFuture, *, wait: bool = True) -> bool:
+        """Take a slot for ``future``; False (nothing taken) if that needs a wait and ``wait``
+        is False."""
         with self._cond:
             while True:
                 if self._closed:
@@ -252,12 +261,14 @@ class AsyncSaver:
                     self._inflight.add(future)
                     self._unfinished.add(future)
                     self._submitting += 1
-                    return
+                    return True
                 if self.when_full == "raise":
                     raise SaverBusyError(
                         f"{future.path}: {len(self._inflight)} saves still in flight (max_pending="
                         f"{self.max_pending}); wait for one, or use when_full='block'"
                     )
+                if not wait:
+                    return False
                 self._cond.wait()
 
     def reset_after_fork(self) -> None:
@@ -293,21 +304,26 @@ class AsyncSaver:
 
     def _stage(self, job: SaveJob) -> None:
         background = self.staging == "background"
+        share = job.share
+        if share is None:
+            raise CheckpointError(f"{job.future.path}: internal error: the save has no share to stage")
         job.staged = staging.stage_state(
-            self.pool, job.share.leaves, job.ready, recheck=background, shared=job.process
+            self.pool, share.leaves, job.ready, recheck=background, shared=job.process
         )
         job.staged.synchronize()
         if background:
             # The caller may have mutated the state while it was copied (a missed
             # wait_staged()): such a checkpoint would be torn, so the save fails instead.
             staging.check_not_mutated(
-                job.share.leaves, job.versions, job.staged.views, where=str(job.future.path)
+                share.leaves, job.versions, job.staged.views, where=str(job.future.path)
             )
         # Nothing reads the live tensors any more: drop them (CUDA memory can be reused).
         # (The write needs only the staged bytes and the share's pieces.)
-        job.share.leaves = []
+        share.leaves = []
         job.ready = staging.Ready()
         job.future.mark_staged()
+        with _gc.paused():  # (already paused in a blocking save())
+            async_job.hand_off(job)
 
     def _stage_loop(self) -> None:
         while (job := self._stage_queue.get()) is not None:

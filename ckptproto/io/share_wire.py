@@ -1,85 +1,65 @@
-"""A single process's ShareJob as plain columns, to hand it to the checkpoint writer process.
+"""A single process's save, described compactly, to hand it to the checkpoint writer process.
 
-Serializing 20,000 ``Piece``/``ArraySpec``/``TensorLeaf`` dataclasses one by one costs ~100 ms
-of the training process's GIL; JSON lists of strings and ints cost a fraction of that, and the
-writer process rebuilds the objects on its own CPU::
+For a world of one the share is fully determined by the encoded state: its tree, each tensor's
+path and spec. So only those travel, and the writer process plans the pieces itself with the
+same :func:`~ckptproto.io.share.plan_share` every save runs. Specs are shared objects (a state
+of 20,000 tensors has a handful of distinct ones), so they go as a small table plus one raw
+integer per tensor. JSON of the tree and the paths is all the training process encodes: ~12 ms
+of its GIL at 20,000 tensors, where JSON columns of every piece cost ~40 ms::
 
-    text = json.dumps(pack(share))    # in the training process (tensor values already staged)
-    share = unpack(json.loads(text))  # in the writer process
+    text, spec_ids = pack(share)                       # in the training process
+    share = unpack(json.loads(text), spec_ids)         # in the writer process
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+
 from ckptproto import dtypes
 from ckptproto.arrays import ArraySpec
 from ckptproto.errors import CheckpointError
-from ckptproto.io.plan import Piece
-from ckptproto.io.share import ShareJob
+from ckptproto.io.share import ShareJob, plan_share
 from ckptproto.tree import EncodedState, TensorLeaf
 
 
-def pack(share: ShareJob) -> dict[str, Any]:
-    """The columns of ``share`` (its layout and pieces; values are not included). Only a
-    world of one: a DTensor's shard layout does not travel."""
+def pack(share: ShareJob) -> tuple[dict[str, Any], np.ndarray[Any, Any]]:
+    """The description of ``share`` (values not included): JSON-ready columns (the tree, the
+    paths, the distinct specs) and, per tensor, the index of its spec in that table (int64).
+    Only a world of one's share: a distributed one's pieces are not implied by its tree."""
     tensors = share.encoded.tensors
-    if any(t.shard is not None for t in tensors):
+    if share.digest or len(share.pieces) != len(tensors) or any(t.shard is not None for t in tensors):
         raise CheckpointError("internal error: a distributed share cannot go to the writer process")
-    pieces = share.pieces
-    return {
+    table: dict[int, int] = {}
+    specs: list[ArraySpec] = []
+    ids = []
+    for leaf in tensors:
+        spec = leaf.spec
+        found = table.get(id(spec))
+        if found is None:
+            found = table[id(spec)] = len(specs)
+            specs.append(spec)
+        ids.append(found)
+    columns = {
         "tree": share.encoded.tree,
         "paths": [t.path for t in tensors],
-        "kinds": [t.spec.kind for t in tensors],
-        "dtypes": [t.spec.dtype.name for t in tensors],
-        "shapes": [t.spec.shape for t in tensors],
-        "digest": share.digest,
-        "sources": [p.source for p in pieces],
-        "keys": [p.key for p in pieces],
-        "piece_dtypes": [p.spec.dtype.name for p in pieces],
-        "piece_shapes": [p.spec.shape for p in pieces],
-        "piece_kinds": [p.spec.kind for p in pieces],
-        "offsets": [p.offsets for p in pieces],
-        "tensor_index": share.tensor_index,
-        "replicas": share.replicas,
+        "specs": [[s.kind, s.dtype.name, s.shape] for s in specs],
     }
+    return columns, np.array(ids, dtype=np.int64)
 
 
-def unpack(columns: dict[str, Any]) -> ShareJob:
+def unpack(columns: dict[str, Any], spec_ids: np.ndarray[Any, Any]) -> ShareJob:
     """The ShareJob :func:`pack` described, also after a JSON round trip (which turns tuples
-    into lists); ``leaves`` is empty: the bytes come from staging."""
-    specs: dict[tuple[Any, ...], ArraySpec] = {}
-
-    def spec(kind: Any, dtype: str, shape: list[int] | tuple[int, ...]) -> ArraySpec:
-        key = (kind, dtype, tuple(shape))
-        found = specs.get(key)
-        if found is None:
-            found = specs[key] = ArraySpec(kind, dtypes.by_name(dtype), key[2])
-        return found
-
-    tensors = [
-        TensorLeaf(None, spec(kind, dtype, shape), path)
-        for path, kind, dtype, shape in zip(
-            columns["paths"], columns["kinds"], columns["dtypes"], columns["shapes"], strict=True
-        )
-    ]
-    pieces = [
-        Piece(source, key, spec(kind, dtype, shape), tuple(offsets))
-        for source, key, kind, dtype, shape, offsets in zip(
-            columns["sources"],
-            columns["keys"],
-            columns["piece_kinds"],
-            columns["piece_dtypes"],
-            columns["piece_shapes"],
-            columns["offsets"],
-            strict=True,
-        )
-    ]
-    return ShareJob(
-        EncodedState(columns["tree"], tensors),
-        columns["digest"],
-        pieces,
-        [],
-        columns["tensor_index"],
-        {int(index): crc for index, crc in columns["replicas"].items()},  # JSON keys are strings
-    )
+    into lists), planned as ``plan_share`` plans a world of one; ``leaves`` is empty: the bytes
+    come from staging."""
+    specs = [ArraySpec(kind, dtypes.by_name(dtype), tuple(shape)) for kind, dtype, shape in columns["specs"]]
+    paths = columns["paths"]
+    if len(spec_ids) != len(paths) or (
+        len(spec_ids) and not 0 <= int(spec_ids.min()) <= int(spec_ids.max()) < len(specs)
+    ):
+        raise CheckpointError("internal error: the writer process got a malformed job (tensor specs)")
+    tensors = [TensorLeaf(None, specs[i], path) for i, path in zip(spec_ids.tolist(), paths, strict=True)]
+    share = plan_share(EncodedState(columns["tree"], tensors), 0, 1)
+    share.leaves = []
+    return share

@@ -94,6 +94,10 @@ class Slab:
         return self.tensor
 
 
+class _NoSharedMemory(Exception):
+    """A shared slab could not be made here (a private one serves instead)."""
+
+
 @dataclass
 class PoolStats:
     """What a pool holds: ``allocated`` slabs ever created, ``bytes`` currently held."""
@@ -125,7 +129,17 @@ class StagingPool:
 
     def acquire(self, nbytes: int, *, pinned: bool, shared: bool = False) -> Slab:
         """A slab of at least ``nbytes`` bytes (reused when one is free); ``shared``: one the
-        checkpoint writer process can map (see :class:`Slab`)."""
+        checkpoint writer process can map (see :class:`Slab`) if shared memory can be had,
+        else a private one (``slab.shared`` says which: the save is then written by a thread).
+        """
+        if shared:
+            try:
+                return self._acquire(nbytes, pinned=pinned, shared=True)
+            except _NoSharedMemory:
+                pass  # e.g. a file size limit (RLIMIT_FSIZE) covers memfds too
+        return self._acquire(nbytes, pinned=pinned, shared=False)
+
+    def _acquire(self, nbytes: int, *, pinned: bool, shared: bool) -> Slab:
         want = (pinned, shared)
         with self._lock:
             fits = [s for s in self._free if (s.pinned, s.shared) == want and s.capacity >= nbytes]
@@ -142,17 +156,25 @@ class StagingPool:
         capacity = slab_capacity(nbytes)
         try:
             slab = Slab(capacity, pinned, shared)
-        except (MemoryError, RuntimeError, OSError) as exc:
-            kind = "pinned host" if pinned else "host"
-            raise CheckpointError(
-                f"cannot allocate {capacity} bytes of {kind} memory to stage a checkpoint: {exc}; "
-                "use the synchronous ckptproto.save, or lower max_pending"
-            ) from exc
+        except OSError as exc:
+            if shared:
+                raise _NoSharedMemory from exc
+            raise self._cannot(capacity, pinned, exc) from exc
+        except (MemoryError, RuntimeError) as exc:
+            raise self._cannot(capacity, pinned, exc) from exc
         with self._lock:
             self.stats.allocated += 1
             self.stats.held_bytes += capacity
             self.stats.in_use += 1
         return slab
+
+    @staticmethod
+    def _cannot(capacity: int, pinned: bool, exc: BaseException) -> CheckpointError:
+        kind = "pinned host" if pinned else "host"
+        return CheckpointError(
+            f"cannot allocate {capacity} bytes of {kind} memory to stage a checkpoint: {exc}; "
+            "use the synchronous ckptproto.save, or lower max_pending"
+        )
 
     def release(self, slab: Slab) -> None:
         with self._lock:

@@ -1,5 +1,7 @@
-"""The checkpoint writer process's entry point (``python -m ckptproto.io.writer_main FD [PARENT_PIPE_FD]``), apart
-from :mod:`ckptproto.io.writer_process` so that running it does not import that module twice."""
+"""The checkpoint writer process's entry point, apart from :mod:`ckptproto.io.writer_process` so
+that starting it does not import that module twice: the training process runs
+``python -c "...; from ckptproto.io.writer_main import start; start()" PACKAGE_ROOT FD PIPE_FD``
+(``writer_process.BOOT``)."""
 
 from __future__ import annotations
 
@@ -7,5 +9,12 @@ import sys
 
 from ckptproto.io.writer_process import main
 
-if __name__ == "__main__":
+
+def start() -> None:
+    """Serve the training process: ``sys.argv[1:]`` are the socket's descriptor and that of the
+    pipe whose end-of-file says the training process is gone."""
     main(int(sys.argv[1]), int(sys.argv[2]) if len(sys.argv) > 2 else None)
+
+
+if __name__ == "__main__":
+    start()

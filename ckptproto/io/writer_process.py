@@ -6,14 +6,15 @@ maps that memfd and runs the same :func:`ckptproto.io.pipeline.run` a writer thr
 on the same local storage, with the same commit protocol::
 
     proc = WriterProcess()
-    info = proc.run(final, share, metadata_tree, overwrite, staged.shared())
+    info = proc.run(describe(final, share, metadata_tree, overwrite, staged.shared()))
     proc.close()
 
-The job goes over a private socketpair: the memfd as SCM_RIGHTS, the layout as JSON columns
-(:mod:`ckptproto.io.share_wire`; nothing is pickled, here as everywhere on the default path),
-each view's place in the slab as raw int64 pairs. The result, or the save's own exception by
+The job goes over a private socketpair: the memfd as SCM_RIGHTS, the layout as JSON (the
+tree, the paths and the distinct specs, :mod:`ckptproto.io.share_wire`; nothing is pickled,
+here as everywhere on the default path), each tensor's spec and place in the slab as raw
+int64s; the child plans the pieces itself. The result, or the save's own exception by
 class name and message, comes back as JSON. If the child dies, the save fails with CheckpointWriteError and the next
-save starts a new child. It is started with ``python -m ckptproto.io.writer_main`` (not
+save starts a new child. It is started with ``python -c BOOT`` (:data:`BOOT`; not
 multiprocessing's spawn, which re-imports the training script's ``__main__``), imports only
 ckptproto and numpy (never torch), and exits when its parent closes the socket or dies. A
 parent that dies hard (SIGKILL, the OOM killer) takes its save in flight with it, as it would
@@ -33,7 +34,7 @@ import struct
 import subprocess
 import sys
 import threading
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -52,9 +53,49 @@ from ckptproto.location import Location
 
 logger = logging.getLogger("ckptproto")
 
-_HEADER = struct.Struct("!QQ")  # lengths of the JSON job and of its spans that follow; 0, 0: exit
+_HEADER = struct.Struct("!QQ")  # lengths of the JSON job and of the raw int64s that follow; 0, 0: exit
 _ANSWER = struct.Struct("!Q")  # the length of the JSON answer that follows
+# How the child starts. ``python -m`` (and ``-c``) put the current directory first on sys.path:
+# a training script run from a directory holding another ckptproto (a checkout, an older copy)
+# would start a writer of that other version, which misreads this one's jobs. The root of the
+# package this process imported takes that place instead.
+BOOT = "import sys; sys.path[0] = sys.argv.pop(1); from ckptproto.io.writer_main import start; start()"
 _ACK = b"+"  # the child has the whole job (sent before it starts on it)
+
+
+@dataclass
+class WireJob:
+    """One staged save, encoded for the writer process: the JSON ``message`` (destination,
+    layout, metadata), the ``raw`` int64s (each tensor's spec and place in the slab) and the
+    slab's memfd ``fd``. It holds no Python object per tensor, so a save in flight adds nothing
+    for the training process's garbage collector to walk."""
+
+    final: Location
+    message: bytes
+    raw: bytes
+    fd: int
+    metadata_tree: Any
+
+
+def describe(
+    final: Location,
+    share: ShareJob,
+    metadata_tree: Any,
+    overwrite: bool,
+    shared: tuple[int, np.ndarray[Any, Any]],
+) -> WireJob:
+    """The job :meth:`WriterProcess.run` sends for ``share``, staged in the slab ``shared``
+    (``Staged.shared()``: its memfd and each tensor's ``(offset, length)``)::
+
+        job = describe(final, share, metadata_tree, False, staged.shared())
+    """
+    fd, spans = shared
+    columns, spec_ids = share_wire.pack(share)
+    job = {"final": str(final), "share": columns, "metadata": metadata_tree, "overwrite": overwrite}
+    message = json.dumps(job, separators=(",", ":")).encode()
+    # Raw int64s after the JSON: each tensor's spec in the table, then its (offset, length).
+    raw = spec_ids.tobytes() + spans.astype(np.int64, copy=False).tobytes()
+    return WireJob(final, message, raw, fd, metadata_tree)
 
 
 def available() -> bool:
@@ -99,7 +140,7 @@ class WriterProcess:
         env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
         try:
             self._proc = subprocess.Popen(
-                [sys.executable, "-m", "ckptproto.io.writer_main", str(theirs.fileno()), str(watch)],
+                [sys.executable, "-c", BOOT, package_root, str(theirs.fileno()), str(watch)],
                 pass_fds=(theirs.fileno(), watch),
                 stdin=subprocess.DEVNULL,
                 env=env,
@@ -123,27 +164,13 @@ class WriterProcess:
         if alive is not None:
             os.close(alive)
 
-    def run(
-        self,
-        final: Location,
-        share: ShareJob,
-        metadata_tree: Any,
-        overwrite: bool,
-        shared: tuple[int, np.ndarray[Any, Any]],
-    ) -> CheckpointInfo:
+    def run(self, job: WireJob) -> CheckpointInfo:
         """Write and commit one staged save (local storage) in the child; raises what the save
         raised there (the same CheckpointError subclass and message), or CheckpointWriteError
         if the child died."""
-        fd, spans = shared
-        job = {
-            "final": str(final),
-            "share": share_wire.pack(share),
-            "metadata": metadata_tree,
-            "overwrite": overwrite,
-        }
-        message = json.dumps(job, separators=(",", ":")).encode()
+        final = job.final
         with self._lock:
-            self._hand_over(final, message, spans.tobytes(), fd)
+            self._hand_over(final, job.message, job.raw, job.fd)
             try:
                 size = _ANSWER.unpack(_recv_exact(self._sock_or_raise(), _ANSWER.size))[0]
                 answer = json.loads(_recv_exact(self._sock_or_raise(), size))
@@ -153,7 +180,7 @@ class WriterProcess:
             # The info pipeline.run returned there, rebuilt from what this process already has
             # (the metadata it asked to save) and what only the child knows.
             manifest = Manifest(
-                state={}, tensors=[], files={}, metadata=metadata_tree, created=answer["created"]
+                state={}, tensors=[], files={}, metadata=job.metadata_tree, created=answer["created"]
             )
             info = CheckpointInfo.from_manifest(final, manifest, decode_metadata(manifest, final))
             return replace(info, nbytes=answer["nbytes"], format_version=answer["format_version"])
@@ -164,7 +191,7 @@ class WriterProcess:
             raise EOFError("the writer process is not running")
         return self._sock
 
-    def _hand_over(self, final: Location, message: bytes, spans: bytes, fd: int) -> None:
+    def _hand_over(self, final: Location, message: bytes, raw: bytes, fd: int) -> None:
         """Send the job; returns once the child acknowledged it. A child that died before
         that (killed while idle, say) cannot have started the save: a new one is started and
         the job sent again, once."""
@@ -176,8 +203,8 @@ class WriterProcess:
                     f"saving {final}: cannot start the checkpoint writer process: {exc}"
                 ) from exc
             try:
-                socket.send_fds(sock, [_HEADER.pack(len(message), len(spans))], [fd])
-                sock.sendall(message + spans)
+                socket.send_fds(sock, [_HEADER.pack(len(message), len(raw))], [fd])
+                sock.sendall(message + raw)
                 if _recv_exact(sock, 1) == _ACK:
                     return
                 raise EOFError("the writer process answered out of turn")
@@ -253,12 +280,12 @@ def _serve_one(sock: socket.socket, maps: dict[tuple[int, int], mmap.mmap]) -> b
         return False
     if len(header) < _HEADER.size:
         header += _recv_exact(sock, _HEADER.size - len(header))
-    size, spans_size = _HEADER.unpack(header)
+    size, raw_size = _HEADER.unpack(header)
     if size == 0:
         for fd in fds:
             os.close(fd)
         return False
-    message = _recv_exact(sock, size + spans_size)
+    message = _recv_exact(sock, size + raw_size)
     sock.sendall(_ACK)
     answer: dict[str, Any]
     try:
@@ -269,14 +296,20 @@ def _serve_one(sock: socket.socket, maps: dict[tuple[int, int], mmap.mmap]) -> b
         key = (stat.st_dev, stat.st_ino)
         if key not in maps or len(maps[key]) != stat.st_size:
             maps.clear()  # slabs the parent dropped are unmapped here too
-            maps[key] = mmap.mmap(fds[0], stat.st_size, prot=mmap.PROT_READ)
+            # Populated at once: one call maps every page, not one fault per page on first read.
+            flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
+            maps[key] = mmap.mmap(fds[0], stat.st_size, flags=flags, prot=mmap.PROT_READ)
         whole = memoryview(maps[key])
-        spans = np.frombuffer(message, dtype=np.int64, offset=size).reshape(-1, 2).tolist()
-        views = [whole[offset : offset + length] for offset, length in spans]
+        raw = np.frombuffer(message, dtype=np.int64, offset=size)
+        count = len(job["share"]["paths"])
+        if len(raw) != 3 * count:
+            raise CheckpointError("internal error: the writer process got a malformed job (spans)")
+        share = share_wire.unpack(job["share"], raw[:count])
+        views = [whole[offset : offset + length] for offset, length in raw[count:].reshape(-1, 2).tolist()]
         _SAVING.set()
         info = pipeline.run(
             Path(job["final"]),
-            share_wire.unpack(job["share"]),
+            share,
             job["metadata"],
             views,
             Solo(),
