@@ -165,7 +165,7 @@ def run_case(name: str, state: dict[str, torch.Tensor], root: Path, repeat: int,
             f"  {m:<12} {s:8.3f} {nbytes / s / 1e9:6.2f} {s / base_s:7.2f} {s / dd_s:6.2f}   "
             f"{lo:8.3f} {nbytes / lo / 1e9:6.2f} {lo / base_l:7.2f} {lo / torch_l:8.2f}"
         )
-    print("  (x dd: save time over the same bytes written sequentially with plain writes + fsync;")
+    print("  (x dd: save time over the same bytes written sequentially, 1 MiB writes + fsync;")
     print("   goal: ckptproto <= 1.1. dd+fsync's load: one read() into a new bytearray, for reference.)")
 
 
