@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ckptproto import protocol
+from ckptproto._child import python_command
 from ckptproto.conformance.compare import Difference, compare_trees
 from ckptproto.conformance.context import (
     CheckFailed,
@@ -296,7 +297,8 @@ def child_environment(parent: Mapping[str, str]) -> dict[str, str]:
 
 
 def _child(ctx: Context, *args: str) -> None:
-    command = [sys.executable, "-m", "ckptproto.conformance.child", *args]
+    # This very ckptproto first, the adapter's directory next (child_environment).
+    command = python_command("ckptproto.conformance.child:start", *args)
     try:
         done = subprocess.run(
             command,

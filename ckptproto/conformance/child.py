@@ -56,5 +56,10 @@ def main(argv: Sequence[str]) -> int:
         return INTERNAL_EXIT
 
 
-if __name__ == "__main__":
+def start() -> None:
+    """The entry point checks.py starts (``ckptproto._child.python_command``)."""
     sys.exit(main(sys.argv[1:]))
+
+
+if __name__ == "__main__":
+    start()

@@ -1,7 +1,6 @@
 """The checkpoint writer process's entry point, apart from :mod:`ckptproto.io.writer_process` so
 that starting it does not import that module twice: the training process runs
-``python -c "...; from ckptproto.io.writer_main import start; start()" PACKAGE_ROOT FD PIPE_FD``
-(``writer_process.BOOT``)."""
+``python_command("ckptproto.io.writer_main:start", FD, PIPE_FD)`` (``ckptproto._child``)."""
 
 from __future__ import annotations
 

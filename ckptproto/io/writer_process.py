@@ -14,7 +14,7 @@ tree, the paths and the distinct specs, :mod:`ckptproto.io.share_wire`; nothing 
 here as everywhere on the default path), each tensor's spec and place in the slab as raw
 int64s; the child plans the pieces itself. The result, or the save's own exception by
 class name and message, comes back as JSON. If the child dies, the save fails with CheckpointWriteError and the next
-save starts a new child. It is started with ``python -c BOOT`` (:data:`BOOT`; not
+save starts a new child. It is started by ``ckptproto._child.python_command`` (not
 multiprocessing's spawn, which re-imports the training script's ``__main__``), imports only
 ckptproto and numpy (never torch), and exits when its parent closes the socket or dies. A
 parent that dies hard (SIGKILL, the OOM killer) takes its save in flight with it, as it would
@@ -32,7 +32,6 @@ import os
 import socket
 import struct
 import subprocess
-import sys
 import threading
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -41,6 +40,7 @@ from typing import Any
 import numpy as np
 
 from ckptproto import errors
+from ckptproto._child import child_env, python_command
 from ckptproto.errors import CheckpointError, CheckpointWriteError
 from ckptproto.format.info import CheckpointInfo
 from ckptproto.format.manifest import Manifest
@@ -55,11 +55,6 @@ logger = logging.getLogger("ckptproto")
 
 _HEADER = struct.Struct("!QQ")  # lengths of the JSON job and of the raw int64s that follow; 0, 0: exit
 _ANSWER = struct.Struct("!Q")  # the length of the JSON answer that follows
-# How the child starts. ``python -m`` (and ``-c``) put the current directory first on sys.path:
-# a training script run from a directory holding another ckptproto (a checkout, an older copy)
-# would start a writer of that other version, which misreads this one's jobs. The root of the
-# package this process imported takes that place instead.
-BOOT = "import sys; sys.path[0] = sys.argv.pop(1); from ckptproto.io.writer_main import start; start()"
 _ACK = b"+"  # the child has the whole job (sent before it starts on it)
 
 
@@ -134,16 +129,13 @@ class WriterProcess:
         # Only this process holds the write end (not inheritable): the child reads EOF from
         # its end when we are gone, however we went.
         watch, alive = os.pipe()
-        # The child must import this very ckptproto, whatever sys.path the parent was given.
-        package_root = str(Path(__file__).resolve().parents[2])
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
         try:
             self._proc = subprocess.Popen(
-                [sys.executable, "-c", BOOT, package_root, str(theirs.fileno()), str(watch)],
+                # This very ckptproto, whatever the current directory holds (ckptproto._child).
+                python_command("ckptproto.io.writer_main:start", str(theirs.fileno()), str(watch)),
                 pass_fds=(theirs.fileno(), watch),
                 stdin=subprocess.DEVNULL,
-                env=env,
+                env=child_env(os.environ),
                 # Its own session: a Ctrl-C meant for the training loop must not kill a save
                 # in the middle (the parent finishes its pending saves at exit).
                 start_new_session=True,
