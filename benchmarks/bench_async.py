@@ -441,13 +441,16 @@ def part3(args: argparse.Namespace, root: Path) -> None:
     the median over ``--py-repeat`` pairs of (loop with the save) / (its pair's loop without)
     - 1: a drift in the machine's load hits both halves of a pair alike."""
     scratch = torch.zeros(16)
-    t0 = time.perf_counter()
-    for _ in range(20):
+    for _ in range(50):
         python_step(args.py_work, scratch)
-    per_step = (time.perf_counter() - t0) / 20
+    t0, done = time.perf_counter(), 0
+    while time.perf_counter() - t0 < 0.3:
+        python_step(args.py_work, scratch)
+        done += 1
+    per_step = (time.perf_counter() - t0) / done  # a first guess: set again per state, below
     steps = max(10, round(args.window / per_step))
     print(
-        f"\npart 3: Python-heavy loop ({per_step * 1e3:.1f} ms/step, {steps} steps ~{args.window:.1f} s) "
+        f"\npart 3: Python-heavy loop (~{args.window:.1f} s without a save) "
         f"with one save started at its first step; {args.py_repeat} A/B pairs per method "
         "(a no-save run beside each), medians"
     )
@@ -460,28 +463,32 @@ def part3(args: argparse.Namespace, root: Path) -> None:
         baseline, saving = methods[0], methods[1:]
         pairs: dict[str, list[tuple[Window, Window]]] = {m.name: [] for m in saving}
 
-        def window(m: InFlight) -> Window:
+        def window(m: InFlight, steps: int) -> Window:
             nonlocal counter
             counter += 1
             return run_window(m, root / f"py{counter}", steps, args.py_work, scratch)
 
         for m in methods:
-            window(m)  # warm-up: buffers, threads, the writer process, imports
+            window(m, steps)  # warm-up: buffers, threads, the writer process, imports
+        # The loop's length set from warm no-save windows of this very setting (a step timed
+        # alone, before the state exists, ran ~1.8x slower than in the windows: loops of 1.1 s).
+        took = statistics.median(window(baseline, steps)["loop"] for _ in range(3))
+        steps = max(10, round(steps * args.window / took))
         for r in range(args.py_repeat):
             for m in saving[r % len(saving) :] + saving[: r % len(saving)]:
                 if r % 2 == 0:
-                    a = window(baseline)
-                    b = window(m)
+                    a = window(baseline, steps)
+                    b = window(m, steps)
                 else:
-                    b = window(m)
-                    a = window(baseline)
+                    b = window(m, steps)
+                    a = window(baseline, steps)
                 pairs[m.name].append((a, b))
         for m in methods:
             m.close()
 
         every_a = [a for p in pairs.values() for a, _b in p]
         print(
-            f"  state: {len(tensors)} tensors, {nbytes / 2**20:.0f} MiB; no-save loop "
+            f"  state: {len(tensors)} tensors, {nbytes / 2**20:.0f} MiB; {steps} steps; no-save loop "
             f"{window_median(every_a, 'loop'):.3f} s (median of {len(every_a)})"
         )
         print(
