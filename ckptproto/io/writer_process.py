@@ -39,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from ckptproto import errors
+from ckptproto import _gc, errors
 from ckptproto._child import child_env, python_command
 from ckptproto.errors import CheckpointError, CheckpointWriteError
 from ckptproto.format.info import CheckpointInfo
@@ -279,7 +279,26 @@ def _serve_one(sock: socket.socket, maps: dict[tuple[int, int], mmap.mmap]) -> b
         return False
     message = _recv_exact(sock, size + raw_size)
     sock.sendall(_ACK)
-    answer: dict[str, Any]
+    # The collector paused through the whole job, not only the pipeline: decoding it makes
+    # ~100,000 objects at 20,000 tensors, none in a cycle, whose young collections cost more
+    # CPU than the decoding itself (the child's CPU per save: 155 -> 100 ms).
+    with _gc.paused():
+        try:
+            answer = _run_job(message, size, fds, maps)
+        finally:
+            _SAVING.clear()
+            for fd in fds:
+                os.close(fd)
+    data = json.dumps(answer).encode()
+    sock.sendall(_ANSWER.pack(len(data)) + data)
+    return True
+
+
+def _run_job(
+    message: bytes, size: int, fds: list[int], maps: dict[tuple[int, int], mmap.mmap]
+) -> dict[str, Any]:
+    """Run one received job; the answer for the training process (a failure as its type and
+    message)."""
     try:
         if len(fds) != 1:
             raise CheckpointError(f"internal error: the writer process got {len(fds)} descriptors, not 1")
@@ -309,21 +328,14 @@ def _serve_one(sock: socket.socket, maps: dict[tuple[int, int], mmap.mmap]) -> b
             storage=LocalStorage(),
         )
         del views, whole
-        answer = {
-            "ok": True,
-            "created": info.created.isoformat() if info.created is not None else "",
-            "nbytes": info.nbytes,
-            "format_version": info.format_version,
-        }
     except Exception as exc:
-        answer = {"ok": False, "type": type(exc).__name__, "message": str(exc)}
-    finally:
-        _SAVING.clear()
-        for fd in fds:
-            os.close(fd)
-    data = json.dumps(answer).encode()
-    sock.sendall(_ANSWER.pack(len(data)) + data)
-    return True
+        return {"ok": False, "type": type(exc).__name__, "message": str(exc)}
+    return {
+        "ok": True,
+        "created": info.created.isoformat() if info.created is not None else "",
+        "nbytes": info.nbytes,
+        "format_version": info.format_version,
+    }
 
 
 _SAVING = threading.Event()  # set while a save is in flight in this child
