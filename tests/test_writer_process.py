@@ -256,7 +256,7 @@ def test_the_share_travels_as_columns_and_comes_back_equal() -> None:
     state["models"]["model"]["same"] = {"name": torch.zeros(3)}  # keys made unique alike
     prepared = prepare(state, None, Solo())
     share = prepared.share
-    columns, spec_ids = share_wire.pack(share)
+    columns, spec_ids = share_wire.pack(prepared.encoded)
     # A handful of distinct specs, each sent once; one raw index per tensor.
     assert len(columns["specs"]) < len(share.pieces) and len(spec_ids) == len(share.pieces)
     back = share_wire.unpack(json.loads(json.dumps(columns)), np.frombuffer(spec_ids.tobytes(), np.int64))

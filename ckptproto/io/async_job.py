@@ -2,6 +2,8 @@
 pipeline) or in the checkpoint writer process (:mod:`ckptproto.io.writer_process`)::
 
     job.process = use_process(job, "auto", coordinator)   # in save(), before staging
+    if not job.process: plan(job, coordinator)            # the share the thread writes
+    leaves = stage_leaves(job)                            # what to stage
     hand_off(job)                                         # once staged
     info = write(job, coordinator, writer)                # on the saver's writer thread
 """
@@ -15,13 +17,14 @@ from typing import Any, Literal
 from ckptproto.errors import CheckpointError
 from ckptproto.format.info import CheckpointInfo
 from ckptproto.io import pipeline, staging, writer_process
-from ckptproto.io.coordinate import Coordinator
+from ckptproto.io.coordinate import Coordinator, Solo
 from ckptproto.io.local_storage import LocalStorage
 from ckptproto.io.save_future import SaveFuture
-from ckptproto.io.share import ShareJob
+from ckptproto.io.share import ShareJob, plan_share
 from ckptproto.io.staging import Staged
 from ckptproto.io.storage import Storage
 from ckptproto.location import Location
+from ckptproto.tree import EncodedState, TensorLeaf
 
 WriterMode = Literal["auto", "thread", "process"]
 
@@ -39,7 +42,9 @@ class SaveJob:
     """One accepted save on its way through the saver's threads."""
 
     future: SaveFuture
-    share: ShareJob | None  # this rank's part of the save: its pieces and their live values
+    # This rank's part of the save: its pieces and their live values. Planned in save() when the
+    # thread writes; a job for the writer process is planned there, from ``encoded``.
+    share: ShareJob | None
     storage: Storage
     final: Location
     metadata_tree: Any
@@ -49,6 +54,7 @@ class SaveJob:
     staged: Staged | None = None
     process: bool = False  # staged into a shared slab, for the writer process
     wire: writer_process.WireJob | None = None  # the job as the writer process gets it (share: None)
+    encoded: EncodedState | None = None  # the whole state, live values included, until staged
 
 
 def use_process(job: SaveJob, writer: WriterMode, coordinator: Coordinator) -> bool:
@@ -59,27 +65,51 @@ def use_process(job: SaveJob, writer: WriterMode, coordinator: Coordinator) -> b
     # The child writes through a LocalStorage of its own (a subclass's behaviour would be lost)
     if type(job.storage) is not LocalStorage or not writer_process.available():
         return False
-    assert job.share is not None
-    pieces = job.share.pieces
-    if writer == "process" or len(pieces) >= PROCESS_MIN_TENSORS:
+    if job.encoded is None:
+        raise CheckpointError(f"{job.future.path}: internal error: the save has no state to write")
+    tensors = job.encoded.tensors  # a world of one writes every tensor
+    if writer == "process" or len(tensors) >= PROCESS_MIN_TENSORS:
         return True
-    return sum(piece.spec.nbytes for piece in pieces) >= PROCESS_MIN_BYTES
+    return sum(leaf.spec.nbytes for leaf in tensors) >= PROCESS_MIN_BYTES
+
+
+def plan(job: SaveJob, coordinator: Coordinator) -> ShareJob:
+    """``job``'s share on ``coordinator``, planned now if it was not yet."""
+    if job.share is None:
+        if job.encoded is None:
+            raise CheckpointError(f"{job.future.path}: internal error: the save has no state to plan")
+        job.share = plan_share(job.encoded, coordinator.rank, coordinator.size)
+    return job.share
+
+
+def stage_leaves(job: SaveJob) -> list[TensorLeaf]:
+    """The tensors ``job`` stages: its share's, or, not planned (a job for the writer process:
+    a world of one, no DTensor), every tensor of the state."""
+    if job.share is not None:
+        return job.share.leaves
+    if job.encoded is None:
+        raise CheckpointError(f"{job.future.path}: internal error: the save has no state to stage")
+    return job.encoded.tensors
 
 
 def hand_off(job: SaveJob) -> None:
-    """Once ``job`` is staged: if its bytes are in a shared slab, encode it for the writer
-    process now and drop its share (tens of thousands of small objects at 20,000 tensors).
-    Called while the collector is paused, this leaves the collector nothing new to count or
-    walk while the save is in flight: such objects, alive across the training loop's
-    allocations, cost it young and then full collections (~100 ms each at 20,000 tensors)."""
-    if not job.process or job.staged is None or job.share is None:
-        return
-    shared = job.staged.shared()
-    if shared is None:  # CUDA tensors (a pinned slab), or no shared memory: the thread writes
-        return
-    job.wire = writer_process.describe(job.final, job.share, job.metadata_tree, job.overwrite, shared)
-    job.share = None
-    job.staged.views = []  # the writer process finds the bytes by their places in the slab
+    """Once ``job`` is staged, drop its live values (nothing reads them any more; CUDA memory
+    can be reused), and if its bytes are in a shared slab, encode it for the writer process
+    now, keeping no share (tens of thousands of small objects at 20,000 tensors). Called while
+    the collector is paused, this leaves the collector nothing new to count or walk while the
+    save is in flight: such objects, alive across the training loop's allocations, cost it
+    young and then full collections (~100 ms each at 20,000 tensors)."""
+    if job.staged is None:
+        raise CheckpointError(f"{job.future.path}: internal error: the save was not staged")
+    shared = job.staged.shared() if job.process and job.encoded is not None else None
+    if job.encoded is not None and shared is not None:
+        job.wire = writer_process.describe(job.final, job.encoded, job.metadata_tree, job.overwrite, shared)
+        job.staged.views = []  # the writer process finds the bytes by their places in the slab
+    else:
+        # The thread writes (CUDA tensors in a pinned slab, or no shared memory, or it was
+        # chosen): a job meant for the writer process is a world of one's, planned here.
+        plan(job, Solo()).leaves = []
+    job.encoded = None
 
 
 def write(

@@ -41,7 +41,7 @@ from ckptproto.io import pipeline as pipeline
 from ckptproto.io.async_job import SaveJob, WriterMode
 from ckptproto.io.backends import resolve
 from ckptproto.io.coordinate import Timeout, background_coordinator
-from ckptproto.io.prepare import prepare
+from ckptproto.io.prepare import check_and_encode
 from ckptproto.io.save_future import SaveFuture
 from ckptproto.io.staging import StagingPool
 from ckptproto.protocol import Stateful
@@ -165,25 +165,29 @@ class AsyncSaver:
         # hand_off drops its per-tensor objects), except while this call waits for a slot.
         with contextlib.ExitStack() as pause:
             pause.enter_context(_gc.paused())
-            prepared = prepare(state_or_stateful, metadata, self._coordinator)  # as every save
+            encoded, metadata_tree = check_and_encode(state_or_stateful, metadata, self._coordinator)
             future = SaveFuture(final)
             future.set_running_or_notify_cancel()  # accepted saves cannot be cancelled
             if not self._reserve(future, wait=False):
                 pause.close()  # a wait for a save in flight can be long: collect meanwhile
                 self._reserve(future)
-            # Stage only what this rank writes; the global layout travels in the share.
             job = SaveJob(
-                future, prepared.share, storage, final, prepared.metadata_tree, overwrite, staging.Ready()
+                future, None, storage, final, metadata_tree, overwrite, staging.Ready(), encoded=encoded
             )
             try:
+                job.process = async_job.use_process(job, self.writer, self._coordinator)
+                if not job.process:
+                    # Stage only what this rank writes; the global layout travels in the share.
+                    # (The writer process plans its job itself: that is Python work, ~0.5 us a
+                    # tensor, the training process no longer does.)
+                    async_job.plan(job, self._coordinator)
                 if self.staging == "background":
-                    leaves = prepared.share.leaves
+                    leaves = async_job.stage_leaves(job)
                     job.versions = staging.capture_versions(leaves)  # the torn-snapshot guard's reference
                     # Where each CUDA stream stands now; staging on this thread, right away, sees
                     # the same point without it (the side stream waits on the current stream).
-                    job.ready = staging.capture_ready(prepared.encoded.tensors)
-                del prepared  # the job holds what it needs
-                job.process = async_job.use_process(job, self.writer, self._coordinator)
+                    job.ready = staging.capture_ready(encoded.tensors)
+                del encoded  # the job holds what it needs
                 if self.staging == "blocking":
                     self._stage(job)
                     self._write_queue.put(job)
@@ -304,25 +308,18 @@ class AsyncSaver:
 
     def _stage(self, job: SaveJob) -> None:
         background = self.staging == "background"
-        share = job.share
-        if share is None:
-            raise CheckpointError(f"{job.future.path}: internal error: the save has no share to stage")
-        job.staged = staging.stage_state(
-            self.pool, share.leaves, job.ready, recheck=background, shared=job.process
-        )
+        leaves = async_job.stage_leaves(job)
+        job.staged = staging.stage_state(self.pool, leaves, job.ready, recheck=background, shared=job.process)
         job.staged.synchronize()
         if background:
             # The caller may have mutated the state while it was copied (a missed
             # wait_staged()): such a checkpoint would be torn, so the save fails instead.
-            staging.check_not_mutated(
-                share.leaves, job.versions, job.staged.views, where=str(job.future.path)
-            )
-        # Nothing reads the live tensors any more: drop them (CUDA memory can be reused).
-        # (The write needs only the staged bytes and the share's pieces.)
-        share.leaves = []
+            staging.check_not_mutated(leaves, job.versions, job.staged.views, where=str(job.future.path))
+        del leaves
         job.ready = staging.Ready()
         job.future.mark_staged()
         with _gc.paused():  # (already paused in a blocking save())
+            # The live tensors dropped (the write needs only the staged bytes and the plan).
             async_job.hand_off(job)
 
     def _stage_loop(self) -> None:

@@ -41,6 +41,18 @@ def prepare(
 ) -> Prepared:
     """Check, encode and plan a save on ``coord``. A DTensor is refused unless ``coord`` is a
     torch.distributed group (its other shards live on the other ranks)."""
+    encoded, metadata_tree = check_and_encode(state_or_stateful, metadata, coord)
+    return Prepared(encoded, metadata_tree, plan_share(encoded, coord.rank, coord.size))
+
+
+def check_and_encode(
+    state_or_stateful: Stateful | Mapping[str, Any], metadata: Mapping[str, Any] | None, coord: Coordinator
+) -> tuple[EncodedState, Any]:
+    """:func:`prepare` without planning the share: the encoded state and metadata tree. (An
+    async save handed to the writer process is planned there, not in the training process.)::
+
+        encoded, metadata_tree = check_and_encode(state, None, Solo())
+    """
     state = resolve_statefuls(protocol.state_of(state_or_stateful))
     encoded = encode_state(state)
     if not coord.distributed:
@@ -51,8 +63,7 @@ def prepare(
                     "do not pass process_group='local'",
                     path=leaf.path,
                 )
-    metadata_tree = encode_metadata(metadata, state)
-    return Prepared(encoded, metadata_tree, plan_share(encoded, coord.rank, coord.size))
+    return encoded, encode_metadata(metadata, state)
 
 
 def resolve_statefuls(state: Mapping[str, Any]) -> dict[str, Any]:

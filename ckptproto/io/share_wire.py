@@ -7,7 +7,7 @@ of 20,000 tensors has a handful of distinct ones), so they go as a small table p
 integer per tensor. JSON of the tree and the paths is all the training process encodes: ~12 ms
 of its GIL at 20,000 tensors, where JSON columns of every piece cost ~40 ms::
 
-    text, spec_ids = pack(share)                       # in the training process
+    text, spec_ids = pack(encoded)                     # in the training process
     share = unpack(json.loads(text), spec_ids)         # in the writer process
 """
 
@@ -24,29 +24,25 @@ from ckptproto.io.share import ShareJob, plan_share
 from ckptproto.tree import EncodedState, TensorLeaf
 
 
-def pack(share: ShareJob) -> tuple[dict[str, Any], np.ndarray[Any, Any]]:
-    """The description of ``share`` (values not included): JSON-ready columns (the tree, the
-    paths, the distinct specs) and, per tensor, the index of its spec in that table (int64).
-    Only a world of one's share: a distributed one's pieces are not implied by its tree."""
-    tensors = share.encoded.tensors
-    if share.digest or len(share.pieces) != len(tensors) or any(t.shard is not None for t in tensors):
+def pack(encoded: EncodedState) -> tuple[dict[str, Any], np.ndarray[Any, Any]]:
+    """The description of a world of one's save of ``encoded`` (values not included): JSON-ready
+    columns (the tree, the paths, the distinct specs) and, per tensor, the index of its spec in
+    that table (int64). A DTensor's shards are not implied by the tree: refused."""
+    tensors = encoded.tensors
+    if any(t.shard is not None for t in tensors):
         raise CheckpointError("internal error: a distributed share cannot go to the writer process")
     table: dict[int, int] = {}
     specs: list[ArraySpec] = []
-    ids = []
     for leaf in tensors:
-        spec = leaf.spec
-        found = table.get(id(spec))
-        if found is None:
-            found = table[id(spec)] = len(specs)
-            specs.append(spec)
-        ids.append(found)
+        if id(leaf.spec) not in table:
+            table[id(leaf.spec)] = len(specs)
+            specs.append(leaf.spec)
     columns = {
-        "tree": share.encoded.tree,
+        "tree": encoded.tree,
         "paths": [t.path for t in tensors],
         "specs": [[s.kind, s.dtype.name, s.shape] for s in specs],
     }
-    return columns, np.array(ids, dtype=np.int64)
+    return columns, np.array([table[id(t.spec)] for t in tensors], dtype=np.int64)
 
 
 def unpack(columns: dict[str, Any], spec_ids: np.ndarray[Any, Any]) -> ShareJob:

@@ -6,7 +6,7 @@ maps that memfd and runs the same :func:`ckptproto.io.pipeline.run` a writer thr
 on the same local storage, with the same commit protocol::
 
     proc = WriterProcess()
-    info = proc.run(describe(final, share, metadata_tree, overwrite, staged.shared()))
+    info = proc.run(describe(final, encoded, metadata_tree, overwrite, staged.shared()))
     proc.close()
 
 The job goes over a private socketpair: the memfd as SCM_RIGHTS, the layout as JSON (the
@@ -48,8 +48,8 @@ from ckptproto.io import pipeline, share_wire
 from ckptproto.io.coordinate import Solo
 from ckptproto.io.local_storage import LocalStorage
 from ckptproto.io.meta import decode_metadata
-from ckptproto.io.share import ShareJob
 from ckptproto.location import Location
+from ckptproto.tree import EncodedState
 
 logger = logging.getLogger("ckptproto")
 
@@ -74,18 +74,19 @@ class WireJob:
 
 def describe(
     final: Location,
-    share: ShareJob,
+    encoded: EncodedState,
     metadata_tree: Any,
     overwrite: bool,
     shared: tuple[int, np.ndarray[Any, Any]],
 ) -> WireJob:
-    """The job :meth:`WriterProcess.run` sends for ``share``, staged in the slab ``shared``
-    (``Staged.shared()``: its memfd and each tensor's ``(offset, length)``)::
+    """The job :meth:`WriterProcess.run` sends for a world of one's save of ``encoded``, its
+    tensors staged in the slab ``shared`` (``Staged.shared()``: its memfd and each tensor's
+    ``(offset, length)``, in the order of ``encoded.tensors``)::
 
-        job = describe(final, share, metadata_tree, False, staged.shared())
+        job = describe(final, encoded, metadata_tree, False, staged.shared())
     """
     fd, spans = shared
-    columns, spec_ids = share_wire.pack(share)
+    columns, spec_ids = share_wire.pack(encoded)
     job = {"final": str(final), "share": columns, "metadata": metadata_tree, "overwrite": overwrite}
     message = json.dumps(job, separators=(",", ":")).encode()
     # Raw int64s after the JSON: each tensor's spec in the table, then its (offset, length).
