@@ -221,7 +221,8 @@ class _Encoder:
         if not self._tensor_type_set.issuperset(map(type, values)) or not all(map(str.isascii, value)):
             return None
         try:
-            pairs = list(zip([v.dtype for v in values], [v.shape for v in values], strict=True))
+            dtypes = [v.dtype for v in values]
+            pairs = list(zip(dtypes, [v.shape for v in values], strict=True))
         except RuntimeError:  # a nested tensor has no single shape
             return None
         found = list(map(self._specs.get, pairs))
@@ -248,7 +249,10 @@ class _Encoder:
         start = len(self.tensors)
         indices = range(start, start + len(values))
         self._by_address.update(zip(addresses, indices, strict=True))
-        as_is = [v.is_contiguous() and not v.is_conj() and not v.is_neg() for v in values]
+        if any(dtype.is_complex for dtype in set(dtypes)):
+            as_is = [v.is_contiguous() and not v.is_conj() and not v.is_neg() for v in values]
+        else:  # only a complex tensor has a lazy conjugate bit (a real one may have the neg bit)
+            as_is = [v.is_contiguous() and not v.is_neg() for v in values]
         keys = list(value)
         self.tensors += map(
             _new,

@@ -308,3 +308,30 @@ def test_refusals_in_a_dict_of_tensors_are_those_item_by_item() -> None:
         with pytest.raises(ckptproto.errors.UnsupportedValueError, match=message) as info:
             encode_state(state)
         assert info.value.path == "m.bad"
+
+
+def test_a_dict_of_only_tensors_keeps_lazy_bits_out_of_the_byte_path(tmp_path: Path) -> None:
+    """The column path (a dict of tensors only, what a module's state_dict is) gives an
+    address only to tensors whose memory holds their bytes: not to a real tensor read negated
+    (``torch._neg_view``, as ``c.conj().imag`` is), a complex one conjugated lazily, or a
+    transposed one."""
+    g = torch.Generator().manual_seed(1)
+    c = torch.randn(4, dtype=torch.complex64, generator=g)
+    reals = {f"r{i}": torch.randn(4, generator=g) for i in range(10)}
+    only_real = {
+        **reals,
+        "neg": torch._neg_view(torch.randn(4, generator=g)),
+        "t": torch.randn(3, 2, generator=g).t(),
+    }
+    with_complex = {**only_real, "c": c, "conj": torch.randn(4, dtype=torch.complex64, generator=g).conj()}
+    for n, state in enumerate((only_real, with_complex)):
+        encoded = encode_state({"m": state})
+        assert set(encoded.tree["m"]) == set(state)  # encoded as one dict of $torch references
+        lazy = {"neg", "t", "conj"} & set(state)
+        for leaf in encoded.tensors:
+            name = leaf.path.split(".")[-1]
+            assert bool(leaf.host_address) is (name not in lazy), name
+        ckptproto.save({"m": state}, tmp_path / f"ck{n}")
+        back = ckptproto.load(tmp_path / f"ck{n}")["m"]
+        for name, value in state.items():
+            assert torch.equal(back[name], value.resolve_conj().resolve_neg()), name

@@ -21,9 +21,11 @@ def expected_bytes(value: object) -> bytes:
     return bytes(view)
 
 
-def stage(pool: StagingPool, state: dict[str, object]) -> tuple[list[object], staging.Staged]:
+def stage(
+    pool: StagingPool, state: dict[str, object], recheck: bool = True
+) -> tuple[list[object], staging.Staged]:
     encoded = encode_state(state)
-    staged = stage_state(pool, encoded.tensors, staging.capture_ready(encoded.tensors))
+    staged = stage_state(pool, encoded.tensors, staging.capture_ready(encoded.tensors), recheck=recheck)
     staged.synchronize()
     return [leaf.value for leaf in encoded.tensors], staged
 
@@ -54,7 +56,8 @@ def test_acquire_reuses_free_slabs_and_drops_ones_too_small() -> None:
     assert pool.stats.held_bytes == 0 and pool.stats.in_use == 0
 
 
-def test_every_kind_of_tensor_is_staged_byte_exact() -> None:
+@pytest.mark.parametrize("recheck", [True, False])
+def test_every_kind_of_tensor_is_staged_byte_exact(recheck: bool) -> None:
     g = torch.Generator().manual_seed(0)
     base = torch.randn(6, 8, generator=g)
     complex_t = torch.randn(5, 3, dtype=torch.complex64, generator=g)
@@ -80,12 +83,45 @@ def test_every_kind_of_tensor_is_staged_byte_exact() -> None:
         "np_scalar": np.array(7, dtype=np.uint64),
     }
     pool = StagingPool()
-    values, staged = stage(pool, state)
+    values, staged = stage(pool, state, recheck)
     assert len(staged.views) == len(values)
     for value, view in zip(values, staged.views, strict=True):
         assert bytes(view) == expected_bytes(value)
     staged.release()
     assert pool.stats.in_use == 0
+
+
+@pytest.mark.parametrize("recheck", [True, False])
+def test_a_state_of_plain_tensors_only_is_staged_byte_exact(
+    recheck: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Tensors the encoder gave an address to (plain CPU torch tensors) and nothing else, just
+    described (no ``recheck``): staged without a test per tensor, every byte the same."""
+    g = torch.Generator().manual_seed(2)
+    big = torch.randn(400, 400, generator=g)
+    state: dict[str, object] = {
+        "model": {
+            f"w{i}": torch.randn(5, generator=g).to(dtype)
+            for i, dtype in enumerate([torch.float32] * 9 + [torch.bfloat16, torch.int64, torch.bool])
+        },
+        "big": big,
+        "big_view": big[50:300],  # contiguous, at an offset in its storage
+        "tied": big,
+        "param": torch.nn.Parameter(torch.randn(3, 2, generator=g)),
+        "complex": torch.randn(4, dtype=torch.complex64, generator=g),
+    }
+    seen: list[bool] = []
+    real = staging._copy_host
+    monkeypatch.setattr(
+        staging,
+        "_copy_host",
+        lambda leaves, slab, plain=False: (seen.append(plain), real(leaves, slab, plain))[1],
+    )
+    values, staged = stage(StagingPool(), state, recheck)
+    assert seen == [not recheck]
+    for value, view in zip(values, staged.views, strict=True):
+        assert bytes(view) == expected_bytes(value)
+    staged.release()
 
 
 @pytest.mark.parametrize("small", [False, True])

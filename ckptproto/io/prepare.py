@@ -90,6 +90,8 @@ def resolve_statefuls(state: Mapping[str, Any]) -> dict[str, Any]:
         try:
             if stateful:
                 return walk(protocol.state_of(value), path, depth)
+            if leaves.issuperset(map(type, value.values())):
+                return value  # nothing to resolve in it (a module's state: 20,000 tensors)
             return {
                 k: v if type(v) in leaves else walk(v, join_path(path, k), depth + 1)
                 for k, v in value.items()

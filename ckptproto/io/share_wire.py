@@ -31,18 +31,18 @@ def pack(encoded: EncodedState) -> tuple[dict[str, Any], np.ndarray[Any, Any]]:
     tensors = encoded.tensors
     if any(t.shard is not None for t in tensors):
         raise CheckpointError("internal error: a distributed share cannot go to the writer process")
-    table: dict[int, int] = {}
-    specs: list[ArraySpec] = []
-    for leaf in tensors:
-        if id(leaf.spec) not in table:
-            table[id(leaf.spec)] = len(specs)
-            specs.append(leaf.spec)
+    # Specs are shared objects: the distinct ones by identity, in C (a dict keeps the first
+    # position of each key), then each tensor's position in that table.
+    every = [t.spec for t in tensors]
+    ids = list(map(id, every))
+    distinct: dict[int, ArraySpec] = dict(zip(ids, every, strict=True))
+    position = {key: n for n, key in enumerate(distinct)}
     columns = {
         "tree": encoded.tree,
         "paths": [t.path for t in tensors],
-        "specs": [[s.kind, s.dtype.name, s.shape] for s in specs],
+        "specs": [[s.kind, s.dtype.name, s.shape] for s in distinct.values()],
     }
-    return columns, np.array([table[id(t.spec)] for t in tensors], dtype=np.int64)
+    return columns, np.fromiter(map(position.__getitem__, ids), dtype=np.int64, count=len(ids))
 
 
 def unpack(columns: dict[str, Any], spec_ids: np.ndarray[Any, Any]) -> ShareJob:

@@ -143,12 +143,14 @@ def _torch_dest(slab: Slab, offset: int, spec: ArraySpec, value: Any) -> Any:
     return flat.view(value.dtype).view(spec.shape)
 
 
-def _layout_key(leaves: Sequence[TensorLeaf]) -> tuple[Any, ...]:
+def _layout_key(leaves: Sequence[TensorLeaf], plain: bool = False) -> tuple[Any, ...]:
     # The specs themselves: equal specs are shared objects (ArraySpec), so comparing two keys
     # is an identity test per tensor, in C (~0.3 ms at 20,000 tensors; an ArraySpec's __eq__
     # would be Python code, ~1 us a tensor). A numpy array's own dtype picks its destination
-    # view (byte order), so theirs are part of the key too.
+    # view (byte order), so theirs are part of the key too (``plain``: there are none).
     specs = tuple([leaf.spec for leaf in leaves])
+    if plain:
+        return (specs, ())
     return (specs, tuple([leaf.value.dtype for leaf in leaves if leaf.spec.kind == "numpy"]))
 
 
@@ -192,10 +194,20 @@ def stage_state(
     if recheck:
         for leaf in leaves:
             check_unchanged(leaf)
+    # Described just now, on this thread (not ``recheck``), and every one given an address by
+    # the encoder: all plain CPU torch tensors (contiguous, no lazy conj/neg bit), the usual
+    # state. Then no test per tensor (~8 ms at 20,000 tensors) finds the CUDA ones or arrays.
+    plain = not recheck and 0 not in [leaf.host_address for leaf in leaves]
     # (is_cuda inlined: a call per tensor is ~2 ms at 20,000 tensors)
-    on_device = [
-        i for i, leaf in enumerate(leaves) if not (isinstance(leaf.value, np.ndarray) or leaf.value.is_cpu)
-    ]
+    on_device = (
+        []
+        if plain
+        else [
+            i
+            for i, leaf in enumerate(leaves)
+            if not (isinstance(leaf.value, np.ndarray) or leaf.value.is_cpu)
+        ]
+    )
     device = set(on_device)
     host: Sequence[int] = [i for i in range(len(leaves)) if i not in device] if device else range(len(leaves))
     groups: dict[bool, Sequence[int]] = {False: host, True: on_device}
@@ -210,13 +222,13 @@ def stage_state(
             total = sum([-(-leaf.spec.nbytes // ALIGN) * ALIGN for leaf in subset])  # round_up, inlined
             slab = pool.acquire(total, pinned=pinned, shared=shared and not pinned)
             slabs.append(slab)
-            key = _layout_key(subset)
+            key = _layout_key(subset, plain)
             if slab.layout_key != key:
                 _build_layout(slab, subset, key)
             if pinned:
                 _copy_cuda(staged, subset, slab.layout_views, ready)
             else:
-                _copy_host(subset, slab)
+                _copy_host(subset, slab, plain)
             if len(indices) == len(leaves):
                 views = list(slab.layout_bytes)
             else:
@@ -239,15 +251,21 @@ def stage_state(
 MEMCPY_MIN_BYTES = 256 * 1024
 
 
-def _copy_host(leaves: Sequence[TensorLeaf], slab: Slab) -> None:
+def _copy_host(leaves: Sequence[TensorLeaf], slab: Slab, plain: bool = False) -> None:
+    """Copy ``leaves`` (host tensors and arrays; ``plain``: all plain CPU torch tensors) into
+    ``slab``, at its layout's places."""
     torch = arrays.loaded_torch()
     dests = slab.layout_views
-    arrays_at = [i for i, leaf in enumerate(leaves) if leaf.spec.kind == "numpy"]
-    large = [
-        i
-        for i, leaf in enumerate(leaves)
-        if leaf.spec.nbytes >= MEMCPY_MIN_BYTES and leaf.spec.kind == "torch" and _plain(leaf.value)
-    ]
+    arrays_at = [] if plain else [i for i, leaf in enumerate(leaves) if leaf.spec.kind == "numpy"]
+    large = (
+        [i for i, leaf in enumerate(leaves) if leaf.spec.nbytes >= MEMCPY_MIN_BYTES]
+        if plain
+        else [
+            i
+            for i, leaf in enumerate(leaves)
+            if leaf.spec.nbytes >= MEMCPY_MIN_BYTES and leaf.spec.kind == "torch" and _plain(leaf.value)
+        ]
+    )
     if arrays_at or large:
         skip = set(arrays_at).union(large)
         tensors: Sequence[int] = [i for i in range(len(leaves)) if i not in skip]

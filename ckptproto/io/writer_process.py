@@ -88,7 +88,8 @@ def describe(
     fd, spans = shared
     columns, spec_ids = share_wire.pack(encoded)
     job = {"final": str(final), "share": columns, "metadata": metadata_tree, "overwrite": overwrite}
-    message = json.dumps(job, separators=(",", ":")).encode()
+    # (No cycle check: both trees come from the encoder, which refuses cycles: -2 ms at 20,000.)
+    message = json.dumps(job, separators=(",", ":"), check_circular=False).encode()
     # Raw int64s after the JSON: each tensor's spec in the table, then its (offset, length).
     raw = spec_ids.tobytes() + spans.astype(np.int64, copy=False).tobytes()
     return WireJob(final, message, raw, fd, metadata_tree)
