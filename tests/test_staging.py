@@ -255,3 +255,32 @@ def test_slabs_and_every_staged_tensor_are_aligned() -> None:
     for view in staged.views:
         assert np.frombuffer(view, dtype=np.uint8).ctypes.data % staging.ALIGN == 0
     staged.release()
+
+
+def test_a_copy_run_apart_lands_before_synchronize_returns(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``copy_apart``: the host copy runs on its own thread while the caller goes on; the
+    bytes are all there once ``synchronize`` returns, and a failed copy raises from it."""
+    g = torch.Generator().manual_seed(3)
+    state: dict[str, object] = {f"t{i}": torch.randn(64, generator=g) for i in range(50)}
+    state["np"] = np.arange(10, dtype=np.int32)
+    state["big"] = torch.randn(600, 300, generator=g)
+    encoded = encode_state(state)
+    pool = StagingPool()
+    staged = stage_state(pool, encoded.tensors, staging.Ready(), recheck=False, copy_apart=True)
+    staged.synchronize()
+    for leaf, view in zip(encoded.tensors, staged.views, strict=True):
+        assert bytes(view) == expected_bytes(leaf.value)
+    staged.release()
+
+    def broken(*args: object) -> None:
+        raise CheckpointError("t3: copying the tensor for the checkpoint failed: boom")
+
+    monkeypatch.setattr(staging, "_copy_host", broken)
+    staged = stage_state(pool, encoded.tensors, staging.Ready(), recheck=False, copy_apart=True)
+    with pytest.raises(CheckpointError, match="boom"):
+        staged.synchronize()
+    staged.release()  # after the error was raised: gives the slab back, raises nothing
+    assert pool.stats.in_use == 0
+    staged = stage_state(pool, encoded.tensors, staging.Ready(), recheck=False, copy_apart=True)
+    staged.release()  # a failed copy whose error nobody asked for: the slab comes back too
+    assert pool.stats.in_use == 0

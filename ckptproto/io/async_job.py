@@ -4,6 +4,7 @@ pipeline) or in the checkpoint writer process (:mod:`ckptproto.io.writer_process
     job.process = use_process(job, "auto", coordinator)   # in save(), before staging
     if not job.process: plan(job, coordinator)            # the share the thread writes
     leaves = stage_leaves(job)                            # what to stage
+    describe(job)                                         # once laid out in slabs
     hand_off(job)                                         # once staged
     info = write(job, coordinator, writer)                # on the saver's writer thread
 """
@@ -92,18 +93,26 @@ def stage_leaves(job: SaveJob) -> list[TensorLeaf]:
     return job.encoded.tensors
 
 
-def hand_off(job: SaveJob) -> None:
-    """Once ``job`` is staged, drop its live values (nothing reads them any more; CUDA memory
-    can be reused), and if its bytes are in a shared slab, encode it for the writer process
-    now, keeping no share (tens of thousands of small objects at 20,000 tensors). Called while
-    the collector is paused, this leaves the collector nothing new to count or walk while the
-    save is in flight: such objects, alive across the training loop's allocations, cost it
-    young and then full collections (~100 ms each at 20,000 tensors)."""
+def describe(job: SaveJob) -> None:
+    """Once ``job``'s slabs are laid out (its bytes may still be on their way): if they are in
+    one shared slab, encode the job for the writer process (``job.wire``)."""
     if job.staged is None:
         raise CheckpointError(f"{job.future.path}: internal error: the save was not staged")
     shared = job.staged.shared() if job.process and job.encoded is not None else None
     if job.encoded is not None and shared is not None:
         job.wire = writer_process.describe(job.final, job.encoded, job.metadata_tree, job.overwrite, shared)
+
+
+def hand_off(job: SaveJob) -> None:
+    """Once ``job`` is staged (and described), drop its live values (nothing reads
+    them any more; CUDA memory can be reused) and every per-tensor object a job for the
+    writer process no longer needs (tens of thousands at 20,000 tensors). Called while the
+    collector is paused, this leaves the collector nothing new to count or walk while the
+    save is in flight: such objects, alive across the training loop's allocations, cost it
+    young and then full collections (~100 ms each at 20,000 tensors)."""
+    if job.staged is None:
+        raise CheckpointError(f"{job.future.path}: internal error: the save was not staged")
+    if job.wire is not None:
         job.staged.views = []  # the writer process finds the bytes by their places in the slab
     else:
         # The thread writes (CUDA tensors in a pinned slab, or no shared memory, or it was

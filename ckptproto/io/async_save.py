@@ -309,8 +309,16 @@ class AsyncSaver:
     def _stage(self, job: SaveJob) -> None:
         background = self.staging == "background"
         leaves = async_job.stage_leaves(job)
-        job.staged = staging.stage_state(self.pool, leaves, job.ready, recheck=background, shared=job.process)
-        job.staged.synchronize()
+        job.staged = staging.stage_state(
+            self.pool, leaves, job.ready, recheck=background, shared=job.process, copy_apart=job.process
+        )
+        try:
+            with _gc.paused():  # (already paused in a blocking save())
+                # The writer process's job needs only the layout: encoded while the bytes are
+                # copied, on another core (~15 ms of save() at 20,000 tensors).
+                async_job.describe(job)
+        finally:
+            job.staged.synchronize()
         if background:
             # The caller may have mutated the state while it was copied (a missed
             # wait_staged()): such a checkpoint would be torn, so the save fails instead.

@@ -22,8 +22,9 @@ the bytes are on the host::
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -108,6 +109,8 @@ class Staged:
         self.views = views
         self._events: list[Any] = []
         self._sources: list[Any] = []  # CUDA sources kept alive until their copies are done
+        self._copier: threading.Thread | None = None  # the host copy, when it runs apart
+        self._copy_error: BaseException | None = None
 
     def shared(self) -> tuple[int, np.ndarray[Any, Any]] | None:
         """``(fd, spans)`` when every tensor was staged into one shared slab (no CUDA tensor):
@@ -118,15 +121,45 @@ class Staged:
         return slab.fd, slab.layout_spans
 
     def synchronize(self) -> None:
-        """Wait until every copy (including asynchronous CUDA copies) has landed."""
+        """Wait until every copy (including asynchronous CUDA copies and a host copy running
+        on its own thread) has landed; raises the host copy's error, if it failed."""
+        self._join_copier()
         for event in self._events:
             event.synchronize()
         self._events.clear()
         self._sources.clear()
+        error, self._copy_error = self._copy_error, None
+        if error is not None:
+            raise error
+
+    def _copy_apart(self, copy: Callable[[], None]) -> None:
+        """Run the host copy ``copy`` on a thread of its own: torch's and numpy's copies release
+        the GIL, so the caller's own Python work (encoding the writer process's job) runs
+        beside it on another core. :meth:`synchronize` waits for it."""
+
+        def run() -> None:
+            try:
+                copy()
+            except BaseException as exc:
+                self._copy_error = exc
+
+        # A thread per save (~0.1 ms), not a pool: nothing to restart after a fork.
+        self._copier = threading.Thread(target=run, name="ckptproto-stage-copy", daemon=True)
+        self._copier.start()
+
+    def _join_copier(self) -> None:
+        copier, self._copier = self._copier, None
+        if copier is not None:
+            copier.join()
 
     def release(self) -> None:
         """Give the slabs back to the pool (after the bytes were written, or on failure)."""
-        self.synchronize()  # never hand out a slab a copy is still writing into
+        self._join_copier()  # never hand out a slab a copy is still writing into
+        self._copy_error = None  # (a failed save releases its slabs: the error was raised then)
+        for event in self._events:
+            event.synchronize()
+        self._events.clear()
+        self._sources.clear()
         slabs, self._slabs = self._slabs, []
         self.views = []
         for slab in slabs:
@@ -180,9 +213,11 @@ def stage_state(
     *,
     recheck: bool = True,
     shared: bool = False,
+    copy_apart: bool = False,
 ) -> Staged:
     """Copy every tensor of ``leaves`` into slabs from ``pool``. CPU copies are done when this
-    returns; CUDA copies are queued on the side streams (call ``Staged.synchronize``).
+    returns, or with ``copy_apart`` run on a thread of their own; CUDA copies are queued on the
+    side streams. Call ``Staged.synchronize`` before the live tensors may change.
 
     ``recheck``: first check that no tensor was resized or retyped since ``leaves`` were
     described (needed when staging runs later, on another thread; the blocking path stages
@@ -227,6 +262,8 @@ def stage_state(
                 _build_layout(slab, subset, key)
             if pinned:
                 _copy_cuda(staged, subset, slab.layout_views, ready)
+            elif copy_apart:
+                staged._copy_apart(partial(_copy_host, subset, slab, plain))
             else:
                 _copy_host(subset, slab, plain)
             if len(indices) == len(leaves):
