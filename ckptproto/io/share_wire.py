@@ -13,6 +13,7 @@ of its GIL at 20,000 tensors, where JSON columns of every piece cost ~40 ms::
 
 from __future__ import annotations
 
+from itertools import repeat
 from typing import Any
 
 import numpy as np
@@ -55,7 +56,21 @@ def unpack(columns: dict[str, Any], spec_ids: np.ndarray[Any, Any]) -> ShareJob:
         len(spec_ids) and not 0 <= int(spec_ids.min()) <= int(spec_ids.max()) < len(specs)
     ):
         raise CheckpointError("internal error: the writer process got a malformed job (tensor specs)")
-    tensors = [TensorLeaf(None, specs[i], path) for i, path in zip(spec_ids.tolist(), paths, strict=True)]
+    # (tuple.__new__ by columns: a named tuple's own __new__ is a Python call per tensor)
+    tensors = list(
+        map(
+            tuple.__new__,
+            repeat(TensorLeaf),
+            zip(
+                repeat(None),
+                map(specs.__getitem__, spec_ids.tolist()),
+                paths,
+                repeat(None),
+                repeat(0),
+                strict=False,
+            ),
+        )
+    )
     share = plan_share(EncodedState(columns["tree"], tensors), 0, 1)
     share.leaves = []
     return share
