@@ -77,13 +77,24 @@ def file_order(widths: list[int]) -> list[int] | None:
     return sorted(range(len(widths)), key=[-w for w in widths].__getitem__)
 
 
+def _widths(specs: list[ArraySpec]) -> list[int]:
+    """:func:`align_width` of each spec, computed once per distinct spec (specs are shared
+    objects: a state of 100,000 tensors holds a few), looked up by identity in C."""
+    ids = list(map(id, specs))
+    distinct = dict(zip(ids, specs, strict=True))
+    width = {i: align_width(s.dtype.itemsize) for i, s in distinct.items()}
+    if len(set(width.values())) <= 1:
+        return [next(iter(width.values()))] * len(specs) if specs else []
+    return list(map(width.__getitem__, ids))
+
+
 def plan_file(name: str, rank: int, pieces: list[Piece], metadata: dict[str, str] | None = None) -> FilePlan:
     """Lay ``pieces`` out in one safetensors file. Wider dtypes go first so that every tensor
     starts at a multiple of its item size (the header is padded to 8 bytes), which lets
     loaders map tensors straight from the file."""
     specs = [p.spec for p in pieces]
     ordered = pieces
-    order = file_order([align_width(s.dtype.itemsize) for s in specs])
+    order = file_order(_widths(specs))
     if order is not None:
         ordered, specs = [pieces[i] for i in order], [specs[i] for i in order]
     sizes = [s.nbytes for s in specs]
