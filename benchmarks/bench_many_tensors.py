@@ -173,7 +173,7 @@ STAGES = [
     ("ckptproto.arrays", "host_views", "byte views of the tensors"),
     ("ckptproto.io.pipeline", "plan_file", "plan the data file (header)"),
     ("ckptproto.io.writer", "write_file", "write + CRC + fsync the data file"),
-    ("ckptproto.io.pipeline", "_entries", "manifest tensor table"),
+    ("ckptproto.io.pipeline", "_table", "manifest tensor table"),
     ("ckptproto.io.pipeline", "check_tensor_table", "check the table"),
     ("ckptproto.format.manifest", "Manifest.to_json", "manifest JSON"),
     ("ckptproto.io.writer", "write_small_file", "write + fsync the manifest"),

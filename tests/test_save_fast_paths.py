@@ -204,7 +204,7 @@ def test_table_checked_by_runs_as_entry_by_entry(how: str) -> None:
     outcomes = []
     for shared in (True, False):
         tensors, files = _table(shared)
-        assert len(manifest_module._runs(tensors)) == (4 if shared else len(tensors))
+        assert len(manifest_module.table_runs(tensors)) == (4 if shared else len(tensors))
         try:
             check_tensor_table(_broken(tensors, how), files, "m")
             outcomes.append("ok")

@@ -11,6 +11,7 @@ import math
 import re
 import zlib
 from dataclasses import dataclass, field
+from itertools import chain, pairwise, repeat
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -18,7 +19,7 @@ import numpy as np
 from ckptproto import dtypes
 from ckptproto.dtypes import DType
 from ckptproto.errors import CheckpointCorruptError, CheckpointFormatError
-from ckptproto.format import layout, strict_json
+from ckptproto.format import json_text, layout, strict_json
 from ckptproto.format.crc import parse_checksum
 from ckptproto.tree import check_tree, int_text, quick_refs
 
@@ -111,7 +112,12 @@ class Manifest:
     # reader need not walk the state again to find them.
     refs: tuple[list[int], list[int]] | None = field(default=None, compare=False, repr=False)
 
-    def to_json(self) -> bytes:
+    def to_json(self, runs: TableRuns | None = None) -> bytes:
+        """The manifest's bytes. ``runs``: :func:`table_runs` of ``self.tensors``, when the
+        caller has them (a writer that built the table by runs: :func:`whole_table`)::
+
+            data = manifest.to_json()
+        """
         head = {
             "format": FORMAT_NAME,
             "format_version": f"{self.version[0]}.{self.version[1]}",
@@ -145,7 +151,10 @@ class Manifest:
         table: list[str] = []
         append = table.append
         around: dict[tuple[Any, ...], tuple[str, str]] = {}
-        for _index, t, keys in _runs(self.tensors):
+        runs = table_runs(self.tensors) if runs is None else runs
+        # Keys with nothing to escape (the usual state) are joined as they are, quotes around.
+        quote = '"' if json_text.plain(list(chain.from_iterable(keys for _i, _t, keys in runs))) else ""
+        for _index, t, keys in runs:
             if keys:  # entries that differ only in their one chunk's key: one join for all
                 c = t.chunks[0]
                 shared = (t.dtype.name, t.shape, c.file, c.offsets, c.shape)
@@ -153,10 +162,12 @@ class Manifest:
                 if text is None:
                     text = around[shared] = (
                         f'{{"dtype":{_text(t.dtype.name)},"shape":[{_ints(t.shape)}],"chunks":[{{"file":'
-                        f'{_text(c.file)},"key":',
-                        f',"offsets":[{_ints(c.offsets)}],"shape":[{_ints(c.shape)}]}}]}}',
+                        f'{_text(c.file)},"key":{quote}',
+                        f'{quote},"offsets":[{_ints(c.offsets)}],"shape":[{_ints(c.shape)}]}}]}}',
                     )
-                append(text[0] + (text[1] + "," + text[0]).join(map(_text, keys)) + text[1])
+                append(
+                    text[0] + (text[1] + "," + text[0]).join(keys if quote else map(_text, keys)) + text[1]
+                )
             else:
                 append(
                     f'{{"dtype":{_text(t.dtype.name)},"shape":[{_ints(t.shape)}],'
@@ -165,7 +176,9 @@ class Manifest:
         # The document after its opening brace: the checksum covers "{" + this, and the file
         # is the checksum member + this (two copies of a large manifest fewer than slicing).
         parts = [_dumps(head)[1:-1], ',"tensors":[', ",".join(table)]
-        parts += ['],"state":', _dumps(self.state), "}"]
+        # The state tree comes from the encoder (or a parsed manifest): no cycle to look for,
+        # and not looking saves the C encoder a dict of every object it enters.
+        parts += ['],"state":', _dumps(self.state, check_circular=False), "}"]
         rest = "".join(parts).encode()
         return b"".join((_CHECKSUM_PREFIX, b"%08x" % zlib.crc32(rest, _CRC_OF_BRACE), b'",', rest))
 
@@ -203,14 +216,19 @@ class Manifest:
         return cls(doc["state"], tensors, files, metadata, created, version, world_size, writer, refs)
 
 
-def _dumps(value: Any) -> str:
-    return json.dumps(value, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+def _dumps(value: Any, check_circular: bool = True) -> str:
+    return json.dumps(
+        value, ensure_ascii=False, allow_nan=False, separators=(",", ":"), check_circular=check_circular
+    )
 
 
-_text = json.encoder.encode_basestring  # what json.dumps(ensure_ascii=False) writes for a str
+_text = json_text.text
+
+# The tensor table as runs: ``(index of the first entry, the first entry, every entry's key)``.
+TableRuns = list[tuple[int, TensorEntry, list[str]]]
 
 
-def _runs(tensors: list[TensorEntry]) -> list[tuple[int, TensorEntry, list[str]]]:
+def table_runs(tensors: list[TensorEntry]) -> TableRuns:
     """The table as runs of consecutive one-chunk entries that differ only in their chunk's key
     (the usual state: many tensors of one dtype and shape in one file), as ``(index of the
     first entry, the first entry, every entry's key)``; an entry of several chunks is a run of
@@ -234,6 +252,36 @@ def _runs(tensors: list[TensorEntry]) -> list[tuple[int, TensorEntry, list[str]]
         keys = [c[1]]
         runs.append((index, t, keys))
     return runs
+
+
+def whole_table(
+    file: str, keys: list[str], dtypes: list[DType], shapes: list[tuple[int, ...]]
+) -> tuple[list[TensorEntry], TableRuns]:
+    """The tensor table of tensors stored whole, each in one chunk of ``file`` under its key
+    (a world of one's save), with its :func:`table_runs`, built by columns: no Python step
+    per entry. Entries of one run share their dtype, shape and offsets objects, as
+    :func:`table_runs` requires::
+
+        tensors, runs = whole_table("data-00000-000.safetensors", ["w"], [f32], [(2, 3)])
+    """
+    count = len(keys)
+    if len(dtypes) != count or len(shapes) != count:
+        raise ValueError(f"whole_table: {count} keys, {len(dtypes)} dtypes, {len(shapes)} shapes")
+    if not count:
+        return [], []
+    ndims = list(map(len, shapes))
+    zeros = [(0,) * n for n in range(max(ndims) + 1)]
+    new = tuple.__new__  # a named tuple's own __new__ is a Python call around this
+    chunks = map(new, repeat(Chunk), zip(repeat(file), keys, map(zeros.__getitem__, ndims), shapes))
+    tensors = list(map(new, repeat(TensorEntry), zip(dtypes, shapes, zip(chunks), strict=True)))
+    # A run ends where the dtype or the shape object changes (offsets follow the shape's
+    # length, and every chunk is in ``file``): compared by identity, as table_runs does.
+    dtype_ids = np.fromiter(map(id, dtypes), np.uint64, count)
+    shape_ids = np.fromiter(map(id, shapes), np.uint64, count)
+    changes = np.flatnonzero((dtype_ids[1:] != dtype_ids[:-1]) | (shape_ids[1:] != shape_ids[:-1]))
+    bounds = [0, *(changes + 1).tolist(), count]
+    runs = [(a, tensors[a], keys[a:b]) for a, b in pairwise(bounds)]
+    return tensors, runs
 
 
 def show(value: object) -> str:
@@ -537,12 +585,15 @@ def _parse_tensor(doc: object, index: int, files: dict[str, FileEntry], where: s
     return entry
 
 
-def check_tensor_table(tensors: list[TensorEntry], files: dict[str, FileEntry], where: str) -> None:
+def check_tensor_table(
+    tensors: list[TensorEntry], files: dict[str, FileEntry], where: str, runs: TableRuns | None = None
+) -> None:
     """What :meth:`Manifest.parse` checks in a tensor table, for entries a writer built (typed
     already, so no JSON types to check): every chunk's file listed, its offsets and shape of the
     tensor's rank and its box inside the tensor, chunks covering the tensor exactly once (no
     overlap, no hole), shapes within MAX_NDIM/MAX_DIM and F-33's extent, (file, key) pairs
-    unique (F-12), and the file table itself. A writer's check before it commits, without parsing its own manifest back::
+    unique (F-12), and the file table itself. A writer's check before it commits, without parsing
+    its own manifest back (``runs``: :func:`table_runs` of ``tensors``, when the caller has them)::
 
         check_tensor_table(manifest.tensors, manifest.files, "ckpt/manifest.json")
     """
@@ -552,7 +603,7 @@ def check_tensor_table(tensors: list[TensorEntry], files: dict[str, FileEntry], 
     )
     shapes: dict[tuple[int, ...], int] = {}  # a checked shape -> bytes per item it spans
     keys_in: dict[str, list[str]] = {}  # the keys of each file, to find a repeated (file, key)
-    for index, entry, keys in _runs(tensors):
+    for index, entry, keys in table_runs(tensors) if runs is None else runs:
         shape, chunks = entry.shape, entry.chunks
         span = shapes.get(shape)
         if span is None:

@@ -44,13 +44,16 @@ from ckptproto.format.manifest import (
     Chunk,
     FileEntry,
     Manifest,
+    TableRuns,
     TensorEntry,
     check_tensor_table,
+    table_runs,
+    whole_table,
 )
 from ckptproto.io.backends import resolve
 from ckptproto.io.coordinate import Coordinator, Timeout, coordinator, failure
 from ckptproto.io.meta import WRITER, build_manifest, decode_metadata
-from ckptproto.io.plan import plan_file
+from ckptproto.io.plan import WholePieces, plan_file
 from ckptproto.io.prepare import prepare
 from ckptproto.io.share import ShareJob, warn_if_replicas_differ
 from ckptproto.io.storage import Storage
@@ -244,12 +247,14 @@ def _write_share(
         file_plan = plan_file(storage.data_file_name(temp, rank), rank, job.pieces)
     entry = storage.write_file(temp, file_plan, sources)
     with _gc.paused():
-        return {
-            "file": [file_plan.name, entry.size, entry.checksum],
-            # Tuples as they are: a coordinator that sends JSON turns them into lists, and
-            # _commit takes either.
-            "chunks": _chunks(job),
-        }
+        file = [file_plan.name, entry.size, entry.checksum]
+        pieces = job.pieces
+        if isinstance(pieces, WholePieces) and len(pieces) == len(job.encoded.tensors):
+            # Every tensor whole, in order (a world of one, plan_share): their keys say it all.
+            return {"file": file, "whole": pieces.keys}
+        # Tuples as they are: a coordinator that sends JSON turns them into lists, and
+        # _commit takes either.
+        return {"file": file, "chunks": _chunks(job)}
 
 
 def _chunks(job: ShareJob) -> list[Any]:
@@ -283,13 +288,13 @@ def _commit(
     then the commit."""
     with _gc.paused():
         files: dict[str, FileEntry] = {}
-        tensors = _entries(final, encoded, answers, files)
+        tensors, runs = _table(final, encoded, answers, files)
         # What every reader checks in the tensor table, checked before the commit (overlapping
         # shards, holes), on the entries themselves: the state and metadata trees come from the
         # encoder, which refuses what a reader would.
-        check_tensor_table(tensors, files, f"{temp}/{layout.MANIFEST_NAME}")
+        check_tensor_table(tensors, files, f"{temp}/{layout.MANIFEST_NAME}", runs)
         manifest = build_manifest(encoded, metadata_tree, files, tensors, world_size)
-        data = manifest.to_json()
+        data = manifest.to_json(runs)
         # The size limit of reader.read_manifest.
         if len(data) > MAX_MANIFEST_BYTES:
             raise CheckpointWriteError(
@@ -299,6 +304,25 @@ def _commit(
     storage.write_small_file(temp, layout.MANIFEST_NAME, data)
     storage.commit(temp, final, overwrite=overwrite)
     return manifest
+
+
+def _table(
+    final: Location, encoded: EncodedState, answers: list[dict[str, Any]], files: dict[str, FileEntry]
+) -> tuple[list[TensorEntry], TableRuns]:
+    """The tensor table and its runs (filling ``files``): by columns when one rank wrote every
+    tensor whole (a world of one), else from every rank's chunks (:func:`_entries`)."""
+    if len(answers) == 1 and answers[0].get("whole") is not None:
+        name, size, checksum = answers[0]["file"]
+        files[name] = FileEntry(size, checksum, 0)
+        specs = [leaf.spec for leaf in encoded.tensors]
+        keys = answers[0]["whole"]
+        if len(keys) != len(specs):
+            raise CheckpointWriteError(
+                f"{final}: internal error: {len(keys)} tensors written whole, the state holds {len(specs)}"
+            )
+        return whole_table(name, keys, [s.dtype for s in specs], [s.shape for s in specs])
+    tensors = _entries(final, encoded, answers, files)
+    return tensors, table_runs(tensors)
 
 
 def _entries(
@@ -316,9 +340,13 @@ def _entries(
             continue
         name, size, checksum = answer["file"]
         files[name] = FileEntry(size, checksum, rank)
-        if not answer["chunks"]:
+        listed = answer.get("chunks")
+        if listed is None:  # every tensor whole, in order: under these keys
+            listed = [(i, key, (0,) * len(leaf.spec.shape), leaf.spec.shape)
+                      for i, (key, leaf) in enumerate(zip(answer["whole"], encoded.tensors, strict=True))]  # fmt: skip
+        if not listed:
             continue
-        indices, keys, offsets, boxes = zip(*answer["chunks"], strict=True)
+        indices, keys, offsets, boxes = zip(*listed, strict=True)
         chunks = list(
             map(new, repeat(Chunk), zip(repeat(name), keys, map(tuple, offsets), map(tuple, boxes)))
         )
