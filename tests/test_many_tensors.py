@@ -499,29 +499,38 @@ def test_saved_manifest_and_header_are_what_json_dumps_writes(tmp_path: Path) ->
 
 
 def test_table_by_columns_is_the_table_of_its_entries() -> None:
-    """whole_table's entries and runs are what the per-entry path gives, and its runs check
-    and write the table as table_runs of those entries would."""
-    from ckptproto.format.manifest import check_tensor_table, table_runs, whole_table
+    """whole_table's entries and runs are what the per-entry path gives, and a RunTable is
+    checked and written as the list of its entries is."""
+    from ckptproto.format.manifest import RunTable, check_tensor_table, table_runs, whole_table
     from ckptproto.io.share import plan_share
 
     encoded = encode_state(_varied_state())
     specs = [t.spec for t in encoded.tensors]
     keys = [f"k{i}" for i in range(len(specs))]
     columns = [s.dtype for s in specs], [s.shape for s in specs]
-    tensors, runs = whole_table("d.safetensors", keys, *columns)
-    assert tensors == [
+    table = whole_table("d.safetensors", keys, *columns)
+    entries = [
         TensorEntry(s.dtype, s.shape, (Chunk("d.safetensors", k, (0,) * len(s.shape), s.shape),))
         for k, s in zip(keys, specs, strict=True)
     ]
-    assert runs == table_runs(tensors) and 1 < len(runs) < len(tensors)
+    assert table == entries and list(table) == entries and [table[i] for i in range(len(table))] == entries
+    assert table[-1] == entries[-1] and table[2:9] == entries[2:9]
+    with pytest.raises(IndexError):
+        table[len(entries)]
+    assert table.runs == table_runs(list(table)) and 1 < len(table.runs) < len(table)
     files = {"d.safetensors": FileEntry(64, "crc32:00000000")}
-    check_tensor_table(tensors, files, "m", runs)
-    m = Manifest(encoded.tree, tensors, files, {}, "2026-01-01T00:00:00Z")
-    assert m.to_json(runs) == m.to_json() == _reference_to_json(m)
-    broken, broken_runs = whole_table("d.safetensors", [*keys[:-1], "k0"], *columns)
-    with pytest.raises(CheckpointFormatError, match="claimed by two chunks"):
-        check_tensor_table(broken, files, "m", broken_runs)
-    assert whole_table("d.safetensors", [], [], []) == ([], [])
+    check_tensor_table(table, files, "m")
+    as_list = Manifest(encoded.tree, entries, files, {}, "2026-01-01T00:00:00Z")
+    assert Manifest(encoded.tree, table, files, {}, "2026-01-01T00:00:00Z").to_json() == as_list.to_json()
+    assert as_list.to_json() == _reference_to_json(as_list)
+    broken = whole_table("d.safetensors", [*keys[:-1], "k0"], *columns)
+    with pytest.raises(
+        CheckpointFormatError, match=r"tensors\[\d+\]: \(d.safetensors, 'k0'\) is claimed by two"
+    ):
+        check_tensor_table(broken, files, "m")
+    assert list(whole_table("d.safetensors", [], [], [])) == [] == RunTable([])
+    for m in _manifests():  # entries of several chunks are runs of their own
+        assert RunTable(table_runs(m.tensors)) == m.tensors
     # The pieces of a world of one, by columns, are the pieces the general split gives.
     job = plan_share(encoded, 0, 1)
     assert list(job.pieces) == [job.pieces[i] for i in range(len(job.pieces))]

@@ -10,9 +10,11 @@ import json
 import math
 import re
 import zlib
+from bisect import bisect_right
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from itertools import chain, pairwise, repeat
-from typing import Any, NamedTuple
+from itertools import chain, pairwise
+from typing import Any, NamedTuple, overload
 
 import numpy as np
 
@@ -100,7 +102,7 @@ class Manifest:
     (``ckptproto.tree``) until decoded."""
 
     state: Any
-    tensors: list[TensorEntry]
+    tensors: Sequence[TensorEntry]  # a list when parsed; a RunTable when a writer built it
     files: dict[str, FileEntry]
     metadata: Any = field(default_factory=dict)
     created: str = ""
@@ -112,12 +114,7 @@ class Manifest:
     # reader need not walk the state again to find them.
     refs: tuple[list[int], list[int]] | None = field(default=None, compare=False, repr=False)
 
-    def to_json(self, runs: TableRuns | None = None) -> bytes:
-        """The manifest's bytes. ``runs``: :func:`table_runs` of ``self.tensors``, when the
-        caller has them (a writer that built the table by runs: :func:`whole_table`)::
-
-            data = manifest.to_json()
-        """
+    def to_json(self) -> bytes:
         head = {
             "format": FORMAT_NAME,
             "format_version": f"{self.version[0]}.{self.version[1]}",
@@ -151,7 +148,7 @@ class Manifest:
         table: list[str] = []
         append = table.append
         around: dict[tuple[Any, ...], tuple[str, str]] = {}
-        runs = table_runs(self.tensors) if runs is None else runs
+        runs = runs_of(self.tensors)
         # Keys with nothing to escape (the usual state) are joined as they are, quotes around.
         quote = '"' if json_text.plain(list(chain.from_iterable(keys for _i, _t, keys in runs))) else ""
         for _index, t, keys in runs:
@@ -228,7 +225,7 @@ _text = json_text.text
 TableRuns = list[tuple[int, TensorEntry, list[str]]]
 
 
-def table_runs(tensors: list[TensorEntry]) -> TableRuns:
+def table_runs(tensors: Sequence[TensorEntry]) -> TableRuns:
     """The table as runs of consecutive one-chunk entries that differ only in their chunk's key
     (the usual state: many tensors of one dtype and shape in one file), as ``(index of the
     first entry, the first entry, every entry's key)``; an entry of several chunks is a run of
@@ -254,34 +251,97 @@ def table_runs(tensors: list[TensorEntry]) -> TableRuns:
     return runs
 
 
-def whole_table(
-    file: str, keys: list[str], dtypes: list[DType], shapes: list[tuple[int, ...]]
-) -> tuple[list[TensorEntry], TableRuns]:
-    """The tensor table of tensors stored whole, each in one chunk of ``file`` under its key
-    (a world of one's save), with its :func:`table_runs`, built by columns: no Python step
-    per entry. Entries of one run share their dtype, shape and offsets objects, as
-    :func:`table_runs` requires::
+class RunTable(Sequence[TensorEntry]):
+    """A tensor table held as its :func:`table_runs`: what a writer builds by columns and then
+    only checks and writes run by run (:func:`check_tensor_table`, :meth:`Manifest.to_json`
+    take the runs as they are). An entry is built only when one is asked for::
 
-        tensors, runs = whole_table("data-00000-000.safetensors", ["w"], [f32], [(2, 3)])
+        table = RunTable(table_runs(tensors))   # table[i] == tensors[i], list(table) == tensors
+    """
+
+    __slots__ = ("_count", "_starts", "runs")
+
+    def __init__(self, runs: TableRuns) -> None:
+        self.runs = runs
+        self._starts = [start for start, _first, _keys in runs]
+        self._count = runs[-1][0] + max(len(runs[-1][2]), 1) if runs else 0
+
+    def __len__(self) -> int:
+        return self._count
+
+    @overload
+    def __getitem__(self, index: int) -> TensorEntry: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> list[TensorEntry]: ...
+
+    def __getitem__(self, index: int | slice) -> TensorEntry | list[TensorEntry]:
+        if isinstance(index, slice):
+            return [self[i] for i in range(self._count)[index]]
+        i = range(self._count)[index]  # negative indices as a list takes them; IndexError past the end
+        start, first, keys = self.runs[bisect_right(self._starts, i) - 1]
+        return first if i == start else _with_key(first, keys[i - start])
+
+    def __iter__(self) -> Iterator[TensorEntry]:
+        for _start, first, keys in self.runs:
+            yield first
+            for key in keys[1:]:
+                yield _with_key(first, key)
+
+    def __eq__(self, other: object) -> bool:
+        """Equal as the lists of their entries are (to another table, a list or a tuple)."""
+        if isinstance(other, (RunTable, list, tuple)):
+            return len(self) == len(other) and all(a == b for a, b in zip(self, other, strict=True))
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]  # as a list's
+
+
+def _with_key(entry: TensorEntry, key: str) -> TensorEntry:
+    """A one-chunk entry's run mate: the same entry under another key."""
+    c = entry.chunks[0]
+    return TensorEntry(entry.dtype, entry.shape, (Chunk(c.file, key, c.offsets, c.shape),))
+
+
+def runs_of(tensors: Sequence[TensorEntry]) -> TableRuns:
+    """The runs of a table: those a RunTable holds, else :func:`table_runs`."""
+    return tensors.runs if isinstance(tensors, RunTable) else table_runs(tensors)
+
+
+def whole_table(file: str, keys: list[str], dtypes: list[DType], shapes: list[tuple[int, ...]]) -> RunTable:
+    """The tensor table of tensors stored whole, each in one chunk of ``file`` under its key
+    (a world of one's save), built by columns as its runs: a Python step per run (the first
+    entry of each), none per entry. Entries of one run share their dtype, shape and offsets
+    objects, as :func:`table_runs` requires::
+
+        table = whole_table("data-00000-000.safetensors", ["w"], [f32], [(2, 3)])
     """
     count = len(keys)
     if len(dtypes) != count or len(shapes) != count:
         raise ValueError(f"whole_table: {count} keys, {len(dtypes)} dtypes, {len(shapes)} shapes")
     if not count:
-        return [], []
-    ndims = list(map(len, shapes))
-    zeros = [(0,) * n for n in range(max(ndims) + 1)]
-    new = tuple.__new__  # a named tuple's own __new__ is a Python call around this
-    chunks = map(new, repeat(Chunk), zip(repeat(file), keys, map(zeros.__getitem__, ndims), shapes))
-    tensors = list(map(new, repeat(TensorEntry), zip(dtypes, shapes, zip(chunks), strict=True)))
+        return RunTable([])
     # A run ends where the dtype or the shape object changes (offsets follow the shape's
     # length, and every chunk is in ``file``): compared by identity, as table_runs does.
     dtype_ids = np.fromiter(map(id, dtypes), np.uint64, count)
     shape_ids = np.fromiter(map(id, shapes), np.uint64, count)
     changes = np.flatnonzero((dtype_ids[1:] != dtype_ids[:-1]) | (shape_ids[1:] != shape_ids[:-1]))
     bounds = [0, *(changes + 1).tolist(), count]
-    runs = [(a, tensors[a], keys[a:b]) for a, b in pairwise(bounds)]
-    return tensors, runs
+    zeros = {n: (0,) * n for n in set(map(len, shapes))}  # shared by the entries of a length
+    new = tuple.__new__  # a named tuple's own __new__ is a Python call around this
+    return RunTable(
+        [
+            (
+                a,
+                new(
+                    TensorEntry,
+                    (dtypes[a], shapes[a], (new(Chunk, (file, keys[a], zeros[len(shapes[a])], shapes[a])),)),
+                ),
+                keys[a:b],
+            )
+            for a, b in pairwise(bounds)
+        ]
+    )
 
 
 def show(value: object) -> str:
@@ -369,7 +429,7 @@ def _parse_tensors(docs: list[Any], files: dict[str, FileEntry], where: str) -> 
     return tensors
 
 
-def _check_pairs_unique(tensors: list[TensorEntry], where: str) -> None:
+def _check_pairs_unique(tensors: Sequence[TensorEntry], where: str) -> None:
     """F-12: a (file, key) pair stores one chunk of the whole manifest."""
     used: set[tuple[str, str]] = set()
     for index, tensor in enumerate(tensors):
@@ -585,15 +645,13 @@ def _parse_tensor(doc: object, index: int, files: dict[str, FileEntry], where: s
     return entry
 
 
-def check_tensor_table(
-    tensors: list[TensorEntry], files: dict[str, FileEntry], where: str, runs: TableRuns | None = None
-) -> None:
+def check_tensor_table(tensors: Sequence[TensorEntry], files: dict[str, FileEntry], where: str) -> None:
     """What :meth:`Manifest.parse` checks in a tensor table, for entries a writer built (typed
     already, so no JSON types to check): every chunk's file listed, its offsets and shape of the
     tensor's rank and its box inside the tensor, chunks covering the tensor exactly once (no
     overlap, no hole), shapes within MAX_NDIM/MAX_DIM and F-33's extent, (file, key) pairs
-    unique (F-12), and the file table itself. A writer's check before it commits, without parsing
-    its own manifest back (``runs``: :func:`table_runs` of ``tensors``, when the caller has them)::
+    unique (F-12), and the file table itself. A writer's check before it commits, without
+    parsing its own manifest back (a :class:`RunTable` is checked run by run as it is)::
 
         check_tensor_table(manifest.tensors, manifest.files, "ckpt/manifest.json")
     """
@@ -603,7 +661,7 @@ def check_tensor_table(
     )
     shapes: dict[tuple[int, ...], int] = {}  # a checked shape -> bytes per item it spans
     keys_in: dict[str, list[str]] = {}  # the keys of each file, to find a repeated (file, key)
-    for index, entry, keys in table_runs(tensors) if runs is None else runs:
+    for index, entry, keys in runs_of(tensors):
         shape, chunks = entry.shape, entry.chunks
         span = shapes.get(shape)
         if span is None:

@@ -30,7 +30,7 @@ The collector is paused only while plans and the manifest are built, never while
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from itertools import repeat
 from pathlib import Path
 from typing import Any
@@ -44,10 +44,8 @@ from ckptproto.format.manifest import (
     Chunk,
     FileEntry,
     Manifest,
-    TableRuns,
     TensorEntry,
     check_tensor_table,
-    table_runs,
     whole_table,
 )
 from ckptproto.io.backends import resolve
@@ -288,13 +286,13 @@ def _commit(
     then the commit."""
     with _gc.paused():
         files: dict[str, FileEntry] = {}
-        tensors, runs = _table(final, encoded, answers, files)
+        tensors = _table(final, encoded, answers, files)
         # What every reader checks in the tensor table, checked before the commit (overlapping
         # shards, holes), on the entries themselves: the state and metadata trees come from the
         # encoder, which refuses what a reader would.
-        check_tensor_table(tensors, files, f"{temp}/{layout.MANIFEST_NAME}", runs)
+        check_tensor_table(tensors, files, f"{temp}/{layout.MANIFEST_NAME}")
         manifest = build_manifest(encoded, metadata_tree, files, tensors, world_size)
-        data = manifest.to_json(runs)
+        data = manifest.to_json()
         # The size limit of reader.read_manifest.
         if len(data) > MAX_MANIFEST_BYTES:
             raise CheckpointWriteError(
@@ -308,9 +306,9 @@ def _commit(
 
 def _table(
     final: Location, encoded: EncodedState, answers: list[dict[str, Any]], files: dict[str, FileEntry]
-) -> tuple[list[TensorEntry], TableRuns]:
-    """The tensor table and its runs (filling ``files``): by columns when one rank wrote every
-    tensor whole (a world of one), else from every rank's chunks (:func:`_entries`)."""
+) -> Sequence[TensorEntry]:
+    """The tensor table (filling ``files``): by columns, as its runs, when one rank wrote every
+    tensor whole (a world of one); else from every rank's chunks (:func:`_entries`)."""
     if len(answers) == 1 and answers[0].get("whole") is not None:
         name, size, checksum = answers[0]["file"]
         files[name] = FileEntry(size, checksum, 0)
@@ -321,8 +319,7 @@ def _table(
                 f"{final}: internal error: {len(keys)} tensors written whole, the state holds {len(specs)}"
             )
         return whole_table(name, keys, [s.dtype for s in specs], [s.shape for s in specs])
-    tensors = _entries(final, encoded, answers, files)
-    return tensors, table_runs(tensors)
+    return _entries(final, encoded, answers, files)
 
 
 def _entries(
