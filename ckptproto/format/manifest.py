@@ -145,13 +145,18 @@ class Manifest:
                 f'"shape":[{_ints(c.shape)}]}}'
             )
 
-        table: list[str] = []
-        append = table.append
+        # The document after its opening brace, in parts joined once (the checksum covers "{"
+        # + this, and the file is the checksum member + this): a large manifest is copied as
+        # few times as can be, each copy of fresh memory costing its page faults.
+        parts = [_dumps(head)[1:-1], ',"tensors":[']
+        append = parts.append
         around: dict[tuple[Any, ...], tuple[str, str]] = {}
         runs = runs_of(self.tensors)
         # Keys with nothing to escape (the usual state) are joined as they are, quotes around.
         quote = '"' if json_text.plain(list(chain.from_iterable(keys for _i, _t, keys in runs))) else ""
-        for _index, t, keys in runs:
+        for index, t, keys in runs:
+            if index:
+                append(",")
             if keys:  # entries that differ only in their one chunk's key: one join for all
                 c = t.chunks[0]
                 shared = (t.dtype.name, t.shape, c.file, c.offsets, c.shape)
@@ -162,17 +167,14 @@ class Manifest:
                         f'{_text(c.file)},"key":{quote}',
                         f'{quote},"offsets":[{_ints(c.offsets)}],"shape":[{_ints(c.shape)}]}}]}}',
                     )
-                append(
-                    text[0] + (text[1] + "," + text[0]).join(keys if quote else map(_text, keys)) + text[1]
-                )
+                append(text[0])
+                append((text[1] + "," + text[0]).join(keys if quote else map(_text, keys)))
+                append(text[1])
             else:
                 append(
                     f'{{"dtype":{_text(t.dtype.name)},"shape":[{_ints(t.shape)}],'
                     f'"chunks":[{",".join(map(_chunk, t.chunks))}]}}'
                 )
-        # The document after its opening brace: the checksum covers "{" + this, and the file
-        # is the checksum member + this (two copies of a large manifest fewer than slicing).
-        parts = [_dumps(head)[1:-1], ',"tensors":[', ",".join(table)]
         # The state tree comes from the encoder (or a parsed manifest): no cycle to look for,
         # and not looking saves the C encoder a dict of every object it enters.
         parts += ['],"state":', _dumps(self.state, check_circular=False), "}"]
