@@ -457,9 +457,9 @@ def _varied_state() -> dict[str, Any]:
     escaped keys; an empty tensor, a scalar, raw bytes (a dtype safetensors lacks)."""
     g = torch.Generator().manual_seed(3)
     w = torch.randn(3, 2, generator=g)
-    module = {f"layer{i}.weight": torch.randn(4, 4, generator=g) for i in range(6)}
+    module = {f"layer{i}.weight": torch.randn(4, 4, generator=g) for i in range(36)}  # one bulk dict
     module.update({f"layer{i}.bias": torch.randn(4, generator=g) for i in range(3)})
-    module["layer9.weight"] = torch.randn(4, 4, generator=g)  # the first run's shape again
+    module["layer99.weight"] = torch.randn(4, 4, generator=g)  # the first run's shape again
     return {
         "model": module,
         "mixed": {
@@ -537,3 +537,46 @@ def test_table_by_columns_is_the_table_of_its_entries() -> None:
     assert job.pieces[-1] == job.pieces[len(job.pieces) - 1] and job.pieces[1:3] == list(job.pieces)[1:3]
     with pytest.raises(IndexError):
         job.pieces[len(job.pieces)]
+
+
+def _refs(n: int, tag: str = "$torch", key: str = "layers.{}.w") -> dict[str, Any]:
+    return {key.format(i): {tag: i} for i in range(n)}
+
+
+_TREES: list[Any] = [
+    {},
+    [],
+    {"step": 3, "name": ODD[4], "x": [1.5, None, True, {"$tuple": [1, 2]}]},
+    {"model": _refs(40), "trainer": {"global_step": 7, "epoch": 1}},
+    {"models": {"model": _refs(33, key=ODD[4] + "{}%s")}, "optimizers": {"opt": _refs(35, "$numpy")}},
+    {"m": _refs(40, key=ODD[1] + "{}"), "n": _refs(40, key=ODD[3] + "{}"), "o": _refs(40, key="\u2028{}")},
+    {"m": {**_refs(40), "extra": {"$torch": 41, "more": 1}}},  # one value of two items
+    {"m": {**_refs(40), "empty": {}}},
+    {"m": {**_refs(40), "flag": {"$torch": True}}},  # a bool is not an index
+    {"m": {**_refs(40), "mixed": {"$numpy": 40}}},  # two tags
+    {"m": {**_refs(40), "step": 5}},
+    {"m": {1: "int key", **_refs(40)}},  # json.dumps writes the key as "1"
+    {"m": {**{f"k{i}": {"$torch": 2**70 + i} for i in range(40)}}},
+    {f"d{i}": {f"e{j}": {"f": [i, j]} for j in range(30)} for i in range(30)},  # past the walk's budget
+    _refs(31),
+    _refs(32),
+]
+
+
+@pytest.mark.parametrize("value", _TREES, ids=range(len(_TREES)))
+def test_tree_text_is_what_json_dumps_writes(value: Any) -> None:
+    from ckptproto.format import json_text
+
+    assert json_text.tree(value) == json.dumps(
+        value, ensure_ascii=False, allow_nan=False, separators=(",", ":")
+    )
+
+
+def test_tree_text_refuses_what_json_dumps_refuses() -> None:
+    from ckptproto.format import json_text
+
+    for bad in ({"m": {**_refs(40), "loss": float("nan")}}, {"x": {"y": float("inf")}}):
+        with pytest.raises(ValueError, match="Out of range float"):
+            json.dumps(bad, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+        with pytest.raises(ValueError, match="Out of range float"):
+            json_text.tree(bad)

@@ -175,9 +175,7 @@ class Manifest:
                     f'{{"dtype":{_text(t.dtype.name)},"shape":[{_ints(t.shape)}],'
                     f'"chunks":[{",".join(map(_chunk, t.chunks))}]}}'
                 )
-        # The state tree comes from the encoder (or a parsed manifest): no cycle to look for,
-        # and not looking saves the C encoder a dict of every object it enters.
-        parts += ['],"state":', _dumps(self.state, check_circular=False), "}"]
+        parts += ['],"state":', json_text.tree(self.state), "}"]
         rest = "".join(parts).encode()
         return b"".join((_CHECKSUM_PREFIX, b"%08x" % zlib.crc32(rest, _CRC_OF_BRACE), b'",', rest))
 
@@ -215,10 +213,8 @@ class Manifest:
         return cls(doc["state"], tensors, files, metadata, created, version, world_size, writer, refs)
 
 
-def _dumps(value: Any, check_circular: bool = True) -> str:
-    return json.dumps(
-        value, ensure_ascii=False, allow_nan=False, separators=(",", ":"), check_circular=check_circular
-    )
+def _dumps(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
 
 
 _text = json_text.text
