@@ -23,7 +23,7 @@ from ckptproto.errors import CheckpointFormatError
 from ckptproto.format import manifest as manifest_module
 from ckptproto.format.manifest import Chunk, FileEntry, Manifest, TensorEntry, check_tensor_table
 from ckptproto.io import share, threads, writer
-from ckptproto.io.plan import plan_file
+from ckptproto.io.plan import WholePieces, plan_file
 from ckptproto.tree import encode_state, iter_tensor_refs, join_path
 
 
@@ -262,6 +262,12 @@ def test_table_of_a_world_of_one_by_columns_is_the_general_table(tmp_path: Path)
     assert files == {"d.safetensors": FileEntry(99, "crc32:00000000", 0)}
     with pytest.raises(ckptproto.errors.DistributedCheckpointError, match="shards hold 0 of"):
         pipeline._entries(tmp_path, job.encoded, [{**answer, "chunks": chunks[1:]}], {})
+    # What a world of one answers ("every tensor whole, under these keys"): the table by
+    # columns, and the same table from the chunks it stands for.
+    assert isinstance(job.pieces, WholePieces)
+    whole = {"file": answer["file"], "whole": job.pieces.keys}
+    assert pipeline._table(tmp_path, job.encoded, [whole], {}) == fast
+    assert pipeline._entries(tmp_path, job.encoded, [whole], {}) == fast
 
 
 def _with_tensor_dicts(state: dict[str, Any]) -> dict[str, Any]:

@@ -248,7 +248,8 @@ def _write_share(
         file = [file_plan.name, entry.size, entry.checksum]
         pieces = job.pieces
         if isinstance(pieces, WholePieces) and len(pieces) == len(job.encoded.tensors):
-            # Every tensor whole, in order (a world of one, plan_share): their keys say it all.
+            # Every tensor whole, piece i tensor i (a world of one, plan_share): the keys say
+            # it all, and rank 0 builds the table by columns (_table).
             return {"file": file, "whole": pieces.keys}
         # Tuples as they are: a coordinator that sends JSON turns them into lists, and
         # _commit takes either.
@@ -338,9 +339,8 @@ def _entries(
         name, size, checksum = answer["file"]
         files[name] = FileEntry(size, checksum, rank)
         listed = answer.get("chunks")
-        if listed is None:  # every tensor whole, in order: under these keys
-            listed = [(i, key, (0,) * len(leaf.spec.shape), leaf.spec.shape)
-                      for i, (key, leaf) in enumerate(zip(answer["whole"], encoded.tensors, strict=True))]  # fmt: skip
+        if listed is None:  # every tensor whole, in order, under these keys (_write_share)
+            listed = _whole_chunks(answer["whole"], encoded)
         if not listed:
             continue
         indices, keys, offsets, boxes = zip(*listed, strict=True)
@@ -381,6 +381,14 @@ def _entries(
         several.sort(key=lambda c: c.offsets)
         tensors.append(new(TensorEntry, (spec.dtype, spec.shape, tuple(several))))
     return tensors
+
+
+def _whole_chunks(keys: list[str], encoded: EncodedState) -> list[Any]:
+    """The chunks of an answer that says "every tensor whole, under these keys", listed."""
+    return [
+        (i, key, (0,) * len(leaf.spec.shape), leaf.spec.shape)
+        for i, (key, leaf) in enumerate(zip(keys, encoded.tensors, strict=True))
+    ]
 
 
 def _summary(manifest: Manifest) -> dict[str, Any]:

@@ -83,7 +83,7 @@ class WholePieces(Sequence[Piece]):
         return map(Piece._make, zip(range(len(self)), self.keys, self.specs, offsets, strict=True))
 
 
-def columns(pieces: Sequence[Piece]) -> tuple[Sequence[int], list[str], list[ArraySpec]]:
+def piece_columns(pieces: Sequence[Piece]) -> tuple[Sequence[int], list[str], list[ArraySpec]]:
     """``(sources, keys, specs)`` of ``pieces``, without building a Piece of WholePieces."""
     if isinstance(pieces, WholePieces):
         return range(len(pieces)), pieces.keys, pieces.specs
@@ -158,7 +158,7 @@ def plan_file(
     """Lay ``pieces`` out in one safetensors file. Wider dtypes go first so that every tensor
     starts at a multiple of its item size (the header is padded to 8 bytes), which lets
     loaders map tensors straight from the file."""
-    sources, keys, specs = columns(pieces)
+    sources, keys, specs = piece_columns(pieces)
     positions = file_order(_widths(specs))
     if positions is not None:
         sources = [sources[i] for i in positions]

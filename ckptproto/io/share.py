@@ -68,7 +68,7 @@ class ShareJob:
 
     encoded: EncodedState
     digest: str
-    pieces: Sequence[Piece]  # a world of one's: WholePieces, by columns
+    pieces: Sequence[Piece]  # a world of one's: WholePieces (piece i is tensor i, whole), by columns
     leaves: list[TensorLeaf]
     tensor_index: list[int]  # per piece: its tensor in ``encoded``
     replicas: dict[int, int]  # CRC-32 of each small plain tensor, by index (compared across ranks)
