@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import math
 import struct
-from itertools import chain
+from itertools import chain, repeat
 from typing import Any, NamedTuple
 
 from ckptproto.dtypes import SAFETENSORS_ITEMSIZE
@@ -74,17 +74,18 @@ def encode_header_columns(
         else:
             entry = ',"%s"%s%d,%d]}'
             columns.insert(1, map(heads.__getitem__, zip(codes, shapes, strict=True)))
-        body = (entry * len(keys)) % tuple(chain.from_iterable(zip(*columns, strict=True)))
         head = json.dumps({"__metadata__": metadata}, separators=(",", ":"), ensure_ascii=False)
-        text = (head[:-1] + body + "}").encode("utf-8")
+        # The whole text from one format (made by one join, not by concatenations: each copy
+        # of a large header is fresh memory and its page faults).
+        form = "".join(chain((head[:-1].replace("%", "%%"),), repeat(entry, len(keys)), ("}",)))
+        text = (form % tuple(chain.from_iterable(zip(*columns, strict=True)))).encode("utf-8")
     else:  # a repeated key keeps its first position and last value, as a dict does
         obj: dict[str, Any] = {"__metadata__": metadata}
         for key, code, shape, begin, end in zip(keys, codes, shapes, begins, ends, strict=True):
             obj[key] = {"dtype": code, "shape": list(shape), "data_offsets": [begin, end]}
         text = json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
     pad = -(8 + len(text)) % HEADER_ALIGN
-    text += b" " * pad
-    return struct.pack("<Q", len(text)) + text
+    return b"".join((struct.pack("<Q", len(text) + pad), text, b" " * pad))
 
 
 def header_length(prefix: bytes, file_size: int, name: str) -> int:
