@@ -24,7 +24,7 @@ from ckptproto.format import manifest as manifest_module
 from ckptproto.format.manifest import Chunk, FileEntry, Manifest, TensorEntry, check_tensor_table
 from ckptproto.io import share, threads, writer
 from ckptproto.io.plan import WholePieces, plan_file
-from ckptproto.tree import encode_state, iter_tensor_refs, join_path
+from ckptproto.tree import EncodedState, TensorLeaf, encode_state, iter_tensor_refs, join_path
 
 
 def _varied_state() -> dict[str, Any]:
@@ -120,6 +120,10 @@ def test_share_of_a_world_of_one_is_the_general_split_of_every_rank() -> None:
     assert [(t.value, t.spec, t.path, t.shard) for t in fast.encoded.tensors] == [
         (None, t.spec, t.path, None) for t in encoded.tensors
     ]
+    # A layout without values (what the writer process plans from) is used as it is.
+    valueless = EncodedState(encoded.tree, [TensorLeaf(None, t.spec, t.path) for t in encoded.tensors])
+    again = share.plan_share(valueless, 0, 1)
+    assert again.encoded is valueless and again.pieces == fast.pieces
 
 
 @pytest.mark.parametrize("batch", [threads.BATCH_BYTES, 40, 1])

@@ -78,28 +78,19 @@ def plan_share(encoded: EncodedState, rank: int, world_size: int) -> ShareJob:
     """What ``rank`` writes of ``encoded``: its DTensor shards (unless another rank writes a
     replica of them) and the plain tensors :func:`assign_writers` gives it."""
     tensors = encoded.tensors
-    keys = unique_keys([t.path for t in tensors])
     if tensors and world_size == 1:
         values, specs, paths, shards, addresses = zip(*tensors, strict=True)
         if shards.count(None) == len(shards):
             # A world of one without DTensors (the usual save): every tensor whole, by columns.
-            # (By identity: == on a tensor or an array is a Python call, or an array.)
+            # (Values by identity: == on a tensor or an array is a Python call, or an array.)
             if not any(map(is_not, values, repeat(None))) and addresses.count(0) == len(addresses):
                 layout = encoded  # values dropped already (the writer process's job)
             else:
-                layout = EncodedState(
-                    encoded.tree,
-                    list(
-                        map(
-                            tuple.__new__,
-                            repeat(TensorLeaf),
-                            zip(repeat(None), specs, paths, shards, repeat(0)),
-                        )
-                    ),
-                )
-            return ShareJob(
-                layout, "", WholePieces(keys, list(specs)), list(tensors), list(range(len(tensors))), {}
-            )
+                valueless = zip(repeat(None), specs, paths, shards, repeat(0))
+                layout = EncodedState(encoded.tree, list(map(tuple.__new__, repeat(TensorLeaf), valueless)))
+            whole = WholePieces(unique_keys(list(paths)), list(specs))
+            return ShareJob(layout, "", whole, list(tensors), list(range(len(tensors))), {})
+    keys = unique_keys([t.path for t in tensors])
     owners = assign_writers(encoded, world_size)
     pieces: list[Piece] = []
     leaves: list[TensorLeaf] = []
