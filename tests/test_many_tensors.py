@@ -75,6 +75,12 @@ def _manifests() -> Iterator[Manifest]:
         state, tensors, files, {"note": ODD[3]}, "2026-01-01T00:00:00Z", (1, 0), 2, "ckptproto test"
     )
     yield Manifest({}, [], {}, {}, "", (1, 7), 1, "")
+    # Short runs (shapes alternate): more parts than to_json encodes one by one.
+    short = [
+        TensorEntry(f32, shape, (Chunk("b.safetensors", f"k{i}", (0,) * len(shape), shape),))
+        for i, shape in enumerate([(2,), (3, 1)] * 40)
+    ]
+    yield Manifest({"w": {"$torch": 0}}, short, files, {}, "2026-01-01T00:00:00Z", (1, 0), 1, ODD[4])
 
 
 @pytest.mark.parametrize("manifest", list(_manifests()))

@@ -42,6 +42,7 @@ _CHECKSUM_HEAD = len(_CHECKSUM_PREFIX) + 8 + 2  # + hex digits + '",'
 _DAMAGED_CHECKSUM = re.compile(rb'\{"[^"]{%d}":"crc32:' % len(CHECKSUM_KEY))
 _HEX8 = re.compile(rb"[0-9a-f]{8}")
 _CRC_OF_BRACE = zlib.crc32(b"{")
+_ENCODED_PARTS = 64  # Manifest.to_json encodes up to this many parts one by one
 _VERSION = re.compile(r"[0-9]{1,5}\.[0-9]{1,5}")  # ASCII digits only ("١.0" is not a version)
 
 
@@ -176,8 +177,13 @@ class Manifest:
                     f'"chunks":[{",".join(map(_chunk, t.chunks))}]}}'
                 )
         parts += ['],"state":', json_text.tree(self.state), "}"]
-        rest = "".join(parts).encode()
-        return b"".join((_CHECKSUM_PREFIX, b"%08x" % zlib.crc32(rest, _CRC_OF_BRACE), b'",', rest))
+        # Few parts (few runs, the large manifest of a uniform state): each encoded as it is,
+        # no str copy of the whole document; many (short runs): joined first, one encode.
+        pieces = [p.encode() for p in parts] if len(parts) <= _ENCODED_PARTS else ["".join(parts).encode()]
+        crc = _CRC_OF_BRACE
+        for piece in pieces:
+            crc = zlib.crc32(piece, crc)
+        return b"".join((_CHECKSUM_PREFIX, b"%08x" % crc, b'",', *pieces))
 
     @property
     def nbytes(self) -> int:
