@@ -537,6 +537,10 @@ def test_table_by_columns_is_the_table_of_its_entries() -> None:
     assert list(whole_table("d.safetensors", [], [], [])) == [] == RunTable([])
     for m in _manifests():  # entries of several chunks are runs of their own
         assert RunTable(table_runs(m.tensors)) == m.tensors
+    with pytest.raises(ValueError, match="the run at 1"):
+        RunTable([table.runs[0], (1, *table.runs[1][1:])])  # the first run holds more than one
+    with pytest.raises(ValueError, match="the run at 0"):
+        RunTable([(0, table.runs[0][1], ["other", *table.runs[0][2][1:]])])  # not the first's key
     # The pieces of a world of one, by columns, are the pieces the general split gives.
     job = plan_share(encoded, 0, 1)
     assert list(job.pieces) == [job.pieces[i] for i in range(len(job.pieces))]

@@ -266,9 +266,13 @@ class RunTable(Sequence[TensorEntry]):
     __slots__ = ("_count", "_starts", "runs")
 
     def __init__(self, runs: TableRuns) -> None:
-        self.runs = runs
+        count = 0
+        for start, first, keys in runs:  # a step per run, never per entry
+            if start != count or (keys and (len(first.chunks) != 1 or first.chunks[0].key != keys[0])):
+                raise ValueError(f"RunTable: the run at {start} is not what table_runs gives at {count}")
+            count += max(len(keys), 1)
+        self.runs, self._count = runs, count
         self._starts = [start for start, _first, _keys in runs]
-        self._count = runs[-1][0] + max(len(runs[-1][2]), 1) if runs else 0
 
     def __len__(self) -> int:
         return self._count
