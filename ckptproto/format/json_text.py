@@ -9,7 +9,7 @@ parts of a document that repeat per tensor (a data file's header, the manifest's
 from __future__ import annotations
 
 import json
-from itertools import chain
+from itertools import chain, repeat
 from operator import itemgetter
 from typing import Any
 
@@ -81,6 +81,7 @@ def _references(value: dict[Any, Any], keys: list[Any]) -> str | None:
     if type(tag) is not str or set(map(type, indices)) != {int}:
         return None
     names = keys if plain(keys) else [text(k)[1:-1] for k in keys]
-    entry = ',"%s":{' + text(tag).replace("%", "%%") + ":%d}"
-    body = (entry * len(keys)) % tuple(chain.from_iterable(zip(names, indices, strict=True)))
-    return "{" + body[1:] + "}"
+    entry = '"%s":{' + text(tag).replace("%", "%%") + ":%d}"
+    # One format made by one join (no copy of the text by concatenation).
+    form = "".join(chain(("{", entry), repeat("," + entry, len(keys) - 1), ("}",)))
+    return form % tuple(chain.from_iterable(zip(names, indices, strict=True)))
