@@ -172,10 +172,12 @@ STAGES = [
     ("ckptproto.io.pipeline", "prepare", "prepare (encode, share, metadata)"),
     ("ckptproto.arrays", "host_views", "byte views of the tensors"),
     ("ckptproto.io.pipeline", "plan_file", "plan the data file (header)"),
+    ("ckptproto.format.safetensors", "encode_header_columns", "  of which the header's text"),
     ("ckptproto.io.writer", "write_file", "write + CRC + fsync the data file"),
-    ("ckptproto.io.pipeline", "_entries", "manifest tensor table"),
+    ("ckptproto.io.pipeline", "_table", "manifest tensor table"),
     ("ckptproto.io.pipeline", "check_tensor_table", "check the table"),
     ("ckptproto.format.manifest", "Manifest.to_json", "manifest JSON"),
+    ("ckptproto.format.json_text", "tree", "  of which the state tree's text"),
     ("ckptproto.io.writer", "write_small_file", "write + fsync the manifest"),
     ("ckptproto.io.pipeline", "run", "run (write + commit)"),
 ]

@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 
@@ -74,6 +75,12 @@ def _manifests() -> Iterator[Manifest]:
         state, tensors, files, {"note": ODD[3]}, "2026-01-01T00:00:00Z", (1, 0), 2, "ckptproto test"
     )
     yield Manifest({}, [], {}, {}, "", (1, 7), 1, "")
+    # Short runs (shapes alternate): more parts than to_json encodes one by one.
+    short = [
+        TensorEntry(f32, shape, (Chunk("b.safetensors", f"k{i}", (0,) * len(shape), shape),))
+        for i, shape in enumerate([(2,), (3, 1)] * 40)
+    ]
+    yield Manifest({"w": {"$torch": 0}}, short, files, {}, "2026-01-01T00:00:00Z", (1, 0), 1, ODD[4])
 
 
 @pytest.mark.parametrize("manifest", list(_manifests()))
@@ -111,6 +118,10 @@ def _reference_header(
         [],
         [("a", "U8", (), 0, 1), ("b", "BF16", (3,), 1, 7), ("a", "I64", (1,), 7, 15)],  # a repeated key
         [("__metadata__", "U8", (1,), 0, 1)],
+        # Keys with nothing to escape (put into the format as they are), "%" among them: one
+        # (code, shape) for all (put into the format itself), then several.
+        [(f"layers.{i}.w%s%d%%", "F32", (4,), 16 * i, 16 * (i + 1)) for i in range(5)],
+        [(f"p{i}.é%", ["F32", "BF16"][i % 2], [(4,), (2, 2), ()][i % 3], i, i + 1) for i in range(7)],
     ],
 )
 def test_header_text_is_what_json_dumps_writes(
@@ -445,3 +456,137 @@ def test_tensor_refs_in_tree_order_with_their_paths() -> None:
     ]
     assert list(iter_tensor_refs({"$torch": 2}, "root")) == [("root", "torch", 2)]
     assert list(iter_tensor_refs({"k": {"$tuple": {"$numpy": 1}}})) == [("k", "numpy", 1)]
+
+
+def _varied_state() -> dict[str, Any]:
+    """Runs of tensors of one dtype and shape, broken by others; ties; numpy; non-ASCII and
+    escaped keys; an empty tensor, a scalar, raw bytes (a dtype safetensors lacks)."""
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(3, 2, generator=g)
+    module = {f"layer{i}.weight": torch.randn(4, 4, generator=g) for i in range(36)}  # one bulk dict
+    module.update({f"layer{i}.bias": torch.randn(4, generator=g) for i in range(3)})
+    module["layer99.weight"] = torch.randn(4, 4, generator=g)  # the first run's shape again
+    return {
+        "model": module,
+        "mixed": {
+            f"m{i}": torch.ones([(2,), (2, 1), ()][i % 3], dtype=[torch.float32, torch.bfloat16][i % 2])
+            for i in range(9)
+        },
+        "w": w,
+        "tied": w,
+        "row": w[0],
+        "np": np.arange(6, dtype=np.int16).reshape(2, 3),
+        "np_f": np.ones(3, dtype=np.float64),
+        "é日本": torch.zeros(2, dtype=torch.int64),
+        ODD[1]: torch.ones(1),
+        "empty": torch.empty(0, 3),
+        "scalar": torch.tensor(2.5),
+        "raw": torch.ones(2, dtype=torch.float8_e4m3fn) if hasattr(torch, "float8_e4m3fn") else torch.ones(2),
+        "c": torch.ones(2, dtype=torch.complex64),
+        "step": 7,
+    }
+
+
+def test_saved_manifest_and_header_are_what_json_dumps_writes(tmp_path: Path) -> None:
+    """A save through the pipeline's fast paths (the table and its runs by columns, the
+    header by one format operation) writes the bytes json.dumps gives for the same documents."""
+    ckptproto.save(_varied_state(), tmp_path / "c", metadata={"note": ODD[4]})
+    data = (tmp_path / "c" / "manifest.json").read_bytes()
+    manifest = Manifest.parse(data, "m")
+    assert data == _reference_to_json(manifest)
+    assert 5 < len({(t.dtype, t.shape) for t in manifest.tensors}) < len(manifest.tensors)
+    raw = (tmp_path / "c" / "data-00000-000.safetensors").read_bytes()
+    size = struct.unpack("<Q", raw[:8])[0]
+    entries = safetensors.parse_header(raw[8 : 8 + size], len(raw), "d")
+    start = 8 + size
+    meta = json.loads(raw[8 : 8 + size])["__metadata__"]
+    reference = [(k, e.code, e.shape, e.begin - start, e.end - start) for k, e in entries.items()]
+    assert raw[: 8 + size] == _reference_header(reference, meta)
+
+
+def test_table_by_columns_is_the_table_of_its_entries() -> None:
+    """whole_table's entries and runs are what the per-entry path gives, and a RunTable is
+    checked and written as the list of its entries is."""
+    from ckptproto.format.manifest import RunTable, check_tensor_table, table_runs, whole_table
+    from ckptproto.io.share import plan_share
+
+    encoded = encode_state(_varied_state())
+    specs = [t.spec for t in encoded.tensors]
+    keys = [f"k{i}" for i in range(len(specs))]
+    columns = [s.dtype for s in specs], [s.shape for s in specs]
+    table = whole_table("d.safetensors", keys, *columns)
+    entries = [
+        TensorEntry(s.dtype, s.shape, (Chunk("d.safetensors", k, (0,) * len(s.shape), s.shape),))
+        for k, s in zip(keys, specs, strict=True)
+    ]
+    assert table == entries and list(table) == entries and [table[i] for i in range(len(table))] == entries
+    assert table[-1] == entries[-1] and table[2:9] == entries[2:9]
+    with pytest.raises(IndexError):
+        table[len(entries)]
+    assert table.runs == table_runs(list(table)) and 1 < len(table.runs) < len(table)
+    files = {"d.safetensors": FileEntry(64, "crc32:00000000")}
+    check_tensor_table(table, files, "m")
+    as_list = Manifest(encoded.tree, entries, files, {}, "2026-01-01T00:00:00Z")
+    assert Manifest(encoded.tree, table, files, {}, "2026-01-01T00:00:00Z").to_json() == as_list.to_json()
+    assert as_list.to_json() == _reference_to_json(as_list)
+    broken = whole_table("d.safetensors", [*keys[:-1], "k0"], *columns)
+    with pytest.raises(
+        CheckpointFormatError, match=r"tensors\[\d+\]: \(d.safetensors, 'k0'\) is claimed by two"
+    ):
+        check_tensor_table(broken, files, "m")
+    assert list(whole_table("d.safetensors", [], [], [])) == [] == RunTable([])
+    for m in _manifests():  # entries of several chunks are runs of their own
+        assert RunTable(table_runs(m.tensors)) == m.tensors
+    with pytest.raises(ValueError, match="the run at 1"):
+        RunTable([table.runs[0], (1, *table.runs[1][1:])])  # the first run holds more than one
+    with pytest.raises(ValueError, match="the run at 0"):
+        RunTable([(0, table.runs[0][1], ["other", *table.runs[0][2][1:]])])  # not the first's key
+    # The pieces of a world of one, by columns, are the pieces the general split gives.
+    job = plan_share(encoded, 0, 1)
+    assert list(job.pieces) == [job.pieces[i] for i in range(len(job.pieces))]
+    assert job.pieces[-1] == job.pieces[len(job.pieces) - 1] and job.pieces[1:3] == list(job.pieces)[1:3]
+    with pytest.raises(IndexError):
+        job.pieces[len(job.pieces)]
+
+
+def _refs(n: int, tag: str = "$torch", key: str = "layers.{}.w") -> dict[str, Any]:
+    return {key.format(i): {tag: i} for i in range(n)}
+
+
+_TREES: list[Any] = [
+    {},
+    [],
+    {"step": 3, "name": ODD[4], "x": [1.5, None, True, {"$tuple": [1, 2]}]},
+    {"model": _refs(40), "trainer": {"global_step": 7, "epoch": 1}},
+    {"models": {"model": _refs(33, key=ODD[4] + "{}%s")}, "optimizers": {"opt": _refs(35, "$numpy")}},
+    {"m": _refs(40, key=ODD[1] + "{}"), "n": _refs(40, key=ODD[3] + "{}"), "o": _refs(40, key="\u2028{}")},
+    {"m": {**_refs(40), "extra": {"$torch": 41, "more": 1}}},  # one value of two items
+    {"m": {**_refs(40), "empty": {}}},
+    {"m": {**_refs(40), "flag": {"$torch": True}}},  # a bool is not an index
+    {"m": {**_refs(40), "mixed": {"$numpy": 40}}},  # two tags
+    {"m": {**_refs(40), "step": 5}},
+    {"m": {1: "int key", **_refs(40)}},  # json.dumps writes the key as "1"
+    {"m": {**{f"k{i}": {"$torch": 2**70 + i} for i in range(40)}}},
+    {f"d{i}": {f"e{j}": {"f": [i, j]} for j in range(30)} for i in range(30)},  # past the walk's budget
+    _refs(31),
+    _refs(32),
+]
+
+
+@pytest.mark.parametrize("value", _TREES, ids=range(len(_TREES)))
+def test_tree_text_is_what_json_dumps_writes(value: Any) -> None:
+    from ckptproto.format import json_text
+
+    assert json_text.tree(value) == json.dumps(
+        value, ensure_ascii=False, allow_nan=False, separators=(",", ":")
+    )
+
+
+def test_tree_text_refuses_what_json_dumps_refuses() -> None:
+    from ckptproto.format import json_text
+
+    for bad in ({"m": {**_refs(40), "loss": float("nan")}}, {"x": {"y": float("inf")}}):
+        with pytest.raises(ValueError, match="Out of range float"):
+            json.dumps(bad, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+        with pytest.raises(ValueError, match="Out of range float"):
+            json_text.tree(bad)

@@ -122,6 +122,8 @@ def test_a_tensor_table_its_readers_refuse_is_never_committed(
 
     def overlapping(*args: Any) -> dict[str, Any]:
         out = real(*args)
+        if "whole" in out:  # a world of one says "every tensor whole": listed, to break one
+            out = {"file": out["file"], "chunks": [[0, out.pop("whole")[0], (0,), (4,)]]}
         index, key, _offsets, _shape = out["chunks"][0]
         out["chunks"][0] = [index, key, (0,), (2,)]
         out["chunks"].append([index, "extra", (1,), (2,)])

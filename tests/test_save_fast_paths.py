@@ -23,8 +23,8 @@ from ckptproto.errors import CheckpointFormatError
 from ckptproto.format import manifest as manifest_module
 from ckptproto.format.manifest import Chunk, FileEntry, Manifest, TensorEntry, check_tensor_table
 from ckptproto.io import share, threads, writer
-from ckptproto.io.plan import plan_file
-from ckptproto.tree import encode_state, iter_tensor_refs, join_path
+from ckptproto.io.plan import WholePieces, plan_file
+from ckptproto.tree import EncodedState, TensorLeaf, encode_state, iter_tensor_refs, join_path
 
 
 def _varied_state() -> dict[str, Any]:
@@ -120,6 +120,10 @@ def test_share_of_a_world_of_one_is_the_general_split_of_every_rank() -> None:
     assert [(t.value, t.spec, t.path, t.shard) for t in fast.encoded.tensors] == [
         (None, t.spec, t.path, None) for t in encoded.tensors
     ]
+    # A layout without values (what the writer process plans from) is used as it is.
+    valueless = EncodedState(encoded.tree, [TensorLeaf(None, t.spec, t.path) for t in encoded.tensors])
+    again = share.plan_share(valueless, 0, 1)
+    assert again.encoded is valueless and again.pieces == fast.pieces
 
 
 @pytest.mark.parametrize("batch", [threads.BATCH_BYTES, 40, 1])
@@ -204,7 +208,7 @@ def test_table_checked_by_runs_as_entry_by_entry(how: str) -> None:
     outcomes = []
     for shared in (True, False):
         tensors, files = _table(shared)
-        assert len(manifest_module._runs(tensors)) == (4 if shared else len(tensors))
+        assert len(manifest_module.table_runs(tensors)) == (4 if shared else len(tensors))
         try:
             check_tensor_table(_broken(tensors, how), files, "m")
             outcomes.append("ok")
@@ -262,6 +266,12 @@ def test_table_of_a_world_of_one_by_columns_is_the_general_table(tmp_path: Path)
     assert files == {"d.safetensors": FileEntry(99, "crc32:00000000", 0)}
     with pytest.raises(ckptproto.errors.DistributedCheckpointError, match="shards hold 0 of"):
         pipeline._entries(tmp_path, job.encoded, [{**answer, "chunks": chunks[1:]}], {})
+    # What a world of one answers ("every tensor whole, under these keys"): the table by
+    # columns, and the same table from the chunks it stands for.
+    assert isinstance(job.pieces, WholePieces)
+    whole = {"file": answer["file"], "whole": job.pieces.keys}
+    assert pipeline._table(tmp_path, job.encoded, [whole], {}) == fast
+    assert pipeline._entries(tmp_path, job.encoded, [whole], {}) == fast
 
 
 def _with_tensor_dicts(state: dict[str, Any]) -> dict[str, Any]:

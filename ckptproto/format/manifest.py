@@ -10,15 +10,18 @@ import json
 import math
 import re
 import zlib
+from bisect import bisect_right
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from itertools import chain, pairwise
+from typing import Any, NamedTuple, overload
 
 import numpy as np
 
 from ckptproto import dtypes
 from ckptproto.dtypes import DType
 from ckptproto.errors import CheckpointCorruptError, CheckpointFormatError
-from ckptproto.format import layout, strict_json
+from ckptproto.format import json_text, layout, strict_json
 from ckptproto.format.crc import parse_checksum
 from ckptproto.tree import check_tree, int_text, quick_refs
 
@@ -39,6 +42,7 @@ _CHECKSUM_HEAD = len(_CHECKSUM_PREFIX) + 8 + 2  # + hex digits + '",'
 _DAMAGED_CHECKSUM = re.compile(rb'\{"[^"]{%d}":"crc32:' % len(CHECKSUM_KEY))
 _HEX8 = re.compile(rb"[0-9a-f]{8}")
 _CRC_OF_BRACE = zlib.crc32(b"{")
+_ENCODED_PARTS = 64  # Manifest.to_json encodes up to this many parts one by one
 _VERSION = re.compile(r"[0-9]{1,5}\.[0-9]{1,5}")  # ASCII digits only ("١.0" is not a version)
 
 
@@ -99,7 +103,7 @@ class Manifest:
     (``ckptproto.tree``) until decoded."""
 
     state: Any
-    tensors: list[TensorEntry]
+    tensors: Sequence[TensorEntry]  # a list when parsed; a RunTable when a writer built it
     files: dict[str, FileEntry]
     metadata: Any = field(default_factory=dict)
     created: str = ""
@@ -142,10 +146,18 @@ class Manifest:
                 f'"shape":[{_ints(c.shape)}]}}'
             )
 
-        table: list[str] = []
-        append = table.append
+        # The document after its opening brace, in parts joined once (the checksum covers "{"
+        # + this, and the file is the checksum member + this): a large manifest is copied as
+        # few times as can be, each copy of fresh memory costing its page faults.
+        parts = [_dumps(head)[1:-1], ',"tensors":[']
+        append = parts.append
         around: dict[tuple[Any, ...], tuple[str, str]] = {}
-        for _index, t, keys in _runs(self.tensors):
+        runs = runs_of(self.tensors)
+        # Keys with nothing to escape (the usual state) are joined as they are, quotes around.
+        quote = '"' if json_text.plain(list(chain.from_iterable(keys for _i, _t, keys in runs))) else ""
+        for index, t, keys in runs:
+            if index:
+                append(",")
             if keys:  # entries that differ only in their one chunk's key: one join for all
                 c = t.chunks[0]
                 shared = (t.dtype.name, t.shape, c.file, c.offsets, c.shape)
@@ -153,21 +165,25 @@ class Manifest:
                 if text is None:
                     text = around[shared] = (
                         f'{{"dtype":{_text(t.dtype.name)},"shape":[{_ints(t.shape)}],"chunks":[{{"file":'
-                        f'{_text(c.file)},"key":',
-                        f',"offsets":[{_ints(c.offsets)}],"shape":[{_ints(c.shape)}]}}]}}',
+                        f'{_text(c.file)},"key":{quote}',
+                        f'{quote},"offsets":[{_ints(c.offsets)}],"shape":[{_ints(c.shape)}]}}]}}',
                     )
-                append(text[0] + (text[1] + "," + text[0]).join(map(_text, keys)) + text[1])
+                append(text[0])
+                append((text[1] + "," + text[0]).join(keys if quote else map(_text, keys)))
+                append(text[1])
             else:
                 append(
                     f'{{"dtype":{_text(t.dtype.name)},"shape":[{_ints(t.shape)}],'
                     f'"chunks":[{",".join(map(_chunk, t.chunks))}]}}'
                 )
-        # The document after its opening brace: the checksum covers "{" + this, and the file
-        # is the checksum member + this (two copies of a large manifest fewer than slicing).
-        parts = [_dumps(head)[1:-1], ',"tensors":[', ",".join(table)]
-        parts += ['],"state":', _dumps(self.state), "}"]
-        rest = "".join(parts).encode()
-        return b"".join((_CHECKSUM_PREFIX, b"%08x" % zlib.crc32(rest, _CRC_OF_BRACE), b'",', rest))
+        parts += ['],"state":', json_text.tree(self.state), "}"]
+        # Few parts (few runs, the large manifest of a uniform state): each encoded as it is,
+        # no str copy of the whole document; many (short runs): joined first, one encode.
+        pieces = [p.encode() for p in parts] if len(parts) <= _ENCODED_PARTS else ["".join(parts).encode()]
+        crc = _CRC_OF_BRACE
+        for piece in pieces:
+            crc = zlib.crc32(piece, crc)
+        return b"".join((_CHECKSUM_PREFIX, b"%08x" % crc, b'",', *pieces))
 
     @property
     def nbytes(self) -> int:
@@ -207,10 +223,13 @@ def _dumps(value: Any) -> str:
     return json.dumps(value, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
 
 
-_text = json.encoder.encode_basestring  # what json.dumps(ensure_ascii=False) writes for a str
+_text = json_text.text
+
+# The tensor table as runs: ``(index of the first entry, the first entry, every entry's key)``.
+TableRuns = list[tuple[int, TensorEntry, list[str]]]
 
 
-def _runs(tensors: list[TensorEntry]) -> list[tuple[int, TensorEntry, list[str]]]:
+def table_runs(tensors: Sequence[TensorEntry]) -> TableRuns:
     """The table as runs of consecutive one-chunk entries that differ only in their chunk's key
     (the usual state: many tensors of one dtype and shape in one file), as ``(index of the
     first entry, the first entry, every entry's key)``; an entry of several chunks is a run of
@@ -234,6 +253,103 @@ def _runs(tensors: list[TensorEntry]) -> list[tuple[int, TensorEntry, list[str]]
         keys = [c[1]]
         runs.append((index, t, keys))
     return runs
+
+
+class RunTable(Sequence[TensorEntry]):
+    """A tensor table held as its :func:`table_runs`: what a writer builds by columns and then
+    only checks and writes run by run (:func:`check_tensor_table`, :meth:`Manifest.to_json`
+    take the runs as they are). An entry is built only when one is asked for::
+
+        table = RunTable(table_runs(tensors))   # table[i] == tensors[i], list(table) == tensors
+    """
+
+    __slots__ = ("_count", "_starts", "runs")
+
+    def __init__(self, runs: TableRuns) -> None:
+        count = 0
+        for start, first, keys in runs:  # a step per run, never per entry
+            if start != count or (keys and (len(first.chunks) != 1 or first.chunks[0].key != keys[0])):
+                raise ValueError(f"RunTable: the run at {start} is not what table_runs gives at {count}")
+            count += max(len(keys), 1)
+        self.runs, self._count = runs, count
+        self._starts = [start for start, _first, _keys in runs]
+
+    def __len__(self) -> int:
+        return self._count
+
+    @overload
+    def __getitem__(self, index: int) -> TensorEntry: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> list[TensorEntry]: ...
+
+    def __getitem__(self, index: int | slice) -> TensorEntry | list[TensorEntry]:
+        if isinstance(index, slice):
+            return [self[i] for i in range(self._count)[index]]
+        i = range(self._count)[index]  # negative indices as a list takes them; IndexError past the end
+        start, first, keys = self.runs[bisect_right(self._starts, i) - 1]
+        return first if i == start else _with_key(first, keys[i - start])
+
+    def __iter__(self) -> Iterator[TensorEntry]:
+        for _start, first, keys in self.runs:
+            yield first
+            for key in keys[1:]:
+                yield _with_key(first, key)
+
+    def __eq__(self, other: object) -> bool:
+        """Equal as the lists of their entries are (to another table, a list or a tuple)."""
+        if isinstance(other, (RunTable, list, tuple)):
+            return len(self) == len(other) and all(a == b for a, b in zip(self, other, strict=True))
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]  # as a list's
+
+
+def _with_key(entry: TensorEntry, key: str) -> TensorEntry:
+    """A one-chunk entry's run mate: the same entry under another key."""
+    c = entry.chunks[0]
+    return TensorEntry(entry.dtype, entry.shape, (Chunk(c.file, key, c.offsets, c.shape),))
+
+
+def runs_of(tensors: Sequence[TensorEntry]) -> TableRuns:
+    """The runs of a table: those a RunTable holds, else :func:`table_runs`."""
+    return tensors.runs if isinstance(tensors, RunTable) else table_runs(tensors)
+
+
+def whole_table(file: str, keys: list[str], dtypes: list[DType], shapes: list[tuple[int, ...]]) -> RunTable:
+    """The tensor table of tensors stored whole, each in one chunk of ``file`` under its key
+    (a world of one's save), built by columns as its runs: a Python step per run (the first
+    entry of each), none per entry. Entries of one run share their dtype, shape and offsets
+    objects, as :func:`table_runs` requires::
+
+        table = whole_table("data-00000-000.safetensors", ["w"], [f32], [(2, 3)])
+    """
+    count = len(keys)
+    if len(dtypes) != count or len(shapes) != count:
+        raise ValueError(f"whole_table: {count} keys, {len(dtypes)} dtypes, {len(shapes)} shapes")
+    if not count:
+        return RunTable([])
+    # A run ends where the dtype or the shape object changes (offsets follow the shape's
+    # length, and every chunk is in ``file``): compared by identity, as table_runs does.
+    dtype_ids = np.fromiter(map(id, dtypes), np.uint64, count)
+    shape_ids = np.fromiter(map(id, shapes), np.uint64, count)
+    changes = np.flatnonzero((dtype_ids[1:] != dtype_ids[:-1]) | (shape_ids[1:] != shape_ids[:-1]))
+    bounds = [0, *(changes + 1).tolist(), count]
+    zeros = {n: (0,) * n for n in set(map(len, shapes))}  # shared by the entries of a length
+    new = tuple.__new__  # a named tuple's own __new__ is a Python call around this
+    return RunTable(
+        [
+            (
+                a,
+                new(
+                    TensorEntry,
+                    (dtypes[a], shapes[a], (new(Chunk, (file, keys[a], zeros[len(shapes[a])], shapes[a])),)),
+                ),
+                keys[a:b],
+            )
+            for a, b in pairwise(bounds)
+        ]
+    )
 
 
 def show(value: object) -> str:
@@ -321,7 +437,7 @@ def _parse_tensors(docs: list[Any], files: dict[str, FileEntry], where: str) -> 
     return tensors
 
 
-def _check_pairs_unique(tensors: list[TensorEntry], where: str) -> None:
+def _check_pairs_unique(tensors: Sequence[TensorEntry], where: str) -> None:
     """F-12: a (file, key) pair stores one chunk of the whole manifest."""
     used: set[tuple[str, str]] = set()
     for index, tensor in enumerate(tensors):
@@ -537,12 +653,13 @@ def _parse_tensor(doc: object, index: int, files: dict[str, FileEntry], where: s
     return entry
 
 
-def check_tensor_table(tensors: list[TensorEntry], files: dict[str, FileEntry], where: str) -> None:
+def check_tensor_table(tensors: Sequence[TensorEntry], files: dict[str, FileEntry], where: str) -> None:
     """What :meth:`Manifest.parse` checks in a tensor table, for entries a writer built (typed
     already, so no JSON types to check): every chunk's file listed, its offsets and shape of the
     tensor's rank and its box inside the tensor, chunks covering the tensor exactly once (no
     overlap, no hole), shapes within MAX_NDIM/MAX_DIM and F-33's extent, (file, key) pairs
-    unique (F-12), and the file table itself. A writer's check before it commits, without parsing its own manifest back::
+    unique (F-12), and the file table itself. A writer's check before it commits, without
+    parsing its own manifest back (a :class:`RunTable` is checked run by run as it is)::
 
         check_tensor_table(manifest.tensors, manifest.files, "ckpt/manifest.json")
     """
@@ -552,7 +669,7 @@ def check_tensor_table(tensors: list[TensorEntry], files: dict[str, FileEntry], 
     )
     shapes: dict[tuple[int, ...], int] = {}  # a checked shape -> bytes per item it spans
     keys_in: dict[str, list[str]] = {}  # the keys of each file, to find a repeated (file, key)
-    for index, entry, keys in _runs(tensors):
+    for index, entry, keys in runs_of(tensors):
         shape, chunks = entry.shape, entry.chunks
         span = shapes.get(shape)
         if span is None:

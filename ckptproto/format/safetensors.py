@@ -10,16 +10,17 @@ from __future__ import annotations
 import json
 import math
 import struct
+from itertools import chain, repeat
 from typing import Any, NamedTuple
 
 from ckptproto.dtypes import SAFETENSORS_ITEMSIZE
 from ckptproto.errors import CheckpointCorruptError, CheckpointFormatError
-from ckptproto.format import strict_json
+from ckptproto.format import json_text, strict_json
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors reference limit
 HEADER_ALIGN = 8
 RAW_CODE = "U8"  # dtypes safetensors lacks are stored as raw bytes under this code
-_text = json.encoder.encode_basestring  # what json.dumps(ensure_ascii=False) writes for a str
+_text = json_text.text
 
 
 class HeaderEntry(NamedTuple):
@@ -57,37 +58,34 @@ def encode_header_columns(
     """
     if len(set(keys)) == len(keys) and "__metadata__" not in keys:
         # Written as text directly, the bytes json.dumps gives (tests/test_many_tensors.py):
-        # no dict and two lists per tensor on the way. An entry's dtype and shape text repeat
-        # from entry to entry: each distinct (code, shape) is rendered once.
+        # no dict and two lists per tensor on the way, and one format operation for all the
+        # entries (a Python step per entry costs more than the C formatting of all of them).
+        # An entry's dtype and shape text repeat from entry to entry: each distinct
+        # (code, shape) is rendered once, and put into the format itself when there is one.
         heads: dict[tuple[str, tuple[int, ...]], str] = {}
         for pair in set(zip(codes, shapes, strict=True)):
             dims = ",".join(map(int.__repr__, pair[1]))
-            heads[pair] = f'":{{"dtype":{_text(pair[0])},"shape":[{dims}],"data_offsets":['
-        key_texts = map(_text, keys)  # each '"..."' : its closing quote is dropped below
-        text = "".join(
-            [
-                json.dumps({"__metadata__": metadata}, separators=(",", ":"), ensure_ascii=False)[:-1],
-                *[
-                    f",{k[:-1]}{h}{b},{e}]}}"
-                    for k, h, b, e in zip(
-                        key_texts,
-                        map(heads.__getitem__, zip(codes, shapes, strict=True)),
-                        begins,
-                        ends,
-                        strict=True,
-                    )
-                ],
-                "}",
-            ]
-        ).encode("utf-8")
+            heads[pair] = f':{{"dtype":{_text(pair[0])},"shape":[{dims}],"data_offsets":['
+        # Keys with nothing to escape (the usual state) go into the format as they are.
+        names = keys if json_text.plain(keys) else [_text(k)[1:-1] for k in keys]
+        columns: list[Any] = [names, begins, ends]
+        if len(heads) == 1:
+            entry = ',"%s"' + next(iter(heads.values())).replace("%", "%%") + "%d,%d]}"
+        else:
+            entry = ',"%s"%s%d,%d]}'
+            columns.insert(1, map(heads.__getitem__, zip(codes, shapes, strict=True)))
+        head = json.dumps({"__metadata__": metadata}, separators=(",", ":"), ensure_ascii=False)
+        # The whole text from one format (made by one join, not by concatenations: each copy
+        # of a large header is fresh memory and its page faults).
+        form = "".join(chain((head[:-1].replace("%", "%%"),), repeat(entry, len(keys)), ("}",)))
+        text = (form % tuple(chain.from_iterable(zip(*columns, strict=True)))).encode("utf-8")
     else:  # a repeated key keeps its first position and last value, as a dict does
         obj: dict[str, Any] = {"__metadata__": metadata}
         for key, code, shape, begin, end in zip(keys, codes, shapes, begins, ends, strict=True):
             obj[key] = {"dtype": code, "shape": list(shape), "data_offsets": [begin, end]}
         text = json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
     pad = -(8 + len(text)) % HEADER_ALIGN
-    text += b" " * pad
-    return struct.pack("<Q", len(text)) + text
+    return b"".join((struct.pack("<Q", len(text) + pad), text, b" " * pad))
 
 
 def header_length(prefix: bytes, file_size: int, name: str) -> int:

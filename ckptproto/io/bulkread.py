@@ -23,7 +23,7 @@ Tensors over SMALL_BYTES are read straight into their own memory.
 from __future__ import annotations
 
 from bisect import bisect_right
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from itertools import repeat
 from operator import attrgetter, floordiv, itemgetter, sub
 from typing import TYPE_CHECKING, Any, Protocol
@@ -169,7 +169,7 @@ def plan_small(
 
 def _whole_file(
     layout: FileLayout,
-    tensors: list[TensorEntry],
+    tensors: Sequence[TensorEntry],
     kinds: dict[int, Kind],
     usable: dict[int, Any],
     targets: dict[int, list[Any]] | None,

@@ -6,7 +6,7 @@ meta = decode_metadata(manifest, path)
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
 from typing import Any
 
@@ -45,7 +45,7 @@ def build_manifest(
     encoded: EncodedState,
     metadata_tree: Any,
     files: dict[str, FileEntry],
-    tensors: list[TensorEntry],
+    tensors: Sequence[TensorEntry],
     world_size: int = 1,
 ) -> Manifest:
     """The manifest of a save, stamped with this writer and the current time."""

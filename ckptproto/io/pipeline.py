@@ -30,7 +30,7 @@ The collector is paused only while plans and the manifest are built, never while
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from itertools import repeat
 from pathlib import Path
 from typing import Any
@@ -46,11 +46,12 @@ from ckptproto.format.manifest import (
     Manifest,
     TensorEntry,
     check_tensor_table,
+    whole_table,
 )
 from ckptproto.io.backends import resolve
 from ckptproto.io.coordinate import Coordinator, Timeout, coordinator, failure
 from ckptproto.io.meta import WRITER, build_manifest, decode_metadata
-from ckptproto.io.plan import plan_file
+from ckptproto.io.plan import WholePieces, plan_file
 from ckptproto.io.prepare import prepare
 from ckptproto.io.share import ShareJob, warn_if_replicas_differ
 from ckptproto.io.storage import Storage
@@ -244,12 +245,15 @@ def _write_share(
         file_plan = plan_file(storage.data_file_name(temp, rank), rank, job.pieces)
     entry = storage.write_file(temp, file_plan, sources)
     with _gc.paused():
-        return {
-            "file": [file_plan.name, entry.size, entry.checksum],
-            # Tuples as they are: a coordinator that sends JSON turns them into lists, and
-            # _commit takes either.
-            "chunks": _chunks(job),
-        }
+        file = [file_plan.name, entry.size, entry.checksum]
+        pieces = job.pieces
+        if isinstance(pieces, WholePieces) and len(pieces) == len(job.encoded.tensors):
+            # Every tensor whole, piece i tensor i (a world of one, plan_share): the keys say
+            # it all, and rank 0 builds the table by columns (_table).
+            return {"file": file, "whole": pieces.keys}
+        # Tuples as they are: a coordinator that sends JSON turns them into lists, and
+        # _commit takes either.
+        return {"file": file, "chunks": _chunks(job)}
 
 
 def _chunks(job: ShareJob) -> list[Any]:
@@ -283,7 +287,7 @@ def _commit(
     then the commit."""
     with _gc.paused():
         files: dict[str, FileEntry] = {}
-        tensors = _entries(final, encoded, answers, files)
+        tensors = _table(final, encoded, answers, files)
         # What every reader checks in the tensor table, checked before the commit (overlapping
         # shards, holes), on the entries themselves: the state and metadata trees come from the
         # encoder, which refuses what a reader would.
@@ -301,6 +305,24 @@ def _commit(
     return manifest
 
 
+def _table(
+    final: Location, encoded: EncodedState, answers: list[dict[str, Any]], files: dict[str, FileEntry]
+) -> Sequence[TensorEntry]:
+    """The tensor table (filling ``files``): by columns, as its runs, when one rank wrote every
+    tensor whole (a world of one); else from every rank's chunks (:func:`_entries`)."""
+    if len(answers) == 1 and answers[0].get("whole") is not None:
+        name, size, checksum = answers[0]["file"]
+        files[name] = FileEntry(size, checksum, 0)
+        specs = [leaf.spec for leaf in encoded.tensors]
+        keys = answers[0]["whole"]
+        if len(keys) != len(specs):
+            raise CheckpointWriteError(
+                f"{final}: internal error: {len(keys)} tensors written whole, the state holds {len(specs)}"
+            )
+        return whole_table(name, keys, [s.dtype for s in specs], [s.shape for s in specs])
+    return _entries(final, encoded, answers, files)
+
+
 def _entries(
     final: Location, encoded: EncodedState, answers: list[dict[str, Any]], files: dict[str, FileEntry]
 ) -> list[TensorEntry]:
@@ -316,9 +338,12 @@ def _entries(
             continue
         name, size, checksum = answer["file"]
         files[name] = FileEntry(size, checksum, rank)
-        if not answer["chunks"]:
+        listed = answer.get("chunks")
+        if listed is None:  # every tensor whole, in order, under these keys (_write_share)
+            listed = _whole_chunks(answer["whole"], encoded)
+        if not listed:
             continue
-        indices, keys, offsets, boxes = zip(*answer["chunks"], strict=True)
+        indices, keys, offsets, boxes = zip(*listed, strict=True)
         chunks = list(
             map(new, repeat(Chunk), zip(repeat(name), keys, map(tuple, offsets), map(tuple, boxes)))
         )
@@ -356,6 +381,14 @@ def _entries(
         several.sort(key=lambda c: c.offsets)
         tensors.append(new(TensorEntry, (spec.dtype, spec.shape, tuple(several))))
     return tensors
+
+
+def _whole_chunks(keys: list[str], encoded: EncodedState) -> list[Any]:
+    """The chunks of an answer that says "every tensor whole, under these keys", listed."""
+    return [
+        (i, key, (0,) * len(leaf.spec.shape), leaf.spec.shape)
+        for i, (key, leaf) in enumerate(zip(keys, encoded.tensors, strict=True))
+    ]
 
 
 def _summary(manifest: Manifest) -> dict[str, Any]:

@@ -6,9 +6,10 @@ at once, the async saver after staging, a distributed rank for its own share.
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from itertools import accumulate
-from typing import NamedTuple
+from typing import NamedTuple, overload
 
 from ckptproto.arrays import ArraySpec
 from ckptproto.format import safetensors
@@ -34,6 +35,61 @@ class Piece(NamedTuple):
         return self.spec.nbytes
 
 
+class WholePieces(Sequence[Piece]):
+    """Pieces each holding one whole tensor, piece ``i`` from source ``i``, by columns: a world
+    of one's share (every tensor of the state), 100,000 pieces of a large one. The planner and
+    the pipeline read the columns; a :class:`Piece` is built only for whoever asks for one::
+
+        pieces = WholePieces(["w", "b"], [spec_w, spec_b])   # pieces[1] == Piece(1, "b", spec_b, (0,))
+    """
+
+    __slots__ = ("keys", "specs")
+
+    def __init__(self, keys: list[str], specs: list[ArraySpec]) -> None:
+        if len(keys) != len(specs):
+            raise ValueError(f"WholePieces: {len(keys)} keys for {len(specs)} specs")
+        self.keys, self.specs = keys, specs
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    @overload
+    def __getitem__(self, index: int) -> Piece: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> list[Piece]: ...
+
+    def __getitem__(self, index: int | slice) -> Piece | list[Piece]:
+        if isinstance(index, slice):
+            return [self[i] for i in range(len(self))[index]]
+        i = range(len(self))[index]  # negative indices as a list takes them; IndexError past the end
+        spec = self.specs[i]
+        return Piece(i, self.keys[i], spec, (0,) * len(spec.shape))
+
+    def __eq__(self, other: object) -> bool:
+        """Equal as the lists of their pieces are (to another WholePieces, a list or a tuple)."""
+        if isinstance(other, WholePieces):
+            return self.keys == other.keys and self.specs == other.specs
+        if isinstance(other, (list, tuple)):
+            return list(self) == list(other)
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]  # mutable columns, as a list's
+
+    def __iter__(self) -> Iterator[Piece]:
+        ndims = [len(s.shape) for s in self.specs]
+        zeros = [(0,) * n for n in range(max(ndims, default=0) + 1)]  # shared, as plan_share's
+        offsets = map(zeros.__getitem__, ndims)
+        return map(Piece._make, zip(range(len(self)), self.keys, self.specs, offsets, strict=True))
+
+
+def piece_columns(pieces: Sequence[Piece]) -> tuple[Sequence[int], list[str], list[ArraySpec]]:
+    """``(sources, keys, specs)`` of ``pieces``, without building a Piece of WholePieces."""
+    if isinstance(pieces, WholePieces):
+        return range(len(pieces)), pieces.keys, pieces.specs
+    return [p.source for p in pieces], [p.key for p in pieces], [p.spec for p in pieces]
+
+
 class Placement(NamedTuple):
     piece: Piece
     begin: int  # absolute offset in the file
@@ -48,11 +104,19 @@ class FilePlan:
     name: str
     rank: int
     header: bytes
-    pieces: tuple[Piece, ...]
+    given: Sequence[Piece]  # the pieces in the caller's order
+    positions: list[int] | None  # of ``given``, in file order (None: the given order)
     order: list[int]
     begins: list[int]
     sizes: list[int]
     size: int
+
+    @property
+    def pieces(self) -> tuple[Piece, ...]:
+        """The pieces in file order (built on demand: the writer needs only the columns)."""
+        if self.positions is None:
+            return tuple(self.given)
+        return tuple(map(self.given.__getitem__, self.positions))
 
     @property
     def placements(self) -> tuple[Placement, ...]:
@@ -77,15 +141,28 @@ def file_order(widths: list[int]) -> list[int] | None:
     return sorted(range(len(widths)), key=[-w for w in widths].__getitem__)
 
 
-def plan_file(name: str, rank: int, pieces: list[Piece], metadata: dict[str, str] | None = None) -> FilePlan:
+def _widths(specs: list[ArraySpec]) -> list[int]:
+    """:func:`align_width` of each spec, computed once per distinct spec (specs are shared
+    objects: a state of 100,000 tensors holds a few), looked up by identity in C."""
+    ids = list(map(id, specs))
+    distinct = dict(zip(ids, specs, strict=True))
+    width = {i: align_width(s.dtype.itemsize) for i, s in distinct.items()}
+    if len(set(width.values())) <= 1:
+        return [next(iter(width.values()))] * len(specs) if specs else []
+    return list(map(width.__getitem__, ids))
+
+
+def plan_file(
+    name: str, rank: int, pieces: Sequence[Piece], metadata: dict[str, str] | None = None
+) -> FilePlan:
     """Lay ``pieces`` out in one safetensors file. Wider dtypes go first so that every tensor
     starts at a multiple of its item size (the header is padded to 8 bytes), which lets
     loaders map tensors straight from the file."""
-    specs = [p.spec for p in pieces]
-    ordered = pieces
-    order = file_order([align_width(s.dtype.itemsize) for s in specs])
-    if order is not None:
-        ordered, specs = [pieces[i] for i in order], [specs[i] for i in order]
+    sources, keys, specs = piece_columns(pieces)
+    positions = file_order(_widths(specs))
+    if positions is not None:
+        sources = [sources[i] for i in positions]
+        keys, specs = [keys[i] for i in positions], [specs[i] for i in positions]
     sizes = [s.nbytes for s in specs]
     ends = list(accumulate(sizes))
     begins = [0, *ends[:-1]] if ends else []
@@ -97,16 +174,17 @@ def plan_file(name: str, rank: int, pieces: list[Piece], metadata: dict[str, str
         ]
     codes = [code or safetensors.RAW_CODE for code in known]
     header = safetensors.encode_header_columns(
-        [p.key for p in ordered], codes, shapes, begins, ends, FILE_METADATA if metadata is None else metadata
+        keys, codes, shapes, begins, ends, FILE_METADATA if metadata is None else metadata
     )
     start = len(header)
     return FilePlan(
         name,
         rank,
         header,
-        tuple(ordered),
-        [p.source for p in ordered],
-        [start + b for b in begins],
+        pieces,
+        positions,
+        list(sources),
+        list(map(start.__add__, begins)),
         sizes,
         start + (ends[-1] if ends else 0),
     )

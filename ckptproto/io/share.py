@@ -16,13 +16,15 @@ import json
 import logging
 import warnings
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import repeat
+from operator import is_not
 from typing import Any
 
 from ckptproto import arrays
 from ckptproto.arrays import ArraySpec
-from ckptproto.io.plan import Piece, unique_keys
+from ckptproto.io.plan import Piece, WholePieces, unique_keys
 from ckptproto.location import Location
 from ckptproto.tree import EncodedState, TensorLeaf
 
@@ -66,7 +68,7 @@ class ShareJob:
 
     encoded: EncodedState
     digest: str
-    pieces: list[Piece]
+    pieces: Sequence[Piece]  # a world of one's: WholePieces (piece i is tensor i, whole), by columns
     leaves: list[TensorLeaf]
     tensor_index: list[int]  # per piece: its tensor in ``encoded``
     replicas: dict[int, int]  # CRC-32 of each small plain tensor, by index (compared across ranks)
@@ -76,26 +78,19 @@ def plan_share(encoded: EncodedState, rank: int, world_size: int) -> ShareJob:
     """What ``rank`` writes of ``encoded``: its DTensor shards (unless another rank writes a
     replica of them) and the plain tensors :func:`assign_writers` gives it."""
     tensors = encoded.tensors
-    keys = unique_keys([t.path for t in tensors])
     if tensors and world_size == 1:
-        _values, specs, paths, shards, _addresses = zip(*tensors, strict=True)
+        values, specs, paths, shards, addresses = zip(*tensors, strict=True)
         if shards.count(None) == len(shards):
             # A world of one without DTensors (the usual save): every tensor whole, by columns.
-            ndims = [len(s.shape) for s in specs]
-            zeros = [(0,) * n for n in range(max(ndims) + 1)]
-            whole = list(map(zeros.__getitem__, ndims))
-            new = tuple.__new__
-            return ShareJob(
-                EncodedState(
-                    encoded.tree,
-                    list(map(new, repeat(TensorLeaf), zip(repeat(None), specs, paths, shards, repeat(0)))),
-                ),
-                "",
-                list(map(new, repeat(Piece), zip(range(len(tensors)), keys, specs, whole, strict=True))),
-                list(tensors),
-                list(range(len(tensors))),
-                {},
-            )
+            # (Values by identity: == on a tensor or an array is a Python call, or an array.)
+            if not any(map(is_not, values, repeat(None))) and addresses.count(0) == len(addresses):
+                layout = encoded  # values dropped already (the writer process's job)
+            else:
+                valueless = zip(repeat(None), specs, paths, shards, repeat(0))
+                layout = EncodedState(encoded.tree, list(map(tuple.__new__, repeat(TensorLeaf), valueless)))
+            whole = WholePieces(unique_keys(list(paths)), list(specs))
+            return ShareJob(layout, "", whole, list(tensors), list(range(len(tensors))), {})
+    keys = unique_keys([t.path for t in tensors])
     owners = assign_writers(encoded, world_size)
     pieces: list[Piece] = []
     leaves: list[TensorLeaf] = []

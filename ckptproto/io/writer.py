@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from bisect import bisect_right
 from collections.abc import Iterable, Sequence
-from itertools import accumulate
+from itertools import accumulate, compress, count
 from pathlib import Path
 
 from ckptproto.errors import CheckpointWriteError
@@ -44,7 +44,7 @@ def crc_of(views: Sequence[memoryview]) -> tuple[int, int]:
 def file_views(plan: FilePlan, sources: Sequence[memoryview], where: str) -> list[memoryview]:
     """The bytes of every piece of ``plan`` in file order (``plan.begins``), each checked
     against its planned size."""
-    views = [sources[i] for i in plan.order]
+    views = list(map(sources.__getitem__, plan.order))
     if list(map(len, views)) != plan.sizes:
         for view, piece in zip(views, plan.pieces, strict=True):
             if len(view) != piece.nbytes:
@@ -70,7 +70,7 @@ def file_batches(plan: FilePlan, views: list[memoryview]) -> list[tuple[int, lis
     ends = list(accumulate(sizes, initial=0))
     start = len(plan.header)
     out: list[tuple[int, list[memoryview]]] = []
-    large = [i for i, n in enumerate(sizes) if n >= JOIN_BYTES]
+    large = list(compress(count(), map(JOIN_BYTES.__le__, sizes)))  # in C: a state of small pieces has none
     i = 0
     for a, b in _runs(large, len(views)):
         while i < a:  # small pieces i..a-1
