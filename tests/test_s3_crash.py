@@ -21,13 +21,29 @@ from ckptproto.location import ObjectLocation, parse_location
 
 MiB = 1 << 20
 SIZE = 200 * MiB
-# The child: one save of argv[2] bytes in 5 MiB parts (so it takes a while), then it says so.
-# With argv[3] == "hang-at-commit" it stops before the manifest (every data object uploaded).
+# The child: one save of argv[2] bytes in 5 MiB parts, then it says so. With argv[3] ==
+# "mid-upload" its data file's bytes stop coming after 12 MiB (two parts reach the server, the
+# rest never: the kill always lands mid-upload, however slow the machine; a kill timed by the
+# clock once landed after the upload had completed). With "hang-at-commit" it stops before the
+# manifest (every data object uploaded).
 CHILD = """
 import sys, time, numpy as np, ckptproto
 from ckptproto.io import s3_storage
 if sys.argv[3] == "hang-at-commit":
     s3_storage.S3Storage.commit = lambda *args, **kwargs: time.sleep(3600)
+if sys.argv[3] == "mid-upload":
+    upload = s3_storage.S3Storage._upload
+    def stalling(self, final, name, size, views):
+        def chunks():
+            sent = 0
+            for view in views:
+                for at in range(0, len(view), 1 << 20):
+                    if sent >= 12 << 20:
+                        time.sleep(3600)
+                    yield view[at : at + (1 << 20)]
+                    sent += len(view[at : at + (1 << 20)])
+        return upload(self, final, name, size, chunks())
+    s3_storage.S3Storage._upload = stalling
 n = int(sys.argv[2]) // 4
 ckptproto.save({"w": np.arange(n, dtype=np.float32), "step": 2}, sys.argv[1], overwrite=True)
 print("committed", flush=True)
