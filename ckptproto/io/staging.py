@@ -123,11 +123,7 @@ class Staged:
     def synchronize(self) -> None:
         """Wait until every copy (including asynchronous CUDA copies and a host copy running
         on its own thread) has landed; raises the host copy's error, if it failed."""
-        self._join_copier()
-        for event in self._events:
-            event.synchronize()
-        self._events.clear()
-        self._sources.clear()
+        self._settle()
         error, self._copy_error = self._copy_error, None
         if error is not None:
             raise error
@@ -147,19 +143,20 @@ class Staged:
         self._copier = threading.Thread(target=run, name="ckptproto-stage-copy", daemon=True)
         self._copier.start()
 
-    def _join_copier(self) -> None:
+    def _settle(self) -> None:
+        """Wait for every copy in flight, raising nothing."""
         copier, self._copier = self._copier, None
         if copier is not None:
             copier.join()
-
-    def release(self) -> None:
-        """Give the slabs back to the pool (after the bytes were written, or on failure)."""
-        self._join_copier()  # never hand out a slab a copy is still writing into
-        self._copy_error = None  # (a failed save releases its slabs: the error was raised then)
         for event in self._events:
             event.synchronize()
         self._events.clear()
         self._sources.clear()
+
+    def release(self) -> None:
+        """Give the slabs back to the pool (after the bytes were written, or on failure)."""
+        self._settle()  # never hand out a slab a copy is still writing into
+        self._copy_error = None  # (a failed save releases its slabs: the error was raised then)
         slabs, self._slabs = self._slabs, []
         self.views = []
         for slab in slabs:
