@@ -13,7 +13,8 @@ import zlib
 from bisect import bisect_right
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from itertools import chain, pairwise
+from itertools import chain, pairwise, repeat
+from operator import itemgetter
 from typing import Any, NamedTuple, overload
 
 import numpy as np
@@ -21,7 +22,7 @@ import numpy as np
 from ckptproto import dtypes
 from ckptproto.dtypes import DType
 from ckptproto.errors import CheckpointCorruptError, CheckpointFormatError
-from ckptproto.format import json_text, layout, strict_json
+from ckptproto.format import json_text, layout, manifest_text, strict_json
 from ckptproto.format.crc import parse_checksum
 from ckptproto.tree import check_tree, int_text, quick_refs
 
@@ -197,15 +198,39 @@ class Manifest:
         payloads, tensor references), so every reader refuses a bad manifest whole and
         before it opens a data file (FORMAT.md §9, refusal order)."""
         _check_own_checksum(data, where)  # damage first: a damaged manifest may not even parse
-        doc = _load_json(data, where)
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise CheckpointFormatError(f"{where}: not valid UTF-8 JSON ({exc})") from None
+        split = manifest_text.split_members(text)
+        if split is not None:
+            manifest = cls._from_doc(*split, where)
+            if manifest is not None:
+                return manifest
+        # The general path: the text as JSON, every refusal with its message.
+        manifest = cls._from_doc(_load_json(text, where), None, where)
+        assert manifest is not None  # no rows given: a table is always parsed or refused
+        return manifest
+
+    @classmethod
+    def _from_doc(cls, doc: Any, rows: list[manifest_text.Row] | None, where: str) -> Manifest | None:
+        """The manifest of the parsed document ``doc``, its table read from ``rows`` when given
+        (the table's member then absent from ``doc``); None when the rows are not vouched for
+        here (the caller then parses the whole text the general way, for its message)."""
         if not isinstance(doc, dict) or doc.get("format") != FORMAT_NAME:
             raise CheckpointFormatError(f'{where}: not a ckptproto manifest (no "format": "ckptproto")')
         version = _parse_version(doc.get("format_version"), where)
         files = _parse_files(doc.get("files"), where)
-        tensors_doc = doc.get("tensors")
-        if not isinstance(tensors_doc, list):
-            raise CheckpointFormatError(f'{where}: "tensors" must be a list')
-        tensors = _parse_tensors(tensors_doc, files, where)
+        tensors: list[TensorEntry] | None
+        if rows is not None:
+            tensors = _table_from_rows(rows, files)
+            if tensors is None:
+                return None
+        else:
+            tensors_doc = doc.get("tensors")
+            if not isinstance(tensors_doc, list):
+                raise CheckpointFormatError(f'{where}: "tensors" must be a list')
+            tensors = _parse_tensors(tensors_doc, files, where)
         if not isinstance(doc.get("state"), dict):
             raise CheckpointFormatError(f'{where}: "state" must be an object')
         world_size = doc.get("world_size", 1)
@@ -363,78 +388,139 @@ def _parse_tensors(docs: list[Any], files: dict[str, FileEntry], where: str) -> 
     """The tensor table, every entry checked, then F-12 (pairs unique) over all of them.
 
     This runs once per tensor (300,000 in a large state), so the usual entry (one chunk holding
-    the whole tensor) is checked inline here, its shape and zero offsets shared with every entry
-    of the same shape. Any other entry, and any entry these checks do not vouch for, goes
-    through :func:`_parse_tensor`, the general path that also formats the message."""
-    by_name = dtypes.BY_NAME
+    the whole tensor) is checked by :func:`_whole_entry`, its shape and zero offsets shared with
+    every entry of the same shape. Any other entry, and any entry that check does not vouch
+    for, goes through :func:`_parse_tensor`, the general path that also formats the message."""
     names = {name: name for name in files}  # one str per file name, not one per chunk
-    # A validated shape (a tuple of ints: hashing it cannot confuse 1 with True or 1.0) ->
-    # (that tuple, shared; zero offsets of its length; bytes it spans per item, zeros as 1).
-    shapes: dict[tuple[int, ...], tuple[tuple[int, ...], tuple[int, ...], int]] = {}
+    shapes: _Shapes = {}
     tensors: list[TensorEntry] = []
     append = tensors.append
     pairs: set[tuple[str, str]] = set()
     add_pair = pairs.add
     nchunks = 0
-    new = tuple.__new__  # a named tuple's own __new__ is a Python call around this
     for index, doc in enumerate(docs):
-        if type(doc) is dict:
-            name, dims, chunks_doc = doc.get("dtype"), doc.get("shape"), doc.get("chunks")
-            dtype = by_name.get(name) if type(name) is str else None
-            if (
-                dtype is not None
-                and type(chunks_doc) is list
-                and len(chunks_doc) == 1
-                and type(chunks_doc[0]) is dict
-                and type(dims) is list
-                and len(dims) <= MAX_NDIM
-            ):
-                c = chunks_doc[0]
-                file, key, offsets, cshape = c.get("file"), c.get("key"), c.get("offsets"), c.get("shape")
-                file = names.get(file) if type(file) is str else None
-                if (
-                    file is not None
-                    and type(key) is str
-                    and type(offsets) is list
-                    and type(cshape) is list
-                    and cshape == dims  # values only (1 == True == 1.0): types checked below
-                    and len(offsets) == len(dims)
-                ):
-                    for d in dims:
-                        if type(d) is not int or not 0 <= d <= MAX_DIM:
-                            break
-                    else:
-                        for d in cshape:
-                            if type(d) is not int:
-                                break
-                        else:
-                            for o in offsets:
-                                if type(o) is not int or o:
-                                    break
-                            else:
-                                known = shapes.get(shape := tuple(dims))
-                                if known is None:
-                                    span = 1
-                                    for d in shape:
-                                        span *= d or 1
-                                        if span > MAX_EXTENT:
-                                            break  # refused below: a hostile shape needs no exact product
-                                    known = shapes[shape] = (shape, (0,) * len(shape), span)
-                                if known[2] * dtype.itemsize <= MAX_EXTENT:
-                                    shape = known[0]
-                                    chunk = new(Chunk, (file, key, known[1], shape))
-                                    append(new(TensorEntry, (dtype, shape, (chunk,))))
-                                    add_pair((file, key))
-                                    nchunks += 1
-                                    continue
-        entry = _parse_tensor(doc, index, files, where)
+        entry = _whole_entry(doc, names, shapes)
+        if entry is None:
+            entry = _parse_tensor(doc, index, files, where)
         append(entry)
-        for chunk in entry.chunks:
+        chunks = entry[2]
+        if len(chunks) == 1:
+            c = chunks[0]
+            add_pair((c[0], c[1]))
+            nchunks += 1
+            continue
+        for chunk in chunks:
             add_pair((chunk.file, chunk.key))
-        nchunks += len(entry.chunks)
+        nchunks += len(chunks)
     if len(pairs) != nchunks:
         _check_pairs_unique(tensors, where)  # raises, naming the first repeated pair
     return tensors
+
+
+# A validated shape (a tuple of ints: hashing it cannot confuse 1 with True or 1.0) ->
+# (that tuple, shared; zero offsets of its length; bytes it spans per item, zeros as 1).
+_Shapes = dict[tuple[int, ...], tuple[tuple[int, ...], tuple[int, ...], int]]
+_new = tuple.__new__  # a named tuple's own __new__ is a Python call around this
+
+
+def _whole_entry(doc: Any, names: dict[str, str], shapes: _Shapes) -> TensorEntry | None:
+    """The usual entry, one chunk holding the tensor whole, checked inline (``names``: the
+    file table's names, each to itself; ``shapes``: the shapes checked so far, shared by the
+    entries of one table); None where these checks do not vouch for ``doc``, which then goes
+    through :func:`_parse_tensor` to be parsed or refused with a message."""
+    if type(doc) is not dict:
+        return None
+    name, dims, chunks_doc = doc.get("dtype"), doc.get("shape"), doc.get("chunks")
+    dtype = dtypes.BY_NAME.get(name) if type(name) is str else None
+    if (
+        dtype is None
+        or type(chunks_doc) is not list
+        or len(chunks_doc) != 1
+        or type(chunks_doc[0]) is not dict
+        or type(dims) is not list
+        or len(dims) > MAX_NDIM
+    ):
+        return None
+    c = chunks_doc[0]
+    file, key, offsets, cshape = c.get("file"), c.get("key"), c.get("offsets"), c.get("shape")
+    file = names.get(file) if type(file) is str else None
+    if (
+        file is None
+        or type(key) is not str
+        or type(offsets) is not list
+        or type(cshape) is not list
+        or cshape != dims  # values only (1 == True == 1.0): types checked below
+        or len(offsets) != len(dims)
+    ):
+        return None
+    for d in dims:
+        if type(d) is not int or not 0 <= d <= MAX_DIM:
+            return None
+    for d in cshape:
+        if type(d) is not int:
+            return None
+    for o in offsets:
+        if type(o) is not int or o:
+            return None
+    known = shapes.get(shape := tuple(dims))
+    if known is None:
+        span = 1
+        for d in shape:
+            span *= d or 1
+            if span > MAX_EXTENT:
+                break  # refused by the general path: a hostile shape needs no exact product
+        known = shapes[shape] = (shape, (0,) * len(shape), span)
+    if known[2] * dtype.itemsize > MAX_EXTENT:
+        return None
+    shape = known[0]
+    return _new(TensorEntry, (dtype, shape, (_new(Chunk, (file, key, known[1], shape)),)))
+
+
+def _table_from_rows(rows: list[manifest_text.Row], files: dict[str, FileEntry]) -> list[TensorEntry] | None:
+    """The tensor table of ``rows`` (:func:`manifest_text.split_members`), built by columns:
+    each distinct row, without its key, parsed and checked once by :func:`_whole_entry`, then
+    its entry repeated under each row's key. None where a row is not vouched for, or a
+    (file, key) pair repeats (F-12): the general path then parses the table, for its message."""
+    names = {name: name for name in files}
+    shapes: _Shapes = {}
+    forms = list(zip(map(_ROW_HEAD, rows), map(_ROW_TAIL, rows), strict=True))
+    firsts: dict[tuple[str, str], TensorEntry] = {}
+    for head, tail in set(forms):  # a few in a usual state: its distinct dtypes, shapes, files
+        text = "".join(
+            (
+                manifest_text.ENTRY_TEXT[0],
+                head,
+                *manifest_text.ENTRY_TEXT[1:3],
+                tail,
+                manifest_text.ENTRY_TEXT[3],
+            )
+        )
+        entry = _whole_entry(json.loads(text), names, shapes)
+        if entry is None:
+            return None
+        firsts[head, tail] = entry
+    column = list(map(firsts.__getitem__, forms))
+    keys = list(map(_ROW_KEY, rows))
+    shape_column = list(map(_SHAPE_OF, column))
+    first_chunks = list(map(_FIRST, map(_CHUNKS_OF, column)))
+    file_column = list(map(_CHUNK_FILE, first_chunks))
+    # F-12: the usual table names one file, and then its keys alone must be distinct.
+    pairs = keys if len(set(file_column)) == 1 else list(zip(file_column, keys, strict=True))
+    if len(set(pairs)) != len(keys):
+        return None
+    chunks = map(
+        _new,
+        repeat(Chunk),
+        zip(file_column, keys, map(_CHUNK_OFFSETS, first_chunks), shape_column, strict=True),
+    )
+    return list(
+        map(_new, repeat(TensorEntry), zip(map(_DTYPE_OF, column), shape_column, zip(chunks), strict=True))
+    )
+
+
+_ROW_HEAD, _ROW_KEY, _ROW_TAIL = itemgetter(0), itemgetter(1), itemgetter(2)
+_DTYPE_OF, _SHAPE_OF, _CHUNKS_OF = itemgetter(0), itemgetter(1), itemgetter(2)  # TensorEntry fields
+_FIRST, _CHUNK_FILE, _CHUNK_OFFSETS = itemgetter(0), itemgetter(0), itemgetter(2)
 
 
 def _check_pairs_unique(tensors: Sequence[TensorEntry], where: str) -> None:
@@ -532,14 +618,14 @@ def _check_own_checksum(data: bytes, where: str) -> None:
     )
 
 
-def _load_json(data: bytes, where: str) -> Any:
+def _load_json(text: str, where: str) -> Any:
     try:
-        return strict_json.loads(data.decode("utf-8"))
+        return strict_json.loads(text)
     except CheckpointFormatError as exc:
         raise CheckpointFormatError(f"{where}: {exc}") from None
     except RecursionError:
         raise CheckpointFormatError(f"{where}: JSON nests too deeply") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except json.JSONDecodeError as exc:
         raise CheckpointFormatError(f"{where}: not valid UTF-8 JSON ({exc})") from None
 
 

@@ -63,10 +63,7 @@ def loads(text: str) -> Any:
     """``json.loads`` with every refusal above: ``loads('{"a": 1, "a": 2}')`` raises
     CheckpointFormatError (and RecursionError for absurd nesting, left to the caller)."""
     doc: Any = _UNPARSED
-    # No such limit before Python 3.10.7 (int() then converts any length): the hook path.
-    limit_of = getattr(sys, "get_int_max_str_digits", None)
-    limit = 0 if limit_of is None else limit_of()
-    if 0 < limit < MAX_INT_CHARS:
+    if c_int_limit():
         # Common case, integers parsed in C: int() itself refuses more than ``limit`` digits
         # (ValueError), and then the text is parsed again with the exact, bounded hook below.
         # A parse_int hook is a Python call per integer: most of a manifest's numbers.
@@ -88,9 +85,23 @@ def loads(text: str) -> Any:
             parse_int=parse_int,
             parse_float=parse_float,
         )
-    if _SURROGATE_ESCAPE.search(text):
+    if has_surrogate_escape(text):
         _refuse_lone_surrogates(doc)
     return doc
+
+
+def c_int_limit() -> bool:
+    """Whether ``int()`` refuses integers longer than the format allows (before the format's
+    limit), so JSON integers may be converted in C: the usual case. No such limit before
+    Python 3.10.7 (``int()`` then converts any length), or with the limit turned off."""
+    limit_of = getattr(sys, "get_int_max_str_digits", None)
+    limit = 0 if limit_of is None else limit_of()
+    return 0 < limit < MAX_INT_CHARS
+
+
+def has_surrogate_escape(text: str) -> bool:
+    """Whether ``text`` has an escape that could decode to a lone surrogate."""
+    return _SURROGATE_ESCAPE.search(text) is not None
 
 
 def _refuse_lone_surrogates(doc: Any) -> None:

@@ -1,0 +1,195 @@
+"""The manifest's quick reading (format/manifest_text.py) against the general JSON path: for
+every manifest, a writer's or a hostile one written in the writer's compact form (where the
+quick path engages), both give the same Manifest or the same error, and the quick path is
+taken where it should be."""
+
+from __future__ import annotations
+
+import copy
+import json
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import ckptproto
+from ckptproto.format import manifest_text
+from ckptproto.format.manifest import CHECKSUM_KEY, Manifest
+
+SETTINGS = settings(
+    max_examples=300,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+    database=None,
+)
+
+
+def varied_state() -> dict[str, Any]:
+    return {
+        "models": {
+            "m": {f"layer{i}.w": torch.full((3, 2), float(i)) for i in range(40)}
+            | {f"layer{i}.b": torch.zeros(2, dtype=torch.bfloat16) for i in range(5)},
+            "scalar": torch.tensor(3.5),
+            "empty": torch.zeros((0, 4)),
+            "ünïcode ключ": torch.arange(3),
+            "percent%s": torch.ones(1, dtype=torch.bool),
+        },
+        "arrays": {"a": np.arange(6, dtype=np.int16).reshape(2, 3), "c": np.ones(2, np.complex64)},
+        "trainer": {"global_step": 7, "lr": 0.5, "name": "x"},
+    }
+
+
+def compact(doc: Any) -> bytes:
+    return json.dumps(doc, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+def general(data: bytes, monkeypatch: pytest.MonkeyPatch) -> Manifest | Exception:
+    with monkeypatch.context() as m:
+        m.setattr(manifest_text, "split_members", lambda text: None)
+        return outcome(data)
+
+
+def outcome(data: bytes) -> Manifest | Exception:
+    try:
+        return Manifest.parse(data, "m.json")
+    except Exception as exc:  # compared by type and message below
+        return exc
+
+
+def same(a: Manifest | Exception, b: Manifest | Exception) -> None:
+    if isinstance(a, Exception) or isinstance(b, Exception):
+        assert type(a) is type(b) and str(a) == str(b), (a, b)
+        return
+    assert a == b
+    assert a.refs == b.refs
+    assert [type(t) for t in a.tensors] == [type(t) for t in b.tensors]
+
+
+@pytest.fixture(scope="module")
+def written(tmp_path_factory: pytest.TempPathFactory) -> bytes:
+    root = tmp_path_factory.mktemp("w")
+    ckptproto.save(varied_state(), root / "ckpt")
+    return (root / "ckpt" / "manifest.json").read_bytes()
+
+
+def test_a_writers_manifest_is_read_quickly_and_the_same(
+    written: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    split = manifest_text.split_members(written.decode())
+    assert split is not None and split[1] is not None, "the writer's table is read by the quick path"
+    members, rows = split
+    assert "tensors" not in members and len(rows) == len(json.loads(written)["tensors"])
+    same(outcome(written), general(written, monkeypatch))
+
+
+def test_tables_the_quick_path_declines_parse_the_general_way(
+    written: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    doc = json.loads(written)
+    del doc[CHECKSUM_KEY]
+    escaped = copy.deepcopy(doc)
+    escaped["tensors"][0]["chunks"][0]["key"] = 'a"quote'
+    spaced = json.dumps(doc).encode()
+    reordered = copy.deepcopy(doc)
+    reordered["tensors"][1] = dict(reversed(list(reordered["tensors"][1].items())))
+    for data in (compact(escaped), spaced, compact(reordered)):
+        split = manifest_text.split_members(data.decode())
+        assert split is None or split[1] is None
+        result = outcome(data)
+        assert isinstance(result, Manifest)
+        same(result, general(data, monkeypatch))
+
+
+def tensor_mutations() -> st.SearchStrategy[tuple[str, Any]]:
+    ints = st.one_of(
+        st.integers(-3, 5),
+        st.sampled_from([2**62, 2**62 + 1, 2**63, 10**19, 10**20, True, 1.0]),
+    )
+    return st.tuples(
+        st.sampled_from(["dtype", "shape", "offsets", "cshape", "file", "key", "extra", "chunks"]),
+        st.one_of(
+            st.lists(ints, max_size=4),
+            st.sampled_from(
+                ["float32", "int8", "bool", "Float32", "f32", "", "layer0.w", "models.m.layer1.w", None, 3]
+            ),
+            st.just("data-00000-000.safetensors"),
+            st.just("other.safetensors"),
+        ),
+    )
+
+
+@SETTINGS
+@given(data=st.data())
+def test_hostile_tables_get_the_general_verdict(
+    written: bytes, monkeypatch: pytest.MonkeyPatch, data: st.DataObject
+) -> None:
+    doc = json.loads(written)
+    del doc[CHECKSUM_KEY]  # an edited manifest (F-36), so every edit reaches the parser
+    doc = copy.deepcopy(doc)
+    for _ in range(data.draw(st.integers(1, 3))):
+        entry = doc["tensors"][data.draw(st.integers(0, len(doc["tensors"]) - 1))]
+        field, value = data.draw(tensor_mutations())
+        chunk = entry["chunks"][0]
+        if field in ("dtype", "shape"):
+            entry[field] = value
+        elif field == "cshape":
+            chunk["shape"] = value
+        elif field == "extra":
+            entry["extra"] = value
+        elif field == "chunks":
+            entry["chunks"] = [chunk, dict(chunk)]
+        else:
+            chunk[field] = value
+    same(outcome(compact(doc)), general(compact(doc), monkeypatch))
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        lambda t: t.replace('"tensors":[', '"tensors":[],"tensors":[', 1),
+        lambda t: t.replace('"format":"ckptproto",', '"format":"ckptproto","format":"ckptproto",', 1),
+        lambda t: t + " ",
+        lambda t: t + "x",
+        lambda t: t[:-1],
+        lambda t: t.replace('"tensors":[', '"tensors" :[', 1),
+        lambda t: t.replace("}]}]", "}]},]", 1),
+        lambda t: t.replace("}]}]", "}]}}]", 1),
+        lambda t: t.replace("}]},{", "}]}{", 1),
+        lambda t: t.replace("}]},{", "}]},,{", 1),
+        lambda t: t.replace("}]},{", "}]}],[{", 1),
+        lambda t: t.replace('"key":"models.m.layer1.w"', '"key":"models.m.layer0.w"', 1),
+        lambda t: t.replace('"key":"models.m.layer1.w"', '"key":"\\ud800"', 1),
+        lambda t: t.replace('"offsets":[0,0]', '"offsets":[00,0]', 1),
+        lambda t: t.replace('"shape":[3,2]', '"shape":[03,2]', 1),
+        lambda t: t.replace('"global_step":7', '"global_step":NaN', 1),
+        lambda t: t.replace('"global_step":7', '"global_step":1e400', 1),
+        lambda t: t.replace('"global_step":7', '"global_step":' + "9" * 5000, 1),
+        lambda t: t.replace('"global_step":7', '"global_step":7,"global_step":8', 1),
+        lambda t: t.replace('"state":{', '"state":{"x":' + "[" * 100_000, 1),
+        lambda t: t.replace('"tensors":[', '"tensors":[' + "[" * 100_000, 1),
+    ],
+)
+def test_hostile_documents_get_the_general_verdict(
+    written: bytes, monkeypatch: pytest.MonkeyPatch, edit: Any
+) -> None:
+    doc = json.loads(written)
+    del doc[CHECKSUM_KEY]
+    data = edit(compact(doc).decode()).encode()
+    same(outcome(data), general(data, monkeypatch))
+
+
+def test_the_entry_text_is_the_writers(written: bytes) -> None:
+    """The quick path's fixed texts are those the writer puts around an entry's groups."""
+    text = written.decode()
+    first = text.index('{"dtype":')
+    head, key, tail, separator = manifest_text._ENTRY.findall(text, first, text.index("}]}]") + 3)[0]
+    entry = json.loads(text)["tensors"][0]
+    rebuilt = "".join(
+        (manifest_text.ENTRY_TEXT[0], head, *manifest_text.ENTRY_TEXT[1:3], tail, manifest_text.ENTRY_TEXT[3])
+    )
+    assert json.loads(rebuilt) == dict(entry, chunks=[dict(entry["chunks"][0], key="")])
+    assert key == entry["chunks"][0]["key"] and separator == ","
