@@ -495,7 +495,11 @@ def _table_from_rows(rows: list[manifest_text.Row], files: dict[str, FileEntry])
                 manifest_text.ENTRY_TEXT[3],
             )
         )
-        entry = _whole_entry(json.loads(text), names, shapes)
+        try:
+            doc = json.loads(text)  # the row's numbers were matched loosely: JSON decides
+        except ValueError:
+            return None
+        entry = _whole_entry(doc, names, shapes)
         if entry is None:
             return None
         firsts[head, tail] = entry

@@ -30,41 +30,41 @@ from ckptproto.format import strict_json
 
 # A JSON string without escapes or control characters: its text is its value.
 _PLAIN = r'[^"\\\x00-\x1f]*'
-# A canonical JSON integer, bounded so every one converts exactly (limits are checked later).
-_INT = r"(?:0|[1-9][0-9]{0,18})"
-_DIMS = rf"\[(?:{_INT}(?:,{_INT})*)?\]"
-# One entry of one chunk holding the tensor whole, as the writer spells it, in three groups:
-# the entry up to the key (dtype, shape, file), the key, and after it (offsets, chunk shape),
-# between the fixed texts below; then the separator: "," or the end of the table's text
-# (where the search stops).
+# One entry of one chunk holding the tensor whole, as the writer spells it, in three groups
+# between the fixed texts below: the entry up to the key (dtype, shape, file), the key, and
+# after it (offsets, chunk shape); then "," or the end of the table's text (where the search
+# stops). Numbers are matched loosely (digits and commas): the distinct rows are parsed as
+# JSON, which refuses what JSON refuses ("01", "1,,2").
 ENTRY_TEXT = ('{"dtype":"', '","key":"', '","offsets":', "}]}")
 _ENTRY = re.compile(
     re.escape(ENTRY_TEXT[0])
-    + rf'([a-z0-9_]+","shape":{_DIMS},"chunks":\[\{{"file":"{_PLAIN})'
+    + rf'([a-z0-9_]+","shape":\[[0-9,]*\],"chunks":\[\{{"file":"{_PLAIN})'
     + re.escape(ENTRY_TEXT[1])
     + rf"({_PLAIN})"
     + re.escape(ENTRY_TEXT[2])
-    + rf'(\[(?:0(?:,0)*)?\],"shape":{_DIMS})'
+    + r'(\[[0,]*\],"shape":\[[0-9,]*\])'
     + re.escape(ENTRY_TEXT[3])
-    + r"(,|\Z)"
+    + r"(?:,|\Z)"
 )
 _ENTRY_FIXED = sum(map(len, ENTRY_TEXT))  # the characters of an entry outside its groups
 _TABLE_END = "}]}]"  # the last entry's end and the table's "]"
 
-# The strict parser's scanner (the same hooks as strict_json.loads's usual path): one value.
-_scan = cast(
-    Callable[[str, int], tuple[Any, int]],
-    make_scanner(
-        json.JSONDecoder(  # type: ignore[arg-type]  # typeshed's stub takes a scanner context
-            object_pairs_hook=strict_json.no_duplicate_keys,
-            parse_constant=strict_json.reject_constant,
-            parse_float=strict_json.parse_float,
-        )
-    ),
-)
 
-# A table row: (the entry's text up to its key, the key, the text after it, the separator).
-Row = tuple[str, str, str, str]
+def _scanner(**hooks: Any) -> Callable[[str, int], tuple[Any, int]]:
+    """A JSON scanner (one value at a position) with the strict parser's number hooks."""
+    decoder = json.JSONDecoder(
+        parse_constant=strict_json.reject_constant, parse_float=strict_json.parse_float, **hooks
+    )
+    return cast(Callable[[str, int], tuple[Any, int]], make_scanner(decoder))  # type: ignore[arg-type]
+
+
+_scan_strict = _scanner(object_pairs_hook=strict_json.no_duplicate_keys)  # strict_json.loads's usual path
+_scan_plain = _scanner()  # objects as dicts, in C: a repeated key is found by counting (_value)
+# A key followed by whitespace before its colon (the count below sees only '":').
+_SPACED_KEY = re.compile(r'"[ \t\n\r]+:')
+
+# A table row: the entry's text up to its key, the key, the text after it.
+Row = tuple[str, str, str]
 
 
 def split_members(text: str) -> tuple[dict[str, Any], list[Row] | None] | None:
@@ -88,7 +88,7 @@ def _members(text: str) -> tuple[dict[str, Any], list[Row] | None] | None:
     while True:
         if text[pos] != '"':
             return None
-        key, pos = _scan(text, pos)  # a string: the key
+        key, pos = _scan_plain(text, pos)  # a string: the key
         if text[pos] != ":" or key in members or (key == "tensors" and rows is not None):
             return None
         pos += 1
@@ -97,9 +97,9 @@ def _members(text: str) -> tuple[dict[str, Any], list[Row] | None] | None:
             if found is not None:
                 rows, pos = found
             else:
-                members[key], pos = _scan(text, pos)
+                members[key], pos = _value(text, pos)
         else:
-            members[key], pos = _scan(text, pos)
+            members[key], pos = _value(text, pos)
         if text[pos] == ",":
             pos += 1
             continue
@@ -118,8 +118,47 @@ def _table_rows(text: str, start: int) -> tuple[list[Row], int] | None:
         return None
     end += len(_TABLE_END) - 1  # the table's "]": the entries' text stops before it
     rows: list[Row] = _ENTRY.findall(text, start, end)
-    # Matches never overlap and lie between start and end, so when their lengths add up to
-    # that span they tile it: the text is these entries, back to back, and nothing else.
-    if len(rows) * _ENTRY_FIXED + sum(map(len, chain.from_iterable(rows))) != end - start:
+    # Matches never overlap and lie between start and end. Counted with a "," after each but
+    # the last (only the last can end at the end, without one), their lengths add up to the
+    # span only when they tile it: the text is these entries, back to back, nothing else.
+    if len(rows) * (_ENTRY_FIXED + 1) - 1 + sum(map(len, chain.from_iterable(rows))) != end - start:
         return None
     return rows, end + 1
+
+
+def _value(text: str, pos: int) -> tuple[Any, int]:
+    """The JSON value at ``pos`` and the position after it, parsed strictly. Objects are built
+    in C without the duplicate-key hook (a Python call per object: most of a state's cost)
+    when the value's text lets the keys be counted: with no backslash, every '"' delimits a
+    string, so each key directly followed by its colon is one '":', and a '":' that is not a
+    key (a string starting with ':') only adds to the count. The count then equals the
+    members the parsed objects hold only if no key repeated; otherwise the value is parsed
+    again with the hook, which names the repeated key."""
+    value, end = _scan_plain(text, pos)
+    if type(value) is dict or type(value) is list:
+        span = text[pos:end]
+        if "\\" in span or _SPACED_KEY.search(span) or span.count('":') != _members_in(value):
+            return _scan_strict(text, pos)
+    return value, end
+
+
+def _members_in(node: dict[str, Any] | list[Any]) -> int:
+    """The members of every object in ``node`` (iteratively: it may nest deeply)."""
+    total = 0
+    stack = [node]
+    pop, push = stack.pop, stack.append
+    while stack:
+        children: Any = pop()
+        if type(children) is dict:
+            total += len(children)
+            children = children.values()
+        for child in children:
+            kind = type(child)
+            if kind is dict:
+                if len(child) == 1 and "$torch" in child:  # a tensor reference: most objects
+                    total += 1
+                else:
+                    push(child)
+            elif kind is list:
+                push(child)
+    return total
