@@ -311,9 +311,9 @@ def test_decode_without_leaf_paths_builds_the_same_tree() -> None:
 def test_header_check_refuses_a_metadata_key(tmp_path: Path) -> None:
     # A chunk key "__metadata__" would regenerate into a header whose parse differs: never
     # compared, the full parse decides.
-    layout = headercheck.FileLayout([("__metadata__", "F32", (1,), 0, 4)], [0], 4)
+    layout = headercheck.FileLayout(["__metadata__"], ["F32"], [(1,)], [0], [4], [0], 4)
     assert headercheck.expected_header(layout) is None
-    ok = headercheck.FileLayout([("x", "F32", (1,), 0, 4)], [0], 4)
+    ok = headercheck.FileLayout(["x"], ["F32"], [(1,)], [0], [4], [0], 4)
     assert isinstance(headercheck.expected_header(ok), bytes)
 
 

@@ -132,7 +132,7 @@ def plan_small(
             continue
         items: list[_Item] = []
         run_begin = run_end = 0
-        for index, (_key, _code, _shape, begin, end) in zip(layout.owners, layout.entries, strict=True):
+        for index, begin, end in zip(layout.owners, layout.begins, layout.ends, strict=True):
             tensor = tensors[index]
             if kinds.get(index) != "torch" or len(tensor.chunks) != 1 or end - begin > SMALL_BYTES:
                 continue
@@ -193,8 +193,7 @@ def _whole_file(
         if not set(map(type, firsts)) <= set(plain) or not all(map(_IS_CPU, firsts)):
             return None
         dests = found_dests
-    entries = layout.entries
-    ends, begins = list(map(_END, entries)), list(map(_BEGIN, entries))
+    ends, begins = layout.ends, layout.begins
     if max(map(sub, ends, begins)) > SMALL_BYTES:
         return None
     column = list(map(tensors.__getitem__, owners))
@@ -226,7 +225,7 @@ def _flush_all(
 ) -> None:
     """:func:`_flush` ``items`` (every entry of ``layout``, back to back) in runs of at most
     RUN_BYTES (one entry alone may be larger: at most SMALL_BYTES)."""
-    ends = list(map(_END, layout.entries))
+    ends = layout.ends
     i, count = 0, len(items)
     while i < count:
         run_begin = items[i][3]
@@ -235,7 +234,6 @@ def _flush_all(
         i = j
 
 
-_BEGIN, _END = itemgetter(3), itemgetter(4)  # FileLayout entry fields
 _FIRST, _IS_CPU = itemgetter(0), attrgetter("is_cpu")
 _DTYPE_OF, _SHAPE_OF, _CHUNKS_OF = itemgetter(0), itemgetter(1), itemgetter(2)  # TensorEntry fields
 

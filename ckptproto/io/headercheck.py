@@ -48,13 +48,26 @@ Entry = tuple[str, str, tuple[int, ...], int, int]  # key, code, stored shape, b
 
 @dataclass
 class FileLayout:
-    """A data file as a ckptproto writer lays it out from the manifest: in file order, the
-    ``(key, code, shape, begin, end)`` entries (offsets relative to the buffer) and the
-    tensor index each one stores (``owners``)."""
+    """A data file as a ckptproto writer lays it out from the manifest, in file order, as
+    columns: each entry's key, safetensors code, stored shape and ``begin``/``end`` offsets
+    (relative to the buffer), and the tensor index each one stores (``owners``)::
 
-    entries: list[Entry] = field(default_factory=list)
+        layout = FileLayout(["w"], ["F32"], [(2,)], [0], [8], [0], 8)
+        layout.entries  # [("w", "F32", (2,), 0, 8)]
+    """
+
+    keys: list[str] = field(default_factory=list)
+    codes: list[str] = field(default_factory=list)
+    shapes: list[tuple[int, ...]] = field(default_factory=list)
+    begins: list[int] = field(default_factory=list)
+    ends: list[int] = field(default_factory=list)
     owners: list[int] = field(default_factory=list)
     buffer_size: int = 0
+
+    @property
+    def entries(self) -> list[Entry]:
+        """The ``(key, code, shape, begin, end)`` entries, built on demand."""
+        return list(zip(self.keys, self.codes, self.shapes, self.begins, self.ends, strict=True))
 
     def header_entries(self, data_start: int) -> dict[str, safetensors.HeaderEntry]:
         """What ``parse_header`` returns for the regenerated header (absolute offsets)."""
@@ -84,8 +97,8 @@ def _layout(keys: list[str], stored: list[Stored], owners: list[int]) -> FileLay
         owners = list(map(owners.__getitem__, order))
     ends = list(accumulate(map(_NBYTES, stored)))
     begins = [0, *ends[:-1]] if ends else []
-    entries = list(zip(keys, map(_CODE, stored), map(_STORED_SHAPE, stored), begins, ends, strict=True))
-    return FileLayout(entries, owners, ends[-1] if ends else 0)
+    codes, shapes = list(map(_CODE, stored)), list(map(_STORED_SHAPE, stored))
+    return FileLayout(keys, codes, shapes, begins, ends, owners, ends[-1] if ends else 0)
 
 
 _CODE, _STORED_SHAPE, _NBYTES, _WIDTH = itemgetter(0), itemgetter(1), itemgetter(2), itemgetter(3)
@@ -132,10 +145,12 @@ _FIRST = itemgetter(0)
 def expected_header(layout: FileLayout) -> bytes | None:
     """The header (length prefix, JSON, padding) a ckptproto writer gives the file, or None
     when the comparison could not stand for the full check (see the module docstring)."""
-    if "__metadata__" in map(itemgetter(0), layout.entries):
+    if "__metadata__" in layout.keys:
         return None
     try:
-        header = safetensors.encode_header(layout.entries, FILE_METADATA)
+        header = safetensors.encode_header_columns(
+            layout.keys, layout.codes, layout.shapes, layout.begins, layout.ends, FILE_METADATA
+        )
     except UnicodeEncodeError:  # a key no UTF-8 file holds: the parse says what is wrong
         return None
     if len(header) - 8 > safetensors.MAX_HEADER_BYTES:
