@@ -10,6 +10,7 @@ import ctypes
 import math
 import sys
 from dataclasses import dataclass, field
+from operator import attrgetter
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
@@ -395,6 +396,31 @@ def copy_bytes(dst: Any, src: Any) -> bool:
     if src.nbytes:
         ctypes.memmove(dst.data_ptr(), src.data_ptr(), src.nbytes)
     return True
+
+
+def all_match_torch(tensors: list[Any], dtype_column: list[DType], shapes: list[tuple[int, ...]]) -> bool:
+    """:func:`matches_torch` of every ``tensors[i]`` (plain tensors or Parameters, the caller
+    checked their exact types) against ``dtype_column[i]`` and ``shapes[i]``, in C-level
+    passes over the columns (each distinct dtype pair compared once)::
+
+        all_match_torch([torch.zeros(2)], [dtypes.by_name("float32")], [(2,)])   # True
+    """
+    _tensor_type, _parameter_type, strided = _torch_constants()
+    by_id = dict(zip(map(id, dtype_column), dtype_column, strict=True))
+    for torch_dtype, dtype_id in set(zip(map(_DTYPE_ATTR, tensors), map(id, dtype_column), strict=True)):
+        found, dtype = _torch_dtype(torch_dtype), by_id[dtype_id]
+        if found is None or (found is not dtype and found != dtype):
+            return False
+    return (
+        set(map(_LAYOUT_ATTR, tensors)) <= {strided}
+        and not any(map(_IS_NESTED, tensors))
+        and not any(map(_IS_META, tensors))
+        and list(map(_SHAPE_ATTR, tensors)) == shapes
+    )
+
+
+_DTYPE_ATTR, _SHAPE_ATTR, _LAYOUT_ATTR = attrgetter("dtype"), attrgetter("shape"), attrgetter("layout")
+_IS_NESTED, _IS_META = attrgetter("is_nested"), attrgetter("is_meta")
 
 
 def matches_torch(t: Any, dtype: DType, shape: tuple[int, ...]) -> bool:

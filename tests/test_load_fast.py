@@ -25,7 +25,7 @@ from ckptproto import dtypes
 from ckptproto.errors import CheckpointCorruptError, CheckpointError, CheckpointFormatError
 from ckptproto.format import safetensors
 from ckptproto.format.manifest import Manifest
-from ckptproto.io import bulkread, headercheck, reader, readplan
+from ckptproto.io import bulkread, headercheck, match, reader, readplan
 from ckptproto.tree import decode_tree
 
 
@@ -346,3 +346,62 @@ def test_matches_torch_agrees_with_describe_torch() -> None:
             spec = arrays.describe_torch(t)
             expected = type(spec) is arrays.ArraySpec and spec.dtype == dtype and spec.shape == (2, 3)
             assert arrays.matches_torch(t, dtype, (2, 3)) == expected, (t, dtype)
+
+
+def _match(manifest: Manifest, target: Any, many: int, monkeypatch: pytest.MonkeyPatch) -> tuple[Any, ...]:
+    refs: dict[int, match.Ref] = {}
+    skeleton = decode_tree(
+        manifest.state, lambda kind, index, p: refs.setdefault(index, match.Ref(kind, index))
+    )
+    with monkeypatch.context() as m:
+        m.setattr(match, "_MANY", many)
+        matcher = match.Matcher(manifest, strict=True, reject_unexpected=True)
+        matcher.match(skeleton, target, "")
+    destinations = {i: [id(t) for t in ts] for i, ts in matcher.destinations.items()}
+    return destinations, matcher.missing, matcher.mismatched, matcher.unexpected
+
+
+@pytest.mark.parametrize(
+    ("edit", "in_passes"),
+    [
+        (lambda t: None, True),
+        (lambda t: t.update(w3=torch.zeros(4, dtype=torch.float64)), False),  # another dtype
+        (lambda t: t.update(w3=torch.zeros(5)), False),  # another shape
+        (lambda t: t.update(w3=torch.zeros(4, device="meta")), False),
+        (lambda t: t.update(w3=torch.nested.nested_tensor([torch.zeros(4)])), False),
+        (lambda t: t.update(w3=torch.zeros(4).to_sparse()), False),
+        (lambda t: t.update(w3=np.zeros(4, np.float32)), False),  # an array, not a torch tensor
+        (lambda t: t.update(w3=torch.nn.Parameter(torch.zeros(4))), True),  # a Parameter is plain
+        (lambda t: t.update(w3=torch.zeros(8)[::2]), True),  # a strided view matches by dtype and shape
+        (lambda t: t.update(w3=None), False),
+        (lambda t: t.pop("w3"), False),  # missing from the target
+        (lambda t: t.update(extra=torch.zeros(4)), True),  # missing from the checkpoint
+        (lambda t: t.update(twice=t["w0"]), True),  # one target tensor for two keys
+    ],
+)
+@pytest.mark.parametrize("tied", [False, True])
+def test_matching_a_dict_at_once_records_what_one_by_one_does(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, edit: Any, in_passes: bool, tied: bool
+) -> None:
+    """Matcher._plain_all (a module's state_dict against its references, in passes) records
+    the destinations and problems the member-by-member walk records, for every target."""
+    weights = {f"w{i}": torch.full((4,), float(i)) for i in range(20)}
+    weights["i"] = torch.arange(4)
+    if tied:  # two keys, one checkpoint tensor
+        weights["w19"] = weights["w0"]
+    state = {"m": weights, "step": 1}
+    ckptproto.save(state, tmp_path / "c")
+    manifest = ckptproto.read_manifest(tmp_path / "c")
+    target = {"m": {k: torch.zeros_like(v) for k, v in weights.items()}, "step": 0}
+    edit(target["m"])
+    taken: list[bool] = []
+    plain_all = match.Matcher._plain_all
+
+    def spy(self: match.Matcher, ckpt_node: Any, target_node: Any) -> bool:
+        taken.append(plain_all(self, ckpt_node, target_node))
+        return taken[-1]
+
+    monkeypatch.setattr(match.Matcher, "_plain_all", spy)
+    batched = _match(manifest, target, 16, monkeypatch)
+    assert batched == _match(manifest, target, 1 << 30, monkeypatch)
+    assert taken == [in_passes and not tied]  # a checkpoint tie: recorded one by one

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Mapping
+from operator import attrgetter, itemgetter
 from typing import Any
 
 import numpy as np
@@ -70,8 +71,9 @@ def assign(target: Any, loaded: Any, strict: bool, root: Location | None = None,
     Stateful objects in the tree get their part through their own ``load_state_dict``."""
     items = loaded.items() if isinstance(loaded, Mapping) else enumerate(loaded)
     exact = exact_array_types()
+    mapping = isinstance(target, Mapping)  # once: an ABC check costs a Python call
     for key, value in items:
-        if isinstance(target, Mapping):
+        if mapping:
             if key not in target:
                 continue
             current = target[key]
@@ -95,8 +97,9 @@ def wanted_refs(target: Any, skeleton: Any) -> set[int]:
     wanted: set[int] = set()
     items = skeleton.items() if isinstance(skeleton, Mapping) else enumerate(skeleton)
     exact = exact_array_types()
+    mapping = isinstance(target, Mapping)  # once: an ABC check costs a Python call
     for key, value in items:
-        if isinstance(target, Mapping):
+        if mapping:
             if key not in target:
                 continue
         elif not isinstance(key, int) or key >= len(target):
@@ -145,6 +148,11 @@ def exact_array_types() -> frozenset[type]:
     return _EXACT[0]
 
 
+_MANY = 16  # members from which Matcher._plain_all's passes cost less than a call per member
+_REF_KIND, _REF_INDEX = attrgetter("kind"), attrgetter("index")
+_ENTRY_DTYPE, _ENTRY_SHAPE = itemgetter(0), itemgetter(1)  # TensorEntry fields
+
+
 class Matcher:
     """Walks a checkpoint skeleton beside a target tree: finds the target tensor to read each
     checkpoint tensor into, and collects missing, unexpected and mismatched paths."""
@@ -189,6 +197,8 @@ class Matcher:
             for key in target_node:
                 if key not in ckpt_node:
                     self.missing.append(join_path(path, key))
+            if len(ckpt_node) >= _MANY and self._plain_all(ckpt_node, target_node):
+                return
             torch_types = self._torch_types
             for key, value in ckpt_node.items():
                 if key in target_node:
@@ -207,6 +217,32 @@ class Matcher:
                 )
             for i, (c, t) in enumerate(zip(ckpt_node, target_node, strict=False)):
                 self.match(c, t, join_path(path, i))
+
+    def _plain_all(self, ckpt_node: Mapping[str, Any], target_node: Mapping[str, Any]) -> bool:
+        """:meth:`_plain` for every member at once, in C-level passes (a module's state_dict:
+        thousands of tensors against as many references), when every member of ``ckpt_node``
+        is a torch reference that ``target_node`` holds as a plain torch tensor of the same
+        dtype and shape, each index taken once; else nothing is recorded and False returned
+        (the member-by-member walk then matches, or explains, each one)."""
+        refs = list(ckpt_node.values())
+        try:
+            targets = list(map(target_node.__getitem__, ckpt_node))
+        except KeyError:
+            return False
+        if set(map(type, refs)) != {Ref} or not set(map(type, targets)) <= self._torch_types:
+            return False
+        if set(map(_REF_KIND, refs)) != {"torch"}:
+            return False
+        indices = list(map(_REF_INDEX, refs))
+        if len(set(indices)) != len(indices) or not self.destinations.keys().isdisjoint(indices):
+            return False  # ties: recorded one by one
+        entries = list(map(self.manifest.tensors.__getitem__, indices))
+        if not arrays.all_match_torch(
+            targets, list(map(_ENTRY_DTYPE, entries)), list(map(_ENTRY_SHAPE, entries))
+        ):
+            return False
+        self.destinations.update(zip(indices, map(list, zip(targets)), strict=True))
+        return True
 
     def _plain(self, ref: Ref, target: Any) -> bool:
         """Whether ``target``, a plain torch tensor, takes checkpoint tensor ``ref`` (then it
