@@ -117,6 +117,8 @@ def _table_rows(text: str, start: int) -> tuple[list[Row], int] | None:
     if end < 0:
         return None
     end += len(_TABLE_END) - 1  # the table's "]": the entries' text stops before it
+    if text.count('{"file":', start, end) != text.count('{"dtype":', start, end):
+        return None  # an entry of several chunks (a sharded tensor): not one of these rows
     rows: list[Row] = _ENTRY.findall(text, start, end)
     # Matches never overlap and lie between start and end. Counted with a "," after each but
     # the last (only the last can end at the end, without one), their lengths add up to the
