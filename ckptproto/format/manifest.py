@@ -213,17 +213,17 @@ class Manifest:
         return manifest
 
     @classmethod
-    def _from_doc(cls, doc: Any, rows: list[manifest_text.Row] | None, where: str) -> Manifest | None:
-        """The manifest of the parsed document ``doc``, its table read from ``rows`` when given
-        (the table's member then absent from ``doc``); None when the rows are not vouched for
+    def _from_doc(cls, doc: Any, table: manifest_text.Table | None, where: str) -> Manifest | None:
+        """The manifest of the parsed document ``doc``, its tensor table from ``table`` when
+        given (the member then absent from ``doc``); None when the table is not vouched for
         here (the caller then parses the whole text the general way, for its message)."""
         if not isinstance(doc, dict) or doc.get("format") != FORMAT_NAME:
             raise CheckpointFormatError(f'{where}: not a ckptproto manifest (no "format": "ckptproto")')
         version = _parse_version(doc.get("format_version"), where)
         files = _parse_files(doc.get("files"), where)
         tensors: list[TensorEntry] | None
-        if rows is not None:
-            tensors = _table_from_rows(rows, files)
+        if table is not None:
+            tensors = _table_of(table, files)
             if tensors is None:
                 return None
         else:
@@ -476,35 +476,21 @@ def _whole_entry(doc: Any, names: dict[str, str], shapes: _Shapes) -> TensorEntr
     return _new(TensorEntry, (dtype, shape, (_new(Chunk, (file, key, known[1], shape)),)))
 
 
-def _table_from_rows(rows: list[manifest_text.Row], files: dict[str, FileEntry]) -> list[TensorEntry] | None:
-    """The tensor table of ``rows`` (:func:`manifest_text.split_members`), built by columns:
-    each distinct row, without its key, parsed and checked once by :func:`_whole_entry`, then
-    its entry repeated under each row's key. None where a row is not vouched for, or a
-    (file, key) pair repeats (F-12): the general path then parses the table, for its message."""
+def _table_of(table: manifest_text.Table, files: dict[str, FileEntry]) -> list[TensorEntry] | None:
+    """The tensor table read by :func:`manifest_text.split_members`, built by columns: each
+    distinct form checked once by :func:`_whole_entry`, then its entry repeated under each
+    key. None where a form is not vouched for, or a (file, key) pair repeats (F-12): the
+    general path then parses the table, for its message."""
     names = {name: name for name in files}
     shapes: _Shapes = {}
-    forms = list(zip(map(_ROW_HEAD, rows), map(_ROW_TAIL, rows), strict=True))
     firsts: dict[tuple[str, str], TensorEntry] = {}
-    for head, tail in set(forms):  # a few in a usual state: its distinct dtypes, shapes, files
-        text = "".join(
-            (
-                manifest_text.ENTRY_TEXT[0],
-                head,
-                *manifest_text.ENTRY_TEXT[1:3],
-                tail,
-                manifest_text.ENTRY_TEXT[3],
-            )
-        )
-        try:
-            doc = json.loads(text)  # the row's numbers were matched loosely: JSON decides
-        except ValueError:
-            return None
+    for form, doc in table.entries.items():
         entry = _whole_entry(doc, names, shapes)
         if entry is None:
             return None
-        firsts[head, tail] = entry
+        firsts[form] = entry
+    forms, keys = table.forms, table.keys
     column = list(map(firsts.__getitem__, forms))
-    keys = list(map(_ROW_KEY, rows))
     shape_column = list(map(_SHAPE_OF, column))
     first_chunks = list(map(_FIRST, map(_CHUNKS_OF, column)))
     file_column = list(map(_CHUNK_FILE, first_chunks))
@@ -522,7 +508,6 @@ def _table_from_rows(rows: list[manifest_text.Row], files: dict[str, FileEntry])
     )
 
 
-_ROW_HEAD, _ROW_KEY, _ROW_TAIL = itemgetter(0), itemgetter(1), itemgetter(2)
 _DTYPE_OF, _SHAPE_OF, _CHUNKS_OF = itemgetter(0), itemgetter(1), itemgetter(2)  # TensorEntry fields
 _FIRST, _CHUNK_FILE, _CHUNK_OFFSETS = itemgetter(0), itemgetter(0), itemgetter(2)
 

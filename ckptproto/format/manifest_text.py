@@ -14,7 +14,7 @@ general path then parses the document, raising what it raises::
 
     split = split_members(text)   # None: parse the text as JSON
     if split is not None:
-        members, rows = split     # rows: None where "tensors" was parsed as JSON
+        members, table = split    # table: None where "tensors" was parsed as JSON
 """
 
 from __future__ import annotations
@@ -24,7 +24,8 @@ import re
 from collections.abc import Callable
 from itertools import chain
 from json.scanner import make_scanner
-from typing import Any, cast
+from operator import itemgetter
+from typing import Any, NamedTuple, cast
 
 from ckptproto.format import strict_json
 
@@ -63,11 +64,17 @@ _scan_plain = _scanner()  # objects as dicts, in C: a repeated key is found by c
 # A key followed by whitespace before its colon (the count below sees only '":').
 _SPACED_KEY = re.compile(r'"[ \t\n\r]+:')
 
-# A table row: the entry's text up to its key, the key, the text after it.
-Row = tuple[str, str, str]
+
+class Table(NamedTuple):
+    """A tensor table read from its text: each entry's key and form (its text before and after
+    the key), and each distinct form parsed as the JSON of an entry whose key is ``""``."""
+
+    keys: list[str]
+    forms: list[tuple[str, str]]
+    entries: dict[tuple[str, str], Any]
 
 
-def split_members(text: str) -> tuple[dict[str, Any], list[Row] | None] | None:
+def split_members(text: str) -> tuple[dict[str, Any], Table | None] | None:
     """The top-level members of the manifest ``text``, and the rows of its ``"tensors"`` table
     when that table is in the writer's form (the member is then absent from the dict);
     None when the text is not read here (the caller parses it as JSON)."""
@@ -79,23 +86,23 @@ def split_members(text: str) -> tuple[dict[str, Any], list[Row] | None] | None:
         return None  # malformed or refused: the general path says how
 
 
-def _members(text: str) -> tuple[dict[str, Any], list[Row] | None] | None:
+def _members(text: str) -> tuple[dict[str, Any], Table | None] | None:
     if text[:2] != '{"':
         return None
     members: dict[str, Any] = {}
-    rows: list[Row] | None = None
+    table: Table | None = None
     pos = 1
     while True:
         if text[pos] != '"':
             return None
         key, pos = _scan_plain(text, pos)  # a string: the key
-        if text[pos] != ":" or key in members or (key == "tensors" and rows is not None):
+        if text[pos] != ":" or key in members or (key == "tensors" and table is not None):
             return None
         pos += 1
         if key == "tensors" and text[pos] == "[":
-            found = _table_rows(text, pos + 1)
+            found = _table(text, pos + 1)
             if found is not None:
-                rows, pos = found
+                table, pos = found
             else:
                 members[key], pos = _value(text, pos)
         else:
@@ -104,28 +111,38 @@ def _members(text: str) -> tuple[dict[str, Any], list[Row] | None] | None:
             pos += 1
             continue
         if text[pos] == "}" and pos + 1 == len(text):
-            return members, rows
+            return members, table
         return None
 
 
-def _table_rows(text: str, start: int) -> tuple[list[Row], int] | None:
-    """The rows of the table whose text starts at ``start`` (after its "["), and the position
-    after its "]"; None unless every entry is in the writer's form."""
+def _table(text: str, start: int) -> tuple[Table, int] | None:
+    """The table whose text starts at ``start`` (after its "["), and the position after its
+    "]"; None unless every entry is in the writer's form and valid JSON."""
     if text[start] == "]":
-        return [], start + 1
+        return Table([], [], {}), start + 1
     end = text.find(_TABLE_END, start)
     if end < 0:
         return None
     end += len(_TABLE_END) - 1  # the table's "]": the entries' text stops before it
     if text.count('{"file":', start, end) != text.count('{"dtype":', start, end):
         return None  # an entry of several chunks (a sharded tensor): not one of these rows
-    rows: list[Row] = _ENTRY.findall(text, start, end)
+    rows: list[tuple[str, str, str]] = _ENTRY.findall(text, start, end)
     # Matches never overlap and lie between start and end. Counted with a "," after each but
     # the last (only the last can end at the end, without one), their lengths add up to the
     # span only when they tile it: the text is these entries, back to back, nothing else.
     if len(rows) * (_ENTRY_FIXED + 1) - 1 + sum(map(len, chain.from_iterable(rows))) != end - start:
         return None
-    return rows, end + 1
+    forms = list(zip(map(_HEAD, rows), map(_TAIL, rows), strict=True))
+    # The distinct forms (a few in a usual state: its dtypes, shapes, files) as JSON, here,
+    # so the document is known to be JSON before any of it is checked (the refusal order).
+    entries = {
+        form: json.loads("".join((ENTRY_TEXT[0], form[0], *ENTRY_TEXT[1:3], form[1], ENTRY_TEXT[3])))
+        for form in set(forms)
+    }
+    return Table(list(map(_KEY, rows)), forms, entries), end + 1
+
+
+_HEAD, _KEY, _TAIL = itemgetter(0), itemgetter(1), itemgetter(2)
 
 
 def _value(text: str, pos: int) -> tuple[Any, int]:
