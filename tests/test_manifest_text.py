@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from _reliability import STRESS
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -20,9 +21,9 @@ from ckptproto.format import manifest_text
 from ckptproto.format.manifest import CHECKSUM_KEY, Manifest
 
 SETTINGS = settings(
-    max_examples=300,
+    max_examples=3000 if STRESS else 300,  # CKPTPROTO_STRESS=1: ten times more
     deadline=None,
-    derandomize=True,
+    derandomize=not STRESS,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
     database=None,
 )
