@@ -22,7 +22,7 @@ with ``PYTHONPATH`` at each checkout, alternating::
 
     python benchmarks/bench_many_tensors.py --only ckptproto --clock cpu --no-gc --repeat 3
 
-Where a save's per-tensor time goes, stage by stage (CPU time, best of ``--repeat``)::
+Where a save's and a load's per-tensor time goes, stage by stage (CPU time, best of ``--repeat``)::
 
     python benchmarks/bench_many_tensors.py --stages --counts 100000 --repeat 5
 """
@@ -183,15 +183,28 @@ STAGES = [
 ]
 
 
-def stage_split(n: int, numel: int, root: Path, repeat: int) -> None:
-    """CPU time of each stage of ``ckptproto.save`` (min over ``repeat`` saves, gc paused),
-    in us per tensor: where the per-tensor cost goes."""
+# The stages of the load, timed by --stages after the save's.
+LOAD_STAGES = [
+    ("ckptproto.format.manifest", "Manifest.parse", "parse the manifest"),
+    ("ckptproto.format.manifest_text", "split_members", "  of which the quick reading"),
+    ("ckptproto.format.manifest", "_table_of", "  of which the table's entries"),
+    ("ckptproto.format.manifest", "_check_values", "  of which the state's references"),
+    ("ckptproto.io.reader", "file_layouts", "the data files' layouts"),
+    ("ckptproto.io.reader", "expected_header", "the data files' headers, regenerated"),
+    ("ckptproto.io.readplan", "materialize", "read the tensors (plan, read + CRC, build)"),
+    ("ckptproto.io.bulkread", "plan_small", "  of which the plan of the small ones"),
+    ("ckptproto.io.bulkread", "_clone", "  of which memory of their own (clone)"),
+    ("ckptproto.io.restore", "decode_tree", "decode the state tree"),
+]
+
+
+def _timed_stages(stages: list[tuple[str, str, str]], spent: dict[str, float]) -> list[tuple[Any, str, Any]]:
+    """Wrap each stage's function to add its CPU time to ``spent``; returns what to restore."""
     import functools
     import importlib
 
-    spent: dict[str, float] = {}
     originals = []
-    for module_name, dotted, label in STAGES:
+    for module_name, dotted, label in stages:
         owner: Any = importlib.import_module(module_name)
         *outer, attr = dotted.split(".")
         for part in outer:
@@ -207,27 +220,61 @@ def stage_split(n: int, numel: int, root: Path, repeat: int) -> None:
 
         setattr(owner, attr, functools.wraps(original)(timed))
         originals.append((owner, attr, original))
-    state = make_state(n, numel)
+    return originals
+
+
+def _best_by_stage(
+    stages: list[tuple[str, str, str]], total: str, once: Callable[[int], None], repeat: int
+) -> dict[str, float]:
+    """The least CPU time of each stage over ``repeat`` calls of ``once`` (after one that warms
+    caches), the collector paused, with ``once``'s own time as ``total``."""
+    spent: dict[str, float] = {}
     best: dict[str, float] = {}
+    originals = _timed_stages(stages, spent)
     try:
-        for r in range(repeat + 1):  # the first save warms caches
+        for r in range(repeat + 1):
             spent.clear()
             gc.collect()
             gc.disable()
             t0 = time.process_time()
-            ckptproto.save(state, root / f"stages-{r}")
-            spent["save (total)"] = time.process_time() - t0
-            gc.enable()
-            shutil.rmtree(root / f"stages-{r}")
+            try:
+                once(r)
+            finally:
+                gc.enable()
+            spent[total] = time.process_time() - t0
             if r:
                 for label, seconds in spent.items():
                     best[label] = min(best.get(label, seconds), seconds)
     finally:
         for owner, attr, original in originals:
             setattr(owner, attr, original)
-    print(f"\nckptproto save of {n:,} tensors by stage (CPU us per tensor, best of {repeat}):")
-    for label, seconds in sorted(best.items(), key=lambda kv: -kv[1]):
-        print(f"  {label:<36} {seconds * 1e6 / n:7.2f}")
+    return best
+
+
+def stage_split(n: int, numel: int, root: Path, repeat: int) -> None:
+    """CPU time of each stage of ``ckptproto.save`` and then of ``ckptproto.load`` (min over
+    ``repeat`` calls, gc paused), in us per tensor: where the per-tensor cost goes."""
+    state = make_state(n, numel)
+
+    def save(r: int) -> None:
+        ckptproto.save(state, root / f"stages-{r}")
+        shutil.rmtree(root / f"stages-{r}")
+
+    saved = _best_by_stage(STAGES, "save (total)", save, repeat)
+    ckptproto.save(state, root / "stages-load")
+    loaded = _best_by_stage(
+        LOAD_STAGES, "load (total)", lambda r: ckptproto.load(root / "stages-load"), repeat
+    )
+    shutil.rmtree(root / "stages-load")
+    for what, stages, best in (("save", STAGES, saved), ("load", LOAD_STAGES, loaded)):
+        print(f"\nckptproto {what} of {n:,} tensors by stage (CPU us per tensor, best of {repeat}):")
+        print(f"  {what + ' (total)':<42} {best[what + ' (total)'] * 1e6 / n:7.2f}")
+        # The save's stages by cost; the load's in their order, each "of which" under its own.
+        ordered = [label for _m, _f, label in stages if label in best]
+        if what == "save":
+            ordered.sort(key=lambda label: -best[label])
+        for label in ordered:
+            print(f"  {label:<42} {best[label] * 1e6 / n:7.2f}")
 
 
 def print_table(n: int, numel: int, repeat: int, result: dict[str, tuple[float, float]]) -> None:
@@ -260,7 +307,7 @@ def main() -> None:
     )
     parser.add_argument("--no-gc", action="store_true", help="pause the collector while a method runs")
     parser.add_argument(
-        "--stages", action="store_true", help="only ckptproto's save, its CPU time split by stage"
+        "--stages", action="store_true", help="only ckptproto's save and load, their CPU time split by stage"
     )
     args = parser.parse_args()
     if args.stages:

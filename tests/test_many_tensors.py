@@ -590,3 +590,19 @@ def test_tree_text_refuses_what_json_dumps_refuses() -> None:
             json.dumps(bad, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
         with pytest.raises(ValueError, match="Out of range float"):
             json_text.tree(bad)
+
+
+def test_the_stage_split_times_functions_that_exist(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """bench_many_tensors --stages wraps functions by name: each must still exist, and every
+    stage must be reached by a save and a load of a plain state (else it prints no line)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    try:
+        import bench_many_tensors as bench
+    finally:
+        sys.path.pop(0)
+    bench.stage_split(300, 4, tmp_path, 1)
+    printed = capsys.readouterr().out
+    for _module, _function, label in bench.STAGES + bench.LOAD_STAGES:
+        assert f"  {label} " in printed, label
