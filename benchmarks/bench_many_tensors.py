@@ -193,7 +193,7 @@ LOAD_STAGES = [
     ("ckptproto.io.reader", "expected_header", "the data files' headers, regenerated"),
     ("ckptproto.io.readplan", "materialize", "read the tensors (plan, read + CRC, build)"),
     ("ckptproto.io.bulkread", "plan_small", "  of which the plan of the small ones"),
-    ("ckptproto.io.bulkread", "_clone", "  of which memory of their own (clone)"),
+    ("ckptproto.io.bulkread", "_own_copies", "  of which memory of their own (copies)"),
     ("ckptproto.io.restore", "decode_tree", "decode the state tree"),
 ]
 

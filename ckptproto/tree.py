@@ -25,7 +25,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from itertools import repeat
-from operator import methodcaller
+from operator import itemgetter, methodcaller
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -457,9 +457,13 @@ def _vouch(children: Any, torch_refs: list[int], decoder: _Decoder, depth: int) 
             if v and next(iter(v)).startswith("$"):
                 decoder.decode(v, None, depth)  # other tags: the decoder itself (raises if bad)
                 continue
-            for k in v:
-                if k.startswith("$"):
-                    return False  # plain keys mixed with "$" keys
+            if any(map(str.startswith, v, _DOLLAR)):
+                return False  # plain keys mixed with "$" keys
+            if len(v) >= _BATCH_MIN and depth + 1 < _QUICK_DEPTH:
+                indices = torch_column(v)
+                if indices is not None:
+                    torch_refs += indices
+                    continue
             if not _vouch(v.values(), torch_refs, decoder, depth + 1):
                 return False
         elif kind is list:
@@ -468,6 +472,29 @@ def _vouch(children: Any, torch_refs: list[int], decoder: _Decoder, depth: int) 
         elif kind not in scalars:
             return False
     return True
+
+
+_DOLLAR = repeat("$")  # map(str.startswith, keys, _DOLLAR): each key starts with "$"
+_TORCH_INDEX = itemgetter("$torch")
+
+
+def torch_column(node: dict[str, Any]) -> list[int] | None:
+    """The indices of ``node``'s values when every one is a valid ``{"$torch": i}`` reference
+    (a module's state dict, an optimizer's state of one parameter), found in C-level passes;
+    else None (then the node goes value by value)::
+
+        torch_column({"w": {"$torch": 0}, "b": {"$torch": 1}})  # [0, 1]
+    """
+    values = list(node.values())
+    if set(map(type, values)) != {dict} or set(map(len, values)) != {1}:
+        return None
+    try:
+        indices = list(map(_TORCH_INDEX, values))
+    except KeyError:  # another tag
+        return None
+    if set(map(type, indices)) != {int} or min(indices) < 0:
+        return None
+    return indices
 
 
 # A state path is built only when a message or a resolve() call needs it: ``(parent, key)``
@@ -533,11 +560,18 @@ class _Decoder:
             raise self.fail("unexpected JSON value", chain)
         tag = next(iter(node), None)
         if tag is None or not tag.startswith("$"):
-            for k in node:
-                if k.startswith("$"):
-                    raise self.fail("object mixes '$' keys with plain keys", chain)
-            out: dict[str, Any] | None = {} if self.build and not self.in_place else None
+            if any(map(str.startswith, node, _DOLLAR)):
+                raise self.fail("object mixes '$' keys with plain keys", chain)
             leaf_depth = depth + 1 < MAX_DEPTH  # a tensor reference may sit one level down
+            if leaf_depth and not self.leaf_paths and len(node) >= _BATCH_MIN:
+                indices = torch_column(node)
+                if indices is not None:  # every value a reference: resolved in one pass
+                    resolved = list(map(self.resolve, repeat("torch"), indices, repeat("")))
+                    if self.in_place:
+                        node.update(zip(list(node), resolved, strict=True))
+                        return node
+                    return dict(zip(node, resolved, strict=True)) if self.build else None
+            out: dict[str, Any] | None = {} if self.build and not self.in_place else None
             for k, v in node.items():
                 if leaf_depth and type(v) is dict and len(v) == 1 and "$torch" in v:
                     # {"$torch": i}, most of a large state's nodes: what tagged() does, inline

@@ -26,7 +26,7 @@ from ckptproto.errors import CheckpointCorruptError, CheckpointError, Checkpoint
 from ckptproto.format import safetensors
 from ckptproto.format.manifest import Manifest
 from ckptproto.io import bulkread, headercheck, match, reader, readplan
-from ckptproto.tree import decode_tree
+from ckptproto.tree import decode_tree, quick_refs
 
 
 def _state() -> dict[str, Any]:
@@ -306,6 +306,50 @@ def test_decode_without_leaf_paths_builds_the_same_tree() -> None:
     without = decode_tree(json.loads(json.dumps(tree)), lambda k, i, p: i, paths=False, in_place=True)
     assert with_paths == without == {"a": 0, "b": [1, (0,)], "c": {"d": 7}}
     assert seen == ["a", "b.0", "b.1.0"]
+
+
+REFS = {f"p{i}": {"$torch": i} for i in range(12)}  # enough to be decoded a column at a time
+
+
+@pytest.mark.parametrize(
+    "tree",
+    [
+        {"m": REFS, "n": [REFS, {"$tuple": [REFS]}], "o": {**REFS, "x": 3}},
+        {"m": {**REFS, "p3": {"$torch": -1}}},
+        {"m": {**REFS, "p3": {"$torch": True}}},
+        {"m": {**REFS, "p3": {"$torch": 3.0}}},
+        {"m": {**REFS, "p3": {"$torch": "3"}}},
+        {"m": {**REFS, "p3": {"$numpy": 3}}},
+        {"m": {**REFS, "p3": {"$torch": 3, "x": 1}}},
+        {"m": {**REFS, "$p3": {"$torch": 3}}},
+        {"m": {**REFS, "p3": {"$int": "3"}}},
+        {"m": {**REFS, "p3": {"x": 3}}},
+        {"m": {**REFS, "p3": None}},
+    ],
+)
+def test_a_column_of_references_decodes_as_value_by_value(tree: dict[str, Any]) -> None:
+    """decode_tree without paths takes an object of references a column at a time
+    (tree.torch_column); with paths it goes value by value. Same tree or same error, and the
+    same resolve calls in the same order; quick_refs gives the references in that order too."""
+
+    def decode(**kwargs: Any) -> tuple[Any, list[tuple[str, int]]]:
+        seen: list[tuple[str, int]] = []
+        try:
+            out = decode_tree(
+                json.loads(json.dumps(tree)), lambda k, i, p: seen.append((k, i)) or i * 10, **kwargs
+            )
+        except CheckpointFormatError as exc:
+            return str(exc), seen
+        return out, seen
+
+    by_value = decode()
+    assert decode(paths=False) == by_value
+    assert decode(paths=False, in_place=True) == by_value
+    refs = quick_refs(json.loads(json.dumps(tree)))
+    if refs is not None:
+        assert [("torch", i) for i in refs[0]] == [s for s in by_value[1] if s[0] == "torch"]
+    if isinstance(by_value[0], str):
+        assert refs is None
 
 
 def test_header_check_refuses_a_metadata_key(tmp_path: Path) -> None:

@@ -182,6 +182,17 @@ def test_hostile_tables_get_the_general_verdict(
         lambda t: t.replace('"name":"x"', '"name":"a\\"b","name":"y"', 1),
         lambda t: t.replace('{"$torch":0}', '{"$torch":{"a":1,"a":2}}', 1),
         lambda t: t.replace('{"$torch":0}', '{"$torch":0,"$torch":0}', 1),
+        # in an object of many references (counted a column at a time): a repeated key, with
+        # the same or another reference, and references torch_column does not take
+        lambda t: t.replace('"layer1.w":{"$torch":1}', '"layer1.w":{"$torch":1},"layer1.w":{"$torch":1}', 1),
+        lambda t: t.replace('"layer1.w":{"$torch":1}', '"layer1.w":{"$torch":1},"layer1.w":{"$torch":2}', 1),
+        lambda t: t.replace('"layer1.w":{"$torch":1}', '"layer1.w":{"$torch":1,"$torch":1}', 1),
+        lambda t: t.replace('"layer1.w":{"$torch":1}', '"layer1.w":{"$torch":-1}', 1),
+        lambda t: t.replace('"layer1.w":{"$torch":1}', '"layer1.w":{"$torch":true}', 1),
+        lambda t: t.replace('"layer1.w":{"$torch":1}', '"layer1.w":{"$torch":1.0}', 1),
+        lambda t: t.replace('"layer1.w":{"$torch":1}', '"layer1.w":{"$numpy":1}', 1),
+        lambda t: t.replace('"layer1.w":{"$torch":1}', '"layer1.w":{"$torch":99999}', 1),
+        lambda t: t.replace('"layer1.w":{"$torch":1}', '"$layer1.w":{"$torch":1}', 1),
         lambda t: t.replace('"rank":0', '"rank":0,"rank":0', 1),
         lambda t: t.replace('"metadata":{', '"metadata":{"k":[{"a":1,"a":1}],', 1),
         lambda t: t.replace('"metadata":{', '"metadata":{"k":[{"a":1,"b":1}],', 1),

@@ -28,6 +28,7 @@ from operator import itemgetter
 from typing import Any, NamedTuple, cast
 
 from ckptproto.format import strict_json
+from ckptproto.tree import torch_column
 
 # A JSON string without escapes or control characters: its text is its value.
 _PLAIN = r'[^"\\\x00-\x1f]*'
@@ -161,6 +162,9 @@ def _value(text: str, pos: int) -> tuple[Any, int]:
     return value, end
 
 
+_COLUMN_MIN = 8  # an object of this many members may be counted by torch_column
+
+
 def _members_in(node: dict[str, Any] | list[Any]) -> int:
     """The members of every object in ``node`` (iteratively: it may nest deeply)."""
     total = 0
@@ -170,6 +174,9 @@ def _members_in(node: dict[str, Any] | list[Any]) -> int:
         children: Any = pop()
         if type(children) is dict:
             total += len(children)
+            if len(children) >= _COLUMN_MIN and torch_column(children) is not None:
+                total += len(children)  # each value a reference of one member
+                continue
             children = children.values()
         for child in children:
             kind = type(child)

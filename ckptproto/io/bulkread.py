@@ -5,16 +5,17 @@ and torch calls per tensor (a large MoE state holds 100,000-300,000 of them). Wh
 file's header is the one ckptproto's writer makes (``DataFile.layout``, io/headercheck.py),
 the reader knows where every tensor lies without a lookup, and neighbouring small tensors are
 read as one run: one buffer, one read (CRC computed on the way, as for any read), then one
-``split_with_sizes`` per dtype gives the tensors as views of it::
+``split_with_sizes`` per dtype gives the tensors as views of it (``split_with_sizes_copy`` on
+``load``: as copies)::
 
     plan = ReadPlan()
     bulk = plan_small(ckpt, kinds, plan, values)   # values[index] is filled after execute
     execute(ckpt, plan, verify=True)
     bulk.copy()                                     # load_into: into the target tensors
 
-A run is scratch memory (at most RUN_BYTES): on ``load`` its views are cloned, each tensor
-into memory of its own (one ``torch._foreach_clone`` per run), so what a load returns is
-what ``torch.empty`` would give; on ``load_into`` they are copied into the targets with one
+A run is scratch memory (at most RUN_BYTES): on ``load`` each tensor is copied out of it
+into memory of its own (one ``split_with_sizes_copy`` per run and dtype), so what a load
+returns is what ``torch.empty`` would give; on ``load_into`` they are copied into the targets with one
 ``torch._foreach_copy_``, and at most SCRATCH_BYTES of runs are allocated for that per load
 (memory stays flat): the other tensors are read straight into the targets as before.
 Tensors over SMALL_BYTES are read straight into their own memory.
@@ -271,8 +272,15 @@ def _builder(
         torch_dtypes = list(map(_DTYPE, items))
         shapes = list(map(_SHAPE, items))
         numels = list(map(_NUMEL, items))
+        count = len(items)
+        dests = list(map(_DESTS, items))
+        # load: every tensor new, each in memory of its own at offset 0, as torch.empty gives
+        # (a view into the run would keep the whole run alive, and some of torch's own readers
+        # of a tensor ignore its storage offset: torch.set_rng_state, "Invalid mt19937 state").
+        # One split_with_sizes_copy per stretch makes them without a Python view of each.
+        all_new = dests.count(None) == count
         views: list[Any] = []
-        i, count = 0, len(items)
+        i = 0
         while i < count:  # one pass per stretch of one dtype (one, in the usual run)
             torch_dtype, first = torch_dtypes[i], items[i][3] - run_begin
             j = count if torch_dtypes.count(torch_dtype) == count else i + 1
@@ -283,21 +291,23 @@ def _builder(
             if first % size:  # not in a writer's layout (wider dtypes first); kept correct anyway
                 raw = raw.clone()
             typed = raw.view(torch_dtype)
-            parts = typed.split_with_sizes(numels[i:j]) if j - i > 1 else (typed,)
+            parts: Sequence[Any]
+            if all_new:
+                parts = _own_copies(typed, numels[i:j])
+            else:
+                parts = typed.split_with_sizes(numels[i:j]) if j - i > 1 else (typed,)
             if set(map(len, shapes[i:j])) == {1}:
                 views.extend(parts)  # 1-d tensors: the split gives them their shape
             else:
+                # A copy takes its shape in place (resize_ to its own element count: a
+                # tensor of its own, no view of it with a _base), a view of the run by view().
                 views.extend(
-                    p if len(shape) == 1 else p.view(shape)
+                    p if len(shape) == 1 else p.resize_(shape) if all_new else p.view(shape)
                     for p, shape in zip(parts, shapes[i:j], strict=True)
                 )
             i = j
-        dests = list(map(_DESTS, items))
-        if dests.count(None) == count:  # load: every tensor new
-            # Each new tensor gets memory of its own at offset 0, as torch.empty gives: a view
-            # into the run would keep the whole run alive, and some of torch's own readers of
-            # a tensor ignore its storage offset (torch.set_rng_state: "Invalid mt19937 state").
-            values.update(zip(indices, _clone(views), strict=True))
+        if all_new:  # load: every tensor new, a copy already
+            values.update(zip(indices, views, strict=True))
             return
         if None not in dests and set(map(len, dests)) == {1}:  # load_into: one target each
             firsts = list(map(_FIRST, dests))
@@ -320,6 +330,15 @@ def _builder(
 
 
 _INDEX, _DTYPE, _SHAPE, _NUMEL, _DESTS = (itemgetter(i) for i in (0, 1, 2, 4, 5))
+
+
+def _own_copies(flat: Any, numels: list[int]) -> list[Any]:
+    """The consecutive pieces of the 1-d ``flat`` of ``numels`` elements, each a contiguous
+    copy with memory of its own, in one C call (no Python view of each piece on the way)."""
+    split_copy = getattr(arrays.require_torch(), "split_with_sizes_copy", None)
+    if split_copy is not None:
+        return list(split_copy(flat, numels))
+    return _clone(list(flat.split_with_sizes(numels)))
 
 
 def _clone(views: list[Any]) -> list[Any]:
