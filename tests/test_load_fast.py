@@ -24,7 +24,7 @@ import ckptproto
 from ckptproto import dtypes
 from ckptproto.errors import CheckpointCorruptError, CheckpointError, CheckpointFormatError
 from ckptproto.format import safetensors
-from ckptproto.format.manifest import Manifest
+from ckptproto.format.manifest import Chunk, FileEntry, Manifest, TensorEntry, table_columns
 from ckptproto.io import bulkread, headercheck, match, reader, readplan
 from ckptproto.tree import decode_tree, quick_refs
 
@@ -350,6 +350,68 @@ def test_a_column_of_references_decodes_as_value_by_value(tree: dict[str, Any]) 
         assert [("torch", i) for i in refs[0]] == [s for s in by_value[1] if s[0] == "torch"]
     if isinstance(by_value[0], str):
         assert refs is None
+
+
+def _entry(dtype: str, shape: tuple[int, ...], file: str, key: str) -> TensorEntry:
+    return TensorEntry(dtypes.by_name(dtype), shape, (Chunk(file, key, (0,) * len(shape), shape),))
+
+
+F0, F1 = "data-00000-000.safetensors", "data-00001-000.safetensors"
+FILES = {F0: FileEntry(1, "crc32:00000000"), F1: FileEntry(1, "crc32:00000000", 1)}
+
+
+@pytest.mark.parametrize(
+    "table",
+    [
+        [],
+        [_entry("float32", (4,), F0, "a")],
+        [_entry(d, s, F0, f"k{i}") for i, (d, s) in enumerate([("float32", (2, 3)), ("int8", (5,))] * 5)],
+        [_entry("bfloat16", (3,), F0, "a"), _entry("float64", (2,), F0, "b"), _entry("bool", (), F0, "c")],
+        # two files (a two-rank save read by one process), and a file holding nothing
+        [_entry("float32", (i % 3 + 1,), (F0, F1)[i % 2], f"k{i}") for i in range(9)],
+        [_entry("float32", (2,), F1, "a"), _entry("int64", (2,), F1, "b")],
+        [_entry("float8_e4m3fn", (3,), F0, "a"), _entry("int4", (4,), F0, "b")],  # stored raw
+    ],
+)
+def test_layouts_by_columns_equal_the_chunk_walk(
+    table: list[TensorEntry], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """headercheck.file_layouts by the table's columns (as parse sets them, or as
+    table_columns derives them) lays every file out as the walk chunk by chunk does."""
+    files = dict(FILES)
+
+    def fields(layouts: dict[str, headercheck.FileLayout]) -> dict[str, tuple[Any, ...]]:
+        return {
+            n: (x.keys, x.codes, x.shapes, x.begins, x.ends, x.owners, x.buffer_size)
+            for n, x in layouts.items()
+        }
+
+    manifest = Manifest({}, table, files)
+    derived = headercheck.file_layouts(manifest)
+    columns = table_columns(table)
+    assert columns is not None and derived[F0].form_of is not None
+    parsed = headercheck.file_layouts(Manifest({}, table, files, columns=columns))
+    with monkeypatch.context() as m:
+        m.setattr(headercheck, "table_columns", lambda tensors: None)
+        walked = headercheck.file_layouts(manifest)
+    assert walked[F0].form_of is None
+    assert fields(derived) == fields(parsed) == fields(walked)
+    for layout in derived.values():  # each entry's form is its entry but for the key
+        assert layout.form_of is not None
+        for owner, form in zip(layout.owners, layout.form_of, strict=True):
+            assert layout.forms[form]._replace(chunks=table[owner].chunks) == table[owner]
+
+
+def test_a_parsed_tables_columns_are_its_entries(tmp_path: Path) -> None:
+    ckptproto.save(_state(), tmp_path / "c")
+    manifest = reader.read_manifest(tmp_path / "c")
+    assert manifest.columns is not None  # the writer's table: read as rows
+    keys, form_of, forms = manifest.columns
+    rebuilt = [
+        forms[f]._replace(chunks=(forms[f].chunks[0]._replace(key=k),))
+        for k, f in zip(keys, form_of, strict=True)
+    ]
+    assert rebuilt == list(manifest.tensors)
 
 
 def test_header_check_refuses_a_metadata_key(tmp_path: Path) -> None:

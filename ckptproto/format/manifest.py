@@ -83,6 +83,53 @@ class TensorEntry(NamedTuple):
         return len(self.chunks) == 1 and self.chunks[0].shape == self.shape
 
 
+class TableColumns(NamedTuple):
+    """A tensor table of one-chunk entries as columns: entry ``i`` is ``forms[form_of[i]]``
+    (its entry but for the key) under its chunk's key ``keys[i]``. What a reader derives from
+    an entry's dtype, shape and file it then derives once per form (a few in a usual state),
+    not once per tensor::
+
+        columns = table_columns(manifest.tensors)   # or manifest.columns, set by parse
+    """
+
+    keys: list[str]
+    form_of: list[int]
+    forms: list[TensorEntry]
+
+
+def table_columns(tensors: Sequence[TensorEntry]) -> TableColumns | None:
+    """The columns of ``tensors``, or None when an entry has several chunks (a sharded
+    tensor: a reader goes chunk by chunk)."""
+    if set(map(len, map(_CHUNKS_OF, tensors))) - {1}:
+        return None
+    chunks = list(map(_FIRST, map(_CHUNKS_OF, tensors)))
+    keys = list(map(_CHUNK_KEY, chunks))
+    # An entry's form: the entry under the key "" (equal entries, equal forms).
+    blank = list(
+        map(
+            _new,
+            repeat(Chunk),
+            zip(
+                map(_CHUNK_FILE, chunks),
+                repeat(""),
+                map(_CHUNK_OFFSETS, chunks),
+                map(_CHUNK_SHAPE, chunks),
+                strict=False,
+            ),
+        )
+    )
+    formed = list(
+        map(
+            _new,
+            repeat(TensorEntry),
+            zip(map(_DTYPE_OF, tensors), map(_SHAPE_OF, tensors), zip(blank, strict=True), strict=True),
+        )
+    )
+    index: dict[TensorEntry, int] = {}
+    form_of = [index.setdefault(form, len(index)) for form in formed]
+    return TableColumns(keys, form_of, list(index))
+
+
 @dataclass(frozen=True)
 class FileEntry:
     """A data file: its exact size, its checksum (``crc32:xxxxxxxx``) and the rank that wrote it."""
@@ -115,6 +162,9 @@ class Manifest:
     # kind per index, numpy dtypes for $numpy): the ``$torch`` and ``$numpy`` indices, so a
     # reader need not walk the state again to find them.
     refs: tuple[list[int], list[int]] | None = field(default=None, compare=False, repr=False)
+    # Set by parse when it read the table as rows (format/manifest_text.py): the table as
+    # columns, which a reader would otherwise derive with table_columns.
+    columns: TableColumns | None = field(default=None, compare=False, repr=False)
 
     def to_json(self) -> bytes:
         head = {
@@ -222,10 +272,12 @@ class Manifest:
         version = _parse_version(doc.get("format_version"), where)
         files = _parse_files(doc.get("files"), where)
         tensors: list[TensorEntry] | None
+        columns: TableColumns | None = None
         if table is not None:
-            tensors = _table_of(table, files)
-            if tensors is None:
+            read = _table_of(table, files)
+            if read is None:
                 return None
+            tensors, columns = read
         else:
             tensors_doc = doc.get("tensors")
             if not isinstance(tensors_doc, list):
@@ -241,7 +293,9 @@ class Manifest:
             raise CheckpointFormatError(f'{where}: "created" and "writer" must be strings')
         metadata = doc.get("metadata", {})
         refs = _check_values(doc["state"], metadata, tensors, where)
-        return cls(doc["state"], tensors, files, metadata, created, version, world_size, writer, refs)
+        return cls(
+            doc["state"], tensors, files, metadata, created, version, world_size, writer, refs, columns
+        )
 
 
 def _dumps(value: Any) -> str:
@@ -476,21 +530,26 @@ def _whole_entry(doc: Any, names: dict[str, str], shapes: _Shapes) -> TensorEntr
     return _new(TensorEntry, (dtype, shape, (_new(Chunk, (file, key, known[1], shape)),)))
 
 
-def _table_of(table: manifest_text.Table, files: dict[str, FileEntry]) -> list[TensorEntry] | None:
+def _table_of(
+    table: manifest_text.Table, files: dict[str, FileEntry]
+) -> tuple[list[TensorEntry], TableColumns] | None:
     """The tensor table read by :func:`manifest_text.split_members`, built by columns: each
     distinct form checked once by :func:`_whole_entry`, then its entry repeated under each
-    key. None where a form is not vouched for, or a (file, key) pair repeats (F-12): the
-    general path then parses the table, for its message."""
+    key; and the table's columns. None where a form is not vouched for, or a (file, key) pair
+    repeats (F-12): the general path then parses the table, for its message."""
     names = {name: name for name in files}
     shapes: _Shapes = {}
-    firsts: dict[tuple[str, str], TensorEntry] = {}
+    index: dict[tuple[str, str], int] = {}
+    firsts: list[TensorEntry] = []
     for form, doc in table.entries.items():
         entry = _whole_entry(doc, names, shapes)
         if entry is None:
             return None
-        firsts[form] = entry
-    forms, keys = table.forms, table.keys
-    column = list(map(firsts.__getitem__, forms))
+        index[form] = len(firsts)
+        firsts.append(entry)
+    keys = table.keys
+    form_of = list(map(index.__getitem__, table.forms))
+    column = list(map(firsts.__getitem__, form_of))
     shape_column = list(map(_SHAPE_OF, column))
     first_chunks = list(map(_FIRST, map(_CHUNKS_OF, column)))
     file_column = list(map(_CHUNK_FILE, first_chunks))
@@ -503,13 +562,17 @@ def _table_of(table: manifest_text.Table, files: dict[str, FileEntry]) -> list[T
         repeat(Chunk),
         zip(file_column, keys, map(_CHUNK_OFFSETS, first_chunks), shape_column, strict=True),
     )
-    return list(
+    tensors = list(
         map(_new, repeat(TensorEntry), zip(map(_DTYPE_OF, column), shape_column, zip(chunks), strict=True))
     )
+    # The forms as table_columns gives them: each first entry under the key "".
+    blank = [_with_key(first, "") for first in firsts]
+    return tensors, TableColumns(keys, form_of, blank)
 
 
 _DTYPE_OF, _SHAPE_OF, _CHUNKS_OF = itemgetter(0), itemgetter(1), itemgetter(2)  # TensorEntry fields
-_FIRST, _CHUNK_FILE, _CHUNK_OFFSETS = itemgetter(0), itemgetter(0), itemgetter(2)
+_FIRST, _CHUNK_FILE, _CHUNK_KEY = itemgetter(0), itemgetter(0), itemgetter(1)  # (and Chunk fields)
+_CHUNK_OFFSETS, _CHUNK_SHAPE = itemgetter(2), itemgetter(3)
 
 
 def _check_pairs_unique(tensors: Sequence[TensorEntry], where: str) -> None:

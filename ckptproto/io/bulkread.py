@@ -23,18 +23,17 @@ Tensors over SMALL_BYTES are read straight into their own memory.
 
 from __future__ import annotations
 
+import math
 from bisect import bisect_right
 from collections.abc import Callable, Sequence
-from itertools import repeat
-from operator import attrgetter, floordiv, itemgetter, sub
-from typing import TYPE_CHECKING, Any, Protocol
+from operator import attrgetter, itemgetter
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, cast
 
 from ckptproto import arrays
 from ckptproto.arrays import Kind
 from ckptproto.dtypes import DType
 
 if TYPE_CHECKING:
-    from ckptproto.format.manifest import TensorEntry
     from ckptproto.io.headercheck import FileLayout
     from ckptproto.io.reader import OpenCheckpoint
 
@@ -54,6 +53,42 @@ SCRATCH_BYTES = 64 << 20  # load_into: the most run memory allocated only to be 
 # One tensor of a run: (tensor index, torch dtype, shape, begin in the buffer, element count,
 # the target tensors to copy it into: None on load, where the run's view is the value).
 _Item = tuple[int, Any, tuple[int, ...], int, int, "list[Any] | None"]
+
+
+class _Columns(NamedTuple):
+    """Tensors of a run (or of a whole file) as columns of :data:`_Item`'s fields; ``dests``
+    None when every tensor is new (``load``)."""
+
+    indices: list[int]
+    torch_dtypes: list[Any]
+    shapes: list[tuple[int, ...]]
+    begins: list[int]
+    numels: list[int]
+    dests: list[list[Any] | None] | None
+
+    def part(self, begin: int, end: int) -> _Columns:
+        """The tensors ``begin:end`` of these."""
+        return _Columns(
+            self.indices[begin:end],
+            self.torch_dtypes[begin:end],
+            self.shapes[begin:end],
+            self.begins[begin:end],
+            self.numels[begin:end],
+            None if self.dests is None else self.dests[begin:end],
+        )
+
+
+def _columns_of(items: list[_Item]) -> _Columns:
+    """``items`` as columns (``dests`` None when no item has targets)."""
+    dests = [item[5] for item in items]
+    return _Columns(
+        [item[0] for item in items],
+        [item[1] for item in items],
+        [item[2] for item in items],
+        [item[3] for item in items],
+        [item[4] for item in items],
+        None if dests.count(None) == len(dests) else dests,
+    )
 
 
 def _torch_dtype(dtype: DType) -> Any:
@@ -124,7 +159,7 @@ def plan_small(
         if layout is None:
             continue
         start = len(data_file.header)
-        whole = _whole_file(layout, tensors, kinds, usable, targets, plain, scratch)
+        whole = _whole_file(layout, kinds, usable, targets, plain, scratch)
         if whole is not None:  # the usual file: every tensor small, planned in C-level passes
             if targets is not None:
                 scratch -= layout.buffer_size
@@ -155,7 +190,7 @@ def plan_small(
                 else:
                     dests = None
             if items and (begin != run_end or end - run_begin > RUN_BYTES):
-                _flush(plan, name, start, run_begin, run_end - run_begin, items, values, bulk)
+                _flush(plan, name, start, run_begin, run_end - run_begin, _columns_of(items), values, bulk)
                 items = []
             if not items:
                 run_begin = begin
@@ -164,26 +199,26 @@ def plan_small(
             run_end = end
             taken.add(index)
         if items:
-            _flush(plan, name, start, run_begin, run_end - run_begin, items, values, bulk)
+            _flush(plan, name, start, run_begin, run_end - run_begin, _columns_of(items), values, bulk)
     return bulk
 
 
 def _whole_file(
     layout: FileLayout,
-    tensors: Sequence[TensorEntry],
     kinds: dict[int, Kind],
     usable: dict[int, Any],
     targets: dict[int, list[Any]] | None,
     plain: tuple[type, ...],
     scratch: int,
-) -> list[_Item] | None:
-    """The items of every entry of ``layout`` when the loop of :func:`plan_small` would take
+) -> _Columns | None:
+    """The columns of every entry of ``layout`` when the loop of :func:`plan_small` would take
     each one (a torch tensor, whole, small, of a dtype runs can view; for ``load_into``, with
-    one target, a plain CPU tensor, all within the scratch left), else None."""
-    owners = layout.owners
-    if not owners or list(map(kinds.get, owners)).count("torch") != len(owners):
+    one target, a plain CPU tensor, all within the scratch left), else None. Needs the
+    layout's forms (a table of one-chunk entries): what a form decides is decided once."""
+    owners, form_of, forms = layout.owners, layout.form_of, layout.forms
+    if not owners or form_of is None or list(map(kinds.get, owners)).count("torch") != len(owners):
         return None
-    dests: Any = repeat(None)
+    dests: list[list[Any] | None] | None = None
     if targets is not None:
         if layout.buffer_size > scratch:
             return None
@@ -194,49 +229,50 @@ def _whole_file(
         if not set(map(type, firsts)) <= set(plain) or not all(map(_IS_CPU, firsts)):
             return None
         dests = found_dests
-    ends, begins = layout.ends, layout.begins
-    if max(map(sub, ends, begins)) > SMALL_BYTES:
-        return None
-    column = list(map(tensors.__getitem__, owners))
-    if set(map(len, map(_CHUNKS_OF, column))) != {1}:
-        return None
-    dtype_column = list(map(_DTYPE_OF, column))
-    ids = list(map(id, dtype_column))
-    found = dict(zip(ids, dtype_column, strict=True))
-    for dtype_id, dtype in found.items():
-        if dtype_id not in usable:
-            usable[dtype_id] = _torch_dtype(dtype)
-    torch_dtypes = list(map(usable.__getitem__, ids))
-    if None in torch_dtypes:
-        return None
-    sizes = {dtype_id: dtype.itemsize for dtype_id, dtype in found.items()}
-    numels = list(map(floordiv, map(sub, ends, begins), map(sizes.__getitem__, ids)))
-    shapes = map(_SHAPE_OF, column)
-    return list(zip(owners, torch_dtypes, shapes, begins, numels, dests, strict=False))
+    torch_dtypes: list[Any] = [None] * len(forms)
+    numels = [0] * len(forms)
+    for k in set(form_of):
+        form = forms[k]
+        dtype = form.dtype
+        torch_dtype = usable.get(id(dtype), usable)
+        if torch_dtype is usable:
+            torch_dtype = usable[id(dtype)] = _torch_dtype(dtype)
+        numels[k] = math.prod(form.chunks[0].shape)
+        if torch_dtype is None or numels[k] * dtype.itemsize > SMALL_BYTES:
+            return None
+        torch_dtypes[k] = torch_dtype
+    return _Columns(
+        owners,
+        list(map(torch_dtypes.__getitem__, form_of)),
+        list(map(_SHAPE_OF, map(forms.__getitem__, form_of))),
+        layout.begins,
+        list(map(numels.__getitem__, form_of)),
+        dests,
+    )
 
 
 def _flush_all(
     plan: ReadPlan,
     file: str,
     start: int,
-    items: list[_Item],
+    columns: _Columns,
     layout: FileLayout,
     values: dict[int, Any],
     bulk: Bulk,
 ) -> None:
-    """:func:`_flush` ``items`` (every entry of ``layout``, back to back) in runs of at most
+    """:func:`_flush` ``columns`` (every entry of ``layout``, back to back) in runs of at most
     RUN_BYTES (one entry alone may be larger: at most SMALL_BYTES)."""
-    ends = layout.ends
-    i, count = 0, len(items)
+    ends, begins = layout.ends, layout.begins
+    i, count = 0, len(begins)
     while i < count:
-        run_begin = items[i][3]
+        run_begin = begins[i]
         j = max(bisect_right(ends, run_begin + RUN_BYTES), i + 1)
-        _flush(plan, file, start, run_begin, ends[j - 1] - run_begin, items[i:j], values, bulk)
+        _flush(plan, file, start, run_begin, ends[j - 1] - run_begin, columns.part(i, j), values, bulk)
         i = j
 
 
 _FIRST, _IS_CPU = itemgetter(0), attrgetter("is_cpu")
-_DTYPE_OF, _SHAPE_OF, _CHUNKS_OF = itemgetter(0), itemgetter(1), itemgetter(2)  # TensorEntry fields
+_SHAPE_OF = itemgetter(1)  # a TensorEntry's shape
 
 
 def _plain_cpu(dests: list[Any], plain: tuple[type, ...]) -> bool:
@@ -252,7 +288,7 @@ def _flush(
     start: int,
     run_begin: int,
     nbytes: int,
-    items: list[_Item],
+    columns: _Columns,
     values: dict[int, Any],
     bulk: Bulk,
 ) -> None:
@@ -261,33 +297,29 @@ def _flush(
     buffer = arrays.empty_cpu((nbytes,), torch.uint8)
     view = arrays.writable_bytes(buffer)
     assert view is not None  # a new contiguous CPU tensor
-    plan.add(file, start + run_begin, view, _builder(buffer, run_begin, items, values, bulk.pairs))
+    plan.add(file, start + run_begin, view, _builder(buffer, run_begin, columns, values, bulk.pairs))
 
 
 def _builder(
-    buffer: Any, run_begin: int, items: list[_Item], values: dict[int, Any], pairs: list[tuple[Any, Any]]
+    buffer: Any, run_begin: int, columns: _Columns, values: dict[int, Any], pairs: list[tuple[Any, Any]]
 ) -> Callable[[], None]:
     def build() -> None:
-        indices = list(map(_INDEX, items))
-        torch_dtypes = list(map(_DTYPE, items))
-        shapes = list(map(_SHAPE, items))
-        numels = list(map(_NUMEL, items))
-        count = len(items)
-        dests = list(map(_DESTS, items))
+        indices, torch_dtypes, shapes, begins, numels, dests = columns
+        count = len(indices)
         # load: every tensor new, each in memory of its own at offset 0, as torch.empty gives
         # (a view into the run would keep the whole run alive, and some of torch's own readers
         # of a tensor ignore its storage offset: torch.set_rng_state, "Invalid mt19937 state").
         # One split_with_sizes_copy per stretch makes them without a Python view of each.
-        all_new = dests.count(None) == count
+        all_new = dests is None
         views: list[Any] = []
         i = 0
         while i < count:  # one pass per stretch of one dtype (one, in the usual run)
-            torch_dtype, first = torch_dtypes[i], items[i][3] - run_begin
+            torch_dtype, first = torch_dtypes[i], begins[i] - run_begin
             j = count if torch_dtypes.count(torch_dtype) == count else i + 1
             while j < count and torch_dtypes[j] is torch_dtype:
                 j += 1
             size = torch_dtype.itemsize
-            raw = buffer[first : items[j - 1][3] - run_begin + numels[j - 1] * size]
+            raw = buffer[first : begins[j - 1] - run_begin + numels[j - 1] * size]
             if first % size:  # not in a writer's layout (wider dtypes first); kept correct anyway
                 raw = raw.clone()
             typed = raw.view(torch_dtype)
@@ -306,11 +338,11 @@ def _builder(
                     for p, shape in zip(parts, shapes[i:j], strict=True)
                 )
             i = j
-        if all_new:  # load: every tensor new, a copy already
+        if dests is None:  # load: every tensor new, a copy already
             values.update(zip(indices, views, strict=True))
             return
-        if None not in dests and set(map(len, dests)) == {1}:  # load_into: one target each
-            firsts = list(map(_FIRST, dests))
+        if None not in dests and set(map(len, targets_of := cast(list[list[Any]], dests))) == {1}:
+            firsts = list(map(_FIRST, targets_of))  # load_into: one target each
             values.update(zip(indices, firsts, strict=True))
             pairs.extend(zip(firsts, views, strict=True))
             return
@@ -327,9 +359,6 @@ def _builder(
         values.update(zip(fresh, _clone(fresh_views), strict=True))
 
     return build
-
-
-_INDEX, _DTYPE, _SHAPE, _NUMEL, _DESTS = (itemgetter(i) for i in (0, 1, 2, 4, 5))
 
 
 def _own_copies(flat: Any, numels: list[int]) -> list[Any]:

@@ -39,7 +39,7 @@ from operator import itemgetter
 
 from ckptproto.dtypes import DType
 from ckptproto.format import safetensors
-from ckptproto.format.manifest import Manifest
+from ckptproto.format.manifest import Manifest, TableColumns, TensorEntry, table_columns
 from ckptproto.io.plan import FILE_METADATA, align_width, file_order
 
 Stored = tuple[str, tuple[int, ...], int, int]  # code, stored shape, nbytes, min(itemsize, 8)
@@ -63,6 +63,10 @@ class FileLayout:
     ends: list[int] = field(default_factory=list)
     owners: list[int] = field(default_factory=list)
     buffer_size: int = 0
+    # Where the table had columns (manifest.TableColumns): each entry's form, an index into
+    # ``forms``, the entries but for the key (a reader's work per form, not per tensor).
+    form_of: list[int] | None = None
+    forms: list[TensorEntry] = field(default_factory=list)
 
     @property
     def entries(self) -> list[Entry]:
@@ -87,7 +91,9 @@ def _stored(dtype: DType, shape: tuple[int, ...]) -> Stored:
     return (dtype.safetensors, shape, nbytes, width)
 
 
-def _layout(keys: list[str], stored: list[Stored], owners: list[int]) -> FileLayout:
+def _layout(
+    keys: list[str], stored: list[Stored], owners: list[int], form_of: list[int] | None = None
+) -> FileLayout:
     """Entries back to back from offset 0 in the writer's order: manifest order, wider dtypes
     first (io/plan.py), in C-level passes over the columns."""
     order = file_order(list(map(_WIDTH, stored)))
@@ -95,10 +101,12 @@ def _layout(keys: list[str], stored: list[Stored], owners: list[int]) -> FileLay
         keys = list(map(keys.__getitem__, order))
         stored = list(map(stored.__getitem__, order))
         owners = list(map(owners.__getitem__, order))
+        if form_of is not None:
+            form_of = list(map(form_of.__getitem__, order))
     ends = list(accumulate(map(_NBYTES, stored)))
     begins = [0, *ends[:-1]] if ends else []
     codes, shapes = list(map(_CODE, stored)), list(map(_STORED_SHAPE, stored))
-    return FileLayout(keys, codes, shapes, begins, ends, owners, ends[-1] if ends else 0)
+    return FileLayout(keys, codes, shapes, begins, ends, owners, ends[-1] if ends else 0, form_of)
 
 
 _CODE, _STORED_SHAPE, _NBYTES, _WIDTH = itemgetter(0), itemgetter(1), itemgetter(2), itemgetter(3)
@@ -107,39 +115,56 @@ _CODE, _STORED_SHAPE, _NBYTES, _WIDTH = itemgetter(0), itemgetter(1), itemgetter
 def file_layouts(manifest: Manifest) -> dict[str, FileLayout]:
     """Each listed data file's layout as ckptproto's writer would make it from ``manifest``."""
     tensors = manifest.tensors
+    columns = manifest.columns if manifest.columns is not None else table_columns(tensors)
+    if columns is not None:  # every tensor one chunk (a one-process save, say): by columns
+        return _column_layouts(columns, list(manifest.files))
     # (id(dtype), chunk shape) -> how it is stored: a few distinct ones in a large state.
     # The id of a DType from dtypes.BY_NAME, which keeps every one alive (a DType's own hash
     # is a Python call).
-    if len(manifest.files) == 1 and set(map(len, map(_CHUNKS, tensors))) <= {1}:
-        # One file, every tensor one chunk (a one-process save): column by column.
-        chunks = list(map(_FIRST, map(_CHUNKS, tensors)))
-        dtype_column = list(map(_DTYPE, tensors))
-        ids = list(map(id, dtype_column))
-        by_id = dict(zip(ids, dtype_column, strict=True))
-        shapes = list(map(_CHUNK_SHAPE, chunks))
-        kinds = {pair: _stored(by_id[pair[0]], pair[1]) for pair in set(zip(ids, shapes, strict=True))}
-        stored = list(map(kinds.__getitem__, zip(ids, shapes, strict=True)))
-        (name,) = manifest.files
-        if set(map(_CHUNK_FILE, chunks)) <= {name}:
-            return {name: _layout(list(map(_CHUNK_KEY, chunks)), stored, list(range(len(tensors))))}
     known: dict[tuple[int, tuple[int, ...]], Stored] = {}
-    columns: dict[str, tuple[list[str], list[Stored], list[int]]] = {n: ([], [], []) for n in manifest.files}
+    by_file: dict[str, tuple[list[str], list[Stored], list[int]]] = {n: ([], [], []) for n in manifest.files}
     for index, tensor in enumerate(tensors):
         dtype = tensor.dtype
         for chunk in tensor.chunks:
             found = known.get((id(dtype), chunk.shape))
             if found is None:
                 found = known[(id(dtype), chunk.shape)] = _stored(dtype, chunk.shape)
-            keys, stored_column, owners = columns[chunk.file]
+            keys, stored_column, owners = by_file[chunk.file]
             keys.append(chunk.key)
             stored_column.append(found)
             owners.append(index)
-    return {name: _layout(*column) for name, column in columns.items()}
+    return {name: _layout(*column) for name, column in by_file.items()}
+
+
+def _column_layouts(columns: TableColumns, names: list[str]) -> dict[str, FileLayout]:
+    """:func:`file_layouts` of a table of one-chunk entries: how each form is stored, worked
+    out once per form, then spread over each file's tensors in C-level passes."""
+    forms, form_of, keys = columns.forms, columns.form_of, columns.keys
+    stored_forms = [_stored(form.dtype, form.chunks[0].shape) for form in forms]
+    file_forms = [form.chunks[0].file for form in forms]
+    owned: dict[str, list[int]] = {}
+    if len(set(file_forms)) == 1:  # one file holds every tensor (a one-process save)
+        owned[file_forms[0]] = list(range(len(form_of)))
+    elif form_of:
+        for index, file in enumerate(map(file_forms.__getitem__, form_of)):
+            owned.setdefault(file, []).append(index)
+    layouts: dict[str, FileLayout] = {}
+    for name in names:
+        owners = owned.get(name, [])
+        whole = len(owners) == len(form_of)
+        owned_forms = form_of if whole else list(map(form_of.__getitem__, owners))
+        layout = _layout(
+            keys if whole else list(map(keys.__getitem__, owners)),
+            list(map(stored_forms.__getitem__, owned_forms)),
+            owners,
+            owned_forms,
+        )
+        layout.forms = forms
+        layouts[name] = layout
+    return layouts
 
 
 _DTYPE, _CHUNKS = itemgetter(0), itemgetter(2)  # TensorEntry fields
-_CHUNK_FILE, _CHUNK_KEY, _CHUNK_SHAPE = itemgetter(0), itemgetter(1), itemgetter(3)  # Chunk fields
-_FIRST = itemgetter(0)
 
 
 def expected_header(layout: FileLayout) -> bytes | None:
