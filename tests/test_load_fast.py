@@ -24,7 +24,7 @@ import ckptproto
 from ckptproto import dtypes
 from ckptproto.errors import CheckpointCorruptError, CheckpointError, CheckpointFormatError
 from ckptproto.format import safetensors
-from ckptproto.format.manifest import Chunk, FileEntry, Manifest, TensorEntry, table_columns
+from ckptproto.format.manifest import Chunk, ColumnTable, FileEntry, Manifest, TensorEntry, table_columns
 from ckptproto.io import bulkread, headercheck, match, reader, readplan
 from ckptproto.tree import decode_tree, quick_refs
 
@@ -390,7 +390,7 @@ def test_layouts_by_columns_equal_the_chunk_walk(
     derived = headercheck.file_layouts(manifest)
     columns = table_columns(table)
     assert columns is not None and derived[F0].form_of is not None
-    parsed = headercheck.file_layouts(Manifest({}, table, files, columns=columns))
+    parsed = headercheck.file_layouts(Manifest({}, columns, files))
     with monkeypatch.context() as m:
         m.setattr(headercheck, "table_columns", lambda tensors: None)
         walked = headercheck.file_layouts(manifest)
@@ -405,13 +405,16 @@ def test_layouts_by_columns_equal_the_chunk_walk(
 def test_a_parsed_tables_columns_are_its_entries(tmp_path: Path) -> None:
     ckptproto.save(_state(), tmp_path / "c")
     manifest = reader.read_manifest(tmp_path / "c")
-    assert manifest.columns is not None  # the writer's table: read as rows
-    keys, form_of, forms = manifest.columns
+    table = manifest.tensors
+    assert isinstance(table, ColumnTable)  # the writer's table: read as rows
+    keys, form_of, forms = table.keys, table.form_of, table.forms
+    assert table == table.entries() and len(table) == len(keys) and table[-1] == table.entries()[-1]
     rebuilt = [
         forms[f]._replace(chunks=(forms[f].chunks[0]._replace(key=k),))
         for k, f in zip(keys, form_of, strict=True)
     ]
-    assert rebuilt == list(manifest.tensors)
+    assert rebuilt == table.entries()
+    assert table_columns(table.entries()) == table
 
 
 def test_header_check_refuses_a_metadata_key(tmp_path: Path) -> None:

@@ -11,7 +11,7 @@ import math
 import re
 import zlib
 from bisect import bisect_right
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from itertools import chain, pairwise, repeat
 from operator import itemgetter
@@ -83,51 +83,86 @@ class TensorEntry(NamedTuple):
         return len(self.chunks) == 1 and self.chunks[0].shape == self.shape
 
 
-class TableColumns(NamedTuple):
-    """A tensor table of one-chunk entries as columns: entry ``i`` is ``forms[form_of[i]]``
+class ColumnTable(Sequence[TensorEntry]):
+    """A tensor table of one-chunk entries held as columns: entry ``i`` is ``forms[form_of[i]]``
     (its entry but for the key) under its chunk's key ``keys[i]``. What a reader derives from
     an entry's dtype, shape and file it then derives once per form (a few in a usual state),
-    not once per tensor::
+    not once per tensor; the entries themselves are built, all at once, only when one is
+    asked for (a load of small tensors never asks)::
 
-        columns = table_columns(manifest.tensors)   # or manifest.columns, set by parse
+        table = table_columns(tensors)   # table == tensors; Manifest.parse gives one as is
+        table.keys, table.form_of, table.forms
     """
 
-    keys: list[str]
-    form_of: list[int]
-    forms: list[TensorEntry]
+    __slots__ = ("_entries", "form_of", "forms", "keys")
+
+    def __init__(self, keys: list[str], form_of: list[int], forms: list[TensorEntry]) -> None:
+        if len(form_of) != len(keys):
+            raise ValueError(f"ColumnTable: {len(keys)} keys, {len(form_of)} forms")
+        self.keys, self.form_of, self.forms = keys, form_of, forms
+        self._entries: list[TensorEntry] | None = None
+
+    def entries(self) -> list[TensorEntry]:
+        """Every entry, as a list (built once, by columns)."""
+        if self._entries is None:
+            column = list(map(self.forms.__getitem__, self.form_of))
+            shapes = list(map(_SHAPE_OF, column))
+            built = _rekeyed(list(map(_FIRST, map(_CHUNKS_OF, column))), self.keys)
+            self._entries = list(
+                map(_new, repeat(TensorEntry), zip(map(_DTYPE_OF, column), shapes, zip(built), strict=True))
+            )
+        return self._entries
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    @overload
+    def __getitem__(self, index: int) -> TensorEntry: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> list[TensorEntry]: ...
+
+    def __getitem__(self, index: int | slice) -> TensorEntry | list[TensorEntry]:
+        return self.entries()[index]
+
+    def __iter__(self) -> Iterator[TensorEntry]:
+        return iter(self.entries())
+
+    def __eq__(self, other: object) -> bool:
+        """Equal as the lists of their entries are (to another table, a list or a tuple)."""
+        if isinstance(other, (ColumnTable, RunTable, list, tuple)):
+            return len(self) == len(other) and all(a == b for a, b in zip(self, other, strict=True))
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]  # as a list's
 
 
-def table_columns(tensors: Sequence[TensorEntry]) -> TableColumns | None:
-    """The columns of ``tensors``, or None when an entry has several chunks (a sharded
-    tensor: a reader goes chunk by chunk)."""
+def _rekeyed(chunks: list[Chunk], keys: Iterable[str]) -> Iterator[Chunk]:
+    """Each of ``chunks`` under the key beside it in ``keys``, in C-level passes."""
+    parts = zip(
+        map(_CHUNK_FILE, chunks), keys, map(_CHUNK_OFFSETS, chunks), map(_CHUNK_SHAPE, chunks), strict=False
+    )
+    return map(_new, repeat(Chunk), parts)
+
+
+def table_columns(tensors: Sequence[TensorEntry]) -> ColumnTable | None:
+    """``tensors`` as a :class:`ColumnTable` (itself when it is one), or None when an entry
+    has several chunks (a sharded tensor: a reader goes chunk by chunk)."""
+    if isinstance(tensors, ColumnTable):
+        return tensors
     if set(map(len, map(_CHUNKS_OF, tensors))) - {1}:
         return None
     chunks = list(map(_FIRST, map(_CHUNKS_OF, tensors)))
-    keys = list(map(_CHUNK_KEY, chunks))
     # An entry's form: the entry under the key "" (equal entries, equal forms).
-    blank = list(
-        map(
-            _new,
-            repeat(Chunk),
-            zip(
-                map(_CHUNK_FILE, chunks),
-                repeat(""),
-                map(_CHUNK_OFFSETS, chunks),
-                map(_CHUNK_SHAPE, chunks),
-                strict=False,
-            ),
-        )
-    )
-    formed = list(
-        map(
-            _new,
-            repeat(TensorEntry),
-            zip(map(_DTYPE_OF, tensors), map(_SHAPE_OF, tensors), zip(blank, strict=True), strict=True),
-        )
+    blank = _rekeyed(chunks, repeat(""))
+    formed = map(
+        _new,
+        repeat(TensorEntry),
+        zip(map(_DTYPE_OF, tensors), map(_SHAPE_OF, tensors), zip(blank), strict=True),
     )
     index: dict[TensorEntry, int] = {}
     form_of = [index.setdefault(form, len(index)) for form in formed]
-    return TableColumns(keys, form_of, list(index))
+    return ColumnTable(list(map(_CHUNK_KEY, chunks)), form_of, list(index))
 
 
 @dataclass(frozen=True)
@@ -151,7 +186,9 @@ class Manifest:
     (``ckptproto.tree``) until decoded."""
 
     state: Any
-    tensors: Sequence[TensorEntry]  # a list when parsed; a RunTable when a writer built it
+    # A ColumnTable when parse read the writer's table as rows, else a list; a RunTable when
+    # a writer built it.
+    tensors: Sequence[TensorEntry]
     files: dict[str, FileEntry]
     metadata: Any = field(default_factory=dict)
     created: str = ""
@@ -162,9 +199,6 @@ class Manifest:
     # kind per index, numpy dtypes for $numpy): the ``$torch`` and ``$numpy`` indices, so a
     # reader need not walk the state again to find them.
     refs: tuple[list[int], list[int]] | None = field(default=None, compare=False, repr=False)
-    # Set by parse when it read the table as rows (format/manifest_text.py): the table as
-    # columns, which a reader would otherwise derive with table_columns.
-    columns: TableColumns | None = field(default=None, compare=False, repr=False)
 
     def to_json(self) -> bytes:
         head = {
@@ -271,13 +305,11 @@ class Manifest:
             raise CheckpointFormatError(f'{where}: not a ckptproto manifest (no "format": "ckptproto")')
         version = _parse_version(doc.get("format_version"), where)
         files = _parse_files(doc.get("files"), where)
-        tensors: list[TensorEntry] | None
-        columns: TableColumns | None = None
+        tensors: Sequence[TensorEntry] | None
         if table is not None:
-            read = _table_of(table, files)
-            if read is None:
+            tensors = _table_of(table, files)
+            if tensors is None:
                 return None
-            tensors, columns = read
         else:
             tensors_doc = doc.get("tensors")
             if not isinstance(tensors_doc, list):
@@ -293,9 +325,7 @@ class Manifest:
             raise CheckpointFormatError(f'{where}: "created" and "writer" must be strings')
         metadata = doc.get("metadata", {})
         refs = _check_values(doc["state"], metadata, tensors, where)
-        return cls(
-            doc["state"], tensors, files, metadata, created, version, world_size, writer, refs, columns
-        )
+        return cls(doc["state"], tensors, files, metadata, created, version, world_size, writer, refs)
 
 
 def _dumps(value: Any) -> str:
@@ -530,44 +560,31 @@ def _whole_entry(doc: Any, names: dict[str, str], shapes: _Shapes) -> TensorEntr
     return _new(TensorEntry, (dtype, shape, (_new(Chunk, (file, key, known[1], shape)),)))
 
 
-def _table_of(
-    table: manifest_text.Table, files: dict[str, FileEntry]
-) -> tuple[list[TensorEntry], TableColumns] | None:
-    """The tensor table read by :func:`manifest_text.split_members`, built by columns: each
-    distinct form checked once by :func:`_whole_entry`, then its entry repeated under each
-    key; and the table's columns. None where a form is not vouched for, or a (file, key) pair
-    repeats (F-12): the general path then parses the table, for its message."""
+def _table_of(table: manifest_text.Table, files: dict[str, FileEntry]) -> ColumnTable | None:
+    """The tensor table read by :func:`manifest_text.split_members`, as columns: each distinct
+    form checked once by :func:`_whole_entry`. None where a form is not vouched for, or a
+    (file, key) pair repeats (F-12): the general path then parses the table, for its message."""
     names = {name: name for name in files}
     shapes: _Shapes = {}
     index: dict[tuple[str, str], int] = {}
-    firsts: list[TensorEntry] = []
+    forms: list[TensorEntry] = []
     for form, doc in table.entries.items():
         entry = _whole_entry(doc, names, shapes)
         if entry is None:
             return None
-        index[form] = len(firsts)
-        firsts.append(entry)
+        index[form] = len(forms)
+        forms.append(_with_key(entry, ""))
     keys = table.keys
     form_of = list(map(index.__getitem__, table.forms))
-    column = list(map(firsts.__getitem__, form_of))
-    shape_column = list(map(_SHAPE_OF, column))
-    first_chunks = list(map(_FIRST, map(_CHUNKS_OF, column)))
-    file_column = list(map(_CHUNK_FILE, first_chunks))
     # F-12: the usual table names one file, and then its keys alone must be distinct.
-    pairs = keys if len(set(file_column)) == 1 else list(zip(file_column, keys, strict=True))
+    file_forms = [form.chunks[0].file for form in forms]
+    if len(set(file_forms)) <= 1:
+        pairs: list[Any] = keys
+    else:
+        pairs = list(zip(map(file_forms.__getitem__, form_of), keys, strict=True))
     if len(set(pairs)) != len(keys):
         return None
-    chunks = map(
-        _new,
-        repeat(Chunk),
-        zip(file_column, keys, map(_CHUNK_OFFSETS, first_chunks), shape_column, strict=True),
-    )
-    tensors = list(
-        map(_new, repeat(TensorEntry), zip(map(_DTYPE_OF, column), shape_column, zip(chunks), strict=True))
-    )
-    # The forms as table_columns gives them: each first entry under the key "".
-    blank = [_with_key(first, "") for first in firsts]
-    return tensors, TableColumns(keys, form_of, blank)
+    return ColumnTable(keys, form_of, forms)
 
 
 _DTYPE_OF, _SHAPE_OF, _CHUNKS_OF = itemgetter(0), itemgetter(1), itemgetter(2)  # TensorEntry fields
@@ -588,7 +605,7 @@ def _check_pairs_unique(tensors: Sequence[TensorEntry], where: str) -> None:
 
 
 def _check_values(
-    state: Any, metadata: Any, tensors: list[TensorEntry], where: str
+    state: Any, metadata: Any, tensors: Sequence[TensorEntry], where: str
 ) -> tuple[list[int], list[int]] | None:
     """F-14, F-15, F-17, F-18: decode both trees once, keeping nothing. Returns the state's
     ``$torch`` and ``$numpy`` indices when the quick walk vouched for them (else None)."""
@@ -615,13 +632,13 @@ def _check_values(
     return refs
 
 
-def _numpy_refs_ok(torch_refs: list[int], numpy_refs: list[int], tensors: list[TensorEntry]) -> bool:
+def _numpy_refs_ok(torch_refs: list[int], numpy_refs: list[int], tensors: Sequence[TensorEntry]) -> bool:
     """No tensor is referenced both as torch and numpy, and numpy has every $numpy dtype."""
     used = set(numpy_refs)
     return used.isdisjoint(torch_refs) and all(tensors[i].dtype.numpy_name is not None for i in used)
 
 
-def _check_state(state: Any, tensors: list[TensorEntry], where: str) -> None:
+def _check_state(state: Any, tensors: Sequence[TensorEntry], where: str) -> None:
     """The state decoded with every check, raising the first problem with its path."""
     kinds: dict[int, str] = {}
     count = len(tensors)

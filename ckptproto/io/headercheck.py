@@ -39,7 +39,7 @@ from operator import itemgetter
 
 from ckptproto.dtypes import DType
 from ckptproto.format import safetensors
-from ckptproto.format.manifest import Manifest, TableColumns, TensorEntry, table_columns
+from ckptproto.format.manifest import ColumnTable, Manifest, TensorEntry, table_columns
 from ckptproto.io.plan import FILE_METADATA, align_width, file_order
 
 Stored = tuple[str, tuple[int, ...], int, int]  # code, stored shape, nbytes, min(itemsize, 8)
@@ -63,7 +63,7 @@ class FileLayout:
     ends: list[int] = field(default_factory=list)
     owners: list[int] = field(default_factory=list)
     buffer_size: int = 0
-    # Where the table had columns (manifest.TableColumns): each entry's form, an index into
+    # Where the table has columns (manifest.ColumnTable): each entry's form, an index into
     # ``forms``, the entries but for the key (a reader's work per form, not per tensor).
     form_of: list[int] | None = None
     forms: list[TensorEntry] = field(default_factory=list)
@@ -115,7 +115,7 @@ _CODE, _STORED_SHAPE, _NBYTES, _WIDTH = itemgetter(0), itemgetter(1), itemgetter
 def file_layouts(manifest: Manifest) -> dict[str, FileLayout]:
     """Each listed data file's layout as ckptproto's writer would make it from ``manifest``."""
     tensors = manifest.tensors
-    columns = manifest.columns if manifest.columns is not None else table_columns(tensors)
+    columns = table_columns(tensors)
     if columns is not None:  # every tensor one chunk (a one-process save, say): by columns
         return _column_layouts(columns, list(manifest.files))
     # (id(dtype), chunk shape) -> how it is stored: a few distinct ones in a large state.
@@ -136,7 +136,7 @@ def file_layouts(manifest: Manifest) -> dict[str, FileLayout]:
     return {name: _layout(*column) for name, column in by_file.items()}
 
 
-def _column_layouts(columns: TableColumns, names: list[str]) -> dict[str, FileLayout]:
+def _column_layouts(columns: ColumnTable, names: list[str]) -> dict[str, FileLayout]:
     """:func:`file_layouts` of a table of one-chunk entries: how each form is stored, worked
     out once per form, then spread over each file's tensors in C-level passes."""
     forms, form_of, keys = columns.forms, columns.form_of, columns.keys

@@ -17,7 +17,7 @@ import numpy as np
 
 from ckptproto import arrays, dtensor, protocol
 from ckptproto.errors import StateMismatchError
-from ckptproto.format.manifest import Manifest
+from ckptproto.format.manifest import ColumnTable, Manifest
 from ckptproto.location import Location
 from ckptproto.protocol import Stateful
 from ckptproto.tree import join_path
@@ -236,7 +236,11 @@ class Matcher:
         indices = list(map(_REF_INDEX, refs))
         if len(set(indices)) != len(indices) or not self.destinations.keys().isdisjoint(indices):
             return False  # ties: recorded one by one
-        entries = list(map(self.manifest.tensors.__getitem__, indices))
+        table = self.manifest.tensors
+        # (a ColumnTable's entries as the list they are: its __getitem__ is a Python call)
+        entries = list(
+            map((table.entries() if isinstance(table, ColumnTable) else table).__getitem__, indices)
+        )
         if not arrays.all_match_torch(
             targets, list(map(_ENTRY_DTYPE, entries)), list(map(_ENTRY_SHAPE, entries))
         ):
