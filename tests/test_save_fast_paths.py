@@ -104,6 +104,30 @@ def test_host_views_hold_the_bytes_to_host_bytes_gives() -> None:
         assert bytes(view) == bytes(reference), leaf.path
 
 
+@pytest.mark.parametrize("swap", [False, True])
+def test_host_views_of_plain_tensors_only(swap: bool) -> None:
+    """Every value a plain tensor (the usual state: views made in C-level passes), and the
+    same with one storage swapped since encoding (found, and viewed where it now is)."""
+    g = torch.Generator().manual_seed(0)
+    state = {
+        f"t{i}": torch.randn(i % 5 + 1, generator=g).to((torch.float32, torch.int8, torch.float64)[i % 3])
+        for i in range(40)
+    }
+    leaves = encode_state(state).tensors
+    assert all(leaf.host_address for leaf in leaves)
+    if swap:
+        leaves[7].value.set_(torch.arange(leaves[7].value.numel(), dtype=leaves[7].value.dtype))
+    views, owners = arrays.host_views(
+        [leaf.value for leaf in leaves],
+        [leaf.host_address for leaf in leaves],
+        [leaf.spec.nbytes for leaf in leaves],
+    )
+    if not swap:  # nothing copied: each owner is the tensor itself
+        assert all(owner is leaf.value for owner, leaf in zip(owners, leaves, strict=True))
+    for leaf, view in zip(leaves, views, strict=True):
+        assert bytes(view) == leaf.value.numpy().tobytes(), leaf.path
+
+
 def test_share_of_a_world_of_one_is_the_general_split_of_every_rank() -> None:
     encoded = encode_state(_varied_state())
     fast = share.plan_share(encoded, 0, 1)
