@@ -24,7 +24,15 @@ import ckptproto
 from ckptproto import dtypes
 from ckptproto.errors import CheckpointCorruptError, CheckpointError, CheckpointFormatError
 from ckptproto.format import safetensors
-from ckptproto.format.manifest import Chunk, ColumnTable, FileEntry, Manifest, TensorEntry, table_columns
+from ckptproto.format.manifest import (
+    Chunk,
+    ColumnTable,
+    FileEntry,
+    Manifest,
+    TensorEntry,
+    dtypes_and_shapes,
+    table_columns,
+)
 from ckptproto.io import bulkread, headercheck, match, reader, readplan
 from ckptproto.tree import decode_tree, quick_refs
 
@@ -415,6 +423,15 @@ def test_a_parsed_tables_columns_are_its_entries(tmp_path: Path) -> None:
     ]
     assert rebuilt == table.entries()
     assert table_columns(table.entries()) == table
+
+
+def test_dtypes_and_shapes_from_columns_equal_those_of_the_entries(tmp_path: Path) -> None:
+    ckptproto.save(_state(), tmp_path / "c")
+    table = reader.read_manifest(tmp_path / "c").tensors
+    assert isinstance(table, ColumnTable)
+    indices = [len(table) - 1, 0, 2, 2]
+    expected = ([table.entries()[i].dtype for i in indices], [table.entries()[i].shape for i in indices])
+    assert dtypes_and_shapes(table, indices) == dtypes_and_shapes(table.entries(), indices) == expected
 
 
 def test_header_check_refuses_a_metadata_key(tmp_path: Path) -> None:

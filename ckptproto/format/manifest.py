@@ -137,6 +137,22 @@ class ColumnTable(Sequence[TensorEntry]):
     __hash__ = None  # type: ignore[assignment]  # as a list's
 
 
+def dtypes_and_shapes(
+    tensors: Sequence[TensorEntry], indices: list[int]
+) -> tuple[list[DType], list[tuple[int, ...]]]:
+    """The dtype and shape of each entry ``tensors[i]`` for ``i`` in ``indices``, as two
+    columns (from a ColumnTable's forms: no entry built)::
+
+        dtypes, shapes = dtypes_and_shapes(manifest.tensors, [0, 3])
+    """
+    if isinstance(tensors, ColumnTable):
+        forms, form_of = tensors.forms, tensors.form_of
+        chosen = list(map(forms.__getitem__, map(form_of.__getitem__, indices)))
+    else:
+        chosen = list(map(tensors.__getitem__, indices))
+    return list(map(_DTYPE_OF, chosen)), list(map(_SHAPE_OF, chosen))
+
+
 def _rekeyed(chunks: list[Chunk], keys: Iterable[str]) -> Iterator[Chunk]:
     """Each of ``chunks`` under the key beside it in ``keys``, in C-level passes."""
     parts = zip(

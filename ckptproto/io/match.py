@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Mapping
-from operator import attrgetter, itemgetter
+from operator import attrgetter
 from typing import Any
 
 import numpy as np
 
 from ckptproto import arrays, dtensor, protocol
 from ckptproto.errors import StateMismatchError
-from ckptproto.format.manifest import ColumnTable, Manifest
+from ckptproto.format.manifest import Manifest, dtypes_and_shapes
 from ckptproto.location import Location
 from ckptproto.protocol import Stateful
 from ckptproto.tree import join_path
@@ -150,7 +150,6 @@ def exact_array_types() -> frozenset[type]:
 
 _MANY = 16  # members from which Matcher._plain_all's passes cost less than a call per member
 _REF_KIND, _REF_INDEX = attrgetter("kind"), attrgetter("index")
-_ENTRY_DTYPE, _ENTRY_SHAPE = itemgetter(0), itemgetter(1)  # TensorEntry fields
 
 
 class Matcher:
@@ -236,14 +235,8 @@ class Matcher:
         indices = list(map(_REF_INDEX, refs))
         if len(set(indices)) != len(indices) or not self.destinations.keys().isdisjoint(indices):
             return False  # ties: recorded one by one
-        table = self.manifest.tensors
-        # (a ColumnTable's entries as the list they are: its __getitem__ is a Python call)
-        entries = list(
-            map((table.entries() if isinstance(table, ColumnTable) else table).__getitem__, indices)
-        )
-        if not arrays.all_match_torch(
-            targets, list(map(_ENTRY_DTYPE, entries)), list(map(_ENTRY_SHAPE, entries))
-        ):
+        dtype_column, shapes = dtypes_and_shapes(self.manifest.tensors, indices)
+        if not arrays.all_match_torch(targets, dtype_column, shapes):
             return False
         self.destinations.update(zip(indices, map(list, zip(targets)), strict=True))
         return True
