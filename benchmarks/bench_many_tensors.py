@@ -187,7 +187,7 @@ STAGES = [
 LOAD_STAGES = [
     ("ckptproto.format.manifest", "Manifest.parse", "parse the manifest"),
     ("ckptproto.format.manifest_text", "split_members", "  of which the quick reading"),
-    ("ckptproto.format.manifest", "_table_of", "  of which the table's entries"),
+    ("ckptproto.format.manifest", "_table_of", "  of which the table's columns"),
     ("ckptproto.format.manifest", "_check_values", "  of which the state's references"),
     ("ckptproto.io.reader", "file_layouts", "the data files' layouts"),
     ("ckptproto.io.reader", "expected_header", "the data files' headers, regenerated"),
