@@ -281,6 +281,33 @@ def test_partial_target_reads_only_what_it_needs(tmp_ckpt: Path) -> None:
     assert holder["optimizers"]["exp_avg"].shape == (big // 8,)
 
 
+@pytest.mark.parametrize("extra", ["none", "scalar", "placeholder", "missing", "nested"])
+def test_a_large_dict_of_tensors_takes_its_other_values_too(tmp_ckpt: Path, extra: str) -> None:
+    """A dict of many tensors (assign and wanted_refs skip it in one pass when every key holds
+    a tensor) still receives a non-tensor value, a tensor into a placeholder, and a subtree."""
+    saved: dict[str, Any] = {f"w{i}": torch.full((2,), float(i)) for i in range(40)}
+    target: dict[str, Any] = {f"w{i}": torch.zeros(2) for i in range(40)}
+    if extra == "scalar":
+        saved["step"], target["step"] = 7, 0
+    elif extra == "placeholder":
+        saved["new"], target["new"] = torch.ones(3), None
+    elif extra == "missing":
+        saved["new"] = torch.ones(3)  # not in the target: left out (strict=False)
+    elif extra == "nested":
+        saved["sub"], target["sub"] = {"n": 3, "t": torch.ones(1)}, {"n": 0, "t": torch.zeros(1)}
+    ckptproto.save(saved, tmp_ckpt)
+    ckptproto.load_into(tmp_ckpt, target, strict=extra != "missing")
+    assert all(torch.equal(target[f"w{i}"], saved[f"w{i}"]) for i in range(40))
+    if extra == "scalar":
+        assert target["step"] == 7
+    elif extra == "placeholder":
+        assert torch.equal(target["new"], torch.ones(3))
+    elif extra == "missing":
+        assert "new" not in target
+    elif extra == "nested":
+        assert target["sub"]["n"] == 3 and torch.equal(target["sub"]["t"], torch.ones(1))
+
+
 def test_stateful_refusal_is_a_state_mismatch(tmp_ckpt: Path) -> None:
     """A Stateful target's own load_state_dict refusing the state (torch: unexpected keys)
     surfaces as StateMismatchError naming the state path, not a bare RuntimeError."""

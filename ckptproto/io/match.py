@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Mapping
+from itertools import repeat
 from operator import attrgetter
 from typing import Any
 
@@ -72,6 +73,8 @@ def assign(target: Any, loaded: Any, strict: bool, root: Location | None = None,
     items = loaded.items() if isinstance(loaded, Mapping) else enumerate(loaded)
     exact = exact_array_types()
     mapping = isinstance(target, Mapping)  # once: an ABC check costs a Python call
+    if mapping and _only_arrays(target, loaded, exact):
+        return  # a module's state dict into its tensors: every one filled already
     for key, value in items:
         if mapping:
             if key not in target:
@@ -98,6 +101,8 @@ def wanted_refs(target: Any, skeleton: Any) -> set[int]:
     items = skeleton.items() if isinstance(skeleton, Mapping) else enumerate(skeleton)
     exact = exact_array_types()
     mapping = isinstance(target, Mapping)  # once: an ABC check costs a Python call
+    if mapping and _only_arrays(target, skeleton, exact):
+        return wanted  # every key the target's own tensor: none takes a new value
     for key, value in items:
         if mapping:
             if key not in target:
@@ -112,6 +117,16 @@ def wanted_refs(target: Any, skeleton: Any) -> set[int]:
         elif not is_array(current):  # replaced by, or handed (Stateful), the whole value
             wanted |= _all_refs(value)
     return wanted
+
+
+def _only_arrays(target: Mapping[Any, Any], loaded: Any, exact: frozenset[type]) -> bool:
+    """Whether ``loaded`` is a dict of many keys, each holding a plain tensor or array in
+    ``target`` (then the walks of :func:`assign` and :func:`wanted_refs` skip every key), found
+    in C-level passes; False otherwise, and the walk decides key by key."""
+    if type(loaded) is not dict or len(loaded) < _MANY:
+        return False
+    missing = object()
+    return set(map(type, map(target.get, loaded, repeat(missing)))) <= exact
 
 
 def _all_refs(node: Any) -> set[int]:
