@@ -7,6 +7,7 @@ from __future__ import annotations
 import gc
 import json
 import logging
+import marshal
 import math
 import os
 import signal
@@ -227,6 +228,29 @@ def test_a_malformed_job_fails_that_save_and_the_writer_serves_the_next(
     assert torch.equal(ckptproto.load(tmp_path / "good")["t4"], torch.full((3,), 4.0))
 
 
+@pytest.mark.parametrize("message", [b"\xffnot marshal", marshal.dumps([1, 2]), b""])
+def test_a_job_that_is_not_a_marshalled_dict_fails_that_save(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, message: bytes
+) -> None:
+    """Bytes that are not the parent's marshalled job are a loud failure of that save, and the
+    writer serves the next one."""
+    real = writer_process.describe
+
+    def garbled(*args: Any) -> writer_process.WireJob:
+        job = real(*args)
+        return writer_process.WireJob(job.final, message or b"0", job.raw, job.fd, job.metadata_tree)
+
+    state = {f"t{i}": torch.full((3,), float(i)) for i in range(5)}
+    with ckptproto.AsyncSaver(writer="process") as saver:
+        monkeypatch.setattr(writer_process, "describe", garbled)
+        with pytest.raises(CheckpointError, match="malformed job"):
+            saver.save(state, tmp_path / "bad").result(timeout=60)
+        monkeypatch.setattr(writer_process, "describe", real)
+        saver.save(state, tmp_path / "good").result(timeout=60)
+    assert not (tmp_path / "bad").exists()
+    assert torch.equal(ckptproto.load(tmp_path / "good")["t4"], torch.full((3,), 4.0))
+
+
 def test_without_shared_memory_the_thread_writes_the_save(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -259,7 +283,9 @@ def test_the_share_travels_as_columns_and_comes_back_equal() -> None:
     columns, spec_ids = share_wire.pack(prepared.encoded)
     # A handful of distinct specs, each sent once; one raw index per tensor.
     assert len(columns["specs"]) < len(share.pieces) and len(spec_ids) == len(share.pieces)
-    back = share_wire.unpack(json.loads(json.dumps(columns)), np.frombuffer(spec_ids.tobytes(), np.int64))
+    raw_ids = np.frombuffer(spec_ids.tobytes(), np.int64)
+    back = share_wire.unpack(marshal.loads(marshal.dumps(columns)), raw_ids)
+    assert share_wire.unpack(json.loads(json.dumps(columns)), raw_ids).pieces == share.pieces
     assert back.pieces == share.pieces
     assert [(t.path, t.spec) for t in back.encoded.tensors] == [
         (t.path, t.spec) for t in share.encoded.tensors
