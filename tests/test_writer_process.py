@@ -206,49 +206,49 @@ def test_auto_writes_a_large_state_of_few_tensors_from_the_process(
     assert np.array_equal(ckptproto.load(tmp_path / "big")["b"], np.ones(512, dtype=np.float32))
 
 
+def _malformed_then_served(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, owner: Any, name: str, bad: Any
+) -> None:
+    """With ``owner.name`` replaced by ``bad`` a save fails with "malformed job" and commits
+    nothing; restored, the same writer process serves the next save."""
+    real = getattr(owner, name)
+    state = {f"t{i}": torch.full((3,), float(i)) for i in range(5)}
+    with ckptproto.AsyncSaver(writer="process") as saver:
+        monkeypatch.setattr(owner, name, bad)
+        with pytest.raises(CheckpointError, match="malformed job"):
+            saver.save(state, tmp_path / "bad").result(timeout=60)
+        monkeypatch.setattr(owner, name, real)
+        saver.save(state, tmp_path / "good").result(timeout=60)
+    assert not (tmp_path / "bad").exists()
+    assert torch.equal(ckptproto.load(tmp_path / "good")["t4"], torch.full((3,), 4.0))
+
+
 def test_a_malformed_job_fails_that_save_and_the_writer_serves_the_next(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The child checks the raw part against the JSON (a bug in either side is a loud
-    failure of that save, never a checkpoint with misplaced bytes)."""
+    """The child checks the raw part against the marshalled columns (a bug in either side is
+    a loud failure of that save, never a checkpoint with misplaced bytes)."""
     real = share_wire.pack
 
     def short(share: Any) -> Any:
         columns, ids = real(share)
         return columns, ids[:-1]
 
-    state = {f"t{i}": torch.full((3,), float(i)) for i in range(5)}
-    with ckptproto.AsyncSaver(writer="process") as saver:
-        monkeypatch.setattr(share_wire, "pack", short)
-        with pytest.raises(CheckpointError, match="malformed job"):
-            saver.save(state, tmp_path / "bad").result(timeout=60)
-        monkeypatch.setattr(share_wire, "pack", real)
-        saver.save(state, tmp_path / "good").result(timeout=60)
-    assert not (tmp_path / "bad").exists()
-    assert torch.equal(ckptproto.load(tmp_path / "good")["t4"], torch.full((3,), 4.0))
+    _malformed_then_served(tmp_path, monkeypatch, share_wire, "pack", short)
 
 
-@pytest.mark.parametrize("message", [b"\xffnot marshal", marshal.dumps([1, 2]), b""])
+@pytest.mark.parametrize("message", [b"\xffnot marshal", marshal.dumps([1, 2]), b"0"])
 def test_a_job_that_is_not_a_marshalled_dict_fails_that_save(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, message: bytes
 ) -> None:
-    """Bytes that are not the parent's marshalled job are a loud failure of that save, and the
-    writer serves the next one."""
+    """Bytes that are not the parent's marshalled job are a loud failure of that save."""
     real = writer_process.describe
 
     def garbled(*args: Any) -> writer_process.WireJob:
         job = real(*args)
-        return writer_process.WireJob(job.final, message or b"0", job.raw, job.fd, job.metadata_tree)
+        return writer_process.WireJob(job.final, message, job.raw, job.fd, job.metadata_tree)
 
-    state = {f"t{i}": torch.full((3,), float(i)) for i in range(5)}
-    with ckptproto.AsyncSaver(writer="process") as saver:
-        monkeypatch.setattr(writer_process, "describe", garbled)
-        with pytest.raises(CheckpointError, match="malformed job"):
-            saver.save(state, tmp_path / "bad").result(timeout=60)
-        monkeypatch.setattr(writer_process, "describe", real)
-        saver.save(state, tmp_path / "good").result(timeout=60)
-    assert not (tmp_path / "bad").exists()
-    assert torch.equal(ckptproto.load(tmp_path / "good")["t4"], torch.full((3,), 4.0))
+    _malformed_then_served(tmp_path, monkeypatch, writer_process, "describe", garbled)
 
 
 def test_without_shared_memory_the_thread_writes_the_save(
