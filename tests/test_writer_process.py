@@ -7,7 +7,6 @@ from __future__ import annotations
 import gc
 import json
 import logging
-import marshal
 import math
 import os
 import signal
@@ -237,11 +236,11 @@ def test_a_malformed_job_fails_that_save_and_the_writer_serves_the_next(
     _malformed_then_served(tmp_path, monkeypatch, share_wire, "pack", short)
 
 
-@pytest.mark.parametrize("message", [b"\xffnot marshal", marshal.dumps([1, 2]), b"0"])
-def test_a_job_that_is_not_a_marshalled_dict_fails_that_save(
+@pytest.mark.parametrize("message", [b"\xffnot JSON", b"[1,2]", b'{"final":'])
+def test_a_job_that_is_not_a_json_object_fails_that_save(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, message: bytes
 ) -> None:
-    """Bytes that are not the parent's marshalled job are a loud failure of that save."""
+    """Bytes that are not the parent's JSON job are a loud failure of that save."""
     real = writer_process.describe
 
     def garbled(*args: Any) -> writer_process.WireJob:
@@ -284,8 +283,7 @@ def test_the_share_travels_as_columns_and_comes_back_equal() -> None:
     # A handful of distinct specs, each sent once; one raw index per tensor.
     assert len(columns["specs"]) < len(share.pieces) and len(spec_ids) == len(share.pieces)
     raw_ids = np.frombuffer(spec_ids.tobytes(), np.int64)
-    back = share_wire.unpack(marshal.loads(marshal.dumps(columns)), raw_ids)
-    assert share_wire.unpack(json.loads(json.dumps(columns)), raw_ids).pieces == share.pieces
+    back = share_wire.unpack(json.loads(json.dumps(columns)), raw_ids)
     assert back.pieces == share.pieces
     assert [(t.path, t.spec) for t in back.encoded.tensors] == [
         (t.path, t.spec) for t in share.encoded.tensors

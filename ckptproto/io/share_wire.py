@@ -4,12 +4,12 @@ For a world of one the share is fully determined by the encoded state: its tree,
 path and spec. So only those travel, and the writer process plans the pieces itself with the
 same :func:`~ckptproto.io.share.plan_share` every save runs. Specs are shared objects (a state
 of 20,000 tensors has a handful of distinct ones), so they go as a small table plus one raw
-integer per tensor. The tree and the paths, marshalled (io/writer_process.py), are all the
-training process encodes: ~2 ms of its GIL at 20,000 tensors (~16 ms as JSON, ~40 ms as JSON
-columns of every piece)::
+integer per tensor. JSON of the tree and the paths is all the training process encodes
+(io/writer_process.py): ~15 ms of its GIL at 20,000 tensors, where JSON columns of every
+piece cost ~40 ms::
 
     columns, spec_ids = pack(encoded)                  # in the training process
-    share = unpack(columns, spec_ids)                  # in the writer process
+    share = unpack(json.loads(text)["share"], spec_ids)  # in the writer process
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from ckptproto.tree import EncodedState, TensorLeaf
 
 
 def pack(encoded: EncodedState) -> tuple[dict[str, Any], np.ndarray[Any, Any]]:
-    """The description of a world of one's save of ``encoded`` (values not included): plain
+    """The description of a world of one's save of ``encoded`` (values not included): JSON-ready
     columns (the tree, the paths, the distinct specs) and, per tensor, the index of its spec in
     that table (int64). A DTensor's shards are not implied by the tree: refused."""
     tensors = encoded.tensors
@@ -52,9 +52,9 @@ _SPEC, _PATH, _SHARD = itemgetter(1), itemgetter(2), itemgetter(3)  # TensorLeaf
 
 
 def unpack(columns: dict[str, Any], spec_ids: np.ndarray[Any, Any]) -> ShareJob:
-    """The ShareJob :func:`pack` described, also after a round trip through marshal, or JSON
-    (which turns tuples into lists), planned as ``plan_share`` plans a world of one;
-    ``leaves`` is empty: the bytes come from staging."""
+    """The ShareJob :func:`pack` described, also after a JSON round trip (which turns tuples
+    into lists), planned as ``plan_share`` plans a world of one; ``leaves`` is empty: the
+    bytes come from staging."""
     specs = [ArraySpec(kind, dtypes.by_name(dtype), tuple(shape)) for kind, dtype, shape in columns["specs"]]
     paths = columns["paths"]
     if len(spec_ids) != len(paths) or (
