@@ -8,8 +8,8 @@ integer per tensor. JSON of the tree and the paths is all the training process e
 (io/writer_process.py): ~15 ms of its GIL at 20,000 tensors, where JSON columns of every
 piece cost ~40 ms::
 
-    columns, spec_ids = pack(encoded)                  # in the training process
-    share = unpack(json.loads(text)["share"], spec_ids)  # in the writer process
+    columns, spec_ids = pack(encoded)              # in the training process (sent as JSON)
+    share = unpack(job["share"], spec_ids)         # in the writer process, job = json.loads(...)
 """
 
 from __future__ import annotations
