@@ -29,9 +29,11 @@ from ckptproto.format.manifest import (
     ColumnTable,
     FileEntry,
     Manifest,
+    RunTable,
     TensorEntry,
     dtypes_and_shapes,
     table_columns,
+    table_runs,
 )
 from ckptproto.io import bulkread, headercheck, match, reader, readplan
 from ckptproto.tree import decode_tree, quick_refs
@@ -423,6 +425,10 @@ def test_a_parsed_tables_columns_are_its_entries(tmp_path: Path) -> None:
     ]
     assert rebuilt == table.entries()
     assert table_columns(table.entries()) == table
+    # Every form of the table equals every other, both ways round (manifest.EntryTable).
+    runs = RunTable(table_runs(table.entries()))
+    assert runs == table and table == runs and table.entries() == runs and tuple(runs) == table
+    assert table != table.entries()[:-1] and runs != table[:-1]
 
 
 def test_dtypes_and_shapes_from_columns_equal_those_of_the_entries(tmp_path: Path) -> None:

@@ -83,7 +83,21 @@ class TensorEntry(NamedTuple):
         return len(self.chunks) == 1 and self.chunks[0].shape == self.shape
 
 
-class ColumnTable(Sequence[TensorEntry]):
+class EntryTable(Sequence[TensorEntry]):
+    """A tensor table held in another form than a list of entries (:class:`ColumnTable`,
+    :class:`RunTable`): equal, as a list is, to any table, list or tuple of the same entries."""
+
+    __slots__ = ()
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, (EntryTable, list, tuple)):
+            return len(self) == len(other) and all(a == b for a, b in zip(self, other, strict=True))
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]  # as a list's
+
+
+class ColumnTable(EntryTable):
     """A tensor table of one-chunk entries held as columns: entry ``i`` is ``forms[form_of[i]]``
     (its entry but for the key) under its chunk's key ``keys[i]``. What a reader derives from
     an entry's dtype, shape and file it then derives once per form (a few in a usual state),
@@ -127,14 +141,6 @@ class ColumnTable(Sequence[TensorEntry]):
 
     def __iter__(self) -> Iterator[TensorEntry]:
         return iter(self.entries())
-
-    def __eq__(self, other: object) -> bool:
-        """Equal as the lists of their entries are (to another table, a list or a tuple)."""
-        if isinstance(other, (ColumnTable, RunTable, list, tuple)):
-            return len(self) == len(other) and all(a == b for a, b in zip(self, other, strict=True))
-        return NotImplemented
-
-    __hash__ = None  # type: ignore[assignment]  # as a list's
 
 
 def dtypes_and_shapes(
@@ -380,7 +386,7 @@ def table_runs(tensors: Sequence[TensorEntry]) -> TableRuns:
     return runs
 
 
-class RunTable(Sequence[TensorEntry]):
+class RunTable(EntryTable):
     """A tensor table held as its :func:`table_runs`: what a writer builds by columns and then
     only checks and writes run by run (:func:`check_tensor_table`, :meth:`Manifest.to_json`
     take the runs as they are). An entry is built only when one is asked for::
@@ -420,14 +426,6 @@ class RunTable(Sequence[TensorEntry]):
             yield first
             for key in keys[1:]:
                 yield _with_key(first, key)
-
-    def __eq__(self, other: object) -> bool:
-        """Equal as the lists of their entries are (to another table, a list or a tuple)."""
-        if isinstance(other, (RunTable, list, tuple)):
-            return len(self) == len(other) and all(a == b for a, b in zip(self, other, strict=True))
-        return NotImplemented
-
-    __hash__ = None  # type: ignore[assignment]  # as a list's
 
 
 def _with_key(entry: TensorEntry, key: str) -> TensorEntry:
