@@ -383,6 +383,7 @@ def decode_tree(
     where: str = "manifest",
     in_place: bool = False,
     paths: bool = True,
+    resolve_many: Callable[[list[int]], list[Any]] | None = None,
 ) -> Any:
     """Rebuild a state tree; ``resolve(kind, index, path)`` supplies each tensor.
     Raises CheckpointFormatError naming ``where`` and the state path of a malformed node.
@@ -390,9 +391,16 @@ def decode_tree(
     ``in_place=True`` reuses the parsed JSON's lists and dicts (the encoded tree is consumed):
     memory stays that of one tree instead of two, for a reader's last use of a manifest.
     ``paths=False``: ``resolve`` gets ``""`` for the path of a plain ``{"$torch": i}`` leaf
-    (a resolver that ignores paths saves building one per tensor; messages still name it)."""
+    (a resolver that ignores paths saves building one per tensor; messages still name it).
+    ``resolve_many(indices)``, with ``paths=False``: what ``resolve`` gives for each of many
+    ``$torch`` indices at once, in one call (an object of many tensor references, a module's
+    state dict, then costs no Python call per tensor)::
+
+        decode_tree(state, lambda kind, i, p: values[i], paths=False,
+                    resolve_many=lambda indices: list(map(values.__getitem__, indices)))"""
     decoder = _Decoder(resolve, where, build=True, in_place=in_place)
     decoder.leaf_paths = paths
+    decoder.resolve_many = resolve_many
     return decoder.decode(node, None, 0)
 
 
@@ -527,6 +535,7 @@ class _Decoder:
         # (the entry keeps the chain alive, so its id is not reused while the decoder runs).
         self._texts: dict[int, tuple[_Chain, str]] = {}
         self.leaf_paths = True
+        self.resolve_many: Callable[[list[int]], list[Any]] | None = None
 
     def path_of(self, chain: _Chain) -> str:
         """``_path_text(chain)``, with the parent's part built once for all its children."""
@@ -566,7 +575,10 @@ class _Decoder:
             if leaf_depth and not self.leaf_paths and len(node) >= _BATCH_MIN:
                 indices = torch_column(node)
                 if indices is not None:  # every value a reference: resolved in one pass
-                    resolved = list(map(self.resolve, repeat("torch"), indices, repeat("")))
+                    if self.resolve_many is not None:
+                        resolved = self.resolve_many(indices)
+                    else:
+                        resolved = list(map(self.resolve, repeat("torch"), indices, repeat("")))
                     if self.in_place:
                         node.update(zip(list(node), resolved, strict=True))
                         return node

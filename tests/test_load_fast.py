@@ -489,7 +489,7 @@ def _match(manifest: Manifest, target: Any, many: int, monkeypatch: pytest.Monke
         m.setattr(match, "_MANY", many)
         matcher = match.Matcher(manifest, strict=True, reject_unexpected=True)
         matcher.match(skeleton, target, "")
-    destinations = {i: [id(t) for t in ts] for i, ts in matcher.destinations.items()}
+    destinations = {i: [id(t) for t in matcher.destinations(i)] for i in matcher.first}
     return destinations, matcher.missing, matcher.mismatched, matcher.unexpected
 
 

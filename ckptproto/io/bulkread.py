@@ -25,9 +25,9 @@ from __future__ import annotations
 
 import math
 from bisect import bisect_right
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from operator import attrgetter, itemgetter
-from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, cast
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 from ckptproto import arrays
 from ckptproto.arrays import Kind
@@ -51,20 +51,22 @@ RUN_BYTES = 1 << 20  # the most one run holds
 SCRATCH_BYTES = 64 << 20  # load_into: the most run memory allocated only to be copied
 
 # One tensor of a run: (tensor index, torch dtype, shape, begin in the buffer, element count,
-# the target tensors to copy it into: None on load, where the run's view is the value).
+# the target tensors to copy it into: None for a new tensor, the run's view then its value).
 _Item = tuple[int, Any, tuple[int, ...], int, int, "list[Any] | None"]
 
 
 class _Columns(NamedTuple):
     """Tensors of a run (or of a whole file) as columns of :data:`_Item`'s fields; ``dests``
-    None when every tensor is new (``load``)."""
+    None when every tensor is new (``load``). ``one_each``: each of ``dests`` is the one
+    target tensor itself, not a list (``load_into``'s usual run)."""
 
     indices: list[int]
     torch_dtypes: list[Any]
     shapes: list[tuple[int, ...]]
     begins: list[int]
     numels: list[int]
-    dests: list[list[Any] | None] | None
+    dests: list[Any] | None
+    one_each: bool = False
 
     def part(self, begin: int, end: int) -> _Columns:
         """The tensors ``begin:end`` of these."""
@@ -75,19 +77,23 @@ class _Columns(NamedTuple):
             self.begins[begin:end],
             self.numels[begin:end],
             None if self.dests is None else self.dests[begin:end],
+            self.one_each,
         )
 
 
 def _columns_of(items: list[_Item]) -> _Columns:
-    """``items`` as columns (``dests`` None when no item has targets)."""
-    dests = [item[5] for item in items]
+    """``items`` as columns (``dests`` None when no item has targets; ``one_each`` when each
+    has exactly one)."""
+    dests: list[Any] = [item[5] for item in items]
+    one_each = None not in dests and set(map(len, dests)) == {1}
     return _Columns(
         [item[0] for item in items],
         [item[1] for item in items],
         [item[2] for item in items],
         [item[3] for item in items],
         [item[4] for item in items],
-        None if dests.count(None) == len(dests) else dests,
+        list(map(_FIRST, dests)) if one_each else None if dests.count(None) == len(dests) else dests,
+        one_each,
     )
 
 
@@ -133,15 +139,17 @@ def plan_small(
     plan: ReadPlan,
     values: dict[int, Any],
     *,
-    targets: dict[int, list[Any]] | None = None,
+    targets: dict[int, Any] | None = None,
+    more_targets: Mapping[int, list[Any]] | None = None,
     wanted: set[int] | None = None,
 ) -> Bulk:
     """Schedule the small, whole torch tensors of ``kinds`` stored in files of a known layout
     into runs read by ``plan``; once the plan has run (CRCs checked), ``values[index]`` holds
     each of them. Without ``targets`` (``load``) every such tensor is taken; with them
-    (``load_into``: the matched destinations of each index), an index whose targets are all
-    plain CPU tensors (copied into by :meth:`Bulk.copy`, then ``values[index]`` is the first),
-    or without targets but in ``wanted`` (a new tensor). The caller plans the others."""
+    (``load_into``: the first matched target of each index, ``more_targets`` any further
+    ones), an index whose targets are all plain CPU tensors (copied into by
+    :meth:`Bulk.copy`, then ``values[index]`` is the first), or without targets but in
+    ``wanted`` (a new tensor). The caller plans the others."""
     bulk = Bulk()
     if targets is not None:
         torch = arrays.loaded_torch()  # None: no target is a torch tensor
@@ -159,7 +167,7 @@ def plan_small(
         if layout is None:
             continue
         start = len(data_file.header)
-        whole = _whole_file(layout, kinds, usable, targets, plain, scratch)
+        whole = _whole_file(layout, kinds, usable, targets, more_targets, plain, scratch)
         if whole is not None:  # the usual file: every tensor small, planned in C-level passes
             if targets is not None:
                 scratch -= layout.buffer_size
@@ -180,15 +188,14 @@ def plan_small(
                 continue
             dests: list[Any] | None = None
             if targets is not None:
-                dests = targets.get(index)
-                if dests:
+                first = targets.get(index)
+                if first is not None:
+                    dests = [first, *more_targets.get(index, ())] if more_targets else [first]
                     if end - begin > scratch or not _plain_cpu(dests, plain):
                         continue
                     scratch -= end - begin
                 elif wanted is None or index not in wanted:
                     continue
-                else:
-                    dests = None
             if items and (begin != run_end or end - run_begin > RUN_BYTES):
                 _flush(plan, name, start, run_begin, run_end - run_begin, _columns_of(items), values, bulk)
                 items = []
@@ -207,7 +214,8 @@ def _whole_file(
     layout: FileLayout,
     kinds: dict[int, Kind],
     usable: dict[int, Any],
-    targets: dict[int, list[Any]] | None,
+    targets: dict[int, Any] | None,
+    more_targets: Mapping[int, list[Any]] | None,
     plain: tuple[type, ...],
     scratch: int,
 ) -> _Columns | None:
@@ -218,17 +226,18 @@ def _whole_file(
     owners, form_of, forms = layout.owners, layout.form_of, layout.forms
     if not owners or form_of is None or list(map(kinds.get, owners)).count("torch") != len(owners):
         return None
-    dests: list[list[Any] | None] | None = None
+    dests: list[Any] | None = None
     if targets is not None:
         if layout.buffer_size > scratch:
             return None
-        found_dests: list[Any] = list(map(targets.get, owners))
-        if None in found_dests or set(map(len, found_dests)) != {1}:
-            return None
-        firsts = list(map(_FIRST, found_dests))
+        if more_targets and not more_targets.keys().isdisjoint(owners):
+            return None  # ties: the loop's lists of targets
+        firsts: list[Any] = list(map(targets.get, owners))
+        # (type None, an index without a target, is not plain: no `None in` a list of tensors,
+        # whose == is a Python call each)
         if not set(map(type, firsts)) <= set(plain) or not all(map(_IS_CPU, firsts)):
             return None
-        dests = found_dests
+        dests = firsts
     torch_dtypes: list[Any] = [None] * len(forms)
     numels = [0] * len(forms)
     for k in set(form_of):
@@ -248,6 +257,7 @@ def _whole_file(
         layout.begins,
         list(map(numels.__getitem__, form_of)),
         dests,
+        dests is not None,
     )
 
 
@@ -304,7 +314,7 @@ def _builder(
     buffer: Any, run_begin: int, columns: _Columns, values: dict[int, Any], pairs: list[tuple[Any, Any]]
 ) -> Callable[[], None]:
     def build() -> None:
-        indices, torch_dtypes, shapes, begins, numels, dests = columns
+        indices, torch_dtypes, shapes, begins, numels, dests, one_each = columns
         count = len(indices)
         # load: every tensor new, each in memory of its own at offset 0, as torch.empty gives
         # (a view into the run would keep the whole run alive, and some of torch's own readers
@@ -341,10 +351,9 @@ def _builder(
         if dests is None:  # load: every tensor new, a copy already
             values.update(zip(indices, views, strict=True))
             return
-        if None not in dests and set(map(len, targets_of := cast(list[list[Any]], dests))) == {1}:
-            firsts = list(map(_FIRST, targets_of))  # load_into: one target each
-            values.update(zip(indices, firsts, strict=True))
-            pairs.extend(zip(firsts, views, strict=True))
+        if one_each:  # load_into's usual run: one target each, the dests themselves
+            values.update(zip(indices, dests, strict=True))
+            pairs.extend(zip(dests, views, strict=True))
             return
         fresh: list[int] = []
         fresh_views: list[Any] = []

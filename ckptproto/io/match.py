@@ -9,7 +9,7 @@ plain tensors, arrays, DTensors and Statefuls inside trees::
 from __future__ import annotations
 
 import inspect
-from collections.abc import Mapping
+from collections.abc import Container, Mapping
 from itertools import repeat
 from operator import attrgetter
 from typing import Any
@@ -67,9 +67,28 @@ def call_load_state_dict(
         ) from exc
 
 
-def assign(target: Any, loaded: Any, strict: bool, root: Location | None = None, path: str = "") -> None:
+def assign(
+    target: Any,
+    loaded: Any,
+    strict: bool,
+    root: Location | None = None,
+    path: str = "",
+    *,
+    values: Mapping[int, Any] | None = None,
+    matched_whole: Container[int] = frozenset(),
+) -> None:
     """Copy non-tensor values of ``loaded`` into a plain tree target (tensors already filled);
-    Stateful objects in the tree get their part through their own ``load_state_dict``."""
+    Stateful objects in the tree get their part through their own ``load_state_dict``.
+
+    ``loaded`` may be the matcher's skeleton: each :class:`Ref` in a value placed into the
+    target (or handed to a Stateful) is then ``values.get(ref.index)``, and the nodes in
+    ``matched_whole`` (:attr:`Matcher.matched_whole`: every member the target's own tensor)
+    are skipped unread::
+
+        assign(target, skeleton, strict, root, values=values, matched_whole=matcher.matched_whole)
+    """
+    if id(loaded) in matched_whole:
+        return
     items = loaded.items() if isinstance(loaded, Mapping) else enumerate(loaded)
     exact = exact_array_types()
     mapping = isinstance(target, Mapping)  # once: an ABC check costs a Python call
@@ -88,16 +107,38 @@ def assign(target: Any, loaded: Any, strict: bool, root: Location | None = None,
             continue  # a tensor or array: filled already (is_array, without the calls)
         if is_stateful(current):
             at = join_path(path, key)
-            call_load_state_dict(current, value, strict, f"{root}: {at}" if root else at)
+            where = f"{root}: {at}" if root else at
+            call_load_state_dict(current, _resolved(value, values), strict, where)
         elif isinstance(current, (dict, list)) and isinstance(value, type(current)):
-            assign(current, value, strict, root, join_path(path, key))
+            at = join_path(path, key)
+            assign(current, value, strict, root, at, values=values, matched_whole=matched_whole)
         elif current is not value and not is_array(current):
-            target[key] = value
+            target[key] = _resolved(value, values)
 
 
-def wanted_refs(target: Any, skeleton: Any) -> set[int]:
+def _resolved(node: Any, values: Mapping[int, Any] | None) -> Any:
+    """``node`` of a skeleton with each :class:`Ref` replaced by its value (lists and dicts
+    in place: the skeleton is the caller's own); ``node`` itself without ``values``."""
+    if values is None:
+        return node
+    kind = type(node)
+    if kind is Ref:
+        return values.get(node.index)
+    if isinstance(node, dict):
+        for key, value in node.items():
+            node[key] = _resolved(value, values)  # an existing key: allowed while iterating
+    elif kind is list:
+        node[:] = [_resolved(v, values) for v in node]
+    elif kind is tuple:
+        return tuple(_resolved(v, values) for v in node)
+    return node
+
+
+def wanted_refs(target: Any, skeleton: Any, matched_whole: Container[int] = frozenset()) -> set[int]:
     """The checkpoint tensors ``assign`` would place into ``target`` (mirrors its walk)."""
     wanted: set[int] = set()
+    if id(skeleton) in matched_whole:
+        return wanted  # every member the target's own tensor
     items = skeleton.items() if isinstance(skeleton, Mapping) else enumerate(skeleton)
     exact = exact_array_types()
     mapping = isinstance(target, Mapping)  # once: an ABC check costs a Python call
@@ -113,7 +154,7 @@ def wanted_refs(target: Any, skeleton: Any) -> set[int]:
         if type(current) in exact:
             continue  # a tensor or array takes no other value (as below, without the calls)
         if isinstance(current, (dict, list)) and isinstance(value, type(current)):
-            wanted |= wanted_refs(current, value)
+            wanted |= wanted_refs(current, value, matched_whole)
         elif not is_array(current):  # replaced by, or handed (Stateful), the whole value
             wanted |= _all_refs(value)
     return wanted
@@ -175,11 +216,18 @@ class Matcher:
         self.manifest = manifest
         self.strict = strict
         self.reject_unexpected = reject_unexpected
-        self.destinations: dict[int, list[Any]] = {}
+        # The target tensor each checkpoint tensor is read into, and the further targets of
+        # an index two target keys share (rare: a dict of one lone target per index is what
+        # a large target's matching and reading pass over, in C).
+        self.first: dict[int, Any] = {}
+        self.others: dict[int, list[Any]] = {}
         self.statefuls: dict[int, Mapping[str, Any]] = {}
         self.missing: list[str] = []
         self.unexpected: list[str] = []
         self.mismatched: list[str] = []
+        # ids of the skeleton's objects whose every member was matched to the target's own
+        # plain tensor at once (_plain_all): assign and wanted_refs have nothing to do there.
+        self.matched_whole: set[int] = set()
         torch = arrays.loaded_torch()
         self._torch_types = frozenset({torch.Tensor, torch.nn.Parameter} if torch is not None else ())
 
@@ -212,6 +260,7 @@ class Matcher:
                 if key not in ckpt_node:
                     self.missing.append(join_path(path, key))
             if len(ckpt_node) >= _MANY and self._plain_all(ckpt_node, target_node):
+                self.matched_whole.add(id(ckpt_node))
                 return
             torch_types = self._torch_types
             for key, value in ckpt_node.items():
@@ -248,13 +297,26 @@ class Matcher:
         if set(map(_REF_KIND, refs)) != {"torch"}:
             return False
         indices = list(map(_REF_INDEX, refs))
-        if len(set(indices)) != len(indices) or not self.destinations.keys().isdisjoint(indices):
+        if len(set(indices)) != len(indices) or not self.first.keys().isdisjoint(indices):
             return False  # ties: recorded one by one
         dtype_column, shapes = dtypes_and_shapes(self.manifest.tensors, indices)
         if not arrays.all_match_torch(targets, dtype_column, shapes):
             return False
-        self.destinations.update(zip(indices, map(list, zip(targets)), strict=True))
+        self.first.update(zip(indices, targets, strict=True))
         return True
+
+    def destinations(self, index: int) -> list[Any]:
+        """Every target tensor checkpoint tensor ``index`` is read into (none: ``[]``)."""
+        first = self.first.get(index)
+        if first is None:
+            return []
+        return [first, *self.others.get(index, ())]
+
+    def _record(self, index: int, target: Any) -> None:
+        if index in self.first:
+            self.others.setdefault(index, []).append(target)
+        else:
+            self.first[index] = target
 
     def _plain(self, ref: Ref, target: Any) -> bool:
         """Whether ``target``, a plain torch tensor, takes checkpoint tensor ``ref`` (then it
@@ -262,7 +324,7 @@ class Matcher:
         entry = self.manifest.tensors[ref.index]
         if ref.kind != "torch" or not arrays.matches_torch(target, entry.dtype, entry.shape):
             return False
-        self.destinations.setdefault(ref.index, []).append(target)
+        self._record(ref.index, target)
         return True
 
     def _tensor(self, ref: Ref, target: Any, path: str) -> None:
@@ -277,7 +339,7 @@ class Matcher:
                 f"{path}: checkpoint has {ref.kind} {entry.dtype.name}{list(entry.shape)}, target has {have}"
             )
             return
-        self.destinations.setdefault(ref.index, []).append(target)
+        self._record(ref.index, target)
 
     def _dtensor(self, ref: Ref, target: Any, path: str) -> None:
         """A DTensor target (an FSDP2 parameter) matches by its global dtype and shape."""
@@ -293,7 +355,7 @@ class Matcher:
                 f"target has DTensor {spec.dtype.name}{list(spec.shape)}"
             )
             return
-        self.destinations.setdefault(ref.index, []).append(target)
+        self._record(ref.index, target)
 
     def raise_problems(self, root: Location) -> None:
         problems = list(self.mismatched)

@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 from collections.abc import MutableMapping
+from itertools import repeat
 from typing import Any
 
 from ckptproto import _gc, arrays, dtensor
@@ -122,7 +123,12 @@ def _load_generation(
     )
     # The manifest's last use: decode its state in place (one tree in memory, not two).
     state = decode_tree(
-        ckpt.manifest.state, lambda kind, index, p: moved[index], where=where, in_place=True, paths=False
+        ckpt.manifest.state,
+        lambda kind, index, p: moved[index],
+        where=where,
+        in_place=True,
+        paths=False,
+        resolve_many=lambda indices: list(map(moved.__getitem__, indices)),
     )
     if not isinstance(state, dict):
         raise CheckpointFormatError(f"{where}: the state must be an object at the top level")
@@ -183,6 +189,8 @@ def load_into(
     what = f"loading {root}"
     local: BaseException | None = None
     values: dict[int, Any] = {}
+    skeleton: Any = None
+    matched_whole: set[int] = set()
     manifest: Manifest | None = None
     metadata: dict[str, Any] = {}
     stateful = is_stateful(target)
@@ -197,7 +205,9 @@ def load_into(
                 )
             ckpt = reader.OpenCheckpoint(root)
             metadata = decode_metadata(ckpt.manifest, root)  # refuse a bad manifest before writing
-            values = _read_into(ckpt, target, strict, verify, stateful, checked, coord.size)
+            values, skeleton, matched_whole = _read_into(
+                ckpt, target, strict, verify, stateful, checked, coord.size
+            )
             manifest = ckpt.manifest
             mine: dict[str, Any] = {
                 "ok": True,
@@ -223,15 +233,22 @@ def load_into(
     finally:
         if ckpt is not None:
             ckpt.close()
-    where = f"{root}/{layout.MANIFEST_NAME}"
-    # The manifest's last use: decode in place (one tree in memory, not two).
-    state = decode_tree(
-        manifest.state, lambda kind, index, p: values.get(index), where=where, in_place=True, paths=False
-    )
     if stateful:
+        where = f"{root}/{layout.MANIFEST_NAME}"
+        # The manifest's last use: decode in place (one tree in memory, not two).
+        state = decode_tree(
+            manifest.state,
+            lambda kind, index, p: values.get(index),
+            where=where,
+            in_place=True,
+            paths=False,
+            resolve_many=lambda indices: list(map(values.get, indices)),
+        )
         call_load_state_dict(target, state, strict, f"{root}: <root>")  # type: ignore[arg-type]
     else:
-        assign(target, state, strict, root)
+        # The skeleton the target was matched against: its tensors are in place already, and
+        # a value the target takes whole gets its tensors from ``values`` (no second decode).
+        assign(target, skeleton, strict, root, values=values, matched_whole=matched_whole)
     return CheckpointInfo.from_manifest(root, manifest, metadata)
 
 
@@ -243,18 +260,20 @@ def _read_into(
     stateful: bool,
     checked: set[str],
     world_size: int,
-) -> dict[int, Any]:
+) -> tuple[dict[int, Any], Any, set[int]]:
     """Match ``target`` and read every checkpoint tensor it takes into its own buffers (a
-    DTensor: its local shard); returns the value for each tensor index read."""
+    DTensor: its local shard). Returns the value for each tensor index read and, for a tree
+    target, the skeleton it was matched against and :attr:`Matcher.matched_whole` (for
+    :func:`assign`; a Stateful target: None and an empty set, the state is decoded anew)."""
     root = ckpt.location
     where = ckpt.where(layout.MANIFEST_NAME)
     kinds = readplan.tensor_kinds(ckpt.manifest, where)
-    refs: dict[int, Ref] = {}
     skeleton = decode_tree(
         ckpt.manifest.state,
-        lambda kind, index, p: refs.setdefault(index, Ref(kind, index)),
+        lambda kind, index, p: Ref(kind, index),
         where=where,
         paths=False,
+        resolve_many=lambda indices: list(map(Ref, repeat("torch"), indices)),
     )
     if not isinstance(skeleton, dict):
         raise CheckpointFormatError(f"{where}: the state must be an object at the top level")
@@ -262,20 +281,23 @@ def _read_into(
     matcher.match(skeleton, target, "")
     matcher.raise_problems(root)
     # A tree target only takes part of a checkpoint (strict=False): tensors it would drop are
-    # never allocated or read. A Stateful target gets everything.
-    wanted = set(refs) if stateful else wanted_refs(target, skeleton)
-    del skeleton  # matched: free it before the state is decoded for real (F-33 memory)
+    # never allocated or read. A Stateful target gets every tensor the state refers to.
+    wanted = set(kinds) if stateful else wanted_refs(target, skeleton, matcher.matched_whole)
+    if stateful:
+        skeleton = None  # matched: free it before the state is decoded for real (F-33 memory)
     values: dict[int, Any] = {}
     plan = readplan.ReadPlan()
     copies: list[tuple[Any, Any]] = []
     # Small tensors into plain CPU targets: read in runs, copied in one call (bulkread).
-    bulk = bulkread.plan_small(ckpt, kinds, plan, values, targets=matcher.destinations, wanted=wanted)
+    bulk = bulkread.plan_small(
+        ckpt, kinds, plan, values, targets=matcher.first, more_targets=matcher.others, wanted=wanted
+    )
     taken = bulk.taken
     for index, kind in kinds.items():
         if index in taken:
             continue
         entry = ckpt.manifest.tensors[index]
-        targets = matcher.destinations.get(index, [])
+        targets = matcher.destinations(index)
         if not targets and index not in wanted:
             continue
         first = targets[0] if targets else None
@@ -307,7 +329,7 @@ def _read_into(
     bulk.copy()
     for dst, src in copies:
         copy_into(dst, src)
-    return values
+    return values, skeleton, matcher.matched_whole if skeleton is not None else set()
 
 
 def _verify_files(ckpt: reader.OpenCheckpoint, names: list[str]) -> None:
