@@ -355,6 +355,17 @@ def test_a_column_of_references_decodes_as_value_by_value(tree: dict[str, Any]) 
     by_value = decode()
     assert decode(paths=False) == by_value
     assert decode(paths=False, in_place=True) == by_value
+
+    def many(indices: list[int]) -> list[Any]:  # what resolve gives for each, in one call
+        return [resolve_one("torch", i, "") for i in indices]
+
+    seen_many: list[tuple[str, int]] = []
+    resolve_one = lambda k, i, p: seen_many.append((k, i)) or i * 10  # noqa: E731
+    try:
+        out = decode_tree(json.loads(json.dumps(tree)), resolve_one, paths=False, resolve_many=many)
+    except CheckpointFormatError as exc:
+        out = str(exc)
+    assert (out, seen_many) == by_value
     refs = quick_refs(json.loads(json.dumps(tree)))
     if refs is not None:
         assert [("torch", i) for i in refs[0]] == [s for s in by_value[1] if s[0] == "torch"]

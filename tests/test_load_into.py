@@ -308,6 +308,49 @@ def test_a_large_dict_of_tensors_takes_its_other_values_too(tmp_ckpt: Path, extr
         assert target["sub"]["n"] == 3 and torch.equal(target["sub"]["t"], torch.ones(1))
 
 
+def test_a_value_taken_whole_holds_the_tensors_read_in_every_container(tmp_ckpt: Path) -> None:
+    """A tree target takes a checkpoint subtree whole where it holds a placeholder (or a value
+    of another type): every tensor inside it, in lists, tuples, int-keyed dicts and
+    OrderedDicts, is the tensor read (as ``load`` gives it), and a Stateful inside the tree
+    receives its part with tensors, never a placeholder of the matching."""
+    from collections import OrderedDict
+
+    columns = {f"c{i}": torch.full((2,), float(i)) for i in range(20)}
+    saved: dict[str, Any] = {
+        "whole": {
+            "list": [torch.ones(2), 3, [torch.zeros(1)]],
+            "tuple": (torch.full((3,), 2.0), "s"),
+            "ints": {1: torch.full((1,), 5.0)},
+            "od": OrderedDict(a=torch.full((2,), 6.0)),
+            "columns": columns,
+        },
+        "replaced": [torch.full((2,), 7.0)],
+        "module": {"weight": torch.full((2, 2), 8.0), "bias": torch.full((2,), 9.0)},
+    }
+    ckptproto.save(saved, tmp_ckpt)
+    module = torch.nn.Linear(2, 2)
+    target: dict[str, Any] = {"whole": None, "replaced": "not a list", "module": module}
+    ckptproto.load_into(tmp_ckpt, target)
+    expected = ckptproto.load(tmp_ckpt)
+    got = target["whole"]
+    assert type(got["tuple"]) is tuple and type(got["od"]) is OrderedDict and list(got["ints"]) == [1]
+    flat_got, flat_expected = _leaves(got), _leaves(expected["whole"])
+    assert len(flat_got) == len(flat_expected) == 27
+    for a, b in zip(flat_got, flat_expected, strict=True):
+        assert type(a) is type(b) and (a == b if not isinstance(a, torch.Tensor) else torch.equal(a, b))
+    assert len(target["replaced"]) == 1 and torch.equal(target["replaced"][0], torch.full((2,), 7.0))
+    assert torch.equal(module.weight.detach(), torch.full((2, 2), 8.0))
+    assert torch.equal(module.bias.detach(), torch.full((2,), 9.0))
+
+
+def _leaves(node: Any) -> list[Any]:
+    if isinstance(node, dict):
+        return [leaf for value in node.values() for leaf in _leaves(value)]
+    if isinstance(node, (list, tuple)):
+        return [leaf for value in node for leaf in _leaves(value)]
+    return [node]
+
+
 def test_stateful_refusal_is_a_state_mismatch(tmp_ckpt: Path) -> None:
     """A Stateful target's own load_state_dict refusing the state (torch: unexpected keys)
     surfaces as StateMismatchError naming the state path, not a bare RuntimeError."""
