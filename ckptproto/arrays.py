@@ -275,6 +275,12 @@ def host_views(
     without lazy conj/neg bits, were found (``tree.TensorLeaf.host_address``), or 0 for any
     other value. Those (most of a state) are slices of one view of the address range they all
     lie in: a ctypes view per tensor costs ten times a slice."""
+    if values and 0 not in addresses and 0 not in sizes:
+        # The usual state, every value a plain tensor with bytes: when each still lies where
+        # it was found (checked in one pass), its view is a slice of the range they all span.
+        torch = loaded_torch()
+        if torch is not None and list(map(torch.Tensor.data_ptr, values)) == addresses:
+            return _slices(addresses, sizes), list(values)
     owners = list(values)
     views: list[memoryview] = [_EMPTY] * len(values)
     at: list[int] = []  # the tensors viewed in place: indices, addresses, sizes
@@ -288,14 +294,20 @@ def host_views(
         else:  # not described as plain, empty, or its storage was swapped since
             views[i], owners[i] = to_host_bytes(value)
     if at:
-        low = min(ptrs)
-        span = max(map(int.__add__, ptrs, lengths)) - low
-        # ctypes keeps every array type it made: a power of two bounds them to a few dozen
-        # (the view reaches past the last tensor, and nothing reads there).
-        whole = memoryview((ctypes.c_ubyte * (1 << (span - 1).bit_length())).from_address(low))
-        for i, ptr, nbytes in zip(at, ptrs, lengths, strict=True):
-            views[i] = whole[ptr - low : ptr - low + nbytes]
+        for i, view in zip(at, _slices(ptrs, lengths), strict=True):
+            views[i] = view
     return views, owners
+
+
+def _slices(addresses: list[int], sizes: list[int]) -> list[memoryview]:
+    """A view of the ``sizes[i]`` bytes at each ``addresses[i]`` (none empty), each a slice of
+    one view of the range they all lie in: a ctypes view per tensor costs ten times a slice."""
+    low = min(addresses)
+    span = max(map(int.__add__, addresses, sizes)) - low
+    # ctypes keeps every array type it made: a power of two bounds them to a few dozen
+    # (the view reaches past the last tensor, and nothing reads there).
+    whole = memoryview((ctypes.c_ubyte * (1 << (span - 1).bit_length())).from_address(low))
+    return [whole[ptr - low : ptr - low + nbytes] for ptr, nbytes in zip(addresses, sizes, strict=True)]
 
 
 _EMPTY = memoryview(b"")

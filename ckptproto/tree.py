@@ -25,7 +25,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from itertools import repeat
-from operator import itemgetter, methodcaller
+from operator import attrgetter, itemgetter, methodcaller
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -143,6 +143,12 @@ class _Encoder:
         self._plain_tensor_types = (torch.Tensor, torch.nn.Parameter) if torch is not None else ()
         self._strided = torch.strided if torch is not None else None
         self._tensor_type_set = frozenset(self._plain_tensor_types)
+        # torch.Tensor's own methods, mapped over a dict's tensors (a methodcaller costs more)
+        self._tensor_methods = (
+            (torch.Tensor.data_ptr, torch.Tensor.is_contiguous, torch.Tensor.is_neg, torch.Tensor.is_conj)
+            if torch is not None
+            else None
+        )
 
     def encode(self, value: Any, path: str, depth: int) -> Any:
         kind = type(value)
@@ -221,8 +227,8 @@ class _Encoder:
         if not self._tensor_type_set.issuperset(map(type, values)) or not all(map(str.isascii, value)):
             return None
         try:
-            dtypes = [v.dtype for v in values]
-            pairs = list(zip(dtypes, [v.shape for v in values], strict=True))
+            dtypes = list(map(_DTYPE, values))
+            pairs = list(zip(dtypes, map(_SHAPE, values), strict=True))
         except RuntimeError:  # a nested tensor has no single shape
             return None
         found = list(map(self._specs.get, pairs))
@@ -235,24 +241,35 @@ class _Encoder:
                     self._specs[pair] = described
             found = list(map(self._specs.get, pairs))
         specs = [s for s in found if s is not None]
-        strided = self._strided
+        strided, methods = self._strided, self._tensor_methods
+        assert methods is not None  # values are torch tensors: torch is loaded
+        data_ptr, is_contiguous, is_neg, is_conj = methods
         if (
             len(specs) != len(values)
-            or [v.layout for v in values].count(strided) != len(values)
-            or [v.is_cpu for v in values].count(True) != len(values)
-            or 0 in [s.numel for s in specs]
+            or set(map(_LAYOUT, values)) != {strided}
+            or not all(map(_IS_CPU, values))
+            or not all(map(_NUMEL, specs))
         ):
             return None
-        addresses = [v.data_ptr() for v in values]
+        addresses = list(map(data_ptr, values))
         if len(set(addresses)) != len(addresses) or not self._by_address.keys().isdisjoint(addresses):
             return None  # a tie, or another view of some tensor's memory: item by item
         start = len(self.tensors)
         indices = range(start, start + len(values))
         self._by_address.update(zip(addresses, indices, strict=True))
-        if any(dtype.is_complex for dtype in set(dtypes)):
-            as_is = [v.is_contiguous() and not v.is_conj() and not v.is_neg() for v in values]
-        else:  # only a complex tensor has a lazy conjugate bit (a real one may have the neg bit)
-            as_is = [v.is_contiguous() and not v.is_neg() for v in values]
+        # Viewed in place where written (host_address): contiguous, no lazy conjugate or
+        # negative bit (only a complex tensor has the conjugate bit; a real one may have the
+        # negative bit). Found in passes: in the usual dict, every tensor is.
+        complex_dtypes = any(dtype.is_complex for dtype in set(dtypes))
+        if all(map(is_contiguous, values)) and not any(map(is_neg, values)):
+            host = addresses if not complex_dtypes or not any(map(is_conj, values)) else None
+        else:
+            host = None
+        if host is None:
+            host = [
+                a if v.is_contiguous() and not v.is_conj() and not v.is_neg() else 0
+                for a, v in zip(addresses, values, strict=True)
+            ]
         keys = list(value)
         self.tensors += map(
             _new,
@@ -260,9 +277,9 @@ class _Encoder:
             zip(
                 values,
                 specs,
-                [path + "." + k for k in keys] if path else keys,
+                list(map((path + ".").__add__, keys)) if path else keys,
                 repeat(None),
-                [a if plain else 0 for a, plain in zip(addresses, as_is, strict=True)],
+                host,
             ),
         )
         return dict(zip(keys, [{"$torch": i} for i in indices], strict=True))
@@ -323,6 +340,16 @@ class _Encoder:
             index = self._ids[key] = len(self.tensors)
             self.tensors.append(TensorLeaf(value, spec, path, shard))
         return {"$torch" if spec.kind == "torch" else "$numpy": index}
+
+
+# Per-tensor reads for the C-level passes of _Encoder._tensor_dict.
+_DTYPE, _SHAPE, _LAYOUT, _IS_CPU = (
+    attrgetter("dtype"),
+    attrgetter("shape"),
+    attrgetter("layout"),
+    attrgetter("is_cpu"),
+)
+_NUMEL = attrgetter("numel")
 
 
 def _plain_keys(value: dict[Any, Any]) -> bool:

@@ -128,6 +128,40 @@ def test_host_views_of_plain_tensors_only(swap: bool) -> None:
         assert bytes(view) == leaf.value.numpy().tobytes(), leaf.path
 
 
+@pytest.mark.parametrize("odd", ["none", "transposed", "negative", "conjugate", "conjugate_only_complex"])
+def test_a_dict_of_tensors_encoded_at_once_views_in_place_only_what_it_may(odd: str) -> None:
+    """_Encoder._tensor_dict (a dict of many plain tensors, by columns) marks a tensor to be
+    viewed where it lies (host_address) exactly when it is contiguous without a lazy negative
+    or conjugate bit, as the tensor-by-tensor path does; the bytes saved are the values."""
+    g = torch.Generator().manual_seed(1)
+    state: dict[str, Any] = {f"t{i}": torch.randn(2, 3, generator=g) for i in range(20)}
+    base = torch.randn(3, 2, generator=g)
+    c = torch.randn(2, 3, dtype=torch.complex64, generator=g)
+    if odd == "transposed":
+        state["t5"] = base.t()
+    elif odd == "negative":
+        state["t5"] = torch._neg_view(state["t5"].clone())
+    elif odd == "conjugate":
+        state["t5"] = c.conj()
+    elif odd == "conjugate_only_complex":  # a complex dtype present, no conjugate bit
+        state["t5"] = c
+    leaves = encode_state(state).tensors
+    assert [leaf.path for leaf in leaves] == list(state)  # encoded as one column, in order
+    for leaf in leaves:
+        value = leaf.value
+        in_place = value.is_contiguous() and not value.is_neg() and not value.is_conj()
+        assert bool(leaf.host_address) == in_place, leaf.path
+        assert leaf.host_address in (0, value.data_ptr())
+    views, _owners = arrays.host_views(
+        [leaf.value for leaf in leaves],
+        [leaf.host_address for leaf in leaves],
+        [leaf.spec.nbytes for leaf in leaves],
+    )
+    for leaf, view in zip(leaves, views, strict=True):
+        expected = leaf.value.resolve_conj().resolve_neg().contiguous()
+        assert bytes(view) == expected.view(torch.uint8).numpy().tobytes(), leaf.path
+
+
 def test_share_of_a_world_of_one_is_the_general_split_of_every_rank() -> None:
     encoded = encode_state(_varied_state())
     fast = share.plan_share(encoded, 0, 1)
