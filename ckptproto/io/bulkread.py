@@ -112,15 +112,18 @@ class Bulk:
 
     def __init__(self) -> None:
         self.taken: set[int] = set()
-        self.pairs: list[tuple[Any, Any]] = []  # (target, view of a run), filled by the reads
+        # Each target and the view of a run copied into it, filled by the reads (two columns:
+        # what _foreach_copy_ takes, without a tuple per tensor on the way)
+        self.targets: list[Any] = []
+        self.views: list[Any] = []
 
     def copy(self) -> None:
         """Copy every run's views into their targets: one ``_foreach_copy_`` for all."""
-        if not self.pairs:
+        if not self.targets:
             return
         torch = arrays.require_torch()
-        dsts, srcs = [d for d, _ in self.pairs], [s for _, s in self.pairs]
-        self.pairs = []
+        dsts, srcs = self.targets, self.views
+        self.targets, self.views = [], []
         try:
             with torch.no_grad():  # a Parameter that requires grad is overwritten, not traced
                 torch._foreach_copy_(dsts, srcs)
@@ -307,11 +310,11 @@ def _flush(
     buffer = arrays.empty_cpu((nbytes,), torch.uint8)
     view = arrays.writable_bytes(buffer)
     assert view is not None  # a new contiguous CPU tensor
-    plan.add(file, start + run_begin, view, _builder(buffer, run_begin, columns, values, bulk.pairs))
+    plan.add(file, start + run_begin, view, _builder(buffer, run_begin, columns, values, bulk))
 
 
 def _builder(
-    buffer: Any, run_begin: int, columns: _Columns, values: dict[int, Any], pairs: list[tuple[Any, Any]]
+    buffer: Any, run_begin: int, columns: _Columns, values: dict[int, Any], bulk: Bulk
 ) -> Callable[[], None]:
     def build() -> None:
         indices, torch_dtypes, shapes, begins, numels, dests, one_each = columns
@@ -353,7 +356,8 @@ def _builder(
             return
         if one_each:  # load_into's usual run: one target each, the dests themselves
             values.update(zip(indices, dests, strict=True))
-            pairs.extend(zip(dests, views, strict=True))
+            bulk.targets += dests  # (views: one per index, as dests)
+            bulk.views += views
             return
         fresh: list[int] = []
         fresh_views: list[Any] = []
@@ -364,7 +368,8 @@ def _builder(
                 continue
             values[index] = targets[0]
             for target in targets:
-                pairs.append((target, view))
+                bulk.targets.append(target)
+                bulk.views.append(view)
         values.update(zip(fresh, _clone(fresh_views), strict=True))
 
     return build
