@@ -163,6 +163,16 @@ def test_hostile_tables_get_the_general_verdict(
         lambda t: t.replace("}]},{", "}]},,{", 1),
         lambda t: t.replace("}]},{", "}]}],[{", 1),
         lambda t: t.replace('"key":"models.m.layer1.w"', '"key":"models.m.layer0.w"', 1),
+        # the table is split at its keys: a key holding the table's end, or a separator's
+        # text; one entry spelled otherwise between two keys (still JSON)
+        lambda t: t.replace('"key":"models.m.layer1.w"', '"key":"a}]}]b"', 1),
+        lambda t: t.replace('"key":"models.m.layer1.w"', '"key":"a,offsets:[0]}]},{dtype:"', 1),
+        lambda t: t.replace(
+            '"key":"models.m.layer1.w","offsets":[0,0]', '"key":"models.m.layer1.w","offsets":[0, 0]', 1
+        ),
+        lambda t: t.replace(
+            '"key":"models.m.layer1.w","offsets":[0,0]', '"key":"models.m.layer1.w","offsets":[1,0]', 1
+        ),
         lambda t: t.replace('"key":"models.m.layer1.w"', '"key":"\\ud800"', 1),
         lambda t: t.replace('"offsets":[0,0]', '"offsets":[00,0]', 1),
         lambda t: t.replace('"shape":[3,2]', '"shape":[03,2]', 1),
@@ -212,13 +222,27 @@ def test_hostile_documents_get_the_general_verdict(
 
 
 def test_the_entry_text_is_the_writers(written: bytes) -> None:
-    """The quick path's fixed texts are those the writer puts around an entry's groups."""
+    """The quick path's fixed texts are those the writer puts around an entry's parts."""
     text = written.decode()
-    first = text.index('{"dtype":')
-    head, key, tail = manifest_text._ENTRY.findall(text, first, text.index("}]}]") + 3)[0]
-    entry = json.loads(text)["tensors"][0]
-    rebuilt = "".join(
-        (manifest_text.ENTRY_TEXT[0], head, *manifest_text.ENTRY_TEXT[1:3], tail, manifest_text.ENTRY_TEXT[3])
-    )
-    assert json.loads(rebuilt) == dict(entry, chunks=[dict(entry["chunks"][0], key="")])
-    assert key == entry["chunks"][0]["key"]
+    split = manifest_text.split_members(text)
+    assert split is not None and split[1] is not None
+    table = split[1]
+    doc = json.loads(text)["tensors"]
+    assert table.keys == [entry["chunks"][0]["key"] for entry in doc]
+    for key, form in zip(table.keys, table.form_of, strict=True):
+        head, tail = table.forms[form]
+        first, before_key, after_key, last = manifest_text.ENTRY_TEXT
+        assert "".join((first, head, before_key, key, after_key, tail, last)) in text
+    for i, entry in enumerate(doc):
+        head, tail = table.forms[table.form_of[i]]
+        rebuilt = "".join(
+            (
+                manifest_text.ENTRY_TEXT[0],
+                head,
+                *manifest_text.ENTRY_TEXT[1:3],
+                tail,
+                manifest_text.ENTRY_TEXT[3],
+            )
+        )
+        assert json.loads(rebuilt) == dict(entry, chunks=[dict(entry["chunks"][0], key="")])
+        assert table.entries[table.form_of[i]] == json.loads(rebuilt)

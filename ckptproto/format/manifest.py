@@ -580,16 +580,13 @@ def _table_of(table: manifest_text.Table, files: dict[str, FileEntry]) -> Column
     (file, key) pair repeats (F-12): the general path then parses the table, for its message."""
     names = {name: name for name in files}
     shapes: _Shapes = {}
-    index: dict[tuple[str, str], int] = {}
     forms: list[TensorEntry] = []
-    for form, doc in table.entries.items():
+    for doc in table.entries:
         entry = _whole_entry(doc, names, shapes)
         if entry is None:
             return None
-        index[form] = len(forms)
         forms.append(_with_key(entry, ""))
-    keys = table.keys
-    form_of = list(map(index.__getitem__, table.forms))
+    keys, form_of = table.keys, table.form_of
     # F-12: the usual table names one file, and then its keys alone must be distinct.
     file_forms = [form.chunks[0].file for form in forms]
     if len(set(file_forms)) <= 1:

@@ -3,9 +3,11 @@
 
 JSON parsing of the tensor table is most of a large manifest's cost: ~170 bytes and three
 objects per tensor, each object through the duplicate-key hook. Written by ckptproto, the
-table is regular text (compact, members in one order, strings without escapes), so one
-regular expression pass reads it as rows of three strings, and the few distinct rows are
-parsed and checked as JSON. Every other member is parsed by the strict JSON scanner.
+table is regular text (compact, members in one order, strings without escapes): one regular
+expression pass splits it at its keys, and the text between two keys (the end of one entry
+and the start of the next) repeats from entry to entry, so the few distinct pieces are
+checked, and the few distinct entries parsed as JSON, once. Every other member is parsed by
+the strict JSON scanner.
 
 The result is the one the general path gives, or None: this module refuses nothing itself.
 Any text it does not recognise (spaces, another member order, an escape, a lone surrogate
@@ -22,9 +24,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable
-from itertools import chain
 from json.scanner import make_scanner
-from operator import itemgetter
 from typing import Any, NamedTuple, cast
 
 from ckptproto.format import strict_json
@@ -32,23 +32,20 @@ from ckptproto.tree import torch_column
 
 # A JSON string without escapes or control characters: its text is its value.
 _PLAIN = r'[^"\\\x00-\x1f]*'
-# One entry of one chunk holding the tensor whole, as the writer spells it, in three groups
-# between the fixed texts below: the entry up to the key (dtype, shape, file), the key, and
-# after it (offsets, chunk shape); then "," or the end of the table's text (where the search
-# stops). Numbers are matched loosely (digits and commas): the distinct rows are parsed as
-# JSON, which refuses what JSON refuses ("01", "1,,2").
+# One entry of one chunk holding the tensor whole, as the writer spells it: fixed texts
+# around three parts, the entry up to the key (dtype, shape, file), the key, and after it
+# (offsets, chunk shape). Numbers are matched loosely (digits and commas): the distinct
+# entries are parsed as JSON, which refuses what JSON refuses ("01", "1,,2").
 ENTRY_TEXT = ('{"dtype":"', '","key":"', '","offsets":', "}]}")
-_ENTRY = re.compile(
-    re.escape(ENTRY_TEXT[0])
-    + rf'([a-z0-9_]+","shape":\[[0-9,]*\],"chunks":\[\{{"file":"{_PLAIN})'
-    + re.escape(ENTRY_TEXT[1])
-    + rf"({_PLAIN})"
-    + re.escape(ENTRY_TEXT[2])
-    + r'(\[[0,]*\],"shape":\[[0-9,]*\])'
-    + re.escape(ENTRY_TEXT[3])
-    + r"(?:,|\Z)"
-)
-_ENTRY_FIXED = sum(map(len, ENTRY_TEXT))  # the characters of an entry outside its groups
+_HEAD = rf'([a-z0-9_]+","shape":\[[0-9,]*\],"chunks":\[\{{"file":"{_PLAIN})'
+_TAIL = r'(\[[0,]*\],"shape":\[[0-9,]*\])'
+# The table's text is split at its keys; between two keys lies one entry's tail and the next
+# entry's head (a "middle" piece); before the first key, the first head; after the last, the
+# last tail.
+_KEY = re.compile(re.escape(ENTRY_TEXT[1]) + rf"({_PLAIN})" + re.escape(ENTRY_TEXT[2]))
+_FIRST_PIECE = re.compile(re.escape(ENTRY_TEXT[0]) + _HEAD)
+_MIDDLE_PIECE = re.compile(_TAIL + re.escape(ENTRY_TEXT[3] + "," + ENTRY_TEXT[0]) + _HEAD)
+_LAST_PIECE = re.compile(_TAIL + re.escape(ENTRY_TEXT[3]))
 _TABLE_END = "}]}]"  # the last entry's end and the table's "]"
 
 
@@ -67,12 +64,14 @@ _SPACED_KEY = re.compile(r'"[ \t\n\r]+:')
 
 
 class Table(NamedTuple):
-    """A tensor table read from its text: each entry's key and form (its text before and after
-    the key), and each distinct form parsed as the JSON of an entry whose key is ``""``."""
+    """A tensor table read from its text: each entry's key and the index of its form (its
+    text before and after the key) in ``forms``, the distinct forms, and each form parsed as
+    the JSON of an entry whose key is ``""`` (``entries[i]`` of ``forms[i]``)."""
 
     keys: list[str]
+    form_of: list[int]
     forms: list[tuple[str, str]]
-    entries: dict[tuple[str, str], Any]
+    entries: list[Any]
 
 
 def split_members(text: str) -> tuple[dict[str, Any], Table | None] | None:
@@ -120,30 +119,51 @@ def _table(text: str, start: int) -> tuple[Table, int] | None:
     """The table whose text starts at ``start`` (after its "["), and the position after its
     "]"; None unless every entry is in the writer's form and valid JSON."""
     if text[start] == "]":
-        return Table([], [], {}), start + 1
+        return Table([], [], [], []), start + 1
     end = text.find(_TABLE_END, start)
     if end < 0:
         return None
     end += len(_TABLE_END) - 1  # the table's "]": the entries' text stops before it
-    if text.count('{"file":', start, end) != text.count('{"dtype":', start, end):
-        return None  # an entry of several chunks (a sharded tensor): not one of these rows
-    rows: list[tuple[str, str, str]] = _ENTRY.findall(text, start, end)
-    # Matches never overlap and lie between start and end. Counted with a "," after each but
-    # the last (only the last can end at the end, without one), their lengths add up to the
-    # span only when they tile it: the text is these entries, back to back, nothing else.
-    if len(rows) * (_ENTRY_FIXED + 1) - 1 + sum(map(len, chain.from_iterable(rows))) != end - start:
+    # Split at the keys, the text is pieces and keys in turn, and nothing else: when the
+    # first piece is a head, the last a tail and every other a tail then a head, the text is
+    # entries in the writer's form back to back. Each distinct piece is checked once.
+    parts = _KEY.split(text[start:end])
+    keys, pieces = parts[1::2], parts[0::2]
+    if not keys:
         return None
-    forms = list(zip(map(_HEAD, rows), map(_TAIL, rows), strict=True))
+    first, last = _FIRST_PIECE.fullmatch(pieces[0]), _LAST_PIECE.fullmatch(pieces[-1])
+    if first is None or last is None:
+        return None
+    # Piece ids: the distinct middle pieces 0..m-1, then the first piece m, the last m + 1.
+    middles = list(dict.fromkeys(pieces[1:-1]))
+    heads: list[str] = []
+    tails: list[str] = []
+    for piece in middles:
+        found = _MIDDLE_PIECE.fullmatch(piece)
+        if found is None:
+            return None
+        tails.append(found[1])
+        heads.append(found[2])
+    count = len(middles)
+    heads += (first[1], "")
+    tails += ("", last[1])
+    ids = [count, *map(dict(zip(middles, range(count), strict=True)).__getitem__, pieces[1:-1]), count + 1]
+    # Entry i lies between piece i (its head) and piece i + 1 (its tail): one code per pair.
+    width = count + 2
+    codes = list(map(int.__add__, map(width.__mul__, ids[:-1]), ids[1:]))
+    index: dict[tuple[str, str], int] = {}
+    by_code: dict[int, int] = {}
+    for code in dict.fromkeys(codes):
+        form = (heads[code // width], tails[code % width])
+        by_code[code] = index.setdefault(form, len(index))
+    forms = list(index)
     # The distinct forms (a few in a usual state: its dtypes, shapes, files) as JSON, here,
     # so the document is known to be JSON before any of it is checked (the refusal order).
-    entries = {
-        form: json.loads("".join((ENTRY_TEXT[0], form[0], *ENTRY_TEXT[1:3], form[1], ENTRY_TEXT[3])))
-        for form in set(forms)
-    }
-    return Table(list(map(_KEY, rows)), forms, entries), end + 1
-
-
-_HEAD, _KEY, _TAIL = itemgetter(0), itemgetter(1), itemgetter(2)
+    entries = [
+        json.loads("".join((ENTRY_TEXT[0], head, *ENTRY_TEXT[1:3], tail, ENTRY_TEXT[3])))
+        for head, tail in forms
+    ]
+    return Table(keys, list(map(by_code.__getitem__, codes)), forms, entries), end + 1
 
 
 def _value(text: str, pos: int) -> tuple[Any, int]:
