@@ -9,6 +9,7 @@ from __future__ import annotations
 import ctypes
 import math
 import sys
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from operator import attrgetter
 from typing import TYPE_CHECKING, Any, Literal
@@ -418,9 +419,19 @@ def all_match_torch(tensors: list[Any], dtype_column: list[DType], shapes: list[
         all_match_torch([torch.zeros(2)], [dtypes.by_name("float32")], [(2,)])   # True
     """
     _tensor_type, _parameter_type, strided = _torch_constants()
-    by_id = dict(zip(map(id, dtype_column), dtype_column, strict=True))
-    for torch_dtype, dtype_id in set(zip(map(_DTYPE_ATTR, tensors), map(id, dtype_column), strict=True)):
-        found, dtype = _torch_dtype(torch_dtype), by_id[dtype_id]
+    torch_dtypes = list(map(_DTYPE_ATTR, tensors))
+    if len(torch_dtypes) != len(dtype_column):
+        return False
+    # Each distinct (torch dtype, stored dtype) pair compared once: in a state of one dtype,
+    # found without a pair per tensor.
+    pairs: Iterable[tuple[Any, DType]]
+    if len(set(torch_dtypes)) == 1 and len(set(map(id, dtype_column))) == 1:
+        pairs = [(torch_dtypes[0], dtype_column[0])] if torch_dtypes else []
+    else:
+        by_id = dict(zip(map(id, dtype_column), dtype_column, strict=True))
+        pairs = [(t, by_id[i]) for t, i in set(zip(torch_dtypes, map(id, dtype_column), strict=True))]
+    for torch_dtype, dtype in pairs:
+        found = _torch_dtype(torch_dtype)
         if found is None or (found is not dtype and found != dtype):
             return False
     return (

@@ -520,16 +520,20 @@ def _match(manifest: Manifest, target: Any, many: int, monkeypatch: pytest.Monke
         (lambda t: t.pop("w3"), False),  # missing from the target
         (lambda t: t.update(extra=torch.zeros(4)), True),  # missing from the checkpoint
         (lambda t: t.update(twice=t["w0"]), True),  # one target tensor for two keys
+        (lambda t: t.update({k: v.double() for k, v in t.items()}), False),  # every dtype other
     ],
 )
 @pytest.mark.parametrize("tied", [False, True])
+@pytest.mark.parametrize("one_dtype", [False, True])
 def test_matching_a_dict_at_once_records_what_one_by_one_does(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, edit: Any, in_passes: bool, tied: bool
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, edit: Any, in_passes: bool, tied: bool, one_dtype: bool
 ) -> None:
     """Matcher._plain_all (a module's state_dict against its references, in passes) records
-    the destinations and problems the member-by-member walk records, for every target."""
+    the destinations and problems the member-by-member walk records, for every target (in a
+    state of one dtype, whose dtypes are compared once, and of two)."""
     weights = {f"w{i}": torch.full((4,), float(i)) for i in range(20)}
-    weights["i"] = torch.arange(4)
+    if not one_dtype:
+        weights["i"] = torch.arange(4)
     if tied:  # two keys, one checkpoint tensor
         weights["w19"] = weights["w0"]
     state = {"m": weights, "step": 1}

@@ -256,9 +256,10 @@ class Matcher:
                 self.reject_unexpected = reject
             return
         if isinstance(ckpt_node, Mapping) and isinstance(target_node, Mapping):
-            for key in target_node:
-                if key not in ckpt_node:
-                    self.missing.append(join_path(path, key))
+            if not ckpt_node.keys() >= target_node.keys():  # (a set comparison, in C)
+                for key in target_node:
+                    if key not in ckpt_node:
+                        self.missing.append(join_path(path, key))
             if len(ckpt_node) >= _MANY and self._plain_all(ckpt_node, target_node):
                 self.matched_whole.add(id(ckpt_node))
                 return
