@@ -257,11 +257,16 @@ def test_load_into_fast_and_general_fill_the_same(tmp_path: Path, monkeypatch: p
     _same(fast, state)
 
 
+@pytest.mark.parametrize("one_d", [False, True])
+@pytest.mark.parametrize("inference_target", [False, True])
 def test_load_into_parameters_inference_tensors_and_views(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, one_d: bool, inference_target: bool
 ) -> None:
+    """Targets torch will not simply copy into, in a run of 1-d targets (one
+    split_with_sizes_copy, falling back to copies one by one) and of mixed shapes."""
+    shape = (6,) if one_d else (2, 3)
     state = {
-        "p": torch.arange(6.0).reshape(2, 3),
+        "p": torch.arange(6.0).reshape(shape),
         "i": torch.arange(3.0),
         "v": torch.arange(4.0),
         "x": torch.ones(2),
@@ -271,8 +276,9 @@ def test_load_into_parameters_inference_tensors_and_views(
     with torch.inference_mode():
         inference = torch.zeros(3)
     target = {
-        "p": torch.nn.Parameter(torch.zeros(2, 3)),  # requires grad: filled without autograd
-        "i": inference,  # in-place outside inference mode is refused by torch: bytes instead
+        "p": torch.nn.Parameter(torch.zeros(shape)),  # requires grad: filled without autograd
+        # in-place outside inference mode is refused by torch: bytes instead
+        "i": inference if inference_target else torch.zeros(3),
         "v": base[::2],  # not contiguous
         "x": torch.zeros(2),
     }

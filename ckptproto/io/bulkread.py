@@ -116,16 +116,35 @@ class Bulk:
         # what _foreach_copy_ takes, without a tuple per tensor on the way)
         self.targets: list[Any] = []
         self.views: list[Any] = []
+        # Stretches of a run copied into 1-d targets of their own dtype and size: (the typed
+        # stretch, the element counts, the targets), one split_with_sizes_copy each (no view
+        # of each tensor on the way)
+        self.splits: list[tuple[Any, list[int], list[Any]]] = []
 
     def copy(self) -> None:
-        """Copy every run's views into their targets: one ``_foreach_copy_`` for all."""
+        """Copy every run's tensors into their targets: one ``split_with_sizes_copy`` per
+        stretch of 1-d targets, one ``_foreach_copy_`` for all the others."""
+        torch = arrays.loaded_torch()
+        if torch is None:
+            return
+        splits, self.splits = self.splits, []
+        split_copy = getattr(torch, "split_with_sizes_copy", None)
+        for typed, numels, targets in splits:
+            if split_copy is not None:
+                try:
+                    with torch.no_grad():  # a Parameter that requires grad is overwritten, not traced
+                        split_copy(typed, numels, out=targets)
+                    continue
+                except RuntimeError:  # e.g. an inference tensor outside inference mode
+                    pass
+            self.targets += targets
+            self.views += typed.split_with_sizes(numels)
         if not self.targets:
             return
-        torch = arrays.require_torch()
         dsts, srcs = self.targets, self.views
         self.targets, self.views = [], []
         try:
-            with torch.no_grad():  # a Parameter that requires grad is overwritten, not traced
+            with torch.no_grad():
                 torch._foreach_copy_(dsts, srcs)
             return
         except RuntimeError:  # e.g. an inference tensor outside inference mode: one at a time
@@ -325,6 +344,8 @@ def _builder(
         # One split_with_sizes_copy per stretch makes them without a Python view of each.
         all_new = dests is None
         views: list[Any] = []
+        view_dests: list[Any] = []  # one_each: the target of each of views
+        dest_column: list[Any] = dests if dests is not None else []
         i = 0
         while i < count:  # one pass per stretch of one dtype (one, in the usual run)
             torch_dtype, first = torch_dtypes[i], begins[i] - run_begin
@@ -337,11 +358,18 @@ def _builder(
                 raw = raw.clone()
             typed = raw.view(torch_dtype)
             parts: Sequence[Any]
+            one_d = set(map(len, shapes[i:j])) == {1}
             if all_new:
                 parts = _own_copies(typed, numels[i:j])
+            elif one_each and one_d:  # copied in one call, once every read is checked
+                bulk.splits.append((typed, numels[i:j], dest_column[i:j]))
+                i = j
+                continue
             else:
                 parts = typed.split_with_sizes(numels[i:j]) if j - i > 1 else (typed,)
-            if set(map(len, shapes[i:j])) == {1}:
+                if one_each:
+                    view_dests += dest_column[i:j]
+            if one_d:
                 views.extend(parts)  # 1-d tensors: the split gives them their shape
             else:
                 # A copy takes its shape in place (resize_ to its own element count: a
@@ -356,7 +384,7 @@ def _builder(
             return
         if one_each:  # load_into's usual run: one target each, the dests themselves
             values.update(zip(indices, dests, strict=True))
-            bulk.targets += dests  # (views: one per index, as dests)
+            bulk.targets += view_dests
             bulk.views += views
             return
         fresh: list[int] = []
