@@ -246,3 +246,47 @@ def test_the_entry_text_is_the_writers(written: bytes) -> None:
         )
         assert json.loads(rebuilt) == dict(entry, chunks=[dict(entry["chunks"][0], key="")])
         assert table.entries[table.form_of[i]] == json.loads(rebuilt)
+
+
+@pytest.fixture(scope="module")
+def uniform(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A writer's manifest whose table repeats one form (the quick path's usual table)."""
+    root = tmp_path_factory.mktemp("u")
+    ckptproto.save({"m": {f"p{i}": torch.full((3,), float(i)) for i in range(12)}}, root / "ckpt")
+    doc = json.loads((root / "ckpt" / "manifest.json").read_bytes())
+    del doc[CHECKSUM_KEY]
+    return compact(doc).decode()
+
+
+@pytest.mark.parametrize("entry", [0, 1, 6, 10, 11])
+@pytest.mark.parametrize(
+    "edit",
+    [
+        lambda e: e,  # unchanged
+        lambda e: e.replace('"offsets":[0]', '"offsets":[1]'),
+        lambda e: e.replace('"shape":[3]', '"shape":[4]', 1),
+        lambda e: e.replace('"shape":[3]}', '"shape":[4]}'),
+        lambda e: e.replace('"float32"', '"int32"'),
+        lambda e: e.replace('"float32"', '"float64"'),
+        lambda e: e.replace("}]}", "},{}]}"),
+        lambda e: e.replace('"offsets":[0]', '"offsets": [0]'),
+    ],
+)
+def test_a_uniform_tables_entries_edited_one_at_a_time_get_the_general_verdict(
+    uniform: str, monkeypatch: pytest.MonkeyPatch, entry: int, edit: Any
+) -> None:
+    """One entry of a one-form table (first, second, middle, second to last, last) spelled
+    otherwise: the quick path (every middle piece compared with the first, no hashing) gives
+    the general path's manifest or error."""
+    start = uniform.index('"tensors":[') + len('"tensors":[')
+    end = uniform.index("}]}]", start) + 3
+    entries = uniform[start:end].split("},{")
+    entries = [
+        ("" if i == 0 else "{") + e + ("" if i == len(entries) - 1 else "}") for i, e in enumerate(entries)
+    ]
+    entries[entry] = edit(entries[entry])
+    data = (uniform[:start] + ",".join(entries) + uniform[end:]).encode()
+    if data == uniform.encode():  # unchanged: read by the quick path
+        split = manifest_text.split_members(uniform)
+        assert split is not None and split[1] is not None and len(set(split[1].form_of)) == 1
+    same(outcome(data), general(data, monkeypatch))

@@ -134,8 +134,12 @@ def _table(text: str, start: int) -> tuple[Table, int] | None:
     first, last = _FIRST_PIECE.fullmatch(pieces[0]), _LAST_PIECE.fullmatch(pieces[-1])
     if first is None or last is None:
         return None
+    inner = pieces[1:-1]
     # Piece ids: the distinct middle pieces 0..m-1, then the first piece m, the last m + 1.
-    middles = list(dict.fromkeys(pieces[1:-1]))
+    # In the usual table every middle piece is the same text (one dtype, shape and file):
+    # found by comparing them with the first, without hashing each.
+    uniform = not inner or inner.count(inner[0]) == len(inner)
+    middles = inner[:1] if uniform else list(dict.fromkeys(inner))
     heads: list[str] = []
     tails: list[str] = []
     for piece in middles:
@@ -147,10 +151,16 @@ def _table(text: str, start: int) -> tuple[Table, int] | None:
     count = len(middles)
     heads += (first[1], "")
     tails += ("", last[1])
-    ids = [count, *map(dict(zip(middles, range(count), strict=True)).__getitem__, pieces[1:-1]), count + 1]
     # Entry i lies between piece i (its head) and piece i + 1 (its tail): one code per pair.
     width = count + 2
-    codes = list(map(int.__add__, map(width.__mul__, ids[:-1]), ids[1:]))
+    if uniform:  # the codes are: first then middle, middle then middle, ..., middle then last
+        codes = [count * width + (0 if inner else count + 1)]
+        if inner:
+            codes += [0] * (len(inner) - 1)
+            codes.append(count + 1)
+    else:
+        ids = [count, *map(dict(zip(middles, range(count), strict=True)).__getitem__, inner), count + 1]
+        codes = list(map(int.__add__, map(width.__mul__, ids[:-1]), ids[1:]))
     index: dict[tuple[str, str], int] = {}
     by_code: dict[int, int] = {}
     for code in dict.fromkeys(codes):
@@ -163,7 +173,11 @@ def _table(text: str, start: int) -> tuple[Table, int] | None:
         json.loads("".join((ENTRY_TEXT[0], head, *ENTRY_TEXT[1:3], tail, ENTRY_TEXT[3])))
         for head, tail in forms
     ]
-    return Table(keys, list(map(by_code.__getitem__, codes)), forms, entries), end + 1
+    if uniform and len(codes) > 2:  # the middle entries' form, repeated (no lookup each)
+        form_of = [by_code[codes[0]], *([by_code[0]] * (len(codes) - 2)), by_code[codes[-1]]]
+    else:
+        form_of = list(map(by_code.__getitem__, codes))
+    return Table(keys, form_of, forms, entries), end + 1
 
 
 def _value(text: str, pos: int) -> tuple[Any, int]:

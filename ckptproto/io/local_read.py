@@ -27,6 +27,7 @@ from ckptproto.format import layout
 from ckptproto.format.manifest import MAX_MANIFEST_BYTES
 from ckptproto.format.regular_file import NotRegularFileError, open_regular
 from ckptproto.io import threads
+from ckptproto.io.storage import read_bytes
 from ckptproto.location import Location
 
 
@@ -78,11 +79,9 @@ class LocalGeneration:
                 raise CheckpointFormatError(
                     f"{where} is {st.st_size} bytes, over the {MAX_MANIFEST_BYTES} limit"
                 )
-            buf = bytearray(st.st_size)
-            got = file.read_into(0, [memoryview(buf)])
+            return read_bytes(file, st.st_size, 0)
         finally:
             file.close()
-        return bytes(buf[:got])
 
     def open_file(self, name: str) -> LocalFile:
         where = f"{self.location}/{name}"

@@ -18,14 +18,8 @@ from ckptproto.format.manifest import MAX_MANIFEST_BYTES, Chunk, Manifest, Tenso
 from ckptproto.io import threads
 from ckptproto.io.backends import resolve
 from ckptproto.io.headercheck import FileLayout, expected_header, file_layouts
-from ckptproto.io.storage import Generation, Storage, StoredFile
+from ckptproto.io.storage import Generation, Storage, StoredFile, read_bytes
 from ckptproto.location import Location
-
-
-def _read_exact(file: StoredFile, n: int, offset: int) -> bytes:
-    buf = bytearray(n)
-    got = file.read_into(offset, [memoryview(buf)])
-    return bytes(buf[:got])
 
 
 def read_manifest(
@@ -217,12 +211,12 @@ class OpenCheckpoint:
                 and expected is not None
                 and len(expected) + layout.buffer_size == file.size
             ):
-                head = _read_exact(file, len(expected), 0)
+                head = read_bytes(file, len(expected), 0)
                 if head == expected:  # as the writer made it: every header check passes (headercheck)
                     return DataFile(name, where, file, file.size, head, {}, layout)
-            prefix = _read_exact(file, 8, 0)
+            prefix = read_bytes(file, 8, 0)
             n = safetensors.header_length(prefix, file.size, where)
-            raw = _read_exact(file, n, 8)
+            raw = read_bytes(file, n, 8)
             entries = safetensors.parse_header(raw, file.size, where)
             return DataFile(name, where, file, file.size, prefix + raw, entries)
         except BaseException:

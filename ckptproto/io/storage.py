@@ -56,6 +56,18 @@ class StoredFile(Protocol):
     def close(self) -> None: ...
 
 
+def read_bytes(file: StoredFile, n: int, offset: int) -> bytes:
+    """Up to ``n`` bytes of ``file`` from ``offset`` (fewer where it ends), copied once into
+    the bytes returned (a manifest of 100,000 tensors is ~17 MB)::
+
+        prefix = read_bytes(file, 8, 0)
+    """
+    buf = bytearray(n)
+    got = file.read_into(offset, [memoryview(buf)])
+    with memoryview(buf) as view:
+        return view[:got].tobytes()
+
+
 class Generation(Protocol):
     """One committed version of a checkpoint, pinned: every file opened through it belongs to
     the manifest :meth:`read_manifest` returned, even while a save with ``overwrite=True`` or
