@@ -521,11 +521,13 @@ def torch_column(node: dict[str, Any]) -> list[int] | None:
         torch_column({"w": {"$torch": 0}, "b": {"$torch": 1}})  # [0, 1]
     """
     values = list(node.values())
-    if set(map(type, values)) != {dict} or set(map(len, values)) != {1}:
-        return None
     try:
+        # Of the values of a parsed tree, only an object of one member answers ["$torch"] (a
+        # one-item list or string raises TypeError): no separate pass over their types.
+        if set(map(len, values)) != {1}:
+            return None
         indices = list(map(_TORCH_INDEX, values))
-    except KeyError:  # another tag
+    except (KeyError, TypeError):  # another tag, or a value of no length or another kind
         return None
     if set(map(type, indices)) != {int} or min(indices) < 0:
         return None

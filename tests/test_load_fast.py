@@ -341,6 +341,11 @@ REFS = {f"p{i}": {"$torch": i} for i in range(12)}  # enough to be decoded a col
         {"m": {**REFS, "p3": {"$int": "3"}}},
         {"m": {**REFS, "p3": {"x": 3}}},
         {"m": {**REFS, "p3": None}},
+        # values of length one that are not objects (torch_column's ["$torch"] raises on them)
+        {"m": {**REFS, "p3": "x"}},
+        {"m": {**REFS, "p3": [3]}},
+        {"m": {**REFS, "p3": [{"$torch": 3}]}},
+        {"m": {**REFS, "p3": 3}},
     ],
 )
 def test_a_column_of_references_decodes_as_value_by_value(tree: dict[str, Any]) -> None:
