@@ -102,6 +102,20 @@ class TensorLeaf(NamedTuple):
     host_address: int = 0
 
 
+class References(dict[str, dict[str, int]]):
+    """An encoded dict whose values are ``{"$torch": i}`` for ``i`` from ``first`` on, in
+    order: what the encoder makes of a dict of many plain tensors (a module's state dict). A
+    dict like any other; the manifest's writer (``format/json_text.tree``) writes its text from
+    its keys and ``first`` without a pass over its values::
+
+        column = References({"w": {"$torch": 3}, "b": {"$torch": 4}})
+        column.first = 3
+    """
+
+    __slots__ = ("first",)
+    first: int
+
+
 @dataclass
 class EncodedState:
     """A state split into a JSON-able tree and its tensors."""
@@ -282,7 +296,9 @@ class _Encoder:
                 host,
             ),
         )
-        return dict(zip(keys, [{"$torch": i} for i in indices], strict=True))
+        column = References(zip(keys, [{"$torch": i} for i in indices], strict=True))
+        column.first = start
+        return column
 
     def _plain_torch(self, value: Any, path: str) -> dict[str, int]:
         """:meth:`_tensor` for a torch.Tensor or Parameter (never a DTensor: a subclass). The

@@ -582,6 +582,23 @@ def test_tree_text_is_what_json_dumps_writes(value: Any) -> None:
     )
 
 
+@pytest.mark.parametrize("key", [*ODD[:4], "layers.{}.weight", "%s{}%d"])
+def test_an_encoded_column_of_tensors_is_written_as_json_dumps_writes_it(key: str) -> None:
+    """The encoder's dict of many plain tensors (tree.References: written from its keys and
+    first index, its values unread) gives json.dumps's text, at any index it starts from and
+    with keys to escape."""
+    from ckptproto.format import json_text
+    from ckptproto.tree import References, encode_state
+
+    first = {"w": torch.zeros(1), "nested": [torch.ones(2)]}
+    column = {key.replace("{}", str(i)) + str(i): torch.full((2,), float(i)) for i in range(40)}
+    encoded = encode_state({"before": first, "m": column, "after": {"x": torch.zeros(3), "step": 4}})
+    assert type(encoded.tree["m"]) is References and encoded.tree["m"].first == 2
+    assert json_text.tree(encoded.tree) == json.dumps(
+        encoded.tree, ensure_ascii=False, allow_nan=False, separators=(",", ":")
+    )
+
+
 def test_tree_text_refuses_what_json_dumps_refuses() -> None:
     from ckptproto.format import json_text
 

@@ -9,9 +9,12 @@ parts of a document that repeat per tensor (a data file's header, the manifest's
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from itertools import chain, repeat
 from operator import itemgetter
 from typing import Any
+
+from ckptproto.tree import References
 
 # What json.dumps(ensure_ascii=False) writes for a str: the same C function. It escapes `"`,
 # `\\` and the control characters U+0000..U+001F, and leaves every other character as is.
@@ -51,6 +54,8 @@ def tree(value: Any) -> str:
 
 
 def _tree(value: Any, budget: list[int]) -> str:
+    if type(value) is References and value:
+        return _reference_text(list(value), "$torch", range(value.first, value.first + len(value)))
     if type(value) is not dict or not value:
         return _ENCODER.encode(value)
     keys = list(value)
@@ -80,6 +85,11 @@ def _references(value: dict[Any, Any], keys: list[Any]) -> str | None:
         return None
     if type(tag) is not str or set(map(type, indices)) != {int}:
         return None
+    return _reference_text(keys, tag, indices)
+
+
+def _reference_text(keys: list[str], tag: str, indices: Sequence[int]) -> str:
+    """The text of the dict ``{keys[i]: {tag: indices[i]}}`` (keys all str)."""
     names = keys if plain(keys) else [text(k)[1:-1] for k in keys]
     entry = '"%s":{' + text(tag).replace("%", "%%") + ":%d}"
     # One format made by one join (no copy of the text by concatenation).
