@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import struct
 import zlib
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -513,6 +514,38 @@ def _match(manifest: Manifest, target: Any, many: int, monkeypatch: pytest.Monke
         matcher.match(skeleton, target, "")
     destinations = {i: [id(t) for t in matcher.destinations(i)] for i in matcher.first}
     return destinations, matcher.missing, matcher.mismatched, matcher.unexpected
+
+
+class _ListKeys(Mapping[str, Any]):
+    """A mapping whose keys() is a list, not a set view (a dict-like some libraries make)."""
+
+    def __init__(self, data: dict[str, Any]) -> None:
+        self.data = data
+
+    def __getitem__(self, key: str) -> Any:
+        return self.data[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.data)
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def keys(self) -> list[str]:  # type: ignore[override]
+        return list(self.data)
+
+
+@pytest.mark.parametrize("kind", [dict, _ListKeys])
+def test_keys_missing_from_the_checkpoint_are_found_for_any_mapping(tmp_path: Path, kind: Any) -> None:
+    """The matcher finds the target's keys the checkpoint lacks with one set comparison where
+    keys() is a set view, key by key where it is not (a list): the same paths either way."""
+    ckptproto.save({"m": {"a": torch.zeros(1), "b": torch.zeros(1)}}, tmp_path / "c")
+    manifest = ckptproto.read_manifest(tmp_path / "c")
+    skeleton = decode_tree(manifest.state, lambda k, i, p: match.Ref(k, i))
+    for keys, missing in ((["a"], []), (["a", "b"], []), (["a", "x", "y"], ["m.x", "m.y"])):
+        matcher = match.Matcher(manifest, strict=False, reject_unexpected=False)
+        matcher.match(skeleton, {"m": kind({k: torch.zeros(1) for k in keys})}, "")
+        assert matcher.missing == missing
 
 
 @pytest.mark.parametrize(

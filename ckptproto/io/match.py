@@ -170,6 +170,15 @@ def _only_arrays(target: Mapping[Any, Any], loaded: Any, exact: frozenset[type])
     return set(map(type, map(target.get, loaded, repeat(missing)))) <= exact
 
 
+def _holds_every_key(node: Mapping[Any, Any], target: Mapping[Any, Any]) -> bool:
+    """Whether ``node`` holds every key of ``target``: one set comparison in C where the
+    target's ``keys()`` is a set view (a dict's, a Mapping's), else False (checked key by key)."""
+    try:
+        return bool(node.keys() >= target.keys())
+    except TypeError:  # a mapping whose keys() is not a set view
+        return False
+
+
 def _all_refs(node: Any) -> set[int]:
     if isinstance(node, Ref):
         return {node.index}
@@ -256,7 +265,7 @@ class Matcher:
                 self.reject_unexpected = reject
             return
         if isinstance(ckpt_node, Mapping) and isinstance(target_node, Mapping):
-            if not ckpt_node.keys() >= target_node.keys():  # (a set comparison, in C)
+            if not _holds_every_key(ckpt_node, target_node):
                 for key in target_node:
                     if key not in ckpt_node:
                         self.missing.append(join_path(path, key))
