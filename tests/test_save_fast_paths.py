@@ -182,6 +182,11 @@ def test_share_of_a_world_of_one_is_the_general_split_of_every_rank() -> None:
     valueless = EncodedState(encoded.tree, [TensorLeaf(None, t.spec, t.path) for t in encoded.tensors])
     again = share.plan_share(valueless, 0, 1)
     assert again.encoded is valueless and again.pieces == fast.pieces
+    # A synchronous save's job (keep_values): the layout is the encoded state itself, the
+    # same pieces and leaves; an async save's (the default) never holds a value.
+    kept = share.plan_share(encoded, 0, 1, keep_values=True)
+    assert kept.encoded is encoded and kept.pieces == fast.pieces and kept.leaves == fast.leaves
+    assert all(t.value is None for t in fast.encoded.tensors)
 
 
 @pytest.mark.parametrize("batch", [threads.BATCH_BYTES, 40, 1])

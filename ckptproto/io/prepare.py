@@ -42,7 +42,8 @@ def prepare(
     """Check, encode and plan a save on ``coord``. A DTensor is refused unless ``coord`` is a
     torch.distributed group (its other shards live on the other ranks)."""
     encoded, metadata_tree = check_and_encode(state_or_stateful, metadata, coord)
-    return Prepared(encoded, metadata_tree, plan_share(encoded, coord.rank, coord.size))
+    # (a synchronous save: its job ends with the call, the layout may hold the values)
+    return Prepared(encoded, metadata_tree, plan_share(encoded, coord.rank, coord.size, keep_values=True))
 
 
 def check_and_encode(

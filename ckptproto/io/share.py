@@ -74,17 +74,27 @@ class ShareJob:
     replicas: dict[int, int]  # CRC-32 of each small plain tensor, by index (compared across ranks)
 
 
-def plan_share(encoded: EncodedState, rank: int, world_size: int) -> ShareJob:
+def plan_share(encoded: EncodedState, rank: int, world_size: int, *, keep_values: bool = False) -> ShareJob:
     """What ``rank`` writes of ``encoded``: its DTensor shards (unless another rank writes a
-    replica of them) and the plain tensors :func:`assign_writers` gives it."""
+    replica of them) and the plain tensors :func:`assign_writers` gives it.
+
+    The job's layout (``job.encoded``) holds no tensor values, so a job kept past its save
+    (an async save's) does not keep the state's tensors alive; ``keep_values=True`` (a
+    synchronous save, whose job ends with the call) lets a world of one reuse ``encoded``
+    as the layout instead of a copy of every leaf without its value::
+
+        job = plan_share(encoded, 0, 1, keep_values=True)   # job.encoded is encoded
+    """
     tensors = encoded.tensors
     if tensors and world_size == 1:
         values, specs, paths, shards, addresses = zip(*tensors, strict=True)
         if shards.count(None) == len(shards):
             # A world of one without DTensors (the usual save): every tensor whole, by columns.
             # (Values by identity: == on a tensor or an array is a Python call, or an array.)
-            if not any(map(is_not, values, repeat(None))) and addresses.count(0) == len(addresses):
-                layout = encoded  # values dropped already (the writer process's job)
+            if keep_values or (
+                not any(map(is_not, values, repeat(None))) and addresses.count(0) == len(addresses)
+            ):
+                layout = encoded  # values kept, or dropped already (the writer process's job)
             else:
                 valueless = zip(repeat(None), specs, paths, shards, repeat(0))
                 layout = EncodedState(encoded.tree, list(map(tuple.__new__, repeat(TensorLeaf), valueless)))
