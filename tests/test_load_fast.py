@@ -37,6 +37,7 @@ from ckptproto.format.manifest import (
     table_runs,
 )
 from ckptproto.io import bulkread, headercheck, match, reader, readplan
+from ckptproto.io.plan import FILE_METADATA
 from ckptproto.tree import decode_tree, quick_refs
 
 
@@ -596,3 +597,28 @@ def test_matching_a_dict_at_once_records_what_one_by_one_does(
     batched = _match(manifest, target, 16, monkeypatch)
     assert batched == _match(manifest, target, 1 << 30, monkeypatch)
     assert taken == [in_passes and not tied]  # a checkpoint tie: recorded one by one
+
+
+def test_a_quickly_read_tables_keys_regenerate_the_header_unchecked(tmp_path: Path) -> None:
+    """Keys read by the quick reader (JSON strings without escapes, distinct by F-12) are put
+    into the regenerated header as they are, unchecked: the same bytes as the checked path,
+    and the file's own, also for keys json_text.plain turns down (not printable: U+2028,
+    DEL) but JSON writes as themselves."""
+    state = {
+        "m": {f"k{i}{c}": torch.full((2,), float(i)) for i, c in enumerate(["", "\u2028", "\x7f", "é", "%s"])}
+    }
+    ckptproto.save(state, tmp_path / "c")
+    ckpt = reader.OpenCheckpoint(tmp_path / "c")
+    try:
+        assert isinstance(ckpt.manifest.tensors, ColumnTable) and ckpt.manifest.tensors.plain_keys
+        for name, layout in headercheck.file_layouts(ckpt.manifest).items():
+            assert layout.plain_keys
+            checked = safetensors.encode_header_columns(
+                layout.keys, layout.codes, layout.shapes, layout.begins, layout.ends, FILE_METADATA
+            )
+            assert headercheck.expected_header(layout) == checked
+            assert (tmp_path / "c" / name).read_bytes()[: len(checked)] == checked
+    finally:
+        ckpt.close()
+    # A table built from entries (the general path) vouches for nothing: checked as before.
+    assert not table_columns(list(ckpt.manifest.tensors)).plain_keys  # type: ignore[union-attr]

@@ -108,12 +108,17 @@ class ColumnTable(EntryTable):
         table.keys, table.form_of, table.forms
     """
 
-    __slots__ = ("_entries", "form_of", "forms", "keys")
+    __slots__ = ("_entries", "form_of", "forms", "keys", "plain_keys")
 
-    def __init__(self, keys: list[str], form_of: list[int], forms: list[TensorEntry]) -> None:
+    def __init__(
+        self, keys: list[str], form_of: list[int], forms: list[TensorEntry], *, plain_keys: bool = False
+    ) -> None:
         if len(form_of) != len(keys):
             raise ValueError(f"ColumnTable: {len(keys)} keys, {len(form_of)} forms")
         self.keys, self.form_of, self.forms = keys, form_of, forms
+        # Every key is written in JSON as itself (no character JSON escapes): known from the
+        # text the table was read from (manifest_text), not checked again by its users.
+        self.plain_keys = plain_keys
         self._entries: list[TensorEntry] | None = None
 
     def entries(self) -> list[TensorEntry]:
@@ -595,7 +600,8 @@ def _table_of(table: manifest_text.Table, files: dict[str, FileEntry]) -> Column
         pairs = list(zip(map(file_forms.__getitem__, form_of), keys, strict=True))
     if len(set(pairs)) != len(keys):
         return None
-    return ColumnTable(keys, form_of, forms)
+    # (the quick reader matched every key as a JSON string without escapes)
+    return ColumnTable(keys, form_of, forms, plain_keys=True)
 
 
 _DTYPE_OF, _SHAPE_OF, _CHUNKS_OF = itemgetter(0), itemgetter(1), itemgetter(2)  # TensorEntry fields

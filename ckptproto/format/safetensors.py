@@ -51,12 +51,18 @@ def encode_header_columns(
     begins: list[int],
     ends: list[int],
     metadata: dict[str, str],
+    *,
+    plain_distinct_keys: bool = False,
 ) -> bytes:
     """:func:`encode_header` of entries given as parallel columns (what a planner holds)::
 
     encode_header_columns(["w"], ["F32"], [(2,)], [0], [8], {"format": "pt"})
+
+    ``plain_distinct_keys``: the caller knows ``keys`` are distinct and that JSON writes each
+    as itself (no ``"``, backslash or control character): neither is checked again.
     """
-    if len(set(keys)) == len(keys) and "__metadata__" not in keys:
+    distinct = plain_distinct_keys or len(set(keys)) == len(keys)
+    if distinct and "__metadata__" not in keys:
         # Written as text directly, the bytes json.dumps gives (tests/test_many_tensors.py):
         # no dict and two lists per tensor on the way, and one format operation for all the
         # entries (a Python step per entry costs more than the C formatting of all of them).
@@ -67,7 +73,7 @@ def encode_header_columns(
             dims = ",".join(map(int.__repr__, pair[1]))
             heads[pair] = f':{{"dtype":{_text(pair[0])},"shape":[{dims}],"data_offsets":['
         # Keys with nothing to escape (the usual state) go into the format as they are.
-        names = keys if json_text.plain(keys) else [_text(k)[1:-1] for k in keys]
+        names = keys if plain_distinct_keys or json_text.plain(keys) else [_text(k)[1:-1] for k in keys]
         columns: list[Any] = [names, begins, ends]
         if len(heads) == 1:
             entry = ',"%s"' + next(iter(heads.values())).replace("%", "%%") + "%d,%d]}"

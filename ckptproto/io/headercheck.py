@@ -67,6 +67,9 @@ class FileLayout:
     # ``forms``, the entries but for the key (a reader's work per form, not per tensor).
     form_of: list[int] | None = None
     forms: list[TensorEntry] = field(default_factory=list)
+    # The keys are written in JSON as themselves (ColumnTable.plain_keys), and distinct (F-12,
+    # checked by the parse that made that table): the regenerated header checks neither.
+    plain_keys: bool = False
 
     @property
     def entries(self) -> list[Entry]:
@@ -160,6 +163,7 @@ def _column_layouts(columns: ColumnTable, names: list[str]) -> dict[str, FileLay
             owned_forms,
         )
         layout.forms = forms
+        layout.plain_keys = columns.plain_keys
         layouts[name] = layout
     return layouts
 
@@ -174,7 +178,13 @@ def expected_header(layout: FileLayout) -> bytes | None:
         return None
     try:
         header = safetensors.encode_header_columns(
-            layout.keys, layout.codes, layout.shapes, layout.begins, layout.ends, FILE_METADATA
+            layout.keys,
+            layout.codes,
+            layout.shapes,
+            layout.begins,
+            layout.ends,
+            FILE_METADATA,
+            plain_distinct_keys=layout.plain_keys,
         )
     except UnicodeEncodeError:  # a key no UTF-8 file holds: the parse says what is wrong
         return None
