@@ -426,7 +426,7 @@ def all_match_torch(tensors: list[Any], dtype_column: list[DType], shapes: list[
     # found without a pair per tensor.
     pairs: Iterable[tuple[Any, DType]]
     if len(set(torch_dtypes)) == 1 and len(set(map(id, dtype_column))) == 1:
-        pairs = [(torch_dtypes[0], dtype_column[0])] if torch_dtypes else []
+        pairs = [(torch_dtypes[0], dtype_column[0])]
     else:
         by_id = dict(zip(map(id, dtype_column), dtype_column, strict=True))
         pairs = [(t, by_id[i]) for t, i in set(zip(torch_dtypes, map(id, dtype_column), strict=True))]

@@ -246,7 +246,9 @@ class _Encoder:
         except RuntimeError:  # a nested tensor has no single shape
             return None
         found = list(map(self._specs.get, pairs))
-        if None in found:  # a dtype and shape not seen yet: described once, cached if stored
+        # A dtype and shape not seen yet (a None; all() tests truth in C, where `None in found`
+        # would call each spec's Python __eq__): described once, cached if stored.
+        if not all(found):
             for v, pair in zip(values, pairs, strict=True):
                 if pair not in self._specs:
                     described = arrays.describe_torch(v)
@@ -274,16 +276,17 @@ class _Encoder:
         # Viewed in place where written (host_address): contiguous, no lazy conjugate or
         # negative bit (only a complex tensor has the conjugate bit; a real one may have the
         # negative bit). Found in passes: in the usual dict, every tensor is.
-        complex_dtypes = any(dtype.is_complex for dtype in set(dtypes))
-        if all(map(is_contiguous, values)) and not any(map(is_neg, values)):
-            host = addresses if not complex_dtypes or not any(map(is_conj, values)) else None
-        else:
-            host = None
-        if host is None:
-            host = [
+        in_place = all(map(is_contiguous, values)) and not any(map(is_neg, values))
+        if in_place and any(dtype.is_complex for dtype in set(dtypes)):
+            in_place = not any(map(is_conj, values))
+        host = (
+            addresses
+            if in_place
+            else [
                 a if v.is_contiguous() and not v.is_conj() and not v.is_neg() else 0
                 for a, v in zip(addresses, values, strict=True)
             ]
+        )
         keys = list(value)
         self.tensors += map(
             _new,

@@ -168,9 +168,6 @@ def _column_layouts(columns: ColumnTable, names: list[str]) -> dict[str, FileLay
     return layouts
 
 
-_DTYPE, _CHUNKS = itemgetter(0), itemgetter(2)  # TensorEntry fields
-
-
 def expected_header(layout: FileLayout) -> bytes | None:
     """The header (length prefix, JSON, padding) a ckptproto writer gives the file, or None
     when the comparison could not stand for the full check (see the module docstring)."""
