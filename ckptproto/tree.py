@@ -149,6 +149,11 @@ class _Encoder:
         # Plain torch tensors by address first (P-8): only tensors that share an address, few in
         # a state, are compared by their full identity (arrays.torch_identity) in ``_ids``.
         self._by_address: dict[int, int] = {}
+        # The addresses of the tensors of dicts encoded a column at a time (_tensor_dict), in a
+        # set (a column's check and record are set operations, not a dict insertion each) until
+        # a tensor encoded on its own needs one's index: then they join _by_address.
+        self._column_addresses: set[int] = set()
+        self._columns: list[tuple[int, list[int]]] = []  # (first index, addresses) not joined yet
         self._compared: set[int] = set()  # indices whose full identity is in ``_ids``
         self._specs: dict[tuple[Any, Any], ArraySpec] = {}  # (torch dtype, shape) -> spec
         self._active: set[int] = set()  # containers on the current path, to catch cycles
@@ -268,11 +273,16 @@ class _Encoder:
         ):
             return None
         addresses = list(map(data_ptr, values))
-        if len(set(addresses)) != len(addresses) or not self._by_address.keys().isdisjoint(addresses):
+        fresh = set(addresses)
+        if (
+            len(fresh) != len(addresses)
+            or not self._column_addresses.isdisjoint(fresh)
+            or not self._by_address.keys().isdisjoint(fresh)
+        ):
             return None  # a tie, or another view of some tensor's memory: item by item
         start = len(self.tensors)
-        indices = range(start, start + len(values))
-        self._by_address.update(zip(addresses, indices, strict=True))
+        self._column_addresses |= fresh
+        self._columns.append((start, addresses))
         # Viewed in place where written (host_address): contiguous, no lazy conjugate or
         # negative bit (only a complex tensor has the conjugate bit; a real one may have the
         # negative bit). Found in passes: in the usual dict, every tensor is.
@@ -299,7 +309,9 @@ class _Encoder:
                 host,
             ),
         )
-        column = References(zip(keys, [{"$torch": i} for i in indices], strict=True))
+        column = References(
+            zip(keys, [{"$torch": i} for i in range(start, start + len(values))], strict=True)
+        )
         column.first = start
         return column
 
@@ -320,6 +332,8 @@ class _Encoder:
         if not spec.numel:  # empty tensors all may share one address: only the same object ties
             return self._tied_or_new(("empty", id(value)), value, spec, path)
         address = value.data_ptr()
+        if address in self._column_addresses:
+            self._join_columns()
         count = len(self.tensors)
         index = self._by_address.setdefault(address, count)
         if index == count:
@@ -332,6 +346,13 @@ class _Encoder:
             self._ids[arrays.torch_identity(first.value, first.spec.shape)] = index
             self._compared.add(index)
         return self._tied_or_new(arrays.torch_identity(value, spec.shape), value, spec, path)
+
+    def _join_columns(self) -> None:
+        """Move the columns' addresses into ``_by_address`` (once per column)."""
+        for start, addresses in self._columns:
+            self._by_address.update(zip(addresses, range(start, start + len(addresses)), strict=True))
+        self._columns.clear()
+        self._column_addresses.clear()
 
     def _tied_or_new(self, key: tuple[Any, ...], value: Any, spec: ArraySpec, path: str) -> dict[str, int]:
         index = self._ids.get(key)

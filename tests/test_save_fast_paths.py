@@ -339,7 +339,9 @@ def test_table_of_a_world_of_one_by_columns_is_the_general_table(tmp_path: Path)
 
 def _with_tensor_dicts(state: dict[str, Any]) -> dict[str, Any]:
     """``state`` plus dicts of tensors only (a module's state_dict): one all usual tensors, one
-    with a tie, one with a non-contiguous, an empty and a neg-bit tensor, one on the meta device."""
+    with a tie, one with a non-contiguous, an empty and a neg-bit tensor, one the first again;
+    then a small dict (item by item) holding a tensor of a column again and another view of
+    one's memory (a tie and a non-tie found from a column's addresses)."""
     g = torch.Generator().manual_seed(1)
     fresh = {f"p{i}": torch.randn(i % 3 + 1, 2, generator=g) for i in range(12)}
     fresh["half"] = torch.ones(3, dtype=torch.float16)
@@ -347,7 +349,15 @@ def _with_tensor_dicts(state: dict[str, Any]) -> dict[str, Any]:
     tied = {**{f"q{i}": torch.randn(2, generator=g) for i in range(9)}, "again": state["w"]}
     odd = {f"r{i}": torch.randn(2, generator=g) for i in range(9)}
     odd.update(t=torch.randn(2, 3, generator=g).t(), empty=torch.empty(0), neg=torch._neg_view(torch.ones(2)))
-    return {**state, "module": fresh, "tied_module": tied, "odd_module": odd, "after": dict(fresh)}
+    late = {"p0": fresh["p0"], "p1_flat": fresh["p1"].view(-1), "q0": tied["q0"]}
+    return {
+        **state,
+        "module": fresh,
+        "tied_module": tied,
+        "odd_module": odd,
+        "after": dict(fresh),
+        "late": late,
+    }
 
 
 def test_dicts_of_tensors_encoded_a_column_at_a_time_as_item_by_item(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -369,6 +379,9 @@ def test_dicts_of_tensors_encoded_a_column_at_a_time_as_item_by_item(monkeypatch
     assert columns.tree["after"] == {
         k: {"$torch": columns.tree["module"][k]["$torch"]} for k in state["after"]
     }
+    late = columns.tree["late"]
+    assert late["p0"] == columns.tree["module"]["p0"] and late["q0"] == columns.tree["tied_module"]["q0"]
+    assert late["p1_flat"] != columns.tree["module"]["p1"]  # the same address, another shape
 
 
 def test_refusals_in_a_dict_of_tensors_are_those_item_by_item() -> None:
