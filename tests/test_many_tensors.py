@@ -623,3 +623,25 @@ def test_the_stage_split_times_functions_that_exist(
     printed = capsys.readouterr().out
     for _module, _function, label in bench.STAGES + bench.LOAD_STAGES:
         assert f"  {label} " in printed, label
+
+
+def test_the_state_text_benchmark_reads_back_what_it_writes() -> None:
+    """bench_state_text compares format 1.0's reference objects with a column form: both of
+    its readers must still take its writers' text back to the same keys and indices (it
+    asserts that itself), through the quick reader (a declined text would time the general
+    path instead)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    try:
+        import bench_state_text as bench
+    finally:
+        sys.path.pop(0)
+    figures = bench.measure(300, 1)
+    assert set(figures) == {
+        "write 1.0",
+        "write column",
+        "read 1.0",
+        "read column",
+        "bytes 1.0",
+        "bytes column",
+    }
+    assert figures["bytes column"] < figures["bytes 1.0"]
