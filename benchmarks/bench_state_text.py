@@ -12,9 +12,11 @@ tensor again. A module's state dict could instead be one object, ``{"$column": {
 reader refuses, F-17, so it would take a new major version, F-31 and F-32). Measured on the
 same keys, in one process (CPU time of the process, the collector off, best of ``--repeat``):
 
-- write: 1.0 as ckptproto's encoder and manifest writer do it (``tree.References``, one dict
-  per reference, and ``json_text.tree``: one format operation for the column's text); the column
-  form by the C JSON encoder.
+- write: the text of an encoded tree, 1.0 as ckptproto's manifest writer makes it
+  (``json_text.tree``: one format operation for a column's text), the column form by the C JSON
+  encoder. Apart ("1.0 tree"): building the encoded tree ckptproto's encoder holds for 1.0 (a
+  ``tree.References``, one ``{"$torch": i}`` dict per reference, the JSON-able tree every
+  consumer of an encoded state reads), which the column form would not need either.
 - read: 1.0 as ckptproto's manifest reader does it (``manifest_text.split_members``: the C JSON
   scanner and its duplicate-key count, then ``tree.torch_column``, which the decode uses to
   take the column's indices); the column form by the same strict parser, with the duplicate-key
@@ -52,10 +54,15 @@ def best_us(step: Callable[[], Any], count: int, repeat: int) -> float:
 def measure(count: int, repeat: int) -> dict[str, float]:
     keys = [f"layers.{i // 8}.block.p{i % 8}" for i in range(count)]
 
-    def write_v1() -> str:
+    def tree_v1() -> dict[str, Any]:
         column = References(zip(keys, [{"$torch": i} for i in range(count)], strict=True))
         column.first = 0
-        return json_text.tree({"trainer": {"global_step": 100}, "models": {"m": column}})
+        return {"trainer": {"global_step": 100}, "models": {"m": column}}
+
+    encoded_v1 = tree_v1()
+
+    def write_v1() -> str:
+        return json_text.tree(encoded_v1)
 
     def write_column() -> str:
         column = {"$column": {"first": 0, "keys": keys}}
@@ -84,6 +91,7 @@ def measure(count: int, repeat: int) -> dict[str, float]:
     column_keys, column_indices = read_column()
     assert v1_keys == column_keys == keys and v1_indices == list(column_indices)
     return {
+        "1.0 tree": best_us(tree_v1, count, repeat),
         "write 1.0": best_us(write_v1, count, repeat),
         "write column": best_us(write_column, count, repeat),
         "read 1.0": best_us(read_v1, count, repeat),
@@ -100,17 +108,18 @@ def main() -> None:
     parser.add_argument("--counts", type=int, nargs="+", default=[10_000, 100_000, 300_000])
     parser.add_argument("--repeat", type=int, default=5)
     args = parser.parse_args()
-    print("state tree text, CPU us per reference (best of", args.repeat, "); ratio 1.0 / column")
+    print(f"state tree text, CPU us per reference (best of {args.repeat}); ratio: 1.0 / column")
     print(
         f"{'references':>10} | {'write 1.0':>9} {'column':>7} {'ratio':>6} | {'read 1.0':>8} {'column':>7} "
-        f"{'ratio':>6} | bytes 1.0 / column"
+        f"{'ratio':>6} | {'1.0 tree':>8} | bytes 1.0 / column"
     )
     for count in args.counts:
         m = measure(count, args.repeat)
         print(
             f"{count:>10,} | {m['write 1.0']:9.3f} {m['write column']:7.3f} "
             f"{m['write 1.0'] / m['write column']:6.1f} | {m['read 1.0']:8.3f} {m['read column']:7.3f} "
-            f"{m['read 1.0'] / m['read column']:6.1f} | {m['bytes 1.0']:.1f} / {m['bytes column']:.1f}"
+            f"{m['read 1.0'] / m['read column']:6.1f} | {m['1.0 tree']:8.3f} | "
+            f"{m['bytes 1.0']:.1f} / {m['bytes column']:.1f}"
         )
 
 

@@ -637,6 +637,7 @@ def test_the_state_text_benchmark_reads_back_what_it_writes() -> None:
         sys.path.pop(0)
     figures = bench.measure(300, 1)
     assert set(figures) == {
+        "1.0 tree",
         "write 1.0",
         "write column",
         "read 1.0",
