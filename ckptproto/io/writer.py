@@ -12,17 +12,19 @@ from ckptproto.errors import CheckpointWriteError
 from ckptproto.format.crc import crc32, crc32_combine, format_checksum
 from ckptproto.format.manifest import FileEntry
 from ckptproto.io import threads
+from ckptproto.io.direct import DirectFile
 from ckptproto.io.dirs import fsync_dir, together
 from ckptproto.io.plan import FilePlan
 
 
-def _write_batch(fd: int, offset: int, views: list[memoryview]) -> tuple[int, int]:
+def _write_batch(fd: int, offset: int, views: list[memoryview], direct: DirectFile | None) -> tuple[int, int]:
     if len(views) > 1 and sum(map(len, views)) < JOIN_BYTES * len(views):
         # Small pieces (a state of many small tensors): one copy, one write, one CRC instead
         # of a Python call per piece. The join releases the GIL past 1 MiB.
         views = [memoryview(b"".join(views))]
-    threads.pwritev_all(fd, views, offset)
-    threads.start_writeback(fd, offset, sum(len(v) for v in views))
+    if direct is None or not direct.write(fd, offset, views):
+        threads.pwritev_all(fd, views, offset)
+        threads.start_writeback(fd, offset, sum(len(v) for v in views))
     return crc_of(views)
 
 
@@ -115,15 +117,20 @@ def write_file(directory: Path, plan: FilePlan, sources: Sequence[memoryview]) -
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
     except OSError as exc:
         raise CheckpointWriteError(f"cannot create {path}: {exc}") from exc
+    direct = DirectFile.open(path, plan.size)  # large batches past the page cache (io/direct.py)
     try:
         threads.pwritev_all(fd, [memoryview(plan.header)], 0)
         pool = threads.pool()
-        futures = [pool.submit(_write_batch, fd, at, batch) for at, batch in file_batches(plan, views)]
+        futures = [
+            pool.submit(_write_batch, fd, at, batch, direct) for at, batch in file_batches(plan, views)
+        ]
         parts = [crc_of([memoryview(plan.header)]), *threads.gather(futures)]
-        os.fsync(fd)
+        os.fsync(fd)  # the file's size, its new blocks and the device's cache, however written
     except OSError as exc:
         raise CheckpointWriteError(f"writing {path} failed: {exc}") from exc
     finally:
+        if direct is not None:
+            direct.close()
         os.close(fd)
     return file_entry(plan, parts)
 

@@ -46,7 +46,7 @@ from ckptproto.errors import CheckpointError, CheckpointWriteError
 from ckptproto.format import json_text
 from ckptproto.format.info import CheckpointInfo
 from ckptproto.format.manifest import Manifest
-from ckptproto.io import pipeline, share_wire
+from ckptproto.io import direct, pipeline, share_wire
 from ckptproto.io.coordinate import Solo
 from ckptproto.io.local_storage import LocalStorage
 from ckptproto.io.meta import decode_metadata
@@ -370,6 +370,7 @@ def _watch_parent(fd: int) -> None:
 
 def main(fd: int, parent_pipe: int | None = None) -> None:
     """The child's loop: serve saves until the parent says stop or goes away."""
+    direct.prefer()  # its CPU is taken from the training loop: large files skip the page cache
     if parent_pipe is not None:
         threading.Thread(target=_watch_parent, args=(parent_pipe,), name="parent-watch", daemon=True).start()
     sock = socket.socket(fileno=fd)
