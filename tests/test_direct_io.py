@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import os
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +39,7 @@ def small_direct(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     monkeypatch.setenv(direct.ENV, "1")
     monkeypatch.setattr(direct, "MIN_BYTES", 128 << 10)
     monkeypatch.setattr(direct, "BOUNCE_BYTES", 16 << 10)
-    monkeypatch.setattr(direct, "_local", __import__("threading").local())  # buffers of that size
+    monkeypatch.setattr(direct, "_local", threading.local())  # buffers of that size
     monkeypatch.setattr(writer, "JOIN_BYTES", 1 << 10)
     monkeypatch.setattr(direct.threads, "BATCH_BYTES", 256 << 10)  # several ranges a file
     chunks: list[int] = []
@@ -128,6 +129,16 @@ def test_who_writes_direct(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
     monkeypatch.delenv(direct.ENV, raising=False)
     monkeypatch.setattr(direct, "_preferred", False)
     assert not opened()
+    in_thread: list[bool] = []
+
+    def asking_thread() -> None:
+        direct.prefer(thread=True)
+        in_thread.append(opened())
+
+    worker = threading.Thread(target=asking_thread)
+    worker.start()
+    worker.join()
+    assert in_thread == [True] and not opened()  # that thread's files only
     direct.prefer()
     assert opened() and not opened(big - 1)
     monkeypatch.setenv(direct.ENV, "0")
@@ -164,20 +175,22 @@ def _cached_fraction(path: Path) -> float:
 
 
 @pytest.mark.skipif(not hasattr(os, "O_DIRECT"), reason="no O_DIRECT on this platform")
-def test_the_async_writer_process_writes_past_the_page_cache(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("writer_mode", ["process", "thread"])
+def test_async_saves_write_past_the_page_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, writer_mode: str
 ) -> None:
-    """A blocking save leaves its data file in the page cache; the async writer process's
-    (direct writes) leaves it out but for the pages at the ranges' ends."""
+    """A blocking save leaves its data file in the page cache; an async save's (direct
+    writes, in the writer process or the saver's writer thread) is out of it but for the
+    pages at its ranges' ends."""
     torch = pytest.importorskip("torch")
     from ckptproto.io import writer_process
 
-    if direct._in_memory(tmp_path) or not writer_process.available():
+    if direct._in_memory(tmp_path) or (writer_mode == "process" and not writer_process.available()):
         pytest.skip("tmpfs, or no writer process here")
     monkeypatch.delenv(direct.ENV, raising=False)
     state = {"m": {f"w{i}": torch.arange(i, i + 1_000_003, dtype=torch.float32) for i in range(4)}}
     ckptproto.save(state, tmp_path / "sync")
-    with ckptproto.AsyncSaver(writer="process") as saver:
+    with ckptproto.AsyncSaver(writer=writer_mode) as saver:  # type: ignore[arg-type]
         saver.save(state, tmp_path / "async").result()
     sync_file = next((tmp_path / "sync").glob("*.safetensors"))
     async_file = next((tmp_path / "async").glob("*.safetensors"))

@@ -34,7 +34,7 @@ from typing import Any, Literal
 from ckptproto import _gc
 from ckptproto.errors import CheckpointError, SaverBusyError
 from ckptproto.format.info import CheckpointInfo
-from ckptproto.io import async_job, saver_exit, staging, writer_process
+from ckptproto.io import async_job, direct, saver_exit, staging, writer_process
 
 # Re-exported (``as``): policy tests hold the write by patching ``async_save.pipeline.run``.
 from ckptproto.io import pipeline as pipeline
@@ -341,6 +341,7 @@ class AsyncSaver:
         self._write_queue.put(None)
 
     def _write_loop(self) -> None:
+        direct.prefer(thread=True)  # its CPU is taken from the loop: large files skip the page cache
         while (job := self._write_queue.get()) is not None:
             info: CheckpointInfo | None = None
             error: BaseException | None = None

@@ -7,9 +7,9 @@ time, and when the save is async they are taken from the training loop beside it
 bounce buffer with ``O_DIRECT`` the CPU is one copy into memory that is already there: on
 the 2-core VM, 512 MiB durably written took 0.17-1.96 s of CPU buffered (the high end with the
 page cache full) and ~0.08-0.15 s direct. Its wall time there was no better: 0.29-0.30 s
-buffered with free page cache against 0.37-0.52 s direct. So the async writer process writes
-direct (:func:`prefer`) and a blocking ``save()`` buffered, unless ``CKPTPROTO_DIRECT_IO``
-says otherwise. Durability is the same either way: the file is fsynced (its size, its new
+buffered with free page cache against 0.37-0.52 s direct. So async saves write direct (the
+writer process and the async saver's writer thread: :func:`prefer`) and a blocking ``save()``
+buffered, unless ``CKPTPROTO_DIRECT_IO`` says otherwise. Durability is the same either way: the file is fsynced (its size, its new
 blocks, the device's cache).
 
 Only the page-aligned interior of a range goes direct; the bytes before its first boundary and
@@ -54,16 +54,23 @@ _local = threading.local()
 _preferred = False
 
 
-def prefer() -> None:
-    """Write this process's large data files direct from now on (unless ``CKPTPROTO_DIRECT_IO``
-    says otherwise): the async writer process does, as its CPU is taken from the training
-    loop beside it, and a buffered write's is several times a direct one's (measured with
-    ``bench_async.py``: the loop's own CPU +145 ms buffered, -7 ms direct, 512 MiB). A blocking
-    ``save()`` does not: its caller waits for the wall time alone, and on the 2-core VM a
-    buffered write with free page cache finished first (512 MiB durable in ~0.29 s against
-    ~0.37-0.45 s direct), and left the bytes in the page cache for a load that follows."""
+def prefer(*, thread: bool = False) -> None:
+    """Write the large data files this process opens from now on direct (unless
+    ``CKPTPROTO_DIRECT_IO`` says otherwise); ``thread``: only those this thread opens. The
+    async writer process and the async saver's writer thread do, as their CPU is taken from
+    the training loop beside them, and a buffered write's is several times a direct one's
+    (``bench_async.py``, 512 MiB: the loop's own CPU +145 ms buffered, -7 ms direct). A
+    blocking ``save()`` does not: its caller waits for the wall time alone, and on the 2-core
+    VM a buffered write into free page cache finished first (512 MiB durable in ~0.29 s against
+    ~0.37-0.45 s direct), and left the bytes in the page cache for a load that follows::
+
+        direct.prefer(thread=True)   # the async saver's writer thread, once
+    """
     global _preferred
-    _preferred = True
+    if thread:
+        _local.preferred = True
+    else:
+        _preferred = True
 
 
 class DirectFile:
@@ -80,7 +87,8 @@ class DirectFile:
         or cannot be had: a file under ``MIN_BYTES``, no ``O_DIRECT`` on the platform, a file
         system held in memory, an open that fails."""
         flag = getattr(os, "O_DIRECT", 0)
-        wanted = os.environ.get(ENV, "1" if _preferred else "0") == "1"
+        preferred = _preferred or getattr(_local, "preferred", False)
+        wanted = os.environ.get(ENV, "1" if preferred else "0") == "1"
         if not flag or not wanted or size < MIN_BYTES or _in_memory(path):
             return None
         try:
