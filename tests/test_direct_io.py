@@ -187,7 +187,15 @@ def test_async_saves_write_past_the_page_cache(
 
     if direct._in_memory(tmp_path) or (writer_mode == "process" and not writer_process.available()):
         pytest.skip("tmpfs, or no writer process here")
-    monkeypatch.delenv(direct.ENV, raising=False)
+    probe = tmp_path / "probe"
+    probe.write_bytes(b"")
+    monkeypatch.setenv(direct.ENV, "1")
+    opened = direct.DirectFile.open(probe, direct.MIN_BYTES)
+    if opened is None:
+        pytest.skip("this file system gives no O_DIRECT descriptor")
+    opened.close()
+    probe.unlink()
+    monkeypatch.delenv(direct.ENV)
     state = {"m": {f"w{i}": torch.arange(i, i + 1_000_003, dtype=torch.float32) for i in range(4)}}
     ckptproto.save(state, tmp_path / "sync")
     with ckptproto.AsyncSaver(writer=writer_mode) as saver:  # type: ignore[arg-type]

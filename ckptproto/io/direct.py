@@ -9,8 +9,9 @@ the 2-core VM, 512 MiB durably written took 0.17-1.96 s of CPU buffered (the hig
 page cache full) and ~0.08-0.15 s direct. Its wall time there was no better: 0.29-0.30 s
 buffered with free page cache against 0.37-0.52 s direct. So async saves write direct (the
 writer process and the async saver's writer thread: :func:`prefer`) and a blocking ``save()``
-buffered, unless ``CKPTPROTO_DIRECT_IO`` says otherwise. Durability is the same either way: the file is fsynced (its size, its new
-blocks, the device's cache).
+buffered, unless ``CKPTPROTO_DIRECT_IO`` says otherwise. Durability is the same either way:
+the file is fsynced (its size, its new blocks, the device's cache). Each I/O thread that has
+written direct keeps its bounce buffer (``BOUNCE_BYTES``) for the next save.
 
 Only the page-aligned interior of a range goes direct; the bytes before its first boundary and
 after its last go through the buffered descriptor, so no page is written both ways. Where the
@@ -78,7 +79,7 @@ class DirectFile:
 
     def __init__(self, fd: int) -> None:
         self.fd = fd
-        self.refused = False  # an aligned write came back EINVAL: the rest goes buffered
+        self.refused = False  # an aligned write was refused (EINVAL): the rest goes buffered
 
     @classmethod
     def open(cls, path: Path, size: int) -> DirectFile | None:
