@@ -117,7 +117,7 @@ def write_file(directory: Path, plan: FilePlan, sources: Sequence[memoryview]) -
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
     except OSError as exc:
         raise CheckpointWriteError(f"cannot create {path}: {exc}") from exc
-    direct = DirectFile.open(path, plan.size)  # large batches past the page cache (io/direct.py)
+    direct = DirectFile.open(path, plan.size)  # async saves' large files: past the page cache
     try:
         threads.pwritev_all(fd, [memoryview(plan.header)], 0)
         pool = threads.pool()
