@@ -206,3 +206,110 @@ def test_async_saves_write_past_the_page_cache(
     cached_sync, cached_async = _cached_fraction(sync_file), _cached_fraction(async_file)
     assert cached_sync > 0.9 and cached_async < 0.1, (cached_sync, cached_async)
     assert sync_file.read_bytes() == async_file.read_bytes()
+
+
+def _direct_descriptor(path: Path) -> direct.DirectFile:
+    """An O_DIRECT descriptor of ``path`` (created), or a skip where there is none."""
+    if not hasattr(os, "O_DIRECT") or direct._in_memory(path.parent):
+        pytest.skip("no O_DIRECT here (platform or tmpfs)")
+    path.write_bytes(b"")
+    try:
+        return direct.DirectFile(os.open(path, os.O_WRONLY | os.O_DIRECT))
+    except OSError as exc:
+        pytest.skip(f"this file system gives no O_DIRECT descriptor: {exc}")
+
+
+def test_pieces_at_their_files_page_offset_are_written_from_their_memory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Of a range's pieces, those lying at the same offset in a page as in the file go out
+    from their own memory (their page-aligned part); the rest, and the parts before and after,
+    through the bounce buffer: the file holds every byte as a buffered write gives it."""
+    import mmap
+
+    page = direct.ALIGN
+    memory = mmap.mmap(-1, 64 * page)  # page-aligned
+    whole = np.frombuffer(memory, dtype=np.uint8)
+    whole[:] = np.random.default_rng(3).integers(0, 255, whole.size, dtype=np.uint8)
+    raw = memoryview(memory)
+    offset = 3 * page + 100  # the range starts inside a page
+    # In file order, from ``offset``: congruent (starts at offset 100 in its page, as the
+    # file position does), then one off by 8 bytes, then congruent again (the bytes before it
+    # moved it to a page offset it has in memory too), then a short congruent one.
+    pieces = [
+        raw[100 : 100 + 20 * page],  # file 3p+100 .. 23p+100, memory 100 .. 20p+100
+        raw[30 * page + 108 : 30 * page + 108 + 5 * page],  # file 23p+100, memory offset 108
+        raw[40 * page + 100 : 40 * page + 100 + 17 * page + 50],  # file 28p+100: congruent
+        raw[20 * page + 150 : 20 * page + 150 + 3 * page],  # file 45p+150: congruent, its
+    ]  # aligned part (45p+150 .. 48p, where the range's last page boundary is) under 4 pages
+    expected = b"".join(bytes(p) for p in pieces)
+    monkeypatch.setattr(direct, "MIN_BYTES", page)
+    monkeypatch.setattr(direct, "IN_PLACE_MIN", 4 * page)
+    monkeypatch.setattr(direct, "BOUNCE_BYTES", 2 * page)
+    monkeypatch.setattr(direct, "_local", threading.local())
+    # The range's interior: file offsets 4p .. 48p, as positions in the pieces' bytes
+    in_place = direct._in_place(pieces, page - 100, 45 * page - 100, offset)
+    assert [(begin, end) for begin, end, _ in in_place] == [
+        (page - 100, 20 * page - 100),  # the first piece's aligned part: file 4p .. 23p
+        (26 * page - 100, 42 * page - 100),  # the third's: file 29p .. 45p
+    ]
+    path = tmp_path / "f"
+    descriptor = _direct_descriptor(path)
+    fd = os.open(path, os.O_WRONLY)
+    written: list[tuple[int, int]] = []
+    real = os.pwrite
+
+    def recording(fd: int, data: Any, at: int) -> int:
+        written.append((at, len(data)))
+        return real(fd, data, at)
+
+    monkeypatch.setattr(direct.os, "pwrite", recording)
+    try:
+        assert descriptor.write(fd, offset, pieces)
+    finally:
+        descriptor.close()
+        os.close(fd)
+    assert path.read_bytes()[offset:] == expected
+    assert (4 * page, 19 * page) in written and (29 * page, 16 * page) in written  # as they lie
+    bounced = [(at, n) for at, n in written if (at, n) not in ((4 * page, 19 * page), (29 * page, 16 * page))]
+    assert sum(n for _, n in bounced) == 44 * page - 35 * page  # the interior's other pages
+    assert all(n <= 2 * page for _, n in bounced)  # a bounce buffer at a time
+
+
+@pytest.mark.skipif(not hasattr(os, "O_DIRECT"), reason="no O_DIRECT on this platform")
+def test_an_async_save_of_page_sized_tensors_copies_nothing_into_the_bounce_buffer(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The saver's staging slab starts on a page and a data file's buffer of 4 MiB or more
+    does too, so tensors whose sizes are multiples of a page are written from the slab: no
+    byte goes through the bounce buffer, and the checkpoint loads back the same."""
+    torch = pytest.importorskip("torch")
+    probe = _direct_descriptor(tmp_path / "probe")
+    probe.close()
+    (tmp_path / "probe").unlink()
+    bounced: list[int] = []
+    real = direct.DirectFile._bounced
+
+    def counting(self: direct.DirectFile, views: Any, start: int, stop: int, at: int) -> None:
+        bounced.append(stop - start)
+        real(self, views, start, stop, at)
+
+    from_memory: list[int] = []
+    real_in_place = direct._in_place
+
+    def listing(*args: Any) -> Any:
+        found = real_in_place(*args)
+        from_memory.extend(end - begin for begin, end, _ in found)
+        return found
+
+    monkeypatch.setattr(direct.DirectFile, "_bounced", counting)
+    monkeypatch.setattr(direct, "_in_place", listing)
+    monkeypatch.setenv(direct.ENV, "1")
+    g = torch.Generator().manual_seed(0)
+    state = {"m": {f"w{i}": torch.randn(1 << 18, generator=g) for i in range(6)}}  # 1 MiB each
+    with ckptproto.AsyncSaver(writer="thread") as saver:
+        saver.save(state, tmp_path / "ck").result()
+    assert sum(from_memory) == 6 << 20 and sum(bounced) == 0
+    loaded = ckptproto.load(tmp_path / "ck")
+    for key, value in state["m"].items():
+        assert torch.equal(loaded["m"][key], value)

@@ -72,7 +72,7 @@ def _state() -> dict[str, Any]:
 
 def _slow(monkeypatch: pytest.MonkeyPatch) -> None:
     """Force the general paths: no regenerated header, so no layout, no runs."""
-    monkeypatch.setattr(reader, "expected_header", lambda layout: None)
+    monkeypatch.setattr(reader, "expected_header", lambda layout, file_size=None: None)
 
 
 def _same(a: Any, b: Any) -> None:
@@ -140,19 +140,20 @@ def test_run_tensors_have_memory_of_their_own(tmp_path: Path) -> None:
     assert torch.equal(torch.get_rng_state(), state["rng"])
 
 
-def _edit_data_header(path: Path, fn: Any) -> None:
-    """Rewrite the data file's header text with ``fn(text) -> text`` and fix the manifest's
-    size and checksum, so that only the header differs from what the writer made."""
+def _edit_data_header(path: Path, fn: Any, align: int = 8) -> None:
+    """Rewrite the data file's header text with ``fn(text) -> text`` (padded so the buffer
+    starts at a multiple of ``align``) and fix the manifest's size and checksum, so that only
+    the header differs from what the writer made."""
     (name,) = [p.name for p in path.glob("*.safetensors")]
     data = (path / name).read_bytes()
     (n,) = struct.unpack("<Q", data[:8])
     text = fn(data[8 : 8 + n].rstrip(b" "))
-    text = text.ljust(len(text) + (-(8 + len(text)) % 8))
+    text = text.ljust(len(text) + (-(8 + len(text)) % align))
     new = struct.pack("<Q", len(text)) + text + data[8 + n :]
     (path / name).write_bytes(new)
     doc = json.loads((path / "manifest.json").read_text())
     doc["files"][name] = {"size": len(new), "checksum": f"crc32:{zlib.crc32(new):08x}", "rank": 0}
-    doc.pop("manifest_checksum")
+    doc.pop("manifest_checksum", None)  # (edited once already: gone)
     (path / "manifest.json").write_text(json.dumps(doc))
 
 
@@ -179,6 +180,28 @@ def test_another_valid_header_takes_the_full_parse(tmp_path: Path, edit: Any) ->
     state = _save_small(tmp_path / "c")
     assert _opened_fast(tmp_path / "c")
     _edit_data_header(tmp_path / "c", edit)
+    assert not _opened_fast(tmp_path / "c")
+    _same(ckptproto.load(tmp_path / "c"), state)
+
+
+@pytest.mark.parametrize("large", [False, True])
+def test_either_padding_the_writer_gives_takes_the_fast_path(tmp_path: Path, large: bool) -> None:
+    """A data file's buffer starts at a multiple of 8, or of a page from
+    PAGE_BUFFER_MIN (files written before that rule have the first): both headers are
+    regenerated; any other padding is valid too, and takes the full parse."""
+    n = safetensors.PAGE_BUFFER_MIN // 4 if large else 6
+    state = {"a": torch.arange(float(n)), "b": torch.ones(3)}
+    ckptproto.save(state, tmp_path / "c")
+    (data,) = (tmp_path / "c").glob("*.safetensors")
+    (length,) = struct.unpack("<Q", data.read_bytes()[:8])
+    assert (8 + length) % (safetensors.PAGE if large else 8) == 0
+    assert large or (8 + length) % safetensors.PAGE != 0  # (the short header: minimal padding)
+    assert _opened_fast(tmp_path / "c")
+    for align, fast in ((8, True), (safetensors.PAGE, True), (16 << 10, False)):
+        _edit_data_header(tmp_path / "c", lambda t: t, align)
+        assert _opened_fast(tmp_path / "c") == fast, align
+        _same(ckptproto.load(tmp_path / "c"), state)
+    _edit_data_header(tmp_path / "c", lambda t: t + b" " * 8)  # 8 more than the minimum
     assert not _opened_fast(tmp_path / "c")
     _same(ckptproto.load(tmp_path / "c"), state)
 

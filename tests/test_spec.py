@@ -970,6 +970,16 @@ def test_F23_header_padded_to_8_with_spaces(tmp_path: Path) -> None:
         text = data[8 : 8 + n]
         stripped = text.rstrip(b" ")
         assert stripped.endswith(b"}") and json.loads(stripped) == json.loads(text)
+    # ckptproto's writer starts a buffer of 4 MiB or more at a page, 4096 bytes (a multiple
+    # of 8 still): the safetensors package reads the file as any other.
+    from safetensors.torch import load as safetensors_load
+
+    big = {"w": torch.arange(1 << 20, dtype=torch.float32)}
+    ck = save(tmp_path, big, name="big")
+    data = (ck / DATA).read_bytes()
+    (n,) = struct.unpack("<Q", data[:8])
+    assert (8 + n) % 4096 == 0 and data[8 + n - 1 : 8 + n] == b" "
+    assert torch.equal(safetensors_load(data)["w"], big["w"])
 
 
 def test_F24_tensors_aligned_to_itemsize(tmp_path: Path) -> None:

@@ -19,6 +19,12 @@ from ckptproto.format import json_text, strict_json
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors reference limit
 HEADER_ALIGN = 8
+# A buffer of at least PAGE_BUFFER_MIN bytes starts at a multiple of PAGE (still one of 8, as
+# F-23 asks): its tensors then lie at the page offsets they have in a page-aligned staging
+# buffer, so a writer past the page cache (io/direct.py) writes them from where they are, with
+# no copy; and a reader maps them page-aligned. At most PAGE - 8 spaces more on 4 MiB.
+PAGE = 4096
+PAGE_BUFFER_MIN = 4 << 20
 RAW_CODE = "U8"  # dtypes safetensors lacks are stored as raw bytes under this code
 _text = json_text.text
 
@@ -53,10 +59,13 @@ def encode_header_columns(
     metadata: dict[str, str],
     *,
     plain_distinct_keys: bool = False,
+    align: int = HEADER_ALIGN,
 ) -> bytes:
     """:func:`encode_header` of entries given as parallel columns (what a planner holds)::
 
     encode_header_columns(["w"], ["F32"], [(2,)], [0], [8], {"format": "pt"})
+
+    ``align``: the buffer starts at a multiple of it (a multiple of 8: :func:`buffer_align`).
 
     ``plain_distinct_keys``: the caller knows ``keys`` are distinct and that JSON writes each
     as itself (no ``"``, backslash or control character): neither is checked again.
@@ -90,8 +99,27 @@ def encode_header_columns(
         for key, code, shape, begin, end in zip(keys, codes, shapes, begins, ends, strict=True):
             obj[key] = {"dtype": code, "shape": list(shape), "data_offsets": [begin, end]}
         text = json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
-    pad = -(8 + len(text)) % HEADER_ALIGN
+    pad = -(8 + len(text)) % align
     return b"".join((struct.pack("<Q", len(text) + pad), text, b" " * pad))
+
+
+def buffer_align(buffer_size: int) -> int:
+    """Where ckptproto's writer starts a data file's buffer of ``buffer_size`` bytes: at a
+    multiple of 8 (F-23), of a page from PAGE_BUFFER_MIN on::
+
+        encode_header_columns(keys, codes, shapes, begins, ends, meta, align=buffer_align(ends[-1]))
+    """
+    return PAGE if buffer_size >= PAGE_BUFFER_MIN else HEADER_ALIGN
+
+
+def padded_to(header: bytes, length: int) -> bytes:
+    """``header`` (length prefix, JSON, spaces) with more spaces, ``length`` bytes in all::
+
+    padded_to(encode_header_columns(...), 4096)   # the buffer then starts at 4096
+    """
+    if length < len(header):
+        raise ValueError(f"a header of {len(header)} bytes cannot be padded to {length}")
+    return b"".join((struct.pack("<Q", length - 8), header[8:], b" " * (length - len(header))))
 
 
 def header_length(prefix: bytes, file_size: int, name: str) -> int:

@@ -128,7 +128,8 @@ class FilePlan:
 
 
 def align_width(itemsize: int) -> int:
-    """The alignment a data file gives a piece of this item size (the header is padded to 8)."""
+    """The alignment a data file gives a piece of this item size (the header is padded to 8,
+    or to a page: ``safetensors.buffer_align``)."""
     return min(itemsize, 8)
 
 
@@ -174,7 +175,13 @@ def plan_file(
         ]
     codes = [code or safetensors.RAW_CODE for code in known]
     header = safetensors.encode_header_columns(
-        keys, codes, shapes, begins, ends, FILE_METADATA if metadata is None else metadata
+        keys,
+        codes,
+        shapes,
+        begins,
+        ends,
+        FILE_METADATA if metadata is None else metadata,
+        align=safetensors.buffer_align(ends[-1] if ends else 0),
     )
     start = len(header)
     return FilePlan(

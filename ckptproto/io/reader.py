@@ -205,7 +205,7 @@ class OpenCheckpoint:
                     "(truncated or replaced)"
                 )
             layout = self.layouts.get(name)
-            expected = expected_header(layout) if layout is not None else None
+            expected = expected_header(layout, file.size) if layout is not None else None
             if (
                 layout is not None
                 and expected is not None

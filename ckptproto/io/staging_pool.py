@@ -68,11 +68,15 @@ class Slab:
             self.array = np.frombuffer(mmap.mmap(self.fd, capacity), dtype=np.uint8)
         elif pinned:
             torch = arrays.require_torch()
-            self.tensor = torch.empty(capacity, dtype=torch.uint8, device="cpu", pin_memory=True)
+            self.tensor = _page_aligned(
+                torch.empty(capacity + PAGE, dtype=torch.uint8, device="cpu", pin_memory=True), capacity
+            )
             self.array = self.tensor.numpy()
         elif (torch := arrays.loaded_torch()) is not None:
-            # torch's CPU allocator (64-byte aligned) measured fastest as a copy_ destination
-            self.tensor = torch.empty(capacity, dtype=torch.uint8, device="cpu")  # any default device
+            # torch's CPU allocator measured fastest as a copy_ destination (device: any default)
+            self.tensor = _page_aligned(
+                torch.empty(capacity + PAGE, dtype=torch.uint8, device="cpu"), capacity
+            )
             self.array = self.tensor.numpy()
         else:
             # numpy's allocation is only 16-byte aligned; copies into misaligned destinations
@@ -92,6 +96,15 @@ class Slab:
         if self.tensor is None:
             self.tensor = arrays.require_torch().from_numpy(self.array)
         return self.tensor
+
+
+def _page_aligned(buffer: Any, capacity: int) -> Any:
+    """``capacity`` bytes of the uint8 tensor ``buffer`` (``capacity + PAGE`` long) from its
+    first page boundary. Every slab starts on a page (a shared one is a mapping): a tensor
+    staged at a page offset its data file gives it too is then written past the page cache
+    from the slab itself (io/direct.py), not copied into a bounce buffer first."""
+    start = -buffer.data_ptr() % PAGE
+    return buffer[start : start + capacity]
 
 
 class _NoSharedMemory(Exception):
