@@ -9,7 +9,7 @@ import torch
 
 from ckptproto import arrays
 from ckptproto.errors import CheckpointError
-from ckptproto.io import staging
+from ckptproto.io import staging, staging_pool
 from ckptproto.io.staging import StagingPool, slab_capacity, stage_state
 from ckptproto.tree import encode_state
 
@@ -199,7 +199,29 @@ def test_staged_bytes_do_not_follow_later_mutation() -> None:
     staged.release()
 
 
+@pytest.mark.parametrize("shared", [False, True])
+@pytest.mark.parametrize("capacity", [64, 4096 * 3 + 64, 1 << 20, (1 << 22) + 4096])
+def test_every_slab_starts_on_a_page(capacity: int, shared: bool) -> None:
+    """A tensor staged at the offset in a page its data file gives it is written from the slab
+    past the page cache (io/direct.py): that needs the slab itself to start on a page."""
+    if shared and not staging_pool.shared_memory_available():
+        pytest.skip("no memfd here")
+    slab = staging_pool.Slab(capacity, pinned=False, shared=shared)
+    assert slab.array.ctypes.data % 4096 == 0 and slab.array.size == capacity
+    if not shared:
+        assert slab.tensor.data_ptr() == slab.array.ctypes.data and slab.tensor.numel() == capacity
+
+
 # -- CUDA (run where a GPU is lent) -------------------------------------------------------------
+
+
+@cuda
+def test_pinned_slabs_start_on_a_page_and_take_no_more_than_asked() -> None:
+    """cudaHostAlloc's pages are kept as they are: asking a page more would take the next
+    power of two from torch's pinned allocator (a 1 GiB slab would hold 2 GiB)."""
+    slab = staging_pool.Slab(1 << 26, pinned=True)
+    assert slab.tensor.is_pinned() and slab.tensor.data_ptr() % 4096 == 0
+    assert slab.tensor.untyped_storage().nbytes() == 1 << 26
 
 
 @cuda

@@ -67,16 +67,11 @@ class Slab:
             os.ftruncate(self.fd, capacity)
             self.array = np.frombuffer(mmap.mmap(self.fd, capacity), dtype=np.uint8)
         elif pinned:
-            torch = arrays.require_torch()
-            self.tensor = _page_aligned(
-                torch.empty(capacity + PAGE, dtype=torch.uint8, device="cpu", pin_memory=True), capacity
-            )
+            self.tensor = _page_aligned(capacity, pin_memory=True)
             self.array = self.tensor.numpy()
-        elif (torch := arrays.loaded_torch()) is not None:
-            # torch's CPU allocator measured fastest as a copy_ destination (device: any default)
-            self.tensor = _page_aligned(
-                torch.empty(capacity + PAGE, dtype=torch.uint8, device="cpu"), capacity
-            )
+        elif arrays.loaded_torch() is not None:
+            # torch's CPU allocator measured fastest as a copy_ destination
+            self.tensor = _page_aligned(capacity, pin_memory=False)
             self.array = self.tensor.numpy()
         else:
             # numpy's allocation is only 16-byte aligned; copies into misaligned destinations
@@ -98,11 +93,19 @@ class Slab:
         return self.tensor
 
 
-def _page_aligned(buffer: Any, capacity: int) -> Any:
-    """``capacity`` bytes of the uint8 tensor ``buffer`` (``capacity + PAGE`` long) from its
-    first page boundary. Every slab starts on a page (a shared one is a mapping): a tensor
-    staged at a page offset its data file gives it too is then written past the page cache
-    from the slab itself (io/direct.py), not copied into a bounce buffer first."""
+def _page_aligned(capacity: int, *, pin_memory: bool) -> Any:
+    """A uint8 CPU tensor of ``capacity`` bytes that starts on a page. Every slab does (a shared
+    one is a mapping): a tensor staged at the page offset its data file gives it too is then
+    written past the page cache from the slab itself (io/direct.py), not copied into a bounce
+    buffer first. Memory that comes page-aligned (pinned memory: cudaHostAlloc) is kept as it
+    is: a page more would take the next power of two from torch's pinned allocator."""
+    torch = arrays.require_torch()
+    # (device="cpu": whatever torch.set_default_device says)
+    exact = torch.empty(capacity, dtype=torch.uint8, device="cpu", pin_memory=pin_memory)
+    if exact.data_ptr() % PAGE == 0:
+        return exact
+    del exact
+    buffer = torch.empty(capacity + PAGE, dtype=torch.uint8, device="cpu", pin_memory=pin_memory)
     start = -buffer.data_ptr() % PAGE
     return buffer[start : start + capacity]
 
