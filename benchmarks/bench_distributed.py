@@ -10,6 +10,12 @@ into existing DTensors (ckptproto.load_into, dcp.load). Best and median of ``--r
 
     python benchmarks/bench_distributed.py --ranks 2 4 --mib 64 --dir /tmp
 
+``--async`` saves with ``ckptproto.AsyncSaver`` (one per rank, made once) and
+``dcp.async_save`` instead: the ``stall`` row is the time until the save call returned (what
+the training loop waits for), ``save`` the time until the checkpoint was committed on every
+rank; the loads then read those checkpoints from the disk (both evicted from the page cache
+first: ckptproto's async writes bypass it, DCP's do not).
+
 ``--phases`` also times each step of ckptproto's saves on every rank (prepare, begin, the
 three messages, writing with CRCs, the fsyncs, manifest and commit; wall and this thread's
 CPU) and DCP's fsyncs, and prints every rank's median per step and the timeline of the
@@ -41,6 +47,17 @@ def _port() -> int:
 
 def _dir_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def _evict(path: Path) -> None:
+    """Drop the (written back, clean) page-cache pages of every file under ``path``."""
+    for file in path.rglob("*"):
+        if file.is_file():
+            fd = os.open(file, os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
 
 
 def _state(mib: float, replicated_mib: float, mesh: Any, zero: bool) -> dict[str, Any]:
@@ -148,15 +165,49 @@ def _rank(rank: int, world: int, port: int, args: dict[str, Any], out: str) -> N
         dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
         return float(elapsed.item())
 
+    def timed_async(start: Any) -> tuple[float, float]:
+        """(until ``start()`` returned, until the wait it returned did), slowest rank each."""
+        dist.barrier()
+        begin = time.perf_counter()
+        wait = start()
+        stall = time.perf_counter() - begin
+        wait()
+        dist.barrier()
+        elapsed = torch.tensor([stall, time.perf_counter() - begin], dtype=torch.float64)
+        dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
+        return float(elapsed[0]), float(elapsed[1])
+
+    def ours_async(path: Path) -> Any:
+        return saver.save(state, path).result
+
+    def dcp_async(path: Path) -> Any:
+        response = dcp.async_save(state, checkpoint_id=str(path))
+        return getattr(response, "upload_completion", response).result  # (a Future, in 2.13)
+
+    saver = ckptproto.AsyncSaver() if args["async"] else None  # a collective call: made once
     times: dict[str, list[float]] = {"ours_save": [], "dcp_save": [], "ours_load": [], "dcp_load": []}
+    times.update({"ours_stall": [], "dcp_stall": []} if saver is not None else {})
     for attempt in range(args["repeat"]):
         ours, theirs = root / f"ours-{world}-{attempt}", root / f"dcp-{world}-{attempt}"
         order = [("ours", ours), ("dcp", theirs)] if attempt % 2 == 0 else [("dcp", theirs), ("ours", ours)]
         for name, path in order:
-            if name == "ours":
+            if saver is not None:
+                stall, total = timed_async(
+                    lambda p=path, n=name: (ours_async if n == "ours" else dcp_async)(p)
+                )
+                times[f"{name}_stall"].append(stall)
+                times[f"{name}_save"].append(total)
+            elif name == "ours":
                 times["ours_save"].append(timed(lambda p=path: ckptproto.save(state, p), "ours"))
             else:
                 times["dcp_save"].append(timed(lambda p=path: dcp.save(state, checkpoint_id=str(p)), "dcp"))
+        if saver is not None:
+            # Async saves write ckptproto's files past the page cache (io/direct.py) and DCP's
+            # through it: both loads read from the disk, or the ratio says which is cached.
+            if rank == 0:
+                _evict(ours)
+                _evict(theirs)
+            dist.barrier()
         targets = {n: _state(args["mib"], args["replicated_mib"], mesh, zero=True) for n in ("ours", "dcp")}
         for name, path in order:
             t = targets[name]
@@ -169,6 +220,8 @@ def _rank(rank: int, world: int, port: int, args: dict[str, Any], out: str) -> N
                 assert torch.equal(t["model"][key].to_local(), value.to_local()), (name, key)
             for key, value in state["replicated"].items():
                 assert torch.equal(t["replicated"][key], value), (name, key)
+    if saver is not None:
+        saver.close()
     if phases is not None:
         Path(f"{out}.phases.{rank}").write_text(json.dumps(steps))
     dist.barrier()
@@ -239,7 +292,15 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument("--dir", default=None, help="where to write (default: the system temp dir)")
     parser.add_argument("--phases", action="store_true", help="time each step of the saves on every rank")
+    parser.add_argument(
+        "--async",
+        dest="async_",
+        action="store_true",
+        help="AsyncSaver against dcp.async_save: the save call's stall, then the commit",
+    )
     ns = parser.parse_args()
+    if ns.async_ and ns.phases:
+        parser.error("--phases times the blocking saves; run it without --async")
     root = Path(tempfile.mkdtemp(prefix="bench-distributed-", dir=ns.dir))
     args = {
         "mib": ns.mib,
@@ -247,10 +308,16 @@ def main() -> None:
         "repeat": ns.repeat,
         "root": str(root),
         "phases": ns.phases,
+        "async": ns.async_,
     }
     print(
         f"state: {ns.mib:g} MiB sharded (16 DTensors, Shard(0)) + {ns.replicated_mib:g} MiB replicated "
         f"(4 plain tensors on every rank); best and median of {ns.repeat}; in {root}"
+        + (
+            "\nasync: stall = until the save call returned, save = until committed on every rank"
+            if ns.async_
+            else ""
+        )
     )
     header = (
         f"{'ranks':>5} {'op':>5} {'ckptproto s':>12} {'DCP s':>8} {'DCP/ours':>9}"
@@ -260,7 +327,7 @@ def main() -> None:
         for world in ns.ranks:
             r = run(world, args)
             print(header)
-            for op in ("save", "load"):
+            for op in ("stall", "save", "load") if ns.async_ else ("save", "load"):
                 ours, theirs = r[f"ours_{op}"], r[f"dcp_{op}"]
                 mine, other = r[f"ours_{op}_median"], r[f"dcp_{op}_median"]
                 print(
