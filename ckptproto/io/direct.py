@@ -25,8 +25,8 @@ that has bounced a write keeps its buffer (``BOUNCE_BYTES``) for the next save.
 Only the page-aligned interior of a range goes direct; the bytes before its first boundary and
 after its last go through the buffered descriptor, so no page is written both ways. Where the
 file system cannot (tmpfs and ramfs hold files in the page cache: a copy more and nothing
-saved) or refuses an aligned write (``EINVAL``, ``EOPNOTSUPP``), the range is written
-buffered as before::
+saved) or refuses an aligned write (``EINVAL``, ``EOPNOTSUPP``, or ``EFAULT`` from memory
+it cannot take directly), the range is written buffered as before::
 
     direct = DirectFile.open(path, size)       # None: write buffered
     if direct is None or not direct.write(fd, offset, views):
@@ -122,7 +122,10 @@ class DirectFile:
         try:
             self._interior(views, begin - offset, end - offset, offset)
         except OSError as exc:
-            if exc.errno not in (errno.EINVAL, errno.EOPNOTSUPP):
+            # (EFAULT: memory the device cannot take straight from, e.g. managed memory, in a
+            # write from a piece's own memory; the buffered write that follows then copies it,
+            # and fails in turn if the memory is really unreadable.)
+            if exc.errno not in (errno.EINVAL, errno.EOPNOTSUPP, errno.EFAULT):
                 raise
             self.refused = True
             return False
