@@ -104,16 +104,27 @@ class TensorLeaf(NamedTuple):
 
 class References(dict[str, dict[str, int]]):
     """An encoded dict whose values are ``{"$torch": i}`` for ``i`` from ``first`` on, in
-    order: what the encoder makes of a dict of many plain tensors (a module's state dict). A
-    dict like any other; the manifest's writer (``format/json_text.tree``) writes its text from
-    its keys and ``first`` without a pass over its values::
+    order: what the encoder makes of a dict of many plain tensors (a module's state dict), at
+    state path ``path`` (its tensors' paths: :func:`column_paths`). A dict like any other; the
+    manifest's writer (``format/json_text.tree``) writes its text from its keys and ``first``
+    without a pass over its values::
 
         column = References({"w": {"$torch": 3}, "b": {"$torch": 4}})
-        column.first = 3
+        column.first, column.path = 3, "models.model"
     """
 
-    __slots__ = ("first",)
+    __slots__ = ("first", "path")
     first: int
+    path: str
+
+
+def column_paths(path: str, keys: list[str]) -> list[str]:
+    """The state paths of the tensors of a References column at ``path`` with ``keys``
+    (``join_path`` of each str key, in C)::
+
+        column_paths("models.model", ["w", "b"])   # ["models.model.w", "models.model.b"]
+    """
+    return list(map((path + ".").__add__, keys)) if path else keys
 
 
 @dataclass
@@ -304,7 +315,7 @@ class _Encoder:
             zip(
                 values,
                 specs,
-                list(map((path + ".").__add__, keys)) if path else keys,
+                column_paths(path, keys),
                 repeat(None),
                 host,
             ),
@@ -312,7 +323,7 @@ class _Encoder:
         column = References(
             zip(keys, [{"$torch": i} for i in range(start, start + len(values))], strict=True)
         )
-        column.first = start
+        column.first, column.path = start, path
         return column
 
     def _plain_torch(self, value: Any, path: str) -> dict[str, int]:

@@ -230,8 +230,8 @@ def test_a_malformed_job_fails_that_save_and_the_writer_serves_the_next(
     real = share_wire.pack
 
     def short(share: Any) -> Any:
-        columns, ids = real(share)
-        return columns, ids[:-1]
+        columns, tree, ids = real(share)
+        return columns, tree, ids[:-1]
 
     _malformed_then_served(tmp_path, monkeypatch, share_wire, "pack", short)
 
@@ -279,11 +279,12 @@ def test_the_share_travels_as_columns_and_comes_back_equal() -> None:
     state["models"]["model"]["same"] = {"name": torch.zeros(3)}  # keys made unique alike
     prepared = prepare(state, None, Solo())
     share = prepared.share
-    columns, spec_ids = share_wire.pack(prepared.encoded)
+    columns, tree, spec_ids = share_wire.pack(prepared.encoded)
     # A handful of distinct specs, each sent once; one raw index per tensor.
     assert len(columns["specs"]) < len(share.pieces) and len(spec_ids) == len(share.pieces)
     raw_ids = np.frombuffer(spec_ids.tobytes(), np.int64)
-    back = share_wire.unpack(json.loads(json.dumps(columns)), raw_ids)
+    job, found = share_wire.loads(json.dumps({"share": columns})[:-1] + ',"tree":' + tree + "}")
+    back = share_wire.unpack(job["share"], raw_ids, job["tree"], found)
     assert back.pieces == share.pieces
     assert [(t.path, t.spec) for t in back.encoded.tensors] == [
         (t.path, t.spec) for t in share.encoded.tensors
@@ -295,6 +296,66 @@ def test_the_share_travels_as_columns_and_comes_back_equal() -> None:
         share.replicas,
         [],
     )
+
+
+def _column(n: int, start: float = 0.0, key: str = "w{}") -> dict[str, torch.Tensor]:
+    return {key.format(i): torch.full((2,), start + i) for i in range(n)}
+
+
+def _wire_round_trip(state: dict[str, Any]) -> tuple[Any, Any, str]:
+    prepared = prepare(state, None, Solo())
+    columns, tree, spec_ids = share_wire.pack(prepared.encoded)
+    job, found = share_wire.loads(json.dumps({"share": columns})[:-1] + ',"tree":' + tree + "}")
+    return prepared.share, share_wire.unpack(job["share"], spec_ids, job["tree"], found), tree
+
+
+@pytest.mark.parametrize(
+    ("state", "sent_as_columns"),
+    [
+        (_column(12), 1),  # a column at the root: its paths are its keys
+        ({"models": {"a": _column(10), "b": _column(9, 100.0)}, "step": 3}, 2),
+        ({"x": [_column(10), _column(8, 50.0)], "y": _column(11, 9.0)}, 1),  # in a list: dicts
+        ({"m": _column(10, key='k"{}\\'), "n": {"é": _column(10)}, "o": {"é{}": 0, **_column(9)}}, 2),
+        # In a dict past what the tree's writer walks in Python (60 x 7 items before it): the
+        # C encoder writes that dict, the column in it as a plain dict.
+        (
+            {f"g{j}": {f"s{i}": torch.ones(1) for i in range(7)} for j in range(60)}
+            | {"late": {"c": _column(20), **{f"v{i}": i for i in range(9)}}},
+            0,
+        ),
+    ],
+    ids=["root", "modules", "in-a-list", "quoted-keys", "late"],
+)
+def test_columns_travel_as_their_keys_and_come_back_the_same(
+    state: dict[str, Any], sent_as_columns: int
+) -> None:
+    """A module's state dict goes as its keys, first index and path (its references and its
+    tensors' paths follow from them); every other tensor's path goes as it is. The writer
+    process gets back the same tree, paths and pieces wherever the columns are."""
+    share, back, tree = _wire_round_trip(state)
+    assert back.encoded.tree == share.encoded.tree
+    assert [(t.path, t.spec) for t in back.encoded.tensors] == [
+        (t.path, t.spec) for t in share.encoded.tensors
+    ]
+    assert back.pieces == share.pieces
+    assert tree.count('"$column"') == sent_as_columns
+
+
+def test_a_column_that_does_not_fit_the_job_is_refused() -> None:
+    """Columns that overlap, run past the tensors or are spelled wrong: a malformed job."""
+    prepared = prepare({"m": _column(10), "n": _column(10)}, None, Solo())
+    columns, tree, spec_ids = share_wire.pack(prepared.encoded)
+    assert tree.count('"$column"') == 2
+    for bad_tree in (
+        tree.replace('"$column":[10,', '"$column":[5,'),  # overlaps the first
+        tree.replace('"$column":[10,', '"$column":[11,'),  # one past the end
+        tree.replace('"$column":[10,', '"$column":["10",'),
+        tree.replace('"$column":[10,"n",', '"$column":[10,"n",["w0"],'),
+    ):
+        message = json.dumps({"share": columns})[:-1] + ',"tree":' + bad_tree + "}"
+        with pytest.raises(CheckpointError, match="malformed job"):
+            job, found = share_wire.loads(message)
+            share_wire.unpack(job["share"], spec_ids, job["tree"], found)
 
 
 def test_shared_staging_hands_out_the_memfd_and_every_views_place() -> None:

@@ -4,16 +4,18 @@ For a world of one the share is fully determined by the encoded state: its tree,
 path and spec. So only those travel, and the writer process plans the pieces itself with the
 same :func:`~ckptproto.io.share.plan_share` every save runs. Specs are shared objects (a state
 of 20,000 tensors has a handful of distinct ones), so they go as a small table plus one raw
-integer per tensor. JSON of the tree and the paths is all the training process encodes
-(io/writer_process.py): ~15 ms of its GIL at 20,000 tensors, where JSON columns of every
-piece cost ~40 ms::
+integer per tensor. A module's state dict (a ``tree.References`` column) goes as its keys, its
+first index and its path, which imply its references and its tensors' paths; only the paths
+of other tensors travel. That JSON is all the training process encodes (io/writer_process.py)::
 
-    columns, spec_ids = pack(encoded)              # in the training process (sent as JSON)
-    share = unpack(job["share"], spec_ids)         # in the writer process, job = json.loads(...)
+    columns, tree, spec_ids = pack(encoded)        # in the training process (sent as JSON)
+    job, found = loads(message)                    # in the writer process
+    share = unpack(job["share"], spec_ids, job["tree"], found)
 """
 
 from __future__ import annotations
 
+import json
 from itertools import repeat
 from operator import itemgetter
 from typing import Any
@@ -23,14 +25,21 @@ import numpy as np
 from ckptproto import dtypes
 from ckptproto.arrays import ArraySpec
 from ckptproto.errors import CheckpointError
+from ckptproto.format import json_text
 from ckptproto.io.share import ShareJob, plan_share
-from ckptproto.tree import EncodedState, TensorLeaf
+from ckptproto.tree import EncodedState, References, TensorLeaf, column_paths
 
 
-def pack(encoded: EncodedState) -> tuple[dict[str, Any], np.ndarray[Any, Any]]:
+def pack(encoded: EncodedState) -> tuple[dict[str, Any], str, np.ndarray[Any, Any]]:
     """The description of a world of one's save of ``encoded`` (values not included): JSON-ready
-    columns (the tree, the paths, the distinct specs) and, per tensor, the index of its spec in
-    that table (int64). A DTensor's shards are not implied by the tree: refused."""
+    columns (the tensor count, the distinct specs, the paths no column implies), the tree's
+    JSON text, and, per tensor, the index of its spec in that table (int64). A DTensor's shards
+    are not implied by the tree: refused.
+
+    Each ``tree.References`` column the tree's writer meets goes as its first index, its path
+    and its keys (``{"$column": [3, "models.model", ["w", "b"]]}``): its references and its
+    tensors' paths follow from those (:func:`loads` rebuilds them), so the text holds each key
+    once, not a reference object per key and each path again."""
     tensors = encoded.tensors
     if list(map(_SHARD, tensors)).count(None) != len(tensors):
         raise CheckpointError("internal error: a distributed share cannot go to the writer process")
@@ -40,27 +49,83 @@ def pack(encoded: EncodedState) -> tuple[dict[str, Any], np.ndarray[Any, Any]]:
     ids = list(map(id, every))
     distinct: dict[int, ArraySpec] = dict(zip(ids, every, strict=True))
     position = {key: n for n, key in enumerate(distinct)}
+    implied = np.zeros(len(tensors), dtype=bool)
+
+    def column(refs: References) -> str:
+        implied[refs.first : refs.first + len(refs)] = True
+        return f'{{"{COLUMN}":[{refs.first},{json_text.text(refs.path)},{_KEYS.encode(list(refs))}]}}'
+
+    tree = json_text.tree(encoded.tree, column)
+    loose = np.flatnonzero(~implied).tolist()
     columns = {
-        "tree": encoded.tree,
-        "paths": list(map(_PATH, tensors)),
+        "count": len(tensors),
+        "loose": [loose, list(map(_PATH, map(tensors.__getitem__, loose)))],
         "specs": [[s.kind, s.dtype.name, s.shape] for s in distinct.values()],
     }
-    return columns, np.fromiter(map(position.__getitem__, ids), dtype=np.int64, count=len(ids))
+    return columns, tree, np.fromiter(map(position.__getitem__, ids), dtype=np.int64, count=len(ids))
+
+
+COLUMN = "$column"  # never a key of an encoded dict: the encoder writes "$" keys as "$dict" pairs
+_KEYS = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), check_circular=False)
+
+
+def loads(message: bytes | str) -> tuple[Any, list[References]]:
+    """``json.loads`` of a job :func:`pack` described, with each column in its tree back as the
+    ``tree.References`` it was (its references rebuilt), and those columns, in no order."""
+    found: list[References] = []
+
+    def rebuild(obj: dict[str, Any]) -> Any:
+        if len(obj) != 1 or COLUMN not in obj:
+            return obj
+        spec = obj[COLUMN]
+        if (
+            type(spec) is not list
+            or len(spec) != 3
+            or type(spec[0]) is not int
+            or type(spec[1]) is not str
+            or type(spec[2]) is not list
+            or not all(type(k) is str for k in spec[2])
+        ):
+            raise CheckpointError("internal error: the writer process got a malformed job (a column)")
+        first, path, keys = spec
+        refs = References(zip(keys, [{"$torch": i} for i in range(first, first + len(keys))], strict=True))
+        if len(refs) != len(keys):
+            raise CheckpointError("internal error: the writer process got a malformed job (column keys)")
+        refs.first, refs.path = first, path
+        found.append(refs)
+        return refs
+
+    return json.loads(message, object_hook=rebuild), found
 
 
 _SPEC, _PATH, _SHARD = itemgetter(1), itemgetter(2), itemgetter(3)  # TensorLeaf fields
 
 
-def unpack(columns: dict[str, Any], spec_ids: np.ndarray[Any, Any]) -> ShareJob:
-    """The ShareJob :func:`pack` described, also after a JSON round trip (which turns tuples
-    into lists), planned as ``plan_share`` plans a world of one; ``leaves`` is empty: the
+def unpack(
+    columns: dict[str, Any], spec_ids: np.ndarray[Any, Any], tree: Any, found: list[References]
+) -> ShareJob:
+    """The ShareJob :func:`pack` described, from its columns, tree and the tree's columns
+    (:func:`loads`), planned as ``plan_share`` plans a world of one; ``leaves`` is empty: the
     bytes come from staging."""
     specs = [ArraySpec(kind, dtypes.by_name(dtype), tuple(shape)) for kind, dtype, shape in columns["specs"]]
-    paths = columns["paths"]
-    if len(spec_ids) != len(paths) or (
+    count, (loose, loose_paths) = columns["count"], columns["loose"]
+    if len(spec_ids) != count or (
         len(spec_ids) and not 0 <= int(spec_ids.min()) <= int(spec_ids.max()) < len(specs)
     ):
         raise CheckpointError("internal error: the writer process got a malformed job (tensor specs)")
+    paths: list[str | None] = [None] * count
+    try:
+        for refs in found:
+            if not 0 <= refs.first <= refs.first + len(refs) <= count:
+                raise IndexError(refs.first)
+            paths[refs.first : refs.first + len(refs)] = column_paths(refs.path, list(refs))
+        for i, path in zip(loose, loose_paths, strict=True):
+            paths[i] = path
+    except (IndexError, TypeError, ValueError):
+        raise CheckpointError("internal error: the writer process got a malformed job (paths)") from None
+    # Every place filled exactly once: as many paths as places, and none left empty.
+    if sum(map(len, found)) + len(loose) != count or paths.count(None):
+        raise CheckpointError("internal error: the writer process got a malformed job (paths)")
     # (tuple.__new__ by columns: a named tuple's own __new__ is a Python call per tensor)
     tensors = list(
         map(
@@ -76,6 +141,6 @@ def unpack(columns: dict[str, Any], spec_ids: np.ndarray[Any, Any]) -> ShareJob:
             ),
         )
     )
-    share = plan_share(EncodedState(columns["tree"], tensors), 0, 1)
+    share = plan_share(EncodedState(tree, tensors), 0, 1)
     share.leaves = []
     return share

@@ -10,9 +10,9 @@ on the same local storage, with the same commit protocol::
     proc.close()
 
 The job goes over a private socketpair: the memfd as SCM_RIGHTS, the layout as JSON (the
-tree, the paths and the distinct specs, :mod:`ckptproto.io.share_wire`; the tree's text by
-the manifest's own writer, ``json_text.tree``; nothing is pickled or marshalled, here as
-everywhere on the default path), each tensor's spec and place in the slab as raw int64s; the
+tree, a module's state dict as its keys, the paths no such column implies and the distinct
+specs, :mod:`ckptproto.io.share_wire`; the tree's text by the manifest's own writer,
+``json_text.tree``; nothing is pickled or marshalled, here as everywhere on the default path), each tensor's spec and place in the slab as raw int64s; the
 child plans the pieces itself. The result, or the save's own exception by class name and
 message, comes back as JSON. If the child dies, the save fails with CheckpointWriteError and the next
 save starts a new child. It is started by ``ckptproto._child.python_command`` (not
@@ -43,7 +43,6 @@ import numpy as np
 from ckptproto import _gc, errors
 from ckptproto._child import child_env, python_command
 from ckptproto.errors import CheckpointError, CheckpointWriteError
-from ckptproto.format import json_text
 from ckptproto.format.info import CheckpointInfo
 from ckptproto.format.manifest import Manifest
 from ckptproto.io import direct, pipeline, share_wire
@@ -88,13 +87,12 @@ def describe(
         job = describe(final, encoded, metadata_tree, False, staged.shared())
     """
     fd, spans = shared
-    columns, spec_ids = share_wire.pack(encoded)
-    tree = json_text.tree(columns.pop("tree"))  # a module's references by one format operation
+    columns, tree, spec_ids = share_wire.pack(encoded)
     job = {"final": str(final), "metadata": metadata_tree, "overwrite": overwrite, "share": columns}
     # (No cycle check: both trees come from the encoder, which refuses cycles: -2 ms at 20,000.)
     text = json.dumps(job, separators=(",", ":"), check_circular=False)
-    # "share" is the last member: its tree goes in before the two closing braces.
-    message = "".join((text[:-2], ',"tree":', tree, "}}")).encode()
+    # The tree goes in as the job's last member, before its closing brace.
+    message = "".join((text[:-1], ',"tree":', tree, "}")).encode()
     # Raw int64s after the JSON: each tensor's spec in the table, then its (offset, length).
     raw = spec_ids.tobytes() + spans.astype(np.int64, copy=False).tobytes()
     return WireJob(final, message, raw, fd, metadata_tree)
@@ -310,7 +308,7 @@ def _run_job(
         if len(fds) != 1:
             raise CheckpointError(f"internal error: the writer process got {len(fds)} descriptors, not 1")
         try:
-            job = json.loads(message[:size])
+            job, found = share_wire.loads(message[:size])
         except ValueError as exc:  # (UnicodeDecodeError too)
             raise CheckpointError(f"internal error: the writer process got a malformed job ({exc})") from None
         if type(job) is not dict:
@@ -324,10 +322,10 @@ def _run_job(
             maps[key] = mmap.mmap(fds[0], stat.st_size, flags=flags, prot=mmap.PROT_READ)
         whole = memoryview(maps[key])
         raw = np.frombuffer(message, dtype=np.int64, offset=size)
-        count = len(job["share"]["paths"])
-        if len(raw) != 3 * count:
+        count = job["share"]["count"]
+        if type(count) is not int or len(raw) != 3 * count:
             raise CheckpointError("internal error: the writer process got a malformed job (spans)")
-        share = share_wire.unpack(job["share"], raw[:count])
+        share = share_wire.unpack(job["share"], raw[:count], job["tree"], found)
         views = [whole[offset : offset + length] for offset, length in raw[count:].reshape(-1, 2).tolist()]
         _SAVING.set()
         info = pipeline.run(
