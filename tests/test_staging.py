@@ -306,3 +306,49 @@ def test_a_copy_run_apart_lands_before_synchronize_returns(monkeypatch: pytest.M
     staged = stage_state(pool, encoded.tensors, staging.Ready(), recheck=False, copy_apart=True)
     staged.release()  # a failed copy whose error nobody asked for: the slab comes back too
     assert pool.stats.in_use == 0
+
+
+def test_the_thread_that_waits_takes_the_copies_left(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The copies of a copy run apart are chunks any thread may take: the thread in
+    ``synchronize`` takes those the copier has not, every byte lands once, and a chunk that
+    fails on either thread is raised from ``synchronize`` with its tensor's path."""
+    import threading
+    import time
+
+    monkeypatch.setattr(staging, "COPY_CHUNK", 4)
+    g = torch.Generator().manual_seed(5)
+    state: dict[str, object] = {f"t{i}": torch.randn(16, generator=g) for i in range(40)}
+    state["np"] = np.arange(10, dtype=np.int32)
+    state["big"] = torch.randn(600, 300, generator=g)  # over MEMCPY_MIN_BYTES: one memcpy
+    encoded = encode_state(state)
+    takers: list[str] = []
+    real = staging._copy_small
+
+    def slow_on_the_copier(*args: object) -> None:
+        takers.append(threading.current_thread().name)
+        if threading.current_thread().name == "ckptproto-stage-copy":
+            time.sleep(0.01)  # the copier lags: the waiting thread must take chunks
+        real(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(staging, "_copy_small", slow_on_the_copier)
+    pool = StagingPool()
+    staged = stage_state(pool, encoded.tensors, staging.Ready(), recheck=False, copy_apart=True)
+    staged.synchronize()
+    assert len(takers) == 10 and "ckptproto-stage-copy" in takers
+    assert threading.current_thread().name in takers
+    for leaf, view in zip(encoded.tensors, staged.views, strict=True):
+        assert bytes(view) == expected_bytes(leaf.value)
+    staged.release()
+
+    def fail_on_t9(leaves: object, dests: object, indices: list[int], *rest: object) -> None:
+        if 9 in indices:  # whichever thread takes it
+            time.sleep(0.01)
+            raise CheckpointError("t9: copying the tensor for the checkpoint failed: boom")
+        real(leaves, dests, indices, *rest)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(staging, "_copy_small", fail_on_t9)
+    staged = stage_state(pool, encoded.tensors, staging.Ready(), recheck=False, copy_apart=True)
+    with pytest.raises(CheckpointError, match=r"t9: .*boom"):
+        staged.synchronize()
+    staged.release()
+    assert pool.stats.in_use == 0
