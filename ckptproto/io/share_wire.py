@@ -84,7 +84,7 @@ def loads(message: bytes | str) -> tuple[Any, list[References]]:
             or type(spec[0]) is not int
             or type(spec[1]) is not str
             or type(spec[2]) is not list
-            or not all(type(k) is str for k in spec[2])
+            or not set(map(type, spec[2])) <= {str}
         ):
             raise CheckpointError("internal error: the writer process got a malformed job (a column)")
         first, path, keys = spec

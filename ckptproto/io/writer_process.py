@@ -326,7 +326,9 @@ def _run_job(
         if type(count) is not int or len(raw) != 3 * count:
             raise CheckpointError("internal error: the writer process got a malformed job (spans)")
         share = share_wire.unpack(job["share"], raw[:count], job["tree"], found)
-        views = [whole[offset : offset + length] for offset, length in raw[count:].reshape(-1, 2).tolist()]
+        spans = raw[count:].reshape(-1, 2)
+        # (slices made and taken in C: a Python step per tensor costs ~1.5x as much)
+        views = list(map(whole.__getitem__, map(slice, spans[:, 0].tolist(), spans.sum(axis=1).tolist())))
         _SAVING.set()
         info = pipeline.run(
             Path(job["final"]),
