@@ -341,6 +341,24 @@ def test_columns_travel_as_their_keys_and_come_back_the_same(
     assert tree.count('"$column"') == sent_as_columns
 
 
+def test_a_references_dict_the_encoder_did_not_place_goes_as_a_dict() -> None:
+    """A ``References`` without a path (not made by the encoder) is written as the dict it is,
+    and its tensors' paths go as they are."""
+    from ckptproto.tree import References
+
+    prepared = prepare({"m": _column(10)}, None, Solo())
+    column = prepared.encoded.tree["m"]
+    bare = References(column)
+    bare.first = column.first  # no path
+    prepared.encoded.tree["m"] = bare
+    columns, tree, spec_ids = share_wire.pack(prepared.encoded)
+    assert '"$column"' not in tree and columns["loose"][0] == list(range(10))
+    job, found = share_wire.loads(json.dumps({"share": columns})[:-1] + ',"tree":' + tree + "}")
+    back = share_wire.unpack(job["share"], spec_ids, job["tree"], found)
+    assert [t.path for t in back.encoded.tensors] == [f"m.w{i}" for i in range(10)]
+    assert back.encoded.tree == prepared.encoded.tree
+
+
 def test_a_column_that_does_not_fit_the_job_is_refused() -> None:
     """Columns that overlap, run past the tensors or are spelled wrong: a malformed job."""
     prepared = prepare({"m": _column(10), "n": _column(10)}, None, Solo())

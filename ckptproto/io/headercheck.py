@@ -26,9 +26,9 @@ dtype without one, and ``SAFETENSORS_ITEMSIZE`` of that code is the dtype's item
 offsets run back to back from 0, and the layout is used only when the last one ends at the
 end of the file (exact tiling); the header is at most MAX_HEADER_BYTES (else the slow path
 refuses it) and its length prefix is encode_header's own, padded with spaces as the writer
-pads (to a multiple of 8, or of a page: both are tried, the parse skips the spaces alike). The entries the parse would return
-are then exactly ``layout.entries`` shifted by the header length, and each chunk finds its
-entry with its own code and shape (F-13).
+pads (to a multiple of 8, or of a page: both are tried, the parse skips the spaces alike).
+The entries the parse would return are then exactly ``layout.entries`` shifted by the header
+length, and each chunk finds its entry with its own code and shape (F-13).
 """
 
 from __future__ import annotations

@@ -52,6 +52,8 @@ def pack(encoded: EncodedState) -> tuple[dict[str, Any], str, np.ndarray[Any, An
     implied = np.zeros(len(tensors), dtype=bool)
 
     def column(refs: References) -> str:
+        if getattr(refs, "path", None) is None:  # not the encoder's: as the dict it is
+            return json_text.tree(dict(refs))
         implied[refs.first : refs.first + len(refs)] = True
         return f'{{"{COLUMN}":[{refs.first},{json_text.text(refs.path)},{_KEYS.encode(list(refs))}]}}'
 

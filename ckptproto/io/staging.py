@@ -176,8 +176,8 @@ class _Tasks:
     """Copies that any thread may take, one at a time, until none is left (or one failed): the
     copier thread lists them and starts on them, and the thread that then waits for them
     (``Staged.synchronize``, once it has encoded the writer process's job) takes the ones left
-    instead of idling. 20,000 small tensors are ~25 ms of torch dispatch, GIL released; two
-    threads on two cores take about half as long."""
+    instead of idling. 20,000 small tensors are ~25 ms of torch dispatch, GIL released, which
+    two threads on two cores share."""
 
     def __init__(self) -> None:
         self._items: list[Callable[[], None]] = []

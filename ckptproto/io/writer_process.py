@@ -12,8 +12,9 @@ on the same local storage, with the same commit protocol::
 The job goes over a private socketpair: the memfd as SCM_RIGHTS, the layout as JSON (the
 tree, a module's state dict as its keys, the paths no such column implies and the distinct
 specs, :mod:`ckptproto.io.share_wire`; the tree's text by the manifest's own writer,
-``json_text.tree``; nothing is pickled or marshalled, here as everywhere on the default path), each tensor's spec and place in the slab as raw int64s; the
-child plans the pieces itself. The result, or the save's own exception by class name and
+``json_text.tree``; nothing is pickled or marshalled, here as everywhere on the default
+path), each tensor's spec and place in the slab as raw int64s; the child plans the pieces
+itself. The result, or the save's own exception by class name and
 message, comes back as JSON. If the child dies, the save fails with CheckpointWriteError and the next
 save starts a new child. It is started by ``ckptproto._child.python_command`` (not
 multiprocessing's spawn, which re-imports the training script's ``__main__``), imports only
