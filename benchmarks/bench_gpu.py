@@ -26,7 +26,9 @@ Durability is the same for every writer (fsync of files; ckptproto also fsyncs t
 
 Exit status: 0 when every CUDA test passed; 1 when one failed or none could run on a CUDA
 machine; 2 when there is no CUDA device (nothing was measured; ``--allow-cpu`` runs the
-benchmark code path on CPU tensors, with plain host buffers, only to check the script).
+benchmark code path on CPU tensors, with plain host buffers, only to check the script: with
+small sizes, ``--allow-cpu --skip-tests --sizes-gib 0.5 --repeat 1``, as the default 8 and 32
+GiB of CPU tensors plus their staging copies exceed a small machine's RAM).
 Expect about 1 minute for the tests and, on a fast NVMe, a few minutes for 2+8+32 GiB with
 ``--repeat 2``; the host needs RAM for two copies of the largest size (staging + page cache).
 """
@@ -209,7 +211,9 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument("--dir", type=Path, default=None, help="where checkpoints are written")
     parser.add_argument("--skip-tests", action="store_true")
-    parser.add_argument("--allow-cpu", action="store_true", help="check the script on CPU tensors")
+    parser.add_argument(
+        "--allow-cpu", action="store_true", help="check the script on CPU tensors (give small --sizes-gib)"
+    )
     args = parser.parse_args()
 
     cuda = torch.cuda.is_available()
