@@ -50,9 +50,12 @@ from typing import Any
 
 import numpy as np
 
+from ckptproto.format import safetensors
 from ckptproto.io import threads
 
-ALIGN = 4096  # file offsets, lengths and buffer addresses: a page, which every device accepts
+# File offsets, lengths and buffer addresses: a page, which every device accepts, and the one
+# data files' buffers and staging slabs start on.
+ALIGN = safetensors.PAGE
 MIN_BYTES = 4 << 20  # ranges from this size go direct: below it the page cache costs less
 BOUNCE_BYTES = 8 << 20  # each I/O thread's aligned buffer (anonymous memory: page-aligned)
 # "1": every data file of MIN_BYTES or more goes direct, "0": none (a file system that

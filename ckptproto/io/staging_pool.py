@@ -23,8 +23,11 @@ import numpy as np
 
 from ckptproto import arrays
 from ckptproto.errors import CheckpointError
+from ckptproto.format import safetensors
 
-PAGE = 4096
+# Slabs start on the page a data file's buffer starts on (one constant: a tensor is written
+# from its slab past the page cache only when both agree, io/direct.py).
+PAGE = safetensors.PAGE
 ALIGN = 64  # every tensor starts at a multiple of this in a slab (any dtype view is aligned)
 
 

@@ -14,9 +14,9 @@ tree, a module's state dict as its keys, the paths no such column implies and th
 specs, :mod:`ckptproto.io.share_wire`; the tree's text by the manifest's own writer,
 ``json_text.tree``; nothing is pickled or marshalled, here as everywhere on the default
 path), each tensor's spec and place in the slab as raw int64s; the child plans the pieces
-itself. The result, or the save's own exception by class name and
-message, comes back as JSON. If the child dies, the save fails with CheckpointWriteError and the next
-save starts a new child. It is started by ``ckptproto._child.python_command`` (not
+itself. The result, or the save's own exception by class name and message, comes back as
+JSON. If the child dies, the save fails with CheckpointWriteError and the next save starts a
+new child. It is started by ``ckptproto._child.python_command`` (not
 multiprocessing's spawn, which re-imports the training script's ``__main__``), imports only
 ckptproto and numpy (never torch), and exits when its parent closes the socket or dies. A
 parent that dies hard (SIGKILL, the OOM killer) takes its save in flight with it, as it would
