@@ -167,6 +167,9 @@ class _Encoder:
         self._columns: list[tuple[int, list[int]]] = []  # (first index, addresses) not joined yet
         self._compared: set[int] = set()  # indices whose full identity is in ``_ids``
         self._specs: dict[tuple[Any, Any], ArraySpec] = {}  # (torch dtype, shape) -> spec
+        # The same specs by dtype, then shape: a column of one dtype (the usual one) looks up
+        # its shapes alone, with no (dtype, shape) pair built and hashed per tensor.
+        self._by_shape: dict[Any, dict[Any, ArraySpec]] = {}
         self._active: set[int] = set()  # containers on the current path, to catch cycles
         torch = arrays.loaded_torch()
         # The exact types of plain tensors, tested first: most leaves of a large state are tensors.
@@ -258,32 +261,34 @@ class _Encoder:
             return None
         try:
             dtypes = list(map(_DTYPE, values))
-            pairs = list(zip(dtypes, map(_SHAPE, values), strict=True))
+            shapes = list(map(_SHAPE, values))
         except RuntimeError:  # a nested tensor has no single shape
             return None
-        found = list(map(self._specs.get, pairs))
+        one_dtype = dtypes.count(dtypes[0]) == len(dtypes)  # (dtypes are singletons: identity)
+        found = list(map(self._by_shape.get(dtypes[0], {}).get, shapes)) if one_dtype else None
         # A dtype and shape not seen yet (a None; all() tests truth in C, where `None in found`
         # would call each spec's Python __eq__): described once, cached if stored.
-        if not all(found):
+        if found is None or not all(found):
+            pairs = list(zip(dtypes, shapes, strict=True))
             for v, pair in zip(values, pairs, strict=True):
                 if pair not in self._specs:
                     described = arrays.describe_torch(v)
                     if not isinstance(described, ArraySpec):
                         return None
-                    self._specs[pair] = described
+                    self._remember_spec(pair, described)
             found = list(map(self._specs.get, pairs))
         specs = [s for s in found if s is not None]
-        strided, methods = self._strided, self._tensor_methods
+        methods = self._tensor_methods
         assert methods is not None  # values are torch tensors: torch is loaded
         data_ptr, is_contiguous, is_neg, is_conj = methods
-        if (
-            len(specs) != len(values)
-            or set(map(_LAYOUT, values)) != {strided}
-            or not all(map(_IS_CPU, values))
-            or not all(map(_NUMEL, specs))
-        ):
+        if len(specs) != len(values) or not all(map(_IS_CPU, values)) or not all(map(_NUMEL, specs)):
             return None
-        addresses = list(map(data_ptr, values))
+        try:
+            # Every tensor of another layout than strided (sparse, mkldnn: no storage) raises
+            # here, which spares a pass reading each one's layout (~0.2 us a tensor).
+            addresses = list(map(data_ptr, values))
+        except RuntimeError:
+            return None  # item by item: _plain_torch names the tensor and why it cannot be stored
         fresh = set(addresses)
         if (
             len(fresh) != len(addresses)
@@ -339,7 +344,7 @@ class _Encoder:
             described = arrays.describe_torch(value)
             if not isinstance(described, ArraySpec):
                 raise UnsupportedValueError(f"{path or '<root>'}: {described}", path=path)
-            spec = self._specs.setdefault((value.dtype, described.shape), described)
+            spec = self._remember_spec((value.dtype, described.shape), described)
         if not spec.numel:  # empty tensors all may share one address: only the same object ties
             return self._tied_or_new(("empty", id(value)), value, spec, path)
         address = value.data_ptr()
@@ -357,6 +362,12 @@ class _Encoder:
             self._ids[arrays.torch_identity(first.value, first.spec.shape)] = index
             self._compared.add(index)
         return self._tied_or_new(arrays.torch_identity(value, spec.shape), value, spec, path)
+
+    def _remember_spec(self, pair: tuple[Any, Any], spec: ArraySpec) -> ArraySpec:
+        """The spec cached for ``pair`` (torch dtype, shape), ``spec`` if none was yet."""
+        spec = self._specs.setdefault(pair, spec)
+        self._by_shape.setdefault(pair[0], {}).setdefault(pair[1], spec)
+        return spec
 
     def _join_columns(self) -> None:
         """Move the columns' addresses into ``_by_address`` (once per column)."""
@@ -394,12 +405,7 @@ class _Encoder:
 
 
 # Per-tensor reads for the C-level passes of _Encoder._tensor_dict.
-_DTYPE, _SHAPE, _LAYOUT, _IS_CPU = (
-    attrgetter("dtype"),
-    attrgetter("shape"),
-    attrgetter("layout"),
-    attrgetter("is_cpu"),
-)
+_DTYPE, _SHAPE, _IS_CPU = attrgetter("dtype"), attrgetter("shape"), attrgetter("is_cpu")
 _NUMEL = attrgetter("numel")
 
 

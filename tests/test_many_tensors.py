@@ -646,3 +646,29 @@ def test_the_state_text_benchmark_reads_back_what_it_writes() -> None:
         "bytes column",
     }
     assert figures["bytes column"] < figures["bytes 1.0"]
+
+
+def test_a_column_written_again_takes_its_text_and_nothing_stale() -> None:
+    """json_text keeps the texts of the last columns written, by keys and first index: the
+    same column again gets that text; another first index, other keys, or keys changed in
+    place since are written anew (each time what json.dumps writes)."""
+    from ckptproto.format import json_text
+    from ckptproto.tree import References
+
+    def column(keys: list[str], first: int) -> References:
+        refs = References(zip(keys, [{"$torch": first + i} for i in range(len(keys))], strict=True))
+        refs.first, refs.path = first, "m"
+        return refs
+
+    def dumps(value: Any) -> str:
+        return json.dumps(value, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+
+    keys = [f"layers.{i}.weight" for i in range(40)]
+    first = json_text.tree({"m": column(keys, 0)})
+    assert json_text.tree({"m": column([str(k) for k in keys], 0)}) == first == dumps({"m": column(keys, 0)})
+    for other in (column(keys, 7), column(keys[::-1], 0), column([*keys[:-1], "moved"], 0)):
+        assert json_text.tree({"m": other}) == dumps({"m": other}) != first
+    changed = column(keys, 0)
+    json_text.tree({"m": changed})
+    changed["extra"] = {"$torch": 40}  # a dict like any other: changed after it was written
+    assert json_text.tree({"m": changed}) == dumps({"m": changed})

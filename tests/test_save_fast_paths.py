@@ -350,8 +350,11 @@ def _with_tensor_dicts(state: dict[str, Any]) -> dict[str, Any]:
     odd = {f"r{i}": torch.randn(2, generator=g) for i in range(9)}
     odd.update(t=torch.randn(2, 3, generator=g).t(), empty=torch.empty(0), neg=torch._neg_view(torch.ones(2)))
     late = {"p0": fresh["p0"], "p1_flat": fresh["p1"].view(-1), "q0": tied["q0"]}
+    # one dtype (the usual module: its specs found by shape alone), a shape seen in "module"
+    one_dtype = {f"s{i}": torch.randn(i % 2 + 1, 2, generator=g) for i in range(10)}
     return {
         **state,
+        "one_dtype_module": one_dtype,
         "module": fresh,
         "tied_module": tied,
         "odd_module": odd,
@@ -387,6 +390,7 @@ def test_dicts_of_tensors_encoded_a_column_at_a_time_as_item_by_item(monkeypatch
 def test_refusals_in_a_dict_of_tensors_are_those_item_by_item() -> None:
     for bad, message in (
         (torch.ones(2, dtype=torch.float32).to_sparse(), "to_dense"),
+        (torch.ones(2, dtype=torch.float32).to_mkldnn(), "mkldnn"),
         (torch.empty(2, device="meta"), "meta tensors"),
         (torch.nested.nested_tensor([torch.ones(2), torch.ones(3)]), "nested tensors"),
     ):
@@ -421,3 +425,48 @@ def test_a_dict_of_only_tensors_keeps_lazy_bits_out_of_the_byte_path(tmp_path: P
         back = ckptproto.load(tmp_path / f"ck{n}")["m"]
         for name, value in state.items():
             assert torch.equal(back[name], value.resolve_conj().resolve_neg()), name
+
+
+def test_a_layout_planned_again_takes_the_last_plan_and_nothing_stale() -> None:
+    """plan_file keeps the plans of the last files by layout (keys, specs, sources, metadata):
+    a save of the same layout gets that plan under its own name, rank and pieces; any change
+    to the layout, or to the caller's lists after the call, gets a plan of its own."""
+    f32 = arrays.ArraySpec("torch", dtypes.by_name("float32"), (2,))
+    f64 = arrays.ArraySpec("torch", dtypes.by_name("float64"), (2,))
+    keys, specs = [f"m.p{i}" for i in range(10)], [f32] * 10
+    first = plan_file("a.safetensors", 0, WholePieces(keys, specs))
+    pieces = WholePieces([str(k) for k in keys], list(specs))  # equal lists, other objects
+    again = plan_file("b.safetensors", 3, pieces)
+    assert again.header is first.header  # taken, not planned again
+    assert (again.name, again.rank, again.given) == ("b.safetensors", 3, pieces)
+    assert again.given is pieces
+
+    def fresh(plan: Any, expected_header: bytes) -> None:
+        assert plan.header is not first.header and plan.header == expected_header
+
+    def header_of(keys: list[str], specs: list[Any], meta: dict[str, str] | None = None) -> bytes:
+        # planned with the cache out of reach: a layout it has never seen
+        from ckptproto.io import plan as plan_module
+
+        return plan_module._plan_file(
+            "x",
+            0,
+            WholePieces(keys, specs),
+            range(len(keys)),
+            keys,
+            specs,
+            plan_module.FILE_METADATA if meta is None else meta,
+        ).header
+
+    fresh(plan_file("c", 0, WholePieces(keys, [f64, *specs[1:]])), header_of(keys, [f64, *specs[1:]]))
+    fresh(plan_file("c", 0, WholePieces(keys[::-1], specs)), header_of(keys[::-1], specs))
+    fresh(
+        plan_file("c", 0, WholePieces(keys, specs), {"format": "pt"}),
+        header_of(keys, specs, {"format": "pt"}),
+    )
+    # The caller's lists changed after planning: the kept layout is a copy.
+    mine = list(keys)
+    planned = plan_file("d", 0, WholePieces(mine, specs))
+    mine[0] = "m.renamed"
+    renamed = plan_file("d", 0, WholePieces(mine, specs))
+    assert b"m.renamed" in renamed.header and b"m.renamed" not in planned.header

@@ -6,6 +6,8 @@ at once, the async saver after staging, a distributed rank for its own share.
 
 from __future__ import annotations
 
+import dataclasses
+import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from itertools import accumulate
@@ -158,8 +160,57 @@ def plan_file(
 ) -> FilePlan:
     """Lay ``pieces`` out in one safetensors file. Wider dtypes go first so that every tensor
     starts at a multiple of its item size (the header is padded to 8 bytes), which lets
-    loaders map tensors straight from the file."""
+    loaders map tensors straight from the file::
+
+        plan = plan_file("rank0.safetensors", 0, WholePieces(["w"], [spec]))
+
+    A training run saves the same layout again and again: when ``pieces`` have the keys,
+    specs and sources of a file planned lately (with the same ``metadata``), that plan's
+    columns and header are taken again (comparing them is ~0.05 us a piece, planning ~1.5).
+    """
     sources, keys, specs = piece_columns(pieces)
+    meta = FILE_METADATA if metadata is None else metadata
+    layout = _Layout(sources, keys, specs, meta)
+    with _recent_lock:
+        found = next((plan for seen, plan in _recent if seen == layout), None)
+    if found is not None:
+        return dataclasses.replace(found, name=name, rank=rank, given=pieces)
+    plan = _plan_file(name, rank, pieces, sources, keys, specs, meta)
+    # Kept as copies: a caller may change its lists after this call.
+    kept = _Layout(
+        sources if isinstance(sources, range) else list(sources), list(keys), list(specs), dict(meta)
+    )
+    with _recent_lock:
+        _recent.insert(0, (kept, plan))
+        del _recent[_RECENT_PLANS:]
+    return plan
+
+
+class _Layout(NamedTuple):
+    """What a data file's plan depends on (its name and rank only name it)."""
+
+    sources: Sequence[int]
+    keys: list[str]
+    specs: list[ArraySpec]  # compared by identity first (equal specs are shared objects)
+    metadata: dict[str, str]
+
+
+# The plans of the last two files (a save plans one data file per rank: the header and columns
+# of a state of 300,000 tensors hold ~25 MB), by their layout.
+_RECENT_PLANS = 2
+_recent: list[tuple[_Layout, FilePlan]] = []
+_recent_lock = threading.Lock()
+
+
+def _plan_file(
+    name: str,
+    rank: int,
+    pieces: Sequence[Piece],
+    sources: Sequence[int],
+    keys: list[str],
+    specs: list[ArraySpec],
+    metadata: dict[str, str],
+) -> FilePlan:
     positions = file_order(_widths(specs))
     if positions is not None:
         sources = [sources[i] for i in positions]
@@ -180,7 +231,7 @@ def plan_file(
         shapes,
         begins,
         ends,
-        FILE_METADATA if metadata is None else metadata,
+        metadata,
         align=safetensors.buffer_align(ends[-1] if ends else 0),
     )
     start = len(header)
