@@ -31,6 +31,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from ckptproto import arrays, dtensor
+from ckptproto._recent import Recent
 from ckptproto.arrays import ArraySpec
 from ckptproto.dtensor import LocalShard
 from ckptproto.errors import CheckpointFormatError, UnsupportedValueError
@@ -257,7 +258,14 @@ class _Encoder:
         tied), a module's ``state_dict()`` say: every step a column for the whole dict. None
         (nothing recorded) when any value is not: then the dict goes item by item."""
         values = list(value.values())
-        if not self._tensor_type_set.issuperset(map(type, values)) or not all(map(str.isascii, value)):
+        if not self._tensor_type_set.issuperset(map(type, values)):
+            return None
+        keys, start = list(value), len(self.tensors)
+        # The same dict saved again (a training run's every save): its keys at the same path
+        # and index as a column encoded lately, whose ASCII test, specs, paths and references
+        # are taken from it if its dtype and shapes are the same too.
+        memo = _recent_columns.get((path, start, keys))
+        if memo is None and not all(map(str.isascii, keys)):
             return None
         try:
             dtypes = list(map(_DTYPE, values))
@@ -265,23 +273,30 @@ class _Encoder:
         except RuntimeError:  # a nested tensor has no single shape
             return None
         one_dtype = dtypes.count(dtypes[0]) == len(dtypes)  # (dtypes are singletons: identity)
-        found = list(map(self._by_shape.get(dtypes[0], {}).get, shapes)) if one_dtype else None
-        # A dtype and shape not seen yet (a None; all() tests truth in C, where `None in found`
-        # would call each spec's Python __eq__): described once, cached if stored.
-        if found is None or not all(found):
-            pairs = list(zip(dtypes, shapes, strict=True))
-            for v, pair in zip(values, pairs, strict=True):
-                if pair not in self._specs:
-                    described = arrays.describe_torch(v)
-                    if not isinstance(described, ArraySpec):
-                        return None
-                    self._remember_spec(pair, described)
-            found = list(map(self._specs.get, pairs))
-        specs = [s for s in found if s is not None]
+        if memo is not None and not (one_dtype and dtypes[0] is memo.dtype and shapes == memo.shapes):
+            memo = None
+        if memo is not None:
+            specs = memo.specs
+        else:
+            found = list(map(self._by_shape.get(dtypes[0], {}).get, shapes)) if one_dtype else None
+            # A dtype and shape not seen yet (a None; all() tests truth in C, where `None in
+            # found` would call each spec's Python __eq__): described once, cached if stored.
+            if found is None or not all(found):
+                pairs = list(zip(dtypes, shapes, strict=True))
+                for v, pair in zip(values, pairs, strict=True):
+                    if pair not in self._specs:
+                        described = arrays.describe_torch(v)
+                        if not isinstance(described, ArraySpec):
+                            return None
+                        self._remember_spec(pair, described)
+                found = list(map(self._specs.get, pairs))
+            specs = [s for s in found if s is not None]
+            if len(specs) != len(values) or not all(map(_NUMEL, specs)):
+                return None
         methods = self._tensor_methods
         assert methods is not None  # values are torch tensors: torch is loaded
         data_ptr, is_contiguous, is_neg, is_conj = methods
-        if len(specs) != len(values) or not all(map(_IS_CPU, values)) or not all(map(_NUMEL, specs)):
+        if not all(map(_IS_CPU, values)):
             return None
         try:
             # Every tensor of another layout than strided (sparse, mkldnn: no storage) raises
@@ -296,7 +311,6 @@ class _Encoder:
             or not self._by_address.keys().isdisjoint(fresh)
         ):
             return None  # a tie, or another view of some tensor's memory: item by item
-        start = len(self.tensors)
         self._column_addresses |= fresh
         self._columns.append((start, addresses))
         # Viewed in place where written (host_address): contiguous, no lazy conjugate or
@@ -313,22 +327,19 @@ class _Encoder:
                 for a, v in zip(addresses, values, strict=True)
             ]
         )
-        keys = list(value)
-        self.tensors += map(
-            _new,
-            repeat(TensorLeaf),
-            zip(
-                values,
-                specs,
-                column_paths(path, keys),
-                repeat(None),
-                host,
-            ),
-        )
+        paths = memo.paths if memo is not None else column_paths(path, keys)
+        self.tensors += map(_new, repeat(TensorLeaf), zip(values, specs, paths, repeat(None), host))
+        if memo is not None:
+            # A copy (one C call): a consumer that changes its tree changes no later save's.
+            column = References(memo.column)
+            column.first, column.path = start, path
+            return column
         column = References(
             zip(keys, [{"$torch": i} for i in range(start, start + len(values))], strict=True)
         )
         column.first, column.path = start, path
+        if one_dtype:
+            _recent_columns.put((path, start, keys), _Column(dtypes[0], shapes, specs, paths, column))
         return column
 
     def _plain_torch(self, value: Any, path: str) -> dict[str, int]:
@@ -402,6 +413,23 @@ class _Encoder:
             index = self._ids[key] = len(self.tensors)
             self.tensors.append(TensorLeaf(value, spec, path, shard))
         return {"$torch" if spec.kind == "torch" else "$numpy": index}
+
+
+class _Column(NamedTuple):
+    """A column _Encoder._tensor_dict encoded lately: what an encoding of the same dict again
+    (the same keys at the same path and index, one dtype, the same shapes) takes from it. It
+    holds no tensor: its keys, shapes, specs, paths and references only."""
+
+    dtype: Any
+    shapes: list[Any]
+    specs: list[ArraySpec]
+    paths: list[str]
+    column: References  # copied into each save that takes it
+
+
+# The last few columns encoded (a state's modules), by path, first index and keys: ~200
+# bytes a tensor held.
+_recent_columns: Recent[tuple[str, int, list[str]], _Column] = Recent(8)
 
 
 # Per-tensor reads for the C-level passes of _Encoder._tensor_dict.

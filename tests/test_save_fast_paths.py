@@ -7,6 +7,7 @@ written one by one, the tensor table checked and written by runs vs entry by ent
 from __future__ import annotations
 
 import json
+import operator
 from collections import OrderedDict
 from collections.abc import Iterator
 from pathlib import Path
@@ -470,3 +471,56 @@ def test_a_layout_planned_again_takes_the_last_plan_and_nothing_stale() -> None:
     mine[0] = "m.renamed"
     renamed = plan_file("d", 0, WholePieces(mine, specs))
     assert b"m.renamed" in renamed.header and b"m.renamed" not in planned.header
+
+
+def test_a_dict_encoded_again_takes_the_last_column_and_nothing_stale(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The encoder keeps its last columns (keys, path, first index, dtype, shapes): the same
+    module's state encoded again (fresh tensors, as state_dict() gives) takes its references
+    and paths; another dtype, shape, key, path or index is encoded anew, each time equal to
+    the item-by-item encoding."""
+    from ckptproto import tree
+
+    g = torch.Generator().manual_seed(3)
+
+    def module(shapes: list[tuple[int, ...]], dtype: torch.dtype = torch.float32) -> dict[str, Any]:
+        return {f"layer.{i}": torch.randn(*s, generator=g).to(dtype) for i, s in enumerate(shapes)}
+
+    shapes = [(2,), (3, 2), (4,)] * 4
+    first = encode_state({"m": module(shapes)})
+    again = encode_state({"m": module(shapes)})
+    assert again.tree["m"] == first.tree["m"] and again.tree["m"] is not first.tree["m"]  # a copy
+    assert all(map(operator.is_, again.tree["m"].values(), first.tree["m"].values()))  # taken
+    del again.tree["m"]["layer.0"]  # a consumer changing its tree changes no later save's
+    assert encode_state({"m": module(shapes)}).tree["m"] == first.tree["m"]
+    assert [t.path for t in again.tensors] == [t.path for t in first.tensors]
+
+    def items(state: dict[str, Any]) -> Any:
+        with monkeypatch.context() as m:
+            m.setattr(tree, "_BATCH_MIN", 1 << 60)
+            return encode_state(state)
+
+    changed_shape = [*shapes[:-1], (5,)]
+    renamed = {**module(shapes[:-1]), "other": torch.randn(4, generator=g)}
+    for state in (
+        {"m": module(changed_shape)},
+        {"m": module(shapes, torch.float64)},
+        {"m": renamed},
+        {"n": module(shapes)},
+        {"before": torch.zeros(1), "m": module(shapes)},  # the same keys from another index
+    ):
+        columns, by_item = encode_state(state), items(state)
+        assert columns.tree == by_item.tree
+        assert columns.tree.get("m") is not first.tree["m"]
+        assert [(t.spec, t.path) for t in columns.tensors] == [(t.spec, t.path) for t in by_item.tensors]
+        assert all(a.value is b.value for a, b in zip(columns.tensors, by_item.tensors, strict=True))
+    # a column taken again still checks every tensor: a lazy negative bit or a tie
+    lazy = module(shapes)
+    lazy["layer.0"] = torch._neg_view(torch.ones(2))
+    encode_state({"m": module(shapes)})
+    leaves = encode_state({"m": lazy}).tensors
+    assert leaves[0].host_address == 0 and all(t.host_address for t in leaves[1:])
+    tied = module(shapes)
+    tied["layer.3"] = tied["layer.0"]
+    assert encode_state({"m": tied}).tree == items({"m": tied}).tree

@@ -537,3 +537,17 @@ def test_the_writer_imports_this_ckptproto_whatever_the_current_directory_holds(
     )
     assert proc.returncode == 0, proc.stderr
     assert torch.equal(ckptproto.load(tmp_path / "ckpt")["w"], torch.ones(3))
+
+
+def test_a_column_sent_again_is_the_same_text_and_a_changed_one_is_written_anew() -> None:
+    """The text of a column sent lately is taken again for the same first index, path and
+    keys (a module saved again); a key changed gives a text of its own."""
+    state = {"models": {"a": _column(10), "b": _column(9, 100.0)}, "step": 1}
+    _share, _back, first = _wire_round_trip(state)
+    share, back, again = _wire_round_trip({"models": {"a": _column(10), "b": _column(9, 7.0)}, "step": 1})
+    assert again == first and back.encoded.tree == share.encoded.tree
+    renamed = {"models": {"a": _column(10, key="v{}"), "b": _column(9, 7.0)}, "step": 1}
+    share, back, text = _wire_round_trip(renamed)
+    assert '"v0"' in text and '"w0"' not in text.split('"b"')[0]
+    assert back.encoded.tree == share.encoded.tree
+    assert [t.path for t in back.encoded.tensors] == [t.path for t in share.encoded.tensors]

@@ -9,12 +9,12 @@ parts of a document that repeat per tensor (a data file's header, the manifest's
 from __future__ import annotations
 
 import json
-import threading
 from collections.abc import Callable, Sequence
 from itertools import chain, repeat
 from operator import itemgetter
 from typing import Any
 
+from ckptproto._recent import Recent
 from ckptproto.tree import References
 
 # What json.dumps(ensure_ascii=False) writes for a str: the same C function. It escapes `"`,
@@ -60,25 +60,19 @@ def tree(value: Any, column: Callable[[References], str] | None = None) -> str:
 
 def _column_text(value: References) -> str:
     """The text of a References column. A training run saves the same module again and again:
-    the text of a column of the same keys and first index as one written lately is taken
+    the text of a column of the same first index and keys as one written lately is taken
     again (comparing the keys is ~0.03 us a reference, writing them ~0.3)."""
-    keys = list(value)
-    with _recent_lock:
-        found = next((text for seen, first, text in _recent if first == value.first and seen == keys), None)
-    if found is not None:
-        return found
-    written = _reference_text(keys, "$torch", range(value.first, value.first + len(value)))
-    with _recent_lock:
-        _recent.insert(0, (keys, value.first, written))
-        del _recent[_RECENT_COLUMNS:]
-    return written
+    key = (value.first, list(value))
+    text = _recent.get(key)
+    if text is None:
+        text = _reference_text(key[1], "$torch", range(value.first, value.first + len(value)))
+        _recent.put(key, text)
+    return text
 
 
-# The texts of the last few columns written (a state's modules and optimizers' columns), each
-# with its keys and first index: ~70 bytes a reference held, a few MB for a large state.
-_RECENT_COLUMNS = 4
-_recent: list[tuple[list[str], int, str]] = []
-_recent_lock = threading.Lock()
+# The texts of the last few columns written (a state's modules), by first index and keys:
+# ~70 bytes a reference held, a few MB for a large state.
+_recent: Recent[tuple[int, list[str]], str] = Recent(4)
 
 
 def _tree(value: Any, budget: list[int], column: Callable[[References], str]) -> str:

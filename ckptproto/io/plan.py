@@ -7,12 +7,12 @@ at once, the async saver after staging, a distributed rank for its own share.
 from __future__ import annotations
 
 import dataclasses
-import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from itertools import accumulate
 from typing import NamedTuple, overload
 
+from ckptproto._recent import Recent
 from ckptproto.arrays import ArraySpec
 from ckptproto.format import safetensors
 from ckptproto.format.manifest import Chunk
@@ -170,9 +170,7 @@ def plan_file(
     """
     sources, keys, specs = piece_columns(pieces)
     meta = FILE_METADATA if metadata is None else metadata
-    layout = _Layout(sources, keys, specs, meta)
-    with _recent_lock:
-        found = next((plan for seen, plan in _recent if seen == layout), None)
+    found = _recent.get(_Layout(sources, keys, specs, meta))
     if found is not None:
         return dataclasses.replace(found, name=name, rank=rank, given=pieces)
     plan = _plan_file(name, rank, pieces, sources, keys, specs, meta)
@@ -180,9 +178,7 @@ def plan_file(
     kept = _Layout(
         sources if isinstance(sources, range) else list(sources), list(keys), list(specs), dict(meta)
     )
-    with _recent_lock:
-        _recent.insert(0, (kept, plan))
-        del _recent[_RECENT_PLANS:]
+    _recent.put(kept, plan)
     return plan
 
 
@@ -197,9 +193,7 @@ class _Layout(NamedTuple):
 
 # The plans of the last two files (a save plans one data file per rank: the header and columns
 # of a state of 300,000 tensors hold ~25 MB), by their layout.
-_RECENT_PLANS = 2
-_recent: list[tuple[_Layout, FilePlan]] = []
-_recent_lock = threading.Lock()
+_recent: Recent[_Layout, FilePlan] = Recent(2)
 
 
 def _plan_file(

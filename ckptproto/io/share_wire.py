@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from ckptproto import dtypes
+from ckptproto._recent import Recent
 from ckptproto.arrays import ArraySpec
 from ckptproto.errors import CheckpointError
 from ckptproto.format import json_text
@@ -55,7 +56,7 @@ def pack(encoded: EncodedState) -> tuple[dict[str, Any], str, np.ndarray[Any, An
         if getattr(refs, "path", None) is None:  # not the encoder's: as the dict it is
             return json_text.tree(dict(refs))
         implied[refs.first : refs.first + len(refs)] = True
-        return f'{{"{COLUMN}":[{refs.first},{json_text.text(refs.path)},{_KEYS.encode(list(refs))}]}}'
+        return _column_text(refs)
 
     tree = json_text.tree(encoded.tree, column)
     loose = np.flatnonzero(~implied).tolist()
@@ -68,6 +69,23 @@ def pack(encoded: EncodedState) -> tuple[dict[str, Any], str, np.ndarray[Any, An
 
 
 COLUMN = "$column"  # never a key of an encoded dict: the encoder writes "$" keys as "$dict" pairs
+
+
+def _column_text(refs: References) -> str:
+    """``{"$column": [first, path, keys]}`` of the encoder's column ``refs``. The encoder gives
+    a module's column of the last save again when its state is saved again (``tree``'s recent
+    columns): then its text is the last one's (its keys compared: the same strings, ~0.01 us
+    a key, against ~0.15 to write them)."""
+    key = (refs.first, refs.path, list(refs))
+    text = _recent.get(key)
+    if text is None:
+        text = f'{{"{COLUMN}":[{refs.first},{json_text.text(refs.path)},{_KEYS.encode(key[2])}]}}'
+        _recent.put(key, text)
+    return text
+
+
+# The texts of the last few columns sent (a state's modules), by first index, path and keys.
+_recent: Recent[tuple[int, str, list[str]], str] = Recent(8)
 _KEYS = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), check_circular=False)
 
 

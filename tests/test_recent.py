@@ -1,0 +1,41 @@
+"""ckptproto._recent: the last few results of a costly step, by an equal key."""
+
+from __future__ import annotations
+
+import threading
+
+from ckptproto._recent import Recent
+
+
+def test_the_newest_keys_are_kept_and_found_by_equality() -> None:
+    recent: Recent[tuple[int, list[str]], str] = Recent(2)
+    recent.put((0, ["a", "b"]), "ab")
+    assert recent.get((0, ["a", "b"])) == "ab"  # an equal key, another list
+    assert recent.get((1, ["a", "b"])) is None and recent.get((0, ["a"])) is None
+    recent.put((1, ["c"]), "c")
+    recent.put((2, ["d"]), "d")  # the oldest goes
+    assert recent.get((0, ["a", "b"])) is None
+    assert (recent.get((1, ["c"])), recent.get((2, ["d"]))) == ("c", "d")
+    recent.clear()
+    assert recent.get((2, ["d"])) is None
+
+
+def test_threads_put_and_get_at_once() -> None:
+    recent: Recent[int, int] = Recent(4)
+    errors: list[BaseException] = []
+
+    def work(base: int) -> None:
+        try:
+            for i in range(2000):
+                recent.put(base + i, base + i)
+                found = recent.get(base + i)
+                assert found is None or found == base + i
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(k * 10_000,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
