@@ -13,6 +13,7 @@ ROOT = Path(__file__).resolve().parents[1] / "ckptproto"
 LAYERS = {
     "ckptproto.errors": 0,
     "ckptproto._gc": 0,
+    "ckptproto._recent": 0,
     "ckptproto._child": 0,
     "ckptproto.protocol": 0,
     "ckptproto.dtypes": 0,

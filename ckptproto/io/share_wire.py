@@ -89,10 +89,12 @@ _recent: Recent[tuple[int, str, list[str]], str] = Recent(8)
 _KEYS = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), check_circular=False)
 
 
-def loads(message: bytes | str) -> tuple[Any, list[References]]:
+def loads(message: bytes | str) -> tuple[Any, list[tuple[References, list[str]]]]:
     """``json.loads`` of a job :func:`pack` described, with each column in its tree back as the
-    ``tree.References`` it was (its references rebuilt), and those columns, in no order."""
-    found: list[References] = []
+    ``tree.References`` it was (its references rebuilt), and those columns with their tensors'
+    paths, in no order. A column received lately (the same module saved again) is copied
+    from that one, its references and paths not built again."""
+    found: list[tuple[References, list[str]]] = []
 
     def rebuild(obj: dict[str, Any]) -> Any:
         if len(obj) != 1 or COLUMN not in obj:
@@ -108,21 +110,37 @@ def loads(message: bytes | str) -> tuple[Any, list[References]]:
         ):
             raise CheckpointError("internal error: the writer process got a malformed job (a column)")
         first, path, keys = spec
-        refs = References(zip(keys, [{"$torch": i} for i in range(first, first + len(keys))], strict=True))
-        if len(refs) != len(keys):
-            raise CheckpointError("internal error: the writer process got a malformed job (column keys)")
+        key = (first, path, keys)  # (keys: a list of this message's own)
+        seen = _received.get(key)
+        if seen is None:
+            made = References(
+                zip(keys, [{"$torch": i} for i in range(first, first + len(keys))], strict=True)
+            )
+            if len(made) != len(keys):
+                raise CheckpointError("internal error: the writer process got a malformed job (column keys)")
+            seen = (made, column_paths(path, keys))
+            _received.put(key, seen)
+        refs = References(seen[0])  # a copy: this job's tree is its own
         refs.first, refs.path = first, path
-        found.append(refs)
+        found.append((refs, seen[1]))
         return refs
 
     return json.loads(message, object_hook=rebuild), found
+
+
+# The columns received lately (the modules of the last save), by first index, path and keys:
+# their references and their tensors' paths.
+_received: Recent[tuple[int, str, list[str]], tuple[References, list[str]]] = Recent(8)
 
 
 _SPEC, _PATH, _SHARD = itemgetter(1), itemgetter(2), itemgetter(3)  # TensorLeaf fields
 
 
 def unpack(
-    columns: dict[str, Any], spec_ids: np.ndarray[Any, Any], tree: Any, found: list[References]
+    columns: dict[str, Any],
+    spec_ids: np.ndarray[Any, Any],
+    tree: Any,
+    found: list[tuple[References, list[str]]],
 ) -> ShareJob:
     """The ShareJob :func:`pack` described, from its columns, tree and the tree's columns
     (:func:`loads`), planned as ``plan_share`` plans a world of one; ``leaves`` is empty: the
@@ -135,16 +153,16 @@ def unpack(
         raise CheckpointError("internal error: the writer process got a malformed job (tensor specs)")
     paths: list[str | None] = [None] * count
     try:
-        for refs in found:
+        for refs, refs_paths in found:
             if not 0 <= refs.first <= refs.first + len(refs) <= count:
                 raise IndexError(refs.first)
-            paths[refs.first : refs.first + len(refs)] = column_paths(refs.path, list(refs))
+            paths[refs.first : refs.first + len(refs)] = refs_paths
         for i, path in zip(loose, loose_paths, strict=True):
             paths[i] = path
     except (IndexError, TypeError, ValueError):
         raise CheckpointError("internal error: the writer process got a malformed job (paths)") from None
     # Every place filled exactly once: as many paths as places, and none left empty.
-    if sum(map(len, found)) + len(loose) != count or paths.count(None):
+    if sum(len(refs) for refs, _paths in found) + len(loose) != count or paths.count(None):
         raise CheckpointError("internal error: the writer process got a malformed job (paths)")
     # (tuple.__new__ by columns: a named tuple's own __new__ is a Python call per tensor)
     tensors = list(

@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from ckptproto import arrays
+from ckptproto._recent import Recent
 from ckptproto.arrays import ArraySpec
 from ckptproto.errors import CheckpointError
 from ckptproto.io.staging_pool import ALIGN, PAGE, PoolStats, Slab, StagingPool, round_up, slab_capacity
@@ -232,6 +233,11 @@ def _layout_key(leaves: Sequence[TensorLeaf], plain: bool = False) -> tuple[Any,
     return (specs, tuple([leaf.value.dtype for leaf in leaves if leaf.spec.kind == "numpy"]))
 
 
+# The bytes the last few layouts take in a slab, by layout key (a key's specs are compared by
+# identity, ~0.005 us a tensor, summing their sizes ~0.1).
+_totals: Recent[tuple[Any, ...], int] = Recent(4)
+
+
 def _build_layout(slab: Slab, subset: Sequence[TensorLeaf], key: tuple[Any, ...]) -> None:
     """Destination views (typed, for the copies) and byte views (for the writer) of every
     tensor of ``subset`` in ``slab``, each at a multiple of ALIGN."""
@@ -299,10 +305,13 @@ def stage_state(
             if not indices:
                 continue
             subset = [leaves[i] for i in indices] if len(indices) < len(leaves) else list(leaves)
-            total = sum([-(-leaf.spec.nbytes // ALIGN) * ALIGN for leaf in subset])  # round_up, inlined
+            key = _layout_key(subset, plain)
+            total = _totals.get(key)  # (the layout of a save before: the same state again)
+            if total is None:
+                total = sum([-(-leaf.spec.nbytes // ALIGN) * ALIGN for leaf in subset])  # round_up, inlined
+                _totals.put(key, total)
             slab = pool.acquire(total, pinned=pinned, shared=shared and not pinned)
             slabs.append(slab)
-            key = _layout_key(subset, plain)
             if slab.layout_key != key:
                 _build_layout(slab, subset, key)
             if pinned:
