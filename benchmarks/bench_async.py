@@ -21,6 +21,14 @@ of steps without checkpoints and with an async save every ``--save-every`` steps
 staging; background staging with ``wait_staged()`` just before ``optimizer.step()``);
 throughput and its loss versus no checkpointing. The loop is timed to its last step; waiting
 for the last save to commit ("final drain") is printed apart.
+
+Part 3 (``--python-loop``, issue 17's goal 4): a Python-heavy loop with and without one async
+save in flight, A/B pairs, the median slowdown with a 95% interval. ``--burn-ms 60`` adds a
+control with no save: a process spinning 60 ms of CPU on the other core (what the writer
+process spends on a 20,000-tensor save), the share of the slowdown that is the machine's::
+
+    python benchmarks/bench_async.py --python-loop --py-repeat 31 --modes blocking \
+        --writers auto --skip-dcp --py-states 20k --burn-ms 60
 """
 
 from __future__ import annotations
@@ -311,7 +319,7 @@ class InFlight:
 
 
 def inflight_methods(
-    state: dict[str, Any], with_dcp: bool, writers: list[str], modes: list[str]
+    state: dict[str, Any], with_dcp: bool, writers: list[str], modes: list[str], burn_ms: float = 0.0
 ) -> list[InFlight]:
     none = InFlight("no save (baseline)", lambda path: None)
     out = [none]
@@ -330,6 +338,8 @@ def inflight_methods(
             m.close = saver.close
             m.child = lambda saver=saver: saver.writer_pid  # type: ignore[misc]
             out.append(m)
+    if burn_ms:
+        out.append(cpu_burner(burn_ms))
     if with_dcp:
         import torch.distributed.checkpoint as dcp
 
@@ -342,6 +352,41 @@ def inflight_methods(
 
         out.append(InFlight("DCP async_save (default)", dcp_start))
     return out
+
+
+def cpu_burner(burn_ms: float) -> InFlight:
+    """The machine's own floor (``--burn-ms``): no save, a process apart that spins Python for
+    ``burn_ms`` of CPU time on the other core, no memory traffic, no file, no GIL of ours. What
+    it costs the loop is what any process's CPU beside the loop costs on this machine (on a VM
+    whose two vCPUs share a physical core, or are overcommitted, much more than nothing)."""
+    spin = (
+        "import sys, time\n"
+        "while sys.stdin.buffer.read(1):\n"
+        "    t = time.process_time()\n"
+        f"    while time.process_time() - t < {burn_ms / 1e3!r}: pass\n"
+        "    sys.stdout.buffer.write(b'x'); sys.stdout.buffer.flush()\n"
+    )
+    import subprocess
+    import sys
+
+    child = subprocess.Popen([sys.executable, "-c", spin], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    assert child.stdin is not None and child.stdout is not None
+    stdin, stdout = child.stdin, child.stdout
+
+    def start(path: Path) -> Callable[[], None]:
+        stdin.write(b"x")
+        stdin.flush()
+        return lambda: (stdout.read(1), None)[1]
+
+    m = InFlight(f"CPU burner, {burn_ms:.0f} ms on the other core", start)
+
+    def close() -> None:
+        stdin.close()
+        child.wait()
+
+    m.close = close
+    m.child = lambda: child.pid
+    return m
 
 
 Window = dict[str, float]  # seconds, except outlived (0/1)
@@ -483,7 +528,9 @@ def part3(args: argparse.Namespace, root: Path) -> None:
         state = loop_state(kind)
         tensors = state["models"]["model"]
         nbytes = sum(t.nbytes for t in tensors.values())
-        methods = inflight_methods(state, with_dcp=not args.skip_dcp, writers=args.writers, modes=args.modes)
+        methods = inflight_methods(
+            state, with_dcp=not args.skip_dcp, writers=args.writers, modes=args.modes, burn_ms=args.burn_ms
+        )
         baseline, saving = methods[0], methods[1:]
         pairs: dict[str, list[tuple[Window, Window]]] = {m.name: [] for m in saving}
 
@@ -564,6 +611,12 @@ def main() -> None:
     parser.add_argument("--window", type=float, default=2.0, help="loop length without a save (s)")
     parser.add_argument("--py-repeat", type=int, default=5)
     parser.add_argument("--skip-dcp", action="store_true")
+    parser.add_argument(
+        "--burn-ms",
+        type=float,
+        default=0.0,
+        help="part 3 also runs a control: a process spinning this much CPU on the other core, no save",
+    )
     parser.add_argument(
         "--modes", nargs="+", default=["blocking", "background"], choices=["blocking", "background"]
     )
