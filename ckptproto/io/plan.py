@@ -178,7 +178,7 @@ def plan_file(
     kept = _Layout(
         sources if isinstance(sources, range) else list(sources), list(keys), list(specs), dict(meta)
     )
-    _recent.put(kept, plan)
+    _recent.put(kept, dataclasses.replace(plan, given=()))  # (not this call's pieces: kept alive)
     return plan
 
 
