@@ -427,8 +427,8 @@ class _Column(NamedTuple):
     column: References  # copied into each save that takes it
 
 
-# The last few columns encoded (a state's modules), by path, first index and keys: ~200
-# bytes a tensor held.
+# The last few columns encoded (a state's modules), by path, first index and keys: ~340
+# bytes a tensor held (97 MB for a state of 300,000 tensors).
 _recent_columns: Recent[tuple[str, int, list[str]], _Column] = Recent(8)
 
 

@@ -71,7 +71,7 @@ def _column_text(value: References) -> str:
 
 
 # The texts of the last few columns written (a state's modules), by first index and keys:
-# ~70 bytes a reference held, a few MB for a large state.
+# ~50 bytes a reference held (14 MB for a state of 300,000 tensors).
 _recent: Recent[tuple[int, list[str]], str] = Recent(4)
 
 
