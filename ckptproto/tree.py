@@ -118,6 +118,22 @@ class References(dict[str, dict[str, int]]):
     first: int
     path: str
 
+    @classmethod
+    def numbered(cls, keys: list[str], first: int, path: str) -> References:
+        """The column of ``keys`` referring to tensors ``first``, ``first + 1``, ... at ``path``::
+
+        References.numbered(["w", "b"], 3, "models.model")   # {"w": {"$torch": 3}, "b": {"$torch": 4}}
+        """
+        column = cls(zip(keys, [{"$torch": i} for i in range(first, first + len(keys))], strict=True))
+        column.first, column.path = first, path
+        return column
+
+    def copy(self) -> References:
+        """A new column of the same references (one C call), ``first`` and ``path`` kept."""
+        column = References(self)
+        column.first, column.path = self.first, self.path
+        return column
+
 
 def column_paths(path: str, keys: list[str]) -> list[str]:
     """The state paths of the tensors of a References column at ``path`` with ``keys``
@@ -330,14 +346,10 @@ class _Encoder:
         paths = memo.paths if memo is not None else column_paths(path, keys)
         self.tensors += map(_new, repeat(TensorLeaf), zip(values, specs, paths, repeat(None), host))
         if memo is not None:
-            # A copy (one C call): a consumer that changes its tree changes no later save's.
-            column = References(memo.column)
-            column.first, column.path = start, path
-            return column
-        column = References(
-            zip(keys, [{"$torch": i} for i in range(start, start + len(values))], strict=True)
-        )
-        column.first, column.path = start, path
+            # (its path and first index are this one's) A copy: a consumer that changes its tree
+            # changes no later save's.
+            return memo.column.copy()
+        column = References.numbered(keys, start, path)
         if one_dtype:
             _recent_columns.put((path, start, keys), _Column(dtypes[0], shapes, specs, paths, column))
         return column

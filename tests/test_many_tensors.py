@@ -672,3 +672,16 @@ def test_a_column_written_again_takes_its_text_and_nothing_stale() -> None:
     json_text.tree({"m": changed})
     changed["extra"] = {"$torch": 40}  # a dict like any other: changed after it was written
     assert json_text.tree({"m": changed}) == dumps({"m": changed})
+
+
+def test_a_numbered_column_and_its_copy() -> None:
+    from ckptproto.tree import References
+
+    column = References.numbered(["w", "b"], 3, "models.model")
+    assert column == {"w": {"$torch": 3}, "b": {"$torch": 4}}
+    assert (column.first, column.path) == (3, "models.model")
+    copy = column.copy()
+    assert type(copy) is References and copy == column and copy is not column
+    assert (copy.first, copy.path) == (3, "models.model")
+    del copy["w"]
+    assert "w" in column

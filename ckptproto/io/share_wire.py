@@ -113,15 +113,12 @@ def loads(message: bytes | str) -> tuple[Any, list[tuple[References, list[str]]]
         key = (first, path, keys)  # (keys: a list of this message's own)
         seen = _received.get(key)
         if seen is None:
-            made = References(
-                zip(keys, [{"$torch": i} for i in range(first, first + len(keys))], strict=True)
-            )
+            made = References.numbered(keys, first, path)
             if len(made) != len(keys):
                 raise CheckpointError("internal error: the writer process got a malformed job (column keys)")
             seen = (made, column_paths(path, keys))
             _received.put(key, seen)
-        refs = References(seen[0])  # a copy: this job's tree is its own
-        refs.first, refs.path = first, path
+        refs = seen[0].copy()  # this job's tree is its own
         found.append((refs, seen[1]))
         return refs
 
