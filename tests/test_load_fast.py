@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import json
 import struct
+import threading
+import time
 import zlib
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -36,7 +38,7 @@ from ckptproto.format.manifest import (
     table_columns,
     table_runs,
 )
-from ckptproto.io import bulkread, headercheck, match, reader, readplan
+from ckptproto.io import bulkread, headercheck, match, reader, readplan, threads
 from ckptproto.io.plan import FILE_METADATA
 from ckptproto.tree import decode_tree, quick_refs
 
@@ -73,6 +75,16 @@ def _state() -> dict[str, Any]:
 def _slow(monkeypatch: pytest.MonkeyPatch) -> None:
     """Force the general paths: no regenerated header, so no layout, no runs."""
     monkeypatch.setattr(reader, "expected_header", lambda layout, file_size=None: None)
+
+
+@pytest.fixture(params=[False, True], ids=["one-thread", "in-two"])
+def in_two(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> bool:
+    """Each test twice: as a small state loads (one thread), and with every build and copy of
+    two tensors or more done in two halves on two threads (threads.in_two), as a state of
+    thousands of tensors loads."""
+    if request.param:
+        monkeypatch.setattr(threads, "TWO_CORES_FROM", 2)
+    return bool(request.param)
 
 
 def _same(a: Any, b: Any) -> None:
@@ -115,7 +127,9 @@ def test_safetensors_itemsizes_agree_with_the_dtype_table() -> None:
             assert safetensors.SAFETENSORS_ITEMSIZE[dtype.safetensors] == dtype.itemsize, dtype.name
 
 
-def test_fast_and_general_paths_load_the_same(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_fast_and_general_paths_load_the_same(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, in_two: bool
+) -> None:
     ckptproto.save(_state(), tmp_path / "c")
     fast = ckptproto.load(tmp_path / "c")
     with monkeypatch.context() as m:
@@ -128,7 +142,7 @@ def test_fast_and_general_paths_load_the_same(tmp_path: Path, monkeypatch: pytes
     assert fast["tied_a"] is fast["tied_b"]
 
 
-def test_run_tensors_have_memory_of_their_own(tmp_path: Path) -> None:
+def test_run_tensors_have_memory_of_their_own(tmp_path: Path, in_two: bool) -> None:
     ckptproto.save(_state(), tmp_path / "c")
     state = ckptproto.load(tmp_path / "c")
     for key in ("f32", "f64", "bf16", "i8", "bool", "scalar", "after_big", "rng", "tied_a"):
@@ -269,7 +283,9 @@ def _targets(state: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def test_load_into_fast_and_general_fill_the_same(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_load_into_fast_and_general_fill_the_same(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, in_two: bool
+) -> None:
     state = _state()
     ckptproto.save(state, tmp_path / "c")
     fast = _targets(state)
@@ -285,7 +301,7 @@ def test_load_into_fast_and_general_fill_the_same(tmp_path: Path, monkeypatch: p
 @pytest.mark.parametrize("one_d", [False, True])
 @pytest.mark.parametrize("inference_target", [False, True])
 def test_load_into_parameters_inference_tensors_and_views(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, one_d: bool, inference_target: bool
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, one_d: bool, inference_target: bool, in_two: bool
 ) -> None:
     """Targets torch will not simply copy into, in a run of 1-d targets (one
     split_with_sizes_copy, falling back to copies one by one) and of mixed shapes."""
@@ -312,7 +328,9 @@ def test_load_into_parameters_inference_tensors_and_views(
     assert target["p"].requires_grad and base[1::2].eq(0).all()
 
 
-def test_load_into_past_the_scratch_budget(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_load_into_past_the_scratch_budget(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, in_two: bool
+) -> None:
     state = {f"t{i}": torch.full((3,), float(i)) for i in range(50)}
     ckptproto.save(state, tmp_path / "c")
     monkeypatch.setattr(bulkread, "SCRATCH_BYTES", 12 * 10)  # ten tensors in runs, the rest direct
@@ -645,3 +663,109 @@ def test_a_quickly_read_tables_keys_regenerate_the_header_unchecked(tmp_path: Pa
         ckpt.close()
     # A table built from entries (the general path) vouches for nothing: checked as before.
     assert not table_columns(list(ckpt.manifest.tensors)).plain_keys  # type: ignore[union-attr]
+
+
+def test_in_two_gives_the_halves_in_order_from_two_threads(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(threads, "TWO_CORES_FROM", 4)
+    calls: list[tuple[int, int, str]] = []
+
+    def work(a: int, b: int) -> list[int]:
+        calls.append((a, b, threading.current_thread().name))
+        time.sleep(0.05)  # (a pool thread takes the first half meanwhile)
+        return list(range(a, b))
+
+    assert threads.in_two(work, 9) == list(range(9))
+    assert sorted(c[:2] for c in calls) == [(0, 4), (4, 9)]
+    names = {c[0]: c[2] for c in calls}
+    assert names[0].startswith("ckptproto-io") and names[4] == threading.current_thread().name
+    calls.clear()
+    assert threads.in_two(work, 3) == [0, 1, 2]  # below TWO_CORES_FROM: one piece, here
+    assert calls == [(0, 3, threading.current_thread().name)]
+
+
+def test_in_two_never_waits_for_a_busy_pool(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every pool thread busy (writing an async save, say), or itself in in_two: the half no
+    pool thread took is done by the caller, which never waits for the pool."""
+    monkeypatch.setattr(threads, "TWO_CORES_FROM", 2)
+    pool = threads.pool()
+    release = threading.Event()
+    busy = [pool.submit(release.wait, 30) for _ in range(pool._max_workers)]
+    try:
+        calls: list[tuple[int, int, str]] = []
+
+        def work(a: int, b: int) -> list[int]:
+            calls.append((a, b, threading.current_thread().name))
+            return list(range(a, b))
+
+        assert threads.in_two(work, 6) == list(range(6))  # (blocked workers: a hang without)
+        assert sorted(calls) == [(0, 3, "MainThread"), (3, 6, "MainThread")]
+    finally:
+        release.set()
+        threads.gather(busy)
+    # each pool thread in in_two: the halves they hand over wait behind them in the queue
+    nested = [pool.submit(threads.in_two, work, 6) for _ in range(pool._max_workers)]
+    assert [f.result(timeout=30) for f in nested] == [list(range(6))] * len(nested)
+
+
+@pytest.mark.parametrize("failing", [0, 5], ids=["pool-half", "caller-half"])
+def test_in_two_raises_either_halfs_error_once_the_other_ended(
+    monkeypatch: pytest.MonkeyPatch, failing: int
+) -> None:
+    monkeypatch.setattr(threads, "TWO_CORES_FROM", 2)
+    started: list[int] = []
+    ended: list[int] = []
+
+    def work(a: int, b: int) -> list[int]:
+        started.append(a)
+        if a == failing:
+            raise ValueError(f"half at {a}")
+        time.sleep(0.05)
+        ended.append(a)
+        return []
+
+    for _ in range(5):
+        started.clear()
+        ended.clear()
+        with pytest.raises(ValueError, match=f"half at {failing}"):
+            threads.in_two(work, 10)
+        # the other half ran to its end before the error was raised, or (a first half no pool
+        # thread had taken yet) never started
+        assert sorted(started) == sorted([failing, *ended])
+        if failing == 0:
+            assert ended == [5]
+
+
+def test_load_into_many_parameters_in_two_halves_needs_no_fallback(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Autograd is per thread: the pool's half copies into Parameters that require grad with it
+    off too, in both copies (1-d targets: split_with_sizes_copy; others: _foreach_copy_),
+    never falling back to copies one by one."""
+    monkeypatch.setattr(threads, "TWO_CORES_FROM", 2)
+    state = {f"p{i}": torch.full((3,) if i % 2 else (1, 3), float(i)) for i in range(12)}
+    ckptproto.save(state, tmp_path / "c")
+    for one_d in (True, False):
+        chosen = {k: v for k, v in state.items() if (v.dim() == 1) == one_d}
+        target = {k: torch.nn.Parameter(torch.zeros_like(v)) for k, v in chosen.items()}
+
+        with monkeypatch.context() as m:
+            m.setattr(bulkread.arrays, "copy_bytes", _one_by_one)
+            ckptproto.load_into(tmp_path / "c", target, strict=False)
+        _same({k: v.detach() for k, v in target.items()}, chosen)
+        assert all(p.requires_grad and p.grad_fn is None for p in target.values())
+
+
+def _one_by_one(dst: Any, src: Any) -> bool:
+    raise AssertionError("copied one by one: a half ran with autograd on")
+
+
+def test_thousands_of_tensors_load_in_two_halves_by_default(tmp_path: Path) -> None:
+    count = 2 * threads.TWO_CORES_FROM + 3
+    state = {f"t{i}": torch.full((2,) if i % 3 else (1, 2), float(i)) for i in range(count)}
+    ckptproto.save(state, tmp_path / "c")
+    loaded = ckptproto.load(tmp_path / "c")
+    _same(loaded, state)
+    assert all(t.untyped_storage().nbytes() == t.nbytes and t._base is None for t in loaded.values())
+    target = {k: torch.zeros_like(v) for k, v in state.items()}
+    ckptproto.load_into(tmp_path / "c", target)
+    _same(target, state)

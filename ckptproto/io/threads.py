@@ -7,8 +7,11 @@ import ctypes
 import ctypes.util
 import os
 import threading
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor, wait
-from typing import Any
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 BATCH_BYTES = 16 << 20  # one pwritev/preadv call moves at most this much
 MAX_IOV = 512  # below IOV_MAX (1024 on Linux)
@@ -50,6 +53,36 @@ def gather(futures: list[Future[Any]]) -> list[Any]:
     still touches a file descriptor the caller is about to close."""
     wait(futures)
     return [f.result() for f in futures]
+
+
+# in_two splits work of at least this many items (a few ms of torch's C++ at ~2 us an item;
+# a pool thread's hand-off is ~0.1 ms).
+TWO_CORES_FROM = 4096
+
+
+def in_two(work: Callable[[int, int], list[T]], count: int) -> list[T]:
+    """``work(0, count)``, as ``work(0, half) + work(half, count)``: the first half handed to
+    the I/O pool while this thread does the second, when ``count`` is at least TWO_CORES_FROM.
+    For torch calls that release the GIL and cost a microsecond or two per item (a tensor made
+    or copied in C++): a load of many small tensors builds them on both cores. A first half no
+    pool thread has taken by then (all busy writing, or waiting like this one on a pool
+    thread) is taken back and done here: the pool never holds this thread up::
+
+        in_two(lambda a, b: torch.split_with_sizes_copy(flat[starts[a]:starts[b]], numels[a:b]), len(numels))
+    """
+    if count < TWO_CORES_FROM:
+        return work(0, count)
+    half = count // 2
+    first = pool().submit(work, 0, half)
+    try:
+        second = work(half, count)
+    except BaseException:
+        first.cancel()
+        wait([first])  # a first half under way ends before the error is raised
+        raise
+    if first.cancel():
+        return work(0, half) + second
+    return first.result() + second
 
 
 def batches(
