@@ -10,6 +10,7 @@
     ckptproto.load_into("checkpoints/checkpoint_step_7", {"models": {"model": model}})
 """
 
+from ckptproto._recent import clear_caches
 from ckptproto.errors import (
     CheckpointCorruptError,
     CheckpointError,
@@ -71,6 +72,7 @@ __all__ = [
     "TrainerLike",
     "UnsupportedValueError",
     "__version__",
+    "clear_caches",
     "find_checkpoints",
     "load",
     "load_into",

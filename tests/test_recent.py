@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import threading
+from pathlib import Path
 
+import ckptproto
+from ckptproto import _recent
 from ckptproto._recent import Recent
 
 
@@ -39,3 +42,23 @@ def test_threads_put_and_get_at_once() -> None:
     for t in threads:
         t.join()
     assert not errors
+
+
+def test_clear_caches_empties_every_save_paths_memory_and_saves_go_on(tmp_path: Path) -> None:
+    import torch
+
+    from ckptproto import tree
+    from ckptproto.format import json_text
+    from ckptproto.io import plan
+
+    state = {"models": {"m": {f"w{i}": torch.full((2,), float(i)) for i in range(40)}}}
+    ckptproto.save(state, tmp_path / "a")
+    kept = (tree._recent_columns, json_text._recent, plan._recent)
+    assert all(r._items for r in kept)  # (what a save of this layout left for the next one)
+    ckptproto.clear_caches()
+    assert not any(r._items for r in _recent._every)
+    ckptproto.save(state, tmp_path / "b")  # built again
+    loaded = ckptproto.load(tmp_path / "b")
+    assert all(torch.equal(loaded["models"]["m"][k], v) for k, v in state["models"]["m"].items())
+    assert all(r._items for r in kept)
+    assert {*kept} <= set(_recent._every)
