@@ -83,8 +83,30 @@ def in_two(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> b
     two tensors or more done in two halves on two threads (threads.in_two), as a state of
     thousands of tensors loads."""
     if request.param:
-        monkeypatch.setattr(threads, "TWO_CORES_FROM", 2)
+        _halves_on_the_pool(monkeypatch)
     return bool(request.param)
+
+
+def _halves_on_the_pool(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """threads.in_two of two items or more, its first half always run by a pool thread (the
+    real one takes back a half no pool thread has started: a test's tiny work would rarely
+    reach the pool). Returns the names of the threads that ran a first half."""
+    ran: list[str] = []
+
+    def first_half(work: Any, half: int) -> list[Any]:
+        ran.append(threading.current_thread().name)
+        return list(work(0, half))
+
+    def in_two(work: Any, count: int) -> list[Any]:
+        if count < 2:
+            return list(work(0, count))
+        half = count // 2
+        first = threads.pool().submit(first_half, work, half)
+        second = work(half, count)
+        return first.result() + second
+
+    monkeypatch.setattr(threads, "in_two", in_two)
+    return ran
 
 
 def _same(a: Any, b: Any) -> None:
@@ -741,7 +763,7 @@ def test_load_into_many_parameters_in_two_halves_needs_no_fallback(
     """Autograd is per thread: the pool's half copies into Parameters that require grad with it
     off too, in both copies (1-d targets: split_with_sizes_copy; others: _foreach_copy_),
     never falling back to copies one by one."""
-    monkeypatch.setattr(threads, "TWO_CORES_FROM", 2)
+    ran = _halves_on_the_pool(monkeypatch)
     state = {f"p{i}": torch.full((3,) if i % 2 else (1, 3), float(i)) for i in range(12)}
     ckptproto.save(state, tmp_path / "c")
     for one_d in (True, False):
@@ -753,6 +775,30 @@ def test_load_into_many_parameters_in_two_halves_needs_no_fallback(
             ckptproto.load_into(tmp_path / "c", target, strict=False)
         _same({k: v.detach() for k, v in target.items()}, chosen)
         assert all(p.requires_grad and p.grad_fn is None for p in target.values())
+    assert ran and all(name.startswith("ckptproto-io") for name in ran)
+
+
+def test_load_into_inference_tensors_in_inference_mode_in_two_halves(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Inference mode is per thread too: in it, the pool's half writes inference tensors as
+    the caller's does, never falling back to copies one by one."""
+    ran = _halves_on_the_pool(monkeypatch)
+    state = {f"p{i}": torch.full((3,) if i % 2 else (1, 3), float(i)) for i in range(12)}
+    ckptproto.save(state, tmp_path / "c")
+    with torch.inference_mode():
+        target = {k: torch.zeros_like(v) for k, v in state.items()}
+        with monkeypatch.context() as m:
+            m.setattr(bulkread.arrays, "copy_bytes", _one_by_one)
+            ckptproto.load_into(tmp_path / "c", target)
+    _same(target, state)
+    assert all(t.is_inference() for t in target.values())
+    with torch.inference_mode():  # as the caller makes its half, so does the pool
+        loaded = ckptproto.load(tmp_path / "c")
+    assert all(t.is_inference() for t in loaded.values())
+    loaded = ckptproto.load(tmp_path / "c")
+    assert not any(t.is_inference() for t in loaded.values())
+    assert len(ran) >= 3  # the pool ran a half of each
 
 
 def _one_by_one(dst: Any, src: Any) -> bool:

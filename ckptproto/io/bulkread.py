@@ -165,17 +165,28 @@ def _split_into(split_copy: Any, typed: Any, numels: list[int], targets: list[An
 
 
 def _in_two_no_grad(copy: Callable[[int, int], object], count: int) -> None:
-    """``copy(a, b)`` of items ``[a, b)`` for all ``count`` items, with torch's gradient mode
-    off on each thread that runs a part (a Parameter that requires grad is overwritten, not
-    traced; the mode is per thread): :func:`threads.in_two`."""
-    torch = arrays.require_torch()
+    """``copy(a, b)`` of items ``[a, b)`` for all ``count`` items: :func:`_in_two_as_caller`."""
 
     def part(a: int, b: int) -> list[None]:
-        with torch.no_grad():
-            copy(a, b)
+        copy(a, b)
         return []
 
-    threads.in_two(part, count)
+    _in_two_as_caller(part, count)
+
+
+def _in_two_as_caller(work: Callable[[int, int], list[Any]], count: int) -> list[Any]:
+    """:func:`threads.in_two` of ``work``, each part in the caller's inference mode (tensors
+    made in it are inference tensors, and only in it may one be written) with gradient mode
+    off (a Parameter that requires grad is overwritten, not traced): both modes are per
+    thread, and a pool thread has neither of the caller's."""
+    torch = arrays.require_torch()
+    inference = torch.is_inference_mode_enabled()
+
+    def part(a: int, b: int) -> list[Any]:
+        with torch.inference_mode(inference), torch.no_grad():
+            return work(a, b)
+
+    return threads.in_two(part, count)
 
 
 def plan_small(
@@ -436,7 +447,7 @@ def _own_copies(flat: Any, numels: list[int]) -> list[Any]:
     def copies(a: int, b: int) -> list[Any]:  # (on two cores: ~2 us a tensor of torch's C++)
         return list(split_copy(flat.narrow(0, sum(numels[:a]), sum(numels[a:b])), numels[a:b]))
 
-    return threads.in_two(copies, len(numels))
+    return _in_two_as_caller(copies, len(numels))
 
 
 def _clone(views: list[Any]) -> list[Any]:
