@@ -4,10 +4,7 @@ Python work on text and plans that depend on that layout only (``io/plan.py``, t
 texts, the encoder's columns)::
 
     recent: Recent[tuple[int, list[str]], str] = Recent(4)
-    text = recent.get((first, keys))
-    if text is None:
-        text = write(first, keys)
-        recent.put((first, keys), text)
+    text = recent.get_or_make((first, keys), lambda: write(first, keys))
 
 A key is compared with ``==`` (a tuple element by element, stopping at the first that
 differs; equal strings that are the same objects by identity): keep the cheap parts first.
@@ -18,6 +15,7 @@ from __future__ import annotations
 
 import threading
 import weakref
+from collections.abc import Callable
 from typing import Any, Generic, TypeVar
 
 K = TypeVar("K")
@@ -37,6 +35,16 @@ class Recent(Generic[K, V]):
         """The value put with a key equal to ``key`` lately, or None."""
         with self._lock:
             return next((value for seen, value in self._items if seen == key), None)
+
+    def get_or_make(self, key: K, make: Callable[[], V]) -> V:
+        """The value put with a key equal to ``key`` lately, else ``make()``, put with ``key``
+        (made outside the lock: two threads may both make it; an error in ``make`` puts
+        nothing)."""
+        value = self.get(key)
+        if value is None:
+            value = make()
+            self.put(key, value)
+        return value
 
     def put(self, key: K, value: V) -> None:
         with self._lock:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import threading
 from pathlib import Path
 
+import pytest
+
 import ckptproto
 from ckptproto import _recent
 from ckptproto._recent import Recent
@@ -21,6 +23,25 @@ def test_the_newest_keys_are_kept_and_found_by_equality() -> None:
     assert (recent.get((1, ["c"])), recent.get((2, ["d"]))) == ("c", "d")
     recent.clear()
     assert recent.get((2, ["d"])) is None
+
+
+def test_get_or_make_makes_once_and_an_error_puts_nothing() -> None:
+    recent: Recent[tuple[int, list[str]], int] = Recent(2)
+    made: list[int] = []
+
+    def make() -> int:
+        made.append(0)
+        return 0  # a falsy value is found again too
+
+    assert recent.get_or_make((0, ["a"]), make) == 0
+    assert recent.get_or_make((0, ["a"]), make) == 0 and len(made) == 1
+
+    def fail() -> int:
+        raise ValueError("malformed")
+
+    with pytest.raises(ValueError, match="malformed"):
+        recent.get_or_make((1, ["b"]), fail)
+    assert recent.get((1, ["b"])) is None
 
 
 def test_threads_put_and_get_at_once() -> None:

@@ -62,12 +62,11 @@ def _column_text(value: References) -> str:
     """The text of a References column. A training run saves the same module again and again:
     the text of a column of the same first index and keys as one written lately is taken
     again (comparing the keys is ~0.03 us a reference, writing them ~0.3)."""
-    key = (value.first, list(value))
-    text = _recent.get(key)
-    if text is None:
-        text = _reference_text(key[1], "$torch", range(value.first, value.first + len(value)))
-        _recent.put(key, text)
-    return text
+    keys = list(value)
+    return _recent.get_or_make(
+        (value.first, keys),
+        lambda: _reference_text(keys, "$torch", range(value.first, value.first + len(keys))),
+    )
 
 
 # The texts of the last few columns written (a state's modules), by first index and keys:

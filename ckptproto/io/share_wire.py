@@ -76,12 +76,11 @@ def _column_text(refs: References) -> str:
     a module's column of the last save again when its state is saved again (``tree``'s recent
     columns): then its text is the last one's (its keys compared: the same strings, ~0.01 us
     a key, against ~0.15 to write them)."""
-    key = (refs.first, refs.path, list(refs))
-    text = _recent.get(key)
-    if text is None:
-        text = f'{{"{COLUMN}":[{refs.first},{json_text.text(refs.path)},{_KEYS.encode(key[2])}]}}'
-        _recent.put(key, text)
-    return text
+    keys = list(refs)
+    return _recent.get_or_make(
+        (refs.first, refs.path, keys),
+        lambda: f'{{"{COLUMN}":[{refs.first},{json_text.text(refs.path)},{_KEYS.encode(keys)}]}}',
+    )
 
 
 # The texts of the last few columns sent (a state's modules), by first index, path and keys.
@@ -110,19 +109,21 @@ def loads(message: bytes | str) -> tuple[Any, list[tuple[References, list[str]]]
         ):
             raise CheckpointError("internal error: the writer process got a malformed job (a column)")
         first, path, keys = spec
-        key = (first, path, keys)  # (keys: a list of this message's own)
-        seen = _received.get(key)
-        if seen is None:
-            made = References.numbered(keys, first, path)
-            if len(made) != len(keys):
-                raise CheckpointError("internal error: the writer process got a malformed job (column keys)")
-            seen = (made, column_paths(path, keys))
-            _received.put(key, seen)
+        # (keys: a list of this message's own)
+        seen = _received.get_or_make((first, path, keys), lambda: _received_column(first, path, keys))
         refs = seen[0].copy()  # this job's tree is its own
         found.append((refs, seen[1]))
         return refs
 
     return json.loads(message, object_hook=rebuild), found
+
+
+def _received_column(first: int, path: str, keys: list[str]) -> tuple[References, list[str]]:
+    """The column a job sent as ``[first, path, keys]``, and its tensors' paths."""
+    made = References.numbered(keys, first, path)
+    if len(made) != len(keys):
+        raise CheckpointError("internal error: the writer process got a malformed job (column keys)")
+    return made, column_paths(path, keys)
 
 
 # The columns received lately (the modules of the last save), by first index, path and keys:

@@ -238,6 +238,11 @@ def _layout_key(leaves: Sequence[TensorLeaf], plain: bool = False) -> tuple[Any,
 _totals: Recent[tuple[Any, ...], int] = Recent(4)
 
 
+def _slab_bytes(leaves: Sequence[TensorLeaf]) -> int:
+    """The bytes ``leaves`` take in a slab, each at a multiple of ALIGN (round_up, inlined)."""
+    return sum([-(-leaf.spec.nbytes // ALIGN) * ALIGN for leaf in leaves])
+
+
 def _build_layout(slab: Slab, subset: Sequence[TensorLeaf], key: tuple[Any, ...]) -> None:
     """Destination views (typed, for the copies) and byte views (for the writer) of every
     tensor of ``subset`` in ``slab``, each at a multiple of ALIGN."""
@@ -306,10 +311,8 @@ def stage_state(
                 continue
             subset = [leaves[i] for i in indices] if len(indices) < len(leaves) else list(leaves)
             key = _layout_key(subset, plain)
-            total = _totals.get(key)  # (the layout of a save before: the same state again)
-            if total is None:
-                total = sum([-(-leaf.spec.nbytes // ALIGN) * ALIGN for leaf in subset])  # round_up, inlined
-                _totals.put(key, total)
+            # (the layout of a save before: the same state again)
+            total = _totals.get_or_make(key, partial(_slab_bytes, subset))
             slab = pool.acquire(total, pinned=pinned, shared=shared and not pinned)
             slabs.append(slab)
             if slab.layout_key != key:
