@@ -66,7 +66,9 @@ def in_two(work: Callable[[int, int], list[T]], count: int) -> list[T]:
     For torch calls that release the GIL and cost a microsecond or two per item (a tensor made
     or copied in C++): a load of many small tensors builds them on both cores. A first half no
     pool thread has taken by then (all busy writing, or waiting like this one on a pool
-    thread) is taken back and done here: the pool never holds this thread up::
+    thread) is taken back and done here: the pool never holds this thread up. A pool thread
+    has none of the caller's thread-local torch modes (grad, inference): a torch caller sets
+    them in each part (``bulkread._in_two_as_caller``)::
 
         in_two(lambda a, b: torch.split_with_sizes_copy(flat[starts[a]:starts[b]], numels[a:b]), len(numels))
     """
