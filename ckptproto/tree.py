@@ -508,6 +508,7 @@ def decode_tree(
     in_place: bool = False,
     paths: bool = True,
     resolve_many: Callable[[list[int]], list[Any]] | None = None,
+    columns: ColumnMemo | None = None,
 ) -> Any:
     """Rebuild a state tree; ``resolve(kind, index, path)`` supplies each tensor.
     Raises CheckpointFormatError naming ``where`` and the state path of a malformed node.
@@ -521,10 +522,14 @@ def decode_tree(
     state dict, then costs no Python call per tensor)::
 
         decode_tree(state, lambda kind, i, p: values[i], paths=False,
-                    resolve_many=lambda indices: list(map(values.__getitem__, indices)))"""
+                    resolve_many=lambda indices: list(map(values.__getitem__, indices)))
+
+    ``columns``: the memo the tree's parse filled (``Manifest.columns``), for a tree unchanged
+    since (an object decoded in place leaves it)."""
     decoder = _Decoder(resolve, where, build=True, in_place=in_place)
     decoder.leaf_paths = paths
     decoder.resolve_many = resolve_many
+    decoder.columns = columns
     return decoder.decode(node, None, 0)
 
 
@@ -539,7 +544,9 @@ def check_tree(node: Any, resolve: Callable[[str, int, str], Any], *, where: str
     return not tag.startswith("$") or tag in ("$dict", "$odict")
 
 
-def quick_refs(node: Any, *, where: str = "manifest") -> tuple[list[int], list[int]] | None:
+def quick_refs(
+    node: Any, *, where: str = "manifest", columns: ColumnMemo | None = None
+) -> tuple[list[int], list[int]] | None:
     """The tensor references of an encoded tree whose root is a plain object, as two lists of
     indices (``$torch``, ``$numpy``), when the tree passes every check of :func:`check_tree`;
     None when it does not, or when this quick walk cannot vouch for it (then check_tree, which
@@ -559,7 +566,7 @@ def quick_refs(node: Any, *, where: str = "manifest") -> tuple[list[int], list[i
 
     decoder = _Decoder(collect, where, build=False)
     try:
-        if not _vouch(node.values(), torch_refs, decoder, 1):
+        if not _vouch(node.values(), torch_refs, decoder, 1, columns):
             return None
     except CheckpointFormatError:
         return None
@@ -571,7 +578,9 @@ _SCALARS = frozenset({str, int, float, bool, type(None)})
 _QUICK_DEPTH = MAX_DEPTH - 4
 
 
-def _vouch(children: Any, torch_refs: list[int], decoder: _Decoder, depth: int) -> bool:
+def _vouch(
+    children: Any, torch_refs: list[int], decoder: _Decoder, depth: int, columns: ColumnMemo | None
+) -> bool:
     """Whether every node of ``children`` (at ``depth``) decodes; appends $torch references."""
     if depth >= _QUICK_DEPTH:
         return False
@@ -592,14 +601,14 @@ def _vouch(children: Any, torch_refs: list[int], decoder: _Decoder, depth: int) 
             if any(map(str.startswith, v, _DOLLAR)):
                 return False  # plain keys mixed with "$" keys
             if len(v) >= _BATCH_MIN and depth + 1 < _QUICK_DEPTH:
-                indices = torch_column(v)
+                indices = torch_column(v, columns)
                 if indices is not None:
                     torch_refs += indices
                     continue
-            if not _vouch(v.values(), torch_refs, decoder, depth + 1):
+            if not _vouch(v.values(), torch_refs, decoder, depth + 1, columns):
                 return False
         elif kind is list:
-            if not _vouch(v, torch_refs, decoder, depth + 1):
+            if not _vouch(v, torch_refs, decoder, depth + 1, columns):
                 return False
         elif kind not in scalars:
             return False
@@ -610,13 +619,34 @@ _DOLLAR = repeat("$")  # map(str.startswith, keys, _DOLLAR): each key starts wit
 _TORCH_INDEX = itemgetter("$torch")
 
 
-def torch_column(node: dict[str, Any]) -> list[int] | None:
+# What torch_column found for the objects of one parsed tree, by id: ``(the object, its
+# indices or None)`` (the entry keeps the object alive, so its id is not reused). The parse,
+# the validation and the decode of one manifest each ask about the same objects; a reader
+# that holds the tree unchanged between them passes one memo to all three.
+ColumnMemo = dict[int, tuple[Any, list[int] | None]]
+
+
+def torch_column(node: dict[str, Any], memo: ColumnMemo | None = None) -> list[int] | None:
     """The indices of ``node``'s values when every one is a valid ``{"$torch": i}`` reference
     (a module's state dict, an optimizer's state of one parameter), found in C-level passes;
     else None (then the node goes value by value)::
 
         torch_column({"w": {"$torch": 0}, "b": {"$torch": 1}})  # [0, 1]
-    """
+
+    ``memo``: answers for objects asked about before, reused while the object is unchanged
+    (the caller's promise: nothing changes the tree while the memo is in use)."""
+    if memo is None:
+        return _column_indices(node)
+    seen = memo.get(id(node))
+    if seen is not None and seen[0] is node:
+        return seen[1]
+    found = _column_indices(node)
+    memo[id(node)] = (node, found)
+    return found
+
+
+def _column_indices(node: dict[str, Any]) -> list[int] | None:
+    """:func:`torch_column` worked out."""
     values = list(node.values())
     try:
         # Of the values of a parsed tree, only an object of one member answers ["$torch"] (a
@@ -662,6 +692,7 @@ class _Decoder:
         self._texts: dict[int, tuple[_Chain, str]] = {}
         self.leaf_paths = True
         self.resolve_many: Callable[[list[int]], list[Any]] | None = None
+        self.columns: ColumnMemo | None = None
 
     def path_of(self, chain: _Chain) -> str:
         """``_path_text(chain)``, with the parent's part built once for all its children."""
@@ -699,13 +730,15 @@ class _Decoder:
                 raise self.fail("object mixes '$' keys with plain keys", chain)
             leaf_depth = depth + 1 < MAX_DEPTH  # a tensor reference may sit one level down
             if leaf_depth and not self.leaf_paths and len(node) >= _BATCH_MIN:
-                indices = torch_column(node)
+                indices = torch_column(node, self.columns)
                 if indices is not None:  # every value a reference: resolved in one pass
                     if self.resolve_many is not None:
                         resolved = self.resolve_many(indices)
                     else:
                         resolved = list(map(self.resolve, repeat("torch"), indices, repeat("")))
                     if self.in_place:
+                        if self.columns is not None:
+                            self.columns.pop(id(node), None)  # no longer what it found
                         node.update(zip(list(node), resolved, strict=True))
                         return node
                     return dict(zip(node, resolved, strict=True)) if self.build else None

@@ -25,6 +25,7 @@ import torch
 
 import ckptproto
 from ckptproto import dtypes
+from ckptproto import tree as tree_module
 from ckptproto.errors import CheckpointCorruptError, CheckpointError, CheckpointFormatError
 from ckptproto.format import safetensors
 from ckptproto.format.manifest import (
@@ -38,7 +39,7 @@ from ckptproto.format.manifest import (
     table_columns,
     table_runs,
 )
-from ckptproto.io import bulkread, headercheck, match, reader, readplan, threads
+from ckptproto.io import bulkread, headercheck, match, reader, readplan, restore, threads
 from ckptproto.io.plan import FILE_METADATA
 from ckptproto.tree import decode_tree, quick_refs
 
@@ -447,6 +448,46 @@ def test_a_column_of_references_decodes_as_value_by_value(tree: dict[str, Any]) 
         assert [("torch", i) for i in refs[0]] == [s for s in by_value[1] if s[0] == "torch"]
     if isinstance(by_value[0], str):
         assert refs is None
+    # One memo shared by the checks and the decodes of one parsed tree (a reader's): the
+    # same answers as without it, and an object decoded in place leaves it.
+    parsed, memo = json.loads(json.dumps(tree)), {}
+    assert quick_refs(parsed, columns=memo) == refs
+    seen_memo: list[tuple[str, int]] = []
+    try:
+        shared = decode_tree(
+            parsed, lambda k, i, p: seen_memo.append((k, i)) or i * 10, paths=False, columns=memo
+        )
+        decode_tree(parsed, lambda k, i, p: i * 10, paths=False, in_place=True, columns=memo)
+    except CheckpointFormatError as exc:
+        shared = str(exc)
+    assert (shared, seen_memo) == by_value
+    assert all(entry[1] is None for entry in memo.values())  # every column decoded in place: gone
+
+
+def test_a_load_works_out_each_column_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The parse, the check and the decode of a manifest ask the same question of each object
+    of references (a module's state dict): it is worked out once per load, not per asker."""
+    model = {f"layer{i}.weight": torch.full((2,), float(i)) for i in range(40)}
+    ckptproto.save({"models": {"m": model}, "step": 3}, tmp_path / "c")
+    asked: list[int] = []
+    work = tree_module._column_indices
+
+    def counted(node: dict[str, Any]) -> Any:
+        asked.append(len(node))
+        return work(node)
+
+    monkeypatch.setattr(tree_module, "_column_indices", counted)
+    state = ckptproto.load(tmp_path / "c")
+    assert all(torch.equal(state["models"]["m"][k], v) for k, v in model.items())
+    assert asked.count(40) == 1
+    asked.clear()
+    target = {"models": {"m": {k: torch.zeros(2) for k in model}}, "step": 0}
+    ckptproto.load_into(tmp_path / "c", target)
+    assert all(torch.equal(target["models"]["m"][k], v) for k, v in model.items())
+    assert asked.count(40) == 1
+    # A load's manifest keeps no memo of the objects it handed over as the state.
+    _, manifest = restore.load_state(tmp_path / "c")
+    assert manifest.columns is None
 
 
 def _entry(dtype: str, shape: tuple[int, ...], file: str, key: str) -> TensorEntry:

@@ -50,7 +50,7 @@ def compact(doc: Any) -> bytes:
 
 def general(data: bytes, monkeypatch: pytest.MonkeyPatch) -> Manifest | Exception:
     with monkeypatch.context() as m:
-        m.setattr(manifest_text, "split_members", lambda text: None)
+        m.setattr(manifest_text, "split_members", lambda text, columns=None: None)
         return outcome(data)
 
 

@@ -24,7 +24,7 @@ from ckptproto.dtypes import DType
 from ckptproto.errors import CheckpointCorruptError, CheckpointFormatError
 from ckptproto.format import json_text, layout, manifest_text, strict_json
 from ckptproto.format.crc import parse_checksum
-from ckptproto.tree import check_tree, int_text, quick_refs
+from ckptproto.tree import ColumnMemo, check_tree, int_text, quick_refs
 
 FORMAT_NAME = "ckptproto"
 FORMAT_VERSION = (1, 0)
@@ -226,6 +226,10 @@ class Manifest:
     # kind per index, numpy dtypes for $numpy): the ``$torch`` and ``$numpy`` indices, so a
     # reader need not walk the state again to find them.
     refs: tuple[list[int], list[int]] | None = field(default=None, compare=False, repr=False)
+    # Set by parse: what tree.torch_column found for the objects of ``state`` (its columns: a
+    # module's state dict), for a reader's decode of ``state`` unchanged since (decode_tree's
+    # ``columns``); a tree changed in place makes it stale, so only such a reader passes it.
+    columns: ColumnMemo | None = field(default=None, compare=False, repr=False)
 
     def to_json(self) -> bytes:
         head = {
@@ -313,18 +317,21 @@ class Manifest:
             text = data.decode("utf-8")
         except UnicodeDecodeError as exc:
             raise CheckpointFormatError(f"{where}: not valid UTF-8 JSON ({exc})") from None
-        split = manifest_text.split_members(text)
+        columns: ColumnMemo = {}
+        split = manifest_text.split_members(text, columns)
         if split is not None:
-            manifest = cls._from_doc(*split, where)
+            manifest = cls._from_doc(*split, where, columns)
             if manifest is not None:
                 return manifest
         # The general path: the text as JSON, every refusal with its message.
-        manifest = cls._from_doc(_load_json(text, where), None, where)
+        manifest = cls._from_doc(_load_json(text, where), None, where, {})
         assert manifest is not None  # no rows given: a table is always parsed or refused
         return manifest
 
     @classmethod
-    def _from_doc(cls, doc: Any, table: manifest_text.Table | None, where: str) -> Manifest | None:
+    def _from_doc(
+        cls, doc: Any, table: manifest_text.Table | None, where: str, columns: ColumnMemo
+    ) -> Manifest | None:
         """The manifest of the parsed document ``doc``, its tensor table from ``table`` when
         given (the member then absent from ``doc``); None when the table is not vouched for
         here (the caller then parses the whole text the general way, for its message)."""
@@ -351,8 +358,10 @@ class Manifest:
         if not isinstance(created, str) or not isinstance(writer, str):
             raise CheckpointFormatError(f'{where}: "created" and "writer" must be strings')
         metadata = doc.get("metadata", {})
-        refs = _check_values(doc["state"], metadata, tensors, where)
-        return cls(doc["state"], tensors, files, metadata, created, version, world_size, writer, refs)
+        refs = _check_values(doc["state"], metadata, tensors, where, columns)
+        return cls(
+            doc["state"], tensors, files, metadata, created, version, world_size, writer, refs, columns
+        )
 
 
 def _dumps(value: Any) -> str:
@@ -622,12 +631,12 @@ def _check_pairs_unique(tensors: Sequence[TensorEntry], where: str) -> None:
 
 
 def _check_values(
-    state: Any, metadata: Any, tensors: Sequence[TensorEntry], where: str
+    state: Any, metadata: Any, tensors: Sequence[TensorEntry], where: str, columns: ColumnMemo | None = None
 ) -> tuple[list[int], list[int]] | None:
     """F-14, F-15, F-17, F-18: decode both trees once, keeping nothing. Returns the state's
     ``$torch`` and ``$numpy`` indices when the quick walk vouched for them (else None)."""
     count = len(tensors)
-    refs = quick_refs(state, where=f"{where} (state)")
+    refs = quick_refs(state, where=f"{where} (state)", columns=columns)
     if refs is not None:
         torch_refs, numpy_refs = refs
         if (

@@ -28,7 +28,7 @@ from json.scanner import make_scanner
 from typing import Any, NamedTuple, cast
 
 from ckptproto.format import strict_json
-from ckptproto.tree import torch_column
+from ckptproto.tree import ColumnMemo, torch_column
 
 # A JSON string without escapes or control characters: its text is its value.
 _PLAIN = r'[^"\\\x00-\x1f]*'
@@ -74,19 +74,20 @@ class Table(NamedTuple):
     entries: list[Any]
 
 
-def split_members(text: str) -> tuple[dict[str, Any], Table | None] | None:
+def split_members(text: str, columns: ColumnMemo | None = None) -> tuple[dict[str, Any], Table | None] | None:
     """The top-level members of the manifest ``text``, and the rows of its ``"tensors"`` table
     when that table is in the writer's form (the member is then absent from the dict);
-    None when the text is not read here (the caller parses it as JSON)."""
+    None when the text is not read here (the caller parses it as JSON). ``columns``: filled
+    with what ``tree.torch_column`` found for the objects parsed (for their later readers)."""
     if not strict_json.c_int_limit() or strict_json.has_surrogate_escape(text):
         return None  # the general path's own int and surrogate handling
     try:
-        return _members(text)
+        return _members(text, columns)
     except (ValueError, StopIteration, RecursionError, IndexError):  # CheckpointFormatError is a ValueError
         return None  # malformed or refused: the general path says how
 
 
-def _members(text: str) -> tuple[dict[str, Any], Table | None] | None:
+def _members(text: str, columns: ColumnMemo | None) -> tuple[dict[str, Any], Table | None] | None:
     if text[:2] != '{"':
         return None
     members: dict[str, Any] = {}
@@ -104,9 +105,9 @@ def _members(text: str) -> tuple[dict[str, Any], Table | None] | None:
             if found is not None:
                 table, pos = found
             else:
-                members[key], pos = _value(text, pos)
+                members[key], pos = _value(text, pos, columns)
         else:
-            members[key], pos = _value(text, pos)
+            members[key], pos = _value(text, pos, columns)
         if text[pos] == ",":
             pos += 1
             continue
@@ -180,7 +181,7 @@ def _table(text: str, start: int) -> tuple[Table, int] | None:
     return Table(keys, form_of, forms, entries), end + 1
 
 
-def _value(text: str, pos: int) -> tuple[Any, int]:
+def _value(text: str, pos: int, columns: ColumnMemo | None) -> tuple[Any, int]:
     """The JSON value at ``pos`` and the position after it, parsed strictly. Objects are built
     in C without the duplicate-key hook (a Python call per object: most of a state's cost)
     when the value's text lets the keys be counted: with no backslash, every '"' delimits a
@@ -191,7 +192,9 @@ def _value(text: str, pos: int) -> tuple[Any, int]:
     value, end = _scan_plain(text, pos)
     if type(value) is dict or type(value) is list:
         span = text[pos:end]
-        if "\\" in span or _SPACED_KEY.search(span) or span.count('":') != _members_in(value):
+        if "\\" in span or _SPACED_KEY.search(span) or span.count('":') != _members_in(value, columns):
+            if columns is not None:
+                columns.clear()  # (of objects now dropped)
             return _scan_strict(text, pos)
     return value, end
 
@@ -199,7 +202,7 @@ def _value(text: str, pos: int) -> tuple[Any, int]:
 _COLUMN_MIN = 8  # an object of this many members may be counted by torch_column
 
 
-def _members_in(node: dict[str, Any] | list[Any]) -> int:
+def _members_in(node: dict[str, Any] | list[Any], columns: ColumnMemo | None = None) -> int:
     """The members of every object in ``node`` (iteratively: it may nest deeply)."""
     total = 0
     stack = [node]
@@ -208,7 +211,7 @@ def _members_in(node: dict[str, Any] | list[Any]) -> int:
         children: Any = pop()
         if type(children) is dict:
             total += len(children)
-            if len(children) >= _COLUMN_MIN and torch_column(children) is not None:
+            if len(children) >= _COLUMN_MIN and torch_column(children, columns) is not None:
                 total += len(children)  # each value a reference of one member
                 continue
             children = children.values()

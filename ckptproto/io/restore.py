@@ -129,7 +129,9 @@ def _load_generation(
         in_place=True,
         paths=False,
         resolve_many=lambda indices: list(map(moved.__getitem__, indices)),
+        columns=ckpt.manifest.columns,
     )
+    ckpt.manifest.columns = None  # (its objects are the state's now)
     if not isinstance(state, dict):
         raise CheckpointFormatError(f"{where}: the state must be an object at the top level")
     return state, ckpt.manifest
@@ -243,12 +245,15 @@ def load_into(
             in_place=True,
             paths=False,
             resolve_many=lambda indices: list(map(values.get, indices)),
+            columns=manifest.columns,
         )
+        manifest.columns = None  # (its objects are the state's now)
         call_load_state_dict(target, state, strict, f"{root}: <root>")  # type: ignore[arg-type]
     else:
         # The skeleton the target was matched against: its tensors are in place already, and
         # a value the target takes whole gets its tensors from ``values`` (no second decode).
         assign(target, skeleton, strict, root, values=values, matched_whole=matched_whole)
+    manifest.columns = None
     return CheckpointInfo.from_manifest(root, manifest, metadata)
 
 
@@ -274,6 +279,7 @@ def _read_into(
         where=where,
         paths=False,
         resolve_many=lambda indices: list(map(Ref, repeat("torch"), indices)),
+        columns=ckpt.manifest.columns,
     )
     if not isinstance(skeleton, dict):
         raise CheckpointFormatError(f"{where}: the state must be an object at the top level")
