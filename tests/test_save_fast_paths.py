@@ -524,3 +524,67 @@ def test_a_dict_encoded_again_takes_the_last_column_and_nothing_stale(
     tied = module(shapes)
     tied["layer.3"] = tied["layer.0"]
     assert encode_state({"m": tied}).tree == items({"m": tied}).tree
+
+
+def _ranges_of(arrays_: list[np.ndarray[Any, Any]]) -> arrays.HostRanges:
+    return arrays.HostRanges([a.ctypes.data for a in arrays_], [a.nbytes for a in arrays_])
+
+
+@pytest.mark.parametrize("sizes", ["one", "few", "many"])
+def test_host_ranges_join_the_bytes_a_view_of_each_gives(sizes: str) -> None:
+    """HostRanges.joined (numpy copies by size, no view per range) gives the bytes of the
+    ranges in order; in another order (take), a part (slice) and past the numpy path's
+    number of distinct sizes (views joined) alike."""
+    rng = np.random.default_rng(0)
+    count = {"one": 50, "few": 60, "many": 200}[sizes]
+    lengths = {
+        "one": [16] * count,
+        "few": [(1, 3, 8, 16)[i % 4] for i in range(count)],
+        "many": list(range(1, count + 1)),  # more distinct sizes than _JOIN_SIZES_MAX
+    }[sizes]
+    pieces = [rng.integers(0, 256, n, dtype=np.uint8) for n in lengths]
+    ranges = _ranges_of(pieces)
+    assert len(ranges) == count and ranges.nbytes == sum(lengths)
+    assert [bytes(v) for v in ranges] == [p.tobytes() for p in pieces]
+    assert ranges.joined().tobytes() == b"".join(p.tobytes() for p in pieces)
+    order = list(rng.permutation(count))
+    assert ranges.take(order).joined().tobytes() == b"".join(pieces[i].tobytes() for i in order)
+    assert ranges[5:17].joined().tobytes() == b"".join(p.tobytes() for p in pieces[5:17])
+    assert bytes(ranges[-1]) == pieces[-1].tobytes()
+    with pytest.raises(IndexError):
+        ranges[count]
+
+
+def test_host_ranges_refuse_empty_ranges() -> None:
+    with pytest.raises(ValueError, match="at least 1"):
+        arrays.HostRanges([4096, 8192], [8, 0])
+
+
+@pytest.mark.parametrize("shapes", ["uniform", "varied"])
+def test_a_save_of_many_small_tensors_joins_their_ranges(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, shapes: str
+) -> None:
+    """The usual state's bytes go out as HostRanges joined per batch (no view per tensor),
+    and the file holds every tensor's bytes where its header says (read back by safetensors)."""
+    g = torch.Generator().manual_seed(3)
+    dtypes_ = (torch.float32, torch.int8, torch.float64, torch.bfloat16)
+    state = {
+        f"t{i}": torch.randn(4 if shapes == "uniform" else (i % 7 + 1, i % 3 + 1), generator=g).to(
+            torch.float32 if shapes == "uniform" else dtypes_[i % 4]
+        )
+        for i in range(300)
+    }
+    joined: list[int] = []
+    real = arrays.HostRanges.joined
+
+    def counted(self: arrays.HostRanges) -> Any:
+        joined.append(len(self))
+        return real(self)
+
+    monkeypatch.setattr(arrays.HostRanges, "joined", counted)
+    ckptproto.save(state, tmp_path / "c")
+    assert sum(joined) == len(state)
+    back = ckptproto.load(tmp_path / "c")
+    assert all(torch.equal(back[k], v) for k, v in state.items())
+    on_disk = load_file(str(tmp_path / "c" / "data-00000-000.safetensors"))
+    assert all(torch.equal(on_disk[k], v) for k, v in state.items())

@@ -94,9 +94,9 @@ def save(
     storage, final = resolve(path)
     job: ShareJob | None = None
     metadata_tree: Any = None
-    sources: list[memoryview] = []
+    sources: Sequence[memoryview] = []
     # The views and their owners: keeps contiguous/CPU copies alive until written.
-    hosted: tuple[list[memoryview], list[Any]] | None = None
+    hosted: tuple[Sequence[memoryview], list[Any]] | None = None
     failed: BaseException | None = None
     try:
         prepared = prepare(state_or_stateful, metadata, coord)
@@ -117,7 +117,7 @@ def run(
     final: Location,
     job: ShareJob | None,
     metadata_tree: Any,
-    sources: list[memoryview],
+    sources: Sequence[memoryview],
     coord: Coordinator,
     *,
     overwrite: bool,
@@ -237,7 +237,7 @@ def _differs(head: dict[str, Any], digest: str, path: str) -> _NotTheSameSave | 
 
 
 def _write_share(
-    storage: Storage, temp: str, job: ShareJob, sources: list[memoryview], rank: int
+    storage: Storage, temp: str, job: ShareJob, sources: Sequence[memoryview], rank: int
 ) -> dict[str, Any]:
     if not job.pieces and rank != 0:
         return {"file": None, "chunks": []}  # rank 0 always writes one (even of no tensors)

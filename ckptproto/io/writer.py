@@ -8,6 +8,7 @@ from collections.abc import Iterable, Sequence
 from itertools import accumulate, compress, count
 from pathlib import Path
 
+from ckptproto.arrays import HostRanges
 from ckptproto.errors import CheckpointWriteError
 from ckptproto.format.crc import crc32, crc32_combine, format_checksum
 from ckptproto.format.manifest import FileEntry
@@ -17,11 +18,10 @@ from ckptproto.io.dirs import fsync_dir, together
 from ckptproto.io.plan import FilePlan
 
 
-def _write_batch(fd: int, offset: int, views: list[memoryview], direct: DirectFile | None) -> tuple[int, int]:
-    if len(views) > 1 and sum(map(len, views)) < JOIN_BYTES * len(views):
-        # Small pieces (a state of many small tensors): one copy, one write, one CRC instead
-        # of a Python call per piece. The join releases the GIL past 1 MiB.
-        views = [memoryview(b"".join(views))]
+def _write_batch(
+    fd: int, offset: int, views: Sequence[memoryview], direct: DirectFile | None
+) -> tuple[int, int]:
+    views = _joined_if_small(views)
     if direct is None or not direct.write(fd, offset, views):
         threads.pwritev_all(fd, views, offset)
         threads.start_writeback(fd, offset, sum(len(v) for v in views))
@@ -31,6 +31,18 @@ def _write_batch(fd: int, offset: int, views: list[memoryview], direct: DirectFi
 # Pieces smaller than this are joined into one buffer before they are written (see
 # :func:`file_batches`); larger ones are written straight from their memory.
 JOIN_BYTES = 64 << 10
+
+
+def _joined_if_small(views: Sequence[memoryview]) -> list[memoryview]:
+    """Small pieces (a state of many small tensors) as one buffer: one copy, one write, one
+    CRC instead of a Python call per piece (the join releases the GIL past 1 MiB)."""
+    if len(views) > 1:
+        if isinstance(views, HostRanges):  # ranges of memory: joined without a view each
+            if views.nbytes < JOIN_BYTES * len(views):
+                return [views.joined().data]
+        elif sum(map(len, views)) < JOIN_BYTES * len(views):
+            return [memoryview(b"".join(views))]
+    return list(views)
 
 
 def crc_of(views: Sequence[memoryview]) -> tuple[int, int]:
@@ -43,11 +55,17 @@ def crc_of(views: Sequence[memoryview]) -> tuple[int, int]:
     return crc, sum(len(v) for v in views)
 
 
-def file_views(plan: FilePlan, sources: Sequence[memoryview], where: str) -> list[memoryview]:
+def file_views(plan: FilePlan, sources: Sequence[memoryview], where: str) -> Sequence[memoryview]:
     """The bytes of every piece of ``plan`` in file order (``plan.begins``), each checked
     against its planned size."""
-    views = list(map(sources.__getitem__, plan.order))
-    if list(map(len, views)) != plan.sizes:
+    views: Sequence[memoryview]
+    if isinstance(sources, HostRanges):
+        views = sources.take(plan.order)
+        sizes = views.sizes.tolist()
+    else:
+        views = list(map(sources.__getitem__, plan.order))
+        sizes = list(map(len, views))
+    if sizes != plan.sizes:
         for view, piece in zip(views, plan.pieces, strict=True):
             if len(view) != piece.nbytes:
                 raise CheckpointWriteError(
@@ -62,7 +80,7 @@ def piece_ranges(plan: FilePlan, sources: Sequence[memoryview], where: str) -> l
     return list(zip(plan.begins, file_views(plan, sources, where), strict=True))
 
 
-def file_batches(plan: FilePlan, views: list[memoryview]) -> list[tuple[int, list[memoryview]]]:
+def file_batches(plan: FilePlan, views: Sequence[memoryview]) -> list[tuple[int, Sequence[memoryview]]]:
     """:func:`threads.batches` of ``views`` (from :func:`file_views`: they tile the file after
     the header), without a Python step per small piece: a run of pieces under JOIN_BYTES is
     cut by cumulative size into batches of at most BATCH_BYTES (which ``_write_batch`` joins);
@@ -71,7 +89,7 @@ def file_batches(plan: FilePlan, views: list[memoryview]) -> list[tuple[int, lis
     sizes, limit = plan.sizes, threads.BATCH_BYTES
     ends = list(accumulate(sizes, initial=0))
     start = len(plan.header)
-    out: list[tuple[int, list[memoryview]]] = []
+    out: list[tuple[int, Sequence[memoryview]]] = []
     large = list(compress(count(), map(JOIN_BYTES.__le__, sizes)))  # in C: a state of small pieces has none
     i = 0
     for a, b in _runs(large, len(views)):
