@@ -279,7 +279,7 @@ class HostRanges(Sequence[memoryview]):
     __slots__ = ("_low", "_whole", "addresses", "sizes")
 
     def __init__(self, addresses: Any, sizes: Any, span: tuple[int, memoryview] | None = None) -> None:
-        self.addresses = np.asarray(addresses, dtype=np.int64)
+        self.addresses = np.asarray(addresses, dtype=np.uint64)  # (a tagged pointer may pass 2**63)
         self.sizes = np.asarray(sizes, dtype=np.int64)
         if len(self.addresses) != len(self.sizes) or (len(self.sizes) and int(self.sizes.min()) < 1):
             raise ValueError("HostRanges: one size (at least 1) for each address")
@@ -305,7 +305,7 @@ class HostRanges(Sequence[memoryview]):
 
     def take(self, order: list[int]) -> HostRanges:
         """The ranges ``order[0]``, ``order[1]``, ...: ``ranges.take([1, 0])``."""
-        at = np.asarray(order, dtype=np.int64)
+        at = np.asarray(order, dtype=np.intp)
         return HostRanges(self.addresses[at], self.sizes[at], (self._low, self._whole))
 
     @property
@@ -321,7 +321,7 @@ class HostRanges(Sequence[memoryview]):
         # A range of s bytes is a row of the (overlapping) rows of s bytes that start at each
         # byte of the span: one fancy-indexed copy takes every range of that size.
         whole = np.frombuffer(self._whole, dtype=np.uint8)
-        starts = self.addresses - self._low
+        starts = self.addresses - np.uint64(self._low)
         if len(distinct) == 1:
             size = int(distinct[0])
             return np.ascontiguousarray(_rows(whole, size)[starts]).reshape(-1)

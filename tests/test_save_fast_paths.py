@@ -588,3 +588,12 @@ def test_a_save_of_many_small_tensors_joins_their_ranges(
     assert all(torch.equal(back[k], v) for k, v in state.items())
     on_disk = load_file(str(tmp_path / "c" / "data-00000-000.safetensors"))
     assert all(torch.equal(on_disk[k], v) for k, v in state.items())
+
+
+def test_host_ranges_take_addresses_past_two_to_the_63() -> None:
+    """An address with its top bit set (a tagged pointer) is a range like any other."""
+    memory = bytearray(range(256)) * 4
+    base = 2**63 + 0x1000
+    ranges = arrays.HostRanges([base + 100, base + 8, base + 40], [4, 4, 2], (base, memoryview(memory)))
+    assert ranges.joined().tobytes() == bytes(memory[100:104] + memory[8:12] + memory[40:42])
+    assert bytes(ranges[1]) == bytes(memory[8:12])
