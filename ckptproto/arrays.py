@@ -315,9 +315,12 @@ class HostRanges(Sequence[memoryview]):
     def joined(self) -> np.ndarray[Any, np.dtype[np.uint8]]:
         """Every range's bytes, one after another, in a new array."""
         sizes = self.sizes
-        distinct = np.unique(sizes)
+        if not len(sizes):
+            return np.empty(0, dtype=np.uint8)
+        distinct = sizes[:1] if sizes.min() == sizes.max() else np.unique(sizes)
         if len(distinct) > _JOIN_SIZES_MAX:  # a copy per size would cost more than a view each
-            return np.frombuffer(b"".join(self), dtype=np.uint8)
+            views = _slices(self.addresses.tolist(), sizes.tolist(), (self._low, self._whole))
+            return np.frombuffer(b"".join(views), dtype=np.uint8)
         # A range of s bytes is a row of the (overlapping) rows of s bytes that start at each
         # byte of the span: one fancy-indexed copy takes every range of that size.
         whole = np.frombuffer(self._whole, dtype=np.uint8)
@@ -379,10 +382,13 @@ def host_views(
     return views, owners
 
 
-def _slices(addresses: list[int], sizes: list[int]) -> list[memoryview]:
+def _slices(
+    addresses: list[int], sizes: list[int], span: tuple[int, memoryview] | None = None
+) -> list[memoryview]:
     """A view of the ``sizes[i]`` bytes at each ``addresses[i]`` (none empty), each a slice of
-    one view of the range they all lie in: a ctypes view per tensor costs ten times a slice."""
-    low, whole = _span(addresses, sizes)
+    one view of the range they all lie in (``span``: :func:`_span` of them, if known): a
+    ctypes view per tensor costs ten times a slice."""
+    low, whole = _span(addresses, sizes) if span is None else span
     return [whole[ptr - low : ptr - low + nbytes] for ptr, nbytes in zip(addresses, sizes, strict=True)]
 
 

@@ -558,6 +558,8 @@ def test_host_ranges_join_the_bytes_a_view_of_each_gives(sizes: str) -> None:
 def test_host_ranges_refuse_empty_ranges() -> None:
     with pytest.raises(ValueError, match="at least 1"):
         arrays.HostRanges([4096, 8192], [8, 0])
+    none = arrays.HostRanges([], [])
+    assert len(none) == 0 and none.nbytes == 0 and none.joined().tobytes() == b""
 
 
 @pytest.mark.parametrize("shapes", ["uniform", "varied"])
