@@ -236,6 +236,26 @@ def test_a_malformed_job_fails_that_save_and_the_writer_serves_the_next(
     _malformed_then_served(tmp_path, monkeypatch, share_wire, "pack", short)
 
 
+@pytest.mark.parametrize("shift", ["past", "before"])
+def test_spans_outside_the_slab_fail_that_save(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, shift: str
+) -> None:
+    """The child checks every tensor's span against the slab it mapped before it reads (a
+    span past it would otherwise be cut short or read out of bounds)."""
+    real = staging.Staged.shared
+
+    def moved(self: staging.Staged) -> Any:
+        found = real(self)
+        if found is None:
+            return None
+        fd, spans = found
+        spans = spans.copy()
+        spans[-1, 0] = 1 << 40 if shift == "past" else -8
+        return fd, spans
+
+    _malformed_then_served(tmp_path, monkeypatch, staging.Staged, "shared", moved)
+
+
 @pytest.mark.parametrize("message", [b"\xffnot JSON", b"[1,2]", b'{"final":'])
 def test_a_job_that_is_not_a_json_object_fails_that_save(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, message: bytes
