@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import json
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -290,3 +291,25 @@ def test_a_uniform_tables_entries_edited_one_at_a_time_get_the_general_verdict(
         split = manifest_text.split_members(uniform)
         assert split is not None and split[1] is not None and len(set(split[1].form_of)) == 1
     same(outcome(data), general(data, monkeypatch))
+
+
+def test_the_manifest_checksum_uses_the_data_files_crc(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Written and checked by format.crc.crc32 (ISA-L where installed), as the data files
+    are: the same value as zlib's, at several times its speed on a large manifest."""
+    from ckptproto.format import manifest as manifest_module
+
+    calls: list[int] = []
+    real = manifest_module.crc32
+
+    def counted(data: Any, value: int = 0) -> int:
+        calls.append(len(data))
+        return real(data, value)
+
+    monkeypatch.setattr(manifest_module, "crc32", counted)
+    ckptproto.save({"w": torch.ones(3)}, tmp_path / "c")
+    written = len(calls)
+    assert written >= 1
+    ckptproto.read_manifest(tmp_path / "c")
+    assert len(calls) > written

@@ -23,7 +23,7 @@ from ckptproto import dtypes
 from ckptproto.dtypes import DType
 from ckptproto.errors import CheckpointCorruptError, CheckpointFormatError
 from ckptproto.format import json_text, layout, manifest_text, strict_json
-from ckptproto.format.crc import parse_checksum
+from ckptproto.format.crc import crc32, parse_checksum
 from ckptproto.tree import ColumnMemo, check_tree, int_text, quick_refs
 
 FORMAT_NAME = "ckptproto"
@@ -298,7 +298,7 @@ class Manifest:
         pieces = [p.encode() for p in parts] if len(parts) <= _ENCODED_PARTS else ["".join(parts).encode()]
         crc = _CRC_OF_BRACE
         for piece in pieces:
-            crc = zlib.crc32(piece, crc)
+            crc = crc32(piece, crc)  # (format.crc: ISA-L where installed, as for the data files)
         return b"".join((_CHECKSUM_PREFIX, b"%08x" % crc, b'",', *pieces))
 
     @property
@@ -704,7 +704,7 @@ def _check_own_checksum(data: bytes, where: str) -> None:
         data.startswith(_CHECKSUM_PREFIX)
         and data[_CHECKSUM_HEAD - 2 : _CHECKSUM_HEAD] == b'",'
         and _HEX8.fullmatch(stored) is not None
-        and int(stored, 16) == zlib.crc32(memoryview(data)[_CHECKSUM_HEAD:], zlib.crc32(b"{"))
+        and int(stored, 16) == crc32(memoryview(data)[_CHECKSUM_HEAD:], _CRC_OF_BRACE)
     ):
         return
     raise CheckpointCorruptError(
