@@ -564,7 +564,7 @@ def part3(args: argparse.Namespace, root: Path) -> None:
         )
         print(
             f"  {'method':44} {'slowdown':>9} {'95% interval':>16} {'min..max':>14} | {'+loop':>7} = {'save()':>7} "
-            f"{'+own':>7} {'+off':>7} | CPU: {'caller':>7} {'saver':>7} {'io':>7} {'other':>7} "
+            f"{'+own':>7} {'+off':>7} | CPU: {'caller':>7} {'saver':>7} {'io':>7} {'other':>7} {'child':>7} "
             f"{'gc':>4} {'faults':>7} outlived"
         )
         for m in saving:

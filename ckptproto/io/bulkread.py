@@ -144,7 +144,7 @@ class Bulk:
         dsts, srcs = self.targets, self.views
         self.targets, self.views = [], []
         try:
-            _in_two_no_grad(lambda a, b: torch._foreach_copy_(dsts[a:b], srcs[a:b]), len(dsts))
+            _copies_in_two(lambda a, b: torch._foreach_copy_(dsts[a:b], srcs[a:b]), len(dsts))
             return
         except RuntimeError:  # e.g. an inference tensor outside inference mode: one at a time
             pass
@@ -161,11 +161,12 @@ def _split_into(split_copy: Any, typed: Any, numels: list[int], targets: list[An
     def part(a: int, b: int) -> None:
         split_copy(typed.narrow(0, sum(numels[:a]), sum(numels[a:b])), numels[a:b], out=targets[a:b])
 
-    _in_two_no_grad(part, len(numels))
+    _copies_in_two(part, len(numels))
 
 
-def _in_two_no_grad(copy: Callable[[int, int], object], count: int) -> None:
-    """``copy(a, b)`` of items ``[a, b)`` for all ``count`` items: :func:`_in_two_as_caller`."""
+def _copies_in_two(copy: Callable[[int, int], object], count: int) -> None:
+    """``copy(a, b)`` of items ``[a, b)`` for all ``count`` items, its result dropped:
+    :func:`_in_two_as_caller`."""
 
     def part(a: int, b: int) -> list[None]:
         copy(a, b)
