@@ -315,25 +315,46 @@ class HostRanges(Sequence[memoryview]):
     def joined(self) -> np.ndarray[Any, np.dtype[np.uint8]]:
         """Every range's bytes, one after another, in a new array."""
         sizes = self.sizes
+        if len(sizes) and sizes.min() == sizes.max():  # one size: the gathered rows are the bytes
+            return self._rows_of(int(sizes[0]), slice(None)).reshape(-1)
+        out = np.empty(int(sizes.sum()), dtype=np.uint8)
+        self.copy_into(out, np.cumsum(sizes) - sizes)
+        return out
+
+    def copy_into(self, out: np.ndarray[Any, np.dtype[np.uint8]], offsets: Any) -> None:
+        """Copy range ``i``'s bytes to ``out[offsets[i] : offsets[i] + sizes[i]]`` (``out``: a
+        1-d uint8 array, each range's place inside it), with no Python object per range::
+
+            ranges.copy_into(slab, np.array([0, 64]))   # range 0 at byte 0, range 1 at 64
+        """
+        sizes = self.sizes
         if not len(sizes):
-            return np.empty(0, dtype=np.uint8)
+            return
+        places = np.asarray(offsets, dtype=np.int64)
+        if len(places) != len(sizes) or int(places.min()) < 0 or int((places + sizes).max()) > len(out):
+            raise ValueError("HostRanges.copy_into: a place for each range, inside the array")
         distinct = sizes[:1] if sizes.min() == sizes.max() else np.unique(sizes)
         if len(distinct) > _JOIN_SIZES_MAX:  # a copy per size would cost more than a view each
             views = _slices(self.addresses.tolist(), sizes.tolist(), (self._low, self._whole))
-            return np.frombuffer(b"".join(views), dtype=np.uint8)
-        # A range of s bytes is a row of the (overlapping) rows of s bytes that start at each
-        # byte of the span: one fancy-indexed copy takes every range of that size.
-        whole = np.frombuffer(self._whole, dtype=np.uint8)
-        starts = self.addresses - np.uint64(self._low)
-        if len(distinct) == 1:
-            size = int(distinct[0])
-            return np.ascontiguousarray(_rows(whole, size)[starts]).reshape(-1)
-        out = np.empty(int(sizes.sum()), dtype=np.uint8)
-        placed = np.cumsum(sizes) - sizes
+            for view, place in zip(views, places.tolist(), strict=True):
+                out[place : place + len(view)] = np.frombuffer(view, dtype=np.uint8)
+            return
         for size in distinct.tolist():
-            chosen = sizes == size
-            _rows(out, size)[placed[chosen]] = _rows(whole, size)[starts[chosen]]
-        return out
+            chosen = slice(None) if len(distinct) == 1 else sizes == size
+            at = places[chosen]
+            first = int(at[0])
+            if (np.diff(at) == size).all():  # back to back: one block of rows
+                out[first : first + len(at) * size].reshape(-1, size)[...] = self._rows_of(size, chosen)
+            else:
+                _rows(out, size)[at] = self._rows_of(size, chosen)
+
+    def _rows_of(self, size: int, chosen: Any) -> np.ndarray[Any, np.dtype[np.uint8]]:
+        """The ``chosen`` ranges (each ``size`` bytes) as the rows of a new array. A range of s
+        bytes is a row of the (overlapping) rows of s bytes that start at each byte of the
+        span: one fancy-indexed copy takes them all (never ``np.take``, which would first copy
+        those rows whole: the span's size times s)."""
+        starts = (self.addresses[chosen] - np.uint64(self._low)).astype(np.intp)
+        return _rows(np.frombuffer(self._whole, dtype=np.uint8), size)[starts]  # type: ignore[no-any-return]
 
 
 # Distinct sizes from which HostRanges.joined joins views instead (a numpy copy per size).

@@ -555,6 +555,30 @@ def test_host_ranges_join_the_bytes_a_view_of_each_gives(sizes: str) -> None:
         ranges[count]
 
 
+@pytest.mark.parametrize("sizes", ["one", "few", "many"])
+@pytest.mark.parametrize("places", ["back to back", "aligned", "shuffled"])
+def test_host_ranges_copy_each_range_to_its_place(sizes: str, places: str) -> None:
+    """HostRanges.copy_into puts range i's bytes at offsets[i] of the array (a staging slab:
+    back to back, at aligned places with gaps, or in any order) and touches nothing else."""
+    rng = np.random.default_rng(1)
+    by_kind = {"one": [64] * 40, "few": [(8, 64, 3)[i % 3] for i in range(40)], "many": list(range(1, 101))}
+    lengths = by_kind[sizes]
+    pieces = [rng.integers(0, 256, n, dtype=np.uint8) for n in lengths]
+    slots = [-(-n // 64) * 64 if places != "back to back" else n for n in lengths]
+    offsets = list(np.cumsum(slots) - slots)
+    if places == "shuffled":
+        order = list(rng.permutation(len(lengths)))
+        offsets = [offsets[i] for i in order]
+    out = np.full(sum(slots) + 32, 0xAB, dtype=np.uint8)
+    _ranges_of(pieces).copy_into(out, offsets)
+    expected = np.full_like(out, 0xAB)
+    for piece, at in zip(pieces, offsets, strict=True):
+        expected[at : at + len(piece)] = piece
+    assert out.tobytes() == expected.tobytes()
+    with pytest.raises(ValueError, match="inside the array"):
+        _ranges_of(pieces).copy_into(out[: max(offsets)], offsets)
+
+
 def test_host_ranges_refuse_empty_ranges() -> None:
     with pytest.raises(ValueError, match="at least 1"):
         arrays.HostRanges([4096, 8192], [8, 0])

@@ -3,6 +3,8 @@ CUDA path (pinned slabs, side stream, events) where a GPU is present."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pytest
 import torch
@@ -117,8 +119,15 @@ def test_a_state_of_plain_tensors_only_is_staged_byte_exact(
         "_copy_host",
         lambda leaves, slab, plain=False: (seen.append(plain), real(leaves, slab, plain))[1],
     )
+    ranges: list[int] = []
+    real_ranges = staging._copy_ranges
+    monkeypatch.setattr(
+        staging, "_copy_ranges", lambda *args: (ranges.append(len(args[2])), real_ranges(*args))[1]
+    )
     values, staged = stage(StagingPool(), state, recheck)
     assert seen == [not recheck]
+    # Just described: the small ones copied as address ranges (the large by memcpy each)
+    assert sum(ranges) == (0 if recheck else len(values) - 2)
     for value, view in zip(values, staged.views, strict=True):
         assert bytes(view) == expected_bytes(value)
     staged.release()
@@ -308,21 +317,27 @@ def test_a_copy_run_apart_lands_before_synchronize_returns(monkeypatch: pytest.M
     assert pool.stats.in_use == 0
 
 
-def test_the_thread_that_waits_takes_the_copies_left(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("plain", [False, True])
+def test_the_thread_that_waits_takes_the_copies_left(monkeypatch: pytest.MonkeyPatch, plain: bool) -> None:
     """The copies of a copy run apart are chunks any thread may take: the thread in
     ``synchronize`` takes those the copier has not, every byte lands once, and a chunk that
-    fails on either thread is raised from ``synchronize`` with its tensor's path."""
+    fails on either thread is raised from ``synchronize`` with its tensor's path. ``plain``:
+    every value a plain CPU tensor, the small ones copied as address ranges (_copy_ranges);
+    else (an array among them) by torch (_copy_small)."""
     import threading
     import time
 
     monkeypatch.setattr(staging, "COPY_CHUNK", 4)
+    monkeypatch.setattr(staging, "RANGES_CHUNK", 4)
     g = torch.Generator().manual_seed(5)
     state: dict[str, object] = {f"t{i}": torch.randn(16, generator=g) for i in range(40)}
-    state["np"] = np.arange(10, dtype=np.int32)
+    if not plain:
+        state["np"] = np.arange(10, dtype=np.int32)
     state["big"] = torch.randn(600, 300, generator=g)  # over MEMCPY_MIN_BYTES: one memcpy
     encoded = encode_state(state)
     takers: list[str] = []
-    real = staging._copy_small
+    copier = "_copy_ranges" if plain else "_copy_small"
+    real = getattr(staging, copier)
 
     def slow_on_the_copier(*args: object) -> None:
         takers.append(threading.current_thread().name)
@@ -330,7 +345,7 @@ def test_the_thread_that_waits_takes_the_copies_left(monkeypatch: pytest.MonkeyP
             time.sleep(0.01)  # the copier lags: the waiting thread must take chunks
         real(*args)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(staging, "_copy_small", slow_on_the_copier)
+    monkeypatch.setattr(staging, copier, slow_on_the_copier)
     pool = StagingPool()
     staged = stage_state(pool, encoded.tensors, staging.Ready(), recheck=False, copy_apart=True)
     staged.synchronize()
@@ -340,13 +355,14 @@ def test_the_thread_that_waits_takes_the_copies_left(monkeypatch: pytest.MonkeyP
         assert bytes(view) == expected_bytes(leaf.value)
     staged.release()
 
-    def fail_on_t9(leaves: object, dests: object, indices: list[int], *rest: object) -> None:
-        if 9 in indices:  # whichever thread takes it
+    def fail_on_t9(*args: Any) -> None:
+        taken = range(args[1], args[1] + len(args[2])) if plain else args[2]  # (first, ranges) or indices
+        if 9 in taken:  # whichever thread takes it
             time.sleep(0.01)
             raise CheckpointError("t9: copying the tensor for the checkpoint failed: boom")
-        real(leaves, dests, indices, *rest)  # type: ignore[arg-type]
+        real(*args)
 
-    monkeypatch.setattr(staging, "_copy_small", fail_on_t9)
+    monkeypatch.setattr(staging, copier, fail_on_t9)
     staged = stage_state(pool, encoded.tensors, staging.Ready(), recheck=False, copy_apart=True)
     with pytest.raises(CheckpointError, match=r"t9: .*boom"):
         staged.synchronize()

@@ -25,6 +25,7 @@ import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
+from operator import attrgetter
 from typing import Any
 
 import numpy as np
@@ -177,8 +178,8 @@ class _Tasks:
     """Copies that any thread may take, one at a time, until none is left (or one failed): the
     copier thread lists them and starts on them, and the thread that then waits for them
     (``Staged.synchronize``, once it has encoded the writer process's job) takes the ones left
-    instead of idling. 20,000 small tensors are ~25 ms of torch dispatch, GIL released, which
-    two threads on two cores share."""
+    instead of idling. 20,000 small plain tensors are ~10 ms of numpy copies (~25 of torch
+    dispatch for tensors that are not plain), which two threads on two cores share."""
 
     def __init__(self) -> None:
         self._items: list[Callable[[], None]] = []
@@ -347,6 +348,9 @@ MEMCPY_MIN_BYTES = 256 * 1024
 
 # Small tensors are copied by one torch call per this many (a copy any thread may take).
 COPY_CHUNK = 1024
+# Plain ones, as address ranges, by one numpy copy per this many (~0.3 ms a part at 1 KiB each)
+RANGES_CHUNK = 4096
+_HOST_ADDRESS = attrgetter("host_address")
 
 
 def _copy_host(
@@ -367,24 +371,47 @@ def _copy_host(
             if leaf.spec.nbytes >= MEMCPY_MIN_BYTES and leaf.spec.kind == "torch" and _plain(leaf.value)
         ]
     )
+    tensors: Sequence[int]
     if arrays_at or large:
         skip = set(arrays_at).union(large)
-        tensors: Sequence[int] = [i for i in range(len(leaves)) if i not in skip]
-        sources, targets = [leaves[i].value for i in tensors], [dests[i] for i in tensors]
+        tensors = [i for i in range(len(leaves)) if i not in skip]
     else:  # every leaf a small torch tensor, the usual case: no index lists to build
         tensors = range(len(leaves))
-        sources, targets = [leaf.value for leaf in leaves], list(dests)
-    items: list[Callable[[], None]] = [
-        partial(
-            _copy_small,
-            leaves,
-            dests,
-            tensors[a : a + COPY_CHUNK],
-            targets[a : a + COPY_CHUNK],
-            sources[a : a + COPY_CHUNK],
+    items: list[Callable[[], None]]
+    if plain and tensors:
+        # Plain CPU tensors described just now, on this thread: their bytes lie at their
+        # host addresses. Copied as address ranges by numpy (~0.1 us a tensor, no tensor view
+        # or torch dispatch per tensor: _foreach_copy_ costs ~0.6), into their slab places.
+        at = np.asarray(tensors, dtype=np.intp)
+        ranges = arrays.HostRanges(
+            np.fromiter(map(_HOST_ADDRESS, map(leaves.__getitem__, tensors)), np.uint64, len(tensors)),
+            slab.layout_spans[at, 1],
         )
-        for a in range(0, len(tensors), COPY_CHUNK)
-    ]
+        places = slab.layout_spans[at, 0]
+        items = [
+            partial(
+                _copy_ranges,
+                leaves,
+                tensors[a],
+                ranges[a : a + RANGES_CHUNK],
+                slab,
+                places[a : a + RANGES_CHUNK],
+            )
+            for a in range(0, len(tensors), RANGES_CHUNK)
+        ]
+    else:
+        sources, targets = [leaves[i].value for i in tensors], [dests[i] for i in tensors]
+        items = [
+            partial(
+                _copy_small,
+                leaves,
+                dests,
+                tensors[a : a + COPY_CHUNK],
+                targets[a : a + COPY_CHUNK],
+                sources[a : a + COPY_CHUNK],
+            )
+            for a in range(0, len(tensors), COPY_CHUNK)
+        ]
     items += [partial(_copy_large, leaves[i], slab, i) for i in large]
     items += [partial(_copy_one, leaves[i], dests[i], torch) for i in arrays_at]
     if tasks is None:
@@ -414,6 +441,20 @@ def _copy_small(
         except Exception:
             for i in indices:
                 _copy_one(leaves[i], dests[i], torch)
+
+
+def _copy_ranges(
+    leaves: Sequence[TensorLeaf], first: int, ranges: arrays.HostRanges, slab: Slab, places: Any
+) -> None:
+    """Plain tensors' bytes (``ranges``, the first of them ``leaves[first]``) to their
+    ``places`` in the slab."""
+    try:
+        ranges.copy_into(slab.array, places)
+    except Exception as exc:
+        raise CheckpointError(
+            f"{leaves[first].path} and the {len(ranges) - 1} tensors after it: copying them for the "
+            f"checkpoint failed: {exc}"
+        ) from exc
 
 
 def _copy_large(leaf: TensorLeaf, slab: Slab, i: int) -> None:
