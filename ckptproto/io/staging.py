@@ -382,12 +382,12 @@ def _copy_host(
         # Plain CPU tensors described just now, on this thread: their bytes lie at their
         # host addresses. Copied as address ranges by numpy (~0.1 us a tensor, no tensor view
         # or torch dispatch per tensor: _foreach_copy_ costs ~0.6), into their slab places.
-        at = np.asarray(tensors, dtype=np.intp)
+        small = leaves if type(tensors) is range else list(map(leaves.__getitem__, tensors))
+        spans = slab.layout_spans if type(tensors) is range else slab.layout_spans[np.asarray(tensors)]
         ranges = arrays.HostRanges(
-            np.fromiter(map(_HOST_ADDRESS, map(leaves.__getitem__, tensors)), np.uint64, len(tensors)),
-            slab.layout_spans[at, 1],
+            np.fromiter(map(_HOST_ADDRESS, small), np.uint64, len(tensors)), spans[:, 1]
         )
-        places = slab.layout_spans[at, 0]
+        places = spans[:, 0]
         items = [
             partial(
                 _copy_ranges,
