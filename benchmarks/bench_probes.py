@@ -1,14 +1,24 @@
-"""The writer process's CPU per async save, for A/B runs of a change against the commit
-before it (the other single-phase figures come from ``bench_many_tensors.py``: ``--stages`` for
-each phase of a save and a load, ``--only ckptproto --clock cpu --no-gc`` for the process CPU
-of the repeated and the first save)::
+"""Single-phase probes of the async save, for A/B runs of a change against the commit before
+it (the other single-phase figures come from ``bench_many_tensors.py``: ``--stages`` for each
+phase of a save and a load, ``--only ckptproto --clock cpu --no-gc`` for the process CPU of the
+repeated and the first save)::
 
     git worktree add --detach /work/wt/a HEAD~1
-    for w in /work/wt/a .; do PYTHONPATH=$w python benchmarks/bench_probes.py writer-cpu; done
+    for w in /work/wt/a .; do PYTHONPATH=$w python benchmarks/bench_probes.py save-stall; done
 
-``writer-cpu``: the writer process's CPU per async save of issue 17's 20,000-tensor state
-(``/proc/PID/stat`` before and after each of 10 saves; 10 ms clock ticks). ``bench_async.py``
-reports the same CPU (its ``child`` column) inside its much longer loop runs.
+All on issue 17's 20,000-tensor state (tensors of 1 KiB):
+
+``writer-cpu``: the writer process's CPU per async save (``/proc/PID/stat`` before and after
+each of 10 saves; 10 ms clock ticks). ``bench_async.py`` reports the same CPU (its ``child``
+column) inside its much longer loop runs.
+
+``save-stall``: how long ``AsyncSaver.save()`` (blocking staging, the writer process) holds
+the caller, wall clock and the process's CPU (the copier thread's included), best and median
+of 9 saves after 3 warm ones; each save committed before the next starts.
+
+``stage-copy``: the staging copy alone (``staging._copy_host`` into one shared slab, one
+thread), the small tensors as address ranges (numpy row copies, the path of a state just
+described) against ``torch._foreach_copy_`` (the path of any other), best and median of 15.
 """
 
 from __future__ import annotations
@@ -49,17 +59,75 @@ def writer_cpu(root: Path) -> None:
     )
 
 
+def save_stall(root: Path) -> None:
+    import gc
+    import time
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from bench_async import loop_state
+
+    state = loop_state("20k")
+    with ckptproto.AsyncSaver(staging="blocking", writer="process") as saver:
+        for i in range(3):
+            saver.save(state, root / f"warm{i}").result()
+        walls, cpus = [], []
+        for i in range(9):
+            gc.collect()
+            t0, c0 = time.perf_counter(), time.process_time()
+            future = saver.save(state, root / f"s{i}")
+            walls.append(time.perf_counter() - t0)
+            cpus.append(time.process_time() - c0)
+            future.result()
+    for what, xs in (("wall", walls), ("process CPU", cpus)):
+        print(f"  save() {what}: best {min(xs) * 1e3:.1f} ms, median {statistics.median(xs) * 1e3:.1f} ms")
+
+
+def stage_copy(root: Path) -> None:
+    import gc
+    import time
+
+    from ckptproto.io import staging
+    from ckptproto.tree import encode_state
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from bench_async import loop_state
+
+    leaves = encode_state(loop_state("20k")).tensors
+    pool = staging.StagingPool()
+    staged = staging.stage_state(pool, leaves, staging.Ready(), recheck=False, shared=True)
+    slab = staged._slabs[0]
+    gc.disable()
+    try:
+        for plain, label in ((True, "address ranges (numpy)"), (False, "torch._foreach_copy_")):
+            for clock, unit in ((time.perf_counter, "wall"), (time.process_time, "CPU")):
+                times = []
+                for _ in range(15):
+                    t0 = clock()
+                    staging._copy_host(leaves, slab, plain)
+                    times.append(clock() - t0)
+                print(
+                    f"  {label:<24} {unit:<4}: best {min(times) * 1e3:5.1f} ms, "
+                    f"median {statistics.median(times) * 1e3:5.1f} ms"
+                )
+    finally:
+        gc.enable()
+        staged.release()
+
+
+PROBES = {"writer-cpu": writer_cpu, "save-stall": save_stall, "stage-copy": stage_copy}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("probe", choices=["writer-cpu"])
+    parser.add_argument("probe", choices=sorted(PROBES))
     parser.add_argument("--dir", default="/dev/shm" if os.path.isdir("/dev/shm") else None)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         root = Path(tmp)
         print(f"{args.probe}, ckptproto from {Path(ckptproto.__file__).parent}")
-        writer_cpu(root)
+        PROBES[args.probe](root)
 
 
 if __name__ == "__main__":

@@ -625,6 +625,19 @@ def test_the_stage_split_times_functions_that_exist(
         assert f"  {label} " in printed, label
 
 
+def test_the_stage_copy_probe_reaches_both_copies(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """bench_probes stage-copy calls staging's internals by name (_copy_host, a Staged's
+    slabs): they must still exist and take both of its copies."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    try:
+        import bench_probes
+    finally:
+        sys.path.pop(0)
+    bench_probes.stage_copy(tmp_path)
+    printed = capsys.readouterr().out
+    assert "address ranges (numpy)   CPU" in printed and "torch._foreach_copy_     wall" in printed
+
+
 def test_the_state_text_benchmark_reads_back_what_it_writes() -> None:
     """bench_state_text compares format 1.0's reference objects with a column form: both of
     its readers must still take its writers' text back to the same keys and indices (it
