@@ -27,7 +27,7 @@ with ``PYTHONPATH`` at each checkout, alternating::
 
 Where a save's and a load's per-tensor time goes, stage by stage (CPU time, best of ``--repeat``;
 the save twice: the same state again, as a training run saves it, and a layout not saved
-before, as the first save of a run)::
+before, as the first save of a run; ``--clock wall`` for wall-clock time)::
 
     python benchmarks/bench_many_tensors.py --stages --counts 100000 --repeat 5
 """
@@ -230,8 +230,13 @@ LOAD_STAGES = [
 ]
 
 
-def _timed_stages(stages: list[tuple[str, str, str]], spent: dict[str, float]) -> list[tuple[Any, str, Any]]:
-    """Wrap each stage's function to add its CPU time to ``spent``; returns what to restore."""
+def _timed_stages(
+    stages: list[tuple[str, str, str]],
+    spent: dict[str, float],
+    clock: Callable[[], float] = time.process_time,
+) -> list[tuple[Any, str, Any]]:
+    """Wrap each stage's function to add its time by ``clock`` to ``spent``; returns what to
+    restore."""
     import functools
     import importlib
 
@@ -244,11 +249,11 @@ def _timed_stages(stages: list[tuple[str, str, str]], spent: dict[str, float]) -
         original = getattr(owner, attr)
 
         def timed(*args: Any, _f: Any = original, _label: str = label, **kwargs: Any) -> Any:
-            t0 = time.process_time()
+            t0 = clock()
             try:
                 return _f(*args, **kwargs)
             finally:
-                spent[_label] = spent.get(_label, 0.0) + time.process_time() - t0
+                spent[_label] = spent.get(_label, 0.0) + clock() - t0
 
         setattr(owner, attr, functools.wraps(original)(timed))
         originals.append((owner, attr, original))
@@ -261,24 +266,26 @@ def _best_by_stage(
     once: Callable[[int], None],
     repeat: int,
     after: Callable[[], None] = lambda: None,
+    clock: Callable[[], float] = time.process_time,
 ) -> dict[str, float]:
-    """The least CPU time of each stage over ``repeat`` calls of ``once`` (after one that warms
-    caches), the collector paused, with ``once``'s own time as ``total``; ``after`` runs after
-    each call, off the clock (a load's state freed there: ~0.4 us a tensor)."""
+    """The least time by ``clock`` (CPU by default) of each stage over ``repeat`` calls of
+    ``once`` (after one that warms caches), the collector paused, with ``once``'s own time as
+    ``total``; ``after`` runs after each call, off the clock (a load's state freed there:
+    ~0.4 us a tensor)."""
     spent: dict[str, float] = {}
     best: dict[str, float] = {}
-    originals = _timed_stages(stages, spent)
+    originals = _timed_stages(stages, spent, clock)
     try:
         for r in range(repeat + 1):
             spent.clear()
             gc.collect()
             gc.disable()
-            t0 = time.process_time()
+            t0 = clock()
             try:
                 once(r)
             finally:
                 gc.enable()
-            spent[total] = time.process_time() - t0
+            spent[total] = clock() - t0
             after()
             if r:
                 for label, seconds in spent.items():
@@ -289,9 +296,11 @@ def _best_by_stage(
     return best
 
 
-def stage_split(n: int, numel: int, root: Path, repeat: int) -> None:
-    """CPU time of each stage of ``ckptproto.save`` and then of ``ckptproto.load`` (min over
-    ``repeat`` calls, gc paused), in us per tensor: where the per-tensor cost goes."""
+def stage_split(n: int, numel: int, root: Path, repeat: int, wall: bool = False) -> None:
+    """CPU time (``wall``: wall-clock time) of each stage of ``ckptproto.save`` and then of
+    ``ckptproto.load`` (min over ``repeat`` calls, gc paused), in us per tensor: where the
+    per-tensor cost goes."""
+    clock, unit = (time.perf_counter, "wall") if wall else (time.process_time, "CPU")
     state = make_state(n, numel)
 
     def save(r: int) -> None:
@@ -307,15 +316,15 @@ def stage_split(n: int, numel: int, root: Path, repeat: int) -> None:
         ckptproto.save(renamed[r], root / f"stages-new-{r}")
         shutil.rmtree(root / f"stages-new-{r}")
 
-    saved = _best_by_stage(STAGES, "save (total)", save, repeat)
-    saved_new = _best_by_stage(STAGES, "save (total)", save_new_layout, repeat)
+    saved = _best_by_stage(STAGES, "save (total)", save, repeat, clock=clock)
+    saved_new = _best_by_stage(STAGES, "save (total)", save_new_layout, repeat, clock=clock)
     ckptproto.save(state, root / "stages-load")
     kept: list[Any] = []  # each load's state, freed after the clock stops (as run_count does)
 
     def load(r: int) -> None:
         kept.append(ckptproto.load(root / "stages-load"))
 
-    loaded = _best_by_stage(LOAD_STAGES, "load (total)", load, repeat, after=kept.clear)
+    loaded = _best_by_stage(LOAD_STAGES, "load (total)", load, repeat, after=kept.clear, clock=clock)
     shutil.rmtree(root / "stages-load")
     for what, stages, best, kind in (
         ("save", STAGES, saved, "the same layout again"),
@@ -323,7 +332,7 @@ def stage_split(n: int, numel: int, root: Path, repeat: int) -> None:
         ("load", LOAD_STAGES, loaded, ""),
     ):
         kind = f", {kind}" if kind else ""
-        print(f"\nckptproto {what} of {n:,} tensors by stage{kind} (CPU us per tensor, best of {repeat}):")
+        print(f"\nckptproto {what} of {n:,} tensors by stage{kind} ({unit} us per tensor, best of {repeat}):")
         print(f"  {what + ' (total)':<42} {best[what + ' (total)'] * 1e6 / n:7.2f}")
         # The save's stages by cost; the load's in their order, each "of which" under its own.
         ordered = [label for _m, _f, label in stages if label in best]
@@ -359,7 +368,10 @@ def main() -> None:
         help="run only these saves (ckptproto, torch.save, safetensors, DCP)",
     )
     parser.add_argument(
-        "--clock", choices=["wall", "cpu"], default="wall", help="cpu: the process's CPU time, not wall time"
+        "--clock",
+        choices=["wall", "cpu"],
+        default=None,
+        help="wall or the process's CPU time (default: wall; with --stages, CPU)",
     )
     parser.add_argument("--no-gc", action="store_true", help="pause the collector while a method runs")
     parser.add_argument(
@@ -369,7 +381,7 @@ def main() -> None:
     if args.stages:
         with tempfile.TemporaryDirectory(dir=args.dir, prefix="ckptproto-stages-") as tmp:
             for n in args.counts:
-                stage_split(n, args.numel, Path(tmp), args.repeat)
+                stage_split(n, args.numel, Path(tmp), args.repeat, wall=args.clock == "wall")
         return
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
     with tempfile.TemporaryDirectory(dir=args.dir, prefix="ckptproto-many-") as tmp:
