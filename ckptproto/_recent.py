@@ -1,7 +1,7 @@
-"""The last few results of a costly step, found again by an equal key: a training run saves
-the same layout again and again, and a save of a state of many tensors spends most of its
-Python work on text and plans that depend on that layout only (``io/plan.py``, the columns'
-texts, the encoder's columns)::
+"""The last few results of a costly step, found again by an equal key (the least recently
+used dropped first): a training run saves the same layout again and again, and a save of a
+state of many tensors spends most of its Python work on text and plans that depend on that
+layout only (``io/plan.py``, the columns' texts, the encoder's columns)::
 
     recent: Recent[tuple[int, list[str]], str] = Recent(4)
     text = recent.get_or_make((first, keys), lambda: write(first, keys))
@@ -23,7 +23,9 @@ V = TypeVar("V")
 
 
 class Recent(Generic[K, V]):
-    """The values of the last ``size`` keys put, newest first (thread-safe)."""
+    """The values of the last ``size`` keys put or found, the least recently used dropped
+    first (thread-safe). A key found again is the newest again: the layout a training run
+    saves at every checkpoint is not pushed out by other layouts saved once each between."""
 
     def __init__(self, size: int) -> None:
         self._size = size
@@ -34,7 +36,13 @@ class Recent(Generic[K, V]):
     def get(self, key: K) -> V | None:
         """The value put with a key equal to ``key`` lately, or None."""
         with self._lock:
-            return next((value for seen, value in self._items if seen == key), None)
+            items = self._items
+            for at, (seen, value) in enumerate(items):
+                if seen == key:
+                    if at:
+                        items.insert(0, items.pop(at))
+                    return value
+            return None
 
     def get_or_make(self, key: K, make: Callable[[], V]) -> V:
         """The value put with a key equal to ``key`` lately, else ``make()``, put with ``key``

@@ -625,6 +625,33 @@ def test_the_stage_split_times_functions_that_exist(
         assert f"  {label} " in printed, label
 
 
+def test_the_repeated_save_of_the_benchmark_plans_its_layout_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """bench_many_tensors' "ckptproto" save is the repeated save of a training run: over its
+    rounds (a first save of a new layout beside each) its data file is planned once, so
+    every round after the first times a save whose plan was kept (its median is not a
+    first save's)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    try:
+        import bench_many_tensors as bench
+    finally:
+        sys.path.pop(0)
+    from ckptproto.io import plan
+
+    firsts: list[str] = []
+    real = plan._plan_file
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        firsts.append(args[4][0])  # the first key: "layers..." or a new layout's "r1.layers..."
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(plan, "_plan_file", counted)
+    ckptproto.clear_caches()
+    bench.run_count(300, 4, tmp_path, 5, False, ["ckptproto"])
+    assert [key.split(".")[0] for key in firsts] == ["layers", "r1", "r2", "r3", "r4", "r5"]
+
+
 def test_the_stage_copy_probe_reaches_both_copies(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """bench_probes stage-copy calls staging's internals by name (_copy_host, a Staged's
     slabs): they must still exist and take both of its copies."""

@@ -25,6 +25,43 @@ def test_the_newest_keys_are_kept_and_found_by_equality() -> None:
     assert recent.get((2, ["d"])) is None
 
 
+def test_a_key_found_again_is_kept_over_keys_put_before_it() -> None:
+    """Least recently used goes first: a key found again (the layout a training run saves at
+    every checkpoint) outlives keys put once since (a save of another layout now and then)."""
+    recent: Recent[str, int] = Recent(2)
+    recent.put("main", 0)
+    for other in ("eval", "ema", "final"):
+        recent.put(other, 1)
+        assert recent.get("main") == 0, other  # found: the newest again
+    assert recent.get("eval") is None and recent.get("ema") is None and recent.get("final") == 1
+
+
+def test_a_layout_saved_between_others_keeps_its_plan(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A training run's layout saved at every checkpoint, with one other layout saved between
+    each two (an evaluation state, a new layout each time): its data file's plan is made
+    once, not again after other layouts filled the cache (io/plan.py keeps two)."""
+    import torch
+
+    from ckptproto.io import plan
+
+    made: list[int] = []
+    real = plan._plan_file
+
+    def counted(*args: object, **kwargs: object) -> object:
+        made.append(len(args[3]))  # type: ignore[arg-type]
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(plan, "_plan_file", counted)
+    ckptproto.clear_caches()
+    main = {"models": {"m": {f"w{i}": torch.full((2,), float(i)) for i in range(40)}}}
+    for n in range(4):
+        ckptproto.save(main, tmp_path / f"main{n}")
+        ckptproto.save({"eval": {f"e{n}.{i}": torch.zeros(3) for i in range(n + 5)}}, tmp_path / f"eval{n}")
+    assert made.count(40) == 1 and len(made) == 5  # main once, each other layout once
+
+
 def test_get_or_make_makes_once_and_an_error_puts_nothing() -> None:
     recent: Recent[tuple[int, list[str]], int] = Recent(2)
     made: list[int] = []
