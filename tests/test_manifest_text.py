@@ -188,6 +188,11 @@ def test_hostile_tables_get_the_general_verdict(
         lambda t: t.replace('"lr":0.5', '"lr" :0.5,"lr":0.6', 1),
         lambda t: t.replace('"lr":0.5', '"lr":0.5,"lr" :0.6', 1),
         lambda t: t.replace('"lr":0.5', '"lr"\n:0.5', 1),
+        # each whitespace JSON allows before a colon, hiding a repeated key from the count
+        lambda t: t.replace('"lr":0.5', '"lr"\t:0.5,"lr":0.6', 1),
+        lambda t: t.replace('"lr":0.5', '"lr"\r:0.5,"lr":0.6', 1),
+        lambda t: t.replace('"lr":0.5', '"lr"\n:0.5,"lr":0.6', 1),
+        lambda t: t.replace('"lr":0.5', '"lr"\r\n\t :0.5,"lr":0.6', 1),
         lambda t: t.replace('"name":"x"', '"name":":x","name":"y"', 1),
         lambda t: t.replace('"name":"x"', '"name":":x"', 1),
         lambda t: t.replace('"name":"x"', '"name":"a\\"b","name":"y"', 1),
@@ -313,3 +318,29 @@ def test_the_manifest_checksum_uses_the_data_files_crc(
     assert written >= 1
     ckptproto.read_manifest(tmp_path / "c")
     assert len(calls) > written
+
+
+@pytest.mark.parametrize("space", [" ", "\t", "\n", "\r", "\r\n \t"])
+def test_a_repeated_key_hidden_by_whitespace_before_its_colon_is_refused(space: str) -> None:
+    """An object whose repeated key (one fewer member) is spaced from its colon (one fewer
+    '":' counted) balances the count that lets the quick path skip the duplicate-key hook:
+    whichever whitespace JSON allows there, in a text with no other whitespace, the value is
+    parsed again with the hook, which names the key."""
+    from ckptproto.errors import CheckpointFormatError
+
+    text = '{"a"' + space + ':1,"a":2,"b":{"$torch":0}}'
+    with pytest.raises(CheckpointFormatError, match="duplicate JSON key 'a'"):
+        manifest_text._value(text, 0, None)
+    assert manifest_text._value('{"a":1,"b":{"$torch":0}}', 0, None)[0] == {"a": 1, "b": {"$torch": 0}}
+
+
+def test_a_surrogate_escape_is_found_wherever_it_is() -> None:
+    """strict_json.has_surrogate_escape: a text without a backslash has none; with one,
+    each escape of a surrogate is found, an escaped backslash before "ud800" is not one
+    (the general path's own check decides then)."""
+    from ckptproto.format import strict_json
+
+    assert not strict_json.has_surrogate_escape('{"a":"ud800 plain"}')
+    assert strict_json.has_surrogate_escape('{"a":"x\\ud800"}')
+    assert strict_json.has_surrogate_escape('{"a":"\\uDFFF"}')
+    assert not strict_json.has_surrogate_escape('{"a":"\\u0041"}')
