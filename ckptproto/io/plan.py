@@ -191,8 +191,8 @@ class _Layout(NamedTuple):
     metadata: dict[str, str]
 
 
-# The plans of the two files planned or found last (a save plans one data file per rank: the header, columns and
-# keys of a state of 300,000 tensors hold ~80 MB), by their layout.
+# The plans of the two files planned or found last (a save plans one data file per rank: the
+# header, columns and keys of a state of 300,000 tensors hold ~80 MB), by their layout.
 _recent: Recent[_Layout, FilePlan] = Recent(2)
 
 
