@@ -16,6 +16,13 @@ column) inside its much longer loop runs.
 the caller, wall clock and the process's CPU (the copier thread's included), best and median
 of 9 saves after 3 warm ones; each save committed before the next starts.
 
+``load-scale``: whether a load's cost a tensor stays flat as the count grows (issue 17, goal 3),
+at each of ``--counts`` (tensors of 4 floats, as ``bench_many_tensors.py``): ``load`` and
+``load_into`` (into targets made before the clock) timed alone, min and median of 4, and the
+manifest's parse (``Manifest.parse``) beside CPython's own ``json.loads`` of the same text,
+best of 5, the collector paused: what rises in both is Python objects past the caches, not a
+step of ckptproto's.
+
 ``stage-copy``: the staging copy alone (``staging._copy_host`` into one shared slab, one
 thread), the small tensors as address ranges (numpy row copies, the path of a state just
 described) against ``torch._foreach_copy_`` (the path of any other), best and median of 15.
@@ -28,7 +35,9 @@ import os
 import statistics
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import ckptproto
 
@@ -114,7 +123,72 @@ def stage_copy(root: Path) -> None:
         staged.release()
 
 
-PROBES = {"writer-cpu": writer_cpu, "save-stall": save_stall, "stage-copy": stage_copy}
+def load_scale(root: Path, counts: list[int]) -> None:
+    import gc
+    import json
+    import time
+    from functools import partial
+
+    import torch
+
+    from ckptproto.format.manifest import Manifest
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from bench_many_tensors import make_state
+
+    def us(seconds: float, n: int) -> str:
+        return f"{seconds * 1e6 / n:5.2f}"
+
+    def best_of(make: Callable[[], Any], times: int) -> float:
+        spent = []
+        for _ in range(times):
+            gc.collect()
+            gc.disable()
+            t0 = time.perf_counter()
+            made = make()
+            spent.append(time.perf_counter() - t0)
+            gc.enable()
+            del made
+        return min(spent)
+
+    print(
+        "  tensors   load_into min / median   load min / median   Manifest.parse   json.loads (us a tensor)"
+    )
+    for n in counts:
+        state = make_state(n, 4)
+        path = root / f"scale-{n}"
+        ckptproto.save(state, path)
+        into, plain = [], []
+        for _ in range(4):
+            target = {k: torch.empty_like(v) for k, v in state.items()}
+            gc.collect()
+            t0 = time.perf_counter()
+            ckptproto.load_into(path, target)
+            into.append(time.perf_counter() - t0)
+            del target
+            gc.collect()
+            t0 = time.perf_counter()
+            loaded = ckptproto.load(path)
+            plain.append(time.perf_counter() - t0)
+            del loaded
+        raw = (path / "manifest.json").read_bytes()
+        text = raw.decode("utf-8")
+        parse = best_of(partial(Manifest.parse, raw, str(path)), 5)
+        loads = best_of(partial(json.loads, text), 5)
+        print(
+            f"  {n:>9,}   {us(min(into), n)} / {us(statistics.median(into), n)}"
+            f"          {us(min(plain), n)} / {us(statistics.median(plain), n)}"
+            f"       {us(parse, n)}          {us(loads, n)}"
+        )
+        del state, raw, text
+
+
+PROBES = {
+    "writer-cpu": writer_cpu,
+    "save-stall": save_stall,
+    "stage-copy": stage_copy,
+    "load-scale": load_scale,
+}
 
 
 def main() -> None:
@@ -123,11 +197,17 @@ def main() -> None:
     )
     parser.add_argument("probe", choices=sorted(PROBES))
     parser.add_argument("--dir", default="/dev/shm" if os.path.isdir("/dev/shm") else None)
+    parser.add_argument(
+        "--counts", type=int, nargs="+", default=[10_000, 100_000, 300_000], help="load-scale's counts"
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         root = Path(tmp)
         print(f"{args.probe}, ckptproto from {Path(ckptproto.__file__).parent}")
-        PROBES[args.probe](root)
+        if args.probe == "load-scale":
+            load_scale(root, args.counts)
+        else:
+            PROBES[args.probe](root)
 
 
 if __name__ == "__main__":

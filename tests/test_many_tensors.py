@@ -665,6 +665,22 @@ def test_the_stage_copy_probe_reaches_both_copies(tmp_path: Path, capsys: pytest
     assert "address ranges (numpy)   CPU" in printed and "torch._foreach_copy_     wall" in printed
 
 
+def test_the_load_scale_probe_prints_a_row_per_count(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """bench_probes load-scale calls Manifest.parse by its signature and loads through both
+    public loads: a row of five figures for each count."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    try:
+        import bench_probes
+    finally:
+        sys.path.pop(0)
+    bench_probes.load_scale(tmp_path, [64, 200])
+    rows = [[f for f in line.split() if f != "/"] for line in capsys.readouterr().out.splitlines()[1:]]
+    assert [row[0] for row in rows] == ["64", "200"]
+    assert all(len(row) == 7 and min(map(float, row[1:])) > 0 for row in rows)
+
+
 def test_the_state_text_benchmark_reads_back_what_it_writes() -> None:
     """bench_state_text compares format 1.0's reference objects with a column form: both of
     its readers must still take its writers' text back to the same keys and indices (it
