@@ -36,6 +36,7 @@ import statistics
 import sys
 import tempfile
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -127,7 +128,6 @@ def load_scale(root: Path, counts: list[int]) -> None:
     import gc
     import json
     import time
-    from functools import partial
 
     import torch
 
@@ -183,19 +183,15 @@ def load_scale(root: Path, counts: list[int]) -> None:
         del state, raw, text
 
 
-PROBES = {
-    "writer-cpu": writer_cpu,
-    "save-stall": save_stall,
-    "stage-copy": stage_copy,
-    "load-scale": load_scale,
-}
+# The probes that take only the directory to write under (load-scale takes --counts too).
+PROBES = {"writer-cpu": writer_cpu, "save-stall": save_stall, "stage-copy": stage_copy}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("probe", choices=sorted(PROBES))
+    parser.add_argument("probe", choices=sorted([*PROBES, "load-scale"]))
     parser.add_argument("--dir", default="/dev/shm" if os.path.isdir("/dev/shm") else None)
     parser.add_argument(
         "--counts", type=int, nargs="+", default=[10_000, 100_000, 300_000], help="load-scale's counts"
@@ -204,10 +200,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         root = Path(tmp)
         print(f"{args.probe}, ckptproto from {Path(ckptproto.__file__).parent}")
-        if args.probe == "load-scale":
-            load_scale(root, args.counts)
-        else:
-            PROBES[args.probe](root)
+        probes = {**PROBES, "load-scale": partial(load_scale, counts=args.counts)}
+        probes[args.probe](root)
 
 
 if __name__ == "__main__":
